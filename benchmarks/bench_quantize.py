@@ -1,0 +1,78 @@
+"""Throughput of mixprec.quantize, side by side with torch's own cast and a plain copy.
+
+Prints GB/s of fp32 input for each rounding and its ratio to torch's ``x.to(dtype).float()`` round
+trip (the baseline, where torch has the dtype) and to ``x.clone()`` (the memory-bound ceiling).
+Target from the issue: nearest rounding to bf16/fp16 at >= 1 GB/s on a 2-core machine.
+
+    python benchmarks/bench_quantize.py [--mib 256] [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mixprec import quantize
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: allocator and thread pool
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256, help="input size in MiB of fp32")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.mib * 2**20 // 4) * 100
+    gigabytes = x.numel() * 4 / 1e9
+    generator = torch.Generator().manual_seed(0)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.mib} MiB fp32"
+    )
+
+    copy = _median_seconds(x.clone, args.repeats)
+    print(f"{'x.clone() (ceiling)':44s} {gigabytes / copy:6.2f} GB/s")
+    cases: list[tuple[str, Callable[[], object], torch.dtype | None]] = [
+        ("nearest bf16", lambda: quantize(x, "bf16"), torch.bfloat16),
+        ("nearest fp16", lambda: quantize(x, "fp16"), torch.float16),
+        ("nearest fp16 saturate", lambda: quantize(x, "fp16", saturate=True), torch.float16),
+        ("nearest e4m3", lambda: quantize(x, "e4m3"), torch.float8_e4m3fn),
+        ("nearest e5m2", lambda: quantize(x, "e5m2"), torch.float8_e5m2),
+        ("nearest tf32 (no torch dtype)", lambda: quantize(x, "tf32"), None),
+        (
+            "stochastic bf16",
+            lambda: quantize(x, "bf16", "stochastic", generator=generator),
+            torch.bfloat16,
+        ),
+        (
+            "stochastic fp16",
+            lambda: quantize(x, "fp16", "stochastic", generator=generator),
+            torch.float16,
+        ),
+    ]
+    print(f"{'mixprec.quantize':44s} {'GB/s':>6s}   {'vs torch cast':>13s}   {'vs copy':>7s}")
+    for name, fn, dtype in cases:
+        seconds = _median_seconds(fn, args.repeats)
+        if dtype is not None:
+            baseline = _median_seconds(lambda d=dtype: x.to(d).float(), args.repeats)
+            versus_cast = f"{baseline / seconds:12.2f}x"
+        else:
+            versus_cast = f"{'-':>13s}"
+        print(f"{name:44s} {gigabytes / seconds:6.2f}   {versus_cast}   {copy / seconds:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""mixprec: mixed precision training for PyTorch.
+
+Number formats and exact rounding (:mod:`mixprec.formats`, :func:`quantize`), precision policies
+(:class:`Policy`), and the ``mixprec`` command.
+
+Example:
+    >>> import torch, mixprec
+    >>> mixprec.quantize(torch.tensor([1.0 + 2.0**-9]), "bf16").tolist()
+    [1.0]
+    >>> str(mixprec.Policy.parse("bf16-mixed"))
+    'params=fp32,compute=bf16,output=fp32'
+"""
+
+from mixprec import formats
+from mixprec.formats import FORMATS, Format, resolve_format
+from mixprec.policy import PRESETS, ModuleRule, Policy
+from mixprec.quantize import quantize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMATS",
+    "PRESETS",
+    "Format",
+    "ModuleRule",
+    "Policy",
+    "__version__",
+    "formats",
+    "quantize",
+    "resolve_format",
+]

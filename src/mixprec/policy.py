@@ -1,0 +1,370 @@
+"""Precision policies: what format each thing is in, as data.
+
+Design note: a :class:`Policy` is a frozen dataclass with a string form that parses back to an equal
+object, so a policy can live in a config file, a command line or a checkpoint and mean the same
+thing everywhere. Missing fields cascade (params default to fp32, compute follows params, output
+follows compute, master weights and gradient reduction follow params), which keeps strings short:
+``"compute=bf16"`` is torch.amp's bf16 autocast. Per-module exceptions are rules, tried in
+order, that map a module-name glob or a module class to another policy. Nothing here probes
+hardware or reads the environment: ``"auto"`` is resolved elsewhere, from the device, with a stated
+reason.
+
+String grammar::
+
+    policy := base (";" rule)*
+    base   := preset | format | key "=" format ("," key "=" format)*
+    rule   := ["name:" | "class:"] glob "->" base
+
+Keys: ``params``/``param``/``p``, ``compute``/``c``, ``output``/``o``, ``master``/``m`` (the format
+of the optimizer's copy of the weights; equal to params means no separate copy) and
+``reduce``/``r`` (the format gradients are all-reduced in).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+import torch
+from torch import nn
+
+from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
+
+__all__ = ["PRESETS", "ModuleRule", "Policy"]
+
+_T = TypeVar("_T")
+_KEYS: Mapping[str, str] = MappingProxyType(
+    {
+        "params": "param",
+        "param": "param",
+        "p": "param",
+        "compute": "compute",
+        "c": "compute",
+        "output": "output",
+        "o": "output",
+        "master": "master",
+        "m": "master",
+        "reduce": "reduce",
+        "r": "reduce",
+    }
+)
+_VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
+_RULE_KINDS = ("name", "class")
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """A per-module exception: modules matching ``pattern`` use ``policy`` instead.
+
+    Args:
+        pattern: a glob (``fnmatch``, case-sensitive). With ``kind="name"`` it is matched against
+            the module's dotted name and every dotted suffix of it, so ``"lm_head"`` matches
+            ``"model.lm_head"`` and ``"*norm*"`` matches ``"blocks.3.norm1"``. With ``kind="class"``
+            it is matched against the class names in the module's MRO, so ``"*Norm*"`` matches
+            ``LayerNorm``, ``BatchNorm2d`` and their subclasses.
+        policy: the policy those modules use (it may not carry rules of its own).
+        kind: ``"name"`` or ``"class"``.
+
+    Example:
+        >>> rule = ModuleRule("*Norm*", Policy.parse("fp32"), kind="class")
+        >>> rule.matches("blocks.0.ln", nn.LayerNorm)
+        True
+    """
+
+    pattern: str
+    policy: Policy
+    kind: Literal["name", "class"] = "name"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern.strip():
+            raise ValueError(f"a module rule needs a non-empty pattern, got {self.pattern!r}")
+        if any(c in self.pattern for c in ";,=") or "->" in self.pattern or ":" in self.pattern:
+            raise ValueError(
+                f"module rule pattern {self.pattern!r} may not contain ';', ',', '=', ':' or '->'"
+            )
+        object.__setattr__(self, "pattern", self.pattern.strip())
+        if self.kind not in _RULE_KINDS:
+            raise ValueError(
+                f"unknown module rule kind {self.kind!r}; valid kinds: {', '.join(_RULE_KINDS)}"
+            )
+        if isinstance(self.policy, str):
+            object.__setattr__(self, "policy", Policy.parse(self.policy))
+        if not isinstance(self.policy, Policy):
+            raise TypeError(
+                f"a module rule's policy must be a Policy or a policy string, "
+                f"got {type(self.policy).__name__} {self.policy!r}"
+            )
+        if self.policy.rules:
+            raise ValueError(
+                f"the policy of rule {self.pattern!r} carries rules of its own ({self.policy}); "
+                "rules do not nest: list every rule on the top-level policy"
+            )
+
+    def matches(self, name: str, module: nn.Module | type | str | None = None) -> bool:
+        """Whether a module called ``name`` of class ``module`` falls under this rule.
+
+        Args:
+            name: the module's dotted name as in ``model.named_modules()``.
+            module: the module, its class, or its class name (needed for ``kind="class"``).
+        """
+        if self.kind == "name":
+            parts = name.split(".")
+            return any(
+                fnmatch.fnmatchcase(".".join(parts[i:]), self.pattern) for i in range(len(parts))
+            )
+        return any(fnmatch.fnmatchcase(cls_name, self.pattern) for cls_name in _class_names(module))
+
+    def __str__(self) -> str:
+        prefix = "class:" if self.kind == "class" else ""
+        return f"{prefix}{self.pattern} -> {self.policy}"
+
+
+def _class_names(module: nn.Module | type | str | None) -> list[str]:
+    if module is None:
+        return []
+    if isinstance(module, str):
+        return [module]
+    cls = module if isinstance(module, type) else type(module)
+    return [c.__name__ for c in cls.__mro__]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What precision each thing is in: parameters, compute, outputs, master weights, reductions.
+
+    Formats may be given as names or dtypes and are stored as :class:`~mixprec.formats.Format`;
+    ``None`` cascades: params fp32, compute follows params, output follows compute, master and
+    reduce follow params.
+
+    Args:
+        param: format parameters are stored in.
+        compute: format matmuls and convolutions run in.
+        output: format a module's outputs are cast to.
+        master: format of the optimizer's copy of the weights (equal to ``param``: no copy).
+        reduce: format gradients are reduced in across processes.
+        rules: per-module exceptions, first match wins.
+
+    Example:
+        >>> p = Policy.parse("params=fp32,compute=bf16,output=fp32")
+        >>> p == Policy.parse("bf16-mixed") == Policy(compute="bf16", output="fp32")
+        True
+        >>> str(Policy.parse("bf16; *norm* -> fp32"))
+        'params=bf16,compute=bf16,output=bf16; *norm* -> params=fp32,compute=fp32,output=fp32'
+        >>> Policy.parse("bf16; *norm* -> fp32").for_module("blocks.3.norm1").compute.name
+        'fp32'
+    """
+
+    param: Format = FP32
+    compute: Format = None  # type: ignore[assignment]  # None cascades; always a Format after init
+    output: Format = None  # type: ignore[assignment]
+    master: Format = None  # type: ignore[assignment]
+    reduce: Format = None  # type: ignore[assignment]
+    rules: tuple[ModuleRule, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # Normalising a frozen instance while it is being built; it never changes afterwards.
+        param = _format_field("param", self.param if self.param is not None else FP32)
+        compute = _format_field("compute", _or(self.compute, param))
+        object.__setattr__(self, "param", param)
+        object.__setattr__(self, "compute", compute)
+        object.__setattr__(self, "output", _format_field("output", _or(self.output, compute)))
+        object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
+        object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
+        if not isinstance(self.rules, (tuple, list)):
+            raise TypeError(
+                f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
+                f"{self.rules!r}"
+            )
+        for rule in self.rules:
+            if not isinstance(rule, ModuleRule):
+                raise TypeError(f"rules must hold ModuleRule objects, got {rule!r}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    # -- strings ----------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, spec: str | Policy) -> Policy:
+        """Build a policy from its string form, a preset name, or a bare format.
+
+        Args:
+            spec: e.g. ``"bf16-mixed"``, ``"bf16"`` (everything bf16),
+                ``"p=fp32,c=fp16,o=fp32"``, ``"bf16-pure; class:*Norm* -> fp32"``. A ``Policy`` is
+                returned unchanged.
+
+        Raises:
+            ValueError: unknown preset, format or key; a repeated key; a malformed rule.
+            TypeError: ``spec`` is not a string or a Policy.
+        """
+        if isinstance(spec, Policy):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(
+                f"a policy is given as a string or a Policy, got {type(spec).__name__} {spec!r}"
+            )
+        base, *rule_specs = spec.split(";")
+        policy = _parse_base(base, spec)
+        rules = tuple(_parse_rule(r, spec) for r in rule_specs)
+        return replace(policy, rules=rules) if rules else policy
+
+    def __str__(self) -> str:
+        parts = [f"params={self.param},compute={self.compute},output={self.output}"]
+        if self.master != self.param:
+            parts[0] += f",master={self.master}"
+        if self.reduce != self.param:
+            parts[0] += f",reduce={self.reduce}"
+        parts.extend(str(rule) for rule in self.rules)
+        return "; ".join(parts)
+
+    # -- module rules -----------------------------------------------------------------------
+
+    def for_module(self, name: str, module: nn.Module | type | str | None = None) -> Policy:
+        """The policy that applies to the module called ``name`` (of class ``module``).
+
+        The first rule that matches wins; without a match this policy applies. The result carries
+        no rules.
+
+        Args:
+            name: dotted module name, e.g. ``"blocks.3.ln1"``.
+            module: the module instance, its class, or its class name (for class rules).
+
+        Example:
+            >>> p = Policy.parse("bf16-pure; class:LayerNorm -> fp32; lm_head -> fp32")
+            >>> p.for_module("blocks.3.ln1", nn.LayerNorm).param.name
+            'fp32'
+            >>> p.for_module("blocks.3.mlp", nn.Linear).param.name
+            'bf16'
+        """
+        for rule in self.rules:
+            if rule.matches(name, module):
+                return rule.policy
+        return replace(self, rules=()) if self.rules else self
+
+    def with_rules(self, *rules: ModuleRule | str) -> Policy:
+        """A copy with ``rules`` appended (strings such as ``"*norm* -> fp32"`` are parsed)."""
+        parsed = tuple(r if isinstance(r, ModuleRule) else _parse_rule(r, r) for r in rules)
+        return replace(self, rules=self.rules + parsed)
+
+    # -- casting ----------------------------------------------------------------------------
+
+    def cast_to_param(self, tree: _T) -> _T:
+        """Cast floating tensors in a nested list/tuple/dict to the param format's dtype.
+
+        Integer, bool and complex tensors and non-tensor leaves are returned as they are. tf32 is
+        stored in fp32, so casting to tf32 is a cast to float32 (the values are not rounded).
+        """
+        return cast_floating(tree, self.param.dtype)
+
+    def cast_to_compute(self, tree: _T) -> _T:
+        """Cast floating tensors in ``tree`` to the compute format's dtype (see cast_to_param)."""
+        return cast_floating(tree, self.compute.dtype)
+
+    def cast_to_output(self, tree: _T) -> _T:
+        """Cast floating tensors in ``tree`` to the output format's dtype (see cast_to_param)."""
+        return cast_floating(tree, self.output.dtype)
+
+
+def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating-point tensor in a nested list/tuple/namedtuple/dict to ``dtype``.
+
+    Containers are rebuilt with their own type; other leaves pass through untouched.
+    """
+    if isinstance(tree, torch.Tensor):
+        return tree.to(dtype) if tree.is_floating_point() else tree
+    if isinstance(tree, Mapping):
+        return type(tree)({k: cast_floating(v, dtype) for k, v in tree.items()})  # type: ignore[call-arg]
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
+        return type(tree)(*(cast_floating(v, dtype) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cast_floating(v, dtype) for v in tree)
+    return tree
+
+
+def _or(value: FormatLike | None, default: Format) -> FormatLike:
+    return default if value is None else value
+
+
+def _format_field(name: str, value: FormatLike) -> Format:
+    try:
+        return resolve_format(value)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"Policy.{name}: {err}") from None
+
+
+def _parse_base(text: str, whole: str) -> Policy:
+    text = text.strip()
+    if not text:
+        raise ValueError(f"empty policy in {whole!r}; write a preset ({_presets()}) or key=format")
+    if "=" not in text:
+        preset = PRESETS.get(text.lower())
+        if preset is not None:
+            return preset
+        if text.lower() == "auto":
+            raise ValueError(
+                "'auto' is not a fixed policy: it is chosen from the hardware when a run starts; "
+                f"here pass a preset ({_presets()}), a format, or key=format pairs"
+            )
+        try:
+            fmt = resolve_format(text)
+        except ValueError:
+            raise ValueError(
+                f"unknown precision {text!r} in {whole!r}; valid presets: {_presets()}; valid "
+                f"formats: fp32, tf32, fp16, bf16, fp8_e4m3, fp8_e5m2; or key=format pairs "
+                f"with keys {_VALID_KEYS}"
+            ) from None
+        return Policy(param=fmt, compute=fmt, output=fmt)
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(
+                f"malformed item {item.strip()!r} in policy {whole!r}; write key=format, "
+                f"e.g. 'params=fp32,compute=bf16'"
+            )
+        if key.lower() not in _KEYS:
+            raise ValueError(f"unknown policy key {key!r} in {whole!r}; valid keys: {_VALID_KEYS}")
+        canonical = _KEYS[key.lower()]
+        if canonical in values:
+            raise ValueError(f"policy key {key!r} is given twice in {whole!r}")
+        try:
+            values[canonical] = resolve_format(value)
+        except ValueError as err:
+            raise ValueError(f"{err} (in policy {whole!r}, key {key!r})") from None
+    return Policy(**values)
+
+
+def _parse_rule(text: str, whole: str) -> ModuleRule:
+    target, arrow, policy_text = text.partition("->")
+    target = target.strip()
+    if not arrow or not target or not policy_text.strip():
+        raise ValueError(
+            f"malformed module rule {text.strip()!r} in {whole!r}; write "
+            "'<name glob> -> <policy>' or 'class:<class glob> -> <policy>', e.g. '*norm* -> fp32'"
+        )
+    kind, colon, pattern = target.partition(":")
+    if not colon:
+        kind, pattern = "name", target
+    if kind.strip() not in _RULE_KINDS:
+        raise ValueError(
+            f"unknown module rule kind {kind.strip()!r} in {whole!r}; valid kinds: "
+            f"{', '.join(_RULE_KINDS)} (e.g. 'class:LayerNorm -> fp32')"
+        )
+    return ModuleRule(pattern.strip(), _parse_base(policy_text, whole), kind=kind.strip())  # type: ignore[arg-type]
+
+
+def _presets() -> str:
+    return ", ".join(PRESETS)
+
+
+PRESETS: Mapping[str, Policy] = MappingProxyType(
+    {
+        "fp32": Policy(),
+        "bf16-mixed": Policy(param=FP32, compute=BF16, output=FP32),
+        "fp16-mixed": Policy(param=FP32, compute=FP16, output=FP32),
+        "bf16-pure": Policy(param=BF16, compute=BF16, output=BF16),
+    }
+)
+"""The named policies. ``*-mixed``: fp32 weights, 16-bit compute, fp32 outputs (torch.amp's recipe);
+``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding)."""

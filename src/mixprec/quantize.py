@@ -1,0 +1,198 @@
+"""Rounding fp32 tensors to a lower-precision format, without the hardware for it.
+
+Design note: every format here is a sign plus a grid of equally spaced values in each binade. For a
+finite ``|x|`` the grid step (one ulp of the target format) is ``2**(max(e, emin) - mantissa_bits)``
+where ``e`` is the binary exponent of ``x`` and ``emin`` the format's smallest normal exponent (the
+clamp is what makes subnormals come out right). Dividing by a power of two and multiplying back is
+exact in fp32, so rounding reduces to rounding ``|x| / step`` to an integer: half-to-even for
+``nearest``, up with probability equal to the fractional part for ``stochastic``. Overflow, inf, NaN
+and the sign are settled afterwards with ``where``/``copysign``.
+
+That grid rounding needs no dtype for the target; the tests check it bit for bit against torch's
+own casts for fp16, bf16 and both fp8 formats. It serves stochastic rounding to fp16 and fp8.
+Formats with fp32's exponent range (bf16, tf32) share fp32's grid in every binade, so for them
+rounding is cheaper integer arithmetic on the bit pattern (stochastic bf16, tf32). Where torch has
+the dtype, nearest rounding calls torch's single fused cast: the same bits, several times faster
+than a dozen elementwise passes, which keeps it memory-bound.
+
+Overflow, as torch's casts do it: fp16, bf16 and fp8 e5m2 overflow to ±inf; fp8 e4m3 (``fn``) has no
+inf, and torch saturates it: anything beyond 448, ±inf included, becomes ±448. ``saturate=True``
+applies that rule to every format (finite overflow and ±inf become ±max). NaN stays NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+from mixprec.formats import FP32, Format, FormatLike, resolve_format
+
+__all__ = ["Rounding", "quantize"]
+
+Rounding = Literal["nearest", "stochastic"]
+_ROUNDINGS: tuple[str, ...] = get_args(Rounding)
+_LOSSLESS_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+
+_FP32_MANTISSA_BITS = 23
+_FP32_BIAS = 127
+_FP32_MIN_NORMAL_EXPONENT = -126
+_FP32_MIN_SUBNORMAL_EXPONENT = -149
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: FormatLike,
+    rounding: Rounding = "nearest",
+    saturate: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x`` to the values representable in ``fmt``, returned as a float32 tensor.
+
+    ``nearest`` rounds half to even and is bit-identical to ``x.to(dtype).float()`` for every format
+    torch has a dtype for (subnormals, signed zeros, inf and NaN included). ``stochastic`` rounds up
+    with probability equal to the distance from the lower neighbour, in ulps, so the expected result
+    is ``x`` itself; only the two neighbours of ``x`` can come out, and the same ``generator`` state
+    gives the same result.
+
+    Args:
+        x: a float32 tensor (float16 and bfloat16 are accepted too: they widen to fp32 exactly).
+        fmt: the target format: a name such as ``"bf16"``, a torch dtype, or a :class:`Format`.
+        rounding: ``"nearest"`` (half to even) or ``"stochastic"``.
+        saturate: overflow (and ±inf) becomes ±max instead of ±inf. fp8 e4m3 has no inf and always
+            saturates, as torch's cast does.
+        generator: the random source for stochastic rounding, on ``x``'s device.
+
+    Returns:
+        A new float32 tensor of the same shape (``x`` itself when both ``fmt`` and ``x`` are
+        fp32).
+
+    Raises:
+        TypeError: ``x`` is not a tensor, or not fp32/fp16/bf16.
+        ValueError: unknown format or rounding mode, or a ``generator`` with nearest rounding.
+
+    Example:
+        >>> x = torch.tensor([1.0 + 2.0**-9, 70000.0])
+        >>> quantize(x, "bf16").tolist()
+        [1.0, 70144.0]
+        >>> quantize(x, "fp16").tolist()
+        [1.001953125, inf]
+        >>> quantize(x, "fp16", saturate=True).tolist()
+        [1.001953125, 65504.0]
+    """
+    fmt = resolve_format(fmt)
+    x = _as_fp32(x)
+    if rounding not in _ROUNDINGS:
+        raise ValueError(
+            f"unknown rounding mode {rounding!r}; valid modes: {', '.join(map(repr, _ROUNDINGS))}"
+        )
+    if generator is not None and rounding != "stochastic":
+        raise ValueError(
+            f"a generator was given with rounding={rounding!r}, which uses no randomness; "
+            "pass rounding='stochastic' or drop the generator"
+        )
+    if fmt == FP32:
+        return x
+    if rounding == "nearest" and fmt.stored_exactly:
+        rounded = x.to(fmt.dtype).to(torch.float32)
+    elif fmt.exponent_bits == FP32.exponent_bits:
+        rounded = _round_low_bits(x, fmt, rounding, generator)
+    else:
+        return round_to_grid(x, fmt, rounding, saturate=saturate, generator=generator)
+    if saturate and fmt.has_inf:
+        rounded.clamp_(-fmt.max, fmt.max)  # in place: `rounded` is always a new tensor here
+    return rounded
+
+
+def round_to_grid(
+    x: torch.Tensor,
+    fmt: Format,
+    rounding: Rounding = "nearest",
+    saturate: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The emulated rounding behind :func:`quantize`: pure fp32 arithmetic on ``x``'s grid step.
+
+    It needs no dtype for ``fmt``; for formats that have one, ``rounding="nearest"`` gives the same
+    bits as torch's cast. Prefer :func:`quantize`, which validates its input and takes the fastest
+    exact path.
+
+    Args:
+        x: a float32 tensor.
+        fmt: the target format.
+        rounding: ``"nearest"`` or ``"stochastic"``.
+        saturate: overflow becomes ±max instead of ±inf (always the case without inf).
+        generator: random source for stochastic rounding.
+
+    Returns:
+        A new float32 tensor holding values of ``fmt``.
+    """
+    magnitude = x.abs()
+    step = _grid_step(magnitude, fmt)
+    scaled = magnitude / step  # exact: step is a power of two and the quotient fits 24 bits
+    if rounding == "nearest":
+        units = torch.round(scaled)  # half to even
+    else:
+        units = torch.floor(scaled)
+        fraction = scaled - units  # exact
+        # rand() yields multiples of 2**-24, so P(up) == fraction exactly whenever the fraction is
+        # a multiple of 2**-24 (all inputs in the format's normal range); deep in the subnormal
+        # range it is rounded up to the next multiple: a bias below 2**-24 ulp.
+        draws = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        units += draws < fraction
+    rounded = units * step
+    overflow_to_max = saturate or not fmt.has_inf
+    limit = torch.tensor(fmt.max if overflow_to_max else float("inf"), device=x.device)
+    rounded = torch.where(rounded > fmt.max, limit, rounded)
+    rounded = torch.where(torch.isnan(x), x, rounded)
+    return torch.copysign(rounded, x)
+
+
+def _round_low_bits(
+    x: torch.Tensor, fmt: Format, rounding: Rounding, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Round to a format with fp32's exponent range (bf16, tf32) by dropping low mantissa bits.
+
+    With the same exponent range every fp32 value, subnormals included, shares its grid with the
+    target, so rounding is integer arithmetic on the bit pattern: add half an ulp minus one plus the
+    kept lowest bit (half to even), or a uniform random integer below one ulp (stochastic), then
+    clear the dropped bits. A carry moves into the exponent by itself, up to inf. This is several
+    times faster than :func:`round_to_grid`.
+    """
+    dropped = _FP32_MANTISSA_BITS - fmt.mantissa_bits
+    bits = x.view(torch.int32)
+    if rounding == "nearest":
+        increment = ((bits >> dropped) & 1) + ((1 << (dropped - 1)) - 1)
+    else:
+        increment = torch.empty_like(bits).random_(0, 1 << dropped, generator=generator)
+    increment += bits
+    increment &= -(1 << dropped)
+    rounded = increment.view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded)  # a NaN payload in the low bits must not vanish
+
+
+def _grid_step(magnitude: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """One ulp of ``fmt`` at each element of ``magnitude`` (>= 0), as an exact power of two.
+
+    Built directly from fp32 bits so that steps below fp32's normal range (bf16 subnormals have a
+    step of 2**-133) are exact too. Elements that are inf or NaN get a finite, meaningless step.
+    """
+    biased = magnitude.view(torch.int32) >> _FP32_MANTISSA_BITS  # sign bit is 0 for |x|
+    exponent = (biased - _FP32_BIAS).clamp(min=fmt.min_exponent, max=fmt.max_exponent)
+    step_exponent = exponent - fmt.mantissa_bits
+    normal_bits = (step_exponent + _FP32_BIAS).clamp(min=1) << _FP32_MANTISSA_BITS
+    subnormal_bits = 1 << (step_exponent - _FP32_MIN_SUBNORMAL_EXPONENT).clamp(min=0, max=22)
+    bits = torch.where(step_exponent >= _FP32_MIN_NORMAL_EXPONENT, normal_bits, subnormal_bits)
+    return bits.view(torch.float32)
+
+
+def _as_fp32(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__} {x!r}")
+    if x.dtype not in _LOSSLESS_INPUTS:
+        raise TypeError(
+            f"quantize expects a float32 tensor (float16 and bfloat16 also widen exactly), got "
+            f"dtype {x.dtype!r}; valid dtypes: {', '.join(map(str, _LOSSLESS_INPUTS))}. "
+            "Convert explicitly first, e.g. x.float(), knowing that float64 -> float32 rounds once."
+        )
+    return x.to(torch.float32)
