@@ -1,7 +1,9 @@
 """mixprec: mixed precision training for PyTorch.
 
 Number formats and exact rounding (:mod:`mixprec.formats`, :func:`quantize`), precision policies
-(:class:`Policy`), and the ``mixprec`` command.
+(:class:`Policy`), autocast with native and emulated backends (:func:`autocast`,
+:func:`fp32_islands`, :func:`op_table`), the hardware probe (:mod:`mixprec.hardware`), and the
+``mixprec`` command.
 
 Example:
     >>> import torch, mixprec
@@ -11,7 +13,8 @@ Example:
     'params=fp32,compute=bf16,output=fp32'
 """
 
-from mixprec import formats
+from mixprec import formats, hardware
+from mixprec.compute import autocast, fp32_islands, op_table
 from mixprec.formats import FORMATS, Format, resolve_format
 from mixprec.policy import PRESETS, ModuleRule, Policy
 from mixprec.quantize import quantize
@@ -25,7 +28,11 @@ __all__ = [
     "ModuleRule",
     "Policy",
     "__version__",
+    "autocast",
     "formats",
+    "fp32_islands",
+    "hardware",
+    "op_table",
     "quantize",
     "resolve_format",
 ]

@@ -2,6 +2,7 @@
 
 Subcommands:
     formats   the number formats as a table (``--json`` for machines).
+    doctor    what this device can do, the precision ``auto`` picks and why, the op table.
 """
 
 from __future__ import annotations
@@ -56,6 +57,59 @@ def _formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from mixprec.compute import autocast
+    from mixprec.hardware import probe, recommend
+
+    report = probe(args.device, measure=not args.no_measure)
+    choice = recommend(report)
+    region = autocast(report.kind, dtype=args.dtype, backend="auto")
+    table = region.op_table.by_category()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "hardware": report.describe(),
+                    "auto": {
+                        "policy": str(choice.policy),
+                        "backend": choice.backend,
+                        "reason": choice.reason,
+                    },
+                    "autocast": {
+                        "dtype": str(region.dtype).removeprefix("torch."),
+                        "backend": region.backend,
+                        "reason": region.reason,
+                        "ops": table,
+                    },
+                },
+                indent=2,
+            )
+        )
+        return 0
+    console = Console(highlight=False)
+    console.print(f"[bold]device[/bold]        {report.device}: {report.name}")
+    if report.compute_capability is not None:
+        major, minor = report.compute_capability
+        console.print(f"[bold]capability[/bold]    sm_{major}{minor}")
+    if report.kind == "cpu":
+        console.print(f"[bold]cpu flags[/bold]     {', '.join(sorted(report.cpu_flags)) or 'none'}")
+    tensor_cores = ", ".join(sorted(report.tensor_core_formats)) or "none"
+    console.print(f"[bold]16-bit units[/bold]  {tensor_cores}")
+    if report.gemm_gflops:
+        measured = ", ".join(f"{k} {v:g}" for k, v in report.gemm_gflops.items())
+        console.print(f"[bold]GEMM GFLOP/s[/bold]  {measured}")
+    console.print(f"[bold]auto policy[/bold]   {choice.policy}  (backend {choice.backend})")
+    console.print(f"  why: {choice.reason}")
+    dtype_name = str(region.dtype).removeprefix("torch.")
+    console.print(
+        f"[bold]autocast[/bold]      {dtype_name}: backend {region.backend} ({region.reason})"
+    )
+    if args.ops:
+        for category, names in table.items():
+            console.print(f"  [bold]{category}[/bold]: {', '.join(names)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mixprec`` command."""
     parser = argparse.ArgumentParser(
@@ -66,13 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     formats = sub.add_parser("formats", help="show the number formats: range, precision, dtype")
     formats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     formats.set_defaults(run=_formats)
+    doctor = sub.add_parser("doctor", help="probe the hardware and explain the auto precision")
+    doctor.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: best)")
+    doctor.add_argument("--dtype", default=None, help="autocast dtype to explain (bf16, fp16)")
+    doctor.add_argument("--ops", action="store_true", help="also print the autocast op table")
+    doctor.add_argument("--no-measure", action="store_true", help="skip the GEMM timing")
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    doctor.set_defaults(run=_doctor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``mixprec`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (ValueError, TypeError, RuntimeError, OSError) as err:
+        # A user's mistake (bad value, missing device, unreadable file) gets one line, no traceback.
+        parser.exit(2, f"mixprec {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -23,17 +23,20 @@ of the optimizer's copy of the weights; equal to params means no separate copy) 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
 
-__all__ = ["PRESETS", "ModuleRule", "Policy"]
+if TYPE_CHECKING:
+    from mixprec.hardware import AutoChoice
+
+__all__ = ["PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
 _T = TypeVar("_T")
 _KEYS: Mapping[str, str] = MappingProxyType(
@@ -218,6 +221,23 @@ class Policy:
         parts.extend(str(rule) for rule in self.rules)
         return "; ".join(parts)
 
+    @staticmethod
+    def auto(device: str | torch.device | None = None) -> AutoChoice:
+        """Choose a policy for ``device`` from its hardware, with the backend and the reason.
+
+        This is the one place a policy meets the hardware: it probes ``device`` (see
+        :func:`mixprec.hardware.probe`, measured once and cached) and applies
+        :func:`mixprec.hardware.recommend`.
+
+        Example:
+            >>> choice = Policy.auto("cpu")
+            >>> choice.policy in PRESETS.values() and choice.backend in ("native", "emulated")
+            True
+        """
+        from mixprec import hardware  # probing lives above policies; imported only when asked
+
+        return hardware.recommend(hardware.probe(device))
+
     # -- module rules -----------------------------------------------------------------------
 
     def for_module(self, name: str, module: nn.Module | type | str | None = None) -> Policy:
@@ -266,19 +286,27 @@ class Policy:
         return cast_floating(tree, self.output.dtype)
 
 
-def cast_floating(tree: Any, dtype: torch.dtype) -> Any:
+def cast_floating(
+    tree: Any, dtype: torch.dtype, sources: Collection[torch.dtype] | None = None
+) -> Any:
     """Cast every floating-point tensor in a nested list/tuple/namedtuple/dict to ``dtype``.
 
     Containers are rebuilt with their own type; other leaves pass through untouched.
+
+    Args:
+        tree: a tensor or nested containers of them.
+        dtype: the target dtype.
+        sources: if given, only tensors of these dtypes are cast (e.g. only 16-bit ones).
     """
     if isinstance(tree, torch.Tensor):
-        return tree.to(dtype) if tree.is_floating_point() else tree
+        wanted = tree.is_floating_point() and (sources is None or tree.dtype in sources)
+        return tree.to(dtype) if wanted else tree
     if isinstance(tree, Mapping):
-        return type(tree)({k: cast_floating(v, dtype) for k, v in tree.items()})  # type: ignore[call-arg]
+        return type(tree)({k: cast_floating(v, dtype, sources) for k, v in tree.items()})  # type: ignore[call-arg]
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple
-        return type(tree)(*(cast_floating(v, dtype) for v in tree))
+        return type(tree)(*(cast_floating(v, dtype, sources) for v in tree))
     if isinstance(tree, (list, tuple)):
-        return type(tree)(cast_floating(v, dtype) for v in tree)
+        return type(tree)(cast_floating(v, dtype, sources) for v in tree)
     return tree
 
 

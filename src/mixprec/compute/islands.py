@@ -1,0 +1,146 @@
+"""FP32 islands: modules that run in fp32 (or another compute format) inside an autocast region.
+
+Design note: a policy's per-module rules say which modules keep a different compute format
+(normalisation layers and losses in fp32 by default). They are applied with module hooks, never by
+patching ``forward``: a forward pre-hook widens the module's 16-bit floating inputs and opens a
+nested autocast region (disabled for fp32, or with the rule's 16-bit dtype), and a forward hook
+registered with ``always_call=True`` closes it even when ``forward`` raises, then casts the outputs
+to the rule's output format. Outside an autocast region the hooks do nothing. ``handle.remove()``
+takes every hook away again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from mixprec.compute.autocast import autocast, current_region
+from mixprec.policy import ModuleRule, Policy, cast_floating
+
+__all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "fp32_islands"]
+
+DEFAULT_ISLAND_RULES: tuple[ModuleRule, ...] = (
+    ModuleRule("*Norm*", Policy(), kind="class"),
+    ModuleRule("*Loss", Policy(), kind="class"),
+)
+"""Normalisation layers (LayerNorm, BatchNorm*, GroupNorm, RMSNorm, ...) and losses in fp32."""
+
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_NARROWER = (torch.float16, torch.bfloat16)  # what an island widens; fp64 inputs stay as they are
+_AUTOCAST = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class IslandHandle:
+    """The hooks :func:`fp32_islands` registered; ``remove()`` or leaving a ``with`` undoes them."""
+
+    modules: dict[str, Policy] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list, repr=False)
+
+    def remove(self) -> None:
+        """Remove every hook; the modules behave as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> IslandHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+
+def _active_device_type() -> str | None:
+    region = current_region()
+    if region is not None:
+        return region.device_type if region.enabled else None
+    for device_type in _AUTOCAST_DEVICE_TYPES:
+        if torch._C._is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return device_type
+    return None
+
+
+def _island_hooks(policy: Policy) -> tuple[Any, Any]:
+    """The pre-hook and post-hook that run one module under ``policy``."""
+    open_regions: list[autocast | None] = []  # a stack: a module may be called re-entrantly
+    low = policy.compute.dtype if policy.compute.bits <= 16 else None
+    widen_to = torch.float32 if low is None else low
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        device_type = _active_device_type()
+        if device_type is None:
+            open_regions.append(None)
+            return None
+        region = autocast(device_type, dtype=low, enabled=low is not None)
+        region.__enter__()
+        open_regions.append(region)
+        return cast_floating(args, widen_to, _NARROWER), cast_floating(kwargs, widen_to, _NARROWER)
+
+    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        region = open_regions.pop()
+        if region is None:
+            return None
+        region.__exit__(None, None, None)
+        return None if output is None else cast_floating(output, policy.output.dtype, _AUTOCAST)
+
+    return pre_hook, post_hook
+
+
+def fp32_islands(
+    model: nn.Module,
+    policy: Policy | str | None = None,
+    *,
+    defaults: bool = True,
+) -> IslandHandle:
+    """Make modules named by ``policy``'s rules (and the default rules) run in their own precision.
+
+    A rule whose policy computes in fp32 makes the module an FP32 island: inside an autocast
+    region its 16-bit inputs are widened, autocast is off inside it, and its outputs are cast to
+    the rule's output format (fp32 for an ``"fp32"`` rule). A rule with a 16-bit compute format
+    runs the module under autocast with that dtype instead.
+
+    Args:
+        model: the model whose submodules get hooks.
+        policy: a :class:`~mixprec.policy.Policy` (or its string) whose rules are tried first.
+        defaults: also apply :data:`DEFAULT_ISLAND_RULES` (norms and losses in fp32).
+
+    Returns:
+        An :class:`IslandHandle` naming the affected modules; ``remove()`` undoes everything.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        >>> with fp32_islands(model) as islands, autocast("cpu", backend="emulated"):
+        ...     out = model(torch.randn(2, 4))
+        >>> list(islands), out.dtype
+        (['1'], torch.float32)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fp32_islands needs an nn.Module, got {type(model).__name__} {model!r}")
+    rules: list[ModuleRule] = list(Policy.parse(policy).rules) if policy is not None else []
+    if defaults:
+        rules.extend(DEFAULT_ISLAND_RULES)
+    handle = IslandHandle()
+    for name, module in model.named_modules():
+        rule_policy = _first_match(rules, name, module)
+        if rule_policy is None:
+            continue
+        pre_hook, post_hook = _island_hooks(rule_policy)
+        handle._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handle._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        handle.modules[name] = rule_policy
+    return handle
+
+
+def _first_match(rules: Iterable[ModuleRule], name: str, module: nn.Module) -> Policy | None:
+    for rule in rules:
+        if rule.matches(name, module):
+            return rule.policy
+    return None

@@ -1,0 +1,1 @@
+"""Built-in training tasks and the small models they use."""
