@@ -18,6 +18,7 @@ from mixprec.compute import autocast, fp32_islands, op_table
 from mixprec.formats import FORMATS, Format, resolve_format
 from mixprec.policy import PRESETS, ModuleRule, Policy
 from mixprec.quantize import quantize
+from mixprec.scaling import GradScaler, LossScaleAtMinimumError
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,8 @@ __all__ = [
     "FORMATS",
     "PRESETS",
     "Format",
+    "GradScaler",
+    "LossScaleAtMinimumError",
     "ModuleRule",
     "Policy",
     "__version__",

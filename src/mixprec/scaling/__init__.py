@@ -1,0 +1,32 @@
+"""Loss scaling: pure update rules and a GradScaler that is a drop-in for torch.amp's."""
+
+from mixprec.scaling.clip import clip_coefficient, global_norm, unscale_and_clip_
+from mixprec.scaling.grad_scaler import GradScaler, LossScaleAtMinimumError
+from mixprec.scaling.rules import (
+    DynamicScaling,
+    ScaleState,
+    Strategy,
+    dynamic_update,
+    initial_state,
+    no_scaling_update,
+    overflow_at_minimum,
+    static_update,
+    update_scale,
+)
+
+__all__ = [
+    "DynamicScaling",
+    "GradScaler",
+    "LossScaleAtMinimumError",
+    "ScaleState",
+    "Strategy",
+    "clip_coefficient",
+    "dynamic_update",
+    "global_norm",
+    "initial_state",
+    "no_scaling_update",
+    "overflow_at_minimum",
+    "static_update",
+    "unscale_and_clip_",
+    "update_scale",
+]

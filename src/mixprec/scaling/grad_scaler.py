@@ -1,0 +1,522 @@
+"""GradScaler: a drop-in for ``torch.amp.GradScaler`` that holds state and calls the pure rules.
+
+The per-iteration protocol is torch's: ``scale`` the loss, ``backward``, optionally ``unscale_``
+(or :meth:`GradScaler.clip_grad_norm_`), ``step`` every optimizer, ``update`` once. The rule
+that moves the scale lives in :mod:`mixprec.scaling.rules`; gradient plumbing in ``_grads``,
+clipping in :mod:`mixprec.scaling.clip`, the distributed hook in ``_distributed``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import torch
+
+from mixprec.scaling import _checks
+from mixprec.scaling._checks import OnMinScale
+from mixprec.scaling._distributed import ProcessGroupArg, agree_found_inf_, check_process_group
+from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
+from mixprec.scaling._iteration import Iteration, OptimizerRecord, Stage
+from mixprec.scaling._state import LossScaleAtMinimumError, ScalerState
+from mixprec.scaling.clip import check_clip_args, clip_coefficient, unscale_and_clip_
+from mixprec.scaling.rules import STRATEGIES, DynamicScaling, Strategy
+
+__all__ = ["GradScaler", "LossScaleAtMinimumError"]
+
+_T = TypeVar("_T")
+
+
+class GradScaler:
+    """Loss scaling for fp16 training; a drop-in for ``torch.amp.GradScaler``.
+
+    Default construction behaves as ``torch.amp.GradScaler``: the same scale, growth tracker and
+    skipped iterations for any sequence of overflows. Everything beyond torch is keyword-only
+    and opt-in: the ``"static"`` and ``"none"`` strategies, DeepSpeed-style hysteresis, scale
+    bounds, a distributed found-inf agreement; plus, always available, whether a step was
+    skipped (:meth:`step_skipped`), step counters and an unscale-folded
+    :meth:`clip_grad_norm_`.
+
+    Off is a mode, not a branch: ``enabled=False`` turns every method into a pass-through
+    (``step`` just calls ``optimizer.step()``), and ``strategy="none"`` keeps the scale at 1
+    but still skips steps whose gradients are not finite, which suits bf16 and fp32.
+
+    Args:
+        device: Device type of the scale, ``"cuda"`` (default, as torch) or ``"cpu"``...
+        init_scale: The initial scale (``"none"``: ignored, the scale is 1).
+        growth_factor: Multiplies the scale after ``growth_interval`` clean steps; > 1.
+        backoff_factor: Multiplies the scale after an overflow; in (0, 1).
+        growth_interval: Clean steps in a row before the scale grows; >= 1.
+        enabled: False makes the scaler a pass-through with the same interface.
+        strategy: ``"dynamic"`` (torch's), ``"static"`` (the scale never changes) or ``"none"``.
+        hysteresis: Overflows needed before backing off (DeepSpeed uses 2); 1 is torch's.
+        consecutive_hysteresis: Refill the tolerance on every clean step, not only on growth.
+        min_scale: Never back off below this (None: the smallest positive float32).
+        max_scale: Never grow above this (None: no cap; apex uses 2**24).
+        on_min_scale: When the gradients overflow at the minimum scale: ``"continue"`` skipping
+            steps, or ``"raise"`` :class:`LossScaleAtMinimumError` (costs a host sync per
+            :meth:`update`).
+        process_group: None (torch's behaviour), ``"world"`` or a ``ProcessGroup``: reduce
+            each optimizer's found-inf flag with ``all_reduce(MAX)`` over it whenever
+            ``torch.distributed`` is initialised, so all ranks skip or step together.
+
+    Raises:
+        ValueError: For out-of-range values (a growth factor <= 1, a backoff factor outside
+            (0, 1), an interval < 1, a non-finite or non-positive scale, hysteresis < 1,
+            min_scale > max_scale, an unknown strategy).
+        TypeError: For arguments of the wrong type.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = GradScaler("cpu", hysteresis=2, min_scale=1.0)
+        >>> scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        >>> _ = scaler.step(opt)
+        >>> scaler.update()
+        >>> scaler.step_skipped(opt), scaler.total_steps, scaler.skipped_steps
+        (False, 1, 0)
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cuda",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+        *,
+        strategy: Strategy = "dynamic",
+        hysteresis: int = 1,
+        consecutive_hysteresis: bool = False,
+        min_scale: float | None = None,
+        max_scale: float | None = None,
+        on_min_scale: OnMinScale = "continue",
+        process_group: ProcessGroupArg = None,
+    ) -> None:
+        self._device = _checks.check_device(device)
+        self._enabled = _checks.check_enabled(enabled)
+        _checks.check_choice("strategy", strategy, STRATEGIES)
+        _checks.check_choice("on_min_scale", on_min_scale, _checks.ON_MIN_SCALE)
+        check_process_group(process_group)
+        rule = DynamicScaling(
+            growth_factor, backoff_factor, growth_interval, hysteresis,
+            consecutive_hysteresis, min_scale, max_scale,
+        )  # fmt: skip
+        scale = _checks.check_scale("init_scale", init_scale)
+        if strategy == "dynamic":
+            _checks.check_in_bounds(scale, rule)
+        if self._device == "cuda" and self._enabled and not torch.cuda.is_available():
+            warnings.warn(
+                "mixprec.GradScaler is enabled for device 'cuda', but CUDA is not available; "
+                "disabling it. Pass device='cpu' to scale on the CPU.",
+                stacklevel=2,
+            )
+            self._enabled = False
+        self._state = ScalerState(scale, rule, strategy, on_min_scale)
+        self._process_group = process_group
+        self._iteration = Iteration()
+
+    # -- scaling ---------------------------------------------------------------------------
+
+    def scale(self, outputs: _T) -> _T:
+        """Multiply a tensor, or nested lists/tuples of tensors, by the scale.
+
+        Args:
+            outputs: A tensor (usually the loss) or an iterable of tensors.
+
+        Returns:
+            The scaled outputs, in the same structure. Unchanged when the scaler is disabled
+            or the strategy is ``"none"``.
+
+        Raises:
+            TypeError: If ``outputs`` holds something other than tensors.
+        """
+        if not self._enabled:
+            return outputs
+        multiply = self._state.strategy != "none"
+        copies: dict[torch.device, torch.Tensor] = {}
+
+        def apply(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                scale = self._state.materialize(value.device)
+                if not multiply:
+                    return value
+                if value.device not in copies:
+                    copies[value.device] = scale.to(value.device, non_blocking=True)
+                return value * copies[value.device]
+            if isinstance(value, (list, tuple)):
+                return type(value)(apply(v) for v in value)
+            if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+                return map(apply, value)
+            raise TypeError(
+                "scale() takes a tensor or an iterable of tensors (e.g. the loss), got "
+                f"{value!r} of type {type(value).__name__}."
+            )
+
+        return apply(outputs)  # type: ignore[no-any-return]
+
+    def _started(self, method: str) -> torch.Tensor:
+        scale = self._state.scale
+        if scale is None:
+            raise RuntimeError(
+                f"{method} was called before scale(): no loss was scaled in this run. Call "
+                "scaler.scale(loss).backward() before unscale_/step/update."
+            )
+        return scale
+
+    def _new_flag(self, scale: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=scale.device)
+
+    def _inv_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        if self._state.strategy == "none":
+            return torch.ones_like(scale)
+        # The reciprocal in float64, as torch does: float32 division may be inexact.
+        return scale.double().reciprocal().float()
+
+    # -- unscale, clip, step ---------------------------------------------------------------
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the optimizer's gradients by the scale in place and check them for inf/NaN.
+
+        Optional, for inspecting or modifying gradients before :meth:`step`; at most once per
+        optimizer per iteration. No host synchronisation.
+
+        Args:
+            optimizer: The optimizer whose parameters' gradients are unscaled.
+
+        Raises:
+            RuntimeError: If called before :meth:`scale`, twice, or after :meth:`step`.
+            ValueError: If the gradients are fp16 (see the message for the fix).
+        """
+        if not self._enabled:
+            return
+        scale = self._started("unscale_()")
+        record = self._iteration.begin_unscale(optimizer, "unscale_()")
+        grads = group_grads(optimizer)
+        if self._state.strategy != "none":
+            check_unscalable(optimizer, grads)
+        found_inf = unscale_and_check_(grads, self._inv_scale(scale), self._new_flag(scale))
+        record.found_inf = agree_found_inf_(found_inf, self._process_group)
+        record.stage = Stage.UNSCALED
+
+    def clip_grad_norm_(
+        self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
+    ) -> torch.Tensor:
+        """Unscale and clip the optimizer's gradients to a global norm in one write pass.
+
+        Replaces ``scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(params, max_norm)``:
+        the norm is measured on the scaled gradients and one multiplication by
+        ``clip_coef / scale`` unscales and clips (see :mod:`mixprec.scaling.clip`).
+
+        Optimizers that unscale inside their step (``_step_supports_amp_scaling``: torch's
+        ``fused=True`` ones, ``mixprec.optim.MasterWeightOptimizer``) keep their gradients
+        scaled: ``step`` hands them ``scale / clip_coef`` to divide by, so clipping only reads
+        the gradients, and 16-bit gradients are fine. If :meth:`unscale_` already ran, this
+        only clips. When disabled, it is plain ``clip_grad_norm_``.
+
+        Args:
+            optimizer: The optimizer whose gradients are clipped.
+            max_norm: The largest allowed norm of the unscaled gradients.
+            norm_type: The p of the p-norm (``math.inf``: max-norm).
+
+        Returns:
+            The norm of the unscaled gradients before clipping (non-finite on overflow, in
+            which case :meth:`step` skips).
+
+        Raises:
+            RuntimeError: If called before :meth:`scale`, twice, or after :meth:`step`.
+            ValueError: For a bad ``max_norm``/``norm_type`` or fp16 gradients.
+
+        Example:
+            >>> # scaler.scale(loss).backward()
+            >>> # norm = scaler.clip_grad_norm_(opt, max_norm=1.0)
+            >>> # scaler.step(opt); scaler.update()
+        """
+        max_norm, norm_type = check_clip_args(max_norm, norm_type)
+        if not self._enabled:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        scale = self._started("clip_grad_norm_()")
+        record = self._iteration.record(optimizer)
+        already_unscaled = record.stage is Stage.UNSCALED and record.found_inf is not None
+        if not already_unscaled:
+            record = self._iteration.begin_unscale(optimizer, "clip_grad_norm_()")
+        grads = group_grads(optimizer)
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and not already_unscaled:
+            found_inf = self._new_flag(scale)
+            norm, clip_coef = clip_coefficient(
+                grads, self._inv_scale(scale), max_norm, norm_type, found_inf
+            )
+            record.found_inf = agree_found_inf_(found_inf, self._process_group)
+            record.grad_scale = scale / clip_coef
+            record.stage = Stage.UNSCALED
+            return norm
+        if self._state.strategy != "none" and not already_unscaled:
+            check_unscalable(optimizer, grads)
+        inv_scale = torch.ones_like(scale) if already_unscaled else self._inv_scale(scale)
+        found_inf = self._new_flag(scale)
+        norm = unscale_and_clip_(grads, inv_scale, max_norm, norm_type, found_inf)
+        if already_unscaled and record.found_inf is not None:
+            found_inf.copy_(torch.maximum(found_inf, record.found_inf))
+        record.found_inf = agree_found_inf_(found_inf, self._process_group)
+        record.stage = Stage.UNSCALED
+        return norm
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """Unscale (unless done), then run ``optimizer.step(*args, **kwargs)`` unless non-finite.
+
+        Optimizers that declare ``_step_supports_amp_scaling`` (torch's ``fused=True`` Adam,
+        AdamW, SGD) receive the scale and found-inf flag as ``optimizer.grad_scale`` and
+        ``optimizer.found_inf`` and unscale and skip inside their kernel, without a host sync.
+
+        Args:
+            optimizer: The optimizer to step.
+            *args: Forwarded to ``optimizer.step``.
+            **kwargs: Forwarded to ``optimizer.step`` (a ``closure`` is not supported).
+
+        Returns:
+            What ``optimizer.step`` returned, or None if the step was skipped.
+
+        Raises:
+            RuntimeError: If called before :meth:`scale`, twice before :meth:`update`, or with
+                a closure.
+        """
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if "closure" in kwargs:
+            raise RuntimeError(
+                "step() got closure=...: closures are not supported while scaling, because the "
+                "loss they recompute is not scaled. Compute the loss outside the optimizer."
+            )
+        scale = self._started("step()")
+        record = self._iteration.begin_step(optimizer)
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            return self._fused_step(optimizer, record, scale, args, kwargs)
+        if record.stage is Stage.READY:
+            self.unscale_(optimizer)
+        assert record.found_inf is not None  # set by unscale_ above; not user input
+        retval = None
+        if not record.found_inf.item():
+            retval = optimizer.step(*args, **kwargs)
+        record.stage = Stage.STEPPED
+        return retval
+
+    def _fused_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        record: OptimizerRecord,
+        scale: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        grad_scale: torch.Tensor | None = None
+        if record.grad_scale is not None:  # clip_grad_norm_ folded its factor into the scale
+            grad_scale = record.grad_scale * getattr(optimizer, "grad_scale", 1)
+        elif record.stage is Stage.READY:
+            # Check only; the optimizer's kernel divides by grad_scale itself.
+            found_inf = unscale_and_check_(
+                group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
+            )
+            record.found_inf = agree_found_inf_(found_inf, self._process_group)
+            if self._state.strategy != "none":
+                grad_scale = scale * getattr(optimizer, "grad_scale", 1)
+        else:
+            grad_scale = getattr(optimizer, "grad_scale", None)
+        optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+        optimizer.found_inf = record.found_inf  # type: ignore[attr-defined]
+        try:
+            retval = optimizer.step(*args, **kwargs)
+        finally:
+            del optimizer.grad_scale  # type: ignore[attr-defined]
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        record.stage = Stage.STEPPED
+        return retval
+
+    # -- update ----------------------------------------------------------------------------
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        """Move the scale by the strategy's rule, once per iteration after all steps.
+
+        Args:
+            new_scale: Set the scale to this instead of applying the rule (a float or a
+                1-element tensor; copied).
+
+        Raises:
+            RuntimeError: If no optimizer was stepped or unscaled since the last update
+                (including calling ``update()`` twice), or before :meth:`scale`.
+            ValueError: For a ``new_scale`` that is not finite and positive, or with the
+                ``"none"`` strategy.
+            LossScaleAtMinimumError: With ``on_min_scale="raise"``, when the gradients
+                overflowed at the minimum scale.
+        """
+        if not self._enabled:
+            return
+        scale = self._started("update()")
+        found_inf = self._iteration.found_inf()
+        if new_scale is None and found_inf is None:
+            raise RuntimeError(
+                "update() found no inf/NaN checks since the last update(): call "
+                "scaler.step(optimizer) (or unscale_) before update(), and update() only "
+                "once per iteration."
+            )
+        if new_scale is not None:
+            scale.fill_(self._check_new_scale(new_scale))
+            if found_inf is not None:
+                self._state.count(found_inf)
+        elif found_inf is not None:
+            try:
+                self._state.apply_rule(found_inf)  # counts the iteration, even if it raises
+            finally:
+                self._iteration.close(found_inf)
+            return
+        self._iteration.close(found_inf)
+
+    def _check_new_scale(self, new_scale: object) -> float:
+        if self._state.strategy == "none":
+            raise ValueError(
+                f"update(new_scale={new_scale!r}) with strategy='none': the scale is fixed at "
+                "1. Use strategy='static' or 'dynamic' to set a scale."
+            )
+        if isinstance(new_scale, torch.Tensor):
+            if new_scale.numel() != 1 or new_scale.requires_grad:
+                raise ValueError(
+                    f"new_scale must be a float or a 1-element tensor without grad, got a "
+                    f"tensor of shape {tuple(new_scale.shape)} (requires_grad="
+                    f"{new_scale.requires_grad})."
+                )
+            new_scale = new_scale.item()
+        value = _checks.check_scale("new_scale", new_scale)
+        if self._state.strategy == "dynamic":
+            _checks.check_in_bounds(value, self._state.rule, "new_scale")
+        return value
+
+    # -- skips and counters ----------------------------------------------------------------
+
+    def step_skipped(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Whether the most recent step was skipped because gradients were not finite.
+
+        Args:
+            optimizer: Ask about this optimizer's most recent :meth:`step`. None: the most
+                recent iteration: the steps taken since the last :meth:`update` if any, else
+                the iteration that :meth:`update` closed (skipped if any check saw inf/NaN).
+
+        Returns:
+            True if skipped. Always False when disabled or before the first step.
+
+        Example:
+            >>> # scaler.step(opt); scaler.update()
+            >>> # if not scaler.step_skipped(opt):
+            >>> #     lr_scheduler.step()
+        """
+        if not self._enabled:
+            return False
+        return self._iteration.step_skipped(optimizer)
+
+    @property
+    def total_steps(self) -> int:
+        """Iterations closed by :meth:`update` since training began (restored by load)."""
+        return self._state.total_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Of :attr:`total_steps`, those whose gradients were not finite (a host sync)."""
+        return int(self._state.value("skipped_steps"))
+
+    # -- getters and setters, as torch ------------------------------------------------------
+
+    def _get_scale_async(self) -> torch.Tensor | None:
+        return self._state.scale
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (1.0 when disabled); a host sync."""
+        if not self._enabled:
+            return 1.0
+        return float(self._state.value("scale"))
+
+    def get_growth_factor(self) -> float:
+        """The factor the scale grows by."""
+        return self._state.rule.growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the growth factor (> 1)."""
+        self._state.rule = replace(self._state.rule, growth_factor=new_factor)
+
+    def get_backoff_factor(self) -> float:
+        """The factor the scale backs off by."""
+        return self._state.rule.backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the backoff factor (in (0, 1))."""
+        self._state.rule = replace(self._state.rule, backoff_factor=new_factor)
+
+    def get_growth_interval(self) -> int:
+        """Clean steps in a row before the scale grows."""
+        return self._state.rule.growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the growth interval (>= 1)."""
+        self._state.rule = replace(self._state.rule, growth_interval=new_interval)
+
+    def is_enabled(self) -> bool:
+        """Whether the scaler is enabled (False: every method is a pass-through)."""
+        return self._enabled
+
+    @property
+    def strategy(self) -> Strategy:
+        """``"dynamic"``, ``"static"`` or ``"none"``."""
+        return self._state.strategy
+
+    @property
+    def rule(self) -> DynamicScaling:
+        """The parameters of the dynamic rule."""
+        return self._state.rule
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit; plain Python values only.
+
+        Holds torch's five keys (``scale``, ``growth_factor``, ``backoff_factor``,
+        ``growth_interval``, ``_growth_tracker``, so ``torch.amp.GradScaler`` can load it)
+        plus ``format_version``, the strategy, hysteresis and bounds settings, the hysteresis
+        state and the step counters. Empty when disabled, as torch. Save after :meth:`update`.
+
+        Example:
+            >>> scaler = GradScaler("cpu")
+            >>> GradScaler("cpu").load_state_dict(scaler.state_dict())
+        """
+        if not self._enabled:
+            return {}
+        return self._state.to_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by this class or by ``torch.amp.GradScaler``.
+
+        Settings saved in the dict replace the constructor's, as in torch. A torch dict keeps
+        this scaler's strategy, hysteresis and bounds, and starts the counters at 0. Nothing
+        changes if the dict is rejected. A no-op when disabled.
+
+        Args:
+            state_dict: The dict returned by ``state_dict()``.
+
+        Raises:
+            TypeError: If ``state_dict`` is not a mapping.
+            ValueError: If it is empty, foreign, from a newer format or holds bad values.
+        """
+        if not self._enabled:
+            return
+        self._state.load(state_dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._process_group not in (None, "world"):
+            raise TypeError(
+                "A GradScaler holding a ProcessGroup cannot be pickled; pickle "
+                "scaler.state_dict() and pass the group to the new scaler."
+            )
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
