@@ -58,9 +58,10 @@ class GradScaler:
         on_min_scale: When the gradients overflow at the minimum scale: ``"continue"`` skipping
             steps, or ``"raise"`` :class:`LossScaleAtMinimumError` (costs a host sync per
             :meth:`update`).
-        process_group: None (torch's behaviour), ``"world"`` or a ``ProcessGroup``: reduce
-            each optimizer's found-inf flag with ``all_reduce(MAX)`` over it whenever
-            ``torch.distributed`` is initialised, so all ranks skip or step together.
+        process_group: ``"world"`` (default) or a ``ProcessGroup``: reduce each optimizer's
+            found-inf flag with ``all_reduce(MAX)`` over it whenever ``torch.distributed`` is
+            initialised, so all ranks skip or step together (a single process is unaffected).
+            None: each rank decides alone, as torch's scaler does.
 
     Raises:
         ValueError: For out-of-range values (a growth factor <= 1, a backoff factor outside
@@ -94,7 +95,7 @@ class GradScaler:
         min_scale: float | None = None,
         max_scale: float | None = None,
         on_min_scale: OnMinScale = "continue",
-        process_group: ProcessGroupArg = None,
+        process_group: ProcessGroupArg = "world",
     ) -> None:
         self._device = _checks.check_device(device)
         self._enabled = _checks.check_enabled(enabled)
