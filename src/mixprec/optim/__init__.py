@@ -1,0 +1,43 @@
+"""Where the update happens: fp32 master weights, pure 16-bit updates, and a memory account.
+
+* :class:`MasterWeightOptimizer` keeps fp32 masters for the 16-bit parameters of any
+  ``torch.optim`` optimizer.
+* :class:`StochasticRoundingOptimizer` and :class:`KahanOptimizer` train 16-bit parameters without a
+  master copy, rounding updates stochastically or carrying the rounding error in a 16-bit buffer.
+* :func:`memory_report` counts the bytes per parameter of params, grads, masters, optimizer state
+  and compensation.
+* :func:`cast_module` casts a model's parameters and buffers by a :class:`~mixprec.Policy`.
+
+Example:
+    >>> import torch
+    >>> from mixprec.optim import MasterWeightOptimizer, cast_module, memory_report
+    >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256))
+    >>> _ = cast_module(model, "bf16-pure; class:*Norm* -> fp32")
+    >>> opt = MasterWeightOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    >>> model(torch.randn(8, 256, dtype=torch.bfloat16)).float().sum().backward()
+    >>> opt.step()
+    >>> round(memory_report(model, opt).per_param["total"])
+    16
+"""
+
+from mixprec.optim.cast import cast_module, restore_dtypes
+from mixprec.optim.master import MasterWeightOptimizer
+from mixprec.optim.memory import MemoryReport, memory_report
+from mixprec.optim.pure16 import (
+    KahanOptimizer,
+    StochasticRoundingOptimizer,
+    kahan_round,
+    stochastic_round,
+)
+
+__all__ = [
+    "KahanOptimizer",
+    "MasterWeightOptimizer",
+    "MemoryReport",
+    "StochasticRoundingOptimizer",
+    "cast_module",
+    "kahan_round",
+    "memory_report",
+    "restore_dtypes",
+    "stochastic_round",
+]

@@ -1,0 +1,338 @@
+"""The machinery the optimizer wrappers share: a torch Optimizer in front of another one.
+
+Every wrapper here shows its users the model's own (16-bit) parameters in ``param_groups`` and keeps
+a *shadow* tensor per parameter that the wrapped ("inner") optimizer actually steps: an fp32 master,
+or an fp32 scratch copy that lives only during ``step``. Hyperparameters are copied from the outer
+groups to the inner ones at every step, so a learning-rate scheduler built on the wrapper drives
+the inner optimizer. Parameters that are already fp32 are their own shadow (the wrapper is the
+identity for them). Loss scaling uses torch's own protocol: the class sets
+``_step_supports_amp_scaling``, so ``GradScaler.step`` sets ``grad_scale`` and ``found_inf`` on the
+wrapper; the unscale is folded into the gradient copy and an overflow skips the whole step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__: list[str] = []
+
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def inverse_scale(grad_scale: torch.Tensor | float | None) -> torch.Tensor | float | None:
+    """``1 / grad_scale`` computed as torch.amp.GradScaler does (reciprocal in fp64, then fp32)."""
+    if grad_scale is None:
+        return None
+    if isinstance(grad_scale, torch.Tensor):
+        return grad_scale.double().reciprocal().float()
+    return float(1.0 / grad_scale)
+
+
+def hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group's settings without its ``params`` list."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+class _StateView(Mapping[torch.Tensor, Any]):
+    """``wrapper.state[param]``: the inner optimizer's state of that parameter's shadow."""
+
+    def __init__(self, wrapper: WrappedOptimizer) -> None:
+        self._wrapper = wrapper
+
+    def __getitem__(self, param: torch.Tensor) -> Any:
+        shadow = self._wrapper._shadows[param]
+        return self._wrapper.optimizer.state[shadow]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inner_state = self._wrapper.optimizer.state
+        return (p for p, s in self._wrapper._shadows.items() if s in inner_state)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Base class: owns the inner optimizer, the outer param groups and the step skeleton.
+
+    Subclasses define :meth:`_make_shadow`, :meth:`_before_inner_step` and
+    :meth:`_after_inner_step`, and extend the state dict with :meth:`_extra_state`,
+    :meth:`_check_extra_state` and :meth:`_load_extra_state`.
+    """
+
+    # torch.amp.GradScaler.step hands such optimizers `grad_scale` and `found_inf` attributes.
+    _step_supports_amp_scaling = True
+    _kind = "wrapped"
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"{name} wraps a torch.optim.Optimizer, got {type(optimizer).__name__} "
+                f"{optimizer!r}; build the optimizer first, e.g. "
+                f"{name}(torch.optim.AdamW(model.parameters(), lr=1e-3))"
+            )
+        if isinstance(optimizer, WrappedOptimizer):
+            raise TypeError(
+                f"{name} got an optimizer that is already wrapped ({type(optimizer).__name__}); "
+                "wrap the plain torch optimizer once"
+            )
+        if len(optimizer.state) > 0:
+            raise RuntimeError(
+                f"{name} must wrap the optimizer before its first step, but "
+                f"{type(optimizer).__name__} already holds state for {len(optimizer.state)} "
+                "parameters; create the wrapper right after the optimizer"
+            )
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise TypeError(
+                    f"max_grad_norm must be a number or None, got {type(max_grad_norm).__name__} "
+                    f"{max_grad_norm!r}"
+                )
+            if not max_grad_norm > 0:
+                raise ValueError(
+                    f"max_grad_norm must be positive (or None for no clipping), "
+                    f"got {max_grad_norm!r}"
+                )
+        for group in optimizer.param_groups:
+            self._check_group(group["params"])
+        self.optimizer = optimizer
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.last_step_skipped = False
+        self.last_grad_norm: torch.Tensor | None = None
+        self._shadows: dict[torch.Tensor, torch.Tensor] = {}
+        self._adopting = True  # super().__init__ calls add_param_group for the existing groups
+        outer = [
+            {**hyperparameters(g), "params": list(g["params"])} for g in optimizer.param_groups
+        ]
+        super().__init__(outer, optimizer.defaults)
+        self._adopting = False
+        for outer_group, inner_group in zip(self.param_groups, optimizer.param_groups, strict=True):
+            inner_group["params"] = [self._adopt(p) for p in outer_group["params"]]
+        self.state = _StateView(self)  # type: ignore[assignment]
+        if not any(p.dtype in SIXTEEN_BIT for p in self._params()):
+            warnings.warn(
+                f"{type(self).__name__}: every parameter is already float32, so the wrapper is the "
+                "identity (no copies, same steps as the plain optimizer); cast the model to 16 "
+                "bits first (mixprec.optim.cast_module) or drop the wrapper",
+                stacklevel=3,
+            )
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    def _check_group(self, params: list[torch.Tensor]) -> None:
+        name = type(self).__name__
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"{name}: one param group mixes devices {sorted(map(str, devices))!r}, which is "
+                "not supported; put the parameters of each device in their own group or optimizer"
+            )
+        for p in params:
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise TypeError(
+                    f"{name} handles float16, bfloat16 and float32 parameters, got one of dtype "
+                    f"{p.dtype!r} and shape {tuple(p.shape)!r}; cast the model by policy first "
+                    "(mixprec.optim.cast_module)"
+                )
+
+    def _adopt(self, param: torch.Tensor) -> torch.Tensor:
+        shadow = param if param.dtype == torch.float32 else self._make_shadow(param)
+        self._shadows[param] = shadow
+        return shadow
+
+    def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of model parameters, as ``torch.optim.Optimizer.add_param_group`` does.
+
+        The inner optimizer gets a matching group over the new parameters' shadows, with the same
+        settings (missing ones are filled from the inner optimizer's defaults).
+        """
+        if self._adopting:
+            super().add_param_group(param_group)
+            return
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group["params"])
+            shadows = [self._adopt(p) for p in group["params"]]
+            self.optimizer.add_param_group({**hyperparameters(group), "params": shadows})
+        except Exception:
+            self.param_groups.pop()
+            for p in group["params"]:
+                self._shadows.pop(p, None)
+            raise
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _sync_hyperparameters(self) -> None:
+        for outer, inner in zip(self.param_groups, self.optimizer.param_groups, strict=True):
+            for key, value in outer.items():
+                if key != "params":
+                    inner[key] = value
+
+    # -- step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Step the inner optimizer on the shadows and write the result into the parameters.
+
+        With a ``GradScaler``, ``scaler.step(optimizer)`` sets ``grad_scale`` (gradients are divided
+        by it while they are copied) and ``found_inf`` (non-zero: the step is skipped and nothing
+        changes; ``last_step_skipped`` says so).
+
+        Args:
+            closure: re-evaluates the model and returns the loss, as for torch optimizers.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # torch.amp.GradScaler's protocol: attributes set just for this call, absent otherwise.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            self.last_step_skipped = True
+            return loss
+        self.last_step_skipped = False
+        self._sync_hyperparameters()
+        params = [p for p in self._params() if p.grad is not None]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (got one for a "
+                    f"parameter of shape {tuple(p.shape)!r}); use a dense embedding gradient"
+                )
+        inv_scale = inverse_scale(getattr(self, "grad_scale", None))
+        self._before_inner_step(params, inv_scale)
+        if self.max_grad_norm is not None:
+            shadow_grads = [self._shadows[p] for p in params]
+            self.last_grad_norm = nn.utils.clip_grad_norm_(
+                shadow_grads, self.max_grad_norm, foreach=True
+            )
+        self.optimizer.step()
+        self._after_inner_step(params)
+        return loss
+
+    def _before_inner_step(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        raise NotImplementedError
+
+    def _after_inner_step(self, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _unscale_in_place(
+        grads: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        if grads and inv_scale is not None:
+            torch._foreach_mul_(grads, inv_scale)
+
+    # -- state dict ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """The inner optimizer's state dict plus what this wrapper adds (masters, buffers...).
+
+        Everything in it is a tensor, number, string, list or dict, so it saves with
+        ``torch.save`` and loads with ``torch.load(weights_only=True)``.
+        """
+        self._sync_hyperparameters()
+        return {
+            "wrapper": self._kind,
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+            "optimizer": self.optimizer.state_dict(),
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Restore a state dict from :meth:`state_dict`; all is checked before anything loads.
+
+        Raises:
+            TypeError: ``state_dict`` is not a mapping.
+            ValueError: it comes from another kind of wrapper or a model of another shape, or is
+                missing entries.
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{name}.load_state_dict expects a dict from {name}.state_dict(), got "
+                f"{type(state_dict).__name__} {state_dict!r}"
+            )
+        missing = [k for k in ("wrapper", "shapes", "optimizer") if k not in state_dict]
+        if missing:
+            raise ValueError(
+                f"not a {name} state dict: missing {missing!r} (keys present: "
+                f"{sorted(state_dict)!r}); save it with {name}.state_dict()"
+            )
+        if state_dict["wrapper"] != self._kind:
+            raise ValueError(
+                f"state dict was saved by a {state_dict['wrapper']!r} wrapper, this is "
+                f"{self._kind!r}; load it into the same kind of wrapper"
+            )
+        self._check_shapes(state_dict["shapes"])
+        self._check_extra_state(state_dict)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for outer, inner in zip(self.param_groups, self.optimizer.param_groups, strict=True):
+            outer.update(hyperparameters(inner))
+        self._load_extra_state(state_dict)
+
+    def _check_shapes(self, shapes: list[list[list[int]]]) -> None:
+        here = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
+        if [len(g) for g in shapes] != [len(g) for g in here]:
+            raise ValueError(
+                f"state dict has param groups of sizes {[len(g) for g in shapes]!r}, this "
+                f"optimizer {[len(g) for g in here]!r}; it comes from a different model or "
+                "grouping, nothing was loaded"
+            )
+        for group_index, (saved_group, group) in enumerate(zip(shapes, here, strict=True)):
+            for index, (saved, shape) in enumerate(zip(saved_group, group, strict=True)):
+                if list(saved) != shape:
+                    raise ValueError(
+                        f"parameter {index} of group {group_index} has shape {tuple(saved)!r} in "
+                        f"the state dict but {tuple(shape)!r} here; the state dict comes from a "
+                        "different model, nothing was loaded"
+                    )
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        pass
+
+    # -- memory accounting (used by mixprec.optim.memory) ----------------------------------------
+
+    def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this wrapper owns, by part: ``master``, ``optimizer_state``,
+        ``compensation``, ``grads`` (shadow gradients that are alive)."""
+        state = [
+            t
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        ]
+        own = [s for p, s in self._shadows.items() if s is not p]
+        return {
+            "master": [s for s in own if s.numel() > 0],
+            "grads": [s.grad for s in own if s.grad is not None],
+            "optimizer_state": state,
+            "compensation": [],
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.optimizer!r})"

@@ -1,0 +1,176 @@
+"""FP32 master weights for any torch.optim optimizer.
+
+Design note: a 16-bit weight cannot take an update smaller than half its ulp (a bf16 weight of 1.0
+ignores a step of 1e-4: its neighbours are 1 - 2**-8 and 1 + 2**-7), so a model whose parameters
+are stored in bf16/fp16 stops learning once its updates get small. The cure is the one the
+mixed-precision recipe has always used: the optimizer keeps an fp32 *master* copy of every 16-bit
+parameter and applies its update there, and the 16-bit parameter is only ever the master rounded
+to nearest. :class:`MasterWeightOptimizer` does this around an optimizer the user already built, so
+any optimizer works unchanged (SGD, Adam, AdamW, a user's own): it moves the inner optimizer onto
+the masters and, at each step,
+
+1. copies the 16-bit gradients into fp32 gradients of the masters, dividing by the loss scale in
+   the same pass when a ``GradScaler`` steps it (and skipping everything when it found inf/NaN);
+2. steps the inner optimizer on the masters;
+3. rounds the masters into the 16-bit parameters (one fused cast, round to nearest even).
+
+The model keeps its 16-bit parameters and gradients, so forward and backward stay in 16 bits and
+hooks, ``clip_grad_norm_`` and ``GradScaler.unscale_`` see the tensors users expect.
+
+Cost: 4 bytes per 16-bit parameter for the master (16 B/param with Adam: 2 params + 2 grads +
+4 master + 8 Adam states, the same as fp32 training), plus an fp32 gradient buffer (4 B/param)
+that exists only inside ``step``. Time: two memory-bound copies per step on top of the inner
+optimizer's own work, plus, on CPUs, the page faults of that fresh buffer;
+``keep_grad_buffers=True`` keeps it between steps instead (20 B/param with Adam) and saves them.
+``benchmarks/bench_master.py`` measures both. Parameters that are already fp32
+(norm layers a policy kept in fp32) are their own master: no copy, no cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.optim._wrapper import WrappedOptimizer
+
+__all__ = ["MasterWeightOptimizer"]
+
+
+class MasterWeightOptimizer(WrappedOptimizer):
+    """Keep fp32 master weights for the 16-bit parameters of any torch optimizer.
+
+    Build the optimizer on the model's (16-bit) parameters as usual and wrap it; then use the
+    wrapper as the optimizer. ``param_groups`` hold the model's parameters and their settings, so
+    LR schedulers, ``zero_grad`` and ``clip_grad_norm_(model.parameters())`` work as usual; the
+    settings are passed to the inner optimizer at each step. After every step each 16-bit
+    parameter equals its master rounded to nearest. fp32 parameters are their own master (the
+    wrapper is the identity for them; for a model with only fp32 parameters it warns).
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` over the model's parameters, not stepped yet.
+        max_grad_norm: if given, clip the fp32 master gradients to this total norm after the
+            unscale and before the inner step (``last_grad_norm`` holds the norm). This is the way
+            to clip fp16 parameters with ``torch.amp.GradScaler``, whose ``unscale_`` refuses fp16
+            gradients (``mixprec.scaling.GradScaler.clip_grad_norm_`` needs no option: it hands
+            the clip to ``step`` through ``grad_scale``).
+        keep_grad_buffers: keep the fp32 gradient buffers of the masters between steps (4 more
+            bytes per 16-bit parameter, counted as grads by :func:`memory_report`) instead of
+            allocating them in every step. Worth it on CPUs, where a fresh buffer costs a page
+            fault per 4 KiB; GPU caching allocators make the default free.
+
+    Raises:
+        TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
+            that are not fp16/bf16/fp32; ``keep_grad_buffers`` is not a bool.
+        ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive.
+        RuntimeError: the optimizer has already stepped (it holds state).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2, bias=False).to(torch.bfloat16)
+        >>> _ = torch.nn.init.ones_(model.weight)
+        >>> opt = MasterWeightOptimizer(torch.optim.SGD(model.parameters(), lr=1e-4))
+        >>> for _ in range(100):
+        ...     model.weight.grad = torch.ones_like(model.weight)  # a step of 1e-4 each time
+        ...     opt.step()
+        >>> round(opt.master_params()[0][0, 0].item(), 4), model.weight[0, 0].item()
+        (0.99, 0.98828125)
+    """
+
+    _kind = "master"
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None = None,
+        keep_grad_buffers: bool = False,
+    ) -> None:
+        if not isinstance(keep_grad_buffers, bool):
+            raise TypeError(
+                f"keep_grad_buffers must be True or False, got "
+                f"{type(keep_grad_buffers).__name__} {keep_grad_buffers!r}"
+            )
+        self.keep_grad_buffers = keep_grad_buffers
+        self._grad_buffers: dict[torch.Tensor, torch.Tensor] = {}
+        super().__init__(optimizer, max_grad_norm=max_grad_norm)
+
+    def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
+        master = param.detach().to(torch.float32, copy=True)
+        return nn.Parameter(master, requires_grad=param.requires_grad)
+
+    def master_params(self) -> list[torch.Tensor]:
+        """The tensors the inner optimizer steps, in ``param_groups`` order: the fp32 master of
+        each 16-bit parameter, the parameter itself where it is fp32."""
+        return [self._shadows[p] for p in self._params()]
+
+    def _before_inner_step(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        copied = [p for p in params if self._shadows[p] is not p]
+        own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
+        masters = [self._shadows[p] for p in copied]
+        grads = [self._grad_buffer(m) for m in masters]
+        if grads:
+            torch._foreach_copy_(grads, [p.grad for p in copied if p.grad is not None])
+        self._unscale_in_place(grads + own, inv_scale)
+        for master, grad in zip(masters, grads, strict=True):
+            master.grad = grad
+
+    def _after_inner_step(self, params: list[torch.Tensor]) -> None:
+        copied = [p for p in params if self._shadows[p] is not p]
+        masters = [self._shadows[p] for p in copied]
+        if copied:
+            torch._foreach_copy_(copied, masters)  # fp32 -> 16 bits: round to nearest even
+        for master in masters:
+            master.grad = None  # the fp32 gradient is only visible inside step()
+
+    def _grad_buffer(self, master: torch.Tensor) -> torch.Tensor:
+        if not self.keep_grad_buffers:
+            return torch.empty_like(master)
+        if master not in self._grad_buffers:
+            self._grad_buffers[master] = torch.empty_like(master)
+        return self._grad_buffers[master]
+
+    def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
+        parts = super()._tensors_by_part()
+        parts["grads"] = parts["grads"] + list(self._grad_buffers.values())
+        return parts
+
+    # -- state dict ---------------------------------------------------------------------------
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"masters": [m.detach().clone() if m is not p else None for p, m in self._pairs()]}
+
+    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(p, self._shadows[p]) for p in self._params()]
+
+    def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        masters = state_dict.get("masters")
+        pairs = self._pairs()
+        if not isinstance(masters, list) or len(masters) != len(pairs):
+            raise ValueError(
+                f"state dict has no list of {len(pairs)} masters (got {type(masters).__name__}); "
+                "save it with MasterWeightOptimizer.state_dict()"
+            )
+        for index, (saved, (param, master)) in enumerate(zip(masters, pairs, strict=True)):
+            if (saved is None) != (master is param):
+                raise ValueError(
+                    f"parameter {index} is {param.dtype} here but was "
+                    f"{'float32' if saved is None else 'a 16-bit parameter'} when saved; cast "
+                    "the model by the same policy before loading"
+                )
+            if saved is not None and (
+                not isinstance(saved, torch.Tensor) or saved.dtype != torch.float32
+            ):
+                raise ValueError(
+                    f"master {index} in the state dict is not a float32 tensor: {saved!r}"
+                )
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        with torch.no_grad():
+            for saved, (param, master) in zip(state_dict["masters"], self._pairs(), strict=True):
+                if saved is not None:
+                    master.copy_(saved)
+                    param.copy_(master)
