@@ -13,12 +13,21 @@ Example:
     'params=fp32,compute=bf16,output=fp32'
 """
 
-from mixprec import formats, hardware
+from mixprec import formats, hardware, optim
 from mixprec.compute import autocast, fp32_islands, op_table
 from mixprec.formats import FORMATS, Format, resolve_format
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    MemoryReport,
+    StochasticRoundingOptimizer,
+    cast_module,
+    memory_report,
+)
 from mixprec.policy import PRESETS, ModuleRule, Policy
 from mixprec.quantize import quantize
 from mixprec.scaling import GradScaler, LossScaleAtMinimumError
+from mixprec.session import MixedPrecision, StepReport
 
 __version__ = "0.1.0"
 
@@ -27,15 +36,24 @@ __all__ = [
     "PRESETS",
     "Format",
     "GradScaler",
+    "KahanOptimizer",
     "LossScaleAtMinimumError",
+    "MasterWeightOptimizer",
+    "MemoryReport",
+    "MixedPrecision",
     "ModuleRule",
     "Policy",
+    "StepReport",
+    "StochasticRoundingOptimizer",
     "__version__",
     "autocast",
+    "cast_module",
     "formats",
     "fp32_islands",
     "hardware",
+    "memory_report",
     "op_table",
+    "optim",
     "quantize",
     "resolve_format",
 ]

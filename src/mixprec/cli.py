@@ -3,14 +3,19 @@
 Subcommands:
     formats   the number formats as a table (``--json`` for machines).
     doctor    what this device can do, the precision ``auto`` picks and why, the op table.
+    compare   train built-in tasks under several precisions side by side; writes a report.
+    train     train one task under one precision, with checkpoints and ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -110,6 +115,129 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_options(args: argparse.Namespace, task_name: str) -> Any:
+    from mixprec.tasks import TASKS, TaskConfig, make_task
+
+    defaults = TASKS[task_name].DEFAULT_CONFIG
+    config = TaskConfig(
+        steps=args.steps if args.steps is not None else defaults.steps,
+        batch_size=args.batch_size if args.batch_size is not None else defaults.batch_size,
+        lr=args.lr if args.lr is not None else defaults.lr,
+        weight_decay=defaults.weight_decay,
+        seed=args.seed,
+    )
+    options = {"data": args.data} if task_name == "charlm" and args.data is not None else {}
+    return make_task(task_name, config, **options)
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+
+
+def _output_folder(path: str) -> Path:
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {path!r} is a file; give a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _advance(progress: Any, bar: Any, done: int) -> None:
+    progress.update(bar, completed=done)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mixprec.report import comparison_rows, write_report
+    from mixprec.runner import Recipe, RunResult, train
+
+    recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
+    if not recipes:
+        raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
+    names = ["digits", "charlm"] if args.task == "all" else [args.task]
+    tasks = {name: _task_options(args, name) for name in names}
+    folder = _output_folder(args.out)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 120  # a log file has room for the whole table
+    groups: dict[str, Sequence[RunResult]] = {}
+    with _progress() as progress:
+        for name, task in tasks.items():
+            results = []
+            for recipe in recipes:
+                bar = progress.add_task(f"{name} {recipe.name}", total=task.config.steps)
+                results.append(
+                    train(
+                        task,
+                        recipe,
+                        folder / name / recipe.name.replace("/", "_"),
+                        device=args.device,
+                        backend=args.backend,
+                        on_step=functools.partial(_advance, progress, bar),
+                    )
+                )
+            groups[name] = results
+    for name, runs in groups.items():
+        headers, rows = comparison_rows(runs, compact=True)
+        table = Table(title=f"{name}", title_justify="left", box=None, pad_edge=False)
+        for header in headers:
+            left = header == "precision"
+            table.add_column(header, justify="left" if left else "right", no_wrap=left)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        backends = sorted({r.backend for r in runs})
+        console.print(f"  settings {runs[0].task}; backends: {', '.join(backends)}")
+    report = write_report(groups, folder, "mixprec " + " ".join(sys.argv[1:]))
+    console.print(f"report: {report}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mixprec.runner import Recipe, train
+
+    recipe = Recipe.parse(args.precision)
+    task = _task_options(args, args.task)
+    folder = _output_folder(args.out)
+    with _progress() as progress:
+        bar = progress.add_task(f"{args.task} {recipe.name}", total=task.config.steps)
+        result = train(
+            task,
+            recipe,
+            folder,
+            device=args.device,
+            backend=args.backend,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            on_step=lambda done: progress.update(bar, completed=done),
+        )
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    Console(highlight=False).print(
+        f"{args.task} {recipe.name}: train loss {result.final_train_loss:.4f}, {metrics}, "
+        f"{result.ms_per_step:.1f} ms/step, skipped {result.skipped_steps} -> {folder}"
+    )
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=None, help="training steps (task default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (task default)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (task default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="charlm: train on this UTF-8 text file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--backend", default="auto", choices=("auto", "native", "emulated"), help="autocast backend"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mixprec`` command."""
     parser = argparse.ArgumentParser(
@@ -127,6 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-measure", action="store_true", help="skip the GEMM timing")
     doctor.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(run=_doctor)
+
+    from mixprec.runner import DEFAULT_RECIPES
+
+    compare = sub.add_parser("compare", help="train under several precisions side by side")
+    compare.add_argument("--task", default="all", choices=("all", "digits", "charlm"))
+    compare.add_argument(
+        "--precisions",
+        default=",".join(DEFAULT_RECIPES),
+        help="comma-separated POLICY[/UPDATE] list (default: %(default)s)",
+    )
+    compare.add_argument("--out", default="runs/compare", help="output folder (%(default)s)")
+    _add_run_options(compare)
+    compare.set_defaults(run=_compare)
+
+    train = sub.add_parser("train", help="train one task under one precision")
+    train.add_argument("--task", required=True, choices=("digits", "charlm"))
+    train.add_argument("--precision", default="bf16-mixed", help="POLICY[/UPDATE] (%(default)s)")
+    train.add_argument("--out", required=True, help="the run folder")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--checkpoint-every", type=int, default=50, help="steps (%(default)s)")
+    _add_run_options(train)
+    train.set_defaults(run=_train)
     return parser
 
 

@@ -1,0 +1,189 @@
+"""The comparison report: a side-by-side table, PNG plots and ``report.md``.
+
+Every figure is relative to the fp32 run of the same task when there is one: loss difference in
+percent, accuracy difference in points, time and activation memory as ratios.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from mixprec.formats import BF16, FP16
+from mixprec.runner import RunResult
+
+__all__ = ["comparison_rows", "plot_runs", "write_report"]
+
+_COLUMNS = (
+    "precision",
+    "backend",
+    "train loss",
+    "val loss",
+    "Δ val loss",
+    "val acc",
+    "Δ acc (pts)",
+    "ms/step",
+    "× fp32 time",
+    "activations",
+    "× fp32 act.",
+    "state B/param",
+    "skipped",
+    "final scale",
+)
+
+
+def _reference(results: Sequence[RunResult]) -> RunResult | None:
+    return next((r for r in results if r.recipe == "fp32"), None)
+
+
+_COMPACT = {
+    "precision": "precision",
+    "val loss": "val loss",
+    "Δ val loss": "Δ loss",
+    "val acc": "acc",
+    "Δ acc (pts)": "Δ pts",
+    "ms/step": "ms/step",
+    "× fp32 time": "×time",
+    "× fp32 act.": "×act",
+    "state B/param": "B/param",
+    "skipped": "skip",
+    "final scale": "scale",
+}
+"""The columns a terminal shows (and their short headers); report.md has them all."""
+
+
+def comparison_rows(
+    results: Sequence[RunResult], compact: bool = False
+) -> tuple[tuple[str, ...], list[list[str]]]:
+    """The table as strings: the column headers and one row per run (``compact``: fewer)."""
+    ref = _reference(results)
+    rows = []
+    for r in results:
+        val_loss = r.metrics.get("val_loss", math.nan)
+        acc = r.metrics.get("val_accuracy")
+        row = [
+            r.recipe,
+            r.backend,
+            f"{r.final_train_loss:.4f}",
+            f"{val_loss:.4f}",
+            _relative(val_loss, ref.metrics.get("val_loss") if ref else None),
+            "-" if acc is None else f"{100 * acc:.1f}%",
+            "-"
+            if acc is None or ref is None
+            else f"{100 * (acc - ref.metrics['val_accuracy']):+.1f}",
+            f"{r.ms_per_step:.1f}",
+            _ratio(r.ms_per_step, ref.ms_per_step if ref else None),
+            f"{r.activation_bytes / 2**20:.2f} MiB",
+            _ratio(r.activation_bytes, ref.activation_bytes if ref else None),
+            f"{r.state_bytes_per_param:.1f}",
+            str(r.skipped_steps),
+            f"{r.final_scale:g}",
+        ]
+        rows.append(row)
+    if not compact:
+        return _COLUMNS, rows
+    keep = [i for i, c in enumerate(_COLUMNS) if c in _COMPACT]
+    headers = tuple(_COMPACT[_COLUMNS[i]] for i in keep)
+    return headers, [[row[i] for i in keep] for row in rows]
+
+
+def _relative(value: float, reference: float | None) -> str:
+    if reference is None or not math.isfinite(value) or reference == 0:
+        return "-"
+    return f"{100 * (value - reference) / reference:+.2f}%"
+
+
+def _ratio(value: float, reference: float | None) -> str:
+    if reference is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}"
+
+
+def plot_runs(results: Sequence[RunResult], folder: Path, prefix: str) -> list[Path]:
+    """Loss curves, loss scale over time and the gradient histogram, as PNGs in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        ax.plot(_smooth(r.losses), label=r.recipe, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="train loss (smoothed)", title=f"{prefix}: training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, folder / f"{prefix}_loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for r in results:
+        ax.plot(r.scales, label=r.recipe, linewidth=1.2)
+    ax.set(xlabel="step", ylabel="loss scale", title=f"{prefix}: loss scale", yscale="log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, folder / f"{prefix}_loss_scale.png"))
+
+    ref = _reference(results) or results[0]
+    if ref.grad_log2:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist(ref.grad_log2, bins=80, color="0.3")
+        fp16_sub, fp16_min, fp16_max = (
+            math.log2(v) for v in (FP16.min_subnormal, FP16.min_normal, FP16.max)
+        )
+        ax.axvspan(fp16_min, fp16_max, color="tab:orange", alpha=0.15, label="fp16 normal range")
+        ax.axvspan(fp16_sub, fp16_min, color="tab:red", alpha=0.15, label="fp16 subnormals")
+        ax.axvline(math.log2(BF16.min_normal), color="tab:blue", ls="--", label="bf16 min normal")
+        ax.set(
+            xlabel="log2 |gradient| (unscaled)",
+            ylabel="count",
+            title=f"{prefix}: gradients of the {ref.recipe} run vs 16-bit ranges",
+        )
+        lo = min(min(ref.grad_log2), fp16_sub) - 2
+        ax.set_xlim(max(lo, -140), max(max(ref.grad_log2), fp16_max) + 2)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, folder / f"{prefix}_grad_hist.png"))
+    plt.close("all")
+    return paths
+
+
+def _smooth(values: Sequence[float], window: int = 10) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _save(fig: object, path: Path) -> Path:
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=110)  # type: ignore[attr-defined]
+    return path
+
+
+def markdown_table(results: Sequence[RunResult]) -> str:
+    """The comparison table in Markdown."""
+    headers, rows = comparison_rows(results)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(groups: dict[str, Sequence[RunResult]], folder: Path, command: str) -> Path:
+    """Write ``report.md`` with one section (table and plots) per task; returns its path."""
+    parts = ["# mixprec compare", "", f"Command: `{command}`", ""]
+    for name, results in groups.items():
+        task = results[0].task
+        parts += [f"## {name}", "", f"Task settings: `{task}`", "", markdown_table(results), ""]
+        for path in plot_runs(results, folder, name):
+            parts += [f"![{path.stem}]({path.name})", ""]
+    parts += [
+        "Δ columns are relative to the fp32 run; time and activation memory are ratios to it.",
+        "Activations: bytes autograd saves for backward in one forward pass (parameters excluded).",
+        "State B/param: parameters, gradients, master copies and optimizer state per parameter.",
+    ]
+    report = folder / "report.md"
+    report.write_text("\n".join(parts) + "\n")
+    return report

@@ -1,0 +1,344 @@
+"""``MixedPrecision``: the one object a training loop needs, the same five lines for every policy.
+
+Design note: the session owns no math. ``prepare`` applies the policy with the lower layers —
+:func:`~mixprec.optim.cast_module` (params in the policy's format, FP32 islands kept fp32),
+:func:`~mixprec.compute.fp32_islands` (norms and losses computed in fp32), an optimizer wrapper
+chosen by where the update happens (fp32 master weights, stochastic rounding, Kahan, or plain
+round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows the formats
+(dynamic for fp16, none for bf16/fp32: the off mode has the same interface). ``step`` then runs
+unscale -> clip -> skip-or-step -> master write-back -> scale update and reports what happened.
+
+    mp = MixedPrecision("bf16-mixed")
+    model, optimizer = mp.prepare(model, optimizer)
+    for x, y in data:
+        with mp.autocast():
+            loss = loss_fn(model(x), y)
+        mp.backward(loss)
+        mp.step(optimizer, max_grad_norm=1.0)
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec.compute import DEFAULT_ISLAND_RULES, autocast, fp32_islands
+from mixprec.formats import FP16, FP32
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    StochasticRoundingOptimizer,
+    cast_module,
+)
+from mixprec.policy import Policy
+from mixprec.scaling import GradScaler
+
+__all__ = ["MixedPrecision", "StepReport", "UpdateMode"]
+
+UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
+_UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one :meth:`MixedPrecision.step` did.
+
+    Attributes:
+        step: the number of optimizer steps the session has seen, this one included.
+        stepped: False if the step was skipped because gradients were not finite.
+        scale: the loss scale the gradients were computed with (1.0 without scaling).
+        grad_norm: the unscaled global gradient norm when clipping was asked for, else None.
+    """
+
+    step: int
+    stepped: bool
+    scale: float
+    grad_norm: float | None = None
+
+
+class MixedPrecision:
+    """Apply a precision policy to a model, its optimizers and its training loop.
+
+    Args:
+        policy: ``"auto"`` (chosen from the device's hardware, see :attr:`reason`), a preset
+            (``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-pure"``), a policy string,
+            or a :class:`~mixprec.Policy`.
+        device: where the model trains (default: cuda if available, else cpu).
+        backend: autocast backend, ``"auto"``, ``"native"`` or ``"emulated"``.
+        update: where 16-bit parameters are updated: ``"master"`` (fp32 master weights),
+            ``"stochastic"`` (stochastic rounding, no master), ``"kahan"`` (16-bit compensation
+            buffers), ``"nearest"`` (round to nearest: the plain 16-bit update, which stalls when
+            updates fall below half an ulp) or ``"auto"`` (master when the policy's master format
+            differs from its param format, else stochastic).
+        seed: seed of the stochastic-rounding generators.
+        scaler_options: extra :class:`~mixprec.scaling.GradScaler` arguments for fp16 runs
+            (``init_scale``, ``growth_interval``, ``hysteresis``, ``min_scale`` ...).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> mp = MixedPrecision("bf16-pure", device="cpu", backend="emulated")
+        >>> model, optimizer = mp.prepare(model, optimizer)
+        >>> with mp.autocast():
+        ...     loss = model(torch.randn(4, 8)).float().pow(2).mean()
+        >>> mp.backward(loss)
+        >>> mp.step(optimizer).stepped
+        True
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy = "auto",
+        device: str | torch.device | None = None,
+        *,
+        backend: str = "auto",
+        update: UpdateMode = "auto",
+        seed: int = 0,
+        scaler_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.device = torch.device(device if device is not None else _default_device())
+        if update not in _UPDATE_MODES:
+            raise ValueError(
+                f"unknown update mode {update!r}; valid modes: "
+                f"{', '.join(map(repr, _UPDATE_MODES))}"
+            )
+        if isinstance(policy, str) and policy.strip().lower() == "auto":
+            choice = Policy.auto(self.device)
+            self.policy, self.reason = choice.policy, choice.reason
+            backend = choice.backend if backend == "auto" else backend
+        else:
+            self.policy = Policy.parse(policy)
+            self.reason = "chosen by the user"
+        self.update = update
+        self.seed = seed
+        compute = self.policy.compute
+        self._low_compute = compute.bits <= 16
+        region = autocast(
+            self.device.type,
+            dtype=compute.dtype if self._low_compute else None,
+            enabled=self._low_compute,
+            backend=backend,  # type: ignore[arg-type]
+        )
+        self.backend = region.backend
+        needs_scaling = FP16 in (compute, self.policy.param)
+        options = dict(scaler_options or {})
+        if needs_scaling:
+            self.scaler = GradScaler(self.device.type, **options)
+        else:
+            if options:
+                raise ValueError(
+                    f"scaler_options {options!r} were given, but policy {str(self.policy)!r} has "
+                    "no fp16 and uses no loss scaling"
+                )
+            self.scaler = GradScaler(self.device.type, strategy="none")
+        self._steps = 0
+        self._islands: Any = None
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+        """Apply the policy: move and cast ``model``, add FP32 islands, wrap ``optimizers``.
+
+        Build the optimizers on ``model.parameters()`` before calling this; the parameters are
+        cast in place, so the optimizers keep pointing at them.
+
+        Returns:
+            ``model`` alone, or ``(model, *wrapped_optimizers)``.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module`` or an optimizer is not one.
+            RuntimeError: ``prepare`` was already called on this session.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"prepare needs an nn.Module, got {type(model).__name__} {model!r}")
+        for opt in optimizers:
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(
+                    f"prepare takes torch.optim optimizers, got {type(opt).__name__} {opt!r}"
+                )
+        if self._islands is not None:
+            raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
+        model.to(self.device)
+        cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
+        self._islands = fp32_islands(model, self.policy)
+        wrapped = tuple(self._wrap(opt) for opt in optimizers)
+        return (model, *wrapped) if wrapped else model
+
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if all(p.dtype == torch.float32 for p in params):
+            return optimizer
+        mode = self.update
+        if mode == "auto":
+            mode = "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
+        if mode == "master":
+            return MasterWeightOptimizer(optimizer)
+        if mode == "stochastic":
+            return StochasticRoundingOptimizer(optimizer, seed=self.seed)
+        if mode == "kahan":
+            return KahanOptimizer(optimizer)
+        return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
+
+    def autocast(self) -> autocast:
+        """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
+        compute = self.policy.compute
+        return autocast(
+            self.device.type,
+            dtype=compute.dtype if self._low_compute else None,
+            enabled=self._low_compute,
+            backend=self.backend,  # type: ignore[arg-type]
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` on the scaled loss (the plain loss when no scaling is used)."""
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
+        self.scaler.scale(loss).backward()
+
+    def step(
+        self, *optimizers: torch.optim.Optimizer, max_grad_norm: float | None = None
+    ) -> StepReport:
+        """Unscale, clip, step (or skip on inf/NaN), update the scale; report what happened.
+
+        Args:
+            optimizers: the (wrapped) optimizers to step; at least one.
+            max_grad_norm: clip each optimizer's gradients to this global norm (unscaled).
+
+        Raises:
+            ValueError: no optimizer, or a bad ``max_grad_norm``.
+        """
+        if not optimizers:
+            raise ValueError("step needs at least one optimizer, e.g. mp.step(optimizer)")
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
+        ):
+            raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        norms = []
+        for optimizer in optimizers:
+            if max_grad_norm is not None:
+                norms.append(self.scaler.clip_grad_norm_(optimizer, max_grad_norm))
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self._steps += 1
+        grad_norm = None
+        if norms:
+            grad_norm = math.sqrt(sum(float(n) ** 2 for n in norms))
+        return StepReport(self._steps, not self.scaler.step_skipped(), float(scale), grad_norm)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything precision-related that a resumed run needs, besides model and optimizers."""
+        return {
+            "version": _STATE_VERSION,
+            "policy": str(self.policy),
+            "update": self.update,
+            "steps": self._steps,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state comes from another policy or update mode, or is not a session
+                state at all.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"not a MixedPrecision state (version {_STATE_VERSION} expected), got keys "
+                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+            )
+        if Policy.parse(state["policy"]) != self.policy or state["update"] != self.update:
+            raise ValueError(
+                f"the state was saved with policy {state['policy']!r} and update "
+                f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
+            )
+        self.scaler.load_state_dict(state["scaler"])
+        self._steps = int(state["steps"])
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        **extra: Any,
+    ) -> None:
+        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically."""
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "mixed_precision": self.state_dict(),
+                "rng": torch.get_rng_state(),
+                "extra": extra,
+            },
+        )
+
+    def load(
+        self, path: str | os.PathLike[str], model: nn.Module, *optimizers: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
+
+        Everything is checked before anything is loaded, so a checkpoint of another model
+        shape, policy or optimizer count changes nothing.
+
+        Raises:
+            CheckpointError: the file is unreadable, or does not match this model, policy or
+                optimizers.
+        """
+        record = load_checkpoint(path)
+        _check_model_state(model, record.get("model"), path)
+        saved_optimizers = record.get("optimizers", [])
+        if len(saved_optimizers) != len(optimizers):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} holds {len(saved_optimizers)} optimizer states; "
+                f"{len(optimizers)} optimizers were given"
+            )
+        try:
+            self.load_state_dict(record["mixed_precision"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
+        model.load_state_dict(record["model"])
+        for opt, state in zip(optimizers, saved_optimizers, strict=True):
+            opt.load_state_dict(state)
+        torch.set_rng_state(record["rng"])
+        return dict(record.get("extra", {}))
+
+
+def _check_model_state(model: nn.Module, state: Any, path: str | os.PathLike[str]) -> None:
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds no model state")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is of another model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}"
+        )
+    for name, tensor in expected.items():
+        saved = state[name]
+        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is of another model shape or precision: {name!r} is "
+                f"{tuple(saved.shape)} {saved.dtype} there and {tuple(tensor.shape)} "
+                f"{tensor.dtype} here"
+            )
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,252 @@
+"""MixedPrecision: one loop for every policy, checked against an fp32 twin and torch's scaler."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec import GradScaler, fp32_islands
+from mixprec.checkpoint import CheckpointError
+from mixprec.session import MixedPrecision
+
+RECIPES = [
+    ("fp32", "auto"),
+    ("bf16-mixed", "auto"),
+    ("fp16-mixed", "auto"),
+    ("bf16-pure", "stochastic"),
+    ("bf16-pure", "kahan"),
+    ("bf16-pure", "nearest"),
+    ("p=bf16,master=fp32", "auto"),
+]
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4))
+
+
+def batches(n, seed=1):
+    """A learnable problem: labels from a fixed random linear teacher."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(16, 4, generator=g)
+    xs = [torch.randn(8, 16, generator=g) for _ in range(n)]
+    return [(x, (x @ teacher).argmax(-1)) for x in xs]
+
+
+def run(policy, update, steps=30, model=None, **step_kwargs):
+    """The user's loop, unchanged for every policy."""
+    model = model or make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
+    model, optimizer = mp.prepare(model, optimizer)
+    losses, reports = [], []
+    for x, y in batches(steps):
+        with mp.autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        mp.backward(loss)
+        reports.append(mp.step(optimizer, **step_kwargs))
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return model, optimizer, mp, losses, reports
+
+
+@pytest.mark.parametrize(("policy", "update"), RECIPES)
+def test_every_policy_trains_through_the_same_loop(policy, update):
+    _, _, _, losses, reports = run(policy, update)
+    _, _, _, fp32_losses, _ = run("fp32", "auto")
+    assert all(r.stepped for r in reports)
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    # Close to the fp32 twin fed the same data: 16-bit rounding, not a different training run.
+    assert abs(sum(losses[-5:]) - sum(fp32_losses[-5:])) < 0.1 * sum(fp32_losses[-5:])
+
+
+def test_the_policy_decides_casts_islands_wrappers_and_scaling():
+    model, optimizer, mp, _, _ = run("bf16-pure", "auto", steps=1)
+    assert model[0].weight.dtype == torch.bfloat16
+    assert model[2].weight.dtype == torch.float32  # LayerNorm: an fp32 island
+    assert type(optimizer).__name__ == "StochasticRoundingOptimizer"
+    assert not mp.scaler.is_enabled() or mp.scaler.strategy == "none"
+    _, optimizer, mp, _, reports = run("fp16-mixed", "auto", steps=1)
+    assert isinstance(optimizer, torch.optim.AdamW)  # fp32 params: no wrapper needed
+    assert mp.scaler.strategy == "dynamic" and reports[0].scale == 2.0**16
+    _, optimizer, _, _, _ = run("p=bf16,master=fp32", "auto", steps=1)
+    assert type(optimizer).__name__ == "MasterWeightOptimizer"
+
+
+def test_fp16_scaling_matches_torch_amp_grad_scaler():
+    model = make_model()
+    twin = copy.deepcopy(model)
+    fp32_islands(twin)  # the same LayerNorm island the session adds
+    opt_twin = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    torch_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=3)
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated",
+                        scaler_options={"init_scale": 2.0**20, "growth_interval": 3})  # fmt: skip
+    model, optimizer = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for i, (x, y) in enumerate(batches(8)):
+        for net, region in ((model, mp.autocast()), (twin, mp.autocast())):
+            with region:
+                loss = F.cross_entropy(net(x).float(), y) * (1e4 if i == 2 else 1.0)
+            if net is model:
+                mp.backward(loss)
+                report = mp.step(optimizer)
+                optimizer.zero_grad()
+            else:
+                torch_scaler.scale(loss).backward()
+                torch_scaler.step(opt_twin)
+                torch_scaler.update()
+                opt_twin.zero_grad()
+        assert report.stepped == (torch_scaler.get_scale() >= report.scale)
+        assert mp.scaler.get_scale() == torch_scaler.get_scale()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_clipping_reports_the_unscaled_norm():
+    model = make_model()
+    twin = copy.deepcopy(model)
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y)
+    mp.backward(loss)
+    report = mp.step(optimizer, max_grad_norm=0.01)
+    with mp.autocast():
+        F.cross_entropy(twin(x).float(), y).backward()
+    want = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.01)
+    assert report.grad_norm == pytest.approx(want.item(), rel=1e-3)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    (x1, y1), (x2, y2) = batches(2)
+    results = []
+    for chunks in (((x1, y1), (x2, y2)), ((torch.cat([x1, x2]), torch.cat([y1, y2])),)):
+        model = make_model()
+        mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+        model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        for x, y in chunks:
+            with mp.autocast():
+                loss = F.cross_entropy(model(x).float(), y, reduction="sum") / 16
+            mp.backward(loss)
+        mp.step(optimizer)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=2e-3)
+
+
+def test_two_optimizers_and_a_skip_in_one_of_them():
+    model = make_model()
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = torch.optim.SGD(model[3].parameters(), lr=0.1)
+    model, first, second = mp.prepare(model, first, second)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y)
+    mp.backward(loss)
+    model[3].weight.grad[0, 0] = float("inf")
+    report = mp.step(first, second)
+    assert not report.stepped and mp.scaler.get_scale() == 2.0**15
+    assert not mp.scaler.step_skipped(first) and mp.scaler.step_skipped(second)
+    assert not torch.equal(model[0].weight, before[0])  # the first optimizer stepped
+    assert torch.equal(model[3].weight, before[-2])  # the second skipped
+
+
+def test_save_and_load_resume_bit_for_bit(tmp_path):
+    def loop(mp, model, optimizer, data):
+        for x, y in data:
+            with mp.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            mp.backward(loss)
+            mp.step(optimizer)
+            optimizer.zero_grad()
+
+    data = batches(12)
+    for policy, update in (
+        ("bf16-pure", "stochastic"),
+        ("fp16-mixed", "auto"),
+        ("bf16-pure", "kahan"),
+    ):
+        straight = make_model()
+        mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
+        straight, opt = mp.prepare(straight, torch.optim.AdamW(straight.parameters(), lr=1e-2))
+        loop(mp, straight, opt, data)
+
+        model = make_model()
+        mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
+        model, opt = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        loop(mp, model, opt, data[:5])
+        mp.save(tmp_path / "ckpt.pt", model, opt, step=5)
+        fresh = make_model(seed=99)
+        mp2 = MixedPrecision(policy, "cpu", backend="emulated", update=update)
+        fresh, opt2 = mp2.prepare(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-2))
+        assert mp2.load(tmp_path / "ckpt.pt", fresh, opt2) == {"step": 5}
+        loop(mp2, fresh, opt2, data[5:])
+        for a, b in zip(straight.parameters(), fresh.parameters(), strict=True):
+            assert torch.equal(a, b), (policy, update)
+
+
+def test_loading_another_model_changes_nothing(tmp_path):
+    model = make_model()
+    mp = MixedPrecision("bf16-mixed", "cpu", backend="emulated")
+    model, opt = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    mp.save(tmp_path / "ckpt.pt", model, opt)
+    other = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 5))
+    before = copy.deepcopy(other.state_dict())
+    mp_other = MixedPrecision("bf16-mixed", "cpu", backend="emulated")
+    other, opt_other = mp_other.prepare(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(CheckpointError, match=r"another model shape or precision: '3.weight'"):
+        mp_other.load(tmp_path / "ckpt.pt", other, opt_other)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, before[k])
+    mp_fp16 = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+    with pytest.raises(CheckpointError, match=r"saved with policy 'params=fp32,compute=bf16"):
+        mp_fp16.load(tmp_path / "ckpt.pt", make_model(), torch.optim.SGD(make_model().parameters()))
+
+
+def test_auto_policy_states_its_reason():
+    mp = MixedPrecision("auto", "cpu")
+    assert mp.reason and mp.backend in ("native", "emulated")
+
+
+def test_scaler_is_a_mixprec_grad_scaler_everywhere():
+    for policy in ("fp32", "bf16-mixed", "fp16-mixed"):
+        assert isinstance(MixedPrecision(policy, "cpu").scaler, GradScaler)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda: MixedPrecision("bf16-mixed", update="sr"),
+            ValueError,
+            r"unknown update mode 'sr'; valid",
+        ),
+        (lambda: MixedPrecision("bf17"), ValueError, r"unknown precision 'bf17'"),
+        (
+            lambda: MixedPrecision("bf16-mixed", scaler_options={"init_scale": 8.0}),
+            ValueError,
+            r"uses no loss scaling",
+        ),
+        (lambda: MixedPrecision("fp32").prepare("model"), TypeError, r"prepare needs an nn.Module"),
+        (lambda: MixedPrecision("fp32").step(), ValueError, r"step needs at least one optimizer"),
+        (
+            lambda: MixedPrecision("fp32").backward(1.0),
+            TypeError,
+            r"backward needs the loss tensor",
+        ),
+    ],
+)
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_prepare_twice_is_an_error():
+    mp = MixedPrecision("fp32", "cpu")
+    mp.prepare(make_model())
+    with pytest.raises(RuntimeError, match=r"already prepared"):
+        mp.prepare(make_model())
