@@ -1,0 +1,105 @@
+"""Argument checks shared by the diagnostics: one wording for each kind of bad input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+THRESHOLD_RANGE = (0.0, 150.0)
+"""Valid SNR thresholds in dB, ``(low, high]``; fp32 rounding alone is about 150 dB."""
+
+
+def check_model(model: object, who: str) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module`` with at least one parameter."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who} needs an nn.Module, got {type(model).__name__} {model!r}")
+    if next(model.parameters(), None) is None:
+        raise ValueError(
+            f"{who} needs a model with parameters, got {type(model).__name__} with none: "
+            f"{model!r}; pass the model that holds the weights you train"
+        )
+    return model
+
+
+def check_threshold(threshold_db: object) -> float:
+    """Return ``threshold_db`` as a float if it is a number in ``THRESHOLD_RANGE``."""
+    low, high = THRESHOLD_RANGE
+    if isinstance(threshold_db, bool) or not isinstance(threshold_db, (int, float)):
+        raise TypeError(
+            f"threshold_db must be a number of dB, got {type(threshold_db).__name__} "
+            f"{threshold_db!r}; valid range ({low:g}, {high:g}]"
+        )
+    if not (low < threshold_db <= high):
+        raise ValueError(
+            f"threshold_db={threshold_db!r} is out of range; valid range ({low:g}, {high:g}] dB "
+            "(bf16 keeps ~50 dB per rounding, fp16 ~65 dB; 20 dB is a useful default)"
+        )
+    return float(threshold_db)
+
+
+def check_scale(scale: object, name: str = "scale") -> float:
+    """Return ``scale`` as a float if it is a positive finite number."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(
+            f"{name} must be a positive number, got {type(scale).__name__} {scale!r}; "
+            "valid range (0, inf), e.g. 65536.0"
+        )
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{name}={scale!r} is out of range; valid range (0, inf), e.g. 65536.0")
+    return float(scale)
+
+
+def check_loss_fn(loss_fn: object) -> Callable[..., torch.Tensor]:
+    """Return ``loss_fn`` if it is callable."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as loss_fn(output, target), got "
+            f"{type(loss_fn).__name__} {loss_fn!r}"
+        )
+    return loss_fn
+
+
+def split_batch(batch: object) -> tuple[Any, Any]:
+    """Split a batch into ``(inputs, target)``; see :func:`run_batch`."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"batch must be a pair (inputs, target), got {type(batch).__name__} "
+            f"{_short(batch)}; inputs is a tensor, a tuple of positional arguments or a dict of "
+            "keyword arguments; target is passed to loss_fn (None: loss_fn(output))"
+        )
+    return batch[0], batch[1]
+
+
+def run_batch(model: nn.Module, batch: object, loss_fn: Callable[..., Any]) -> torch.Tensor:
+    """Forward ``batch`` through ``model`` and return the scalar loss.
+
+    ``batch`` is ``(inputs, target)``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a
+    tuple or list, ``model(**inputs)`` for a dict; then ``loss_fn(output, target)``, or
+    ``loss_fn(output)`` when the target is None. The model's own errors (a batch of the wrong
+    shape) propagate unchanged.
+    """
+    inputs, target = split_batch(batch)
+    if isinstance(inputs, Mapping):
+        output = model(**inputs)
+    elif isinstance(inputs, (tuple, list)):
+        output = model(*inputs)
+    else:
+        output = model(inputs)
+    loss = loss_fn(output) if target is None else loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got {shape!r}; reduce it, e.g. with .mean()"
+        )
+    return loss
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

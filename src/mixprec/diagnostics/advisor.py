@@ -1,0 +1,262 @@
+"""The precision advisor: a policy string for this model on this hardware, and the reasons.
+
+Design note: the advice is built from evidence, in the order a careful engineer would gather it,
+and every step leaves a reason in words:
+
+1. *Hardware.* :func:`mixprec.hardware.recommend` picks the 16-bit format the device computes fast
+   (bf16 where it has bf16 units or none at all, fp16 where it has only fp16 units).
+2. *Activation ranges.* One fp32 forward and backward of the batch records every module's largest
+   input and output. A module whose values exceed fp16's max (65504) cannot run in fp16 (the
+   classic T5 feed-forward case): with bf16 that needs nothing, with fp16 the innermost such
+   modules become fp32 islands; if the model's own code (no submodule) exceeds it, fp16 is out.
+3. *Underflow.* The fp32 parameter gradients are stored, on paper, in the chosen format at its
+   starting loss scale (2**16 for fp16, capped at the largest scale at which nothing overflows;
+   1 for bf16), counting what flushes to zero.
+4. *Per-layer comparison.* The candidate policy runs the same batch against the fp32 run
+   (:func:`~mixprec.diagnostics.layerwise.compare_layers`); modules where the error starts below
+   the threshold become fp32 islands, and the comparison repeats (at most ``max_rounds`` times)
+   until it proposes nothing new, so the advised policy is the one that was checked.
+
+Cost: one fp32 pass plus one pass per round, on deep copies of the model, for one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.compute import Backend
+from mixprec.diagnostics._checks import check_loss_fn, check_model, check_threshold
+from mixprec.diagnostics.layerwise import LayerComparison, capture, compare_layers, innermost
+from mixprec.diagnostics.underflow import UnderflowReport, underflow_report
+from mixprec.formats import BF16, FP16
+from mixprec.hardware import AutoChoice, HardwareReport, probe, recommend
+from mixprec.policy import PRESETS, Policy
+
+__all__ = ["Advice", "advise"]
+
+_FP16_START_SCALE = 2.0**16  # torch.amp.GradScaler's default init_scale
+
+
+@dataclass(frozen=True)
+class Advice:
+    """What :func:`advise` recommends, and why.
+
+    Attributes:
+        policy: the recommended policy string (``Policy.parse`` accepts it as is).
+        reasons: the evidence behind it, one sentence each.
+        backend: the autocast backend for the device (``"native"`` or ``"emulated"``).
+        init_scale: the loss scale to start from (None: no loss scaling, bf16 or fp32).
+        fp16_ruled_out: modules whose fp32 activations exceed fp16's max ("" is the model's own
+            code).
+        activation_absmax: the largest fp32 input or output magnitude per module.
+        underflow: the fp32 gradients stored in the advised format at ``init_scale`` (or 1).
+        comparison: the advised policy compared against fp32, layer by layer.
+        hardware: what the hardware probe alone recommended.
+    """
+
+    policy: str
+    reasons: tuple[str, ...]
+    backend: str
+    init_scale: float | None
+    fp16_ruled_out: tuple[str, ...]
+    activation_absmax: Mapping[str, float]
+    underflow: UnderflowReport
+    comparison: LayerComparison
+    hardware: AutoChoice
+
+    def __str__(self) -> str:
+        lines = [f"recommended policy: {self.policy} (backend {self.backend})"]
+        if self.init_scale is not None:
+            lines.append(f"start the loss scale at {self.init_scale:g}")
+        lines.extend(f"- {reason}" for reason in self.reasons)
+        return "\n".join(lines)
+
+
+def _preset_name(policy: Policy) -> str:
+    for name, preset in PRESETS.items():
+        if preset == policy:
+            return name
+    return str(policy)
+
+
+def _policy_string(base: str, rules: list[str]) -> str:
+    return "; ".join([base, *rules])
+
+
+def advise(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[..., torch.Tensor],
+    device: str | torch.device = "cpu",
+    *,
+    threshold_db: float = 20.0,
+    hardware: HardwareReport | None = None,
+    backend: Backend = "auto",
+    max_rounds: int = 3,
+) -> Advice:
+    """Recommend a precision policy for ``model`` on ``device``, with the reasons.
+
+    Args:
+        model: the model, on the device where the check should run; it is deep-copied, its
+            weights and gradients are left alone.
+        batch: one representative batch ``(inputs, target)``; see
+            :func:`~mixprec.diagnostics.layerwise.compare_layers`.
+        loss_fn: ``loss_fn(output, target)`` returning a scalar.
+        device: the device to train on, probed for its 16-bit units.
+        threshold_db: per-layer SNR below which a module becomes an fp32 island, in (0, 150].
+        hardware: a hardware report to use instead of probing ``device`` (e.g. to ask what a GPU
+            without bf16 would need, from a laptop).
+        backend: the autocast backend for the per-layer comparison here (``"auto"`` emulates
+            16-bit GEMMs where this machine has no units for them).
+        max_rounds: how many times islands are added and the comparison re-run.
+
+    Returns:
+        An :class:`Advice`; ``advice.policy`` goes straight into ``Policy.parse``.
+
+    Raises:
+        TypeError: bad argument types; a batch that is not a pair.
+        ValueError: a model without parameters; a threshold out of range; a non-scalar loss.
+        Exception: the model's own error for a batch it cannot take, unchanged.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> batch = (torch.randn(4, 8), torch.tensor([0, 1, 0, 1]))
+        >>> advice = advise(model, batch, nn.functional.cross_entropy, "cpu")
+        >>> Policy.parse(advice.policy) == Policy.parse("bf16-mixed")
+        True
+    """
+    check_model(model, "advise")
+    check_loss_fn(loss_fn)
+    threshold = check_threshold(threshold_db)
+    if hardware is not None and not isinstance(hardware, HardwareReport):
+        raise TypeError(
+            f"hardware must be a mixprec.hardware.HardwareReport, got "
+            f"{type(hardware).__name__} {hardware!r}; or leave it None to probe {device!r}"
+        )
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    choice = recommend(hardware if hardware is not None else probe(device))
+    reasons = [f"hardware: {choice.reason}"]
+
+    reference = capture(model, batch, loss_fn, "fp32")
+    absmax = {name: max(reference.absmax(name)) for name in reference.classes}
+    over = innermost([name for name, value in absmax.items() if value > FP16.max])
+    if not over and absmax.get("", 0.0) > FP16.max:
+        over = [""]  # the model's own code (no submodule) exceeds the range
+    ruled_out = ", ".join(f"{n or '<model>'} ({absmax[n]:.3g})" for n in over)
+
+    rules: list[str] = []
+    init_scale: float | None = None
+    compute = choice.policy.compute
+    if compute == BF16 or (compute == FP16 and "" in over):
+        base = "bf16-mixed" if compute == BF16 else "fp32"
+        if compute == FP16:
+            reasons.append(
+                f"fp16 is ruled out: the model's own code reaches {absmax['']:.3g} > fp16 max "
+                f"{FP16.max:g}, which no module island can contain; this device has no fast "
+                "bf16, so fp32 it is"
+            )
+        elif over:
+            reasons.append(
+                f"fp16 is ruled out for {ruled_out}: fp32 activations above fp16 max "
+                f"{FP16.max:g}; bf16 reaches {BF16.max:.3g}, so bf16-mixed needs no island there"
+            )
+        else:
+            reasons.append(
+                f"activations stay within fp16's range (abs-max {max(absmax.values()):.3g}); "
+                "bf16 keeps fp32's range and needs no loss scaling"
+            )
+        fmt = "bf16" if compute == BF16 else "fp32"
+        underflow = underflow_report(reference.param_grads, 1.0, fmt)
+        as_fp16 = underflow_report(reference.param_grads, _FP16_START_SCALE, "fp16")
+        reasons.append(
+            f"underflow: {fmt} at scale 1 flushes {underflow.total.flushed_fraction:.2%} of the "
+            f"non-zero gradient elements (fp16 at {_FP16_START_SCALE:g} would flush "
+            f"{as_fp16.total.flushed_fraction:.2%} and overflow "
+            f"{as_fp16.total.overflow_fraction:.2%})"
+        )
+    else:
+        base = _preset_name(choice.policy)
+        for name in over:
+            rules.append(f"{name} -> fp32")
+            reasons.append(
+                f"{name}: fp32 activations reach {absmax[name]:.3g} > fp16 max {FP16.max:g}: "
+                "fp32 island"
+            )
+        fmt = compute.name
+        probe_report = underflow_report(reference.param_grads, _FP16_START_SCALE, fmt)
+        init_scale = min(_FP16_START_SCALE, probe_report.largest_safe_scale)
+        underflow = underflow_report(reference.param_grads, init_scale, fmt)
+        reasons.append(
+            f"loss scale: start at {init_scale:g} (largest scale at which no gradient overflows "
+            f"{fmt}: {underflow.largest_safe_scale:g}); there {underflow}"
+        )
+        if underflow.total.flushed_fraction > 0.01:
+            reasons.append(
+                f"{underflow.total.flushed_fraction:.1%} of gradient elements flush even at the "
+                "largest safe scale: bf16 would keep them, where the hardware has it"
+            )
+
+    for round_ in range(max_rounds + 1):
+        policy = Policy.parse(_policy_string(base, rules))
+        comparison = compare_layers(
+            model,
+            batch,
+            loss_fn,
+            policy,
+            threshold_db=threshold,
+            loss_scale=init_scale if init_scale is not None else 1.0,
+            backend=backend,
+            reference=reference,
+        )
+        new = [rule for rule in comparison.proposed_rules if rule not in rules]
+        if not new:
+            break
+        if round_ == max_rounds:
+            reasons.append(
+                f"after {max_rounds} rounds these modules still fall below {threshold:g} dB: "
+                f"{', '.join(r.split(' ->')[0] for r in new)}"
+            )
+            break
+        by_name = {layer.name: layer for layer in comparison.layers}
+        for rule in new:
+            layer = by_name[rule.split(" ->")[0]]
+            worst = min(
+                v
+                for v in (layer.output_snr_db, layer.grad_input_snr_db, threshold)
+                if v is not None
+            )
+            reasons.append(
+                f"{layer.name}: SNR {worst:.1f} dB < {threshold:g} dB against fp32 under "
+                f"{policy}: fp32 island"
+            )
+        rules.extend(new)
+
+    scored = [
+        v
+        for layer in comparison.layers
+        for v in (layer.output_snr_db, layer.grad_input_snr_db)
+        if v is not None
+    ]
+    if scored:
+        reasons.append(
+            f"per-layer check of the advised policy against fp32: worst SNR {min(scored):.1f} dB "
+            f"(threshold {threshold:g} dB), loss {comparison.policy_loss:.4g} vs "
+            f"{comparison.reference_loss:.4g}"
+        )
+    return Advice(
+        policy=_policy_string(base, rules),
+        reasons=tuple(reasons),
+        backend=choice.backend,
+        init_scale=init_scale,
+        fp16_ruled_out=tuple(over),
+        activation_absmax=absmax,
+        underflow=underflow,
+        comparison=comparison,
+        hardware=choice,
+    )
