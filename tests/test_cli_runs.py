@@ -165,3 +165,12 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tmp_path):
         assert torch.equal(final["model"][name], tensor), name
     log = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(120))
+
+
+def test_advise_recommends_a_policy_the_session_accepts(capsys):
+    from mixprec import MixedPrecision
+
+    assert main(["advise", "--task", "digits", "--json", "--steps", "1"]) == 0
+    advice = json.loads(capsys.readouterr().out)
+    assert advice["reasons"]
+    MixedPrecision(advice["policy"], "cpu")  # accepted as is

@@ -250,3 +250,68 @@ def test_prepare_twice_is_an_error():
     mp.prepare(make_model())
     with pytest.raises(RuntimeError, match=r"already prepared"):
         mp.prepare(make_model())
+
+
+class Exploding(nn.Module):
+    """Multiplies by a huge factor: its fp16 output overflows."""
+
+    def forward(self, x):
+        return x * 1e6
+
+
+def test_skipped_step_names_parameters_and_the_traced_origin(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), Exploding(), nn.Linear(32, 4))
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated", trace=True, metrics=tmp_path)
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y)
+    mp.backward(loss)
+    report = mp.step(optimizer)
+    mp.close()
+    assert not report.stepped
+    assert set(report.nonfinite_params) >= {"2.weight"}
+    assert report.origin is not None and "1" in report.origin and "forward" in report.origin
+    from mixprec.diagnostics import read_metrics
+
+    (line,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert line["step"] == 0 and line["skipped"] is True and line["loss_scale"] == 2.0**16
+    assert "2.weight" in line["nonfinite_params"]
+
+
+def test_underflow_tracking_matches_a_direct_count():
+    model = make_model()
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated", track_underflow=True)
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y) * 1e-6  # tiny gradients
+    mp.backward(loss)
+    grads = torch.cat([p.grad.flatten().float() / 2.0**16 for p in model.parameters()])
+    report = mp.step(optimizer)
+    # Direct count: non-zero unscaled gradients that fp16 flushes to zero at the scale used.
+    nonzero = grads != 0
+    flushed = ((grads * 2.0**16).half() == 0) & nonzero
+    assert report.underflow is not None
+    assert report.underflow.total.flushed == int(flushed.sum())
+
+
+def test_metrics_of_a_short_run(tmp_path):
+    mp = MixedPrecision("bf16-mixed", "cpu", backend="emulated", metrics=tmp_path)
+    model = make_model()
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with mp:
+        for x, y in batches(3):
+            with mp.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            mp.backward(loss)
+            report = mp.step(optimizer, max_grad_norm=5.0)
+            optimizer.zero_grad()
+    from mixprec.diagnostics import read_metrics
+
+    lines = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    assert all(r["loss_scale"] == 1.0 and r["skipped"] is False for r in lines)
+    assert all(r["grad_norm"] > 0 and r["seconds"] > 0 and r["loss"] > 0 for r in lines)
+    assert lines[-1]["loss"] == report.loss and lines[-1]["grad_norm"] == report.grad_norm

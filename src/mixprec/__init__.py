@@ -15,6 +15,15 @@ Example:
 
 from mixprec import formats, hardware, optim
 from mixprec.compute import autocast, fp32_islands, op_table
+from mixprec.diagnostics import (
+    Advice,
+    MetricsWriter,
+    NonFiniteTracer,
+    UnderflowReport,
+    advise,
+    compare_layers,
+    underflow_report,
+)
 from mixprec.formats import FORMATS, Format, resolve_format
 from mixprec.optim import (
     KahanOptimizer,
@@ -34,20 +43,26 @@ __version__ = "0.1.0"
 __all__ = [
     "FORMATS",
     "PRESETS",
+    "Advice",
     "Format",
     "GradScaler",
     "KahanOptimizer",
     "LossScaleAtMinimumError",
     "MasterWeightOptimizer",
     "MemoryReport",
+    "MetricsWriter",
     "MixedPrecision",
     "ModuleRule",
+    "NonFiniteTracer",
     "Policy",
     "StepReport",
     "StochasticRoundingOptimizer",
+    "UnderflowReport",
     "__version__",
+    "advise",
     "autocast",
     "cast_module",
+    "compare_layers",
     "formats",
     "fp32_islands",
     "hardware",
@@ -56,4 +71,5 @@ __all__ = [
     "optim",
     "quantize",
     "resolve_format",
+    "underflow_report",
 ]

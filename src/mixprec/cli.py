@@ -5,6 +5,7 @@ Subcommands:
     doctor    what this device can do, the precision ``auto`` picks and why, the op table.
     compare   train built-in tasks under several precisions side by side; writes a report.
     train     train one task under one precision, with checkpoints and ``--resume``.
+    advise    recommend a precision policy for a built-in task's model, with the reasons.
 """
 
 from __future__ import annotations
@@ -226,6 +227,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _advise(args: argparse.Namespace) -> int:
+    from mixprec.diagnostics import advise
+
+    task = _task_options(args, args.task)
+    model = task.build_model().to(args.device)
+    inputs, target = (t.to(args.device) for t in task.batch(0))
+    advice = advise(model, (inputs, target), task.loss, args.device, threshold_db=args.threshold_db)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "policy": advice.policy,
+                    "backend": advice.backend,
+                    "init_scale": advice.init_scale,
+                    "reasons": list(advice.reasons),
+                    "fp16_ruled_out": list(advice.fp16_ruled_out),
+                },
+                indent=2,
+            )
+        )
+    else:
+        Console(highlight=False).print(str(advice))
+    return 0
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps (task default)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (task default)")
@@ -277,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps (%(default)s)")
     _add_run_options(train)
     train.set_defaults(run=_train)
+
+    advise = sub.add_parser("advise", help="recommend a precision policy for a task's model")
+    advise.add_argument("--task", required=True, choices=("digits", "charlm"))
+    advise.add_argument("--threshold-db", type=float, default=20.0, help="per-layer SNR floor")
+    advise.add_argument("--json", action="store_true", help="print JSON")
+    _add_run_options(advise)
+    advise.set_defaults(run=_advise)
     return parser
 
 

@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from mixprec.formats import BF16, FP16
 from mixprec.runner import RunResult
 
@@ -138,6 +140,20 @@ def plot_runs(results: Sequence[RunResult], folder: Path, prefix: str) -> list[P
             xlabel="log2 |gradient| (unscaled)",
             ylabel="count",
             title=f"{prefix}: gradients of the {ref.recipe} run vs 16-bit ranges",
+        )
+        # Below half the smallest subnormal, fp16 rounds to zero: at scale 1, and at 2**16.
+        flush = fp16_sub - 1
+        values = torch.tensor(ref.grad_log2)
+        unscaled, scaled = ((values < flush - s).float().mean().item() for s in (0, 16))
+        ax.axvline(flush - 16, color="tab:green", ls=":", label="fp16 flush at scale 2^16")
+        ax.text(
+            0.02,
+            0.95,
+            f"flushed to zero in fp16: {100 * unscaled:.2f}% without scaling, "
+            f"{100 * scaled:.2f}% at scale 2^16",
+            transform=ax.transAxes,
+            fontsize=8,
+            va="top",
         )
         lo = min(min(ref.grad_log2), fp16_sub) - 2
         ax.set_xlim(max(lo, -140), max(max(ref.grad_log2), fp16_max) + 2)

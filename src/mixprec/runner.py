@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint
+from mixprec.diagnostics import read_metrics
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
 from mixprec.session import _UPDATE_MODES, MixedPrecision
@@ -167,18 +167,24 @@ def train(
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
     folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "checkpoint.pt"
+    metrics_file = folder / "metrics.jsonl"
+    resuming = resume and checkpoint.exists()
+    start = _check_same_run(checkpoint, task, recipe) if resuming else 0
+    kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop what is redone
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
     model = task.build_model()
     optimizer = task.build_optimizer(model)
-    mp = MixedPrecision(recipe.policy, device, backend=backend, update=recipe.update)  # type: ignore[arg-type]
+    mp = MixedPrecision(
+        recipe.policy,
+        device,
+        backend=backend,
+        update=recipe.update,  # type: ignore[arg-type]
+        metrics=folder,
+    )
     model, optimizer = mp.prepare(model, optimizer)
-    checkpoint = folder / "checkpoint.pt"
-    start = 0
-    history: list[dict[str, Any]] = []
-    if resume and checkpoint.exists():
-        _check_same_run(checkpoint, task, recipe)
-        extra = mp.load(checkpoint, model, optimizer)
-        start = int(extra["step"])
-        history = [r for r in _read_metrics(folder) if r["step"] < start]
+    if resuming:
+        mp.load(checkpoint, model, optimizer)
     x0, _ = task.batch(0)
 
     def probe_forward() -> torch.Tensor:
@@ -186,15 +192,11 @@ def train(
             return model(x0.to(mp.device))
 
     saved = activation_bytes(model, probe_forward)
-    metrics_file = folder / "metrics.jsonl"
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in history))
-    times: list[float] = []
     grad_log2: list[float] = []
     state_bytes = math.nan
-    with metrics_file.open("a") as log:
+    with mp:
         for step in range(start, task.config.steps):
             x, y = (t.to(mp.device) for t in task.batch(step))
-            began = time.perf_counter()
             with mp.autocast():
                 loss = task.loss(model(x), y)
             mp.backward(loss)
@@ -203,23 +205,14 @@ def train(
                 grad_log2 = _grad_log2(model, report.scale)
                 state_bytes = memory_report(model, optimizer).per_param["total"]
             optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - began)
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "scale": report.scale,
-                "stepped": report.stepped,
-                "seconds": times[-1],
-            }
-            history.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
             done = step + 1
             if checkpoint_every and done % checkpoint_every == 0 and done < task.config.steps:
                 mp.save(checkpoint, model, optimizer, **_extra(task, recipe, done))
             if on_step is not None:
                 on_step(done)
-    mp.save(checkpoint, model, optimizer, **_extra(task, recipe, task.config.steps))
+        mp.save(checkpoint, model, optimizer, **_extra(task, recipe, task.config.steps))
+    history = read_metrics(metrics_file)
+    times = [float(r["seconds"]) for r in history if r["step"] >= start]
     losses = [float(r["loss"]) for r in history]
     tail = max(1, len(losses) // 10)
     steady = times[_TIMING_WARMUP:] or times
@@ -233,10 +226,10 @@ def train(
         ms_per_step=1e3 * statistics.median(steady) if steady else math.nan,
         activation_bytes=saved,
         state_bytes_per_param=float(state_bytes),
-        skipped_steps=sum(not r["stepped"] for r in history),
-        final_scale=float(history[-1]["scale"]) if history else 1.0,
+        skipped_steps=sum(bool(r["skipped"]) for r in history),
+        final_scale=float(history[-1]["loss_scale"]) if history else 1.0,
         losses=losses,
-        scales=[float(r["scale"]) for r in history],
+        scales=[float(r["loss_scale"]) for r in history],
         grad_log2=grad_log2,
     )
     result.save(folder)
@@ -247,7 +240,8 @@ def _extra(task: Task, recipe: Recipe, step: int) -> dict[str, Any]:
     return {"step": step, "task": json.dumps(task.describe()), "recipe": recipe.name}
 
 
-def _check_same_run(checkpoint: Path, task: Task, recipe: Recipe) -> None:
+def _check_same_run(checkpoint: Path, task: Task, recipe: Recipe) -> int:
+    """The step a checkpoint was written at, once it is known to be of this task and recipe."""
     extra = load_checkpoint(checkpoint).get("extra", {})
     saved_task = extra.get("task")
     if saved_task != json.dumps(task.describe()) or extra.get("recipe") != recipe.name:
@@ -256,16 +250,17 @@ def _check_same_run(checkpoint: Path, task: Task, recipe: Recipe) -> None:
             f"precision {extra.get('recipe')!r}, not {json.dumps(task.describe())} with "
             f"{recipe.name!r}"
         )
+    return int(extra["step"])
 
 
-def _read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` up to the first line a kill may have torn."""
     if not path.exists():
         return []
     records = []
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill: the checkpoint decides anyway
+        except json.JSONDecodeError:  # the checkpoint decides where the run continues anyway
             break
     return records

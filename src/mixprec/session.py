@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -31,6 +32,13 @@ from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mixprec.compute import DEFAULT_ISLAND_RULES, autocast, fp32_islands
+from mixprec.diagnostics import (
+    MetricsWriter,
+    NonFiniteTracer,
+    UnderflowReport,
+    nonfinite_grads,
+    underflow_report,
+)
 from mixprec.formats import FP16, FP32
 from mixprec.optim import (
     KahanOptimizer,
@@ -53,16 +61,26 @@ class StepReport:
     """What one :meth:`MixedPrecision.step` did.
 
     Attributes:
-        step: the number of optimizer steps the session has seen, this one included.
+        step: the index of this step (0 for the first; continues after a resume).
         stepped: False if the step was skipped because gradients were not finite.
         scale: the loss scale the gradients were computed with (1.0 without scaling).
         grad_norm: the unscaled global gradient norm when clipping was asked for, else None.
+        loss: the (unscaled) loss passed to the last :meth:`MixedPrecision.backward`.
+        seconds: wall time from the iteration's first ``autocast()`` to the end of ``step``.
+        nonfinite_params: on a skipped step, the parameters whose gradients were inf/NaN.
+        origin: with ``trace=True``, where the first inf/NaN appeared (module and phase).
+        underflow: with ``track_underflow=True``, the fp16 underflow account of the gradients.
     """
 
     step: int
     stepped: bool
     scale: float
     grad_norm: float | None = None
+    loss: float | None = None
+    seconds: float | None = None
+    nonfinite_params: tuple[str, ...] = ()
+    origin: str | None = None
+    underflow: UnderflowReport | None = field(default=None, repr=False)
 
 
 class MixedPrecision:
@@ -82,6 +100,14 @@ class MixedPrecision:
         seed: seed of the stochastic-rounding generators.
         scaler_options: extra :class:`~mixprec.scaling.GradScaler` arguments for fp16 runs
             (``init_scale``, ``growth_interval``, ``hysteresis``, ``min_scale`` ...).
+        trace: name the module where an inf/NaN first appears, forward or backward (hooks are
+            registered only when True).
+        track_underflow: account, every step, for gradient elements that fp16 would flush to
+            zero, keep as subnormals or overflow at the current scale (a pass over the
+            gradients).
+        metrics: a folder to append one JSON line per step to (``metrics.jsonl``): loss, loss
+            scale, skipped, grad norm, step time, non-finite parameters, underflow fractions.
+        tensorboard: also write the metrics as TensorBoard scalars (needs ``tensorboard``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -104,6 +130,10 @@ class MixedPrecision:
         update: UpdateMode = "auto",
         seed: int = 0,
         scaler_options: Mapping[str, Any] | None = None,
+        trace: bool = False,
+        track_underflow: bool = False,
+        metrics: str | os.PathLike[str] | None = None,
+        tensorboard: bool = False,
     ) -> None:
         self.device = torch.device(device if device is not None else _default_device())
         if update not in _UPDATE_MODES:
@@ -140,8 +170,18 @@ class MixedPrecision:
                     "no fp16 and uses no loss scaling"
                 )
             self.scaler = GradScaler(self.device.type, strategy="none")
+        for name, flag in (("trace", trace), ("track_underflow", track_underflow)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self._trace = trace
+        self._track_underflow = track_underflow
+        self._writer = MetricsWriter(metrics, tensorboard=tensorboard) if metrics else None
+        self._tracer: NonFiniteTracer | None = None
+        self._model: nn.Module | None = None
         self._steps = 0
         self._islands: Any = None
+        self._loss: torch.Tensor | None = None
+        self._started: float | None = None
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -170,6 +210,9 @@ class MixedPrecision:
         model.to(self.device)
         cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
         self._islands = fp32_islands(model, self.policy)
+        self._model = model
+        if self._trace:
+            self._tracer = NonFiniteTracer(model).attach()
         wrapped = tuple(self._wrap(opt) for opt in optimizers)
         return (model, *wrapped) if wrapped else model
 
@@ -190,6 +233,8 @@ class MixedPrecision:
 
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
+        if self._started is None:  # the iteration's clock starts at its first forward
+            self._started = time.perf_counter()
         compute = self.policy.compute
         return autocast(
             self.device.type,
@@ -204,6 +249,7 @@ class MixedPrecision:
         """``loss.backward()`` on the scaled loss (the plain loss when no scaling is used)."""
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
+        self._loss = loss.detach()
         self.scaler.scale(loss).backward()
 
     def step(
@@ -224,18 +270,51 @@ class MixedPrecision:
             isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
         ):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
+        scale = self.scaler.get_scale() if scaling else 1.0
+        underflow = None
+        if self._track_underflow and self._model is not None:
+            underflow = underflow_report(self._model, scale, "fp16", scaled=scaling)
         norms = []
         for optimizer in optimizers:
             if max_grad_norm is not None:
                 norms.append(self.scaler.clip_grad_norm_(optimizer, max_grad_norm))
             self.scaler.step(optimizer)
         self.scaler.update()
+        stepped = not self.scaler.step_skipped()
+        report = StepReport(
+            step=self._steps,
+            stepped=stepped,
+            scale=float(scale),
+            grad_norm=math.sqrt(sum(float(n) ** 2 for n in norms)) if norms else None,
+            loss=None if self._loss is None else float(self._loss),
+            seconds=None if self._started is None else time.perf_counter() - self._started,
+            nonfinite_params=() if stepped or self._model is None else _nonfinite(self._model),
+            origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
+            underflow=underflow,
+        )
         self._steps += 1
-        grad_norm = None
-        if norms:
-            grad_norm = math.sqrt(sum(float(n) ** 2 for n in norms))
-        return StepReport(self._steps, not self.scaler.step_skipped(), float(scale), grad_norm)
+        self._loss, self._started = None, None
+        if self._tracer is not None:
+            self._tracer.reset()
+        if self._writer is not None:
+            self._writer.log(report.step, _metrics_of(report))
+        return report
+
+    def close(self) -> None:
+        """Detach the tracer and close the metrics file (also the end of a ``with`` block)."""
+        if self._tracer is not None:
+            self._tracer.detach()
+            self._tracer = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MixedPrecision:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -317,6 +396,27 @@ class MixedPrecision:
             opt.load_state_dict(state)
         torch.set_rng_state(record["rng"])
         return dict(record.get("extra", {}))
+
+
+def _nonfinite(model: nn.Module) -> tuple[str, ...]:
+    return tuple(nonfinite_grads(model))
+
+
+def _metrics_of(report: StepReport) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "loss": report.loss,
+        "loss_scale": report.scale,
+        "skipped": not report.stepped,
+        "grad_norm": report.grad_norm,
+        "seconds": report.seconds,
+    }
+    if report.nonfinite_params:
+        values["nonfinite_params"] = list(report.nonfinite_params)
+    if report.origin:
+        values["origin"] = report.origin
+    if report.underflow is not None:
+        values.update(report.underflow.metrics())
+    return values
 
 
 def _check_model_state(model: nn.Module, state: Any, path: str | os.PathLike[str]) -> None:
