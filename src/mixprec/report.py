@@ -135,7 +135,6 @@ def plot_runs(results: Sequence[RunResult], folder: Path, prefix: str) -> list[P
         )
         ax.axvspan(fp16_min, fp16_max, color="tab:orange", alpha=0.15, label="fp16 normal range")
         ax.axvspan(fp16_sub, fp16_min, color="tab:red", alpha=0.15, label="fp16 subnormals")
-        ax.axvline(math.log2(BF16.min_normal), color="tab:blue", ls="--", label="bf16 min normal")
         ax.set(
             xlabel="log2 |gradient| (unscaled)",
             ylabel="count",
@@ -150,12 +149,14 @@ def plot_runs(results: Sequence[RunResult], folder: Path, prefix: str) -> list[P
             0.02,
             0.95,
             f"flushed to zero in fp16: {100 * unscaled:.2f}% without scaling, "
-            f"{100 * scaled:.2f}% at scale 2^16",
+            f"{100 * scaled:.2f}% at scale 2^16\nbf16 normal range 2^{BF16.min_exponent} to "
+            f"2^{BF16.max_exponent + 1}: all of this axis, no scaling needed",
             transform=ax.transAxes,
             fontsize=8,
             va="top",
+            bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
         )
-        lo = min(min(ref.grad_log2), fp16_sub) - 2
+        lo = min(min(ref.grad_log2), flush - 16) - 2
         ax.set_xlim(max(lo, -140), max(max(ref.grad_log2), fp16_max) + 2)
         ax.legend(fontsize=8)
         paths.append(_save(fig, folder / f"{prefix}_grad_hist.png"))

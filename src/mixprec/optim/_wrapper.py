@@ -34,6 +34,42 @@ def inverse_scale(grad_scale: torch.Tensor | float | None) -> torch.Tensor | flo
     return float(1.0 / grad_scale)
 
 
+def check_saved_buffers(
+    saved: object,
+    pairs: list[tuple[torch.Tensor, torch.Tensor | None]],
+    what: str,
+    dtype_of: Callable[[torch.Tensor], torch.dtype],
+    saver: str,
+) -> None:
+    """Check a saved list of per-parameter buffers against ``pairs`` of (parameter, own buffer).
+
+    Where this wrapper keeps a buffer for a parameter the saved entry must be a tensor of
+    ``dtype_of(parameter)``; where it keeps none (an fp32 parameter) the entry must be None.
+
+    Raises:
+        ValueError: a missing or mis-sized list, a 16-bit/fp32 mismatch, a wrong dtype.
+    """
+    if not isinstance(saved, list) or len(saved) != len(pairs):
+        raise ValueError(
+            f"state dict has no list of {len(pairs)} {what}s (got {type(saved).__name__}); "
+            f"save it with {saver}.state_dict()"
+        )
+    for index, (buffer, (param, own)) in enumerate(zip(saved, pairs, strict=True)):
+        if (buffer is None) != (own is None):
+            raise ValueError(
+                f"parameter {index} is {param.dtype} here but was "
+                f"{'float32' if buffer is None else 'a 16-bit parameter'} when saved; cast the "
+                "model by the same policy before loading"
+            )
+        if buffer is not None and (
+            not isinstance(buffer, torch.Tensor) or buffer.dtype != dtype_of(param)
+        ):
+            raise ValueError(
+                f"{what} {index} in the state dict is not a {dtype_of(param)} tensor: "
+                f"{type(buffer).__name__}"
+            )
+
+
 def hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     """A param group's settings without its ``params`` list."""
     return {k: v for k, v in group.items() if k != "params"}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.optim._wrapper import WrappedOptimizer, check_saved_buffers
 
 __all__ = ["MasterWeightOptimizer"]
 
@@ -147,26 +147,11 @@ class MasterWeightOptimizer(WrappedOptimizer):
         return [(p, self._shadows[p]) for p in self._params()]
 
     def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        masters = state_dict.get("masters")
-        pairs = self._pairs()
-        if not isinstance(masters, list) or len(masters) != len(pairs):
-            raise ValueError(
-                f"state dict has no list of {len(pairs)} masters (got {type(masters).__name__}); "
-                "save it with MasterWeightOptimizer.state_dict()"
-            )
-        for index, (saved, (param, master)) in enumerate(zip(masters, pairs, strict=True)):
-            if (saved is None) != (master is param):
-                raise ValueError(
-                    f"parameter {index} is {param.dtype} here but was "
-                    f"{'float32' if saved is None else 'a 16-bit parameter'} when saved; cast "
-                    "the model by the same policy before loading"
-                )
-            if saved is not None and (
-                not isinstance(saved, torch.Tensor) or saved.dtype != torch.float32
-            ):
-                raise ValueError(
-                    f"master {index} in the state dict is not a float32 tensor: {saved!r}"
-                )
+        owned = [(p, None if m is p else m) for p, m in self._pairs()]
+        check_saved_buffers(
+            state_dict.get("masters"), owned, "master", lambda _: torch.float32,
+            "MasterWeightOptimizer",
+        )  # fmt: skip
 
     def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         with torch.no_grad():

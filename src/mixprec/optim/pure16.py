@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mixprec.formats import resolve_format
-from mixprec.optim._wrapper import SIXTEEN_BIT, WrappedOptimizer
+from mixprec.optim._wrapper import SIXTEEN_BIT, WrappedOptimizer, check_saved_buffers
 from mixprec.quantize import quantize
 
 __all__ = ["KahanOptimizer", "StochasticRoundingOptimizer", "kahan_round", "stochastic_round"]
@@ -331,26 +331,10 @@ class KahanOptimizer(_Pure16Optimizer):
         return {"compensation": [None if c is None else c.clone() for _, c in self._pairs()]}
 
     def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        saved = state_dict.get("compensation")
-        pairs = self._pairs()
-        if not isinstance(saved, list) or len(saved) != len(pairs):
-            raise ValueError(
-                f"state dict has no list of {len(pairs)} compensation buffers (got "
-                f"{type(saved).__name__}); save it with KahanOptimizer.state_dict()"
-            )
-        for index, (buffer, (param, own)) in enumerate(zip(saved, pairs, strict=True)):
-            if (buffer is None) != (own is None):
-                raise ValueError(
-                    f"parameter {index} is {param.dtype} here but was "
-                    f"{'float32' if buffer is None else 'a 16-bit parameter'} when saved; cast the "
-                    "model by the same policy before loading"
-                )
-            if buffer is not None and (
-                not isinstance(buffer, torch.Tensor) or buffer.dtype != param.dtype
-            ):
-                raise ValueError(
-                    f"compensation buffer {index} in the state dict is not a {param.dtype} tensor"
-                )
+        check_saved_buffers(
+            state_dict.get("compensation"), self._pairs(), "compensation buffer",
+            lambda param: param.dtype, "KahanOptimizer",
+        )  # fmt: skip
 
     def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         with torch.no_grad():
