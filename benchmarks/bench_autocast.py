@@ -13,36 +13,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from reference_step import make_step
 
 from mixprec import autocast
 from mixprec.formats import resolve_format
-from mixprec.tasks.transformer import TinyTransformer
-
-VOCAB = 96
 
 
 def _trainer(dtype: torch.dtype) -> dict[str, Callable[[], float]]:
-    torch.manual_seed(0)
-    model = TinyTransformer(VOCAB, d_model=256, n_layers=4, n_heads=4, seq_len=128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    tokens = torch.randint(0, VOCAB, (16, 128))
-    targets = torch.randint(0, VOCAB, (16, 128))
-
-    def step(region: Callable[[], contextlib.AbstractContextManager[object]]) -> float:
-        start = time.perf_counter()
-        with region():
-            logits = model(tokens)
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return time.perf_counter() - start
-
+    _, step = make_step(lr=1e-3)
     return {
         "fp32": lambda: step(contextlib.nullcontext),
         "emulated": lambda: step(lambda: autocast("cpu", dtype=dtype, backend="emulated")),

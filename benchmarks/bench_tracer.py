@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from reference_step import make_step
 
 from mixprec.diagnostics import NonFiniteTracer
-from mixprec.tasks.transformer import TinyTransformer
-
-VOCAB = 96
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -37,21 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = TinyTransformer(VOCAB, d_model=256, n_layers=4, n_heads=4, seq_len=128)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, VOCAB, (16, 128))
-    targets = torch.randint(0, VOCAB, (16, 128))
-
-    def step(region: Callable[[], contextlib.AbstractContextManager[object]]) -> float:
-        start = time.perf_counter()
-        with region():
-            logits = model(tokens)
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
-        return time.perf_counter() - start
+    model, step = make_step(lr=1e-4, backward_in_region=True)
 
     kinds: dict[str, Callable[[], contextlib.AbstractContextManager[object]]] = {
         "plain": contextlib.nullcontext,
