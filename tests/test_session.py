@@ -315,3 +315,35 @@ def test_metrics_of_a_short_run(tmp_path):
     assert all(r["loss_scale"] == 1.0 and r["skipped"] is False for r in lines)
     assert all(r["grad_norm"] > 0 and r["seconds"] > 0 and r["loss"] > 0 for r in lines)
     assert lines[-1]["loss"] == report.loss and lines[-1]["grad_norm"] == report.grad_norm
+
+
+def test_the_session_state_alone_resumes_stochastic_rounding_bit_for_bit():
+    data = batches(10)
+
+    def loop(mp, model, optimizer, chunk):
+        for x, y in chunk:
+            with mp.autocast():
+                loss = F.cross_entropy(model(x).float(), y)
+            mp.backward(loss)
+            mp.step(optimizer)
+            optimizer.zero_grad()
+
+    def session(seed_model):
+        model = make_model(seed_model)
+        mp = MixedPrecision("bf16-pure", "cpu", backend="emulated", update="stochastic")
+        model, opt = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        return mp, model, opt
+
+    mp, straight, opt = session(0)
+    loop(mp, straight, opt, data)
+    mp, model, opt = session(0)
+    loop(mp, model, opt, data[:4])
+    state = copy.deepcopy(mp.state_dict())
+    assert state["optimizers"][0]["generators"]  # the rounding generator is part of it
+    weights = copy.deepcopy(model.state_dict())
+    mp2, fresh, opt2 = session(5)
+    fresh.load_state_dict(weights)
+    mp2.load_state_dict(state)  # no separate optimizer.state_dict() needed
+    loop(mp2, fresh, opt2, data[4:])
+    for a, b in zip(straight.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -181,6 +181,7 @@ class MixedPrecision:
         self._steps = 0
         self._islands: Any = None
         self._loss: torch.Tensor | None = None
+        self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
         self._started: float | None = None
 
     # -- setup ------------------------------------------------------------------------------
@@ -214,6 +215,7 @@ class MixedPrecision:
         if self._trace:
             self._tracer = NonFiniteTracer(model).attach()
         wrapped = tuple(self._wrap(opt) for opt in optimizers)
+        self._optimizers = wrapped
         return (model, *wrapped) if wrapped else model
 
     def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -319,7 +321,15 @@ class MixedPrecision:
     # -- state ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything precision-related that a resumed run needs, besides model and optimizers."""
+        """Everything precision-related a resumed run needs: the loss scaler, the step count and
+        the state of the optimizers :meth:`prepare` returned (their fp32 masters, compensation
+        buffers or stochastic-rounding generators, with the inner optimizer's state)."""
+        return {
+            **self._session_state(),
+            "optimizers": [opt.state_dict() for opt in self._optimizers],
+        }
+
+    def _session_state(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "policy": str(self.policy),
@@ -332,8 +342,8 @@ class MixedPrecision:
         """Restore :meth:`state_dict`.
 
         Raises:
-            ValueError: the state comes from another policy or update mode, or is not a session
-                state at all.
+            ValueError: the state comes from another policy or update mode, holds another number
+                of optimizers than :meth:`prepare` was given, or is not a session state at all.
         """
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(
@@ -345,8 +355,17 @@ class MixedPrecision:
                 f"the state was saved with policy {state['policy']!r} and update "
                 f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
             )
+        optimizer_states = state.get("optimizers")
+        if optimizer_states is not None and len(optimizer_states) != len(self._optimizers):
+            raise ValueError(
+                f"the state holds {len(optimizer_states)} optimizer states; this session "
+                f"prepared {len(self._optimizers)} optimizers"
+            )
         self.scaler.load_state_dict(state["scaler"])
         self._steps = int(state["steps"])
+        if optimizer_states is not None:  # absent in checkpoints, which store them beside
+            for opt, opt_state in zip(self._optimizers, optimizer_states, strict=True):
+                opt.load_state_dict(opt_state)
 
     def save(
         self,
@@ -361,7 +380,7 @@ class MixedPrecision:
             {
                 "model": model.state_dict(),
                 "optimizers": [opt.state_dict() for opt in optimizers],
-                "mixed_precision": self.state_dict(),
+                "mixed_precision": self._session_state(),
                 "rng": torch.get_rng_state(),
                 "extra": extra,
             },
