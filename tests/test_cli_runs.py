@@ -151,7 +151,7 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tmp_path):
     while time.monotonic() < deadline:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 40:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     steps_done = len(metrics.read_text().splitlines())
