@@ -271,14 +271,13 @@ def choose_backend(
     fmt = resolve_format(dtype).name
     if requested == "emulated":
         return "emulated", "requested"
-    if device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            if requested == "native":
+    if requested == "native":
+        if device_type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available():
+            if not torch.cuda.is_bf16_supported():
                 raise ValueError(
                     f"backend='native' with dtype {dtype} is not supported on this GPU (bf16 needs "
                     "compute capability 8.0); use dtype=torch.float16 or backend='emulated'"
                 )
-    if requested == "native":
         return "native", "requested"
     if device_type not in ("cpu", "cuda") or (
         device_type == "cuda" and not torch.cuda.is_available()

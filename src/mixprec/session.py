@@ -151,14 +151,20 @@ class MixedPrecision:
         self.update = update
         self.seed = seed
         compute = self.policy.compute
-        self._low_compute = compute.bits <= 16
+        low_compute = compute.bits <= 16
         region = autocast(
             self.device.type,
-            dtype=compute.dtype if self._low_compute else None,
-            enabled=self._low_compute,
+            dtype=compute.dtype if low_compute else None,
+            enabled=low_compute,
             backend=backend,  # type: ignore[arg-type]
         )
         self.backend = region.backend
+        self._region_args: dict[str, Any] = {
+            "device_type": region.device_type,
+            "dtype": region.dtype,
+            "enabled": region.enabled,
+            "backend": region.backend,  # resolved once: "auto" probes only here
+        }
         needs_scaling = FP16 in (compute, self.policy.param)
         options = dict(scaler_options or {})
         if needs_scaling:
@@ -237,13 +243,7 @@ class MixedPrecision:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
         if self._started is None:  # the iteration's clock starts at its first forward
             self._started = time.perf_counter()
-        compute = self.policy.compute
-        return autocast(
-            self.device.type,
-            dtype=compute.dtype if self._low_compute else None,
-            enabled=self._low_compute,
-            backend=self.backend,  # type: ignore[arg-type]
-        )
+        return autocast(**self._region_args)
 
     # -- the loop ---------------------------------------------------------------------------
 

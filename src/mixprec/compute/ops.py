@@ -17,6 +17,7 @@ Categories:
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -253,6 +254,7 @@ class OpTable(Mapping[str, Category]):
         return OpTable(self.device_type, self.dtype, MappingProxyType(entries))
 
 
+@functools.cache  # immutable and built for every autocast region
 def op_table(device_type: str, dtype: torch.dtype) -> OpTable:
     """The default op table of ``torch.autocast`` for a device type and dtype.
 
