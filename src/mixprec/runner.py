@@ -116,9 +116,18 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
     return sum(seen.values())
 
 
+_VIEW_NODES = frozenset(
+    {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "ExpandBackward0",
+     "UnsafeViewBackward0", "AsStridedBackward0", "SqueezeBackward0", "UnsqueezeBackward0"}
+)  # fmt: skip
+
+
 def _is_parameter_cast(t: torch.Tensor) -> bool:
-    """Whether ``t`` is autocast's dtype cast of a parameter (a weight copy, not an activation)."""
+    """Whether ``t`` is autocast's dtype cast of a parameter, or a view of one (a weight copy,
+    not an activation)."""
     fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _VIEW_NODES:
+        fn = fn.next_functions[0][0] if fn.next_functions else None
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return False
     return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)

@@ -1,5 +1,7 @@
 """mixprec.autocast against torch.autocast: dtypes, values, op edits, nesting, state, caches."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,7 +114,7 @@ def test_op_table_is_visible():
     table = region.op_table
     assert table["linear"] == "lower" and table["softmax"] == "fp32" and table["cat"] == "keep"
     assert op_table("cpu", torch.bfloat16)["softmax"] == "keep"  # the default is untouched
-    assert "softmax" in op_table("cuda", torch.float16).by_category()["fp32"]
+    assert "softmax.int" in op_table("cuda", torch.float16).by_category()["fp32"]
 
 
 def test_nesting_and_disable():
@@ -173,25 +175,27 @@ def test_no_stale_cast_after_an_in_place_update(backend):
     assert torch.equal(second, fresh)
 
 
-def test_a_cached_weight_cast_accumulates_its_gradient_in_16_bits_like_torch():
-    # One cached cast per weight means the two uses' 16-bit gradients meet at that cast and are
-    # summed in 16 bits before widening, as torch.autocast's own cache does; without the cache
-    # each use has its own cast and the sum happens in fp32.
+@pytest.mark.parametrize("backend", ["native", "emulated"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: p.data.mul_(2),
+        lambda p: setattr(p, "data", p.data * 2),
+        lambda p: p.detach().mul_(2),
+    ],
+    ids=["data-in-place", "data-assignment", "detached-in-place"],
+)
+def test_no_stale_cast_however_a_weight_changes(backend, change):
     torch.manual_seed(0)
     lin = nn.Linear(8, 8)
     x = torch.randn(4, 8)
-
-    def weight_grad(inputs, cache_enabled):
-        lin.zero_grad()
-        with autocast("cpu", backend="emulated", cache_enabled=cache_enabled):
-            sum(lin(i).float().sum() for i in inputs).backward()
-        return lin.weight.grad.clone()
-
-    first, second = weight_grad([x], True), weight_grad([x * 2], True)
-    assert torch.equal(
-        weight_grad([x, x * 2], True), (first.bfloat16() + second.bfloat16()).float()
-    )
-    assert torch.equal(weight_grad([x, x * 2], False), first + second)
+    with autocast("cpu", backend=backend, cache_enabled=True):
+        lin(x)
+        change(lin.weight)
+        second = lin(x)
+    with autocast("cpu", backend=backend):
+        fresh = lin(x)
+    assert torch.equal(second, fresh)
 
 
 def test_auto_backend_is_visible_and_consistent_with_the_probe():
@@ -210,21 +214,49 @@ def test_auto_backend_is_visible_and_consistent_with_the_probe():
     [
         ({"device_type": "tpu"}, ValueError, r"not available for device type 'tpu'; valid .*cpu"),
         ({"device_type": 0}, TypeError, r"device_type must be a string .* got int 0"),
-        (
-            {"dtype": torch.float64},
-            ValueError,
-            r"dtype torch.float64 is not supported; valid dtypes: torch.float16, torch.bfloat16",
-        ),
-        ({"dtype": torch.int8}, ValueError, r"dtype torch.int8 is not supported"),
+        ({"device_type": 0}, ValueError, r"device_type must be a string"),  # torch's type
+        ({"device_type": "tpu"}, RuntimeError, r"not available for device type 'tpu'"),  # torch's
+        ({"dtype": 16}, TypeError, r"dtype must be a torch.dtype or a format name"),
         ({"dtype": "fp8"}, ValueError, r"unknown number format 'fp8'"),
         ({"backend": "fast"}, ValueError, r"unknown autocast backend 'fast'; valid .*'emulated'"),
-        ({"ops": {"sofmax": "fp32"}}, ValueError, r"unknown op 'sofmax'.*did you mean 'softmax'"),
+        ({"ops": {"sofmax": "fp32"}}, ValueError, r"unknown op 'sofmax'.*did you mean .*'softmax.int'"),
         ({"ops": {"softmax": "fp64"}}, ValueError, r"unknown op category 'fp64' for op 'softmax'"),
         ({"ops": ["softmax"]}, TypeError, r"op overrides must be a mapping"),
-        ({"enabled": "yes"}, TypeError, r"enabled must be a bool, got str 'yes'"),
+        ({"enabled": "yes"}, TypeError, r"enabled must be a bool \(True or False\), got str 'yes'"),
+        ({"cache_enabled": "no"}, TypeError, r"cache_enabled must be a bool .*got str 'no'"),
+        ({"target": "tpu"}, ValueError, r"unknown target 'tpu'.*valid targets: 'cpu', 'cuda'"),
+        (
+            {"target": "cuda", "backend": "native"},
+            ValueError,
+            r"target='cuda' with backend='native' on 'cpu'.*use backend='emulated'",
+        ),
+        ({"ops": {"__rtruediv__": "fp32"}}, ValueError, r"unknown op '__rtruediv__': ops are named as aten"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
     kwargs = {"device_type": "cpu", **kwargs}
     with pytest.raises(error, match=message):
         autocast(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.float32])
+def test_an_unsupported_dtype_warns_and_disables_as_torch_does(dtype):
+    with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
+        torch_region = torch.autocast("cpu", dtype=dtype)
+    with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
+        region = autocast("cpu", dtype=dtype)
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with torch_region:
+        want = (torch.is_autocast_enabled("cpu"), torch.mm(x, w.t()).dtype)
+    with region:
+        got = (torch.is_autocast_enabled("cpu"), torch.mm(x, w.t()).dtype)
+    assert got == want == (False, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, "bf16"])
+def test_disabled_accepts_any_dtype(dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enabled=False never warns, as torch's
+        region = autocast("cpu", dtype=dtype, enabled=False)
+    with region:
+        assert not torch.is_autocast_enabled("cpu")

@@ -100,7 +100,12 @@ def test_every_gemm_class_op_runs_emulated_forward_and_backward(dtype):
         for leaf, ref in zip(leaves, rounded, strict=True):
             # fp32 leaves get the 16-bit gradient widened: the rounding of the GEMM's result.
             assert leaf.grad.dtype == torch.float32, name
-            assert torch.equal(leaf.grad, ref.grad.to(dtype).float()), name
+            want_grad = ref.grad.to(dtype).float()
+            if name == "sdpa":  # flash attention's backward reads the 16-bit output, as on a GPU
+                eps = torch.finfo(dtype).eps
+                assert torch.allclose(leaf.grad, want_grad, atol=4 * eps * want_grad.abs().max())
+            else:
+                assert torch.equal(leaf.grad, want_grad), name
 
 
 def test_fp16_overflow_and_underflow_happen_as_on_hardware():

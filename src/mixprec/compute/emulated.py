@@ -1,109 +1,259 @@
-"""Emulated 16-bit GEMMs: tensor-core numerics at fp32 speed on CPUs without 16-bit units.
+"""Emulated 16-bit GEMMs as ``torch.library`` custom ops: tensor-core numerics at fp32 speed.
 
 Design note: a tensor core multiplies 16-bit inputs, accumulates in fp32 and rounds the result to
 16 bits once. Products of two bf16 (or fp16) values are exact in fp32, so running the fp32 kernel
 on the 16-bit inputs widened to fp32 and rounding its result reproduces that, up to the order of
 the fp32 additions. On a CPU without AVX512-BF16/AMX, torch's native bf16 GEMM is ~100x slower
-than fp32; this path costs two casts on top of the fp32 GEMM.
+than fp32 (fp16 is slow on every CPU); this path costs two casts on top of the fp32 GEMM.
 
-The autograd functions below save the *16-bit* inputs, so activation memory is that of real 16-bit
-training, and their backward runs the same way: the 16-bit gradient is widened, the fp32 GEMMs
-produce the input gradients, and those are rounded to 16 bits. fp16 overflow to inf and underflow to
-zero happen in that final rounding, exactly where hardware would produce them. Linear and matmul
-have hand-written backward passes (one GEMM per gradient, as in fp32); the other GEMM-class ops
-(convolutions, attention, addmm, ...) recompute their fp32 forward inside the backward, trading one
-extra forward for not saving fp32 copies.
+Each primitive GEMM of aten (``mm``, ``bmm``, ``addmm``, ``baddbmm``, ``addbmm``,
+``convolution``, CPU flash attention) has a custom op here, ``mixprec::<name>``, with a fake
+kernel (so ``torch.compile`` traces it as one opaque node whose output is 16-bit: inductor can
+neither drop nor move the rounding) and a registered backward. Composite ops (``linear``,
+``matmul``, ``einsum``, ``conv2d``, ...) need no op of their own: they decompose into these
+primitives in the dispatcher, as they do on a GPU. The ops save their *16-bit* inputs, so
+activation memory is that of real 16-bit training, and each gradient is one fp32 GEMM on widened
+16-bit values rounded once to the input's dtype: fp16 overflow to inf and underflow to zero happen
+in that rounding, exactly where hardware produces them.
+
+Every fp32 kernel here runs with torch's autocast excluded: a custom op may be called inside an
+autocast region (eagerly, or from a compiled graph), and autocast would otherwise lower the fp32
+GEMM that *is* the emulation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch._C import DispatchKey, DispatchKeySet
 
-__all__ = ["emulated_call", "emulated_linear", "emulated_matmul"]
+__all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
 
-
-def _widen(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(torch.float32)
-
-
-def _widen_floating(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32) if t.is_floating_point() else t  # masks and indices stay as they are
+_NO_AUTOCAST = DispatchKeySet(DispatchKey.AutocastCPU) | DispatchKeySet(DispatchKey.AutocastCUDA)
+for _key in ("AutocastXPU", "AutocastMPS"):
+    if hasattr(DispatchKey, _key):
+        _NO_AUTOCAST = _NO_AUTOCAST | DispatchKeySet(getattr(DispatchKey, _key))
 
 
-class _Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return F.linear(x.float(), w.float(), _widen(b)).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, w = ctx.saved_tensors
-        with torch._C.DisableTorchFunction():
-            g = grad.float()
-            grad_x = grad_w = grad_b = None
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ w.float()).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                g2 = g.reshape(-1, g.shape[-1])
-                grad_w = (g2.t() @ x.reshape(-1, x.shape[-1]).float()).to(w.dtype)
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_b = g.reshape(-1, g.shape[-1]).sum(0).to(x.dtype)
-        return grad_x, grad_w, grad_b
+def no_autocast() -> Any:
+    """A guard under which no autocast kernel runs (torch's own or mixprec's), on any device."""
+    return torch._C._ExcludeDispatchKeyGuard(_NO_AUTOCAST)
 
 
-class _Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(a, b)
-        return torch.matmul(a.float(), b.float()).to(a.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        a, b = ctx.saved_tensors
-        with torch._C.DisableTorchFunction():
-            g = grad.float()
-            grad_a = grad_b = None
-            if ctx.needs_input_grad[0]:
-                grad_a = (g @ b.float().mT).sum_to_size(a.shape).to(a.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_b = (a.float().mT @ g).sum_to_size(b.shape).to(b.dtype)
-        return grad_a, grad_b
+def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
 
 
-class _Recompute(torch.autograd.Function):
-    """Any op on 16-bit tensors: fp32 forward rounded once; backward recomputes in fp32."""
+def _unbroadcast(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return grad.sum_to_size(like.shape).to(like.dtype)
 
-    @staticmethod
-    def forward(
-        ctx: Any, fn: Callable[..., torch.Tensor], dtype: torch.dtype, *tensors: torch.Tensor
-    ) -> torch.Tensor:
-        ctx.fn = fn
-        ctx.save_for_backward(*tensors)
-        return fn(*(_widen_floating(t) for t in tensors)).to(dtype)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        saved = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[2:]
-        with torch._C.DisableTorchFunction(), torch.enable_grad():
-            widened = [
-                _widen_floating(t).requires_grad_(w and t.is_floating_point())
-                for t, w in zip(saved, wanted, strict=True)
-            ]
-            out = ctx.fn(*widened)
-            inputs = [t for t in widened if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, inputs, grad.float(), allow_unused=True))
-            result: list[torch.Tensor | None] = [None, None]
-            for wide, original in zip(widened, saved, strict=True):
-                g = next(grads) if wide.requires_grad else None
-                result.append(None if g is None else g.to(original.dtype))
-        return tuple(result)
+# -- mm / bmm ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixprec::mm", mutates_args=())
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with no_autocast():
+        return torch.mm(a.float(), b.float()).to(a.dtype)
+
+
+@torch.library.custom_op("mixprec::bmm", mutates_args=())
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    with no_autocast():
+        return torch.bmm(a.float(), b.float()).to(a.dtype)
+
+
+def _save_all(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
+
+
+def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    a, b = ctx.saved_tensors
+    with no_autocast():
+        g = grad.float()
+        ga = (g @ b.float().mT).to(a.dtype) if ctx.needs_input_grad[0] else None
+        gb = (a.float().mT @ g).to(b.dtype) if ctx.needs_input_grad[1] else None
+    return ga, gb
+
+
+# -- addmm / baddbmm / addbmm -----------------------------------------------------------------
+
+
+@torch.library.custom_op("mixprec::addmm", mutates_args=())
+def _addmm(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    with no_autocast():
+        return torch.addmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha).to(a.dtype)
+
+
+@torch.library.custom_op("mixprec::baddbmm", mutates_args=())
+def _baddbmm(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    with no_autocast():
+        out = torch.baddbmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha)
+        return out.to(a.dtype)
+
+
+@torch.library.custom_op("mixprec::addbmm", mutates_args=())
+def _addbmm(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    with no_autocast():
+        return torch.addbmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha).to(a.dtype)
+
+
+def _save_addmm(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    bias, a, b, beta, alpha = inputs
+    ctx.save_for_backward(bias, a, b)
+    ctx.beta, ctx.alpha = beta, alpha
+
+
+def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``beta * bias + alpha * (a @ b)`` (batched or summed over batches)."""
+    bias, a, b = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    with no_autocast():
+        g = grad.float()
+        if a.dim() == 3 and g.dim() == 2:  # addbmm: the batch products were summed
+            g = g.expand(a.shape[0], *g.shape)
+        g_bias = _unbroadcast(grad.float() * ctx.beta, bias) if want[0] else None
+        ga = ((g @ b.float().mT) * ctx.alpha).to(a.dtype) if want[1] else None
+        gb = ((a.float().mT @ g) * ctx.alpha).to(b.dtype) if want[2] else None
+    return g_bias, ga, gb, None, None
+
+
+# -- convolution ------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixprec::convolution", mutates_args=())
+def _convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    with no_autocast():
+        out = torch.ops.aten.convolution.default(
+            x.float(), weight.float(), _wide(bias), stride, padding, dilation, transposed,
+            output_padding, groups,
+        )  # fmt: skip
+        return out.to(x.dtype)
+
+
+def _save_convolution(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, bias, *ctx.geometry = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.bias_sizes = None if bias is None else list(bias.shape)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _convolution_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    mask = [want[0], want[1], ctx.bias_sizes is not None and want[2]]
+    with no_autocast():
+        gx, gw, gb = torch.ops.aten.convolution_backward.default(
+            grad.float(), x.float(), weight.float(), ctx.bias_sizes, *ctx.geometry, mask
+        )
+    return (
+        gx.to(x.dtype) if mask[0] else None,
+        gw.to(weight.dtype) if mask[1] else None,
+        gb.to(ctx.bias_dtype) if mask[2] else None,
+        *([None] * 6),
+    )
+
+
+# -- flash attention (CPU) --------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixprec::flash_attention_cpu", mutates_args=())
+def _flash_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float,
+    is_causal: bool,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with no_autocast():
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+            q.float(), k.float(), v.float(), dropout_p, is_causal,
+            attn_mask=_wide(attn_mask), scale=scale,
+        )  # fmt: skip
+        return out.to(q.dtype), lse
+
+
+def _save_flash(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    q, k, v, ctx.dropout_p, ctx.is_causal, mask, ctx.scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, mask, out, lse)
+
+
+def _flash_backward(
+    ctx: Any, grad: torch.Tensor, grad_lse: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    q, k, v, mask, out, lse = ctx.saved_tensors
+    with no_autocast():
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+            grad.float(), q.float(), k.float(), v.float(), out.float(), lse, ctx.dropout_p,
+            ctx.is_causal, attn_mask=_wide(mask), scale=ctx.scale,
+        )  # fmt: skip
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None, None
+
+
+# The fake kernels are the real ones: they are shape-polymorphic tensor code, run on fake tensors.
+for _op in (_mm, _bmm, _addmm, _baddbmm, _addbmm, _convolution, _flash_cpu):
+    _op.register_fake(_op._init_fn)  # type: ignore[attr-defined]
+_mm.register_autograd(_mm_backward, setup_context=_save_all)
+_bmm.register_autograd(_mm_backward, setup_context=_save_all)
+for _op in (_addmm, _baddbmm, _addbmm):
+    _op.register_autograd(_addmm_backward, setup_context=_save_addmm)
+_convolution.register_autograd(_convolution_backward, setup_context=_save_convolution)
+_flash_cpu.register_autograd(_flash_backward, setup_context=_save_flash)
+
+
+def _scalar(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _call_addmm(op: Any, bias: Any, a: Any, b: Any, *, beta: Any = 1, alpha: Any = 1) -> Any:
+    return op(bias, a, b, _scalar(beta), _scalar(alpha))
+
+
+def _call_flash(
+    q: Any,
+    k: Any,
+    v: Any,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    attn_mask: Any = None,
+    scale: float | None = None,
+) -> Any:
+    return _flash_cpu(q, k, v, dropout_p, is_causal, attn_mask, scale)
+
+
+EMULATED_OPS: dict[str, Any] = {
+    "mm": _mm,
+    "bmm": _bmm,
+    "addmm": lambda *a, **k: _call_addmm(_addmm, *a, **k),
+    "baddbmm": lambda *a, **k: _call_addmm(_baddbmm, *a, **k),
+    "addbmm": lambda *a, **k: _call_addmm(_addbmm, *a, **k),
+    "convolution": _convolution,
+    "_scaled_dot_product_flash_attention_for_cpu": _call_flash,
+}
+"""aten primitive (overload name) -> its emulated version, called with aten's arguments on
+16-bit tensors of one dtype."""
 
 
 def emulated_linear(
@@ -119,60 +269,30 @@ def emulated_linear(
         >>> torch.equal(emulated_linear(x, w), (x.float() @ w.float().t()).bfloat16())
         True
     """
-    return _Linear.apply(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        out = _mm(flat, weight.t())
+    else:
+        out = _addmm(bias, flat, weight.t(), 1.0, 1.0)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def emulated_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``torch.matmul`` on 16-bit tensors (both at least 2-D) with fp32 accumulation."""
-    return _Matmul.apply(a, b)
+    """``torch.matmul`` on 16-bit tensors (both at least 2-D) with fp32 accumulation.
 
-
-def emulated_call(
-    fn: Callable[..., Any],
-    args: Sequence[Any],
-    kwargs: dict[str, Any],
-    dtype: torch.dtype,
-) -> Any:
-    """Run ``fn(*args, **kwargs)`` as a 16-bit GEMM-class op would run on hardware.
-
-    Floating tensor arguments must already be 16-bit (``dtype``); the op runs in fp32 on their
-    widened values and its result is rounded to ``dtype``. Linear and matmul use dedicated autograd
-    functions; anything else goes through a generic one that recomputes in its backward.
+    Example:
+        >>> a, b = torch.randn(2, 3, 4).half(), torch.randn(4, 5).half()
+        >>> torch.equal(emulated_matmul(a, b), (a.float() @ b.float()).half())
+        True
     """
-    name = getattr(fn, "__name__", "")
-    if name == "linear" and not kwargs and 2 <= len(args) <= 3:
-        return emulated_linear(*args)
-    if name in ("matmul", "__matmul__") and not kwargs and len(args) == 2:
-        a, b = args
-        if a.dim() >= 2 and b.dim() >= 2:
-            return emulated_matmul(a, b)
-    if name == "__rmatmul__" and not kwargs and len(args) == 2 and min(a.dim() for a in args) >= 2:
-        return emulated_matmul(args[1], args[0])
-    return _recompute(fn, args, kwargs, dtype)
-
-
-def _recompute(
-    fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], dtype: torch.dtype
-) -> Any:
-    positions: list[tuple[bool, int | str]] = []
-    tensors: list[torch.Tensor] = []
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor):
-            positions.append((True, i))
-            tensors.append(a)
-    for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor):
-            positions.append((False, k))
-            tensors.append(v)
-
-    def call(*widened: torch.Tensor) -> torch.Tensor:
-        new_args = list(args)
-        new_kwargs = dict(kwargs)
-        for (is_positional, where), t in zip(positions, widened, strict=True):
-            if is_positional:
-                new_args[where] = t  # type: ignore[index]
-            else:
-                new_kwargs[where] = t  # type: ignore[index]
-        return fn(*new_args, **new_kwargs)
-
-    return _Recompute.apply(call, dtype, *tensors)
+    if a.dim() < 2 or b.dim() < 2:
+        raise ValueError(
+            f"emulated_matmul needs tensors of at least 2 dimensions, got shapes "
+            f"{tuple(a.shape)} and {tuple(b.shape)}; use torch.matmul inside an emulated region"
+        )
+    if b.dim() == 2:  # folded into one GEMM, as torch.matmul does: one rounding per gradient
+        return _mm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    return _bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])

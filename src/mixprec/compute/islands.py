@@ -2,11 +2,12 @@
 
 Design note: a policy's per-module rules say which modules keep a different compute format
 (normalisation layers and losses in fp32 by default). They are applied with module hooks, never by
-patching ``forward``: a forward pre-hook widens the module's 16-bit floating inputs and opens a
-nested autocast region (disabled for fp32, or with the rule's 16-bit dtype), and a forward hook
-registered with ``always_call=True`` closes it even when ``forward`` raises, then casts the outputs
-to the rule's output format. Outside an autocast region the hooks do nothing. ``handle.remove()``
-takes every hook away again.
+patching ``forward``: a forward pre-hook widens the module's 16-bit floating inputs and sets
+torch's autocast state for the module (disabled for fp32, or the rule's 16-bit dtype), and a
+forward hook registered with ``always_call=True`` restores it even when ``forward`` raises, then
+casts the outputs to the rule's output format. The enclosing region's backend and op table stay in
+force inside (an island of a region forced to ``backend="emulated"`` is emulated too). Outside an
+autocast region the hooks do nothing. ``handle.remove()`` takes every hook away again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mixprec.compute.autocast import autocast, current_region
+from mixprec.compute.autocast import autocast
 from mixprec.policy import ModuleRule, Policy, cast_floating
 
 __all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "fp32_islands"]
@@ -30,7 +31,7 @@ DEFAULT_ISLAND_RULES: tuple[ModuleRule, ...] = (
 )
 """Normalisation layers (LayerNorm, BatchNorm*, GroupNorm, RMSNorm, ...) and losses in fp32."""
 
-_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")
 _NARROWER = (torch.float16, torch.bfloat16)  # what an island widens; fp64 inputs stay as they are
 _AUTOCAST = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -59,36 +60,42 @@ class IslandHandle:
 
 
 def _active_device_type() -> str | None:
-    region = current_region()
-    if region is not None:
-        return region.device_type if region.enabled else None
     for device_type in _AUTOCAST_DEVICE_TYPES:
-        if torch._C._is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type):
             return device_type
     return None
 
 
 def _island_hooks(policy: Policy) -> tuple[Any, Any]:
-    """The pre-hook and post-hook that run one module under ``policy``."""
-    open_regions: list[autocast | None] = []  # a stack: a module may be called re-entrantly
+    """The pre-hook and post-hook that run one module under ``policy``.
+
+    They change torch's autocast state (enabled, dtype) for the module's duration, which is what
+    eager kernels, activation checkpointing and ``torch.compile`` (which traces the hooks into its
+    graph without a break) all read; the enclosing region's backend and op table stay in force.
+    """
+    saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules may re-enter
     low = policy.compute.dtype if policy.compute.bits <= 16 else None
     widen_to = torch.float32 if low is None else low
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         device_type = _active_device_type()
         if device_type is None:
-            open_regions.append(None)
+            saved.append(None)
             return None
-        region = autocast(device_type, dtype=low, enabled=low is not None)
-        region.__enter__()
-        open_regions.append(region)
+        saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
+        if low is None:
+            torch.set_autocast_enabled(device_type, False)
+        else:
+            torch.set_autocast_dtype(device_type, low)
         return cast_floating(args, widen_to, _NARROWER), cast_floating(kwargs, widen_to, _NARROWER)
 
     def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        region = open_regions.pop()
-        if region is None:
+        state = saved.pop()
+        if state is None:
             return None
-        region.__exit__(None, None, None)
+        device_type, enabled, dtype = state
+        torch.set_autocast_enabled(device_type, enabled)
+        torch.set_autocast_dtype(device_type, dtype)
         return None if output is None else cast_floating(output, policy.output.dtype, _AUTOCAST)
 
     return pre_hook, post_hook

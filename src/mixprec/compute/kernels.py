@@ -1,0 +1,231 @@
+"""mixprec's kernels in torch's dispatcher, at the ``Autocast*`` keys, for the ops it treats anew.
+
+Design note: a mixprec region *is* a ``torch.autocast`` region: torch's autocast state (enabled,
+dtype) is set as ``torch.autocast`` sets it, so ``torch.is_autocast_enabled()``, a nested
+``torch.autocast(enabled=False)``, ``custom_fwd`` and activation checkpointing all see and restore
+it, and ``torch.compile`` records it in its graphs. What a region changes — the emulated GEMMs, an
+edited op table, another device's op list — lives in kernels registered here, at the autocast
+dispatch key of the device, for exactly the ops concerned (registered on first use, never at
+import). Each kernel first asks whether the running region is a mixprec one; if not, it calls the
+kernel torch had registered there before (or, where torch had none, passes the call on), so a plain
+``torch.autocast`` region computes what it always did.
+
+Which region is running: mixprec regions run torch's autocast with its cast cache off (a cached
+cast goes stale when a weight changes through ``.data``), and their configuration is kept on a
+thread-local stack, and process-wide as the last one entered. An autocast-enabled kernel call with
+the cache off is a mixprec call; it takes the innermost configuration of its thread, or the last
+one entered when its thread has none — which is how the recomputation of a checkpointed forward in
+``backward()`` (after the region has closed, perhaps on an autograd worker thread) runs under the
+precision of the original forward: ``torch.utils.checkpoint`` restores the autocast state, cache
+flag included. The cost: a plain ``torch.autocast(cache_enabled=False)`` region entered after a
+mixprec region in the same process is treated as that mixprec region.
+
+Inside an emulated composite GEMM (``linear``, ``matmul``, ``einsum``, ``conv2d``, attention), the
+inputs are cast once and the op is decomposed by the dispatcher with autocast still on, so its
+primitive GEMMs reach their emulated kernels; every other op inside passes through uncast, as
+inside torch's own lowered ops.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._C import DispatchKey, DispatchKeySet
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+from mixprec.compute.emulated import EMULATED_OPS
+from mixprec.compute.ops import (
+    BANNED_CUDA,
+    COMPOSITE_GEMMS,
+    GEMM_OPS,
+    OpTable,
+    aten_op,
+    autocast_key,
+)
+
+__all__ = ["RegionConfig", "active_config", "ensure_kernels", "pop_config", "push_config"]
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """What a mixprec region changes in torch's autocast: the backend and the effective op table.
+
+    Attributes:
+        device_type: the region's device type.
+        backend: ``"native"`` (torch's kernels) or ``"emulated"`` (GEMMs as custom ops).
+        table: the op table the region applies (a target device's defaults plus edits).
+        torch_table: torch's own table for ``device_type`` (what needs no kernel of ours).
+        target: the device type whose op list ``table`` starts from.
+    """
+
+    device_type: str
+    backend: str
+    table: OpTable
+    torch_table: OpTable
+    target: str
+
+    def kernel_ops(self) -> frozenset[str]:
+        """The aten ops this region needs a mixprec kernel for."""
+        ops = set(self.table.differences(self.torch_table))
+        if self.backend == "emulated":
+            ops |= GEMM_OPS | COMPOSITE_GEMMS
+        if self.target == "cuda" and self.device_type != "cuda":
+            ops |= BANNED_CUDA
+        return frozenset(ops)
+
+
+class _Stack(threading.local):
+    def __init__(self) -> None:
+        self.configs: dict[str, list[RegionConfig]] = {}
+        self.inside_lowered = 0
+
+
+_tls = _Stack()
+_last: dict[str, RegionConfig] = {}  # per device type: the last configuration entered anywhere
+_registered: dict[str, set[str]] = {}
+_libraries: list[torch.library.Library] = []
+_lock = threading.Lock()
+
+
+def push_config(config: RegionConfig) -> None:
+    """Make ``config`` the innermost configuration of this thread (a region's entry)."""
+    _tls.configs.setdefault(config.device_type, []).append(config)
+    _last[config.device_type] = config
+
+
+def pop_config(config: RegionConfig, depth: int) -> None:
+    """Drop ``config`` and anything above it from this thread's stack (a region's exit)."""
+    del _tls.configs.get(config.device_type, [])[depth:]
+
+
+def depth(device_type: str) -> int:
+    """How many mixprec configurations this thread has open for ``device_type``."""
+    return len(_tls.configs.get(device_type, ()))
+
+
+def active_config(device_type: str) -> RegionConfig | None:
+    """The configuration a kernel call for ``device_type`` runs under, or None outside mixprec."""
+    if torch.is_autocast_cache_enabled():
+        return None  # a plain torch.autocast region: mixprec regions run with the cache off
+    stack = _tls.configs.get(device_type)
+    if stack:
+        return stack[-1]
+    return _last.get(device_type)
+
+
+def ensure_kernels(config: RegionConfig) -> None:
+    """Register mixprec's kernel at the device's autocast key for every op ``config`` needs."""
+    needed = config.kernel_ops()
+    done = _registered.setdefault(config.device_type, set())
+    if needed <= done:
+        return
+    with _lock:
+        key = autocast_key(config.device_type)
+        library = torch.library.Library("aten", "IMPL")
+        for name in sorted(needed - done):
+            kernel = _make_kernel(name, config.device_type, key)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
+                library.impl(name, kernel, key, with_keyset=True)
+            done.add(name)
+        _libraries.append(library)  # registrations live as long as their library object
+
+
+def _eligible(t: torch.Tensor, device_type: str) -> bool:
+    return t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+
+
+def _cast(tree: Any, dtype: torch.dtype, device_type: str) -> Any:
+    return tree_map_only(
+        torch.Tensor, lambda t: t.to(dtype) if _eligible(t, device_type) else t, tree
+    )
+
+
+def _promoted(tree: Any, start: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype torch's autocast ``promote`` casts to: fp32 if any eligible input is fp32, else
+    the autocast dtype; fp64 inputs are left out."""
+    result = start
+    for t in tree_leaves(tree):
+        if not (isinstance(t, torch.Tensor) and _eligible(t, device_type)):
+            continue
+        if torch.float32 in (result, t.dtype):
+            result = torch.float32
+        elif t.dtype != result:
+            raise RuntimeError(
+                f"a promote op got a {t.dtype} input in a {start} autocast region: torch's "
+                "autocast promotes 16-bit inputs only to fp32; cast the inputs to one dtype first"
+            )
+    return result
+
+
+def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
+    op = aten_op(name)
+    qualified = f"aten::{name}"
+    torch_kernel = None
+    if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, key):
+        torch_kernel = torch.library.get_kernel(op, key)
+    below = torch._C._dispatch_keyset_full_after(getattr(DispatchKey, key))
+    excluded = DispatchKeySet(getattr(DispatchKey, key))
+    emulated = EMULATED_OPS.get(name)
+    composite = name in COMPOSITE_GEMMS
+
+    def without_autocast(args: Any, kwargs: Any) -> Any:
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return op(*args, **kwargs)
+
+    def as_torch(keyset: Any, args: Any, kwargs: Any) -> Any:
+        if torch_kernel is not None:
+            return torch_kernel.call_boxed(keyset, *args, **kwargs)
+        return op.redispatch(keyset & below, *args, **kwargs)  # torch's kernel is a fallthrough
+
+    def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        config = active_config(device_type)
+        if config is None:
+            return as_torch(keyset, args, kwargs)
+        emulate = config.backend == "emulated"
+        if _tls.inside_lowered:  # an op inside an emulated composite GEMM: inputs are cast
+            if emulate and emulated is not None:
+                return emulated(*args, **kwargs)
+            return op.redispatch(keyset & below, *args, **kwargs)
+        category = config.table[name]
+        if name in BANNED_CUDA and config.target == "cuda":
+            raise RuntimeError(
+                f"torch.nn.functional.{name} is unsafe to autocast on CUDA, which target='cuda' "
+                "emulates; use binary_cross_entropy_with_logits (or BCEWithLogitsLoss), which is "
+                "safe, or leave the op out of the region"
+            )
+        if category == config.torch_table[name] and not (emulate and category == "lower"):
+            return as_torch(keyset, args, kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+        if category == "lower":
+            args, kwargs = _cast((args, kwargs), dtype, device_type)
+            if emulate and emulated is not None:
+                return emulated(*args, **kwargs)
+            if emulate and composite:
+                _tls.inside_lowered += 1
+                try:
+                    return op.redispatch(keyset & below, *args, **kwargs)
+                finally:
+                    _tls.inside_lowered -= 1
+            return without_autocast(args, kwargs)
+        if category == "fp32":
+            return without_autocast(*_cast((args, kwargs), torch.float32, device_type))
+        if category == "promote":
+            widest = _promoted((args, kwargs), dtype, device_type)
+            return without_autocast(*_cast((args, kwargs), widest, device_type))
+        if emulate and emulated is not None and _uniform_low(args, dtype):
+            return emulated(*args, **kwargs)  # a primitive GEMM torch leaves alone, on 16-bit data
+        return op.redispatch(keyset & below, *args, **kwargs)
+
+    kernel.__name__ = f"mixprec_{name.replace('.', '_')}"
+    return kernel
+
+
+def _uniform_low(args: Any, dtype: torch.dtype) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.dtype == dtype for t in tensors)
