@@ -4,7 +4,8 @@ Design note: probing is split from deciding. :func:`probe` reads facts (CUDA com
 CPU flags, a short measured GEMM throughput per dtype) into a frozen :class:`HardwareReport`;
 :func:`recommend` and :func:`choose_backend` are pure functions of such a report, so every branch,
 CUDA ones included, is testable on a machine without that hardware by building the report by hand.
-Policies never probe: ``Policy.auto(device)`` calls into this module explicitly.
+Policies never probe: :func:`auto_policy` is where a device's hardware becomes a policy, and
+:func:`choose_backend` resolves an autocast ``backend="auto"`` once, when a region is built.
 
 Tensor-core formats on CUDA: fp16 from compute capability 7.0, bf16 and tf32 from 8.0, fp8 from
 8.9. On CPUs: bf16 with AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16.
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AutoChoice",
     "HardwareReport",
+    "auto_policy",
     "choose_backend",
     "measure_gemm",
     "probe",
@@ -212,6 +214,33 @@ def probe(device: str | torch.device | None = None, *, measure: bool = True) -> 
     return _probe(str(torch.device(device)), measure)
 
 
+def auto_policy(device: str | torch.device | None = None) -> AutoChoice:
+    """Choose a policy for ``device`` from its hardware, with the backend and the reason.
+
+    Probes ``device`` (see :func:`probe`, measured once and cached) and applies
+    :func:`recommend`; ``MixedPrecision("auto")`` calls this.
+
+    Example:
+        >>> from mixprec.policy import PRESETS
+        >>> choice = auto_policy("cpu")
+        >>> choice.policy in PRESETS.values() and choice.backend in ("native", "emulated")
+        True
+    """
+    return recommend(probe(device))
+
+
+def _units(report: HardwareReport, fmt: str) -> str:
+    """What runs ``fmt`` GEMMs on the device, in words (tensor cores, AMX tiles, AVX512 ...)."""
+    if report.kind == "cuda":
+        return "tensor cores"
+    if report.kind == "cpu":
+        fmt_flags = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
+        present = [f for f in fmt_flags.get(fmt, ()) if f in report.cpu_flags]
+        if present:
+            return " and ".join(f.upper().replace("_", "-", 1) for f in present) + " instructions"
+    return f"{fmt} GEMM units"
+
+
 def recommend(report: HardwareReport) -> AutoChoice:
     """The policy and backend ``"auto"`` resolves to on the device ``report`` describes.
 
@@ -226,15 +255,15 @@ def recommend(report: HardwareReport) -> AutoChoice:
         return AutoChoice(
             PRESETS["bf16-mixed"],
             "native",
-            f"bf16-mixed on {where}: its tensor cores support bf16, which has fp32's range and "
-            "needs no loss scaling",
+            f"bf16-mixed on {where}: its {_units(report, 'bf16')} run bf16 GEMMs, and bf16 has "
+            "fp32's range, so it needs no loss scaling",
         )
     if report.has_fast_gemm("fp16"):
         return AutoChoice(
             PRESETS["fp16-mixed"],
             "native",
-            f"fp16-mixed on {where}: its tensor cores support fp16 but not bf16; fp16 needs "
-            "dynamic loss scaling",
+            f"fp16-mixed on {where}: its {_units(report, 'fp16')} run fp16 GEMMs but not bf16; "
+            "fp16 needs dynamic loss scaling",
         )
     measured = ""
     if "bf16" in report.gemm_gflops and "fp32" in report.gemm_gflops:
@@ -279,11 +308,12 @@ def choose_backend(
                     "compute capability 8.0); use dtype=torch.float16 or backend='emulated'"
                 )
         return "native", "requested"
-    if device_type not in ("cpu", "cuda") or (
-        device_type == "cuda" and not torch.cuda.is_available()
+    if report is None and (
+        device_type not in ("cpu", "cuda")
+        or (device_type == "cuda" and not torch.cuda.is_available())
     ):
         return "native", f"no probe for device type {device_type!r}: torch.autocast decides"
     report = report if report is not None else probe(device_type, measure=False)
     if report.has_fast_gemm(fmt):
-        return "native", f"{_where(report)} has {fmt} GEMM units"
+        return "native", f"{_where(report)} runs {fmt} GEMMs on {_units(report, fmt)}"
     return "emulated", f"{_where(report)} has no {fmt} GEMM units: fp32 GEMMs rounded to {fmt}"

@@ -26,15 +26,13 @@ import fnmatch
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
 
-if TYPE_CHECKING:
-    from mixprec.hardware import AutoChoice
 
 __all__ = ["PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
@@ -220,23 +218,6 @@ class Policy:
             parts[0] += f",reduce={self.reduce}"
         parts.extend(str(rule) for rule in self.rules)
         return "; ".join(parts)
-
-    @staticmethod
-    def auto(device: str | torch.device | None = None) -> AutoChoice:
-        """Choose a policy for ``device`` from its hardware, with the backend and the reason.
-
-        This is the one place a policy meets the hardware: it probes ``device`` (see
-        :func:`mixprec.hardware.probe`, measured once and cached) and applies
-        :func:`mixprec.hardware.recommend`.
-
-        Example:
-            >>> choice = Policy.auto("cpu")
-            >>> choice.policy in PRESETS.values() and choice.backend in ("native", "emulated")
-            True
-        """
-        from mixprec import hardware  # probing lives above policies; imported only when asked
-
-        return hardware.recommend(hardware.probe(device))
 
     # -- module rules -----------------------------------------------------------------------
 

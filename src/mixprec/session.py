@@ -40,6 +40,7 @@ from mixprec.diagnostics import (
     underflow_report,
 )
 from mixprec.formats import FP16, FP32
+from mixprec.hardware import auto_policy
 from mixprec.optim import (
     KahanOptimizer,
     MasterWeightOptimizer,
@@ -142,7 +143,7 @@ class MixedPrecision:
                 f"{', '.join(map(repr, _UPDATE_MODES))}"
             )
         if isinstance(policy, str) and policy.strip().lower() == "auto":
-            choice = Policy.auto(self.device)
+            choice = auto_policy(self.device)
             self.policy, self.reason = choice.policy, choice.reason
             backend = choice.backend if backend == "auto" else backend
         else:

@@ -5,6 +5,7 @@ from mixprec import PRESETS, Policy
 from mixprec.compute import autocast
 from mixprec.hardware import (
     HardwareReport,
+    auto_policy,
     choose_backend,
     measure_gemm,
     probe,
@@ -65,6 +66,10 @@ def test_recommendations_and_reasons():
     assert pascal.backend == "emulated"
     sapphire = recommend(fake_cpu("avx512f", "amx_bf16"))
     assert sapphire.backend == "native" and sapphire.policy == PRESETS["bf16-mixed"]
+    assert "AMX-BF16 instructions" in sapphire.reason and "tensor cores" not in sapphire.reason
+    zen4 = recommend(fake_cpu("avx512f", "avx512_bf16"))
+    assert "AVX512-BF16 instructions" in zen4.reason and "tensor cores" not in zen4.reason
+    assert "tensor cores" in h100.reason
     avx2 = recommend(fake_cpu("avx2"))
     assert avx2.backend == "emulated" and "no 16-bit GEMM units" in avx2.reason
     assert "AVX2" in avx2.reason
@@ -94,7 +99,7 @@ def test_measure_gemm_reports_every_dtype():
 
 
 def test_policy_auto_agrees_with_the_probe_and_autocast():
-    choice = Policy.auto("cpu")
+    choice = auto_policy("cpu")
     report = probe("cpu")
     assert choice == recommend(report)
     assert autocast("cpu", dtype=choice.policy.compute.dtype).backend == choice.backend
@@ -106,3 +111,23 @@ def test_probing_cuda_without_cuda_says_so():
         pytest.skip("this machine has CUDA")
     with pytest.raises(RuntimeError, match=r"cannot probe 'cuda': CUDA is not available"):
         probe("cuda")
+
+
+def test_the_backend_reason_names_the_units():
+    backend, reason = choose_backend("cpu", torch.bfloat16, "auto", fake_cpu("avx512_bf16"))
+    assert backend == "native" and "AVX512-BF16 instructions" in reason
+    backend, reason = choose_backend("cuda", torch.float16, "auto", fake_cuda("A100", (8, 0)))
+    assert backend == "native" and "tensor cores" in reason
+
+
+def test_policies_sit_below_hardware():
+    # the layering: hardware imports policy, never the other way round (no import cycle)
+    import ast
+    import inspect
+
+    import mixprec.policy
+
+    tree = ast.parse(inspect.getsource(mixprec.policy))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.startswith(("mixprec.hardware", "mixprec.compute")) for m in imported)
