@@ -219,7 +219,11 @@ def test_auto_backend_is_visible_and_consistent_with_the_probe():
         ({"dtype": 16}, TypeError, r"dtype must be a torch.dtype or a format name"),
         ({"dtype": "fp8"}, ValueError, r"unknown number format 'fp8'"),
         ({"backend": "fast"}, ValueError, r"unknown autocast backend 'fast'; valid .*'emulated'"),
-        ({"ops": {"sofmax": "fp32"}}, ValueError, r"unknown op 'sofmax'.*did you mean .*'softmax.int'"),
+        (
+            {"ops": {"sofmax": "fp32"}},
+            ValueError,
+            r"unknown op 'sofmax'.*did you mean .*'softmax.int'",
+        ),
         ({"ops": {"softmax": "fp64"}}, ValueError, r"unknown op category 'fp64' for op 'softmax'"),
         ({"ops": ["softmax"]}, TypeError, r"op overrides must be a mapping"),
         ({"enabled": "yes"}, TypeError, r"enabled must be a bool \(True or False\), got str 'yes'"),
@@ -230,7 +234,11 @@ def test_auto_backend_is_visible_and_consistent_with_the_probe():
             ValueError,
             r"target='cuda' with backend='native' on 'cpu'.*use backend='emulated'",
         ),
-        ({"ops": {"__rtruediv__": "fp32"}}, ValueError, r"unknown op '__rtruediv__': ops are named as aten"),
+        (
+            {"ops": {"__rtruediv__": "fp32"}},
+            ValueError,
+            r"unknown op '__rtruediv__': ops are named as aten",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, message):

@@ -241,7 +241,9 @@ class OpTable(Mapping[str, Category]):
         """The ops whose category here differs from ``other``'s, with the category here."""
         names = sorted(set(self.entries) | set(other.entries))
         mine, theirs = self.entries, other.entries
-        return {n: mine.get(n, "keep") for n in names if mine.get(n, "keep") != theirs.get(n, "keep")}
+        return {
+            n: mine.get(n, "keep") for n in names if mine.get(n, "keep") != theirs.get(n, "keep")
+        }
 
     def with_overrides(self, overrides: Mapping[str, str] | None) -> OpTable:
         """A copy with ``overrides`` (aten op name -> category) applied.
