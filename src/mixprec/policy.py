@@ -33,7 +33,6 @@ from torch import nn
 
 from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
 
-
 __all__ = ["PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
 _T = TypeVar("_T")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixprec import PRESETS, Policy
+from mixprec import PRESETS
 from mixprec.compute import autocast
 from mixprec.hardware import (
     HardwareReport,

@@ -7,8 +7,8 @@ from mixprec.compute.ops import GEMM_OPS, OpTable, op_table
 
 __all__ = [
     "DEFAULT_ISLAND_RULES",
-    "AutocastDeviceError",
     "GEMM_OPS",
+    "AutocastDeviceError",
     "Backend",
     "IslandHandle",
     "OpTable",

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mixprec.compute.autocast import autocast
 from mixprec.policy import ModuleRule, Policy, cast_floating
 
 __all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "fp32_islands"]
