@@ -122,6 +122,7 @@ def fp32_islands(
         An :class:`IslandHandle` naming the affected modules; ``remove()`` undoes everything.
 
     Example:
+        >>> from mixprec.compute import autocast
         >>> model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
         >>> with fp32_islands(model) as islands, autocast("cpu", backend="emulated"):
         ...     out = model(torch.randn(2, 4))
