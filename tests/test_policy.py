@@ -177,6 +177,7 @@ def test_casts_floating_tensors_in_nested_containers_only():
         "x": torch.ones(2),
         "ids": torch.arange(3),
         "mask": torch.ones(2, dtype=torch.bool),
+        "phase": torch.ones(2, dtype=torch.complex64),  # non-real: left alone, as autocast does
         "nested": [torch.ones(1, dtype=torch.float64), (torch.zeros(1), "text", 3.5)],
         "pair": Pair(torch.ones(1), None),
     }
@@ -184,6 +185,7 @@ def test_casts_floating_tensors_in_nested_containers_only():
     assert out["x"].dtype == torch.bfloat16
     assert out["ids"] is tree["ids"]
     assert out["mask"] is tree["mask"]
+    assert out["phase"] is tree["phase"]
     assert out["nested"][0].dtype == torch.bfloat16
     assert isinstance(out["nested"][1], tuple) and out["nested"][1][0].dtype == torch.bfloat16
     assert out["nested"][1][1:] == ("text", 3.5)

@@ -344,6 +344,7 @@ def test_gradient_of_16bit_inputs_is_that_of_widening(dtype):
 
 
 @pytest.mark.slow  # compiling takes several seconds on a small CPU
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_gradient_is_straight_through_when_compiled():
     x = torch.randn(64).requires_grad_()
     upstream = torch.randn(64)

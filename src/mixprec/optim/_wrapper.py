@@ -106,7 +106,7 @@ class _StateView(Mapping[torch.Tensor, Any]):
 class WrappedOptimizer(torch.optim.Optimizer):
     """Base class: owns the inner optimizer, the outer param groups and the step skeleton.
 
-    Subclasses define :meth:`_make_shadow`, :meth:`_before_inner_step` and
+    Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
     :meth:`_after_inner_step`, and extend the state dict with :meth:`_extra_state`,
     :meth:`_check_extra_state` and :meth:`_load_extra_state`.
     """

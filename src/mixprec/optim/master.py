@@ -105,7 +105,8 @@ class MasterWeightOptimizer(WrappedOptimizer):
 
     def master_params(self) -> list[torch.Tensor]:
         """The tensors the inner optimizer steps, in ``param_groups`` order: the fp32 master of
-        each 16-bit parameter, the parameter itself where it is fp32."""
+        each 16-bit parameter, the parameter itself where it is fp32 or complex."""
+        self._adopt_inner_groups()
         return [self._shadows[p] for p in self._params()]
 
     def _load_weights(self, params: list[torch.Tensor]) -> None:

@@ -366,6 +366,7 @@ class KahanOptimizer(_Pure16Optimizer):
         Raises:
             KeyError: ``param`` is not a 16-bit parameter of this optimizer.
         """
+        self._adopt_inner_groups()
         if param not in self._compensation:
             raise KeyError(
                 f"no compensation buffer for a parameter of shape {tuple(param.shape)!r} and "
