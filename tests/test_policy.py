@@ -72,10 +72,14 @@ _formats = st.sampled_from(sorted(FORMATS))
 _globs = st.text(alphabet="abcxyz_0123*?.", min_size=1, max_size=8).filter(
     lambda s: s.strip(" ") == s
 )
+_FP32_STORED = {"fp32", "tf32"}
+_param_and_compute = st.tuples(_formats, st.none() | _formats).filter(
+    # 16-bit (or fp8) params with fp32 compute are refused (test_wider_compute_is_refused).
+    lambda pc: pc[1] not in _FP32_STORED or pc[0] in _FP32_STORED
+)
 _leaf_policies = st.builds(
-    Policy,
-    param=_formats,
-    compute=st.none() | _formats,
+    lambda param_compute, **rest: Policy(*param_compute, **rest),
+    _param_and_compute,
     output=st.none() | _formats,
     master=st.none() | _formats,
     reduce=st.none() | _formats,
@@ -173,6 +177,7 @@ def test_casts_floating_tensors_in_nested_containers_only():
         "x": torch.ones(2),
         "ids": torch.arange(3),
         "mask": torch.ones(2, dtype=torch.bool),
+        "phase": torch.ones(2, dtype=torch.complex64),  # non-real: left alone, as autocast does
         "nested": [torch.ones(1, dtype=torch.float64), (torch.zeros(1), "text", 3.5)],
         "pair": Pair(torch.ones(1), None),
     }
@@ -180,6 +185,7 @@ def test_casts_floating_tensors_in_nested_containers_only():
     assert out["x"].dtype == torch.bfloat16
     assert out["ids"] is tree["ids"]
     assert out["mask"] is tree["mask"]
+    assert out["phase"] is tree["phase"]
     assert out["nested"][0].dtype == torch.bfloat16
     assert isinstance(out["nested"][1], tuple) and out["nested"][1][0].dtype == torch.bfloat16
     assert out["nested"][1][1:] == ("text", 3.5)
@@ -256,3 +262,93 @@ def test_bad_rules():
         ModuleRule("x", "fp32", kind="type")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"policy must be a Policy or a policy string, got int 3"):
         ModuleRule("x", 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "params=bf16,compute=fp32",
+        "p=fp16,c=tf32",
+        "params=bf16,compute=fp32,output=fp32",
+        "fp32; lm_head -> params=bf16,compute=fp32",
+    ],
+)
+def test_wider_compute_than_params_is_refused_at_parse_time(spec):
+    with pytest.raises(
+        ValueError,
+        match=r"params=(bf16|fp16) with compute=(fp32|tf32) is not supported: .* "
+        r"write 'params=fp32,compute=(bf16|fp16)'.*\(in policy '",
+    ):
+        Policy.parse(spec)
+
+
+def test_wider_compute_than_params_is_refused_by_the_constructor():
+    with pytest.raises(ValueError, match=r"params=bf16 with compute=fp32 is not supported"):
+        Policy(param="bf16", compute="fp32")
+    with pytest.raises(ValueError, match=r"params=fp16 with compute=fp32 is not supported"):
+        ModuleRule("head", Policy(param=torch.float16, compute=torch.float32))
+
+
+def test_why_wider_compute_is_refused_torch_will_not_mix_the_dtypes():
+    # Without a 16-bit region nothing casts: torch itself refuses a bf16 weight on fp32 inputs.
+    layer = nn.Linear(4, 4).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"dtype"):
+        layer(torch.ones(2, 4))
+
+
+def test_narrower_or_equal_compute_is_accepted():
+    for spec in ("params=fp32,compute=bf16", "params=tf32,compute=fp32", "p=bf16,c=fp16"):
+        assert Policy.parse(str(Policy.parse(spec))) == Policy.parse(spec)
+
+
+def test_odd_argument_types_are_type_errors_naming_the_type():
+    policy = Policy.parse("bf16; *norm* -> fp32")
+    with pytest.raises(
+        TypeError, match=r"for_module expects the module's dotted name as a str.*int 5"
+    ):
+        policy.for_module(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"for_module expects .* got NoneType None"):
+        Policy().for_module(None)  # type: ignore[arg-type]  # no rules: checked all the same
+    with pytest.raises(TypeError, match=r"module must be an nn.Module, a module class.*got int 5"):
+        policy.for_module("blocks.0", 5)  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"with_rules takes ModuleRule objects or rule strings .*int"
+    ):
+        policy.with_rules(5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"ModuleRule.matches expects .* got bytes b'x'"):
+        policy.rules[0].matches(b"x")  # type: ignore[arg-type]
+
+
+_HUGE = "x" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        (_HUGE, "unknown precision"),
+        (f"params={_HUGE}", "unknown number format"),
+        (f"{_HUGE}=fp32", "unknown policy key"),
+        (f"params=fp32,{_HUGE}", "malformed item"),
+        (f"bf16; {_HUGE}", "malformed module rule"),
+        (f"bf16; {_HUGE}:x -> fp32", "unknown module rule kind"),
+        (f"bf16; a,{_HUGE} -> fp32", "may not contain"),
+        (f"bf16; x -> {_HUGE}", "unknown precision"),
+    ],
+)
+def test_errors_echo_a_bounded_part_of_a_huge_policy_string(spec, error):
+    with pytest.raises(ValueError, match=error) as caught:
+        Policy.parse(spec)
+    message = str(caught.value)
+    assert "x" * 90 in message  # the input is still shown...
+    assert "x" * 201 not in message  # ...but never more than ~200 characters of it
+    assert len(message) < 1500
+    assert "characters in all" in message
+
+
+def test_type_errors_echo_a_bounded_repr():
+    with pytest.raises(TypeError, match=r"got list \[0, 0, .*characters in all") as caught:
+        Policy.parse([0] * 100_000)  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 500
+    with pytest.raises(TypeError, match=r"Policy.param: .*characters in all") as caught:
+        Policy(param=[0] * 100_000)  # type: ignore[arg-type]
+    assert len(str(caught.value)) < 500

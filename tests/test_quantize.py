@@ -305,3 +305,59 @@ def test_rejects_a_generator_it_would_not_use():
 
 def test_all_formats_are_covered():
     assert set(FORMATS.values()) == {FP32, TF32, *TORCH_FORMATS}
+
+
+# -- gradients ----------------------------------------------------------------------------------
+
+
+def incoming_gradient(n: int, seed: int) -> torch.Tensor:
+    """Finite fp32 gradients of every magnitude, fp32 subnormals to 1e38: a rounding shows."""
+    g = random_bit_patterns(n, seed).view(torch.float32)
+    return torch.where(torch.isfinite(g), g, 1.0)
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt", sorted(FORMATS.values(), key=str), ids=str)
+def test_gradient_is_straight_through_in_every_format_and_mode(fmt, rounding, saturate):
+    x = torch.cat([boundary_cases(fmt), values_in_range(fmt, 2000, seed=11)]).requires_grad_()
+    upstream = incoming_gradient(x.numel(), seed=12)
+    generator = torch.Generator().manual_seed(5) if rounding == "stochastic" else None
+    y = quantize(x, fmt, rounding, saturate=saturate, generator=generator)
+    (got,) = torch.autograd.grad(y, x, upstream)
+    (want,) = torch.autograd.grad(x.clone(), x, upstream)  # the identity's gradient
+    assert torch.equal(bits(got), bits(want))
+    # The forward values are those of the same call without autograd.
+    generator = torch.Generator().manual_seed(5) if rounding == "stochastic" else None
+    plain = quantize(x.detach(), fmt, rounding, saturate=saturate, generator=generator)
+    assert torch.equal(bits(y.detach()), bits(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gradient_of_16bit_inputs_is_that_of_widening(dtype):
+    x = torch.randn(1000).to(dtype).requires_grad_()
+    upstream = torch.randn(1000)
+    (got,) = torch.autograd.grad(quantize(x, "fp8_e4m3", "stochastic"), x, upstream)
+    (want,) = torch.autograd.grad(x.float(), x, upstream)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow  # compiling takes several seconds on a small CPU
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_gradient_is_straight_through_when_compiled():
+    x = torch.randn(64).requires_grad_()
+    upstream = torch.randn(64)
+    compiled = torch.compile(lambda t: quantize(t, "tf32") * 2.0, fullgraph=False)
+    (got,) = torch.autograd.grad(compiled(x), x, upstream)
+    (want,) = torch.autograd.grad(x * 2.0, x, upstream)
+    assert torch.equal(got, want)
+    assert torch.equal(compiled(x).detach(), quantize(x.detach(), "tf32") * 2.0)
+
+
+def test_rejects_non_bool_saturate():
+    for flag in ("no", 0, 1, None):
+        with pytest.raises(TypeError, match=rf"saturate must be True or False, got \w+ {flag!r}"):
+            quantize(torch.zeros(3), "fp16", saturate=flag)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"saturate must be True or False, got str 'no'"):
+        round_to_grid(torch.zeros(3), FP16, saturate="no")  # type: ignore[arg-type]

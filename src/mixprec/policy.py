@@ -53,6 +53,7 @@ _KEYS: Mapping[str, str] = MappingProxyType(
 )
 _VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
 _RULE_KINDS = ("name", "class")
+_ECHO_LIMIT = 100  # characters of user input an error message repeats, per mention
 
 
 @dataclass(frozen=True)
@@ -80,26 +81,29 @@ class ModuleRule:
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern.strip():
-            raise ValueError(f"a module rule needs a non-empty pattern, got {self.pattern!r}")
+            raise ValueError(f"a module rule needs a non-empty pattern, got {_shown(self.pattern)}")
         if any(c in self.pattern for c in ";,=") or "->" in self.pattern or ":" in self.pattern:
             raise ValueError(
-                f"module rule pattern {self.pattern!r} may not contain ';', ',', '=', ':' or '->'"
+                f"module rule pattern {_shown(self.pattern)} may not contain ';', ',', '=', ':' "
+                "or '->'"
             )
         object.__setattr__(self, "pattern", self.pattern.strip())
         if self.kind not in _RULE_KINDS:
             raise ValueError(
-                f"unknown module rule kind {self.kind!r}; valid kinds: {', '.join(_RULE_KINDS)}"
+                f"unknown module rule kind {_shown(self.kind)}; valid kinds: "
+                f"{', '.join(_RULE_KINDS)}"
             )
         if isinstance(self.policy, str):
             object.__setattr__(self, "policy", Policy.parse(self.policy))
         if not isinstance(self.policy, Policy):
             raise TypeError(
                 f"a module rule's policy must be a Policy or a policy string, "
-                f"got {type(self.policy).__name__} {self.policy!r}"
+                f"got {type(self.policy).__name__} {_shown(self.policy)}"
             )
         if self.policy.rules:
             raise ValueError(
-                f"the policy of rule {self.pattern!r} carries rules of its own ({self.policy}); "
+                f"the policy of rule {_shown(self.pattern)} carries rules of its own "
+                f"({_shown(str(self.policy))}); "
                 "rules do not nest: list every rule on the top-level policy"
             )
 
@@ -109,7 +113,11 @@ class ModuleRule:
         Args:
             name: the module's dotted name as in ``model.named_modules()``.
             module: the module, its class, or its class name (needed for ``kind="class"``).
+
+        Raises:
+            TypeError: ``name`` is not a string, or ``module`` is none of the above.
         """
+        _check_module_args("ModuleRule.matches", name, module)
         if self.kind == "name":
             parts = name.split(".")
             return any(
@@ -147,6 +155,11 @@ class Policy:
         reduce: format gradients are reduced in across processes.
         rules: per-module exceptions, first match wins.
 
+    Raises:
+        ValueError: an unknown format, or 16-bit (or fp8) params with fp32/tf32 compute: nothing
+            would widen the stored weights for the fp32 math, so the first forward would fail.
+        TypeError: a field of the wrong type.
+
     Example:
         >>> p = Policy.parse("params=fp32,compute=bf16,output=fp32")
         >>> p == Policy.parse("bf16-mixed") == Policy(compute="bf16", output="fp32")
@@ -173,14 +186,15 @@ class Policy:
         object.__setattr__(self, "output", _format_field("output", _or(self.output, compute)))
         object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
+        _check_compute_not_wider(param, compute)
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
-                f"{self.rules!r}"
+                f"{_shown(self.rules)}"
             )
         for rule in self.rules:
             if not isinstance(rule, ModuleRule):
-                raise TypeError(f"rules must hold ModuleRule objects, got {rule!r}")
+                raise TypeError(f"rules must hold ModuleRule objects, got {_shown(rule)}")
         object.__setattr__(self, "rules", tuple(self.rules))
 
     # -- strings ----------------------------------------------------------------------------
@@ -195,14 +209,17 @@ class Policy:
                 returned unchanged.
 
         Raises:
-            ValueError: unknown preset, format or key; a repeated key; a malformed rule.
+            ValueError: unknown preset, format or key; a repeated key; a malformed rule; 16-bit
+                params with fp32 compute. Messages echo at most a couple of hundred characters of
+                ``spec``.
             TypeError: ``spec`` is not a string or a Policy.
         """
         if isinstance(spec, Policy):
             return spec
         if not isinstance(spec, str):
             raise TypeError(
-                f"a policy is given as a string or a Policy, got {type(spec).__name__} {spec!r}"
+                f"a policy is given as a string or a Policy, got {type(spec).__name__} "
+                f"{_shown(spec)}"
             )
         base, *rule_specs = spec.split(";")
         policy = _parse_base(base, spec)
@@ -236,14 +253,35 @@ class Policy:
             'fp32'
             >>> p.for_module("blocks.3.mlp", nn.Linear).param.name
             'bf16'
+
+        Raises:
+            TypeError: ``name`` is not a string, or ``module`` is not a module, class, class name
+                or None.
         """
+        _check_module_args("Policy.for_module", name, module)
         for rule in self.rules:
             if rule.matches(name, module):
                 return rule.policy
         return replace(self, rules=()) if self.rules else self
 
     def with_rules(self, *rules: ModuleRule | str) -> Policy:
-        """A copy with ``rules`` appended (strings such as ``"*norm* -> fp32"`` are parsed)."""
+        """A copy with ``rules`` appended (strings such as ``"*norm* -> fp32"`` are parsed).
+
+        Raises:
+            TypeError: a rule is neither a :class:`ModuleRule` nor a string.
+            ValueError: a malformed rule string.
+
+        Example:
+            >>> str(Policy.parse("bf16").with_rules("*norm* -> fp32").rules[0])
+            '*norm* -> params=fp32,compute=fp32,output=fp32'
+        """
+        for rule in rules:
+            if not isinstance(rule, (ModuleRule, str)):
+                raise TypeError(
+                    f"with_rules takes ModuleRule objects or rule strings such as "
+                    f"'*norm* -> fp32' or 'class:LayerNorm -> fp32', got {type(rule).__name__} "
+                    f"{_shown(rule)}"
+                )
         parsed = tuple(r if isinstance(r, ModuleRule) else _parse_rule(r, r) for r in rules)
         return replace(self, rules=self.rules + parsed)
 
@@ -294,9 +332,61 @@ def _or(value: FormatLike | None, default: Format) -> FormatLike:
     return default if value is None else value
 
 
-def _format_field(name: str, value: FormatLike) -> Format:
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to its first :data:`_ECHO_LIMIT` characters, for error messages.
+
+    Messages repeat the offending input so the user sees what was wrong; a megabyte of policy
+    text must not become a megabyte of message.
+    """
+    text = repr(value)
+    if len(text) <= _ECHO_LIMIT:
+        return text
+    return f"{text[:_ECHO_LIMIT]}... ({len(text)} characters in all)"
+
+
+def _resolve(value: FormatLike) -> Format:
+    """``resolve_format``, with the offending value cut short in its error message."""
     try:
         return resolve_format(value)
+    except (ValueError, TypeError) as err:
+        raise type(err)(str(err).replace(repr(value), _shown(value))) from None
+
+
+def _check_module_args(where: str, name: object, module: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{where} expects the module's dotted name as a str (as in model.named_modules(), "
+            f"e.g. 'blocks.3.ln1'), got {type(name).__name__} {_shown(name)}"
+        )
+    if module is not None and not isinstance(module, (nn.Module, type, str)):
+        raise TypeError(
+            f"{where}: module must be an nn.Module, a module class, a class name or None, got "
+            f"{type(module).__name__} {_shown(module)}"
+        )
+
+
+def _check_compute_not_wider(param: Format, compute: Format) -> None:
+    """Refuse 16-bit (or fp8) params with fp32/tf32 compute.
+
+    An fp32 compute format means no autocast region, and torch's kernels refuse to mix a 16-bit
+    weight with an fp32 activation, so such a policy could only fail at the first forward. The
+    recipes people mean by it exist: fp32 weights with 16-bit compute (the ``*-mixed`` presets),
+    or fp32 storage and compute for chosen modules by a rule.
+    """
+    if compute.dtype == torch.float32 and param.dtype != torch.float32:
+        raise ValueError(
+            f"params={param} with compute={compute} is not supported: {compute} compute runs "
+            f"without an autocast region, so nothing would widen the {param} weights at each use "
+            f"and the first forward would fail on mixed dtypes. For fp32 weights and {param} "
+            f"compute write 'params=fp32,compute={param}'; for everything in {param}, "
+            f"'params={param}'; to keep chosen modules in fp32, add a rule, e.g. "
+            f"'{param}; *norm* -> fp32'"
+        )
+
+
+def _format_field(name: str, value: FormatLike) -> Format:
+    try:
+        return _resolve(value)
     except (ValueError, TypeError) as err:
         raise type(err)(f"Policy.{name}: {err}") from None
 
@@ -304,7 +394,9 @@ def _format_field(name: str, value: FormatLike) -> Format:
 def _parse_base(text: str, whole: str) -> Policy:
     text = text.strip()
     if not text:
-        raise ValueError(f"empty policy in {whole!r}; write a preset ({_presets()}) or key=format")
+        raise ValueError(
+            f"empty policy in {_shown(whole)}; write a preset ({_presets()}) or key=format"
+        )
     if "=" not in text:
         preset = PRESETS.get(text.lower())
         if preset is not None:
@@ -318,29 +410,39 @@ def _parse_base(text: str, whole: str) -> Policy:
             fmt = resolve_format(text)
         except ValueError:
             raise ValueError(
-                f"unknown precision {text!r} in {whole!r}; valid presets: {_presets()}; valid "
-                f"formats: fp32, tf32, fp16, bf16, fp8_e4m3, fp8_e5m2; or key=format pairs "
-                f"with keys {_VALID_KEYS}"
+                f"unknown precision {_shown(text)} in {_shown(whole)}; valid presets: "
+                f"{_presets()}; valid formats: fp32, tf32, fp16, bf16, fp8_e4m3, fp8_e5m2; or "
+                f"key=format pairs with keys {_VALID_KEYS}"
             ) from None
-        return Policy(param=fmt, compute=fmt, output=fmt)
+        return _built(whole, param=fmt, compute=fmt, output=fmt)
     values: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key or not value:
             raise ValueError(
-                f"malformed item {item.strip()!r} in policy {whole!r}; write key=format, "
-                f"e.g. 'params=fp32,compute=bf16'"
+                f"malformed item {_shown(item.strip())} in policy {_shown(whole)}; write "
+                "key=format, e.g. 'params=fp32,compute=bf16'"
             )
         if key.lower() not in _KEYS:
-            raise ValueError(f"unknown policy key {key!r} in {whole!r}; valid keys: {_VALID_KEYS}")
+            raise ValueError(
+                f"unknown policy key {_shown(key)} in {_shown(whole)}; valid keys: {_VALID_KEYS}"
+            )
         canonical = _KEYS[key.lower()]
         if canonical in values:
-            raise ValueError(f"policy key {key!r} is given twice in {whole!r}")
+            raise ValueError(f"policy key {key!r} is given twice in {_shown(whole)}")
         try:
-            values[canonical] = resolve_format(value)
+            values[canonical] = _resolve(value)
         except ValueError as err:
-            raise ValueError(f"{err} (in policy {whole!r}, key {key!r})") from None
-    return Policy(**values)
+            raise ValueError(f"{err} (in policy {_shown(whole)}, key {key!r})") from None
+    return _built(whole, **values)
+
+
+def _built(whole: str, **fields: Any) -> Policy:
+    """``Policy(**fields)``, a refused combination reported with the text it came from."""
+    try:
+        return Policy(**fields)
+    except ValueError as err:
+        raise ValueError(f"{err} (in policy {_shown(whole)})") from None
 
 
 def _parse_rule(text: str, whole: str) -> ModuleRule:
@@ -348,7 +450,7 @@ def _parse_rule(text: str, whole: str) -> ModuleRule:
     target = target.strip()
     if not arrow or not target or not policy_text.strip():
         raise ValueError(
-            f"malformed module rule {text.strip()!r} in {whole!r}; write "
+            f"malformed module rule {_shown(text.strip())} in {_shown(whole)}; write "
             "'<name glob> -> <policy>' or 'class:<class glob> -> <policy>', e.g. '*norm* -> fp32'"
         )
     kind, colon, pattern = target.partition(":")
@@ -356,7 +458,7 @@ def _parse_rule(text: str, whole: str) -> ModuleRule:
         kind, pattern = "name", target
     if kind.strip() not in _RULE_KINDS:
         raise ValueError(
-            f"unknown module rule kind {kind.strip()!r} in {whole!r}; valid kinds: "
+            f"unknown module rule kind {_shown(kind.strip())} in {_shown(whole)}; valid kinds: "
             f"{', '.join(_RULE_KINDS)} (e.g. 'class:LayerNorm -> fp32')"
         )
     return ModuleRule(pattern.strip(), _parse_base(policy_text, whole), kind=kind.strip())  # type: ignore[arg-type]

@@ -18,11 +18,19 @@ than a dozen elementwise passes, which keeps it memory-bound.
 Overflow, as torch's casts do it: fp16, bf16 and fp8 e5m2 overflow to ±inf; fp8 e4m3 (``fn``) has no
 inf, and torch saturates it: anything beyond 448, ±inf included, becomes ±448. ``saturate=True``
 applies that rule to every format (finite overflow and ±inf become ±max). NaN stays NaN.
+
+Gradients: rounding is a step function, whose true derivative is zero almost everywhere, so a
+``quantize`` inside a model would stop all learning below it. Every mode follows one rule instead,
+the straight-through estimator: the backward pass treats the rounding as the identity and hands
+the incoming gradient on unchanged (gradient 1, not rounded to the format), for every format,
+both rounding modes and saturated or overflowing elements alike. Without it the gradient would
+depend on the implementation path: a torch cast passes the gradient through (rounded to the
+format on the way back), the grid and bit arithmetic pass none.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -68,8 +76,12 @@ def quantize(
         fp32).
 
     Raises:
-        TypeError: ``x`` is not a tensor, or not fp32/fp16/bf16.
+        TypeError: ``x`` is not a tensor, or not fp32/fp16/bf16; ``saturate`` is not a bool.
         ValueError: unknown format or rounding mode, or a ``generator`` with nearest rounding.
+
+    Gradient:
+        Straight-through: the gradient with respect to ``x`` is the incoming gradient, unchanged,
+        in every format and mode (see the module's design note).
 
     Example:
         >>> x = torch.tensor([1.0 + 2.0**-9, 70000.0])
@@ -82,6 +94,7 @@ def quantize(
     """
     fmt = resolve_format(fmt)
     x = _as_fp32(x)
+    _check_saturate(saturate)
     if rounding not in _ROUNDINGS:
         raise ValueError(
             f"unknown rounding mode {rounding!r}; valid modes: {', '.join(map(repr, _ROUNDINGS))}"
@@ -93,6 +106,38 @@ def quantize(
         )
     if fmt == FP32:
         return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(x, fmt, rounding, saturate, generator)
+    return _round(x, fmt, rounding, saturate, generator)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounding in the forward pass, the identity in the backward pass."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        fmt: Format,
+        rounding: Rounding,
+        saturate: bool,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        return _round(x, fmt, rounding, saturate, generator)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        return grad, None, None, None, None
+
+
+def _round(
+    x: torch.Tensor,
+    fmt: Format,
+    rounding: Rounding,
+    saturate: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`quantize` on validated arguments, without autograd: the fastest exact path."""
     if rounding == "nearest" and fmt.stored_exactly:
         rounded = x.to(fmt.dtype).to(torch.float32)
     elif fmt.exponent_bits == FP32.exponent_bits:
@@ -126,7 +171,11 @@ def round_to_grid(
 
     Returns:
         A new float32 tensor holding values of ``fmt``.
+
+    Raises:
+        TypeError: ``saturate`` is not a bool.
     """
+    _check_saturate(saturate)
     magnitude = x.abs()
     step = _grid_step(magnitude, fmt)
     scaled = magnitude / step  # exact: step is a power of two and the quotient fits 24 bits
@@ -184,6 +233,14 @@ def _grid_step(magnitude: torch.Tensor, fmt: Format) -> torch.Tensor:
     subnormal_bits = 1 << (step_exponent - _FP32_MIN_SUBNORMAL_EXPONENT).clamp(min=0, max=22)
     bits = torch.where(step_exponent >= _FP32_MIN_NORMAL_EXPONENT, normal_bits, subnormal_bits)
     return bits.view(torch.float32)
+
+
+def _check_saturate(saturate: object) -> None:
+    if not isinstance(saturate, bool):
+        raise TypeError(
+            f"saturate must be True or False, got {type(saturate).__name__} {saturate!r}; "
+            "pass saturate=True to turn overflow into ±max, or leave the default False"
+        )
 
 
 def _as_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,18 @@ a *shadow* tensor per parameter that the wrapped ("inner") optimizer actually st
 or an fp32 scratch copy that lives only during ``step``. Hyperparameters are copied from the outer
 groups to the inner ones at every step, so a learning-rate scheduler built on the wrapper drives
 the inner optimizer. Parameters that are already fp32 are their own shadow (the wrapper is the
-identity for them). Loss scaling uses torch's own protocol: the class sets
-``_step_supports_amp_scaling``, so ``GradScaler.step`` sets ``grad_scale`` and ``found_inf`` on the
-wrapper; the unscale is folded into the gradient copy and an overflow skips the whole step.
+identity for them), and so are complex ones: like torch's autocast, the wrappers leave non-real
+tensors as they are, and the inner optimizer steps them directly. Loss scaling uses torch's own
+protocol: the class sets ``_step_supports_amp_scaling``, so ``GradScaler.step`` sets
+``grad_scale`` and ``found_inf`` on the wrapper; the unscale is folded into the gradient copy
+and an overflow skips the whole step.
+
+A closure is handed on to the inner optimizer wrapped in one that first writes the shadows the
+inner optimizer is trying into the model (rounded to nearest), then evaluates the user's closure
+and copies its gradients into the shadows, so optimizers that evaluate several trial points per
+step (LBFGS) see the model at each of them. The step's final weights are rounded by the
+wrapper's own rule. Param groups added to the inner optimizer after wrapping are taken on at the
+next step (or ``zero_grad``, ``state_dict``...), as if added through the wrapper.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ __all__: list[str] = []
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_NAMES = "float16, bfloat16, float32 and complex"
 
 
 def inverse_scale(grad_scale: torch.Tensor | float | None) -> torch.Tensor | float | None:
@@ -58,8 +68,8 @@ def check_saved_buffers(
         if (buffer is None) != (own is None):
             raise ValueError(
                 f"parameter {index} is {param.dtype} here but was "
-                f"{'float32' if buffer is None else 'a 16-bit parameter'} when saved; cast the "
-                "model by the same policy before loading"
+                f"{'float32 or complex' if buffer is None else 'a 16-bit parameter'} when saved; "
+                "cast the model by the same policy before loading"
             )
         if buffer is not None and (
             not isinstance(buffer, torch.Tensor) or buffer.dtype != dtype_of(param)
@@ -96,7 +106,7 @@ class _StateView(Mapping[torch.Tensor, Any]):
 class WrappedOptimizer(torch.optim.Optimizer):
     """Base class: owns the inner optimizer, the outer param groups and the step skeleton.
 
-    Subclasses define :meth:`_make_shadow`, :meth:`_before_inner_step` and
+    Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
     :meth:`_after_inner_step`, and extend the state dict with :meth:`_extra_state`,
     :meth:`_check_extra_state` and :meth:`_load_extra_state`.
     """
@@ -151,13 +161,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
         super().__init__(outer, optimizer.defaults)
         self._adopting = False
         for outer_group, inner_group in zip(self.param_groups, optimizer.param_groups, strict=True):
-            inner_group["params"] = [self._adopt(p) for p in outer_group["params"]]
+            # In place: some optimizers keep the list itself (LBFGS's `_params`).
+            inner_group["params"][:] = [self._adopt(p) for p in outer_group["params"]]
         self.state = _StateView(self)  # type: ignore[assignment]
         if not any(p.dtype in SIXTEEN_BIT for p in self._params()):
             warnings.warn(
-                f"{type(self).__name__}: every parameter is already float32, so the wrapper is the "
-                "identity (no copies, same steps as the plain optimizer); cast the model to 16 "
-                "bits first (mixprec.optim.cast_module) or drop the wrapper",
+                f"{type(self).__name__}: every parameter is already float32 (or complex, which is "
+                "left as it is), so the wrapper is the identity (no copies, same steps as the "
+                "plain optimizer); cast the model to 16 bits first (mixprec.optim.cast_module) "
+                "or drop the wrapper",
                 stacklevel=3,
             )
 
@@ -172,15 +184,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 "not supported; put the parameters of each device in their own group or optimizer"
             )
         for p in params:
-            if p.dtype not in _SUPPORTED_DTYPES:
+            if p.dtype not in _SUPPORTED_DTYPES and not p.is_complex():
                 raise TypeError(
-                    f"{name} handles float16, bfloat16 and float32 parameters, got one of dtype "
+                    f"{name} handles {_SUPPORTED_NAMES} parameters, got one of dtype "
                     f"{p.dtype!r} and shape {tuple(p.shape)!r}; cast the model by policy first "
                     "(mixprec.optim.cast_module)"
                 )
 
     def _adopt(self, param: torch.Tensor) -> torch.Tensor:
-        shadow = param if param.dtype == torch.float32 else self._make_shadow(param)
+        shadow = self._make_shadow(param) if param.dtype in SIXTEEN_BIT else param
         self._shadows[param] = shadow
         return shadow
 
@@ -196,6 +208,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if self._adopting:
             super().add_param_group(param_group)
             return
+        self._adopt_inner_groups()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -208,8 +221,67 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 self._shadows.pop(p, None)
             raise
 
+    def _adopt_inner_groups(self) -> None:
+        """Take on the param groups added to the inner optimizer since it was wrapped.
+
+        Their parameters are the model's, so they get shadows in the inner group (in place) and a
+        matching outer group with the same settings, as :meth:`add_param_group` would have made.
+
+        Raises:
+            ValueError: the inner optimizer lost groups, or a new group holds a parameter this
+                wrapper already steps (that group is removed from the inner optimizer again).
+            TypeError: a new group holds a parameter of an unsupported dtype (removed again).
+        """
+        inner_groups = self.optimizer.param_groups
+        if len(inner_groups) < len(self.param_groups):
+            raise ValueError(
+                f"the inner {type(self.optimizer).__name__} has {len(inner_groups)} param groups "
+                f"but {type(self).__name__} {len(self.param_groups)}; remove nothing from the "
+                "inner optimizer after wrapping it"
+            )
+        while len(inner_groups) > len(self.param_groups):
+            group = inner_groups[len(self.param_groups)]
+            params = list(group["params"])
+            try:
+                if any(p in self._shadows for p in params):
+                    raise ValueError(
+                        f"a param group added to the inner {type(self.optimizer).__name__} holds "
+                        f"parameters that {type(self).__name__} already steps; the group was "
+                        "removed again: give each parameter to one group only"
+                    )
+                self._check_group(params)
+            except (TypeError, ValueError):
+                inner_groups.pop(len(self.param_groups))
+                raise
+            self.param_groups.append({**hyperparameters(group), "params": params})
+            group["params"][:] = [self._adopt(p) for p in params]
+
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _with_grads(self) -> list[torch.Tensor]:
+        params = [p for p in self._params() if p.grad is not None]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise ValueError(
+                    f"{type(self).__name__} does not support sparse gradients (got one for a "
+                    f"parameter of shape {tuple(p.shape)!r}); use a dense embedding gradient"
+                )
+        return params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the model parameters' gradients, as ``torch.optim.Optimizer.zero_grad`` does.
+
+        Raises:
+            TypeError: ``set_to_none`` is not a bool.
+        """
+        if not isinstance(set_to_none, bool):
+            raise TypeError(
+                f"set_to_none must be True or False, got {type(set_to_none).__name__} "
+                f"{set_to_none!r}"
+            )
+        self._adopt_inner_groups()
+        super().zero_grad(set_to_none)
 
     def _sync_hyperparameters(self) -> None:
         for outer, inner in zip(self.param_groups, self.optimizer.param_groups, strict=True):
@@ -227,47 +299,94 @@ class WrappedOptimizer(torch.optim.Optimizer):
         by it while they are copied) and ``found_inf`` (non-zero: the step is skipped and nothing
         changes; ``last_step_skipped`` says so).
 
+        With a ``closure`` the inner optimizer gets one too, and may call it as often as it likes
+        (LBFGS does, at each trial point): every call first writes the point the inner optimizer
+        is trying into the model's parameters (rounded to nearest), then evaluates ``closure``
+        and copies the gradients into the shadows. The step's final weights are rounded by this
+        wrapper's rule. If ``closure`` raises, the parameters stay at the last point it was
+        evaluated at, as a plain torch optimizer leaves them.
+
         Args:
             closure: re-evaluates the model and returns the loss, as for torch optimizers.
 
         Returns:
-            The closure's loss, or None.
+            What the inner optimizer's step returns (the closure's loss), or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        self._adopt_inner_groups()
         # torch.amp.GradScaler's protocol: attributes set just for this call, absent otherwise.
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             self.last_step_skipped = True
-            return loss
+            if closure is None:
+                return None
+            with torch.enable_grad():
+                return closure()
         self.last_step_skipped = False
         self._sync_hyperparameters()
-        params = [p for p in self._params() if p.grad is not None]
-        for p in params:
-            if p.grad is not None and p.grad.is_sparse:
-                raise ValueError(
-                    f"{type(self).__name__} does not support sparse gradients (got one for a "
-                    f"parameter of shape {tuple(p.shape)!r}); use a dense embedding gradient"
-                )
         inv_scale = inverse_scale(getattr(self, "grad_scale", None))
-        self._before_inner_step(params, inv_scale)
-        if self.max_grad_norm is not None:
-            shadow_grads = [self._shadows[p] for p in params]
-            self.last_grad_norm = nn.utils.clip_grad_norm_(
-                shadow_grads, self.max_grad_norm, foreach=True
-            )
-        self.optimizer.step()
-        self._after_inner_step(params)
+        if closure is None:
+            params = self._with_grads()
+            self._load_weights(params)
+            self._load_grads(params, inv_scale)
+            self.optimizer.step()
+            self._after_inner_step(params, params)
+            return None
+        loaded = self._params()  # a closure may give any parameter a gradient
+        self._load_weights(loaded)
+
+        def evaluate() -> Any:  # the inner optimizer may call it with grad mode on
+            with torch.no_grad():
+                self._write_trial_point(loaded)
+            with torch.enable_grad():
+                loss = closure()
+            with torch.no_grad():
+                for p in loaded:
+                    if self._shadows[p] is not p:
+                        self._shadows[p].grad = None  # a gradient from an earlier call is stale
+                self._load_grads(self._with_grads(), inv_scale)
+            return loss
+
+        stepped: list[torch.Tensor] = []
+        try:
+            loss = self.optimizer.step(evaluate)
+            stepped = self._with_grads()
+        finally:
+            self._after_inner_step(stepped, loaded)
         return loss
 
-    def _before_inner_step(
+    def _load_grads(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
+        """Give the shadows of ``params`` their (unscaled, clipped) fp32 gradients."""
+        self._copy_grads(params, inv_scale)
+        if self.max_grad_norm is not None:
+            shadows = [self._shadows[p] for p in params]
+            self.last_grad_norm = nn.utils.clip_grad_norm_(
+                shadows, self.max_grad_norm, foreach=True
+            )
+
+    def _write_trial_point(self, params: list[torch.Tensor]) -> None:
+        """Round the shadows of ``params`` to nearest into them: the point a closure sees."""
+        own = [p for p in params if self._shadows[p] is not p]
+        if own:
+            torch._foreach_copy_(own, [self._shadows[p] for p in own])
+
+    def _load_weights(self, params: list[torch.Tensor]) -> None:
+        """Make the shadows of ``params`` hold the weights the inner optimizer is to step."""
         raise NotImplementedError
 
-    def _after_inner_step(self, params: list[torch.Tensor]) -> None:
+    def _copy_grads(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        """Copy the gradients of ``params`` (all present) into their shadows, unscaled."""
+        raise NotImplementedError
+
+    def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
+        """Write the shadows of ``stepped`` into them; free what the step held for ``loaded``.
+
+        ``stepped`` is a subset of ``loaded`` (the parameters given to :meth:`_load_weights`), and
+        empty when the inner step raised.
+        """
         raise NotImplementedError
 
     @staticmethod
@@ -285,6 +404,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         Everything in it is a tensor, number, string, list or dict, so it saves with
         ``torch.save`` and loads with ``torch.load(weights_only=True)``.
         """
+        self._adopt_inner_groups()
         self._sync_hyperparameters()
         return {
             "wrapper": self._kind,
@@ -318,6 +438,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 f"state dict was saved by a {state_dict['wrapper']!r} wrapper, this is "
                 f"{self._kind!r}; load it into the same kind of wrapper"
             )
+        self._adopt_inner_groups()
         self._check_shapes(state_dict["shapes"])
         self._check_extra_state(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
@@ -356,6 +477,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this wrapper owns, by part: ``master``, ``optimizer_state``,
         ``compensation``, ``grads`` (shadow gradients that are alive)."""
+        self._adopt_inner_groups()
         state = [
             t
             for s in self.optimizer.state.values()

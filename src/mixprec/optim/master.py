@@ -23,7 +23,8 @@ that exists only inside ``step``. Time: two memory-bound copies per step on top 
 optimizer's own work, plus, on CPUs, the page faults of that fresh buffer;
 ``keep_grad_buffers=True`` keeps it between steps instead (20 B/param with Adam) and saves them.
 ``benchmarks/bench_master.py`` measures both. Parameters that are already fp32
-(norm layers a policy kept in fp32) are their own master: no copy, no cost.
+(norm layers a policy kept in fp32) are their own master: no copy, no cost; so are complex
+parameters, which mixed precision leaves alone as torch's autocast does.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class MasterWeightOptimizer(WrappedOptimizer):
     wrapper as the optimizer. ``param_groups`` hold the model's parameters and their settings, so
     LR schedulers, ``zero_grad`` and ``clip_grad_norm_(model.parameters())`` work as usual; the
     settings are passed to the inner optimizer at each step. After every step each 16-bit
-    parameter equals its master rounded to nearest. fp32 parameters are their own master (the
-    wrapper is the identity for them; for a model with only fp32 parameters it warns).
+    parameter equals its master rounded to nearest. fp32 and complex parameters are their own
+    master (the wrapper is the identity for them; for a model with no 16-bit parameter it warns).
+    ``step(closure)`` works with optimizers that evaluate the closure several times (LBFGS): each
+    evaluation sees the masters rounded to nearest.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, not stepped yet.
@@ -63,7 +66,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
-            that are not fp16/bf16/fp32; ``keep_grad_buffers`` is not a bool.
+            that are not fp16/bf16/fp32/complex; ``keep_grad_buffers`` is not a bool.
         ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive.
         RuntimeError: the optimizer has already stepped (it holds state).
 
@@ -102,10 +105,14 @@ class MasterWeightOptimizer(WrappedOptimizer):
 
     def master_params(self) -> list[torch.Tensor]:
         """The tensors the inner optimizer steps, in ``param_groups`` order: the fp32 master of
-        each 16-bit parameter, the parameter itself where it is fp32."""
+        each 16-bit parameter, the parameter itself where it is fp32 or complex."""
+        self._adopt_inner_groups()
         return [self._shadows[p] for p in self._params()]
 
-    def _before_inner_step(
+    def _load_weights(self, params: list[torch.Tensor]) -> None:
+        pass  # the masters hold the weights between steps
+
+    def _copy_grads(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
         copied = [p for p in params if self._shadows[p] is not p]
@@ -118,13 +125,11 @@ class MasterWeightOptimizer(WrappedOptimizer):
         for master, grad in zip(masters, grads, strict=True):
             master.grad = grad
 
-    def _after_inner_step(self, params: list[torch.Tensor]) -> None:
-        copied = [p for p in params if self._shadows[p] is not p]
-        masters = [self._shadows[p] for p in copied]
-        if copied:
-            torch._foreach_copy_(copied, masters)  # fp32 -> 16 bits: round to nearest even
-        for master in masters:
-            master.grad = None  # the fp32 gradient is only visible inside step()
+    def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
+        self._write_trial_point(stepped)  # fp32 -> 16 bits: round to nearest even
+        for p in loaded:
+            if self._shadows[p] is not p:
+                self._shadows[p].grad = None  # the fp32 gradient is only visible inside step()
 
     def _grad_buffer(self, master: torch.Tensor) -> torch.Tensor:
         if not self.keep_grad_buffers:

@@ -139,32 +139,37 @@ class _Pure16Optimizer(WrappedOptimizer):
             torch.empty(_EMPTY_SHAPE, device=param.device), requires_grad=param.requires_grad
         )
 
-    def _before_inner_step(
+    def _load_weights(self, params: list[torch.Tensor]) -> None:
+        widened = [p for p in params if self._shadows[p] is not p]
+        weights = [torch.empty_like(p, dtype=torch.float32) for p in widened]
+        if widened:
+            torch._foreach_copy_(weights, widened)
+            self._add_compensation(widened, weights)
+        for p, weight in zip(widened, weights, strict=True):
+            self._shadows[p].data = weight
+        if self.state_dtype is not None:
+            self._widen_states(widened)
+
+    def _copy_grads(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
         widened = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
-        weights = [torch.empty_like(p, dtype=torch.float32) for p in widened]
-        grads = [torch.empty_like(w) for w in weights]
+        grads = [torch.empty_like(self._shadows[p]) for p in widened]
         if widened:
-            torch._foreach_copy_(weights, widened)
             torch._foreach_copy_(grads, [p.grad for p in widened if p.grad is not None])
-            self._add_compensation(widened, weights)
         self._unscale_in_place(grads + own, inv_scale)
-        for p, weight, grad in zip(widened, weights, grads, strict=True):
-            shadow = self._shadows[p]
-            shadow.data = weight
-            shadow.grad = grad
-        if self.state_dtype is not None:
-            self._widen_states(widened)
+        for p, grad in zip(widened, grads, strict=True):
+            self._shadows[p].grad = grad
 
-    def _after_inner_step(self, params: list[torch.Tensor]) -> None:
-        widened = [p for p in params if self._shadows[p] is not p]
-        shadows = [self._shadows[p] for p in widened]
+    def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
+        widened = [p for p in loaded if self._shadows[p] is not p]
         if self.state_dtype is not None:
             self._narrow_states(widened)
-        self._round_into(widened, [s.data for s in shadows])
-        for shadow in shadows:
+        rounded = [p for p in stepped if self._shadows[p] is not p]
+        self._round_into(rounded, [self._shadows[p].data for p in rounded])
+        for p in widened:
+            shadow = self._shadows[p]
             shadow.grad = None
             shadow.data = torch.empty(_EMPTY_SHAPE, device=shadow.device)
 
@@ -209,8 +214,10 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
     The inner optimizer updates fp32 copies of the 16-bit weights made inside ``step``; the result
     is rounded to the parameter's dtype up or down at random, with the probability of rounding up
     equal to the distance from the lower neighbour in ulps. The expected weight is the fp32 update,
-    so updates far below half an ulp still add up, without storing a master copy. fp32 parameters
-    pass through unrounded.
+    so updates far below half an ulp still add up, without storing a master copy. fp32 and
+    complex parameters pass through unrounded. With ``step(closure)`` (LBFGS) every evaluation
+    sees the weights being tried rounded to nearest; only the step's result is rounded
+    stochastically.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, not stepped yet.
@@ -312,7 +319,9 @@ class KahanOptimizer(_Pure16Optimizer):
     rounding to 16 bits lost. The inner optimizer updates ``param + compensation`` in fp32; the
     result is rounded to nearest into the parameter, and the remainder into the buffer. Small
     updates accumulate in the buffer until they move the weight: the sum is carried to about 16
-    significant bits instead of 8 (bf16). Deterministic. fp32 parameters pass through.
+    significant bits instead of 8 (bf16). Deterministic. fp32 and complex parameters pass
+    through. With ``step(closure)`` (LBFGS) every evaluation sees the weights being tried
+    rounded to nearest.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, not stepped yet.
@@ -357,6 +366,7 @@ class KahanOptimizer(_Pure16Optimizer):
         Raises:
             KeyError: ``param`` is not a 16-bit parameter of this optimizer.
         """
+        self._adopt_inner_groups()
         if param not in self._compensation:
             raise KeyError(
                 f"no compensation buffer for a parameter of shape {tuple(param.shape)!r} and "
