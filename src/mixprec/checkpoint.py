@@ -273,8 +273,10 @@ def _is_stale(middle: str, candidate: Path, now: float) -> bool:
 
 
 def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process may be saving right now
+    if pid == os.getpid() or os.name == "nt":
+        # another thread of this process may be saving; on Windows signal 0 is CTRL_C_EVENT, so
+        # there the age rule alone decides
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
