@@ -1,33 +1,171 @@
-import os
+"""Atomic checkpoints: refused saves lose nothing, damage is named, permissions follow the umask."""
 
+import argparse
+import collections
+import datetime
+import enum
+import io
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pytest
 import torch
 
-from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_loadable,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+class Colour(enum.Enum):
+    RED = 1
+
+
+def torch_reads_back(value):
+    """The reference: does torch's own weights_only loader read ``value`` back?"""
+    buffer = io.BytesIO()
+    try:
+        torch.save({"v": value}, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:
+        return False
+    return True
+
+
+REFUSED = {
+    "numpy scalar": (np.int64(2), r"value\.item\(\)"),
+    "numpy array": (np.zeros(3), r"torch\.from_numpy\(value\)"),
+    "path": (pathlib.Path("runs/a"), r"str\(value\)"),
+    "namespace": (argparse.Namespace(lr=0.1), r"vars\(value\)"),
+    "datetime": (datetime.datetime(2024, 1, 2), r"isoformat"),
+    "enum": (Colour.RED, r"value\.value"),
+    "slice": (slice(1, 3), r"store tensors, numbers, strings"),
+    "lambda": (lambda x: x, r"store tensors, numbers, strings"),
+}
+ACCEPTED = [
+    torch.float16,
+    torch.device("cpu"),
+    torch.Size([2, 3]),
+    collections.OrderedDict(a=1),
+    {1, 2},
+    1 + 2j,
+    b"bytes",
+    (1, "two", None, 3.5),
+    {"nested": [torch.ones(2), {"deep": "x"}]},
+]
 
 
 def test_round_trip_with_tensors(tmp_path):
     path = save_checkpoint(tmp_path / "a" / "ckpt.pt", {"w": torch.arange(4.0), "step": 7})
     record = load_checkpoint(path)
     assert torch.equal(record["w"], torch.arange(4.0)) and record["step"] == 7
+    assert set(record) == {"format", "version", "w", "step"}  # checksums are checked, not returned
 
 
-def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"step": 1})
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_a_value_torch_cannot_load_is_refused_before_writing(tmp_path, name):
+    value, hint = REFUSED[name]
+    assert not torch_reads_back(value)  # the rule is torch's own loader
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
     before = path.read_bytes()
+    with pytest.raises(TypeError, match=rf"checkpoint value extra\['run'\]\[1\] is a .*{hint}"):
+        save_checkpoint(path, {"step": 2, "extra": {"run": [0, value]}})
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_refused_key_is_named(tmp_path):
+    with pytest.raises(TypeError, match=r"checkpoint value extra key PosixPath\('k'\) is a "):
+        save_checkpoint(tmp_path / "ckpt.pt", {"extra": {pathlib.Path("k"): 1}})
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("value", ACCEPTED, ids=lambda v: type(v).__name__)
+def test_values_torch_loads_are_kept_as_torch_loads_them(tmp_path, value):
+    assert torch_reads_back(value)
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    reference = torch.load(buffer, weights_only=True)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ckpt.pt", {"v": value}))["v"]
+    assert type(loaded) is type(reference)
+    assert repr(loaded) == repr(reference)
+
+
+def test_torch_safe_globals_are_honoured(tmp_path):
+    with torch.serialization.safe_globals([pathlib.PosixPath]):
+        check_loadable({"p": pathlib.PosixPath("a")})  # torch would read it back here
+    with pytest.raises(TypeError, match=r"PosixPath"):
+        check_loadable({"p": pathlib.PosixPath("a")})
+
+
+@pytest.mark.parametrize("key", ["format", "version", "checksums"])
+def test_reserved_keys_are_refused(tmp_path, key):
+    with pytest.raises(ValueError, match=rf"payload keys \['{key}'\] are reserved"):
+        save_checkpoint(tmp_path / "ckpt.pt", {key: 1})
+
+
+def _refuse_by_value(path, monkeypatch):
+    save_checkpoint(path, {"extra": {"step": np.int64(2)}})
+
+
+def _refuse_unpicklable(path, monkeypatch):
+    save_checkpoint(path, {"hook": lambda: None})
+
+
+def _die_mid_write(path, monkeypatch):
     real_save = torch.save
 
-    def dying_save(obj, handle):
+    def dying_save(obj, handle, *args, **kwargs):
+        if isinstance(handle, io.BytesIO):  # the in-memory check of the values
+            return real_save(obj, handle, *args, **kwargs)
         real_save({"partial": torch.zeros(1000)}, handle)
         handle.flush()
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"step": 2})
+    save_checkpoint(path, {"step": 2})
+
+
+def _disk_full(path, monkeypatch):
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    save_checkpoint(path, {"step": 2, "w": torch.randn(100)})
+
+
+def _rename_refused(path, monkeypatch):
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    save_checkpoint(path, {"step": 2})
+
+
+@pytest.mark.parametrize(
+    "refuse",
+    [_refuse_by_value, _refuse_unpicklable, _die_mid_write, _disk_full, _rename_refused],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_a_refused_save_keeps_the_previous_checkpoint_byte_identical(tmp_path, monkeypatch, refuse):
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1, "w": torch.arange(10.0)})
+    before = path.read_bytes()
+    with pytest.raises((TypeError, OSError, KeyboardInterrupt)):
+        refuse(path, monkeypatch)
+    monkeypatch.undo()
     assert path.read_bytes() == before
-    assert load_checkpoint(path)["step"] == 1
+    record = load_checkpoint(path)
+    assert record["step"] == 1 and torch.equal(record["w"], torch.arange(10.0))
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
@@ -35,6 +173,46 @@ def test_truncated_checkpoint_is_reported(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.pt", {"w": torch.randn(1000)})
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=r"is corrupt or truncated and cannot be read"):
+        load_checkpoint(path)
+
+
+def test_a_flipped_bit_in_a_tensor_is_found_and_named(tmp_path):
+    weights = torch.arange(1000, dtype=torch.float32) + 0.5
+    path = save_checkpoint(
+        tmp_path / "ckpt.pt", {"model": {"0.weight": weights, "0.bias": torch.zeros(3)}}
+    )
+    raw = bytearray(path.read_bytes())
+    offset = bytes(raw).find(weights.numpy().tobytes())
+    assert offset > 0  # tensors are stored uncompressed
+    raw[offset + 2001] ^= 0x04
+    path.write_bytes(bytes(raw))
+    damaged = torch.load(path, weights_only=True)  # torch alone reads it without a word
+    assert not torch.equal(damaged["model"]["0.weight"], weights)
+    with pytest.raises(CheckpointError, match=r"corrupt: tensor 'model/0.weight' \(\(1000,\)"):
+        load_checkpoint(path)
+
+
+def test_a_readable_file_of_refused_objects_is_not_called_corrupt(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 2, "step": np.int64(2)}, path)
+    with pytest.raises(CheckpointError, match=r"is intact but holds Python objects") as info:
+        load_checkpoint(path)
+    assert "corrupt" not in str(info.value) and "numpy" in str(info.value)
+
+
+def test_version_1_files_without_checksums_still_load(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "w": torch.ones(2), "step": 4}, path)
+    record = load_checkpoint(path)
+    assert record["step"] == 4 and torch.equal(record["w"], torch.ones(2))
+
+
+def test_a_newer_version_is_refused_by_name(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 99}, path)
+    with pytest.raises(
+        CheckpointError, match=r"has format version 99; this mixprec reads versions"
+    ):
         load_checkpoint(path)
 
 
@@ -56,3 +234,56 @@ def test_loading_never_unpickles_code(tmp_path):
     path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
     record = torch.load(path, weights_only=True)  # the checkpoint is plain data
     assert record["format"] == "mixprec-checkpoint"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_checkpoints_follow_the_umask_like_other_files(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        (tmp_path / "other.txt").write_text("x")  # the reference: a file made by open()
+        save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+        save_checkpoint(tmp_path / "ckpt.pt", {"step": 2})  # replacing keeps following it
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "other.txt").stat().st_mode & 0o777
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == expected
+
+
+WRITER = """
+import os, signal, sys
+from pathlib import Path
+from mixprec.checkpoint import _create_temporary
+temporary, fd = _create_temporary(Path(sys.argv[1]))
+os.write(fd, b"half a checkpoint")
+print(temporary.name, flush=True)
+sys.stdin.readline()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_temporaries_of_killed_saves_are_removed_and_live_ones_kept(tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    live = writer.stdout.readline().strip()
+    old_naming = tmp_path / ".ckpt.pt.k3j9x2qa.tmp"  # mkstemp's names, from before the pid
+    old_naming.write_bytes(b"left by a kill long ago")
+    fresh_old_naming = tmp_path / ".ckpt.pt.a8b7c6d5.tmp"
+    fresh_old_naming.write_bytes(b"maybe being written")
+    hour_ago = time.time() - 3600
+    os.utime(old_naming, (hour_ago, hour_ago))
+    other = tmp_path / ".ckpt.pt.bak.deadbeef.1.0a0b0c0d.tmp"  # another checkpoint's, fresh
+    other.write_bytes(b"not ours")
+    try:
+        save_checkpoint(path, {"step": 2})
+        assert (tmp_path / live).exists()  # its writer is alive: a save in progress
+        assert not old_naming.exists() and fresh_old_naming.exists() and other.exists()
+    finally:
+        writer.communicate("die\n", timeout=60)
+    assert writer.returncode == -9 and (tmp_path / live).exists()  # killed mid-write
+    assert load_checkpoint(path)["step"] == 2
+    assert not (tmp_path / live).exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", fresh_old_naming.name, other.name])

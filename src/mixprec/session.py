@@ -30,6 +30,12 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
+from mixprec._state_checks import (
+    check_model_state,
+    check_optimizer_states,
+    check_rng_state,
+    load_optimizers,
+)
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mixprec.compute import DEFAULT_ISLAND_RULES, autocast, fp32_islands
 from mixprec.diagnostics import (
@@ -49,6 +55,7 @@ from mixprec.optim import (
 )
 from mixprec.policy import Policy
 from mixprec.scaling import GradScaler
+from mixprec.scaling._checks import parse_state_dict
 
 __all__ = ["MixedPrecision", "StepReport", "UpdateMode"]
 
@@ -340,33 +347,63 @@ class MixedPrecision:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`.
+        """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
 
         Raises:
             ValueError: the state comes from another policy or update mode, holds another number
-                of optimizers than :meth:`prepare` was given, or is not a session state at all.
+                of optimizers than :meth:`prepare` was given, a bad scaler state, step count or
+                optimizer state, or is not a session state at all. Nothing was loaded then.
         """
+        self._check_session_state(state)
+        optimizer_states = state.get("optimizers")
+        if optimizer_states is not None:  # absent in checkpoints, which store them beside
+            check_optimizer_states(self._optimizers, optimizer_states)
+            load_optimizers(self._optimizers, optimizer_states)
+        self._load_session_state(state)
+
+    def _check_session_state(self, state: object) -> None:
+        """Raise ValueError unless ``state`` is a session state this session can load."""
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"not a MixedPrecision state (version {_STATE_VERSION} expected), got keys "
-                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+                f"{sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__}"
             )
-        if Policy.parse(state["policy"]) != self.policy or state["update"] != self.update:
+        missing = [key for key in ("policy", "update", "steps", "scaler") if key not in state]
+        if missing:
+            raise ValueError(
+                f"the MixedPrecision state lacks {missing!r} (keys present: "
+                f"{sorted(map(str, state))!r}); save it with MixedPrecision.state_dict()"
+            )
+        try:
+            same_policy = Policy.parse(state["policy"]) == self.policy
+        except (TypeError, ValueError):
+            same_policy = False
+        if not same_policy or state["update"] != self.update:
             raise ValueError(
                 f"the state was saved with policy {state['policy']!r} and update "
                 f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
             )
+        steps = state["steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"the state's step count must be an int >= 0, got {steps!r}")
         optimizer_states = state.get("optimizers")
-        if optimizer_states is not None and len(optimizer_states) != len(self._optimizers):
+        if optimizer_states is not None and (
+            not isinstance(optimizer_states, list) or len(optimizer_states) != len(self._optimizers)
+        ):
+            count = len(optimizer_states) if isinstance(optimizer_states, list) else "no list of"
             raise ValueError(
-                f"the state holds {len(optimizer_states)} optimizer states; this session "
-                f"prepared {len(self._optimizers)} optimizers"
+                f"the state holds {count} optimizer states; this session prepared "
+                f"{len(self._optimizers)} optimizers"
             )
+        if self.scaler.is_enabled():
+            try:  # the scaler's own check, run without loading
+                parse_state_dict(state["scaler"], self.scaler.rule, self.scaler.strategy)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"the state's loss scaler state is refused: {err}") from None
+
+    def _load_session_state(self, state: Mapping[str, Any]) -> None:
         self.scaler.load_state_dict(state["scaler"])
-        self._steps = int(state["steps"])
-        if optimizer_states is not None:  # absent in checkpoints, which store them beside
-            for opt, opt_state in zip(self._optimizers, optimizer_states, strict=True):
-                opt.load_state_dict(opt_state)
+        self._steps = state["steps"]
 
     def save(
         self,
@@ -375,7 +412,20 @@ class MixedPrecision:
         *optimizers: torch.optim.Optimizer,
         **extra: Any,
     ) -> None:
-        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically."""
+        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
+
+        Args:
+            path: the checkpoint file.
+            model: the prepared model.
+            optimizers: the optimizers :meth:`prepare` returned.
+            extra: plain values to keep beside (step, config...): numbers, strings, tensors and
+                lists/dicts of them, anything ``torch.load(weights_only=True)`` reads back.
+
+        Raises:
+            TypeError: an ``extra`` value (or a state entry) that ``weights_only`` loading
+                refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
+                previous checkpoint at ``path`` stays as it was.
+        """
         save_checkpoint(
             path,
             {
@@ -392,30 +442,39 @@ class MixedPrecision:
     ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
 
-        Everything is checked before anything is loaded, so a checkpoint of another model
-        shape, policy or optimizer count changes nothing.
+        Everything is checked before anything is loaded — the file's checksums, the model's
+        entries, shapes and dtypes, the optimizer count and states, the session and scaler state
+        and the RNG state — so a checkpoint that is refused changes neither the model, the
+        optimizers, the scaler, the step count nor the RNG.
 
         Raises:
-            CheckpointError: the file is unreadable, or does not match this model, policy or
-                optimizers.
+            CheckpointError: the file is unreadable or damaged, or does not match this model,
+                policy or optimizers, or holds a malformed entry (named in the message).
         """
         record = load_checkpoint(path)
-        _check_model_state(model, record.get("model"), path)
-        saved_optimizers = record.get("optimizers", [])
-        if len(saved_optimizers) != len(optimizers):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} holds {len(saved_optimizers)} optimizer states; "
-                f"{len(optimizers)} optimizers were given"
-            )
+        saved_optimizers = record.get("optimizers")
+        extra = record.get("extra", {})
         try:
-            self.load_state_dict(record["mixed_precision"])
-        except (KeyError, ValueError) as err:
+            check_model_state(model, record.get("model"))
+            if not isinstance(saved_optimizers, list) or len(saved_optimizers) != len(optimizers):
+                count = (
+                    len(saved_optimizers) if isinstance(saved_optimizers, list) else "no list of"
+                )
+                raise ValueError(
+                    f"it holds {count} optimizer states; {len(optimizers)} optimizers were given"
+                )
+            if not isinstance(extra, Mapping):
+                raise ValueError(f"its 'extra' is a {type(extra).__name__}, not a dict")
+            self._check_session_state(record.get("mixed_precision"))
+            check_optimizer_states(optimizers, saved_optimizers)
+            check_rng_state(record.get("rng"))
+            load_optimizers(optimizers, saved_optimizers)  # each checks its own fields first
+        except ValueError as err:
             raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
         model.load_state_dict(record["model"])
-        for opt, state in zip(optimizers, saved_optimizers, strict=True):
-            opt.load_state_dict(state)
+        self._load_session_state(record["mixed_precision"])
         torch.set_rng_state(record["rng"])
-        return dict(record.get("extra", {}))
+        return dict(extra)
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
@@ -437,27 +496,6 @@ def _metrics_of(report: StepReport) -> dict[str, Any]:
     if report.underflow is not None:
         values.update(report.underflow.metrics())
     return values
-
-
-def _check_model_state(model: nn.Module, state: Any, path: str | os.PathLike[str]) -> None:
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds no model state")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is of another model: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}"
-        )
-    for name, tensor in expected.items():
-        saved = state[name]
-        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} is of another model shape or precision: {name!r} is "
-                f"{tuple(saved.shape)} {saved.dtype} there and {tuple(tensor.shape)} "
-                f"{tensor.dtype} here"
-            )
 
 
 def _default_device() -> str:
