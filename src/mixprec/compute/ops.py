@@ -160,7 +160,7 @@ def resolve_op_names(name: object) -> list[str]:
 
     Example:
         >>> resolve_op_names("softmax")
-        ['softmax.int', 'softmax.Dimname']
+        ['softmax.int']
         >>> resolve_op_names("cross_entropy")
         ['cross_entropy_loss']
     """
