@@ -201,8 +201,10 @@ def test_on_min_scale_raise() -> None:
     continuing = GradScaler("cpu", init_scale=1.0, min_scale=1.0)
     backward(continuing, model, x, inject="nan")
     continuing.step(opt)
-    continuing.update()
-    assert continuing.get_scale() == 1.0
+    at_minimum = r"already at its minimum, 1\.0 .* on_min_scale='raise'"
+    with pytest.warns(RuntimeWarning, match=at_minimum):
+        continuing.update()
+    assert continuing.get_scale() == 1.0 and continuing.step_skipped()
 
 
 # -- scale(), update(new_scale), getters and setters ----------------------------------------
