@@ -35,7 +35,7 @@ def found_inf_of(record: Record) -> torch.Tensor | None:
     if not flags:
         return None
     if len(flags) == 1:
-        return flags[0]  # type: ignore[no-any-return]
+        return flags[0]
     device = flags[0].device
     return torch.stack([f.to(device) for f in flags]).amax()
 

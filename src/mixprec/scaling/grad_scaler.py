@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
@@ -31,6 +30,7 @@ from mixprec.scaling._distributed import ProcessGroupArg, agree_found_inf_, chec
 from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
 from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
 from mixprec.scaling._state import ScalerState
+from mixprec.scaling._torch_fields import TorchFields
 from mixprec.scaling.clip import check_clip_args, clip_coefficient, unscale_and_clip_
 from mixprec.scaling.errors import (
     LossScaleAtMinimumError,
@@ -45,7 +45,7 @@ __all__ = ["GradScaler", "LossScaleAtMinimumError"]
 _T = TypeVar("_T")
 
 
-class GradScaler(torch.amp.GradScaler):
+class GradScaler(TorchFields, torch.amp.GradScaler):
     """Loss scaling for fp16 training; a drop-in for ``torch.amp.GradScaler``.
 
     Default construction behaves as ``torch.amp.GradScaler``: the same scale, growth tracker and
@@ -531,74 +531,6 @@ class GradScaler(torch.amp.GradScaler):
     def rule(self) -> DynamicScaling:
         """The parameters of the dynamic rule."""
         return self._state.rule
-
-    # -- torch's private fields, over mixprec's state ---------------------------------------
-    # Code written for torch.amp.GradScaler (and torch's own helper methods) reads these; each
-    # holds what torch's scaler holds at the same point of the same run.
-
-    @property  # type: ignore[override]
-    def _scale(self) -> torch.Tensor | None:
-        return self._state.tensor("scale")
-
-    @_scale.setter
-    def _scale(self, value: torch.Tensor | None) -> None:
-        self._state.assign("scale", value)
-
-    @property  # type: ignore[override]
-    def _growth_tracker(self) -> torch.Tensor | None:
-        return self._state.tensor("growth_tracker")
-
-    @_growth_tracker.setter
-    def _growth_tracker(self, value: torch.Tensor | None) -> None:
-        self._state.assign("growth_tracker", value)
-
-    @property  # type: ignore[override]
-    def _init_scale(self) -> float:
-        return float(self._state.initial("scale"))
-
-    @_init_scale.setter
-    def _init_scale(self, value: float) -> None:
-        self._state.set_init("scale", _checks.check_scale(value, "_init_scale"))
-
-    @property  # type: ignore[override]
-    def _init_growth_tracker(self) -> int:
-        return int(self._state.initial("growth_tracker"))
-
-    @_init_growth_tracker.setter
-    def _init_growth_tracker(self, value: int) -> None:
-        self._state.set_init("growth_tracker", int(value))
-
-    @property  # type: ignore[override]
-    def _growth_factor(self) -> float:
-        return self._state.rule.growth_factor
-
-    @_growth_factor.setter
-    def _growth_factor(self, value: float) -> None:
-        self._state.rule = replace(self._state.rule, growth_factor=value)
-
-    @property  # type: ignore[override]
-    def _backoff_factor(self) -> float:
-        return self._state.rule.backoff_factor
-
-    @_backoff_factor.setter
-    def _backoff_factor(self, value: float) -> None:
-        self._state.rule = replace(self._state.rule, backoff_factor=value)
-
-    @property  # type: ignore[override]
-    def _growth_interval(self) -> int:
-        return self._state.rule.growth_interval
-
-    @_growth_interval.setter
-    def _growth_interval(self, value: int) -> None:
-        self._state.rule = replace(self._state.rule, growth_interval=value)
-
-    @property  # type: ignore[override]
-    def _per_optimizer_states(self) -> dict[int, dict[str, Any]]:
-        return self._iteration.records
-
-    @_per_optimizer_states.setter
-    def _per_optimizer_states(self, value: dict[int, dict[str, Any]]) -> None:
-        self._iteration.records = value  # type: ignore[assignment]
 
     # -- checkpoints -------------------------------------------------------------------------
 
