@@ -242,7 +242,9 @@ def test_grad_scaling_unscale_sparse(scaler_cls: type[torch.amp.GradScaler]) -> 
     assert found.item() == 0.0
     assert torch.equal(p.grad.to_dense(), (s / 4).to_dense())
     for bad in (float("inf"), float("nan")):
-        p.grad = torch.sparse_coo_tensor(i, torch.tensor([16.0, 32.0, bad]), torch.Size([2, 3]))
+        p.grad = torch.sparse_coo_tensor(
+            i, torch.tensor([16.0, 32.0, bad]), torch.Size([2, 3]), check_invariants=True
+        )
         found_inf.zero_()
         assert scaler._unscale_grads_(opt, inv_scale, found_inf, False)[cur].item() == 1.0
 
@@ -255,7 +257,9 @@ def test_grad_scaling_unscale_sparse(scaler_cls: type[torch.amp.GradScaler]) -> 
     # Duplicate indices: uncoalesced the values fit fp16, coalesced 64000 + 64000 overflows.
     i = torch.tensor([[0, 1, 0], [2, 0, 2]], dtype=torch.int64)
     v = torch.tensor([64000.0, 32.0, 64000.0])
-    p.grad = torch.sparse_coo_tensor(i, v, torch.Size([2, 3]), dtype=torch.float16)
+    p.grad = torch.sparse_coo_tensor(
+        i, v, torch.Size([2, 3]), dtype=torch.float16, check_invariants=True
+    )
     found_inf.zero_()
     assert scaler._unscale_grads_(opt, inv_scale, found_inf, True)[cur].item() == 1.0
 
@@ -265,7 +269,8 @@ def test_grad_scaling_unscale_sparse_public(scaler_cls: type[torch.amp.GradScale
     """Sparse fp32 gradients through the public unscale_: divided, and inf/NaN found."""
     i = torch.tensor([[0, 1, 1], [2, 0, 2]], dtype=torch.int64)
     for last, expect_inf in ((64.0, 0.0), (float("inf"), 1.0), (float("nan"), 1.0)):
-        s = torch.sparse_coo_tensor(i, torch.tensor([16.0, 32.0, last]), torch.Size([2, 3]))
+        v = torch.tensor([16.0, 32.0, last])
+        s = torch.sparse_coo_tensor(i, v, torch.Size([2, 3]), check_invariants=True)
         p = s.clone()
         opt = torch.optim.SGD([p], lr=1.0)
         scaler = scaler_cls(DEVICE, init_scale=4.0)
