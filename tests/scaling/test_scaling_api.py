@@ -201,8 +201,10 @@ def test_on_min_scale_raise() -> None:
     continuing = GradScaler("cpu", init_scale=1.0, min_scale=1.0)
     backward(continuing, model, x, inject="nan")
     continuing.step(opt)
-    continuing.update()
-    assert continuing.get_scale() == 1.0
+    at_minimum = r"already at its minimum, 1\.0 .* on_min_scale='raise'"
+    with pytest.warns(RuntimeWarning, match=at_minimum):
+        continuing.update()
+    assert continuing.get_scale() == 1.0 and continuing.step_skipped()
 
 
 # -- scale(), update(new_scale), getters and setters ----------------------------------------
@@ -424,6 +426,38 @@ def test_clip_matches_unscale_then_clip(norm_type: float, unscale_first: bool) -
     assert norms[1] > 0.05  # clipping happened
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_clipping_twice_is_clipping_to_the_smaller_norm(fused: bool, unscale_first: bool) -> None:
+    """clip 1.0 then 0.05 == torch's unscale_ + clip_grad_norm_ twice, whichever the path.
+
+    A fused optimizer's gradients stay scaled after the first (folded) clip; the second clip
+    must measure them at the scale they are held at, not as if they were unscaled.
+    """
+    weights = []
+    for ours in (False, True):
+        model, opt, x = setup(fused=fused)
+        scaler = GradScaler("cpu") if ours else torch.amp.GradScaler("cpu")
+        backward(scaler, model, x)
+        if isinstance(scaler, GradScaler):
+            if unscale_first:
+                scaler.unscale_(opt)
+            scaler.clip_grad_norm_(opt, 1.0)
+            scaler.clip_grad_norm_(opt, 0.05)
+        else:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    start, _, _ = setup(fused=fused)
+    pairs = zip(weights[0], start.parameters(), strict=True)
+    assert sum(float((a - b.detach()).abs().sum()) for a, b in pairs) > 0  # the step moved
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_clip_flags_overflow_and_disabled_clip_is_torch() -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mixprec.scaling.rules import (
     FP32_MAX,
-    FP32_SMALLEST,
+    SCALE_FLOOR,
     DynamicScaling,
     ScaleState,
     dynamic_update,
@@ -24,6 +24,8 @@ from mixprec.scaling.rules import (
     to_float32,
     update_scale,
 )
+
+FP32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, from numpy
 
 
 def f32(x: float) -> float:
@@ -47,7 +49,7 @@ class Reference:
 
     def step(self, overflow: bool) -> None:
         r = self.rule
-        floor = f32(r.min_scale) if r.min_scale is not None else 2.0**-149
+        floor = f32(r.min_scale) if r.min_scale is not None else FP32_TINY
         if overflow:
             if r.hysteresis == 1 or self.left == 1:
                 self.scale = max(f32(self.scale * r.backoff_factor), floor)
@@ -157,8 +159,8 @@ def test_default_rule_is_torch_kernel(case, overflows) -> None:
             rule.growth_interval,
         )
         state = dynamic_update(state, overflow, rule)
-        if scale.item() == 0.0:  # torch underflowed to 0; the rule stops at the float32 floor
-            assert state.scale == FP32_SMALLEST
+        if scale.item() < FP32_TINY:  # torch went subnormal; the rule stops at the normal floor
+            assert state.scale == FP32_TINY
             return
         assert (state.scale, state.growth_tracker) == (scale.item(), tracker.item())
 
@@ -178,12 +180,20 @@ def test_scale_stays_finite_positive_and_in_bounds(case, seed, p_overflow) -> No
         assert 0 <= state.growth_tracker < rule.growth_interval
 
 
+def test_floor_is_the_smallest_normal_float32_with_a_finite_reciprocal() -> None:
+    assert SCALE_FLOOR == FP32_TINY
+    unscale = torch.tensor(SCALE_FLOOR).double().reciprocal().float()
+    assert torch.isfinite(unscale) and unscale.item() * SCALE_FLOOR == 1.0
+    # Below the floor the scale is subnormal, and two binades down its reciprocal is inf.
+    assert torch.isinf(torch.tensor(SCALE_FLOOR / 4).double().reciprocal().float())
+
+
 def test_extreme_sequences_never_reach_zero_or_inf() -> None:
     rule = DynamicScaling(growth_factor=1000.0, backoff_factor=0.001, growth_interval=1)
     state = initial_state(1.0, rule)
     for _ in range(50):
         state = dynamic_update(state, True, rule)
-    assert state.scale == FP32_SMALLEST
+    assert state.scale == FP32_TINY
     for _ in range(50):
         state = dynamic_update(state, False, rule)
         assert math.isfinite(state.scale)

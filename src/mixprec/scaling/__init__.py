@@ -1,8 +1,16 @@
 """Loss scaling: pure update rules and a GradScaler that is a drop-in for torch.amp's."""
 
 from mixprec.scaling.clip import clip_coefficient, global_norm, unscale_and_clip_
-from mixprec.scaling.grad_scaler import GradScaler, LossScaleAtMinimumError
+from mixprec.scaling.errors import (
+    LossScaleAtMinimumError,
+    ScalerCallOrderError,
+    ScalerInputError,
+    ScalerStateError,
+    ScalerValueError,
+)
+from mixprec.scaling.grad_scaler import GradScaler
 from mixprec.scaling.rules import (
+    SCALE_FLOOR,
     DynamicScaling,
     ScaleState,
     Strategy,
@@ -15,10 +23,15 @@ from mixprec.scaling.rules import (
 )
 
 __all__ = [
+    "SCALE_FLOOR",
     "DynamicScaling",
     "GradScaler",
     "LossScaleAtMinimumError",
     "ScaleState",
+    "ScalerCallOrderError",
+    "ScalerInputError",
+    "ScalerStateError",
+    "ScalerValueError",
     "Strategy",
     "clip_coefficient",
     "dynamic_update",

@@ -8,7 +8,15 @@ from typing import Any, Literal
 
 import torch
 
-from mixprec.scaling.rules import FP32_MAX, STRATEGIES, DynamicScaling, Strategy, to_float32
+from mixprec.scaling.errors import ScalerStateError
+from mixprec.scaling.rules import (
+    FP32_MAX,
+    SCALE_FLOOR,
+    STRATEGIES,
+    DynamicScaling,
+    Strategy,
+    to_float32,
+)
 
 OnMinScale = Literal["continue", "raise"]
 ON_MIN_SCALE: tuple[OnMinScale, ...] = ("continue", "raise")
@@ -39,8 +47,9 @@ def check_device(device: object) -> str:
     try:
         return torch.device(device).type
     except RuntimeError as err:
-        raise ValueError(
-            f"device must be a device type such as 'cuda' or 'cpu', got {device!r}."
+        raise ScalerStateError(
+            f"device must be a device type such as 'cuda' or 'cpu', got {device!r}; pass the "
+            "type of the device the loss lives on (loss.device.type)."
         ) from err
 
 
@@ -49,8 +58,16 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices!r}, got {value!r}.")
 
 
-def check_scale(name: str, value: object) -> float:
-    """Validate a loss scale; return it rounded to float32."""
+def check_scale(value: object, name: str = "scale") -> float:
+    """Validate a loss scale; return it rounded to float32.
+
+    The argument order is the one of ``mixprec.diagnostics``' check of the same name.
+
+    Raises:
+        TypeError: If ``value`` is not a real number.
+        ValueError: If it is not finite, below :data:`~mixprec.scaling.rules.SCALE_FLOOR` or
+            beyond float32.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} of type {type(value).__name__}.")
     try:
@@ -62,6 +79,13 @@ def check_scale(name: str, value: object) -> float:
         raise ValueError(
             f"{name} must be a finite float > 0 that float32 can hold (at most {FP32_MAX:.4g}), "
             f"e.g. 2.0**16; got {value!r}."
+        )
+    if rounded < SCALE_FLOOR:
+        raise ValueError(
+            f"{name} must be at least 2**-126 ({SCALE_FLOOR!r}, the smallest normal float32), "
+            f"got {value!r}: below it the reciprocal that unscales the gradients is inexact, "
+            "and below 2.94e-39 it is inf, which writes inf into the weights. Pass a larger "
+            "scale, e.g. 1.0."
         )
     return rounded
 
@@ -107,7 +131,7 @@ def parse_state_dict(
             f"{type(state).__name__}."
         )
     if len(state) == 0:
-        raise ValueError(
+        raise ScalerStateError(
             "The state dict is empty, as saved by a disabled GradScaler (enabled=False); load it "
             "into a disabled scaler, or pass a state dict saved by an enabled scaler."
         )
@@ -134,7 +158,7 @@ def parse_state_dict(
             "it was not saved by a compatible GradScaler."
         )
     try:
-        scale = check_scale("state_dict['scale']", state["scale"])
+        scale = check_scale(state["scale"], "state_dict['scale']")
         if version is None:
             rule = DynamicScaling(
                 growth_factor=state["growth_factor"],

@@ -2,30 +2,38 @@
 
 Until the first ``scale()`` the state is Python numbers (torch creates its tensors lazily on the
 loss's device too); afterwards it lives in 0-dim tensors updated in place without host sync.
+
+Whether the gradients overflowed at the floor (the minimum scale) needs the scale on the host.
+To keep ``update()`` free of host syncs in the ordinary case, the state also tracks a Python
+lower bound of the scale: the rule can lower the scale by at most ``backoff_factor`` per
+update, so while that bound stays above the floor no overflow can be at the floor and nothing
+is read back. Only once the bound reaches the floor is the scale read (one sync per update,
+until the scale is seen to be clear of the floor again).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
+from mixprec.scaling.errors import LossScaleAtMinimumError
 from mixprec.scaling.rules import (
     DynamicScaling,
     ScaleState,
     Strategy,
     overflow_at_minimum,
+    to_float32,
     update_scale,
 )
 
+__all__ = ["LossScaleAtMinimumError", "ScalerState"]
+
 _TENSORS = ("scale", "growth_tracker", "hysteresis_left", "skipped_steps")
 _DTYPES = (torch.float32, torch.int32, torch.int32, torch.int64)
-
-
-class LossScaleAtMinimumError(RuntimeError):
-    """The gradients overflowed at the minimum loss scale (with ``on_min_scale="raise"``)."""
 
 
 class ScalerState:
@@ -45,6 +53,7 @@ class ScalerState:
             "skipped_steps": 0,
         }
         self._tensors: dict[str, torch.Tensor] = {}
+        self._low = float(self._init["scale"])  # a lower bound of the scale; see the module note
 
     def materialize(self, device: torch.device) -> torch.Tensor:
         """Create the tensors on ``device`` if not yet done; return the scale tensor."""
@@ -53,7 +62,41 @@ class ScalerState:
                 name: torch.full((), self._init[name], dtype=dtype, device=device)
                 for name, dtype in zip(_TENSORS, _DTYPES, strict=True)
             }
+            self._low = float(self._init["scale"])
         return self._tensors["scale"]
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """The device tensor of a state number, None before the first ``scale()``."""
+        return self._tensors.get(name)
+
+    def assign(self, name: str, tensor: object) -> None:
+        """Replace a state tensor, as code written for torch does with ``scaler._scale = t``.
+
+        None returns the whole state to its lazy form (Python numbers), keeping the values.
+        """
+        if tensor is None:
+            self._init = {key: self.value(key) for key in _TENSORS}
+            self._tensors = {}
+            return
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1:
+            raise TypeError(
+                f"scaler._{name} must be a 1-element tensor or None, got {tensor!r}; set the "
+                "scale with scaler.update(new_scale=...) instead."
+            )
+        self.materialize(tensor.device)
+        self._tensors[name] = tensor
+        if name == "scale":
+            self._low = 0.0  # unknown: read it back at the next update
+
+    def initial(self, name: str) -> float | int:
+        """The value a state tensor starts from (torch's ``_init_scale``, ...)."""
+        return self._init[name]
+
+    def set_init(self, name: str, value: float | int) -> None:
+        """Set the value a state tensor starts from (torch's ``_init_scale``, ...)."""
+        self._init[name] = value
+        if name == "scale" and not self._tensors:
+            self._low = float(value)
 
     @property
     def scale(self) -> torch.Tensor | None:
@@ -66,27 +109,50 @@ class ScalerState:
         return self._init[name] if tensor is None else tensor.item()
 
     def apply_rule(self, found_inf: torch.Tensor) -> None:
-        """Move the state by the strategy's rule in place and count the iteration."""
+        """Move the state by the strategy's rule in place and count the iteration.
+
+        An overflow at the floor (see :func:`~mixprec.scaling.rules.overflow_at_minimum`) warns
+        with ``on_min_scale="continue"`` and raises :class:`LossScaleAtMinimumError` with
+        ``"raise"``, in both cases after the iteration was counted and the rule applied.
+        """
         tensors = self._tensors
         state = ScaleState(tensors["scale"], tensors["growth_tracker"], tensors["hysteresis_left"])
-        if self.strategy == "dynamic" and self.on_min_scale == "raise":
-            if bool(overflow_at_minimum(state, found_inf, self.rule)):
-                self.count(found_inf)
-                raise LossScaleAtMinimumError(
-                    f"Gradients overflowed (inf/NaN) with the loss scale already at its "
-                    f"minimum, {self.value('scale')!r} (min_scale={self.rule.min_scale!r}); the "
-                    "step was skipped. A smaller scale will not help: the non-finite values "
-                    "likely come from the forward pass or the data. Check the loss for inf/NaN, "
-                    "lower the learning rate, compute in bf16, or pass on_min_scale='continue' "
-                    "to keep skipping such steps."
-                )
-        new = update_scale(self.strategy, state, found_inf, self.rule)
+        rule = self.rule
+        check = self.strategy == "dynamic" and self._low <= rule.floor
+        at_minimum = overflow_at_minimum(state, found_inf, rule) if check else None
+        new = update_scale(self.strategy, state, found_inf, rule)
         for current, value in zip(state, new, strict=True):
             if value is not current:
                 # Internal invariant: a tensor state yields tensors.
                 assert isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor)
                 current.copy_(value)
         self.count(found_inf)
+        if self.strategy != "dynamic":
+            return
+        if at_minimum is None:
+            self._low = max(rule.floor, to_float32(self._low * rule.backoff_factor))
+            return
+        assert isinstance(at_minimum, torch.Tensor)  # internal invariant: the state is tensors
+        hit, self._low = torch.stack([at_minimum.float(), tensors["scale"]]).tolist()
+        if hit:
+            self._at_minimum()
+
+    def _at_minimum(self) -> None:
+        message = (
+            f"Gradients overflowed (inf/NaN) with the loss scale already at its minimum, "
+            f"{self._low!r} (min_scale={self.rule.min_scale!r}); the step was skipped. A "
+            "smaller scale will not help: the non-finite values likely come from the forward "
+            "pass or the data. Check the loss for inf/NaN, lower the learning rate or compute "
+            "in bf16."
+        )
+        if self.on_min_scale == "raise":
+            raise LossScaleAtMinimumError(
+                message + " Pass on_min_scale='continue' to keep skipping such steps."
+            )
+        warnings.warn(
+            message + " Pass on_min_scale='raise' to stop here instead.", RuntimeWarning,
+            stacklevel=4,
+        )  # fmt: skip
 
     def count(self, found_inf: torch.Tensor) -> None:
         """Count one iteration, skipped if ``found_inf`` is non-zero."""
@@ -95,6 +161,7 @@ class ScalerState:
 
     def set_scale(self, value: float) -> None:
         self._tensors["scale"].fill_(value)
+        self._low = value
 
     def to_dict(self) -> dict[str, Any]:
         """The state dict: torch's five keys first, then mixprec's."""
@@ -133,10 +200,12 @@ class ScalerState:
         }
         for name, tensor in self._tensors.items():
             tensor.fill_(self._init[name])
+        self._low = float(self._init["scale"])
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickle Python numbers; the copy re-creates its tensors on the next scale(), as torch.
         state = self.__dict__.copy()
         state["_init"] = {name: self.value(name) for name in _TENSORS}
         state["_tensors"] = {}
+        state["_low"] = float(state["_init"]["scale"])
         return state

@@ -4,24 +4,40 @@ The per-iteration protocol is torch's: ``scale`` the loss, ``backward``, optiona
 (or :meth:`GradScaler.clip_grad_norm_`), ``step`` every optimizer, ``update`` once. The rule
 that moves the scale lives in :mod:`mixprec.scaling.rules`; gradient plumbing in ``_grads``,
 clipping in :mod:`mixprec.scaling.clip`, the distributed hook in ``_distributed``.
+
+Design note: the class subclasses ``torch.amp.GradScaler``, so ``isinstance`` checks in user and
+library code hold, and torch's private fields (``_scale``, ``_growth_tracker``,
+``_per_optimizer_states``, ``_init_scale``, ``_growth_factor``...) are properties over mixprec's
+state that read (and write) what torch's scaler would hold at the same point: the same tensors,
+the same per-optimizer records. torch's ``__init__`` is not called (it would keep a second copy
+of the settings); every public method is mixprec's, and torch's private helpers
+(``_unscale_grads_``, ``_found_inf_per_device``...) work unchanged on these fields.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
 from mixprec.scaling._distributed import ProcessGroupArg, agree_found_inf_, check_process_group
 from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
-from mixprec.scaling._iteration import Iteration, OptimizerRecord, Stage
-from mixprec.scaling._state import LossScaleAtMinimumError, ScalerState
+from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
+from mixprec.scaling._state import ScalerState
+from mixprec.scaling._torch_fields import TorchFields
 from mixprec.scaling.clip import check_clip_args, clip_coefficient, unscale_and_clip_
+from mixprec.scaling.errors import (
+    LossScaleAtMinimumError,
+    ScalerCallOrderError,
+    ScalerInputError,
+    ScalerValueError,
+)
 from mixprec.scaling.rules import STRATEGIES, DynamicScaling, Strategy
 
 __all__ = ["GradScaler", "LossScaleAtMinimumError"]
@@ -29,7 +45,7 @@ __all__ = ["GradScaler", "LossScaleAtMinimumError"]
 _T = TypeVar("_T")
 
 
-class GradScaler:
+class GradScaler(TorchFields, torch.amp.GradScaler):
     """Loss scaling for fp16 training; a drop-in for ``torch.amp.GradScaler``.
 
     Default construction behaves as ``torch.amp.GradScaler``: the same scale, growth tracker and
@@ -37,7 +53,8 @@ class GradScaler:
     and opt-in: the ``"static"`` and ``"none"`` strategies, DeepSpeed-style hysteresis, scale
     bounds, a distributed found-inf agreement; plus, always available, whether a step was
     skipped (:meth:`step_skipped`), step counters and an unscale-folded
-    :meth:`clip_grad_norm_`.
+    :meth:`clip_grad_norm_`. It is a ``torch.amp.GradScaler`` (a subclass) and its errors are
+    catchable as the types torch raises for the same mistake (see :mod:`mixprec.scaling.errors`).
 
     Off is a mode, not a branch: ``enabled=False`` turns every method into a pass-through
     (``step`` just calls ``optimizer.step()``), and ``strategy="none"`` keeps the scale at 1
@@ -53,11 +70,13 @@ class GradScaler:
         strategy: ``"dynamic"`` (torch's), ``"static"`` (the scale never changes) or ``"none"``.
         hysteresis: Overflows needed before backing off (DeepSpeed uses 2); 1 is torch's.
         consecutive_hysteresis: Refill the tolerance on every clean step, not only on growth.
-        min_scale: Never back off below this (None: the smallest positive float32).
+        min_scale: Never back off below this (None: 2**-126, the smallest normal float32,
+            whose reciprocal is finite; see :data:`~mixprec.scaling.rules.SCALE_FLOOR`).
         max_scale: Never grow above this (None: no cap; apex uses 2**24).
-        on_min_scale: When the gradients overflow at the minimum scale: ``"continue"`` skipping
-            steps, or ``"raise"`` :class:`LossScaleAtMinimumError` (costs a host sync per
-            :meth:`update`).
+        on_min_scale: When the gradients overflow at the minimum scale: ``"continue"`` skips
+            the step and warns (``RuntimeWarning``), ``"raise"`` skips it and raises
+            :class:`LossScaleAtMinimumError`. Either way the check reads the scale back only
+            once it may have reached the minimum, so ordinary updates stay free of host syncs.
         process_group: ``"world"`` (default) or a ``ProcessGroup``: reduce each optimizer's
             found-inf flag with ``all_reduce(MAX)`` over it whenever ``torch.distributed`` is
             initialised, so all ranks skip or step together (a single process is unaffected).
@@ -65,8 +84,9 @@ class GradScaler:
 
     Raises:
         ValueError: For out-of-range values (a growth factor <= 1, a backoff factor outside
-            (0, 1), an interval < 1, a non-finite or non-positive scale, hysteresis < 1,
-            min_scale > max_scale, an unknown strategy).
+            (0, 1), an interval < 1, a non-finite scale or one below 2**-126, hysteresis < 1,
+            min_scale > max_scale, an unknown strategy or device). Bad factors are also
+            ``AssertionError`` and a bad device also ``RuntimeError``, as in torch.
         TypeError: For arguments of the wrong type.
 
     Example:
@@ -106,7 +126,7 @@ class GradScaler:
             growth_factor, backoff_factor, growth_interval, hysteresis,
             consecutive_hysteresis, min_scale, max_scale,
         )  # fmt: skip
-        scale = _checks.check_scale("init_scale", init_scale)
+        scale = _checks.check_scale(init_scale, "init_scale")
         if strategy == "dynamic":
             _checks.check_in_bounds(scale, rule)
         if self._device == "cuda" and self._enabled and not torch.cuda.is_available():
@@ -133,7 +153,8 @@ class GradScaler:
             or the strategy is ``"none"``.
 
         Raises:
-            TypeError: If ``outputs`` holds something other than tensors.
+            TypeError: If ``outputs`` holds something other than tensors (also a
+                ``ValueError``, as torch raises).
         """
         if not self._enabled:
             return outputs
@@ -152,7 +173,7 @@ class GradScaler:
                 return type(value)(apply(v) for v in value)
             if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
                 return map(apply, value)
-            raise TypeError(
+            raise ScalerInputError(
                 "scale() takes a tensor or an iterable of tensors (e.g. the loss), got "
                 f"{value!r} of type {type(value).__name__}."
             )
@@ -162,7 +183,7 @@ class GradScaler:
     def _started(self, method: str) -> torch.Tensor:
         scale = self._state.scale
         if scale is None:
-            raise RuntimeError(
+            raise ScalerCallOrderError(
                 f"{method} was called before scale(): no loss was scaled in this run. Call "
                 "scaler.scale(loss).backward() before unscale_/step/update."
             )
@@ -172,10 +193,22 @@ class GradScaler:
         return torch.zeros((), dtype=torch.float32, device=scale.device)
 
     def _inv_scale(self, scale: torch.Tensor) -> torch.Tensor:
-        if self._state.strategy == "none":
-            return torch.ones_like(scale)
+        """The factor that unscales gradients held at ``scale`` (1 with strategy ``"none"``)."""
         # The reciprocal in float64, as torch does: float32 division may be inexact.
         return scale.double().reciprocal().float()
+
+    @staticmethod
+    def _unscales_in_step(optimizer: torch.optim.Optimizer) -> bool:
+        # torch's flag for optimizers that unscale inside their step (fused=True, mixprec's
+        # master-weight wrappers). Read as torch.amp.GradScaler.step reads it.
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+    def _record_found_inf(self, record: Record, found_inf: torch.Tensor) -> None:
+        previous = found_inf_of(record)
+        if previous is not None:  # a clip after unscale_: either check may have seen inf/NaN
+            found_inf = torch.maximum(found_inf, previous)
+        set_found_inf(record, agree_found_inf_(found_inf, self._process_group))
+        record["stage"] = OptState.UNSCALED
 
     # -- unscale, clip, step ---------------------------------------------------------------
 
@@ -189,7 +222,8 @@ class GradScaler:
             optimizer: The optimizer whose parameters' gradients are unscaled.
 
         Raises:
-            RuntimeError: If called before :meth:`scale`, twice, or after :meth:`step`.
+            RuntimeError: If called before :meth:`scale`, twice, or after :meth:`step`
+                (:class:`~mixprec.scaling.errors.ScalerCallOrderError`).
             ValueError: If the gradients are fp16 (see the message for the fix).
         """
         if not self._enabled:
@@ -200,8 +234,7 @@ class GradScaler:
         if self._state.strategy != "none":
             check_unscalable(optimizer, grads)
         found_inf = unscale_and_check_(grads, self._inv_scale(scale), self._new_flag(scale))
-        record.found_inf = agree_found_inf_(found_inf, self._process_group)
-        record.stage = Stage.UNSCALED
+        self._record_found_inf(record, found_inf)
 
     def clip_grad_norm_(
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
@@ -209,14 +242,17 @@ class GradScaler:
         """Unscale and clip the optimizer's gradients to a global norm in one write pass.
 
         Replaces ``scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(params, max_norm)``:
-        the norm is measured on the scaled gradients and one multiplication by
-        ``clip_coef / scale`` unscales and clips (see :mod:`mixprec.scaling.clip`).
+        the norm is measured on the gradients as they are (scaled, or already unscaled by
+        :meth:`unscale_`) and divided by the scale they are held at; then one rule applies:
 
-        Optimizers that unscale inside their step (``_step_supports_amp_scaling``: torch's
-        ``fused=True`` ones, ``mixprec.optim.MasterWeightOptimizer``) keep their gradients
-        scaled: ``step`` hands them ``scale / clip_coef`` to divide by, so clipping only reads
-        the gradients, and 16-bit gradients are fine. If :meth:`unscale_` already ran, this
-        only clips. When disabled, it is plain ``clip_grad_norm_``.
+        * optimizers that unscale inside their step (``_step_supports_amp_scaling``: torch's
+          ``fused=True`` ones, ``mixprec.optim.MasterWeightOptimizer``) keep their gradients
+          untouched: the clip coefficient is folded into the scale :meth:`step` hands them
+          (``grad_scale / clip_coef``), so clipping only reads, and 16-bit gradients are fine;
+        * the others are multiplied once by ``clip_coef / grad_scale``, which unscales and
+          clips (see :mod:`mixprec.scaling.clip`).
+
+        When disabled, it is plain ``clip_grad_norm_``.
 
         Args:
             optimizer: The optimizer whose gradients are clipped.
@@ -228,7 +264,7 @@ class GradScaler:
             which case :meth:`step` skips).
 
         Raises:
-            RuntimeError: If called before :meth:`scale`, twice, or after :meth:`step`.
+            RuntimeError: If called before :meth:`scale` or after :meth:`step`.
             ValueError: For a bad ``max_norm``/``norm_type`` or fp16 gradients.
 
         Example:
@@ -242,36 +278,37 @@ class GradScaler:
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
         scale = self._started("clip_grad_norm_()")
         record = self._iteration.record(optimizer)
-        already_unscaled = record.stage is Stage.UNSCALED and record.found_inf is not None
-        if not already_unscaled:
+        # The scale the gradients are held at: the loss scale, 1 after unscale_, or the scale
+        # a previous folded clip left for the step.
+        if record["stage"] is OptState.UNSCALED:
+            unit = torch.ones_like(scale)
+            held_at = self._iteration.folded_scales.get(id(optimizer), unit)
+        else:
             record = self._iteration.begin_unscale(optimizer, "clip_grad_norm_()")
+            held_at = scale
         grads = group_grads(optimizer)
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and not already_unscaled:
-            found_inf = self._new_flag(scale)
-            norm, clip_coef = clip_coefficient(
-                grads, self._inv_scale(scale), max_norm, norm_type, found_inf
-            )
-            record.found_inf = agree_found_inf_(found_inf, self._process_group)
-            record.grad_scale = scale / clip_coef
-            record.stage = Stage.UNSCALED
-            return norm
-        if self._state.strategy != "none" and not already_unscaled:
-            check_unscalable(optimizer, grads)
-        inv_scale = torch.ones_like(scale) if already_unscaled else self._inv_scale(scale)
         found_inf = self._new_flag(scale)
-        norm = unscale_and_clip_(grads, inv_scale, max_norm, norm_type, found_inf)
-        if already_unscaled and record.found_inf is not None:
-            found_inf.copy_(torch.maximum(found_inf, record.found_inf))
-        record.found_inf = agree_found_inf_(found_inf, self._process_group)
-        record.stage = Stage.UNSCALED
+        inv_scale = self._inv_scale(held_at)
+        if self._unscales_in_step(optimizer):
+            norm, clip_coef = clip_coefficient(grads, inv_scale, max_norm, norm_type, found_inf)
+            self._iteration.folded_scales[id(optimizer)] = held_at / clip_coef
+        else:
+            if held_at is scale and self._state.strategy != "none":
+                check_unscalable(optimizer, grads)
+            norm = unscale_and_clip_(grads, inv_scale, max_norm, norm_type, found_inf)
+        self._record_found_inf(record, found_inf)
         return norm
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         """Unscale (unless done), then run ``optimizer.step(*args, **kwargs)`` unless non-finite.
 
-        Optimizers that declare ``_step_supports_amp_scaling`` (torch's ``fused=True`` Adam,
-        AdamW, SGD) receive the scale and found-inf flag as ``optimizer.grad_scale`` and
-        ``optimizer.found_inf`` and unscale and skip inside their kernel, without a host sync.
+        Optimizers that declare ``_step_supports_amp_scaling`` unscale themselves, as with
+        torch's scaler. If their ``step`` takes a ``grad_scaler`` argument, it is called with
+        ``grad_scaler=self`` (with torch's ``FutureWarning``) and must unscale and skip on its
+        own (e.g. ``grad_scaler.unscale_(self)``, then read
+        ``grad_scaler._found_inf_per_device(self)``). Otherwise (torch's ``fused=True`` Adam,
+        AdamW, SGD) it receives the scale and found-inf flag as ``optimizer.grad_scale`` and
+        ``optimizer.found_inf`` and unscales and skips inside its kernel, without a host sync.
 
         Args:
             optimizer: The optimizer to step.
@@ -288,53 +325,72 @@ class GradScaler:
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
-            raise RuntimeError(
+            raise ScalerCallOrderError(
                 "step() got closure=...: closures are not supported while scaling, because the "
                 "loss they recompute is not scaled. Compute the loss outside the optimizer."
             )
         scale = self._started("step()")
         record = self._iteration.begin_step(optimizer)
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
-            return self._fused_step(optimizer, record, scale, args, kwargs)
-        if record.stage is Stage.READY:
+        if self._unscales_in_step(optimizer):
+            if "grad_scaler" in inspect.signature(optimizer.step).parameters:
+                warnings.warn(
+                    "GradScaler is going to stop passing itself as a keyword argument to the "
+                    "passed optimizer. In the near future GradScaler registers `grad_scale: "
+                    "Tensor` and `found_inf: Tensor` to the passed optimizer and let the "
+                    "optimizer use them directly.",
+                    FutureWarning,
+                    stacklevel=2,
+                )  # torch's words, so filters written for torch's warning match it
+                step: Any = optimizer.step  # its signature takes grad_scaler (checked above)
+                retval = step(*args, **kwargs, grad_scaler=self)
+            else:
+                retval = self._fused_step(optimizer, record, scale, args, kwargs)
+            record["stage"] = OptState.STEPPED
+            return retval
+        if record["stage"] is OptState.READY:
             self.unscale_(optimizer)
-        assert record.found_inf is not None  # set by unscale_ above; not user input
+        found_inf = found_inf_of(record)
+        if found_inf is None:
+            raise ScalerCallOrderError(
+                "No inf checks were recorded for this optimizer: its stage was changed by hand "
+                "(scaler._per_optimizer_states). Let unscale_/step manage it."
+            )
         retval = None
-        if not record.found_inf.item():
+        if not found_inf.item():
             retval = optimizer.step(*args, **kwargs)
-        record.stage = Stage.STEPPED
+        record["stage"] = OptState.STEPPED
         return retval
 
     def _fused_step(
         self,
         optimizer: torch.optim.Optimizer,
-        record: OptimizerRecord,
+        record: Record,
         scale: torch.Tensor,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        grad_scale: torch.Tensor | None = None
-        if record.grad_scale is not None:  # clip_grad_norm_ folded its factor into the scale
-            grad_scale = record.grad_scale * getattr(optimizer, "grad_scale", 1)
-        elif record.stage is Stage.READY:
+        grad_scale: torch.Tensor | None
+        folded = self._iteration.folded_scales.get(id(optimizer))
+        if folded is not None:  # clip_grad_norm_ folded its factor into the scale
+            grad_scale = folded * getattr(optimizer, "grad_scale", 1)
+        elif record["stage"] is OptState.READY:
             # Check only; the optimizer's kernel divides by grad_scale itself.
             found_inf = unscale_and_check_(
                 group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
             )
-            record.found_inf = agree_found_inf_(found_inf, self._process_group)
+            self._record_found_inf(record, found_inf)
+            grad_scale = None
             if self._state.strategy != "none":
                 grad_scale = scale * getattr(optimizer, "grad_scale", 1)
-        else:
+        else:  # unscaled in place by unscale_
             grad_scale = getattr(optimizer, "grad_scale", None)
         optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
-        optimizer.found_inf = record.found_inf  # type: ignore[attr-defined]
+        optimizer.found_inf = found_inf_of(record)  # type: ignore[attr-defined]
         try:
-            retval = optimizer.step(*args, **kwargs)
+            return optimizer.step(*args, **kwargs)
         finally:
             del optimizer.grad_scale  # type: ignore[attr-defined]
             del optimizer.found_inf  # type: ignore[attr-defined]
-        record.stage = Stage.STEPPED
-        return retval
 
     # -- update ----------------------------------------------------------------------------
 
@@ -347,24 +403,25 @@ class GradScaler:
 
         Raises:
             RuntimeError: If no optimizer was stepped or unscaled since the last update
-                (including calling ``update()`` twice), or before :meth:`scale`.
-            ValueError: For a ``new_scale`` that is not finite and positive, or with the
+                (including calling ``update()`` twice), or before :meth:`scale` (also an
+                ``AssertionError``, as torch raises).
+            ValueError: For a ``new_scale`` that is not finite or below 2**-126, or with the
                 ``"none"`` strategy.
             LossScaleAtMinimumError: With ``on_min_scale="raise"``, when the gradients
                 overflowed at the minimum scale.
         """
         if not self._enabled:
             return
-        scale = self._started("update()")
+        self._started("update()")
         found_inf = self._iteration.found_inf()
         if new_scale is None and found_inf is None:
-            raise RuntimeError(
+            raise ScalerCallOrderError(
                 "update() found no inf/NaN checks since the last update(): call "
                 "scaler.step(optimizer) (or unscale_) before update(), and update() only "
                 "once per iteration."
             )
         if new_scale is not None:
-            scale.fill_(self._check_new_scale(new_scale))
+            self._state.set_scale(self._check_new_scale(new_scale))
             if found_inf is not None:
                 self._state.count(found_inf)
         elif found_inf is not None:
@@ -383,13 +440,13 @@ class GradScaler:
             )
         if isinstance(new_scale, torch.Tensor):
             if new_scale.numel() != 1 or new_scale.requires_grad:
-                raise ValueError(
+                raise ScalerValueError(
                     f"new_scale must be a float or a 1-element tensor without grad, got a "
                     f"tensor of shape {tuple(new_scale.shape)} (requires_grad="
                     f"{new_scale.requires_grad})."
                 )
             new_scale = new_scale.item()
-        value = _checks.check_scale("new_scale", new_scale)
+        value = _checks.check_scale(new_scale, "new_scale")
         if self._state.strategy == "dynamic":
             _checks.check_in_bounds(value, self._state.rule, "new_scale")
         return value
@@ -443,7 +500,7 @@ class GradScaler:
 
     def set_growth_factor(self, new_factor: float) -> None:
         """Set the growth factor (> 1)."""
-        self._state.rule = replace(self._state.rule, growth_factor=new_factor)
+        self._growth_factor = new_factor
 
     def get_backoff_factor(self) -> float:
         """The factor the scale backs off by."""
@@ -451,7 +508,7 @@ class GradScaler:
 
     def set_backoff_factor(self, new_factor: float) -> None:
         """Set the backoff factor (in (0, 1))."""
-        self._state.rule = replace(self._state.rule, backoff_factor=new_factor)
+        self._backoff_factor = new_factor
 
     def get_growth_interval(self) -> int:
         """Clean steps in a row before the scale grows."""
@@ -459,7 +516,7 @@ class GradScaler:
 
     def set_growth_interval(self, new_interval: int) -> None:
         """Set the growth interval (>= 1)."""
-        self._state.rule = replace(self._state.rule, growth_interval=new_interval)
+        self._growth_interval = new_interval
 
     def is_enabled(self) -> bool:
         """Whether the scaler is enabled (False: every method is a pass-through)."""
@@ -505,7 +562,8 @@ class GradScaler:
 
         Raises:
             TypeError: If ``state_dict`` is not a mapping.
-            ValueError: If it is empty, foreign, from a newer format or holds bad values.
+            ValueError: If it is empty (also a ``RuntimeError``, as torch raises), foreign,
+                from a newer format or holds bad values.
         """
         if not self._enabled:
             return

@@ -21,8 +21,17 @@ and the tensor path agree bit for bit with each other and with torch.
 Two deliberate differences from ``torch._amp_update_scale_``, both only reachable by sequences in
 which torch misbehaves:
 
-* the scale never drops below the smallest positive float32 (or ``min_scale``); torch's reaches
-  0 after about 165 consecutive overflows from 2**16, after which training cannot recover;
+* the scale never drops below :data:`SCALE_FLOOR` (or ``min_scale``, which may not be lower).
+  Torch's scale keeps halving: after 143 overflows in a row from 2**16 it is subnormal, after
+  144 it is 2**-128, whose reciprocal, the factor that unscales the gradients, is ``inf`` in
+  float32; the next clean step then multiplies finite gradients by ``inf`` and writes
+  ``-inf``/NaN into the weights (after 166 the scale is 0). The smallest float32 with a finite
+  reciprocal is the subnormal 2**-128 + 2**-149 (about 2.94e-39); the floor is set higher, at the
+  smallest *normal* float32, 2**-126: its reciprocal 2**126 is finite and exact, and every scale
+  at or above it keeps all 24 significant bits, so a product with ``backoff_factor`` stays as
+  exact as torch's. The subnormals in between would unscale with a rounded factor.
+  What happens when the gradients overflow at the floor is the scaler's choice
+  (``on_min_scale``): skip the step and warn, or raise.
 * growth happens when the clean-step count *reaches or passes* ``growth_interval``; torch tests
   for equality, so lowering the interval below the current count with ``set_growth_interval``
   stops growth until the next overflow.
@@ -37,9 +46,11 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from mixprec.scaling.errors import ScalerValueError
+
 __all__ = [
     "FP32_MAX",
-    "FP32_SMALLEST",
+    "SCALE_FLOOR",
     "DynamicScaling",
     "ScaleState",
     "Strategy",
@@ -59,8 +70,11 @@ Strategy = Literal["dynamic", "static", "none"]
 STRATEGIES: tuple[Strategy, ...] = ("dynamic", "static", "none")
 
 FP32_MAX = float(torch.finfo(torch.float32).max)
-FP32_SMALLEST = 2.0**-149
-"""The smallest positive float32 (a subnormal): the scale's floor when there is no ``min_scale``."""
+SCALE_FLOOR = 2.0**-126
+"""The lowest loss scale: the smallest normal float32, whose reciprocal (2**126) is finite.
+
+Every scale, ``init_scale``, ``min_scale`` and ``max_scale`` must be at least this; see the module
+note for why the floor is here and not at the smallest positive float32."""
 
 _INT32_MAX = 2**31 - 1
 
@@ -101,7 +115,7 @@ def _check_factor(name: str, value: object, low: float, high: float, fix: str) -
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {value!r} of type {type(value).__name__}.")
     if not (math.isfinite(value) and low < value < high):
-        raise ValueError(f"{name} must be {fix}, got {value!r}.")
+        raise ScalerValueError(f"{name} must be {fix}, got {value!r}.")
 
 
 def _check_count(name: str, value: object, low: int, meaning: str) -> None:
@@ -119,10 +133,11 @@ def _check_bound(name: str, value: object) -> None:
             f"{name} must be a positive float or None, got {value!r} of type "
             f"{type(value).__name__}."
         )
-    if not (math.isfinite(value) and 0.0 < to_float32(float(value)) <= FP32_MAX):
+    if not (math.isfinite(value) and SCALE_FLOOR <= to_float32(float(value)) <= FP32_MAX):
         raise ValueError(
-            f"{name} must be None or a finite positive float32 number "
-            f"(between {FP32_SMALLEST!r} and {FP32_MAX!r}), got {value!r}."
+            f"{name} must be None or a finite positive float32 number between 2**-126 "
+            f"(SCALE_FLOOR, the smallest scale whose reciprocal stays exact and finite) and "
+            f"{FP32_MAX:.4g}, got {value!r}."
         )
 
 
@@ -142,7 +157,7 @@ class DynamicScaling:
             An overflow that is tolerated still skips the step and resets the clean-step count.
         consecutive_hysteresis: Refill the tolerance on every clean step instead of only when
             the scale grows, so only overflows in a row count.
-        min_scale: The scale never backs off below this (None: the smallest positive float32).
+        min_scale: The scale never backs off below this (None: :data:`SCALE_FLOOR`, 2**-126).
         max_scale: The scale never grows above this (None: the largest finite float32).
 
     Example:
@@ -185,7 +200,7 @@ class DynamicScaling:
     @property
     def floor(self) -> float:
         """The lowest scale the rule can produce."""
-        return FP32_SMALLEST if self.min_scale is None else to_float32(float(self.min_scale))
+        return SCALE_FLOOR if self.min_scale is None else to_float32(float(self.min_scale))
 
 
 def initial_state(scale: float, rule: DynamicScaling | None = None) -> ScaleState:
