@@ -150,3 +150,17 @@ def test_bad_inputs():
         underflow_report([torch.ones(2)], 1.0)
     with pytest.raises(ValueError, match="unknown number format 'fp7'"):
         underflow_report({"w": torch.ones(2)}, 1.0, "fp7")
+
+
+@pytest.mark.parametrize(
+    ("absmax", "error", "message"),
+    [
+        (float("inf"), ValueError, r"absmax must be a finite magnitude >= 0, got inf"),
+        (float("nan"), ValueError, r"got nan"),
+        (-1.0, ValueError, r"got -1.0"),
+        ("1", TypeError, r"absmax must be a number, got str '1'"),
+    ],
+)
+def test_largest_safe_scale_refuses_what_has_no_safe_scale(absmax, error, message):
+    with pytest.raises(error, match=message):
+        largest_safe_scale(absmax)

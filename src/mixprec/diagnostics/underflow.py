@@ -131,13 +131,22 @@ def largest_safe_scale(absmax: float, fmt: FormatLike = "fp16") -> float:
     Returns:
         The scale; inf for ``absmax == 0`` (any scale is safe).
 
+    Raises:
+        ValueError: ``absmax`` is negative, inf or NaN.
+        TypeError: ``absmax`` is not a number.
+
     Example:
         >>> largest_safe_scale(1.0)  # fp16 max is 65504 < 2**16
         32768.0
     """
     fmt = resolve_format(fmt)
-    if absmax < 0 or math.isnan(absmax):
-        raise ValueError(f"absmax must be a magnitude >= 0, got {absmax!r}")
+    if isinstance(absmax, bool) or not isinstance(absmax, (int, float)):
+        raise TypeError(f"absmax must be a number, got {type(absmax).__name__} {absmax!r}")
+    if not (math.isfinite(absmax) and absmax >= 0):
+        raise ValueError(
+            f"absmax must be a finite magnitude >= 0, got {absmax!r}; an inf/NaN gradient "
+            "overflows at every scale, so find its origin first (MixedPrecision(trace=True))"
+        )
     if absmax == 0:
         return math.inf
     return 2.0 ** math.floor(math.log2(fmt.max / absmax))
