@@ -82,6 +82,43 @@ def test_a_compiled_prepared_model_trains_like_eager(preset, when):
     assert compiled == pytest.approx(eager, rel=2 * torch.finfo(torch.bfloat16).eps)
 
 
+def test_a_region_inside_a_compiled_function_computes_what_eager_computes():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def step(x):
+        with autocast("cpu", dtype=torch.float16, backend="emulated"):
+            return lin(x)
+
+    decorated = autocast("cpu", dtype=torch.bfloat16, backend="emulated")(lambda x: lin(x))
+    want = (step(x), decorated(x))
+    torch._dynamo.reset()
+    got = (torch.compile(step)(x), torch.compile(decorated)(x))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert current_region() is None and not torch.is_autocast_enabled("cpu")
+
+
+def test_one_decorated_function_runs_in_two_threads_at_once():
+    barrier = threading.Barrier(2)
+    results = []
+
+    @autocast("cpu", dtype=torch.bfloat16, backend="emulated")
+    def work():
+        barrier.wait()  # both threads are inside the same region object
+        out = torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+        barrier.wait()
+        return out.dtype
+
+    threads = [threading.Thread(target=lambda: results.append(work())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [torch.bfloat16, torch.bfloat16]
+
+
 def _graph_breaks(model, x, region):
     torch._dynamo.reset()
     with region:
@@ -372,7 +409,8 @@ def test_exiting_a_region_from_another_thread_is_refused():
     thread = threading.Thread(target=exit_elsewhere)
     thread.start()
     thread.join()
-    assert errors and "must be exited by the thread that entered it" in errors[0]
+    assert errors and "another thread entered it" in errors[0]
+    assert "must be exited by the thread that entered it" in errors[0]
     assert torch.is_autocast_enabled("cpu")  # the owner's region is still open...
     region.__exit__(None, None, None)
     assert not torch.is_autocast_enabled("cpu") and current_region() is None  # ...and closes

@@ -10,6 +10,11 @@ op table, target device — pushed for the region's lifetime and read by mixprec
 such a region is entered. A native region with torch's op list changes nothing: its ops run on
 torch's own kernels.
 
+Inside a function that ``torch.compile`` compiles, a region's construction, entry and exit run
+eagerly (each a graph break) and the code inside is compiled under the region; a region entered
+outside compiled code (the usual loop: ``with mp.autocast(): loss = compiled_model(x)``) adds no
+graph break, nor do the FP32 islands' hooks inside the model.
+
 Casts are not cached: a cast cache keyed by tensor cannot see a weight changed through ``.data``
 (``p.data.mul_(2)``, EMA swaps), and torch's own serves the stale cast then. ``cache_enabled`` is
 accepted for compatibility and leaves torch's cache off; the cost is one cast per use of a weight
@@ -146,6 +151,7 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         (torch.float16, torch.float32)
     """
 
+    @torch._dynamo.disable  # validation and the hardware choice run eagerly, never traced
     def __init__(
         self,
         device_type: str,
@@ -189,13 +195,14 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
 
             self.backend, self.reason = choose_backend(self.device_type, self.dtype, backend)
         self._config = RegionConfig(self.device_type, self.backend, table, torch_table, self.target)
-        self._entered: list[tuple[torch.autocast, int, int]] = []
+        self._entered: dict[int, list[tuple[torch.autocast, int]]] = {}  # per thread: reentrant
 
     @property
     def op_table(self) -> OpTable:
         """The effective op table of this region (the target's defaults plus ``ops`` edits)."""
         return self._config.table
 
+    @torch._dynamo.disable
     def __enter__(self) -> autocast:
         native = torch.autocast(
             self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=False
@@ -203,22 +210,26 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         if self.enabled:
             ensure_kernels(self._config)
         native.__enter__()
-        self._entered.append((native, depth(self.device_type), threading.get_ident()))
+        self._entered.setdefault(threading.get_ident(), []).append(
+            (native, depth(self.device_type))
+        )
         push_config(self._config)
         _open.regions.append(self)
         return self
 
+    @torch._dynamo.disable
     def __exit__(self, *exc_info: object) -> None:
-        if not self._entered:
-            raise RuntimeError(f"{self!r} was exited without being entered")
-        native, config_depth, owner = self._entered[-1]
-        if owner != threading.get_ident():
+        entered = self._entered.get(threading.get_ident())
+        if not entered:
+            where = "another thread" if self._entered else "no thread"
             raise RuntimeError(
-                f"{self!r} was entered by thread {owner} and exited by thread "
-                f"{threading.get_ident()}: autocast state is per thread, so a region must be "
-                "exited by the thread that entered it"
+                f"{self!r} was exited by thread {threading.get_ident()}, but {where} entered it: "
+                "autocast state is per thread, so a region must be exited by the thread that "
+                "entered it"
             )
-        self._entered.pop()
+        native, config_depth = entered.pop()
+        if not entered:
+            del self._entered[threading.get_ident()]
         pop_config(self._config, config_depth)
         if self in _open.regions:
             del _open.regions[_open.regions.index(self) :]
