@@ -113,16 +113,18 @@ def _save_addmm(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``beta * bias + alpha * (a @ b)`` (batched or summed over batches)."""
+    """Gradients of ``beta * bias + alpha * (a @ b)`` (batched, or summed over batches)."""
     bias, a, b = ctx.saved_tensors
     want = ctx.needs_input_grad
     with no_autocast():
         g = grad.float()
+        g_bias = _unbroadcast(g if ctx.beta == 1 else g * ctx.beta, bias) if want[0] else None
         if a.dim() == 3 and g.dim() == 2:  # addbmm: the batch products were summed
             g = g.expand(a.shape[0], *g.shape)
-        g_bias = _unbroadcast(grad.float() * ctx.beta, bias) if want[0] else None
-        ga = ((g @ b.float().mT) * ctx.alpha).to(a.dtype) if want[1] else None
-        gb = ((a.float().mT @ g) * ctx.alpha).to(b.dtype) if want[2] else None
+        if ctx.alpha != 1:
+            g = g * ctx.alpha
+        ga = (g @ b.float().mT).to(a.dtype) if want[1] else None
+        gb = (a.float().mT @ g).to(b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None
 
 
