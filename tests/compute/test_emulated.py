@@ -75,6 +75,14 @@ def _ops(dtype):
         ("mm", torch.mm, (r(4, 5), r(5, 2)), {}),
         ("addmm", torch.addmm, (r(4, 2), r(4, 5), r(5, 2)), {}),
         ("baddbmm", torch.baddbmm, (r(3, 4, 2), r(3, 4, 5), r(3, 5, 2)), {"alpha": 0.5}),
+        ("addbmm", torch.addbmm, (r(4, 2), r(3, 4, 5), r(3, 5, 2)), {"beta": 0.5}),
+        ("conv_tbc", torch.conv_tbc, (r(7, 2, 3), r(3, 3, 4), r(4)), {"pad": 1}),
+        (
+            "addmm_activation",
+            torch._addmm_activation,
+            (r(4, 2), r(4, 5), r(5, 2)),
+            {"use_gelu": True, "alpha": 2.0},
+        ),
         (
             "sdpa",
             F.scaled_dot_product_attention,

@@ -98,18 +98,7 @@ _ONE_ROUNDING = {"_addmm_activation", "conv_tbc"}
 # promised; within 2 ulps at the scale of each output of the fp32 op rounded once.
 _MANY_GEMMS = {"_native_multi_head_attention"}
 
-_EMULATED_FAILURES = {
-    "_addmm_activation": (
-        "the emulated backend runs torch's native CPU _addmm_activation: the GEMM is rounded to "
-        "16 bits, then GELU runs on the rounded values (two roundings; 3 ulp off in bf16, 6 in "
-        "fp16) and no mixprec GEMM kernel is reached"
-    ),
-    "conv_tbc": (
-        "the emulated backend runs torch's native 16-bit conv_tbc (not in GEMM_OPS or "
-        "COMPOSITE_GEMMS; its CPU kernel accumulates the taps with in-place addmm_, which no "
-        "mixprec kernel sees): one rounding per tap, 22 ulp off in bf16, 117 in fp16"
-    ),
-}
+_EMULATED_FAILURES: dict[str, str] = {}  # op -> why the emulated backend misses it
 
 
 def _op_params():
@@ -117,7 +106,7 @@ def _op_params():
     for case in cpu_op_cases(DTYPES):
         for kind in AUTOCAST_KINDS:
             marks = ()
-            if kind == "emulated" and case.op in _EMULATED_FAILURES:
+            if kind == "emulated" and case.op in _EMULATED_FAILURES:  # none left today
                 marks = (pytest.mark.xfail(strict=True, reason=_EMULATED_FAILURES[case.op]),)
             params.append(pytest.param(kind, case, id=f"{kind}-{case.id}", marks=marks))
     return params
@@ -466,9 +455,7 @@ _NOT_CALLABLE = (
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_NOT_CALLABLE))
-        if k != "torch"
-        else k
+        k
         for k in AUTOCAST_KINDS
     ],
 )
@@ -502,9 +489,7 @@ _WARNING_TEXT = (
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_WARNING_TEXT))
-        if k != "torch"
-        else k
+        k
         for k in AUTOCAST_KINDS
     ],
 )

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, get_args
 
@@ -177,14 +176,8 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         torch_table = op_table(self.device_type, self.dtype)
         table = op_table(self.target, self.dtype).with_overrides(ops)  # validates ops
         if enabled and self.dtype not in _LOW_DTYPES:
-            # torch's own warning text and behaviour: the region is disabled
-            warnings.warn(
-                f"In {self.device_type} autocast, but the target dtype {self.dtype} is not "
-                "supported. Disabling autocast.",
-                UserWarning,
-                stacklevel=2,
-            )
-            enabled = False
+            # torch decides, with its own warning text: an unsupported dtype disables the region
+            enabled = torch.autocast(self.device_type, dtype=self.dtype)._enabled
         self.enabled = enabled
         if not enabled:
             self.backend, self.reason = "native", "disabled: fp32 everywhere"
@@ -237,6 +230,11 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
 
     def __call__(self, func: _F) -> _F:
         """Use as a decorator: every call of ``func`` runs inside a region like this one."""
+        if not callable(func):
+            raise TypeError(
+                f"autocast()(func) requires a callable, but got {type(func).__name__}; use "
+                "`with autocast(...):` to run a block of code"
+            )
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -128,6 +128,58 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
     return g_bias, ga, gb, None, None
 
 
+@torch.library.custom_op("mixprec::addmm_activation", mutates_args=())
+def _addmm_activation(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, use_gelu: bool
+) -> torch.Tensor:
+    """``act(beta * bias + alpha * a @ b)`` with the activation in the GEMM's epilogue: one
+    rounding, as a fused GEMM kernel has."""
+    with no_autocast():
+        out = torch._addmm_activation(
+            bias.float(), a.float(), b.float(), beta=beta, alpha=alpha, use_gelu=use_gelu
+        )
+        return out.to(a.dtype)
+
+
+def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    bias, a, b, ctx.beta, ctx.alpha, ctx.use_gelu = inputs
+    ctx.save_for_backward(bias, a, b)
+
+
+def _addmm_activation_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    bias, a, b = ctx.saved_tensors
+    with no_autocast():  # the pre-activation, recomputed in fp32 from the saved 16-bit inputs
+        z = torch.addmm(bias.float(), a.float(), b.float(), beta=ctx.beta, alpha=ctx.alpha)
+        g = grad.float()
+        g = torch.ops.aten.gelu_backward(g, z) if ctx.use_gelu else g * (z > 0)
+        want = ctx.needs_input_grad
+        g_bias = _unbroadcast(g * ctx.beta, bias) if want[0] else None
+        ga = (g @ b.float().mT * ctx.alpha).to(a.dtype) if want[1] else None
+        gb = (a.float().mT @ g * ctx.alpha).to(b.dtype) if want[2] else None
+    return g_bias, ga, gb, None, None, None
+
+
+@torch.library.custom_op("mixprec::conv_tbc", mutates_args=())
+def _conv_tbc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pad: int) -> torch.Tensor:
+    """The time-batch-channel convolution with its taps summed in fp32 and one rounding."""
+    with no_autocast():
+        return torch.conv_tbc(x.float(), weight.float(), bias.float(), pad).to(x.dtype)
+
+
+def _save_conv_tbc(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, bias, ctx.pad = inputs
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _conv_tbc_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight, bias = ctx.saved_tensors
+    with no_autocast():
+        gx, gw, gb = torch.ops.aten.conv_tbc_backward.default(
+            grad.float(), x.float(), weight.float(), bias.float(), ctx.pad
+        )
+    return gx.to(x.dtype), gw.to(weight.dtype), gb.to(bias.dtype), None
+
+
 # -- convolution ------------------------------------------------------------------------------
 
 
@@ -214,12 +266,18 @@ def _flash_backward(
 
 
 # The fake kernels are the real ones: they are shape-polymorphic tensor code, run on fake tensors.
-for _op in (_mm, _bmm, _addmm, _baddbmm, _addbmm, _convolution, _flash_cpu):
+for _op in (
+    _mm, _bmm, _addmm, _baddbmm, _addbmm, _addmm_activation, _conv_tbc, _convolution, _flash_cpu
+):  # fmt: skip
     _op.register_fake(_op._init_fn)  # type: ignore[attr-defined]
 _mm.register_autograd(_mm_backward, setup_context=_save_all)
 _bmm.register_autograd(_mm_backward, setup_context=_save_all)
 for _op in (_addmm, _baddbmm, _addbmm):
     _op.register_autograd(_addmm_backward, setup_context=_save_addmm)
+_addmm_activation.register_autograd(
+    _addmm_activation_backward, setup_context=_save_addmm_activation
+)
+_conv_tbc.register_autograd(_conv_tbc_backward, setup_context=_save_conv_tbc)
 _convolution.register_autograd(_convolution_backward, setup_context=_save_convolution)
 _flash_cpu.register_autograd(_flash_backward, setup_context=_save_flash)
 
@@ -251,6 +309,10 @@ EMULATED_OPS: dict[str, Any] = {
     "addmm": lambda *a, **k: _call_addmm(_addmm, *a, **k),
     "baddbmm": lambda *a, **k: _call_addmm(_baddbmm, *a, **k),
     "addbmm": lambda *a, **k: _call_addmm(_addbmm, *a, **k),
+    "_addmm_activation": lambda bias, a, b, *, beta=1, alpha=1, use_gelu=False: _addmm_activation(
+        bias, a, b, _scalar(beta), _scalar(alpha), use_gelu
+    ),
+    "conv_tbc": lambda x, weight, bias, pad=0: _conv_tbc(x, weight, bias, pad),
     "convolution": _convolution,
     "_scaled_dot_product_flash_attention_for_cpu": _call_flash,
 }

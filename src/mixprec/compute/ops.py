@@ -44,7 +44,7 @@ Category = Literal["lower", "fp32", "promote", "keep"]
 _CATEGORIES: tuple[str, ...] = get_args(Category)
 
 GEMM_OPS: frozenset[str] = frozenset(
-    {"mm", "bmm", "addmm", "baddbmm", "addbmm", "convolution",
+    {"mm", "bmm", "addmm", "baddbmm", "addbmm", "_addmm_activation", "conv_tbc", "convolution",
      "_scaled_dot_product_flash_attention_for_cpu"}
 )  # fmt: skip
 """The aten primitives the emulated backend computes as tensor cores do: 16-bit inputs, fp32
@@ -54,7 +54,7 @@ COMPOSITE_GEMMS: frozenset[str] = frozenset(
     {"linear", "matmul", "einsum", "tensordot", "chain_matmul", "linalg_multi_dot",
      "linalg_vecdot", "conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding",
      "conv3d.padding", "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input",
-     "scaled_dot_product_attention", "_native_multi_head_attention", "_addmm_activation"}
+     "scaled_dot_product_attention", "_native_multi_head_attention"}
 )  # fmt: skip
 """Lowered ops that the emulated backend runs by decomposing them into :data:`GEMM_OPS` (their
 inputs cast once, as torch's autocast casts them, and no other op inside cast again)."""
