@@ -42,7 +42,8 @@ def group_grads(optimizer: torch.optim.Optimizer) -> GradGroups:
     """Collect the optimizer's gradients by (device, dtype), the layout foreach kernels need.
 
     Sparse gradients contribute their values; fp16 sparse gradients are coalesced first so that
-    duplicate indices are summed before the finite check (their sum may overflow).
+    duplicate indices are summed before the finite check (their sum may overflow). Complex
+    gradients contribute their real view (the same memory), which torch's kernels can check.
 
     Args:
         optimizer: Any ``torch.optim.Optimizer``.
@@ -60,6 +61,8 @@ def group_grads(optimizer: torch.optim.Optimizer) -> GradGroups:
                 if grad.dtype == torch.float16:
                     param.grad = grad = grad.coalesce()
                 grad = grad._values()
+            if grad.is_complex():
+                grad = torch.view_as_real(grad)
             groups[(grad.device, grad.dtype)].append(grad)
     return dict(groups)
 
