@@ -414,3 +414,14 @@ def test_exiting_a_region_from_another_thread_is_refused():
     assert torch.is_autocast_enabled("cpu")  # the owner's region is still open...
     region.__exit__(None, None, None)
     assert not torch.is_autocast_enabled("cpu") and current_region() is None  # ...and closes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp64_stays_fp64_as_under_torch(backend):
+    x, w, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(3, 8), torch.randn(3)
+    for call in (lambda: torch.mm(x, x.t()), lambda: F.linear(x, w.double(), b.double())):
+        with torch.autocast("cpu", dtype=torch.float16):
+            want = call()
+        with autocast("cpu", dtype=torch.float16, backend=backend):
+            got = call()
+        assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)

@@ -189,7 +189,7 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
             return as_torch(keyset, args, kwargs)
         emulate = config.backend == "emulated"
         if _tls.inside_lowered:  # an op inside an emulated composite GEMM: inputs are cast
-            if emulate and emulated is not None:
+            if emulate and emulated is not None and _all_low((args, kwargs)):
                 return emulated(*args, **kwargs)
             return op.redispatch(keyset & below, *args, **kwargs)
         category = config.table[name]
@@ -204,6 +204,8 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
         dtype = torch.get_autocast_dtype(device_type)
         if category == "lower":
             args, kwargs = _cast((args, kwargs), dtype, device_type)
+            if emulate and not _all_low((args, kwargs)):
+                return without_autocast(args, kwargs)  # fp64 stays fp64, as under torch
             if emulate and emulated is not None:
                 return emulated(*args, **kwargs)
             if emulate and composite:
@@ -218,7 +220,7 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
         if category == "promote":
             widest = _promoted((args, kwargs), dtype, device_type)
             return without_autocast(*_cast((args, kwargs), widest, device_type))
-        if emulate and emulated is not None and _uniform_low(args, dtype):
+        if emulate and emulated is not None and _all_low((args, kwargs)):
             return emulated(*args, **kwargs)  # a primitive GEMM torch leaves alone, on 16-bit data
         return op.redispatch(keyset & below, *args, **kwargs)
 
@@ -226,6 +228,10 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
     return kernel
 
 
-def _uniform_low(args: Any, dtype: torch.dtype) -> bool:
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    return bool(tensors) and all(t.dtype == dtype for t in tensors)
+def _all_low(tree: Any) -> bool:
+    """Whether every floating tensor in ``tree`` has one 16-bit dtype (what the emulated GEMMs
+    take)."""
+    dtypes = {
+        t.dtype for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()
+    }
+    return len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}
