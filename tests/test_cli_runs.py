@@ -33,6 +33,7 @@ def corpus(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_writes_table_report_and_plots(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     code = main(["compare", "--task", "all", "--out", str(out), "--data", str(corpus), *TINY])
