@@ -138,6 +138,13 @@ class MixedPrecision:
             scale, skipped, grad norm, step time, non-finite parameters, underflow fractions.
         tensorboard: also write the metrics as TensorBoard scalars (needs ``tensorboard``).
 
+    Raises:
+        ValueError: an unknown update mode or policy; a policy the session does not implement
+            (tf32 anywhere, a reduce format other than the params'); ``scaler_options`` for a
+            policy without loss scaling.
+        RuntimeError: ``device`` does not exist on this machine (e.g. cuda without CUDA).
+        TypeError: ``trace`` or ``track_underflow`` is not a bool.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
