@@ -1,10 +1,11 @@
+import argparse
 import json
 import subprocess
 
 import pytest
 
 from mixprec import FORMATS
-from mixprec.cli import main
+from mixprec.cli import build_parser, main
 
 
 def test_formats_table_lists_every_format(capsys):
@@ -35,3 +36,32 @@ def test_console_script_runs():
         ["mixprec", "formats"], capture_output=True, text=True, check=True, timeout=120
     )
     assert "bf16" in result.stdout
+
+
+def _walk(parser, path=("mixprec",)):
+    for action in parser._actions:  # argparse has no public way to list a parser's actions
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def test_every_flag_and_command_has_a_help_text():
+    actions = list(_walk(build_parser()))
+    assert {" ".join(path) for path, _ in actions} >= {
+        "mixprec",
+        "mixprec train",
+        "mixprec compare",
+        "mixprec advise",
+        "mixprec doctor",
+        "mixprec formats",
+    }
+    missing = [
+        f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}"
+        for path, a in actions
+        if not a.help or a.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+    subcommands = next(a for _, a in actions if isinstance(a, argparse._SubParsersAction))
+    helped = {c.dest for c in subcommands._choices_actions if c.help}
+    assert helped == set(subcommands.choices)  # each COMMAND is described in `mixprec -h`

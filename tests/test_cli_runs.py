@@ -1,7 +1,9 @@
 """`mixprec compare` and `mixprec train` end to end, their error paths, and crash-safe resume."""
 
+import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +12,17 @@ import time
 import pytest
 import torch
 
-from mixprec.checkpoint import load_checkpoint
-from mixprec.cli import main
-from mixprec.runner import Recipe
+from mixprec.checkpoint import CheckpointError, load_checkpoint
+from mixprec.cli import build_parser, main
+from mixprec.runner import (
+    Recipe,
+    activation_bytes,
+    bytes_per_sample,
+    check_batch_memory,
+    train,
+)
+from mixprec.session import MixedPrecision
+from mixprec.tasks import MAX_SEED, CharLMTask, DigitsTask, TaskConfig
 
 TINY = ["--steps", "6", "--batch-size", "8"]
 
@@ -33,6 +43,7 @@ def corpus(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_writes_table_report_and_plots(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     code = main(["compare", "--task", "all", "--out", str(out), "--data", str(corpus), *TINY])
@@ -101,6 +112,51 @@ def test_recipes_parse_and_reject():
             ["train", "--task", "digits", "--out", "{tmp}/o", "--steps", "0"],
             "steps must be a positive",
         ),
+        *(
+            (
+                ["train", "--task", "digits", "--out", "{tmp}/o", "--lr", lr],
+                f"argument --lr: lr must be a finite number in (0, 1], got {lr!r}",
+            )
+            for lr in ("inf", "1e308", "nan", "0", "-0.001", "2")
+        ),
+        *(
+            (
+                ["train", "--task", "digits", "--out", "{tmp}/o", "--checkpoint-every", every],
+                f"argument --checkpoint-every: checkpoint-every must be a positive integer, got "
+                f"{every}",
+            )
+            for every in ("-1", "0")
+        ),
+        (["train", "--task", "digits", "--out", ""], "argument --out: the folder is an empty"),
+        (["compare", "--out", " "], "argument --out: the folder is an empty path"),
+        (
+            ["train", "--task", "digits", "--out", "{tmp}/o", "--data", "{tmp}/short.txt"],
+            "is for the charlm task only",
+        ),
+        (
+            ["advise", "--task", "digits", "--data", "{tmp}/short.txt"],
+            "is for the charlm task only",
+        ),
+        *(
+            (
+                ["train", "--task", "digits", "--out", "{tmp}/o", "--seed", seed],
+                f"argument --seed: seed must be an integer from 0 to {MAX_SEED}",
+            )
+            for seed in (str(2**70), "-1")
+        ),
+        (
+            ["train", "--task", "digits", "--out", "{tmp}/o", "--batch-size", "1000000000"],
+            "batch size 1000000000 needs about",
+        ),
+        (
+            ["advise", "--task", "digits", "--batch-size", "1000000000"],
+            "batch size 1000000000 needs about",
+        ),
+        (
+            ["train", "--task", "digits", "--out", "{tmp}/o", "--resume", "--overwrite"],
+            "argument --overwrite: not allowed with argument --resume",
+        ),
+        (["advise", "--task", "digits", "--threshold-db", "nan"], "must be a finite number"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
@@ -113,6 +169,124 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # a refused run leaves nothing behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["train", "--out", "{tmp}/o"], ["advise"]])
+def test_a_missing_cuda_device_is_one_line(tmp_path, capsys, command):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--task", "digits", "--device", "cuda", *TINY])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"mixprec {command[0]}: error: device 'cuda' is not available" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_short_data_error_names_only_real_flags(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "charlm", "--out", str(tmp_path / "o"), "--data",
+              str(tmp_path / "one.txt")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "has 1 bytes" in err
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    known = {flag for action in train_parser._actions for flag in action.option_strings}
+    assert set(re.findall(r"--[a-z][a-z-]*", err)) <= known
+
+
+def _run_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--task", "digits", "--out", str(out), *TINY]) == 0
+    before = _run_files(out)
+    assert set(before) == {"checkpoint.pt", "metrics.jsonl", "result.json"}
+    capsys.readouterr()
+    again = ["train", "--task", "digits", "--precision", "fp16-mixed", "--out", str(out), *TINY]
+    with pytest.raises(SystemExit) as exit_info:
+        main(again)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoint.pt, metrics.jsonl, result.json)" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert _run_files(out) == before  # nothing of the earlier run was touched
+    assert main([*again, "--overwrite"]) == 0
+    assert json.loads((out / "result.json").read_text())["recipe"] == "fp16-mixed"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, capsys):
+    assert main(["train", "--task", "digits", "--out", str(tmp_path / "plain"), *TINY]) == 0
+    capsys.readouterr()
+    resumed = tmp_path / "resumed"
+    assert main(["train", "--task", "digits", "--out", str(resumed), "--resume", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "no checkpoint in" in err and "starting from scratch" in err
+    want = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    got = load_checkpoint(resumed / "checkpoint.pt")["model"]
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
+
+
+def test_resume_with_another_backend_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--task", "digits", "--precision", "fp16-mixed", "--out", str(out), *TINY]
+    assert main([*args, "--backend", "emulated", "--checkpoint-every", "3"]) == 0
+    saved = (out / "checkpoint.pt").read_bytes()
+    assert load_checkpoint(out / "checkpoint.pt")["extra"]["backend"] == "emulated"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--backend", "native", "--resume"])
+    err = capsys.readouterr().err
+    assert "trained with autocast backend 'emulated', here the backend is 'native'" in err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+
+
+def test_a_task_checkpoint_records_every_hyperparameter(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    config = TaskConfig(steps=2, batch_size=2, lr=1e-3)
+
+    def charlm(n_heads):
+        return CharLMTask(config, data=corpus, d_model=16, n_layers=1, n_heads=n_heads, seq_len=8)
+
+    for task in (charlm(4), DigitsTask(config, hidden=16)):
+        described = task.describe()
+        hyper = set(inspect.signature(type(task).__init__).parameters) - {"self", "config"}
+        assert hyper <= set(described), hyper - set(described)
+        assert set(config.__dict__) <= set(described)
+    train(charlm(4), Recipe.parse("fp32"), tmp_path / "run")
+    # Same parameter shapes (d_model is split among the heads), another model:
+    changed = r"cannot resume from .*: another task \(n_heads 4 there, 2 here\)"
+    with pytest.raises(CheckpointError, match=changed):
+        train(charlm(2), Recipe.parse("fp32"), tmp_path / "run", resume=True)
+
+
+def test_check_batch_memory_refuses_only_what_does_not_fit():
+    check_batch_memory(8, per_sample=100, available=800)  # exactly fits
+    check_batch_memory(10**12, per_sample=100, available=None)  # unknown: no check
+    with pytest.raises(ValueError, match=r"batch size 9 needs .* use a batch size of at most 8$"):
+        check_batch_memory(9, per_sample=100, available=899)
+
+
+@pytest.mark.parametrize("policy", ["fp32", "bf16-mixed"])
+def test_bytes_per_sample_predicts_a_full_batch(policy):
+    task = DigitsTask(TaskConfig(steps=1, batch_size=64, lr=1e-3))
+    mp = MixedPrecision(policy, "cpu", backend="emulated")
+    model = mp.prepare(task.build_model())
+    x, y = task.batch(0)
+
+    def forward():
+        with mp.autocast():
+            return model(x)
+
+    measured = x.nbytes + y.nbytes + 2 * activation_bytes(model, forward)
+    assert bytes_per_sample(task, model, mp.autocast) * 64 == pytest.approx(measured, rel=0.02)
 
 
 def test_resuming_from_another_task_or_a_corrupt_checkpoint(tmp_path, capsys):

@@ -7,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec import GradScaler, fp32_islands
+from mixprec import GradScaler, Policy, fp32_islands
 from mixprec.checkpoint import CheckpointError
-from mixprec.session import MixedPrecision
+from mixprec.diagnostics import read_metrics
+from mixprec.hardware import auto_policy
+from mixprec.session import MixedPrecision, needs_loss_scaling
 
 RECIPES = [
     ("fp32", "auto"),
@@ -63,11 +65,11 @@ def test_every_policy_trains_through_the_same_loop(policy, update):
 
 
 def test_the_policy_decides_casts_islands_wrappers_and_scaling():
-    model, optimizer, mp, _, _ = run("bf16-pure", "auto", steps=1)
+    model, optimizer, mp, _, reports = run("bf16-pure", "auto", steps=1)
     assert model[0].weight.dtype == torch.bfloat16
     assert model[2].weight.dtype == torch.float32  # LayerNorm: an fp32 island
     assert type(optimizer).__name__ == "StochasticRoundingOptimizer"
-    assert not mp.scaler.is_enabled() or mp.scaler.strategy == "none"
+    assert mp.scaler.strategy == "none" and reports[0].scale == 1.0
     _, optimizer, mp, _, reports = run("fp16-mixed", "auto", steps=1)
     assert isinstance(optimizer, torch.optim.AdamW)  # fp32 params: no wrapper needed
     assert mp.scaler.strategy == "dynamic" and reports[0].scale == 2.0**16
@@ -207,9 +209,11 @@ def test_loading_another_model_changes_nothing(tmp_path):
         mp_fp16.load(tmp_path / "ckpt.pt", make_model(), torch.optim.SGD(make_model().parameters()))
 
 
-def test_auto_policy_states_its_reason():
+def test_auto_policy_is_what_the_hardware_recommends():
+    choice = auto_policy("cpu")
     mp = MixedPrecision("auto", "cpu")
-    assert mp.reason and mp.backend in ("native", "emulated")
+    assert (mp.policy, mp.backend, mp.reason) == (choice.policy, choice.backend, choice.reason)
+    assert mp.reason
 
 
 def test_scaler_is_a_mixprec_grad_scaler_everywhere():
@@ -272,9 +276,9 @@ def test_skipped_step_names_parameters_and_the_traced_origin(tmp_path):
     mp.close()
     assert not report.stepped
     assert set(report.nonfinite_params) >= {"2.weight"}
-    assert report.origin is not None and "1" in report.origin and "forward" in report.origin
-    from mixprec.diagnostics import read_metrics
-
+    exploding = next(n for n, m in model.named_modules() if isinstance(m, Exploding))
+    assert report.origin is not None
+    assert report.origin.splitlines()[0].startswith(f"forward: {exploding} (Exploding): ")
     (line,) = read_metrics(tmp_path / "metrics.jsonl")
     assert line["step"] == 0 and line["skipped"] is True and line["loss_scale"] == 2.0**16
     assert "2.weight" in line["nonfinite_params"]
@@ -308,8 +312,6 @@ def test_metrics_of_a_short_run(tmp_path):
             mp.backward(loss)
             report = mp.step(optimizer, max_grad_norm=5.0)
             optimizer.zero_grad()
-    from mixprec.diagnostics import read_metrics
-
     lines = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in lines] == [0, 1, 2]
     assert all(r["loss_scale"] == 1.0 and r["skipped"] is False for r in lines)
@@ -347,3 +349,140 @@ def test_the_session_state_alone_resumes_stochastic_rounding_bit_for_bit():
     loop(mp2, fresh, opt2, data[4:])
     for a, b in zip(straight.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("policy", "scaled"),
+    [
+        ("fp32", False),
+        ("bf16-mixed", False),
+        ("bf16-pure", False),
+        ("fp16-mixed", True),
+        ("p=fp16,master=fp32", True),
+        ("o=fp16", True),
+        ("bf16-mixed; 0 -> fp16-mixed", True),
+        ("bf16-mixed; class:*Norm* -> fp32; lm_head -> c=fp16", True),
+        ("bf16-mixed; 0 -> fp32", False),
+        ("p=bf16,master=fp16", False),  # the master holds no gradients
+    ],
+)
+def test_loss_scaling_counts_every_format_of_every_rule(policy, scaled):
+    assert needs_loss_scaling(Policy.parse(policy)) is scaled
+    strategy = MixedPrecision(policy, "cpu", backend="emulated").scaler.strategy
+    assert strategy == ("dynamic" if scaled else "none")
+
+
+def test_an_fp16_rule_keeps_small_gradients_alive_like_fp32():
+    model = make_model()
+    twin = copy.deepcopy(model)
+    mp = MixedPrecision("bf16-mixed; 0 -> fp16-mixed", "cpu", backend="emulated")
+    model, _ = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y) * 1e-7  # gradients below fp16's subnormals
+    mp.backward(loss)
+    (F.cross_entropy(twin(x), y) * 1e-7).backward()
+    got = model[0].weight.grad.float() / mp.scaler.get_scale()
+    want = twin[0].weight.grad
+    assert want.abs().max() < 2.0**-24 and bool((got != 0).all())
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ("tf32", r"has params=tf32, which MixedPrecision does not implement"),
+        ("p=fp32,c=tf32", r"has compute=tf32, which MixedPrecision does not implement"),
+        ("bf16-mixed; 0 -> c=tf32", r"has compute=tf32"),
+        ("p=bf16,r=fp8_e4m3", r"reduces gradients in fp8_e4m3, which MixedPrecision does not"),
+        ("bf16-mixed; 0 -> p=bf16,r=fp8_e5m2", r"reduces gradients in fp8_e5m2"),
+    ],
+)
+def test_policies_the_session_does_not_implement_are_refused(policy, message):
+    with pytest.raises(ValueError, match=message):
+        MixedPrecision(policy, "cpu", backend="emulated")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_missing_cuda_device_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"device 'cuda' is not available: .*'cpu' instead"):
+        MixedPrecision("bf16-mixed", "cuda")
+
+
+def test_prepare_refuses_an_optimizer_of_other_parameters():
+    model = make_model()
+    other = make_model(seed=1)
+    mp = MixedPrecision("bf16-mixed", "cpu", backend="emulated")
+    count = len(list(other.parameters()))
+    with pytest.raises(
+        RuntimeError, match=rf"optimizer 0 given to prepare \(AdamW\) holds {count} "
+    ):
+        mp.prepare(model, torch.optim.AdamW(other.parameters()))
+
+
+def one_backward(mp, model):
+    x, y = batches(1)[0]
+    with mp.autocast():
+        loss = F.cross_entropy(model(x).float(), y)
+    mp.backward(loss)
+
+
+def test_stepping_the_optimizer_prepare_wrapped_is_refused():
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mp = MixedPrecision("p=bf16,master=fp32", "cpu", backend="emulated")
+    model, wrapped = mp.prepare(model, inner)
+    before = copy.deepcopy(model.state_dict())
+    one_backward(mp, model)
+    with pytest.raises(RuntimeError, match=r"step got the AdamW that prepare wrapped in a Master"):
+        mp.step(inner)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert mp.step(wrapped).stepped  # the right optimizer still steps, and changes the model
+    assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_stepping_an_optimizer_of_another_model_is_refused():
+    model = make_model()
+    mp = MixedPrecision("fp32", "cpu")
+    model = mp.prepare(model)
+    one_backward(mp, model)
+    other = make_model()
+    count = len(list(other.parameters()))
+    with pytest.raises(RuntimeError, match=rf"the optimizer \(SGD\) holds {count} parameter\(s\)"):
+        mp.step(torch.optim.SGD(other.parameters(), lr=0.1))
+    assert mp.step(torch.optim.SGD(model.parameters(), lr=0.1)).stepped  # its own: fine
+
+
+def test_step_without_backward_or_gradients_is_refused():
+    model = make_model()
+    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"step was called without a backward"):
+        mp.step(optimizer)
+    one_backward(mp, model)
+    mp.step(optimizer)
+    with pytest.raises(RuntimeError, match=r"without a backward since the last step"):
+        mp.step(optimizer)  # the gradients are still there, but were applied already
+    one_backward(mp, model)
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"none of the optimizers' parameters has a gradient"):
+        mp.step(optimizer)
+
+
+def test_accumulated_step_reports_the_loss_of_the_whole_batch(tmp_path):
+    (x1, y1), (x2, y2) = batches(2)
+    model = make_model()
+    twin = copy.deepcopy(model)
+    mp = MixedPrecision("fp32", "cpu", metrics=tmp_path)
+    model, optimizer = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with mp:
+        for x, y in ((x1, y1), (x2, y2)):
+            with mp.autocast():
+                loss = F.cross_entropy(model(x), y) / 2
+            mp.backward(loss)
+        report = mp.step(optimizer)
+    whole = F.cross_entropy(twin(torch.cat([x1, x2])), torch.cat([y1, y2])).item()
+    assert report.micro_batches == 2
+    assert report.loss == pytest.approx(whole, rel=1e-6)
+    (line,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert line["loss"] == report.loss and line["micro_batches"] == 2

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,6 +120,11 @@ def _doctor(args: argparse.Namespace) -> int:
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
     from mixprec.tasks import TASKS, TaskConfig, make_task
 
+    if args.data is not None and task_name != "charlm" and args.task != "all":
+        raise ValueError(
+            f"--data {args.data!r} is for the charlm task only: {task_name} trains on its own "
+            "bundled data; drop --data, or use --task charlm"
+        )
     defaults = TASKS[task_name].DEFAULT_CONFIG
     config = TaskConfig(
         steps=args.steps if args.steps is not None else defaults.steps,
@@ -181,6 +187,7 @@ def _compare(args: argparse.Namespace) -> int:
                         folder / name / recipe.name.replace("/", "_"),
                         device=args.device,
                         backend=args.backend,
+                        overwrite=True,  # a comparison is recomputed from scratch every time
                         on_step=functools.partial(_advance, progress, bar),
                     )
                 )
@@ -206,7 +213,12 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = Recipe.parse(args.precision)
     task = _task_options(args, args.task)
-    folder = _output_folder(args.out)
+    folder = Path(args.out)
+    if args.resume and not folder.is_file() and not (folder / "checkpoint.pt").exists():
+        print(
+            f"mixprec train: no checkpoint in {args.out!r} to resume from; starting from scratch",
+            file=sys.stderr,
+        )
     with _progress() as progress:
         bar = progress.add_task(f"{args.task} {recipe.name}", total=task.config.steps)
         result = train(
@@ -216,6 +228,7 @@ def _train(args: argparse.Namespace) -> int:
             device=args.device,
             backend=args.backend,
             resume=args.resume,
+            overwrite=args.overwrite,
             checkpoint_every=args.checkpoint_every,
             on_step=lambda done: progress.update(bar, completed=done),
         )
@@ -229,9 +242,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _advise(args: argparse.Namespace) -> int:
     from mixprec.diagnostics import advise
+    from mixprec.runner import available_memory, bytes_per_sample, check_batch_memory
+    from mixprec.session import _check_device
 
+    _check_device(args.device)
     task = _task_options(args, args.task)
     model = task.build_model().to(args.device)
+    per_sample = bytes_per_sample(task, model)
+    check_batch_memory(task.config.batch_size, per_sample, available_memory(args.device))
     inputs, target = (t.to(args.device) for t in task.batch(0))
     advice = advise(model, (inputs, target), task.loss, args.device, threshold_db=args.threshold_db)
     if args.json:
@@ -252,15 +270,107 @@ def _advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(name: str) -> Any:
+    """An argparse type: an integer >= 1, refused with a message naming ``name``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+
+    return parse
+
+
+_MAX_LR = 1.0
+
+
+def _learning_rate(text: str) -> float:
+    """An argparse type: a learning rate in (0, 1] for the tasks' AdamW."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lr must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= _MAX_LR):
+        raise argparse.ArgumentTypeError(
+            f"lr must be a finite number in (0, {_MAX_LR:g}], got {text!r}: the tasks train with "
+            "AdamW, which moves every weight by about lr per step, so a larger lr only diverges "
+            "(the defaults are 1e-4 to 2e-3)"
+        )
+    return value
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed the tasks' generators accept."""
+    from mixprec.tasks import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {text}"
+        )
+    return value
+
+
+def _folder(text: str) -> str:
+    """An argparse type: a non-empty folder path."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the folder is an empty path; give one, e.g. runs/x")
+    return text
+
+
+def _finite(name: str) -> Any:
+    """An argparse type: a finite number."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {text!r}")
+        return value
+
+    return parse
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=None, help="training steps (task default)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (task default)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (task default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="charlm: train on this UTF-8 text file")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--backend", default="auto", choices=("auto", "native", "emulated"), help="autocast backend"
+        "--steps", type=_positive_int("steps"), default=None, help="training steps (task default)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int("batch size"),
+        default=None,
+        help="batch size (task default); checked against the memory the device has",
+    )
+    parser.add_argument(
+        "--lr",
+        type=_learning_rate,
+        default=None,
+        help=f"AdamW learning rate in (0, {_MAX_LR:g}] (task default)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the model's initialisation and the batches, 0 to 2**32 - 1 (%(default)s)",
+    )
+    parser.add_argument("--data", default=None, help="charlm only: train on this UTF-8 text file")
+    parser.add_argument(
+        "--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ... (%(default)s)"
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "native", "emulated"),
+        help="autocast backend: torch's kernels or emulated 16-bit numerics (%(default)s)",
     )
 
 
@@ -270,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mixprec", description="Mixed precision training toolkit for PyTorch."
     )
     parser.add_argument("--version", action="version", version=f"mixprec {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="what to do (COMMAND -h for more)"
+    )
     formats = sub.add_parser("formats", help="show the number formats: range, precision, dtype")
     formats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     formats.set_defaults(run=_formats)
@@ -285,28 +397,62 @@ def build_parser() -> argparse.ArgumentParser:
     from mixprec.runner import DEFAULT_RECIPES
 
     compare = sub.add_parser("compare", help="train under several precisions side by side")
-    compare.add_argument("--task", default="all", choices=("all", "digits", "charlm"))
+    compare.add_argument(
+        "--task",
+        default="all",
+        choices=("all", "digits", "charlm"),
+        help="the built-in task to train (%(default)s: both)",
+    )
     compare.add_argument(
         "--precisions",
         default=",".join(DEFAULT_RECIPES),
         help="comma-separated POLICY[/UPDATE] list (default: %(default)s)",
     )
-    compare.add_argument("--out", default="runs/compare", help="output folder (%(default)s)")
+    compare.add_argument(
+        "--out",
+        type=_folder,
+        default="runs/compare",
+        help="output folder, recomputed on every run (%(default)s)",
+    )
     _add_run_options(compare)
     compare.set_defaults(run=_compare)
 
     train = sub.add_parser("train", help="train one task under one precision")
-    train.add_argument("--task", required=True, choices=("digits", "charlm"))
+    train.add_argument(
+        "--task", required=True, choices=("digits", "charlm"), help="the built-in task to train"
+    )
     train.add_argument("--precision", default="bf16-mixed", help="POLICY[/UPDATE] (%(default)s)")
-    train.add_argument("--out", required=True, help="the run folder")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    train.add_argument("--checkpoint-every", type=int, default=50, help="steps (%(default)s)")
+    train.add_argument(
+        "--out", required=True, type=_folder, help="the run folder (metrics, checkpoint, result)"
+    )
+    existing = train.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from OUT/checkpoint.pt (from scratch if there is none)",
+    )
+    existing.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in OUT with a new one"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int("checkpoint-every"),
+        default=50,
+        help="also checkpoint every this many steps, >= 1 (%(default)s)",
+    )
     _add_run_options(train)
     train.set_defaults(run=_train)
 
     advise = sub.add_parser("advise", help="recommend a precision policy for a task's model")
-    advise.add_argument("--task", required=True, choices=("digits", "charlm"))
-    advise.add_argument("--threshold-db", type=float, default=20.0, help="per-layer SNR floor")
+    advise.add_argument(
+        "--task", required=True, choices=("digits", "charlm"), help="the built-in task's model"
+    )
+    advise.add_argument(
+        "--threshold-db",
+        type=_finite("threshold-db"),
+        default=20.0,
+        help="per-layer SNR floor in dB (%(default)s)",
+    )
     advise.add_argument("--json", action="store_true", help="print JSON")
     _add_run_options(advise)
     advise.set_defaults(run=_advise)

@@ -4,13 +4,19 @@ Design note: a run is a folder. It holds ``metrics.jsonl`` (one JSON object per 
 ``checkpoint.pt`` (written atomically every ``checkpoint_every`` steps and at the end) and
 ``result.json``. Batches depend only on ``(seed, step)`` and the checkpoint carries the model,
 optimizer, session and RNG state, so a run killed at any point and resumed reaches the same final
-weights, bit for bit, as one that never stopped.
+weights, bit for bit, as one that never stopped. That promise holds only for the same run, so a
+resume checks the task (every size that shapes the model, the data's digest), the precision and
+the resolved autocast backend against the checkpoint; and a folder that holds a run is never
+written over unless asked (``overwrite``). A batch size is checked against the memory the device
+has before the first batch is built, from a measurement on two samples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,12 +30,26 @@ from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.diagnostics import read_metrics
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
-from mixprec.session import _UPDATE_MODES, MixedPrecision
+from mixprec.session import _UPDATE_MODES, MixedPrecision, _check_device
 from mixprec.tasks import Task
 
-__all__ = ["DEFAULT_RECIPES", "Recipe", "RunResult", "activation_bytes", "train"]
+__all__ = [
+    "DEFAULT_RECIPES",
+    "RUN_FILES",
+    "Recipe",
+    "RunResult",
+    "activation_bytes",
+    "available_memory",
+    "bytes_per_sample",
+    "check_batch_memory",
+    "train",
+]
 
 _TIMING_WARMUP = 3
+_PROBE_SAMPLES = 2
+
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")
+"""The files a run writes into its folder."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,79 @@ def _is_parameter_cast(t: torch.Tensor) -> bool:
     return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
 
 
+def bytes_per_sample(
+    task: Task,
+    model: nn.Module,
+    region: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+) -> int:
+    """Memory one training sample of ``task`` needs: its input and target, the activations its
+    forward saves for backward (under ``region``), and their gradients, which are as large.
+
+    Measured on :data:`_PROBE_SAMPLES` samples (:meth:`~mixprec.tasks.Task.example_batch`), so
+    it costs almost nothing whatever the batch size; with ``model`` on its device.
+    """
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in task.example_batch(_PROBE_SAMPLES))
+
+    def forward() -> torch.Tensor:
+        with region():
+            return model(x)
+
+    saved = activation_bytes(model, forward)
+    data = x.element_size() * x.nelement() + y.element_size() * y.nelement()
+    return math.ceil((data + 2 * saved) / _PROBE_SAMPLES)
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for new allocations on ``device``: CUDA's free memory, or the host's
+    ``MemAvailable``; None where it cannot be read."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    if dev.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_memory(batch_size: int, per_sample: int, available: int | None) -> None:
+    """Refuse a batch whose samples need more memory than is ``available``.
+
+    Args:
+        batch_size: samples per batch.
+        per_sample: bytes one sample needs (see :func:`bytes_per_sample`).
+        available: bytes free on the device; None skips the check.
+
+    Raises:
+        ValueError: ``batch_size * per_sample > available``; the message gives the largest
+            batch size that fits.
+
+    Example:
+        >>> check_batch_memory(1000, per_sample=2**20, available=2**30)  # 1000 MiB of 1 GiB
+        >>> check_batch_memory(2000, per_sample=2**20, available=2**30)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch size 2000 needs about 1.95 GiB (1024.0 KiB per sample: data, saved activations and their gradients), but only 1.00 GiB is available; use a batch size of at most 1024
+    """  # noqa: E501
+    if available is None or batch_size * per_sample <= available:
+        return
+    raise ValueError(
+        f"batch size {batch_size} needs about {batch_size * per_sample / 2**30:.2f} GiB "
+        f"({per_sample / 1024:.1f} KiB per sample: data, saved activations and their "
+        f"gradients), but only {available / 2**30:.2f} GiB is available; use a batch size of at "
+        f"most {max(1, available // per_sample)}"
+    )
+
+
 def _grad_log2(model: nn.Module, scale: float) -> list[float]:
     """log2 of the non-zero unscaled gradient magnitudes (a sample of at most 200k)."""
     grads = [p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None]
@@ -154,6 +247,7 @@ def train(
     device: str = "cpu",
     backend: str = "auto",
     resume: bool = False,
+    overwrite: bool = False,
     checkpoint_every: int | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> RunResult:
@@ -165,25 +259,47 @@ def train(
         out: the run's folder (created; must not be a file).
         device: where to train.
         backend: autocast backend for 16-bit compute.
-        resume: continue from ``out/checkpoint.pt`` if it exists.
+        resume: continue from ``out/checkpoint.pt`` if it exists (from scratch if not).
+        overwrite: replace the run already in ``out`` (its checkpoint, metrics and result).
         checkpoint_every: also checkpoint every this many steps (None: only at the end).
         on_step: called after every step with the step number (progress bars).
 
     Raises:
-        ValueError: ``out`` is a file; a checkpoint of another task, recipe or model shape.
+        ValueError: ``out`` is empty or a file, or holds a run and neither ``resume`` nor
+            ``overwrite`` is set (or both are); a checkpoint of another task, recipe, backend or
+            model shape; a ``checkpoint_every`` below 1; a batch that does not fit in memory.
+        RuntimeError: ``device`` does not exist on this machine.
     """
+    if not str(out).strip():
+        raise ValueError("the run folder is an empty path; give a folder, e.g. runs/digits")
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(
+            f"checkpoint_every must be an integer >= 1 (or None: only at the end), got "
+            f"{checkpoint_every!r}"
+        )
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(folder, resume=resume, overwrite=overwrite)
+    _check_device(device)
     checkpoint = folder / "checkpoint.pt"
     metrics_file = folder / "metrics.jsonl"
     resuming = resume and checkpoint.exists()
-    start = _check_same_run(checkpoint, task, recipe) if resuming else 0
-    kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop what is redone
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    # Everything is checked before a file is touched: a refused run loses nothing.
+    run_backend = _dry_run(task, recipe, device, backend)
+    start = _resume_step(checkpoint, task, recipe, run_backend) if resuming else 0
     model = task.build_model()
     optimizer = task.build_optimizer(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+    kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop what is redone
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
     mp = MixedPrecision(
         recipe.policy,
         device,
@@ -216,10 +332,12 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if checkpoint_every and done % checkpoint_every == 0 and done < task.config.steps:
-                mp.save(checkpoint, model, optimizer, **_extra(task, recipe, done))
+                mp.save(checkpoint, model, optimizer, **_extra(task, recipe, run_backend, done))
             if on_step is not None:
                 on_step(done)
-        mp.save(checkpoint, model, optimizer, **_extra(task, recipe, task.config.steps))
+        mp.save(
+            checkpoint, model, optimizer, **_extra(task, recipe, run_backend, task.config.steps)
+        )
     history = read_metrics(metrics_file)
     times = [float(r["seconds"]) for r in history if r["step"] >= start]
     losses = [float(r["loss"]) for r in history]
@@ -228,7 +346,7 @@ def train(
     result = RunResult(
         recipe=recipe.name,
         task=task.describe(),
-        backend=mp.backend if mp.policy.compute.bits <= 16 else "fp32",
+        backend=run_backend,
         steps=task.config.steps,
         final_train_loss=statistics.fmean(losses[-tail:]) if losses else math.nan,
         metrics=task.evaluate(model, mp.autocast),
@@ -245,19 +363,71 @@ def train(
     return result
 
 
-def _extra(task: Task, recipe: Recipe, step: int) -> dict[str, Any]:
-    return {"step": step, "task": json.dumps(task.describe()), "recipe": recipe.name}
+def _dry_run(task: Task, recipe: Recipe, device: str, backend: str) -> str:
+    """Check the session and the batch's memory on a throwaway copy of the run; return the
+    backend the run's numerics depend on (the resolved one, or "fp32" for fp32 compute)."""
+    mp = MixedPrecision(recipe.policy, device, backend=backend, update=recipe.update)  # type: ignore[arg-type]
+    model = mp.prepare(task.build_model())
+    per_sample = bytes_per_sample(task, model, mp.autocast)
+    check_batch_memory(task.config.batch_size, per_sample, available_memory(mp.device))
+    return mp.backend if mp.policy.compute.bits <= 16 else "fp32"
 
 
-def _check_same_run(checkpoint: Path, task: Task, recipe: Recipe) -> int:
-    """The step a checkpoint was written at, once it is known to be of this task and recipe."""
+def _extra(task: Task, recipe: Recipe, backend: str, step: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "task": json.dumps(task.describe()),
+        "recipe": recipe.name,
+        "backend": backend,
+    }
+
+
+def _check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write a new run over one that is already in ``folder``."""
+    if resume and overwrite:
+        raise ValueError(
+            "resume and overwrite exclude each other: --resume continues the run in the folder, "
+            "--overwrite replaces it; pass one"
+        )
+    found = [name for name in RUN_FILES if (folder / name).exists()] if folder.is_dir() else []
+    if found and not resume and not overwrite:
+        raise ValueError(
+            f"run folder {str(folder)!r} already holds a run ({', '.join(found)}); pass --resume "
+            "to continue it, --overwrite to replace it, or give another folder"
+        )
+
+
+def _resume_step(checkpoint: Path, task: Task, recipe: Recipe, backend: str) -> int:
+    """The step a checkpoint was written at, once it is of this task, recipe and backend."""
     extra = load_checkpoint(checkpoint).get("extra", {})
-    saved_task = extra.get("task")
-    if saved_task != json.dumps(task.describe()) or extra.get("recipe") != recipe.name:
+    cannot = f"cannot resume from {str(checkpoint)!r}"
+    here = json.loads(json.dumps(task.describe()))  # as the checkpoint stores it
+    try:
+        there = json.loads(extra.get("task", "null"))
+    except (TypeError, json.JSONDecodeError):
+        there = None
+    if not isinstance(there, dict):
+        raise CheckpointError(f"{cannot}: it records no task settings; start a new run")
+    if there != here:
+        changed = ", ".join(
+            f"{key} {there.get(key, '(none)')} there, {here.get(key, '(none)')} here"
+            for key in sorted(set(there) | set(here))
+            if there.get(key) != here.get(key)
+        )
         raise CheckpointError(
-            f"cannot resume from {str(checkpoint)!r}: it was written by task {saved_task} with "
-            f"precision {extra.get('recipe')!r}, not {json.dumps(task.describe())} with "
-            f"{recipe.name!r}"
+            f"{cannot}: another task ({changed}); use the same settings, or start a new run"
+        )
+    if extra.get("recipe") != recipe.name:
+        raise CheckpointError(
+            f"{cannot}: it was trained with precision {extra.get('recipe')!r}, not "
+            f"{recipe.name!r}; resume with --precision {extra.get('recipe')}, or start a new run"
+        )
+    if extra.get("backend") != backend:
+        raise CheckpointError(
+            f"{cannot}: it was trained with autocast backend "
+            f"{extra.get('backend')!r}, here the backend is {backend!r}; another backend computes "
+            f"other numbers, so the run would not continue as it began; resume with backend "
+            f"{extra.get('backend')!r} (--backend) or start a new run"
         )
     return int(extra["step"])
 

@@ -4,8 +4,9 @@ Design note: the session owns no math. ``prepare`` applies the policy with the l
 :func:`~mixprec.optim.cast_module` (params in the policy's format, FP32 islands kept fp32),
 :func:`~mixprec.compute.fp32_islands` (norms and losses computed in fp32), an optimizer wrapper
 chosen by where the update happens (fp32 master weights, stochastic rounding, Kahan, or plain
-round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows the formats
-(dynamic for fp16, none for bf16/fp32: the off mode has the same interface). ``step`` then runs
+round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows every format
+the policy and its rules use (:func:`needs_loss_scaling`: dynamic when any is fp16 or fp8, none
+for bf16/fp32; the off mode has the same interface). ``step`` then runs
 unscale -> clip -> skip-or-step -> master write-back -> scale update and reports what happened.
 
     mp = MixedPrecision("bf16-mixed")
@@ -45,7 +46,7 @@ from mixprec.diagnostics import (
     nonfinite_grads,
     underflow_report,
 )
-from mixprec.formats import FP16, FP32
+from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
     KahanOptimizer,
@@ -57,11 +58,35 @@ from mixprec.policy import Policy
 from mixprec.scaling import GradScaler
 from mixprec.scaling._checks import parse_state_dict
 
-__all__ = ["MixedPrecision", "StepReport", "UpdateMode"]
+__all__ = ["MixedPrecision", "StepReport", "UpdateMode", "needs_loss_scaling"]
 
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 _UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _STATE_VERSION = 1
+_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
+
+
+def needs_loss_scaling(policy: Policy) -> bool:
+    """Whether training under ``policy`` needs loss scaling (dynamic) or none.
+
+    Gradients underflow in formats with a narrow exponent range: fp16 flushes magnitudes below
+    2^-24 to zero, fp8 sooner. A format narrower than fp32's 8 exponent bits anywhere a gradient
+    lives — the parameters, the compute, the outputs or the reduction, of the base policy or of
+    any per-module rule — needs the loss scaled. bf16 and tf32 share fp32's range and need none.
+    The master format holds no gradients and does not count.
+
+    Example:
+        >>> needs_loss_scaling(Policy.parse("bf16-mixed"))
+        False
+        >>> needs_loss_scaling(Policy.parse("bf16-mixed; lm_head -> fp16-mixed"))
+        True
+    """
+    policies = (policy, *(rule.policy for rule in policy.rules))
+    return any(
+        fmt.exponent_bits < FP32.exponent_bits
+        for p in policies
+        for fmt in (p.param, p.compute, p.output, p.reduce)
+    )
 
 
 @dataclass(frozen=True)
@@ -73,11 +98,14 @@ class StepReport:
         stepped: False if the step was skipped because gradients were not finite.
         scale: the loss scale the gradients were computed with (1.0 without scaling).
         grad_norm: the unscaled global gradient norm when clipping was asked for, else None.
-        loss: the (unscaled) loss passed to the last :meth:`MixedPrecision.backward`.
+        loss: the (unscaled) losses passed to :meth:`MixedPrecision.backward` since the previous
+            step, summed: under gradient accumulation, the loss of the whole step as the user
+            wrote it (with each micro-batch's loss divided by their number, the mean).
         seconds: wall time from the iteration's first ``autocast()`` to the end of ``step``.
         nonfinite_params: on a skipped step, the parameters whose gradients were inf/NaN.
         origin: with ``trace=True``, where the first inf/NaN appeared (module and phase).
         underflow: with ``track_underflow=True``, the fp16 underflow account of the gradients.
+        micro_batches: how many :meth:`MixedPrecision.backward` calls this step applied.
     """
 
     step: int
@@ -89,6 +117,7 @@ class StepReport:
     nonfinite_params: tuple[str, ...] = ()
     origin: str | None = None
     underflow: UnderflowReport | None = field(default=None, repr=False)
+    micro_batches: int = 1
 
 
 class MixedPrecision:
@@ -117,6 +146,13 @@ class MixedPrecision:
             scale, skipped, grad norm, step time, non-finite parameters, underflow fractions.
         tensorboard: also write the metrics as TensorBoard scalars (needs ``tensorboard``).
 
+    Raises:
+        ValueError: an unknown update mode or policy; a policy the session does not implement
+            (tf32 anywhere, a reduce format other than the params'); ``scaler_options`` for a
+            policy without loss scaling.
+        RuntimeError: ``device`` does not exist on this machine (e.g. cuda without CUDA).
+        TypeError: ``trace`` or ``track_underflow`` is not a bool.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -143,7 +179,7 @@ class MixedPrecision:
         metrics: str | os.PathLike[str] | None = None,
         tensorboard: bool = False,
     ) -> None:
-        self.device = torch.device(device if device is not None else _default_device())
+        self.device = _check_device(device if device is not None else _default_device())
         if update not in _UPDATE_MODES:
             raise ValueError(
                 f"unknown update mode {update!r}; valid modes: "
@@ -156,6 +192,7 @@ class MixedPrecision:
         else:
             self.policy = Policy.parse(policy)
             self.reason = "chosen by the user"
+        _check_implemented(self.policy)
         self.update = update
         self.seed = seed
         compute = self.policy.compute
@@ -173,17 +210,7 @@ class MixedPrecision:
             "enabled": region.enabled,
             "backend": region.backend,  # resolved once: "auto" probes only here
         }
-        needs_scaling = FP16 in (compute, self.policy.param)
-        options = dict(scaler_options or {})
-        if needs_scaling:
-            self.scaler = GradScaler(self.device.type, **options)
-        else:
-            if options:
-                raise ValueError(
-                    f"scaler_options {options!r} were given, but policy {str(self.policy)!r} has "
-                    "no fp16 and uses no loss scaling"
-                )
-            self.scaler = GradScaler(self.device.type, strategy="none")
+        self.scaler = _make_scaler(self.policy, self.device, scaler_options)
         for name, flag in (("trace", trace), ("track_underflow", track_underflow)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -194,7 +221,8 @@ class MixedPrecision:
         self._model: nn.Module | None = None
         self._steps = 0
         self._islands: Any = None
-        self._loss: torch.Tensor | None = None
+        self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
+        self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
         self._started: float | None = None
 
@@ -204,14 +232,17 @@ class MixedPrecision:
         """Apply the policy: move and cast ``model``, add FP32 islands, wrap ``optimizers``.
 
         Build the optimizers on ``model.parameters()`` before calling this; the parameters are
-        cast in place, so the optimizers keep pointing at them.
+        cast in place, so the optimizers keep pointing at them. From then on, step the optimizers
+        this returns: a wrapper keeps the update (fp32 masters, compensation), and stepping the
+        optimizer it wraps would leave the model unchanged.
 
         Returns:
             ``model`` alone, or ``(model, *wrapped_optimizers)``.
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module`` or an optimizer is not one.
-            RuntimeError: ``prepare`` was already called on this session.
+            RuntimeError: ``prepare`` was already called on this session, or an optimizer holds
+                parameters that are not ``model``'s (stepping it would not train the model).
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"prepare needs an nn.Module, got {type(model).__name__} {model!r}")
@@ -222,6 +253,9 @@ class MixedPrecision:
                 )
         if self._islands is not None:
             raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
+        owned = {id(p) for p in model.parameters()}
+        for index, opt in enumerate(optimizers):
+            _check_owned(opt, owned, f"optimizer {index} given to prepare")
         model.to(self.device)
         cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
         self._islands = fp32_islands(model, self.policy)
@@ -256,11 +290,17 @@ class MixedPrecision:
     # -- the loop ---------------------------------------------------------------------------
 
     def backward(self, loss: torch.Tensor) -> None:
-        """``loss.backward()`` on the scaled loss (the plain loss when no scaling is used)."""
+        """``loss.backward()`` on the scaled loss (the plain loss when no scaling is used).
+
+        Under gradient accumulation call it once per micro-batch; the next :meth:`step` reports
+        the sum of the losses given here since the previous step, and how many there were.
+        """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
-        self._loss = loss.detach()
         self.scaler.scale(loss).backward()
+        value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._micro_batches += 1
 
     def step(
         self, *optimizers: torch.optim.Optimizer, max_grad_norm: float | None = None
@@ -268,11 +308,15 @@ class MixedPrecision:
         """Unscale, clip, step (or skip on inf/NaN), update the scale; report what happened.
 
         Args:
-            optimizers: the (wrapped) optimizers to step; at least one.
+            optimizers: the optimizers :meth:`prepare` returned; at least one.
             max_grad_norm: clip each optimizer's gradients to this global norm (unscaled).
 
         Raises:
             ValueError: no optimizer, or a bad ``max_grad_norm``.
+            TypeError: an argument is not a torch optimizer.
+            RuntimeError: no :meth:`backward` since the last step; no parameter of the optimizers
+                has a gradient; or an optimizer would not change the prepared model (one that
+                ``prepare`` wrapped, or one over other parameters).
         """
         if not optimizers:
             raise ValueError("step needs at least one optimizer, e.g. mp.step(optimizer)")
@@ -280,6 +324,20 @@ class MixedPrecision:
             isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0
         ):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
+        for opt in optimizers:
+            self._check_steppable(opt)
+        if self._micro_batches == 0:
+            raise RuntimeError(
+                "step was called without a backward since the last step, so there is nothing to "
+                "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
+                "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
+            )
+        if not any(p.grad is not None for opt in optimizers for p in _params_of(opt)):
+            raise RuntimeError(
+                "none of the optimizers' parameters has a gradient, so a step would change "
+                "nothing; call mp.step(...) after mp.backward(loss) and before "
+                "optimizer.zero_grad(), and check that the loss depends on these parameters"
+            )
         scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
@@ -297,19 +355,38 @@ class MixedPrecision:
             stepped=stepped,
             scale=float(scale),
             grad_norm=math.sqrt(sum(float(n) ** 2 for n in norms)) if norms else None,
-            loss=None if self._loss is None else float(self._loss),
+            loss=None if self._loss_sum is None else float(self._loss_sum),
+            micro_batches=self._micro_batches,
             seconds=None if self._started is None else time.perf_counter() - self._started,
             nonfinite_params=() if stepped or self._model is None else _nonfinite(self._model),
             origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
             underflow=underflow,
         )
         self._steps += 1
-        self._loss, self._started = None, None
+        self._loss_sum, self._micro_batches, self._started = None, 0, None
         if self._tracer is not None:
             self._tracer.reset()
         if self._writer is not None:
             self._writer.log(report.step, _metrics_of(report))
         return report
+
+    def _check_steppable(self, optimizer: object) -> None:
+        """Refuse an optimizer whose step would not change the prepared model."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
+            )
+        if self._model is None or any(optimizer is opt for opt in self._optimizers):
+            return
+        for wrapper in self._optimizers:
+            if isinstance(wrapper, _WRAPPERS) and wrapper.optimizer is optimizer:
+                raise RuntimeError(
+                    f"step got the {type(optimizer).__name__} that prepare wrapped in a "
+                    f"{type(wrapper).__name__}; stepping it directly would leave the model "
+                    "unchanged. Step the optimizer prepare returned: "
+                    "model, optimizer = mp.prepare(model, optimizer)"
+                )
+        _check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
 
     def close(self) -> None:
         """Detach the tracer and close the metrics file (also the end of a ``with`` block)."""
@@ -484,6 +561,7 @@ def _nonfinite(model: nn.Module) -> tuple[str, ...]:
 def _metrics_of(report: StepReport) -> dict[str, Any]:
     values: dict[str, Any] = {
         "loss": report.loss,
+        "micro_batches": report.micro_batches,
         "loss_scale": report.scale,
         "skipped": not report.stepped,
         "grad_norm": report.grad_norm,
@@ -500,3 +578,89 @@ def _metrics_of(report: StepReport) -> dict[str, Any]:
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, once it is known to exist on this machine.
+
+    Raises:
+        RuntimeError: an unparsable device, or a CUDA/MPS device this machine does not have.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise RuntimeError(
+                f"device {str(dev)!r} is not available: {why}; train on 'cpu' instead"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RuntimeError(
+                f"device {str(dev)!r} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(dev)!r} is not available on this machine; use 'cpu'")
+    return dev
+
+
+def _check_implemented(policy: Policy) -> None:
+    """Refuse what a policy can say but the session would silently not do.
+
+    Raises:
+        ValueError: tf32 anywhere (it has no storage dtype and the session does not switch
+            CUDA's TF32 matmul mode), or a gradient-reduction format other than the params'
+            (the session reduces no gradients itself; under DDP they go in the params' format).
+    """
+    for p in (policy, *(rule.policy for rule in policy.rules)):
+        formats = {"params": p.param, "compute": p.compute, "output": p.output, "master": p.master}
+        for role, fmt in formats.items():
+            if fmt.name == "tf32":
+                raise ValueError(
+                    f"policy {str(policy)!r} has {role}=tf32, which MixedPrecision does not "
+                    "implement (tf32 is not a storage dtype, and the session does not change "
+                    "CUDA's TF32 matmul mode); use fp32 and set "
+                    "torch.backends.cuda.matmul.allow_tf32 = True yourself, or bf16"
+                )
+        if p.reduce != p.param:
+            raise ValueError(
+                f"policy {str(policy)!r} reduces gradients in {p.reduce}, which MixedPrecision "
+                f"does not implement: it reduces no gradients itself (under DDP they are "
+                f"all-reduced in the params' format, {p.param}); drop reduce= from the policy"
+            )
+
+
+def _make_scaler(
+    policy: Policy, device: torch.device, options: Mapping[str, Any] | None
+) -> GradScaler:
+    """Dynamic loss scaling where :func:`needs_loss_scaling` says so; the off mode otherwise."""
+    options = dict(options or {})
+    if needs_loss_scaling(policy):
+        return GradScaler(device.type, **options)
+    if options:
+        raise ValueError(
+            f"scaler_options {options!r} were given, but policy {str(policy)!r} has no fp16 or "
+            "fp8 and uses no loss scaling; drop scaler_options or use an fp16 policy"
+        )
+    return GradScaler(device.type, strategy="none")
+
+
+def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_owned(optimizer: torch.optim.Optimizer, owned: set[int], what: str) -> None:
+    """Refuse an optimizer with parameters outside ``owned`` (ids of the model's parameters)."""
+    foreign = [p for p in _params_of(optimizer) if id(p) not in owned]
+    if foreign:
+        shapes = [tuple(p.shape) for p in foreign[:3]]
+        raise RuntimeError(
+            f"{what} ({type(optimizer).__name__}) holds {len(foreign)} parameter(s) that are not "
+            f"the model's (shapes {shapes}{' ...' if len(foreign) > 3 else ''}), so stepping it "
+            "would not change the model; build it on this model's parameters, e.g. "
+            "torch.optim.AdamW(model.parameters()), before mp.prepare(model, optimizer)"
+        )

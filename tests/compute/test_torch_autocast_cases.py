@@ -454,10 +454,7 @@ _NOT_CALLABLE = (
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        k
-        for k in AUTOCAST_KINDS
-    ],
+    [k for k in AUTOCAST_KINDS],
 )
 def test_autocast_called_with_non_callable(kind):
     x = torch.randn(2, 3)
@@ -488,10 +485,7 @@ _WARNING_TEXT = (
 
 @pytest.mark.parametrize(
     "kind",
-    [
-        k
-        for k in AUTOCAST_KINDS
-    ],
+    [k for k in AUTOCAST_KINDS],
 )
 def test_a_filter_for_torchs_unsupported_dtype_warning_silences_it(kind):
     with warnings.catch_warnings(record=True) as seen:

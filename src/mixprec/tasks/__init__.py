@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixprec.tasks.base import Batch, Task, TaskConfig
+from mixprec.tasks.base import MAX_SEED, Batch, Task, TaskConfig
 from mixprec.tasks.charlm import CharLMTask
 from mixprec.tasks.digits import DigitsTask
 
-__all__ = ["TASKS", "Batch", "CharLMTask", "DigitsTask", "Task", "TaskConfig", "make_task"]
+__all__ = [
+    "MAX_SEED",
+    "TASKS",
+    "Batch",
+    "CharLMTask",
+    "DigitsTask",
+    "Task",
+    "TaskConfig",
+    "make_task",
+]
 
 TASKS: dict[str, type[Task]] = {"digits": DigitsTask, "charlm": CharLMTask}
 

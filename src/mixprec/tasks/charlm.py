@@ -10,6 +10,7 @@ any UTF-8 text file instead. Tokens are bytes (vocabulary 256), so any text work
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 from collections.abc import Callable
 from pathlib import Path
@@ -82,8 +83,8 @@ def load_text(path: str | Path, min_bytes: int) -> bytes:
     if len(data) < min_bytes:
         raise ValueError(
             f"data file {str(path)!r} has {len(data)} bytes; this configuration needs at least "
-            f"{min_bytes} (a batch of windows plus a validation split); use a longer file or a "
-            "smaller --seq-len"
+            f"{min_bytes} (a batch of windows plus a validation split); use a longer file "
+            "(or, in Python, a CharLMTask with a smaller seq_len)"
         )
     return data
 
@@ -126,6 +127,8 @@ class CharLMTask(Task):
         self.source = str(data) if data is not None else "python-stdlib"
         need = 10 * (seq_len + 1) * 2  # validation split and training windows both non-trivial
         text = load_text(data, need) if data is not None else stdlib_corpus()
+        # Resuming on other bytes (an edited file, another Python's stdlib) is another run.
+        self.data_sha256 = hashlib.sha256(text).hexdigest()[:16]
         tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
         split = len(tokens) * 9 // 10
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
@@ -143,8 +146,14 @@ class CharLMTask(Task):
         return TinyTransformer(VOCAB, self.d_model, self.n_layers, self.n_heads, self.seq_len)
 
     def batch(self, step: int) -> Batch:
+        return self._sample(step, self.config.batch_size)
+
+    def example_batch(self, size: int) -> Batch:
+        return self._sample(0, size)
+
+    def _sample(self, step: int, size: int) -> Batch:
         high = len(self.train_tokens) - self.seq_len - 1
-        starts = torch.randint(0, high, (self.config.batch_size,), generator=self.generator(step))
+        starts = torch.randint(0, high, (size,), generator=self.generator(step))
         return self._windows(self.train_tokens, starts)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -163,7 +172,9 @@ class CharLMTask(Task):
         return {
             **super().describe(),
             "data": self.source,
+            "data_sha256": self.data_sha256,
             "d_model": self.d_model,
             "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
             "seq_len": self.seq_len,
         }

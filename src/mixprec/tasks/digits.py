@@ -62,9 +62,13 @@ class DigitsTask(Task):
         )
 
     def batch(self, step: int) -> Batch:
-        index = torch.randint(
-            0, len(self.train_y), (self.config.batch_size,), generator=self.generator(step)
-        )
+        return self._sample(step, self.config.batch_size)
+
+    def example_batch(self, size: int) -> Batch:
+        return self._sample(0, size)
+
+    def _sample(self, step: int, size: int) -> Batch:
+        index = torch.randint(0, len(self.train_y), (size,), generator=self.generator(step))
         return self.train_x[index], self.train_y[index]
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -81,3 +85,6 @@ class DigitsTask(Task):
             "val_loss": F.cross_entropy(logits, self.val_y).item(),
             "val_accuracy": (logits.argmax(-1) == self.val_y).float().mean().item(),
         }
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "hidden": self.hidden}
