@@ -268,8 +268,8 @@ class MixedPrecision:
 
     def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if all(p.dtype == torch.float32 for p in params):
-            return optimizer
+        if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
+            return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself
         mode = self.update
         if mode == "auto":
             mode = "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
