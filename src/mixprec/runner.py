@@ -305,6 +305,7 @@ def train(
         device,
         backend=backend,
         update=recipe.update,  # type: ignore[arg-type]
+        seed=task.config.seed,  # the stochastic-rounding stream follows the run's seed
         metrics=folder,
     )
     model, optimizer = mp.prepare(model, optimizer)
