@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -45,6 +46,7 @@ from mixprec.diagnostics import (
     nonfinite_grads,
     underflow_report,
 )
+from mixprec.distributed import check_prepare_order, ddp, would_recast
 from mixprec.formats import FP16, FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
@@ -222,6 +224,7 @@ class MixedPrecision:
                 )
         if self._islands is not None:
             raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
+        check_prepare_order(model, self._storage_policy())
         model.to(self.device)
         cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
         self._islands = fp32_islands(model, self.policy)
@@ -414,6 +417,10 @@ class MixedPrecision:
     ) -> None:
         """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
 
+        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
+        re-shardable checkpoint folder instead, each rank its own shards and RNG state
+        (:mod:`mixprec.distributed.checkpoint`); :meth:`load` reads either kind.
+
         Args:
             path: the checkpoint file.
             model: the prepared model.
@@ -426,6 +433,12 @@ class MixedPrecision:
                 refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
                 previous checkpoint at ``path`` stays as it was.
         """
+        if _sharded(path):
+            state = {"mixed_precision": self._session_state(), "extra": extra}
+            from mixprec.distributed import checkpoint as sharded_checkpoint
+
+            sharded_checkpoint.save(path, model, optimizers, state=state)
+            return
         save_checkpoint(
             path,
             {
@@ -451,6 +464,8 @@ class MixedPrecision:
             CheckpointError: the file is unreadable or damaged, or does not match this model,
                 policy or optimizers, or holds a malformed entry (named in the message).
         """
+        if _sharded(path):
+            return self._load_sharded(path, model, *optimizers)
         record = load_checkpoint(path)
         saved_optimizers = record.get("optimizers")
         extra = record.get("extra", {})
@@ -475,6 +490,67 @@ class MixedPrecision:
         self._load_session_state(record["mixed_precision"])
         torch.set_rng_state(record["rng"])
         return dict(extra)
+
+    # -- distributed ------------------------------------------------------------------------
+
+    def _storage_policy(self) -> Policy:
+        """The policy parameters are stored by: the user's rules, then the FP32 islands."""
+        return replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES)
+
+    def ddp(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+        """Wrap the prepared ``model`` in DDP, all-reducing gradients in the policy's reduce format.
+
+        The order that works: ``model, opt = mp.prepare(model, opt)`` then
+        ``model = mp.ddp(model)``. The scaler (``process_group="auto"``) then makes all ranks
+        skip or step together. See :func:`mixprec.distributed.ddp`.
+
+        Raises:
+            RuntimeError: the parameters are not yet in the policy's formats (call
+                :meth:`prepare` first), or see :func:`mixprec.distributed.ddp`.
+        """
+        pending = would_recast(model, self._storage_policy())
+        if pending:
+            raise RuntimeError(
+                f"ddp was called before prepare: the policy still recasts {pending[:3]!r}, which "
+                "would detach DDP's gradient hooks later. Call model, opt = mp.prepare(model, "
+                "opt) first, then model = mp.ddp(model)"
+            )
+        return ddp(model, self.policy, **ddp_kwargs)
+
+    def fully_shard(self, model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
+        """Cast ``model`` to the policy's storage formats and shard it with FSDP2, per module.
+
+        The order that works: ``model = mp.fully_shard(model)``, then build the optimizer on
+        ``model.parameters()``, then ``model, opt = mp.prepare(model, opt)``. See
+        :func:`mixprec.distributed.fully_shard` (``wrap=``, FSDP2's own arguments).
+
+        Raises:
+            RuntimeError: ``model`` is wrapped in DDP or already sharded.
+        """
+        from mixprec.distributed.fsdp import fully_shard
+
+        return fully_shard(model, self._storage_policy(), mesh=mesh, **kwargs)
+
+    def _load_sharded(
+        self, path: str | os.PathLike[str], model: nn.Module, *optimizers: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        def check(state: Mapping[str, Any]) -> None:
+            self._check_session_state(state.get("mixed_precision"))
+            if not isinstance(state.get("extra", {}), Mapping):
+                raise ValueError("its 'extra' is not a dict")
+
+        from mixprec.distributed import checkpoint as sharded_checkpoint
+
+        state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
+        self._load_session_state(state["mixed_precision"])
+        return dict(state.get("extra", {}))
+
+
+def _sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is (to be) a sharded checkpoint folder: under a process group, or when
+    ``path`` is an existing folder (one process writing or reading the sharded format)."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialised or Path(path).is_dir()
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
