@@ -24,10 +24,12 @@ the world, keeps its own and gets rank 0's plain values).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,14 @@ def _world() -> int:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _one_process_is_intended() -> Iterator[None]:
+    """Silence DCP's warning that it assumes one process: without a group, that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        yield
 
 
 def _barrier() -> None:
@@ -139,7 +149,8 @@ def save(
         root.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(_dcp_state(model, torch_opts), checkpoint_id=str(tmp))
+    with _one_process_is_intended():
+        dcp.save(_dcp_state(model, torch_opts), checkpoint_id=str(tmp), no_dist=not _distributed())
     save_checkpoint(tmp / f"rank{_rank()}.pt", record)
     _barrier()
     final = root / f"v-{token}"
@@ -276,7 +287,8 @@ def load(
             raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
     target = _dcp_state(model, torch_opts)
     _check_shapes(version, target)
-    dcp.load(target, checkpoint_id=str(version))
+    with _one_process_is_intended():
+        dcp.load(target, checkpoint_id=str(version), no_dist=not _distributed())
     set_state_dict(
         model,
         torch_opts,
