@@ -94,7 +94,7 @@ def reference(steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
     return weights(model), norms
 
 
-def _ddp_checks(rank: int, res: dict[str, Any]) -> None:
+def _ddp_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
     x, y = local_batch(rank)
     # fp32 under DDP through the session's helper: the reduce hook, clipping, replicas.
     mp = MixedPrecision("fp32", device="cpu")
@@ -103,6 +103,7 @@ def _ddp_checks(rank: int, res: dict[str, Any]) -> None:
     ddp_model = mp.ddp(model)
     res["ddp_norms"] = train(mp, ddp_model, opt, x, y, STEPS)
     res["ddp_weights"] = weights(ddp_model)
+    mp.save(out / "ddp", ddp_model, opt)  # keys without DDP's "module." prefix
 
     # reduce=bf16: the bucket travels in bf16; the expected mean is built from the gathered
     # local gradients of a plain twin, rounded the way the hook promises (divide, round, sum).
@@ -254,7 +255,7 @@ def _plan_checks(rank: int, res: dict[str, Any]) -> None:
 
 def worker(rank: int, out: str) -> None:
     res: dict[str, Any] = {}
-    _ddp_checks(rank, res)
+    _ddp_checks(rank, Path(out), res)
     _fsdp_checks(rank, Path(out), res)
     _plan_checks(rank, res)
     torch.save(res, Path(out) / f"rank{rank}.pt")
@@ -292,6 +293,16 @@ def test_ddp_fp32_matches_one_process_and_replicas_agree(two_ranks: tuple) -> No
     assert identical(rank0["ddp_weights"], rank1["ddp_weights"])
     close(rank0["ddp_weights"], ref_weights)
     assert rank0["ddp_norms"] == pytest.approx(ref_norms, rel=1e-5)
+
+
+def test_ddp_checkpoint_loads_into_a_plain_model(two_ranks: tuple) -> None:
+    rank0, _, info = two_ranks
+    mp = MixedPrecision("fp32", device="cpu")
+    model = make_model()
+    model, opt = mp.prepare(model, sgd(model))
+    mp.load(info["out"] / "ddp", model, opt)
+    assert identical(weights(model), rank0["ddp_weights"])
+    assert mp.state_dict()["steps"] == STEPS
 
 
 def test_reduce_bf16_travels_in_bf16(two_ranks: tuple) -> None:
