@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["floating_tensors", "in_range", "nonfinite_grads", "tensor_range"]
 
@@ -109,7 +112,7 @@ def nonfinite_grads(
     else:
         named = list(params)
     with_grads = [(n, p.grad) for n, p in named if p.grad is not None]
-    meshes = {n: g.device_mesh for n, g in with_grads if _is_dtensor(g)}
+    meshes = {n: cast("DTensor", g).device_mesh for n, g in with_grads if _is_dtensor(g)}
     grads = [(n, _dense(g)) for n, g in with_grads]
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, grad in grads:
@@ -148,5 +151,5 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     if _is_dtensor(grad):
-        grad = grad.to_local()  # type: ignore[attr-defined]
+        grad = cast("DTensor", grad).to_local()
     return grad.coalesce().values() if grad.is_sparse else grad.detach()

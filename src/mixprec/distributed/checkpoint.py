@@ -76,7 +76,7 @@ def _barrier() -> None:
 
 def _split(
     optimizers: Sequence[torch.optim.Optimizer],
-) -> tuple[list[torch.optim.Optimizer], list[torch.optim.Optimizer]]:
+) -> tuple[list[torch.optim.Optimizer], list[WrappedOptimizer]]:
     """(torch optimizers, saved through DCP; mixprec wrappers, saved per rank)."""
     torch_opts = [o for o in optimizers if not isinstance(o, WrappedOptimizer)]
     wrapped = [o for o in optimizers if isinstance(o, WrappedOptimizer)]

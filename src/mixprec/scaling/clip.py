@@ -15,7 +15,7 @@ need no write pass at all: the clip coefficient is folded into the scale they di
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -65,18 +65,19 @@ def _sharded_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     """The global p-norm of DTensor gradients, from their local shards and one reduction each
     (mesh, sharded dimensions)."""
     import torch.distributed as dist
-    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import DTensor, Replicate
 
     maximum = math.isinf(norm_type)
     partials: dict[tuple[int, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
-    for grad in grads:
+    for tensor in grads:
+        grad = cast(DTensor, tensor)
         if any(p.is_partial() for p in grad.placements):  # pending sums: finish them first
-            grad = grad.redistribute(  # type: ignore[attr-defined]
+            grad = grad.redistribute(
                 placements=[Replicate() if p.is_partial() else p for p in grad.placements]
             )
-        mesh = grad.device_mesh  # type: ignore[attr-defined]
-        dims = tuple(i for i, p in enumerate(grad.placements) if p.is_shard())  # type: ignore[attr-defined]
-        local = torch.linalg.vector_norm(grad.to_local(), norm_type, dtype=torch.float32)  # type: ignore[attr-defined]
+        mesh = grad.device_mesh
+        dims = tuple(i for i, p in enumerate(grad.placements) if p.is_shard())
+        local = torch.linalg.vector_norm(grad.to_local(), norm_type, dtype=torch.float32)
         part = local if maximum else local.pow(norm_type)
         key = (id(mesh), dims)
         if key in partials:
