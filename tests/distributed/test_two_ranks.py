@@ -191,6 +191,7 @@ def _fsdp_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
     # A sharded checkpoint, then an uninterrupted continuation and a resumed one.
     torch.manual_seed(100 + rank)  # a different RNG stream per rank
     mp.save(out / "two_ranks", model, opt, note="two")
+    res["saved"] = weights(model)
     res["rng_at_save"] = torch.get_rng_state()
     train(mp, model, opt, x, y, 2)
     res["continued"] = weights(model)
@@ -353,6 +354,7 @@ def test_two_rank_checkpoint_loads_on_one_process(two_ranks: tuple) -> None:
     model = make_model()
     model, opt = mp.prepare(model, sgd(model))
     assert mp.load(info["out"] / "two_ranks", model, opt) == {"note": "two"}
+    assert identical(weights(model), rank0["saved"])
     # The global weights at save time: the continuation from them matches the two-rank one.
     train(mp, model, opt, *global_batch(), 2)
     close(weights(model), rank0["continued"])

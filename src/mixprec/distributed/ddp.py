@@ -106,7 +106,10 @@ def check_reducible(fmt: Format, group: Any = None) -> torch.dtype:
     """
     backend = str(dist.get_backend(group)).lower()
     dtype = fmt.dtype
-    choices = REDUCIBLE_DTYPES.get(backend.split(":")[0], REDUCIBLE_DTYPES["gloo"])
+    # A group may hold one backend per device type: "cpu:gloo,cuda:nccl". All must sum it.
+    names = [part.split(":")[-1] for part in backend.split(",")]
+    tables = [REDUCIBLE_DTYPES.get(name, REDUCIBLE_DTYPES["gloo"]) for name in names]
+    choices = tuple(d for d in tables[0] if all(d in table for table in tables))
     if dtype not in choices:
         names = ", ".join(str(d).removeprefix("torch.") for d in choices)
         raise ValueError(
@@ -121,7 +124,9 @@ def ddp(model: nn.Module, policy: Policy | str, **ddp_kwargs: Any) -> Distribute
     """Wrap ``model`` in DDP whose gradients are all-reduced in the policy's reduce format.
 
     Also registers the parameters as replicas over DDP's process group, so a scaler with
-    ``process_group="auto"`` makes all ranks skip or step together.
+    ``process_group="auto"`` makes all ranks skip or step together. DDP reduces whole buckets,
+    so the base policy's reduce format is used for all of them (per-module reduce formats
+    apply under :func:`mixprec.distributed.fully_shard`).
 
     Args:
         model: the model, its parameters already in their training dtype.
