@@ -419,7 +419,8 @@ class MixedPrecision:
 
         Under a process group (or when ``path`` is an existing folder) this writes a sharded,
         re-shardable checkpoint folder instead, each rank its own shards and RNG state
-        (:mod:`mixprec.distributed.checkpoint`); :meth:`load` reads either kind.
+        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
+        reads either kind, a folder as sharded.
 
         Args:
             path: the checkpoint file.
@@ -433,7 +434,7 @@ class MixedPrecision:
                 refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
                 previous checkpoint at ``path`` stays as it was.
         """
-        if _sharded(path):
+        if _saves_sharded(path):
             state = {"mixed_precision": self._session_state(), "extra": extra}
             from mixprec.distributed import checkpoint as sharded_checkpoint
 
@@ -464,7 +465,7 @@ class MixedPrecision:
             CheckpointError: the file is unreadable or damaged, or does not match this model,
                 policy or optimizers, or holds a malformed entry (named in the message).
         """
-        if _sharded(path):
+        if Path(path).is_dir():  # a sharded checkpoint folder
             return self._load_sharded(path, model, *optimizers)
         record = load_checkpoint(path)
         saved_optimizers = record.get("optimizers")
@@ -546,9 +547,9 @@ class MixedPrecision:
         return dict(state.get("extra", {}))
 
 
-def _sharded(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is (to be) a sharded checkpoint folder: under a process group, or when
-    ``path`` is an existing folder (one process writing or reading the sharded format)."""
+def _saves_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or
+    into an existing folder."""
     initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
     return initialised or Path(path).is_dir()
 

@@ -131,3 +131,14 @@ def test_a_kill_mid_save_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("v-")]) >= 1
     sharded.save(tmp_path, model, state={"value": -1.0})  # the next save cleans up
     assert [p.name.startswith("v-") for p in tmp_path.iterdir() if p.is_dir()] == [True]
+
+
+def test_a_file_path_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    mp, model, opt = make()
+    single = tmp_path / "ckpt.pt"
+    mp.save(single, model, opt)  # one process, a file path: the single-file format
+    before = single.read_bytes()
+    with pytest.raises(ValueError, match=r"'.*ckpt\.pt' is a file; a sharded checkpoint is a"):
+        sharded.save(single, model, [opt])
+    assert single.read_bytes() == before
+    assert make()[0].load(single, *make()[1:]) == {}  # a file loads as a single-file checkpoint

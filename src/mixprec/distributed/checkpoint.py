@@ -120,9 +120,14 @@ def save(
     Raises:
         TypeError: a ``state`` value ``torch.load(weights_only=True)`` would refuse (on any
             rank): nothing is written and the previous checkpoint stays.
-        ValueError: a mixprec optimizer wrapper over DTensor parameters.
+        ValueError: ``path`` is a file, or a mixprec optimizer wrapper over DTensor parameters.
     """
     root = Path(path)
+    if root.exists() and not root.is_dir():  # every rank sees it: all raise, none waits
+        raise ValueError(
+            f"checkpoint path {str(root)!r} is a file; a sharded checkpoint is a folder: give a "
+            "folder path (or remove the file)"
+        )
     torch_opts, wrapped = _split(optimizers)
     if wrapped and any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
