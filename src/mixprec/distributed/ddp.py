@@ -111,10 +111,10 @@ def check_reducible(fmt: Format, group: Any = None) -> torch.dtype:
     tables = [REDUCIBLE_DTYPES.get(name, REDUCIBLE_DTYPES["gloo"]) for name in names]
     choices = tuple(d for d in tables[0] if all(d in table for table in tables))
     if dtype not in choices:
-        names = ", ".join(str(d).removeprefix("torch.") for d in choices)
+        summed = ", ".join(str(d).removeprefix("torch.") for d in choices)
         raise ValueError(
             f"reduce format {fmt.name!r} cannot be all-reduced by backend {backend!r}: it sums "
-            f"{names}. Set the policy's reduce to one of them, e.g. 'reduce=bf16' or "
+            f"{summed}. Set the policy's reduce to one of them, e.g. 'reduce=bf16' or "
             "'reduce=fp32'."
         )
     return dtype
