@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mixprec import __version__
+from mixprec.cli_plan import add_plan_parser
 from mixprec.formats import FORMATS
 
 
@@ -456,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--json", action="store_true", help="print JSON")
     _add_run_options(advise)
     advise.set_defaults(run=_advise)
+    add_plan_parser(sub)
     return parser
 
 

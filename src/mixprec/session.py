@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -46,6 +47,7 @@ from mixprec.diagnostics import (
     nonfinite_grads,
     underflow_report,
 )
+from mixprec.distributed import check_prepare_order, ddp, would_recast
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
@@ -256,6 +258,7 @@ class MixedPrecision:
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             _check_owned(opt, owned, f"optimizer {index} given to prepare")
+        check_prepare_order(model, self._storage_policy())
         model.to(self.device)
         cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
         self._islands = fp32_islands(model, self.policy)
@@ -491,6 +494,11 @@ class MixedPrecision:
     ) -> None:
         """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
 
+        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
+        re-shardable checkpoint folder instead, each rank its own shards and RNG state
+        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
+        reads either kind, a folder as sharded.
+
         Args:
             path: the checkpoint file.
             model: the prepared model.
@@ -503,6 +511,12 @@ class MixedPrecision:
                 refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
                 previous checkpoint at ``path`` stays as it was.
         """
+        if _saves_sharded(path):
+            state = {"mixed_precision": self._session_state(), "extra": extra}
+            from mixprec.distributed import checkpoint as sharded_checkpoint
+
+            sharded_checkpoint.save(path, model, optimizers, state=state)
+            return
         save_checkpoint(
             path,
             {
@@ -528,6 +542,8 @@ class MixedPrecision:
             CheckpointError: the file is unreadable or damaged, or does not match this model,
                 policy or optimizers, or holds a malformed entry (named in the message).
         """
+        if Path(path).is_dir():  # a sharded checkpoint folder
+            return self._load_sharded(path, model, *optimizers)
         record = load_checkpoint(path)
         saved_optimizers = record.get("optimizers")
         extra = record.get("extra", {})
@@ -552,6 +568,67 @@ class MixedPrecision:
         self._load_session_state(record["mixed_precision"])
         torch.set_rng_state(record["rng"])
         return dict(extra)
+
+    # -- distributed ------------------------------------------------------------------------
+
+    def _storage_policy(self) -> Policy:
+        """The policy parameters are stored by: the user's rules, then the FP32 islands."""
+        return replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES)
+
+    def ddp(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+        """Wrap the prepared ``model`` in DDP, all-reducing gradients in the policy's reduce format.
+
+        The order that works: ``model, opt = mp.prepare(model, opt)`` then
+        ``model = mp.ddp(model)``. The scaler (``process_group="auto"``) then makes all ranks
+        skip or step together. See :func:`mixprec.distributed.ddp`.
+
+        Raises:
+            RuntimeError: the parameters are not yet in the policy's formats (call
+                :meth:`prepare` first), or see :func:`mixprec.distributed.ddp`.
+        """
+        pending = would_recast(model, self._storage_policy())
+        if pending:
+            raise RuntimeError(
+                f"ddp was called before prepare: the policy still recasts {pending[:3]!r}, which "
+                "would detach DDP's gradient hooks later. Call model, opt = mp.prepare(model, "
+                "opt) first, then model = mp.ddp(model)"
+            )
+        return ddp(model, self.policy, **ddp_kwargs)
+
+    def fully_shard(self, model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
+        """Cast ``model`` to the policy's storage formats and shard it with FSDP2, per module.
+
+        The order that works: ``model = mp.fully_shard(model)``, then build the optimizer on
+        ``model.parameters()``, then ``model, opt = mp.prepare(model, opt)``. See
+        :func:`mixprec.distributed.fully_shard` (``wrap=``, FSDP2's own arguments).
+
+        Raises:
+            RuntimeError: ``model`` is wrapped in DDP or already sharded.
+        """
+        from mixprec.distributed.fsdp import fully_shard
+
+        return fully_shard(model, self._storage_policy(), mesh=mesh, **kwargs)
+
+    def _load_sharded(
+        self, path: str | os.PathLike[str], model: nn.Module, *optimizers: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        def check(state: Mapping[str, Any]) -> None:
+            self._check_session_state(state.get("mixed_precision"))
+            if not isinstance(state.get("extra", {}), Mapping):
+                raise ValueError("its 'extra' is not a dict")
+
+        from mixprec.distributed import checkpoint as sharded_checkpoint
+
+        state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
+        self._load_session_state(state["mixed_precision"])
+        return dict(state.get("extra", {}))
+
+
+def _saves_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or
+    into an existing folder."""
+    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialised or Path(path).is_dir()
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
@@ -613,8 +690,9 @@ def _check_implemented(policy: Policy) -> None:
 
     Raises:
         ValueError: tf32 anywhere (it has no storage dtype and the session does not switch
-            CUDA's TF32 matmul mode), or a gradient-reduction format other than the params'
-            (the session reduces no gradients itself; under DDP they go in the params' format).
+            CUDA's TF32 matmul mode), or an fp8 gradient-reduction format (no backend sums fp8;
+            16- and 32-bit reduce formats are applied by :meth:`MixedPrecision.ddp` and
+            :meth:`MixedPrecision.fully_shard`).
     """
     for p in (policy, *(rule.policy for rule in policy.rules)):
         formats = {"params": p.param, "compute": p.compute, "output": p.output, "master": p.master}
@@ -626,11 +704,11 @@ def _check_implemented(policy: Policy) -> None:
                     "CUDA's TF32 matmul mode); use fp32 and set "
                     "torch.backends.cuda.matmul.allow_tf32 = True yourself, or bf16"
                 )
-        if p.reduce != p.param:
+        if p.reduce.bits < 16:
             raise ValueError(
                 f"policy {str(policy)!r} reduces gradients in {p.reduce}, which MixedPrecision "
-                f"does not implement: it reduces no gradients itself (under DDP they are "
-                f"all-reduced in the params' format, {p.param}); drop reduce= from the policy"
+                "does not implement: no torch.distributed backend sums fp8; use reduce=bf16 or "
+                "reduce=fp32 (applied by mp.ddp and mp.fully_shard)"
             )
 
 

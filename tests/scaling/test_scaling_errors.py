@@ -109,13 +109,14 @@ CASES = [
     (
         {"process_group": "local"},
         ValueError,
-        r"process_group must be None, 'world' or a torch\.distributed\.ProcessGroup, got 'local'",
+        r"process_group must be 'auto' .*, None, 'world' or a torch\.distributed\.ProcessGroup, "
+        r"got 'local'",
     ),
     (
         {"process_group": 3},
         TypeError,
-        r"process_group must be None, 'world' or a torch\.distributed\.ProcessGroup, got 3 of "
-        r"type int",
+        r"process_group must be 'auto' .*, None, 'world' or a torch\.distributed\.ProcessGroup, "
+        r"got 3 of type int",
     ),
     (
         {"device": 3},

@@ -8,11 +8,15 @@ sync per device in the common case.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["floating_tensors", "in_range", "nonfinite_grads", "tensor_range"]
 
@@ -81,6 +85,12 @@ def nonfinite_grads(
     the full element-wise check runs only for gradients whose sum is not finite (a sum can
     overflow although every element is finite).
 
+    DTensor gradients (FSDP2) are checked on this rank's local shard, and the verdicts are
+    reduced (``max``) over each parameter's device mesh, so every rank names the same
+    parameters, also those whose inf sits in another rank's shard. With DTensor gradients this
+    is a collective: call it on every rank of the mesh (as a session does on a skipped step,
+    which the scaler's agreement makes the same step on all of them).
+
     Args:
         params: a model (its ``named_parameters()``), a mapping or an iterable of
             ``(name, parameter)`` pairs. Parameters without a gradient are skipped.
@@ -101,7 +111,9 @@ def nonfinite_grads(
         named = list(params.items())
     else:
         named = list(params)
-    grads = [(n, _dense(p.grad)) for n, p in named if p.grad is not None]
+    with_grads = [(n, p.grad) for n, p in named if p.grad is not None]
+    meshes = {n: cast("DTensor", g).device_mesh for n, g in with_grads if _is_dtensor(g)}
+    grads = [(n, _dense(g)) for n, g in with_grads]
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, grad in grads:
         by_device.setdefault(grad.device, []).append((name, grad))
@@ -110,8 +122,34 @@ def nonfinite_grads(
         sums = torch.stack([g.sum(dtype=torch.float32) for _, g in items])
         finite = torch.isfinite(sums).tolist()
         suspects.update(name for (name, _), ok in zip(items, finite, strict=True) if not ok)
-    return [n for n, g in grads if n in suspects and not bool(torch.isfinite(g).all())]
+    found = {n for n, g in grads if n in suspects and not bool(torch.isfinite(g).all())}
+    if meshes:
+        found = _agree_on_shards(found, meshes)
+    return [n for n, _ in grads if n in found]
+
+
+def _agree_on_shards(found: set[str], meshes: Mapping[str, Any]) -> set[str]:
+    """Add the sharded parameters that another rank of their mesh found non-finite."""
+    import torch.distributed as dist
+
+    by_mesh: dict[int, tuple[Any, list[str]]] = {}
+    for name, mesh in meshes.items():
+        by_mesh.setdefault(id(mesh), (mesh, []))[1].append(name)
+    for mesh, names in by_mesh.values():
+        flags = torch.tensor([float(n in found) for n in names], device=mesh.device_type)
+        for group in mesh.get_all_groups():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        found |= {n for n, flag in zip(names, flags.tolist(), strict=True) if flag}
+    return found
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    # No tensor is a DTensor before its module is imported, and importing it costs seconds.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
+    if _is_dtensor(grad):
+        grad = cast("DTensor", grad).to_local()
     return grad.coalesce().values() if grad.is_sparse else grad.detach()

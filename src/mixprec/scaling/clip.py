@@ -15,9 +15,11 @@ need no write pass at all: the clip coefficient is folded into the scale they di
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 
+from mixprec.scaling._distributed import is_dtensor
 from mixprec.scaling._grads import GradGroups, unscale_and_check_
 
 __all__ = ["clip_coefficient", "global_norm", "unscale_and_clip_"]
@@ -26,24 +28,69 @@ __all__ = ["clip_coefficient", "global_norm", "unscale_and_clip_"]
 def global_norm(grads: GradGroups, norm_type: float, device: torch.device) -> torch.Tensor:
     """The norm of all gradients viewed as one vector, as ``clip_grad_norm_`` computes it.
 
+    DTensor gradients (FSDP2, tensor parallelism) count with their global values: the norm of
+    each local shard is taken on this rank, the partial norms are reduced over the mesh
+    dimensions the tensor is sharded on (``sum |x|^p``, or ``max`` for the max-norm) and the
+    result is the same plain tensor on every rank, equal to the norm one process holding the
+    whole tensors computes. That reduction is a collective: all ranks of the mesh call it.
+
     Args:
         grads: Gradients grouped by (device, dtype).
         norm_type: The p of the p-norm; ``math.inf`` for the max-norm.
         device: Where the result lives.
 
     Returns:
-        A 0-dim float32 tensor (0 when there are no gradients).
+        A plain 0-dim float32 tensor (0 when there are no gradients).
     """
     norms: list[torch.Tensor] = []
+    sharded: list[torch.Tensor] = []
     for (_, dtype), tensors in grads.items():
+        local = [t for t in tensors if not is_dtensor(t)]
+        sharded.extend(t for t in tensors if is_dtensor(t))
+        if not local:
+            continue
         if dtype == torch.float32:
-            norms.extend(torch._foreach_norm(tensors, norm_type))
+            norms.extend(torch._foreach_norm(local, norm_type))
         else:  # accumulate and return in fp32: an fp16 norm of scaled gradients overflows
-            norms.extend(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+            norms.extend(torch._foreach_norm(local, norm_type, dtype=torch.float32))
+    if sharded:
+        norms.append(_sharded_norm(sharded, norm_type))
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
     stacked = torch.stack([n.to(device=device, dtype=torch.float32) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type)
+
+
+def _sharded_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The global p-norm of DTensor gradients, from their local shards and one reduction each
+    (mesh, sharded dimensions)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+
+    maximum = math.isinf(norm_type)
+    partials: dict[tuple[int, tuple[int, ...]], tuple[Any, torch.Tensor]] = {}
+    for tensor in grads:
+        grad = cast(DTensor, tensor)
+        if any(p.is_partial() for p in grad.placements):  # pending sums: finish them first
+            grad = grad.redistribute(
+                placements=[Replicate() if p.is_partial() else p for p in grad.placements]
+            )
+        mesh = grad.device_mesh
+        dims = tuple(i for i, p in enumerate(grad.placements) if p.is_shard())
+        local = torch.linalg.vector_norm(grad.to_local(), norm_type, dtype=torch.float32)
+        part = local if maximum else local.pow(norm_type)
+        key = (id(mesh), dims)
+        if key in partials:
+            previous = partials[key][1]
+            part = torch.maximum(previous, part) if maximum else previous + part
+        partials[key] = (mesh, part)
+    op = dist.ReduceOp.MAX if maximum else dist.ReduceOp.SUM
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for (_, dims), (mesh, part) in partials.items():
+        for dim in dims:
+            dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+        total = torch.maximum(total, part) if maximum else total + part
+    return total if maximum else total.pow(1.0 / norm_type)
 
 
 def clip_coefficient(

@@ -26,7 +26,12 @@ from torch.amp.grad_scaler import OptState
 
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
-from mixprec.scaling._distributed import ProcessGroupArg, agree_found_inf_, check_process_group
+from mixprec.scaling._distributed import (
+    ProcessGroupArg,
+    agree_found_inf_,
+    agreement_groups,
+    check_process_group,
+)
 from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
 from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
 from mixprec.scaling._state import ScalerState
@@ -77,10 +82,14 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             the step and warns (``RuntimeWarning``), ``"raise"`` skips it and raises
             :class:`LossScaleAtMinimumError`. Either way the check reads the scale back only
             once it may have reached the minimum, so ordinary updates stay free of host syncs.
-        process_group: ``"world"`` (default) or a ``ProcessGroup``: reduce each optimizer's
-            found-inf flag with ``all_reduce(MAX)`` over it whenever ``torch.distributed`` is
-            initialised, so all ranks skip or step together (a single process is unaffected).
-            None: each rank decides alone, as torch's scaler does.
+        process_group: ``"auto"`` (default): reduce each optimizer's found-inf flag with
+            ``all_reduce(MAX)`` only where ranks can disagree and are known to step together:
+            over the DDP group of parameters registered by ``mixprec.distributed.ddp`` and over
+            the device mesh of DTensor (FSDP2) parameters; local otherwise, so a scaler used
+            on one rank never waits (see :mod:`mixprec.scaling._distributed`). ``"world"`` or
+            a ``ProcessGroup``: always agree over it whenever ``torch.distributed`` is
+            initialised (a single process is unaffected). None: each rank decides alone, as
+            torch's scaler does.
 
     Raises:
         ValueError: For out-of-range values (a growth factor <= 1, a backoff factor outside
@@ -115,7 +124,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         min_scale: float | None = None,
         max_scale: float | None = None,
         on_min_scale: OnMinScale = "continue",
-        process_group: ProcessGroupArg = "world",
+        process_group: ProcessGroupArg = "auto",
     ) -> None:
         self._device = _checks.check_device(device)
         self._enabled = _checks.check_enabled(enabled)
@@ -203,11 +212,15 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         # master-weight wrappers). Read as torch.amp.GradScaler.step reads it.
         return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
-    def _record_found_inf(self, record: Record, found_inf: torch.Tensor) -> None:
+    def _record_found_inf(
+        self, record: Record, found_inf: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> None:
         previous = found_inf_of(record)
         if previous is not None:  # a clip after unscale_: either check may have seen inf/NaN
             found_inf = torch.maximum(found_inf, previous)
-        set_found_inf(record, agree_found_inf_(found_inf, self._process_group))
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        groups = agreement_groups(params, self._process_group)
+        set_found_inf(record, agree_found_inf_(found_inf, groups))
         record["stage"] = OptState.UNSCALED
 
     # -- unscale, clip, step ---------------------------------------------------------------
@@ -234,7 +247,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         if self._state.strategy != "none":
             check_unscalable(optimizer, grads)
         found_inf = unscale_and_check_(grads, self._inv_scale(scale), self._new_flag(scale))
-        self._record_found_inf(record, found_inf)
+        self._record_found_inf(record, found_inf, optimizer)
 
     def clip_grad_norm_(
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
@@ -296,7 +309,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             if held_at is scale and self._state.strategy != "none":
                 check_unscalable(optimizer, grads)
             norm = unscale_and_clip_(grads, inv_scale, max_norm, norm_type, found_inf)
-        self._record_found_inf(record, found_inf)
+        self._record_found_inf(record, found_inf, optimizer)
         return norm
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
@@ -378,7 +391,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             found_inf = unscale_and_check_(
                 group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
             )
-            self._record_found_inf(record, found_inf)
+            self._record_found_inf(record, found_inf, optimizer)
             grad_scale = None
             if self._state.strategy != "none":
                 grad_scale = scale * getattr(optimizer, "grad_scale", 1)
@@ -570,7 +583,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         self._state.load(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._process_group not in (None, "world"):
+        if self._process_group not in (None, "auto", "world"):
             raise TypeError(
                 "A GradScaler holding a ProcessGroup cannot be pickled; pickle "
                 "scaler.state_dict() and pass the group to the new scaler."
