@@ -425,3 +425,37 @@ def test_fp64_stays_fp64_as_under_torch(backend):
         with autocast("cpu", dtype=torch.float16, backend=backend):
             got = call()
         assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_a_function_compiled_under_one_backend_is_retraced_under_another():
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: F.linear(x, w))
+    with autocast("cpu", dtype=torch.float16, backend="native"):
+        native = compiled(x, w)
+    with autocast("cpu", dtype=torch.float16, backend="emulated"):
+        emulated = compiled(x, w)
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = compiled(x, w)
+    assert torch.equal(emulated, F.linear(x.half().float(), w.half().float()).half())
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.equal(native, F.linear(x, w)) and torch.equal(plain, F.linear(x, w))
+
+
+def test_plain_torch_autocast_compiled_after_a_mixprec_region_uses_torchs_kernels():
+    from torch._dynamo.backends.common import aot_autograd
+
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    with autocast("cpu", dtype=torch.float16, backend="emulated"):
+        pass  # the last mixprec configuration entered: emulated
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: F.linear(x, w), backend=aot_autograd(fw_compiler=record))
+    with torch.autocast("cpu", dtype=torch.float16):
+        compiled(torch.randn(4, 8), torch.randn(3, 8))
+    assert "aten.mm.default" in targets and not any("mixprec" in t for t in targets)

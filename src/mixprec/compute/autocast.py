@@ -13,7 +13,10 @@ torch's own kernels.
 Inside a function that ``torch.compile`` compiles, a region's construction, entry and exit run
 eagerly (each a graph break) and the code inside is compiled under the region; a region entered
 outside compiled code (the usual loop: ``with mp.autocast(): loss = compiled_model(x)``) adds no
-graph break, nor do the FP32 islands' hooks inside the model.
+graph break, nor do the FP32 islands' hooks inside the model. ``torch.compile`` cannot see a
+region's backend or op table, so entering a region whose settings differ from the last region's
+resets its caches (compiled code is traced again under the new settings): with compile, keep one
+setting per process where you can.
 
 Casts are not cached: a cast cache keyed by tensor cannot see a weight changed through ``.data``
 (``p.data.mul_(2)``, EMA swaps), and torch's own serves the stale cast then. ``cache_enabled`` is
@@ -200,13 +203,14 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         native = torch.autocast(
             self.device_type, dtype=self.dtype, enabled=self.enabled, cache_enabled=False
         )
-        if self.enabled:
+        if self.enabled:  # a disabled region turns autocast off: no kernel of ours runs inside
             ensure_kernels(self._config)
         native.__enter__()
         self._entered.setdefault(threading.get_ident(), []).append(
             (native, depth(self.device_type))
         )
-        push_config(self._config)
+        if self.enabled:
+            push_config(self._config)
         _open.regions.append(self)
         return self
 
@@ -223,7 +227,8 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         native, config_depth = entered.pop()
         if not entered:
             del self._entered[threading.get_ident()]
-        pop_config(self._config, config_depth)
+        if self.enabled:
+            pop_config(self._config, config_depth)
         if self in _open.regions:
             del _open.regions[_open.regions.index(self) :]
         native.__exit__(*exc_info)

@@ -17,8 +17,10 @@ the cache off is a mixprec call; it takes the innermost configuration of its thr
 one entered when its thread has none — which is how the recomputation of a checkpointed forward in
 ``backward()`` (after the region has closed, perhaps on an autograd worker thread) runs under the
 precision of the original forward: ``torch.utils.checkpoint`` restores the autocast state, cache
-flag included. The cost: a plain ``torch.autocast(cache_enabled=False)`` region entered after a
-mixprec region in the same process is treated as that mixprec region.
+flag included. The fallback applies only inside ``backward()`` and never while ``torch.compile``
+traces (which turns the cache off for every region); its cost: code under a plain
+``torch.autocast(cache_enabled=False)`` that runs inside ``backward()`` after a mixprec region
+(e.g. a checkpointed plain region) is treated as that mixprec region.
 
 Inside an emulated composite GEMM (``linear``, ``matmul``, ``einsum``, ``conv2d``, attention), the
 inputs are cast once and the op is decomposed by the dispatcher with autocast still on, so its
@@ -92,8 +94,24 @@ _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
 
 
+def _same_kernels(a: RegionConfig, b: RegionConfig) -> bool:
+    """Whether the two configurations make mixprec's kernels do the same thing."""
+    if (a.backend, a.target) != (b.backend, b.target):
+        return False
+    return a.table is b.table or dict(a.table.entries) == dict(b.table.entries)
+
+
 def push_config(config: RegionConfig) -> None:
-    """Make ``config`` the innermost configuration of this thread (a region's entry)."""
+    """Make ``config`` the innermost configuration of this thread (a region's entry).
+
+    ``torch.compile`` guards on torch's autocast state but cannot see a configuration, so a
+    function compiled under one would be reused under another: when a configuration differs from
+    the last one entered for its device, torch.compile's caches are reset and compiled code is
+    traced again under the new one.
+    """
+    previous = _last.get(config.device_type)
+    if previous is not None and not _same_kernels(previous, config):
+        torch.compiler.reset()
     _tls.configs.setdefault(config.device_type, []).append(config)
     _last[config.device_type] = config
 
@@ -115,6 +133,8 @@ def active_config(device_type: str) -> RegionConfig | None:
     stack = _tls.configs.get(device_type)
     if stack:
         return stack[-1]
+    if torch._C._current_graph_task_id() == -1 or torch.compiler.is_compiling():
+        return None  # not a recomputation inside backward(): a plain region with its cache off
     return _last.get(device_type)
 
 
