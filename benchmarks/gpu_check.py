@@ -514,7 +514,11 @@ def check_presets(section: Section, device: torch.device, quick: bool, steps: in
     for build in builders:
         section.check_time("building the trainers")
         trainers.append(build())
-    n_params = sum(p.numel() for p in _model(sizes, device).parameters())
+    with torch.device("meta"):  # counted without allocating a copy
+        shape = TinyTransformer(
+            sizes.vocab, sizes.d_model, sizes.n_layers, sizes.n_heads, sizes.seq_len
+        )
+    n_params = sum(p.numel() for p in shape.parameters())
     print(
         f"  model: {n_params / 1e6:.0f}M parameters, {sizes.n_layers} layers, d_model "
         f"{sizes.d_model}, seq {sizes.seq_len}, batch {sizes.batch}; {steps} timed steps after "
