@@ -520,7 +520,7 @@ def check_presets(section: Section, device: torch.device, quick: bool, steps: in
         )
     n_params = sum(p.numel() for p in shape.parameters())
     print(
-        f"  model: {n_params / 1e6:.0f}M parameters, {sizes.n_layers} layers, d_model "
+        f"  model: {n_params / 1e6:.1f}M parameters, {sizes.n_layers} layers, d_model "
         f"{sizes.d_model}, seq {sizes.seq_len}, batch {sizes.batch}; {steps} timed steps after "
         f"{warmup} warm-up, variants alternating"
     )
