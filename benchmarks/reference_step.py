@@ -2,7 +2,9 @@
 
 TinyTransformer with d_model 256, 4 layers, 4 heads, sequence 128, batch 16, vocabulary 96,
 AdamW; random tokens (timing only). ``make_step`` returns a function that runs one training step
-inside a region (a context-manager factory) and returns its wall time in seconds.
+inside a region (a context-manager factory) and returns its wall time in seconds. Every call with
+the same arguments builds the same model, optimizer and batch (seeded), so two calls give twins
+that must train alike. The sizes can be shrunk for smoke runs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ Region = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 def make_step(
-    lr: float = 1e-3, backward_in_region: bool = False
+    lr: float = 1e-3,
+    backward_in_region: bool = False,
+    *,
+    d_model: int = 256,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    seq_len: int = 128,
+    batch: int = 16,
+    losses: list[float] | None = None,
 ) -> tuple[torch.nn.Module, Callable[[Region], float]]:
     """The model and its timed training step.
 
@@ -29,12 +39,17 @@ def make_step(
         lr: AdamW's learning rate.
         backward_in_region: run the backward pass inside the region too (a tracer must see it;
             autocast regions end before backward, as in torch's AMP recipe).
+        d_model, n_layers, n_heads, seq_len, batch: the model and batch sizes (defaults: the
+            reference sizes above).
+        losses: if given, each step appends its loss (a float, read after the timing stops).
     """
     torch.manual_seed(0)
-    model = TinyTransformer(VOCAB, d_model=256, n_layers=4, n_heads=4, seq_len=128)
+    model = TinyTransformer(
+        VOCAB, d_model=d_model, n_layers=n_layers, n_heads=n_heads, seq_len=seq_len
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    tokens = torch.randint(0, VOCAB, (16, 128))
-    targets = torch.randint(0, VOCAB, (16, 128))
+    tokens = torch.randint(0, VOCAB, (batch, seq_len))
+    targets = torch.randint(0, VOCAB, (batch, seq_len))
 
     def step(region: Region) -> float:
         start = time.perf_counter()
@@ -48,6 +63,9 @@ def make_step(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if losses is not None:
+            losses.append(float(loss.detach()))
+        return elapsed
 
     return model, step
