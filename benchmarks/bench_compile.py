@@ -11,18 +11,15 @@ and needs no loss scaling, so its ``mp.backward``/``mp.step`` are ``loss.backwar
 ``optimizer.step()``; its row times the prepared model (FP32 islands included) under
 ``mp.autocast()``.
 
-Measurement: every variant is compiled and warmed up first; then each round runs every variant once,
-in an order rotated by one each round so drift in machine load reaches all of them; times are
-medians, ratios medians of per-round ratios. Graph breaks: ``torch._dynamo.explain`` of each row's
+Measurement: row by row, the eager and the compiled model are warmed up (the compiled one
+compiles), then timed in alternation, so drift in machine load reaches both; times are medians,
+ratios medians of per-step ratios. Rows run one after the other because entering a region whose
+mixprec settings differ from the last one resets torch.compile's caches (compiled code cannot see
+the settings, so it is traced again). Graph breaks: ``torch._dynamo.explain`` of each row's
 forward (run last, since ``explain`` resets dynamo's caches). Targets: compiled mixprec bf16 native
 within 5% of compiled torch.autocast bf16; compiled emulated no slower than eager emulated.
 
-Two things about torch.compile under mixprec that the set-up works around (see
-``_compile_backend`` and ``_variants``): dynamo's guards see torch's autocast state but not
-mixprec's region configuration, so two models compiled with the same backend object share
-graphs across native and emulated regions; and a plain ``torch.autocast`` region compiled after a
-mixprec region has closed is traced with mixprec's kernels. Each compiled model gets its own
-backend object, and the torch rows are compiled before any mixprec region is entered.
+Each compiled model has a backend object of its own, and the torch rows run first.
 
     python benchmarks/bench_compile.py [--steps 5] [--warmup 2] [--threads N] [--quick]
         [--compile-backend inductor]
@@ -127,10 +124,7 @@ class Variant:
 def _compile_backend(name: str) -> Callable[..., Any]:
     """A backend object of its own for one compiled model, calling torch's backend ``name``.
 
-    Dynamo keys compiled graphs on code and guards; its guards cover torch's autocast state but not
-    mixprec's region configuration (native or emulated, op table), so two models of one class
-    compiled with the same backend share graphs across regions. Dynamo does guard on the backend
-    object, so one per model keeps each graph with the model and region it was traced for.
+    Dynamo guards on the backend object, so each model keeps its own graphs.
     """
     inner = torch._dynamo.lookup_backend(name)
 
@@ -229,15 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     _header(args.compile_backend, sizes)
 
     variants = _variants(sizes, args.compile_backend)
-    started = time.perf_counter()
-    for variant in variants:
-        for _ in range(args.warmup):
-            variant.run()
-    print(f"compile and warm-up: {time.perf_counter() - started:.0f} s")
-    for round_ in range(args.steps):
-        shift = round_ % len(variants)
-        for variant in variants[shift:] + variants[:shift]:
-            variant.times.append(variant.run())
+    warmup = 0.0
+    for row in ROWS:
+        pair = [v for v in variants if v.row is row]
+        started = time.perf_counter()
+        for variant in pair:
+            for _ in range(args.warmup):
+                variant.run()
+        warmup += time.perf_counter() - started
+        for step in range(args.steps):
+            for variant in pair if step % 2 == 0 else pair[::-1]:
+                variant.times.append(variant.run())
+    print(f"compile and warm-up: {warmup:.0f} s")
 
     by_key = {(v.row.name, v.compiled): v for v in variants}
     breaks = {row.name: _graph_breaks(by_key[row.name, False], sizes) for row in ROWS}
