@@ -52,8 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.formats import FP32
-from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
+from mixprec.integrations._common import check_loss, is_wrapped, session_of, wrap_optimizer
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
@@ -65,7 +64,7 @@ except ImportError as err:  # pragma: no cover - the test extra installs transfo
         "Trainer); install them with `pip install mixprec[transformers]`"
     ) from err
 
-__all__ = ["STATE_NAME", "MixprecTrainer", "refused_precision_flags"]
+__all__ = ["STATE_NAME", "MixprecTrainer", "check_loss", "refused_precision_flags"]
 
 STATE_NAME = "mixprec.pt"
 """The file, inside each Trainer checkpoint folder, that holds the session state."""
@@ -165,7 +164,7 @@ class MixprecTrainer(Trainer):
                 "policy is applied once, to one model"
             )
         device = training_args.device if training_args is not None else None
-        self.mixed_precision = _session(precision, device, update, backend, scaler_options)
+        self.mixed_precision = session_of(precision, device, update, backend, scaler_options)
         self.mixed_precision.prepare(model)
         super().__init__(*args, **kwargs)
 
@@ -198,8 +197,8 @@ class MixprecTrainer(Trainer):
                 scheduler would set the learning rate on the unwrapped optimizer.
         """
         optimizer = super().create_optimizer(model)
-        if not _is_wrapped(optimizer):
-            wrapped = _wrap_optimizer(self.mixed_precision, optimizer)
+        if not is_wrapped(optimizer):
+            wrapped = wrap_optimizer(self.mixed_precision, optimizer)
             scheduler = self.lr_scheduler
             if wrapped is not optimizer and getattr(scheduler, "optimizer", None) is optimizer:
                 raise ValueError(
@@ -301,83 +300,3 @@ class MixprecTrainer(Trainer):
             self.mixed_precision.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"checkpoint {checkpoint!r}: {err}") from None
-
-
-def check_loss(loss: object) -> None:
-    """Raise unless ``loss`` is a floating-point scalar tensor, the only thing one can scale.
-
-    Args:
-        loss: what the loss computation returned.
-
-    Raises:
-        TypeError: not a tensor, or not a floating-point one.
-        ValueError: a tensor with more than one element.
-
-    Example:
-        >>> check_loss(torch.tensor(1.5))
-        >>> check_loss(torch.ones(4))  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: the loss must be a scalar tensor, got shape (4,); reduce it first ...
-    """
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; return the "
-            "loss tensor (e.g. outputs.loss), not a number or the model's outputs"
-        )
-    if not loss.is_floating_point():
-        raise TypeError(f"the loss must be a floating-point tensor, got dtype {loss.dtype!r}")
-    if loss.dim() != 0 and loss.numel() != 1:
-        raise ValueError(
-            f"the loss must be a scalar tensor, got shape {tuple(loss.shape)!r}; reduce it "
-            "first (loss.mean() or loss.sum() / num_items_in_batch) before it is scaled"
-        )
-
-
-def _session(
-    precision: object,
-    device: torch.device | None,
-    update: UpdateMode,
-    backend: str,
-    scaler_options: Mapping[str, Any] | None,
-) -> MixedPrecision:
-    if isinstance(precision, MixedPrecision):
-        if update != "auto" or backend != "auto" or scaler_options is not None:
-            raise TypeError(
-                "update=, backend= and scaler_options= configure a new session; pass them to "
-                "MixedPrecision(...) when you give a ready session as precision="
-            )
-        return precision
-    if not isinstance(precision, (str, Policy)):
-        raise TypeError(
-            f"precision must be a preset or policy string, a mixprec.Policy or a "
-            f"mixprec.MixedPrecision, got {type(precision).__name__} {precision!r}"
-        )
-    return MixedPrecision(
-        precision, device, backend=backend, update=update, scaler_options=scaler_options
-    )
-
-
-_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
-
-
-def _is_wrapped(optimizer: torch.optim.Optimizer) -> bool:
-    return isinstance(optimizer, _WRAPPERS)
-
-
-def _wrap_optimizer(mp: MixedPrecision, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    # The session's rule for where the update happens (MixedPrecision.prepare applies it to the
-    # optimizers it is given; Trainer builds its optimizer after the model was prepared).
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if all(p.dtype == torch.float32 for p in params):
-        return optimizer
-    mode = mp.update
-    if mode == "auto":
-        mode = "master" if mp.policy.master == FP32 != mp.policy.param else "stochastic"
-    if mode == "master":
-        return MasterWeightOptimizer(optimizer)
-    if mode == "stochastic":
-        return StochasticRoundingOptimizer(optimizer, seed=mp.seed)
-    if mode == "kahan":
-        return KahanOptimizer(optimizer)
-    return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
