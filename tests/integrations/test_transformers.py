@@ -289,3 +289,30 @@ def test_evaluate_runs_under_the_policy_like_fp32_trainer(tmp_path):
         model=_model(), args=_args(tmp_path / "mp"), eval_dataset=held_out, precision="bf16-pure"
     )
     assert trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=0.01)
+
+
+def test_accelerate_mixed_precision_from_the_environment_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match=r"Accelerate runs in mixed precision 'bf16'.*Unset"):
+        MixprecTrainer(model=_model(), args=_args(tmp_path), precision="bf16-mixed")
+
+
+def test_unclipped_grad_norm_is_logged_unscaled(tmp_path):
+    def norms(max_grad_norm: float) -> list[float]:
+        trainer = MixprecTrainer(
+            model=_model(),
+            args=_args(tmp_path / str(max_grad_norm), max_steps=6, max_grad_norm=max_grad_norm),
+            train_dataset=DATA,
+            precision="fp16-mixed",
+            scaler_options=SKIPPY,
+        )
+        trainer.train()
+        return [log["grad_norm"] for log in _train_logs(trainer)]
+
+    # A clip bound no gradient reaches changes nothing, and measures the same unscaled norm.
+    unclipped, measured = norms(0.0), norms(1e9)
+    assert any(not math.isfinite(n) for n in measured)  # skipped steps are among them
+    finite = [i for i, n in enumerate(measured) if math.isfinite(n)]
+    assert finite
+    assert [unclipped[i] for i in finite] == pytest.approx([measured[i] for i in finite], rel=1e-5)
+    assert all(unclipped[i] < 100 for i in finite)
