@@ -1,0 +1,109 @@
+"""What the framework adapters share: the session they build, the loss check, optimizer wrapping.
+
+No framework is imported here, so each adapter imports only its own framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from mixprec.formats import FP32
+from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
+from mixprec.policy import Policy
+from mixprec.session import MixedPrecision, UpdateMode
+
+__all__ = ["check_loss", "is_wrapped", "session_of", "wrap_optimizer"]
+
+
+def check_loss(loss: object) -> None:
+    """Raise unless ``loss`` is a floating-point scalar tensor, the only thing one can scale.
+
+    Args:
+        loss: what the loss computation returned.
+
+    Raises:
+        TypeError: not a tensor, or not a floating-point one.
+        ValueError: a tensor with more than one element.
+
+    Example:
+        >>> check_loss(torch.tensor(1.5))
+        >>> check_loss(torch.ones(4))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the loss must be a scalar tensor, got shape (4,); reduce it first ...
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"the loss must be a scalar tensor, got {type(loss).__name__} {loss!r}; return the "
+            "loss tensor (e.g. outputs.loss), not a number or the model's outputs"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"the loss must be a floating-point tensor, got dtype {loss.dtype!r}")
+    if loss.dim() != 0 and loss.numel() != 1:
+        raise ValueError(
+            f"the loss must be a scalar tensor, got shape {tuple(loss.shape)!r}; reduce it "
+            "first (loss.mean() or loss.sum() / num_items_in_batch) before it is scaled"
+        )
+
+
+def session_of(
+    precision: object,
+    device: torch.device | None,
+    update: UpdateMode,
+    backend: str,
+    scaler_options: Mapping[str, Any] | None,
+) -> MixedPrecision:
+    """The adapter's session: ``precision`` itself if it is one, else a new one built from it.
+
+    Raises:
+        TypeError: session options together with a ready session, or a ``precision`` of
+            another type.
+    """
+    if isinstance(precision, MixedPrecision):
+        if update != "auto" or backend != "auto" or scaler_options is not None:
+            raise TypeError(
+                "update=, backend= and scaler_options= configure a new session; pass them to "
+                "MixedPrecision(...) when you give a ready session as precision="
+            )
+        return precision
+    if not isinstance(precision, (str, Policy)):
+        raise TypeError(
+            f"precision must be a preset or policy string, a mixprec.Policy or a "
+            f"mixprec.MixedPrecision, got {type(precision).__name__} {precision!r}"
+        )
+    return MixedPrecision(
+        precision, device, backend=backend, update=update, scaler_options=scaler_options
+    )
+
+
+_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
+
+
+def is_wrapped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is already one of mixprec's 16-bit update wrappers."""
+    return isinstance(optimizer, _WRAPPERS)
+
+
+def wrap_optimizer(mp: MixedPrecision, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` for the session's update mode, as ``MixedPrecision.prepare`` would.
+
+    Returns ``optimizer`` itself when all its parameters are fp32 or the mode is ``"nearest"``.
+    """
+    # The session's rule for where the update happens (MixedPrecision.prepare applies it to the
+    # optimizers it is given; the frameworks build theirs after the model was prepared).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(p.dtype == torch.float32 for p in params):
+        return optimizer
+    mode = mp.update
+    if mode == "auto":
+        mode = "master" if mp.policy.master == FP32 != mp.policy.param else "stochastic"
+    if mode == "master":
+        return MasterWeightOptimizer(optimizer)
+    if mode == "stochastic":
+        return StochasticRoundingOptimizer(optimizer, seed=mp.seed)
+    if mode == "kahan":
+        return KahanOptimizer(optimizer)
+    return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
