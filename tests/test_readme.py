@@ -1,4 +1,8 @@
-"""The README's Python examples run as written, in order, in one namespace."""
+"""The README's Python examples run as written, in order, in one namespace.
+
+Blocks fenced as ``python`` run here; snippets that need a launcher or a dataset (``torchrun``,
+a Hugging Face ``Trainer``) are fenced as ``py`` and are covered by their own tests.
+"""
 
 import re
 from pathlib import Path
