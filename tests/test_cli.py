@@ -65,3 +65,15 @@ def test_every_flag_and_command_has_a_help_text():
     subcommands = next(a for _, a in actions if isinstance(a, argparse._SubParsersAction))
     helped = {c.dest for c in subcommands._choices_actions if c.help}
     assert helped == set(subcommands.choices)  # each COMMAND is described in `mixprec -h`
+
+
+def test_python_dash_m_runs_the_command(capsys):
+    import subprocess
+    import sys
+
+    module = subprocess.run(
+        [sys.executable, "-m", "mixprec", "formats", "--json"], capture_output=True, text=True
+    )
+    assert module.returncode == 0, module.stderr
+    assert main(["formats", "--json"]) == 0
+    assert json.loads(module.stdout) == json.loads(capsys.readouterr().out)
