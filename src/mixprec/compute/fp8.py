@@ -333,8 +333,10 @@ def dynamic_scale(amax: torch.Tensor, fmt: FormatLike, power_of_two: bool = Fals
         The fp32 scales, ``amax``'s shape. NaN amax gives NaN, inf gives 0.
 
     Example:
-        >>> dynamic_scale(torch.tensor([448.0, 0.0]), "e4m3").tolist()
-        [1.0, 447999991808000.0]
+        >>> dynamic_scale(torch.tensor([448.0, 2.0]), "e4m3").tolist()
+        [1.0, 224.0]
+        >>> bool(torch.isfinite(dynamic_scale(torch.tensor(0.0), "e4m3")))  # a block of zeros
+        True
     """
     fmt = resolve_format(fmt)
     scale = (fmt.max / torch.clamp(amax.to(torch.float64), min=EPS)).to(torch.float32)
@@ -419,7 +421,8 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: FormatLike) -
         [2.0, 20480.0]
     """
     fmt = resolve_format(fmt)
-    return torch.clamp(x.float() * scale, -fmt.max, fmt.max).to(fmt.dtype)
+    scaled = x.float() * scale  # always a new tensor: clamped in place
+    return scaled.clamp_(-fmt.max, fmt.max).to(fmt.dtype)
 
 
 def quantize_blocks(
@@ -451,7 +454,7 @@ def quantize_blocks(
     padded = _pad_to(x.float(), br, bc)
     view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
     if scale is None:
-        amax = view.abs().amax(dim=(1, 3), keepdim=True)
+        amax = _block_amax(view)
         if scale_rule == "e8m0":
             scale = e8m0_scale(amax, fmt)
         else:
@@ -460,8 +463,31 @@ def quantize_blocks(
     return Scaled(data, scale, (br, bc))
 
 
+def _block_amax(view: torch.Tensor) -> torch.Tensor:
+    """max |x| per block of a ``(rows/br, br, cols/bc, bc)`` view, shaped ``(., 1, ., 1)``.
+
+    Whole-tensor and whole-row blocks take one min/max pass (no ``abs`` copy); NaN propagates.
+    """
+    n_rows, _, n_cols, _ = view.shape  # blocks along rows, along columns
+    if n_rows == 1 and n_cols == 1:
+        lo, hi = torch.aminmax(view)
+        return torch.maximum(-lo, hi).reshape(1, 1, 1, 1)
+    if n_cols == 1:  # one block per row group: reduce the flattened block
+        lo, hi = torch.aminmax(view.reshape(n_rows, -1), dim=1, keepdim=True)
+        return torch.maximum(-lo, hi).reshape(n_rows, 1, 1, 1)
+    if n_rows == 1 and view.shape[3] == 1:  # one block per column
+        lo, hi = torch.aminmax(view.reshape(view.shape[1], -1), dim=0, keepdim=True)
+        return torch.maximum(-lo, hi).reshape(1, 1, n_cols, 1)
+    return view.abs().amax(dim=(1, 3), keepdim=True)
+
+
 def dequantize(q: Scaled) -> torch.Tensor:
     """``data / scale`` blockwise, in fp32, with ``q.data``'s shape.
+
+    The fp8 values are decoded by a 256-entry table built from torch's own cast, indexed by the
+    fp8 bit pattern: the same values as ``data.float()``, several times faster on CPUs, whose
+    fp8-to-fp32 cast is not vectorized. A single scale is folded into the table (256 divisions
+    instead of one per element; the same quotients).
 
     Example:
         >>> x = torch.tensor([[1.0, -3.0], [0.0, 2.0]])
@@ -471,10 +497,27 @@ def dequantize(q: Scaled) -> torch.Tensor:
     rows, cols = q.data.shape
     br, bc = q.block
     if q.scale.numel() == 1:
-        return q.data.float() / q.scale.reshape(())
-    padded = _pad_to(q.data.float(), br, bc)
+        return _decode(q.data, _table(q.data.dtype, q.data.device) / q.scale.reshape(()))
+    padded = _pad_to(_decode(q.data, _table(q.data.dtype, q.data.device)), br, bc)
     view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
     return (view / q.scale).view(padded.shape)[:rows, :cols]
+
+
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every value of an fp8 dtype in fp32, indexed by its bit pattern."""
+    key = (dtype, device)
+    if key not in _TABLES:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+        _TABLES[key] = codes.view(dtype).to(torch.float32).to(device)
+    return _TABLES[key]
+
+
+def _decode(data: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    codes = data.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    return table.index_select(0, codes).view(data.shape)
 
 
 def _pad_to(x: torch.Tensor, br: int, bc: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from mixprec.compute.emulated import emulated_linear
 from mixprec.compute.fp8 import Fp8Recipe, snr_db
 from mixprec.compute.fp8_linear import Fp8Plan, fp8_linear
+from mixprec.policy import ModuleRule, Policy
 
 __all__ = ["DEFAULT_THRESHOLD_DB", "Fp8Advice", "LayerSnr", "advise_fp8", "fp8_layer_snr"]
 
@@ -63,6 +64,24 @@ class Fp8Advice:
     def plan(self) -> Fp8Plan:
         """The recipe with the layers that stay in bf16."""
         return Fp8Plan(self.recipe, self.keep_bf16)
+
+    def policy(self, base: str | Policy = "bf16-mixed") -> str:
+        """The proposal as a policy string: ``base`` with ``compute=fp8:<recipe>``, and a rule
+        ``<layer> -> base`` for each layer that stays in bf16.
+
+        Raises:
+            ValueError: ``base`` does not compute in bf16, or the recipe carries options (a
+                policy names recipes only; use :attr:`plan` with ``convert_to_fp8`` then).
+        """
+        base_policy = Policy.parse(base)
+        if str(self.recipe) != self.recipe.name:
+            raise ValueError(
+                f"a policy names fp8 recipes only, and {str(self.recipe)!r} has options; use "
+                f"advice.plan with convert_to_fp8 instead ({str(self.plan)!r})"
+            )
+        plain = replace(base_policy, rules=(), fp8=None)
+        rules = tuple(ModuleRule(name, plain) for name in self.keep_bf16)
+        return str(replace(plain, fp8=self.recipe.name, rules=rules))
 
     def report(self) -> str:
         """A table of the figures, one layer a line, with the verdict."""

@@ -45,12 +45,14 @@ from mixprec.compute.fp8 import (
     dynamic_scale,
     fp8_quantize,
 )
+from mixprec.policy import Policy
 
 __all__ = [
     "Fp8Backend",
     "Fp8Conversion",
     "Fp8Linear",
     "Fp8Plan",
+    "apply_fp8_policy",
     "convert_to_fp8",
     "fp8_backend",
     "fp8_linear",
@@ -126,34 +128,75 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
+def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -> Any:
+    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically."""
+    if scales is None:
+        return None
+    return torch.where(scales[2] > 0, scales[2], dynamic_scale(grad.abs().max(), r.grad_format))
+
+
+@torch.library.custom_op("mixprec::fp8_linear_grad_input", mutates_args=())
+def _fp8_grad_input(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor:
+    """``grad @ weight``, rounded once to ``out_dtype``."""
+    r = Fp8Recipe.parse(recipe)
+    with no_autocast():
+        if "grad_input" in r.high_precision:
+            return _gemm(grad, weight, native, b_t=False).to(out_dtype)
+        s_w = None if scales is None else scales[1]
+        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales))
+        b = _operand(weight, r, "weight", 0, "grad_input", s_w)
+        return _gemm(a, b, native, b_t=False).to(out_dtype)
+
+
+@torch.library.custom_op("mixprec::fp8_linear_grad_weight", mutates_args=())
+def _fp8_grad_weight(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor:
+    """``grad.T @ x``, rounded once to ``out_dtype``."""
+    r = Fp8Recipe.parse(recipe)
+    with no_autocast():
+        if "grad_weight" in r.high_precision:
+            return _gemm_t(grad, x, native).to(out_dtype)
+        s_x = None if scales is None else scales[0]
+        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales))
+        b = _operand(x, r, "input", 0, "grad_weight", s_x)
+        return _gemm_t(a, b, native).to(out_dtype)
+
+
+@_fp8_grad_input.register_fake
+def _(grad, weight, recipe, out_dtype, scales, native):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=out_dtype)
+
+
+@_fp8_grad_weight.register_fake
+def _(grad, x, recipe, out_dtype, scales, native):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[1], x.shape[1]), dtype=out_dtype)
+
+
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Each gradient GEMM is a custom op of its own, so a compiled backward keeps it whole."""
     x, weight, scales = ctx.saved_tensors
-    r = Fp8Recipe.parse(ctx.recipe)
     want = ctx.needs_input_grad
     gi = gw = gb = None
-    with no_autocast():
-        s_go = None
-        if scales is not None:  # delayed: 0 means no history yet, so scale dynamically
-            fresh = dynamic_scale(grad.abs().max(), r.grad_format)
-            s_go = torch.where(scales[2] > 0, scales[2], fresh)
-        if want[0]:
-            if "grad_input" in r.high_precision:
-                a, b = grad, weight
-            else:
-                a = _operand(grad, r, "grad_output", 1, "grad_input", s_go)
-                b = _operand(
-                    weight, r, "weight", 0, "grad_input", None if s_go is None else scales[1]
-                )
-            gi = _gemm(a, b, ctx.native, b_t=False).to(ctx.out_dtype).to(x.dtype)
-        if want[1]:
-            if "grad_weight" in r.high_precision:
-                a, b = grad, x
-            else:
-                a = _operand(grad, r, "grad_output", 0, "grad_weight", s_go)
-                b = _operand(x, r, "input", 0, "grad_weight", None if s_go is None else scales[0])
-            gw = _gemm_t(a, b, ctx.native).to(ctx.out_dtype).to(weight.dtype)
-        if ctx.bias_dtype is not None and want[2]:
-            gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
+    args = (ctx.recipe, ctx.out_dtype, scales, ctx.native)
+    if want[0]:
+        gi = _fp8_grad_input(grad, weight, *args).to(x.dtype)
+    if want[1]:
+        gw = _fp8_grad_weight(grad, x, *args).to(weight.dtype)
+    if ctx.bias_dtype is not None and want[2]:
+        gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
     return gi, gw, gb, None, None, None, None
 
 
@@ -464,6 +507,53 @@ def convert_to_fp8(
         (['0'], ['2'])
     """
     p = Fp8Plan.parse(plan)
+    _check_settings(on_mismatch, backend)
+
+    def recipe_for(name: str, mod: nn.Linear) -> Fp8Recipe | None:
+        if p.keeps_high_precision(name) or (module_filter and not module_filter(mod, name)):
+            return None
+        return p.recipe
+
+    def exclusion(name: str) -> str:
+        return f"'{p}; {name or '*'} -> bf16'"
+
+    return _convert(model, recipe_for, on_mismatch, backend, exclusion)
+
+
+def apply_fp8_policy(
+    model: nn.Module,
+    policy: Policy | str,
+    *,
+    on_mismatch: OnMismatch = "fallback",
+    backend: Fp8Backend = "auto",
+) -> Fp8Conversion:
+    """Convert the linear layers a :class:`~mixprec.policy.Policy` puts in FP8 (in place).
+
+    Each ``nn.Linear`` named ``name`` is converted with the recipe of
+    ``policy.for_module(name, module).fp8``; a layer whose rule has no fp8 recipe (e.g.
+    ``lm_head -> bf16-mixed``) stays as it is. What a mixed-precision session calls in ``prepare``
+    for a ``compute=fp8:<recipe>`` policy, before it wraps the optimizer.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> done = apply_fp8_policy(net, "params=fp32,compute=fp8:rowwise,output=fp32; 2 -> bf16")
+        >>> done.converted, done.excluded
+        (['0'], ['2'])
+    """
+    pol = Policy.parse(policy)
+    _check_settings(on_mismatch, backend)
+
+    def recipe_for(name: str, mod: nn.Linear) -> Fp8Recipe | None:
+        recipe = pol.for_module(name, mod).fp8
+        return None if recipe is None else Fp8Recipe.parse(recipe)
+
+    def exclusion(name: str) -> str:
+        return f"a rule '{name or '*'} -> bf16-mixed'"
+
+    return _convert(model, recipe_for, on_mismatch, backend, exclusion)
+
+
+def _check_settings(on_mismatch: object, backend: object) -> None:
     if on_mismatch not in _ON_MISMATCH:
         raise ValueError(
             f"unknown on_mismatch {on_mismatch!r}; valid choices: "
@@ -473,6 +563,15 @@ def convert_to_fp8(
         raise ValueError(
             f"unknown fp8 backend {backend!r}; valid backends: {', '.join(map(repr, _BACKENDS))}"
         )
+
+
+def _convert(
+    model: nn.Module,
+    recipe_for: Callable[[str, nn.Linear], Fp8Recipe | None],
+    on_mismatch: OnMismatch,
+    backend: Fp8Backend,
+    exclusion: Callable[[str], str],
+) -> Fp8Conversion:
     result = Fp8Conversion(model)
     targets = [
         (name, mod)
@@ -480,21 +579,22 @@ def convert_to_fp8(
         if type(mod) is nn.Linear  # exactly nn.Linear: subclasses may compute something else
     ]
     for name, mod in targets:
-        if p.keeps_high_precision(name) or (module_filter and not module_filter(mod, name)):
+        recipe = recipe_for(name, mod)
+        if recipe is None:
             result.excluded.append(name)
             continue
-        misfit = _misfit(mod, p.recipe)
+        misfit = _misfit(mod, recipe)
         if misfit:
             if on_mismatch == "error":
                 raise ValueError(
                     f"layer {name!r} ({mod.out_features}x{mod.in_features}) does not fit recipe "
-                    f"{str(p.recipe)!r}: {misfit}; pass on_mismatch='fallback' to keep it in "
-                    f"high precision, or exclude it: '{p}; {name or '*'} -> bf16'"
+                    f"{str(recipe)!r}: {misfit}; pass on_mismatch='fallback' to keep it in "
+                    f"high precision, or exclude it: {exclusion(name)}"
                 )
             result.fallbacks[name] = misfit
-            warnings.warn(f"fp8: layer {name!r} stays in high precision: {misfit}", stacklevel=2)
+            warnings.warn(f"fp8: layer {name!r} stays in high precision: {misfit}", stacklevel=3)
             continue
-        new = Fp8Linear.from_linear(mod, p.recipe, backend)
+        new = Fp8Linear.from_linear(mod, recipe, backend)
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
