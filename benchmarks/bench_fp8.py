@@ -29,7 +29,7 @@ import torch
 from reference_step import make_step
 
 from mixprec import autocast
-from mixprec.compute.fp8_linear import convert_to_fp8
+from mixprec.compute.fp8_convert import convert_to_fp8
 
 
 def _torchao_step(recipe: str) -> Callable[[], float] | None:

@@ -8,7 +8,8 @@ from fp8_reference import ref_linear
 from torch import nn
 
 from mixprec.compute.fp8_advice import advise_fp8, fp8_layer_snr
-from mixprec.compute.fp8_linear import Fp8Linear, Fp8Plan, convert_to_fp8
+from mixprec.compute.fp8_convert import Fp8Plan, convert_to_fp8
+from mixprec.compute.fp8_linear import Fp8Linear
 
 
 def snr(ref: torch.Tensor, test: torch.Tensor) -> float:

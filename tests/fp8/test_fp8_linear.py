@@ -11,13 +11,8 @@ from torch import nn
 
 from mixprec.compute import autocast
 from mixprec.compute.fp8 import Fp8Recipe
-from mixprec.compute.fp8_linear import (
-    Fp8Linear,
-    Fp8Plan,
-    convert_to_fp8,
-    fp8_backend,
-    fp8_linear,
-)
+from mixprec.compute.fp8_convert import Fp8Plan, convert_to_fp8
+from mixprec.compute.fp8_linear import Fp8Linear, fp8_backend, fp8_linear
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ from torch import nn
 
 from mixprec.compute.fp8 import RECIPES
 from mixprec.compute.fp8_advice import advise_fp8
-from mixprec.compute.fp8_linear import Fp8Linear, apply_fp8_policy
+from mixprec.compute.fp8_convert import apply_fp8_policy
+from mixprec.compute.fp8_linear import Fp8Linear
 from mixprec.policy import FP8_RECIPE_NAMES, Policy
 
 

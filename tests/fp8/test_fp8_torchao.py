@@ -21,7 +21,8 @@ with warnings.catch_warnings():
     torchao_float8 = pytest.importorskip("torchao.float8")
     from torchao.float8.float8_linear import Float8Linear
 
-from mixprec.compute.fp8_linear import Fp8Linear, convert_to_fp8
+from mixprec.compute.fp8_convert import convert_to_fp8
+from mixprec.compute.fp8_linear import Fp8Linear
 
 
 def torchao_layer(linear: nn.Linear, recipe: str) -> nn.Module:

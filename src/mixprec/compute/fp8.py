@@ -36,7 +36,6 @@ scale, and stays zero.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Literal, NamedTuple, get_args
 
@@ -60,7 +59,6 @@ __all__ = [
     "quantize_blocks",
     "quantize_with_scale",
     "round_down_to_power_of_two",
-    "snr_db",
 ]
 
 Granularity = Literal["tensorwise", "rowwise", "blockwise", "mxfp8"]
@@ -586,20 +584,3 @@ def fp8_quantize(
     else:
         rule = "pow2" if recipe.power_of_two else "dynamic"
     return quantize_blocks(x, block, recipe.format_of(role), rule, scale)
-
-
-def snr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-noise ratio of ``test`` against ``reference`` in dB (inf when they are equal).
-
-    Example:
-        >>> round(snr_db(torch.tensor([1.0, 1.0]), torch.tensor([1.1, 0.9])), 1)
-        20.0
-    """
-    ref = reference.double()
-    noise = torch.linalg.vector_norm(ref - test.double()).item()
-    signal = torch.linalg.vector_norm(ref).item()
-    if noise == 0:
-        return float("inf")
-    if signal == 0:
-        return float("-inf")
-    return 20 * math.log10(signal / noise)

@@ -14,6 +14,7 @@ Measuring layer by layer keeps errors from compounding, so a layer is judged on 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,11 +24,18 @@ import torch
 from torch import nn
 
 from mixprec.compute.emulated import emulated_linear
-from mixprec.compute.fp8 import Fp8Recipe, snr_db
-from mixprec.compute.fp8_linear import Fp8Plan, fp8_linear
+from mixprec.compute.fp8 import Fp8Recipe
+from mixprec.compute.fp8_convert import Fp8Plan
+from mixprec.compute.fp8_linear import fp8_linear
 from mixprec.policy import ModuleRule, Policy
 
-__all__ = ["DEFAULT_THRESHOLD_DB", "Fp8Advice", "LayerSnr", "advise_fp8", "fp8_layer_snr"]
+__all__ = [
+    "DEFAULT_THRESHOLD_DB",
+    "Fp8Advice",
+    "LayerSnr",
+    "advise_fp8",
+    "fp8_layer_snr",
+]
 
 DEFAULT_THRESHOLD_DB = 20.0
 """A layer whose worst FP8 SNR against bf16 is below this stays in bf16. On a small transformer
@@ -203,4 +211,17 @@ def _measure(
         assert xi.grad is not None and w.grad is not None  # both required grad
         results.append((out.detach(), xi.grad, w.grad))
     (o16, gi16, gw16), (o8, gi8, gw8) = results
-    return LayerSnr(name, snr_db(o16, o8), snr_db(gi16, gi8), snr_db(gw16, gw8))
+    return LayerSnr(name, _snr_db(o16, o8), _snr_db(gi16, gi8), _snr_db(gw16, gw8))
+
+
+def _snr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """SNR of ``test`` against ``reference`` in dB, in float64 (inf when they are equal); the
+    same definition as ``mixprec.diagnostics.layerwise.snr_db``, which this layer cannot import."""
+    ref = reference.double()
+    noise = torch.linalg.vector_norm(ref - test.double()).item()
+    signal = torch.linalg.vector_norm(ref).item()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 20 * math.log10(signal / noise)
