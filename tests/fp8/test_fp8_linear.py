@@ -87,6 +87,15 @@ def test_delayed_scaling_uses_past_amaxes_and_records_this_steps():
     assert hist[0, :2].tolist() == [x2.abs().max().item(), x1.abs().max().item()]
     assert hist[2, :2].tolist() == [g2.abs().max().item(), g1.abs().max().item()]
     assert "fp8_amax_history" in layer.state_dict()
+    state = layer.delayed_scaling_state()
+    assert state["amax_input"] == x2.abs().max().item()
+    next_scale = ref_scale(max(x1.abs().max().item(), x2.abs().max().item()), "e4m3", "dynamic")
+    assert state["scale_input"] == next_scale / 2
+
+
+def test_dynamic_layers_have_no_delayed_state():
+    with pytest.raises(RuntimeError, match=r"'rowwise' scales dynamically.*'tensorwise_delayed'"):
+        Fp8Linear(8, 8, recipe="rowwise").delayed_scaling_state()
 
 
 def test_delayed_scaling_first_step_is_dynamic():

@@ -36,7 +36,9 @@ scale, and stays zero.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Literal, NamedTuple, get_args
 
 import torch
@@ -291,24 +293,26 @@ def _parse_value(name: str, raw: str, spec: str) -> object:
     return raw
 
 
-RECIPES: dict[str, Fp8Recipe] = {
-    r.name: r
-    for r in (
-        Fp8Recipe("tensorwise"),
-        Fp8Recipe("tensorwise_delayed", scaling="delayed", history=16, margin=0),
-        Fp8Recipe("rowwise", "rowwise", grad_format=FP8_E4M3, power_of_two=True),
-        Fp8Recipe(
-            "rowwise_with_gw_hp",
-            "rowwise",
-            grad_format=FP8_E4M3,
-            power_of_two=True,
-            high_precision=frozenset({"grad_weight"}),
-            weight_for_grad_input="tensorwise",
-        ),
-        Fp8Recipe("blockwise", "blockwise", grad_format=FP8_E4M3, block=128),
-        Fp8Recipe("mxfp8", "mxfp8", grad_format=FP8_E4M3, block=32, power_of_two=True),
-    )
-}
+RECIPES: Mapping[str, Fp8Recipe] = MappingProxyType(
+    {
+        r.name: r
+        for r in (
+            Fp8Recipe("tensorwise"),
+            Fp8Recipe("tensorwise_delayed", scaling="delayed", history=16, margin=0),
+            Fp8Recipe("rowwise", "rowwise", grad_format=FP8_E4M3, power_of_two=True),
+            Fp8Recipe(
+                "rowwise_with_gw_hp",
+                "rowwise",
+                grad_format=FP8_E4M3,
+                power_of_two=True,
+                high_precision=frozenset({"grad_weight"}),
+                weight_for_grad_input="tensorwise",
+            ),
+            Fp8Recipe("blockwise", "blockwise", grad_format=FP8_E4M3, block=128),
+            Fp8Recipe("mxfp8", "mxfp8", grad_format=FP8_E4M3, block=32, power_of_two=True),
+        )
+    }
+)
 """The named recipes. ``tensorwise`` (torchao's default: e4m3 forward, e5m2 gradients, dynamic),
 ``tensorwise_delayed`` (TransformerEngine-style amax history 16, margin 0), ``rowwise`` and
 ``rowwise_with_gw_hp`` (torchao's: e4m3 everywhere, power-of-two scales; the latter keeps the

@@ -64,15 +64,25 @@ def _fits(a: Scaled, b: Scaled) -> bool:
 
 
 def _scaled_mm(a: Scaled, b: Scaled, b_t: bool) -> torch.Tensor:
-    """The same GEMM on FP8 tensor cores (``b`` is ``(N, K)`` when ``b_t``, else ``(K, N)``)."""
+    """The same GEMM on FP8 tensor cores (``b`` is ``(N, K)`` when ``b_t``, else ``(K, N)``).
+
+    ``_scaled_mm`` multiplies by its scales, so it gets the reciprocals (exact for power-of-two
+    scales). Rowwise scaling needs both operands rowwise (a tensorwise one is repeated, as torchao
+    does) and a bf16 output, which is then the GEMM's one rounding; tensorwise writes fp32.
+    """
     b_data = b.data.t() if b_t else b.data.t().contiguous().t()  # column-major (K, N)
     rows, cols = a.data.shape[0], b_data.shape[1]
-    scale_a = a.scale.reshape(-1, 1) if a.scale.numel() == rows else a.scale.reshape(())
-    scale_b = b.scale.reshape(1, -1) if b.scale.numel() == cols else b.scale.reshape(())
-    return torch._scaled_mm(
+    if a.scale.numel() == 1 and b.scale.numel() == 1:
+        scale_a, scale_b, out_dtype = a.scale.reshape(()), b.scale.reshape(()), torch.float32
+    else:
+        scale_a = a.scale.reshape(-1).expand(rows).reshape(rows, 1).contiguous()
+        scale_b = b.scale.reshape(-1).expand(cols).reshape(1, cols).contiguous()
+        out_dtype = torch.bfloat16
+    out = torch._scaled_mm(
         a.data.contiguous(), b_data, scale_a.reciprocal(), scale_b.reciprocal(),
-        out_dtype=torch.float32,
+        out_dtype=out_dtype,
     )  # fmt: skip
+    return out.float()
 
 
 @torch.library.custom_op("mixprec::fp8_linear", mutates_args=())
@@ -295,6 +305,10 @@ class Fp8Linear(nn.Linear):
         recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
         backend: ``"auto"``, ``"emulated"`` or ``"native"``.
 
+    Dynamic recipes compile (``torch.compile``) like any custom op. Delayed scaling updates its
+    history buffer in place and records the output gradient's amax with a tensor hook; it is
+    tested eagerly only.
+
     Example:
         >>> layer = Fp8Linear.from_linear(nn.Linear(16, 8), "tensorwise")
         >>> layer(torch.randn(2, 16)).shape
@@ -375,6 +389,30 @@ class Fp8Linear(nn.Linear):
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
         _record(self.fp8_amax_history[2], grad.abs().max().float())
+
+    @torch.no_grad()
+    def delayed_scaling_state(self) -> dict[str, float]:
+        """The latest recorded amax and the scale the next step will use, per operand (delayed
+        scaling only; for the metrics of a run). A scale of 0 means "no history yet: dynamic".
+
+        Raises:
+            RuntimeError: the layer's recipe scales dynamically.
+        """
+        if self.recipe.scaling != "delayed":
+            raise RuntimeError(
+                f"layer recipe {str(self.recipe)!r} scales dynamically and keeps no amax history; "
+                "use a delayed recipe such as 'tensorwise_delayed'"
+            )
+        r, hist = self.recipe, self.fp8_amax_history
+        state = {}
+        for row, (name, fmt) in enumerate(
+            (("input", r.input_format), ("weight", r.weight_format), ("grad_output", r.grad_format))
+        ):
+            past = hist[row]
+            scale = delayed_scale(past, torch.zeros(()), fmt, r.margin) if past.max() > 0 else 0.0
+            state[f"amax_{name}"] = float(past[0])
+            state[f"scale_{name}"] = float(scale)
+        return state
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
