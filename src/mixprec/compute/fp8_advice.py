@@ -166,9 +166,10 @@ def advise_fp8(
     """Measure FP8's per-layer SNR and propose which layers stay in bf16.
 
     Example:
-        >>> torch.manual_seed(0) and None
-        >>> net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-        >>> advice = advise_fp8(net, torch.randn(16, 32), lambda out: out.square().mean())
+        >>> with torch.random.fork_rng():  # examples leave the global generator as it was
+        ...     net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> batch = torch.linspace(-3, 3, 512).reshape(16, 32)
+        >>> advice = advise_fp8(net, batch, lambda out: out.square().mean())
         >>> str(advice).startswith("tensorwise")
         True
     """

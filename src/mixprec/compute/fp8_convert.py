@@ -131,9 +131,12 @@ def convert_to_fp8(
             with ``on_mismatch="error"``.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-        >>> done = convert_to_fp8(net, "mxfp8", on_mismatch="fallback")  # doctest: +SKIP
-        >>> done.converted, list(done.fallbacks)  # doctest: +SKIP
+        >>> import torch
+        >>> with torch.random.fork_rng():  # examples leave the global generator as it was
+        ...     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        >>> with warnings.catch_warnings(record=True):  # layer '2' (10 x 64) stays high precision
+        ...     done = convert_to_fp8(net, "mxfp8", on_mismatch="fallback")
+        >>> done.converted, list(done.fallbacks)
         (['0'], ['2'])
     """
     p = Fp8Plan.parse(plan)
@@ -165,7 +168,9 @@ def apply_fp8_policy(
     for a ``compute=fp8:<recipe>`` policy, before it wraps the optimizer.
 
     Example:
-        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> import torch
+        >>> with torch.random.fork_rng():
+        ...     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> done = apply_fp8_policy(net, "params=fp32,compute=fp8:rowwise,output=fp32; 2 -> bf16")
         >>> done.converted, done.excluded
         (['0'], ['2'])
