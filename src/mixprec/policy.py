@@ -18,6 +18,13 @@ String grammar::
 Keys: ``params``/``param``/``p``, ``compute``/``c``, ``output``/``o``, ``master``/``m`` (the format
 of the optimizer's copy of the weights; equal to params means no separate copy) and
 ``reduce``/``r`` (the format gradients are all-reduced in).
+
+FP8: ``compute=fp8:<recipe>`` (``compute=fp8`` for ``tensorwise``) runs the GEMMs of linear layers
+in FP8 under a named recipe of :mod:`mixprec.compute.fp8` and everything else in bf16, so it sets
+``compute`` to bf16 and ``fp8`` to the recipe name; a rule such as ``lm_head -> bf16-mixed`` keeps a
+layer out of FP8. The policy holds the recipe by name only (this layer does not import the
+compute layer); :data:`FP8_RECIPE_NAMES` lists the names, and a test keeps it equal to
+``mixprec.compute.fp8.RECIPES``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import nn
 
 from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
 
-__all__ = ["PRESETS", "ModuleRule", "Policy", "cast_floating"]
+__all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
 _T = TypeVar("_T")
 _KEYS: Mapping[str, str] = MappingProxyType(
@@ -53,6 +60,15 @@ _KEYS: Mapping[str, str] = MappingProxyType(
 )
 _VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
 _RULE_KINDS = ("name", "class")
+FP8_RECIPE_NAMES: tuple[str, ...] = (
+    "tensorwise",
+    "tensorwise_delayed",
+    "rowwise",
+    "rowwise_with_gw_hp",
+    "blockwise",
+    "mxfp8",
+)
+"""The FP8 recipes ``compute=fp8:<name>`` accepts (the names of ``mixprec.compute.fp8.RECIPES``)."""
 _ECHO_LIMIT = 100  # characters of user input an error message repeats, per mention
 
 
@@ -154,6 +170,8 @@ class Policy:
         master: format of the optimizer's copy of the weights (equal to ``param``: no copy).
         reduce: format gradients are reduced in across processes.
         rules: per-module exceptions, first match wins.
+        fp8: the FP8 recipe of linear layers' GEMMs (a name in :data:`FP8_RECIPE_NAMES`), or None.
+            Requires bf16 compute, the format of everything else.
 
     Raises:
         ValueError: an unknown format, or 16-bit (or fp8) params with fp32/tf32 compute: nothing
@@ -176,6 +194,7 @@ class Policy:
     master: Format = None  # type: ignore[assignment]
     reduce: Format = None  # type: ignore[assignment]
     rules: tuple[ModuleRule, ...] = field(default=())
+    fp8: str | None = None
 
     def __post_init__(self) -> None:
         # Normalising a frozen instance while it is being built; it never changes afterwards.
@@ -187,6 +206,7 @@ class Policy:
         object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
         _check_compute_not_wider(param, compute)
+        _check_fp8(self.fp8, compute)
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
@@ -227,7 +247,8 @@ class Policy:
         return replace(policy, rules=rules) if rules else policy
 
     def __str__(self) -> str:
-        parts = [f"params={self.param},compute={self.compute},output={self.output}"]
+        compute = f"fp8:{self.fp8}" if self.fp8 is not None else self.compute
+        parts = [f"params={self.param},compute={compute},output={self.output}"]
         if self.master != self.param:
             parts[0] += f",master={self.master}"
         if self.reduce != self.param:
@@ -384,6 +405,21 @@ def _check_compute_not_wider(param: Format, compute: Format) -> None:
         )
 
 
+def _check_fp8(recipe: object, compute: Format) -> None:
+    if recipe is None:
+        return
+    if recipe not in FP8_RECIPE_NAMES:
+        raise ValueError(
+            f"unknown fp8 recipe {_shown(recipe)}; valid recipes: "
+            f"{', '.join(FP8_RECIPE_NAMES)} (e.g. 'compute=fp8:rowwise')"
+        )
+    if compute != BF16:
+        raise ValueError(
+            f"fp8 compute runs everything but the linear layers' GEMMs in bf16, so it needs "
+            f"compute=bf16, got compute={compute}; write 'compute=fp8:{recipe}' (or drop fp8)"
+        )
+
+
 def _format_field(name: str, value: FormatLike) -> Format:
     try:
         return _resolve(value)
@@ -430,6 +466,11 @@ def _parse_base(text: str, whole: str) -> Policy:
         canonical = _KEYS[key.lower()]
         if canonical in values:
             raise ValueError(f"policy key {key!r} is given twice in {_shown(whole)}")
+        kind, colon, recipe = value.partition(":")
+        if canonical == "compute" and kind.strip().lower() == "fp8":
+            values["fp8"] = recipe.strip().lower() if colon else "tensorwise"
+            values["compute"] = BF16
+            continue
         try:
             values[canonical] = _resolve(value)
         except ValueError as err:

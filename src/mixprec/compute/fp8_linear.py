@@ -1,0 +1,425 @@
+"""FP8 linear layers: a ``torch.library`` custom-op GEMM on scaled fp8 operands, and the module.
+
+Design note: ``mixprec::fp8_linear`` is one custom op (fake kernel, registered autograd) for the
+three GEMMs of a linear layer, so ``torch.compile`` traces it as one opaque node and cannot fold
+the quantization away. Each GEMM quantizes its two operands exactly as the recipe says
+(:func:`~mixprec.compute.fp8.fp8_quantize`, along that GEMM's contraction), multiplies the
+dequantized values with the fp32 kernel — products of fp8 values are exact in fp32, so this is
+the tensor core's arithmetic up to the order of the fp32 additions — and rounds once to the
+compute dtype. The output GEMM adds the bias in fp32 before that rounding; the weight gradient is
+rounded to the compute dtype as a hardware FP8 GEMM writes it, then widened to the weight's dtype.
+On a CUDA device with FP8 tensor cores (compute capability 8.9+) tensorwise and rowwise GEMMs run
+on ``torch._scaled_mm`` instead; nothing on a CPU touches that path.
+
+:class:`Fp8Linear` is the ``nn.Linear`` subclass that calls it; :mod:`mixprec.compute.fp8_convert`
+swaps it into a model. Delayed scaling keeps its amax history in a buffer (``fp8_amax_history``,
+checkpointed): the history is read before the op runs (scales for the input, the weight and the
+output gradient) and this step's amaxes are recorded after it, the output gradient's by a hook on
+the output tensor, so the op itself stays a pure function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from mixprec.compute.emulated import no_autocast
+from mixprec.compute.fp8 import (
+    Fp8Recipe,
+    Scaled,
+    delayed_scale,
+    dequantize,
+    dynamic_scale,
+    fp8_quantize,
+)
+
+__all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "fp8_backend", "fp8_linear"]
+
+Fp8Backend = Literal["auto", "emulated", "native"]
+BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
+_NATIVE_GRANULARITIES = ("tensorwise", "rowwise")
+
+
+# -- the custom op ------------------------------------------------------------------------------
+
+
+def _operand(t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any) -> Any:
+    return fp8_quantize(t, r, role, dim, gemm, scale)
+
+
+def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
+    """``a @ b`` (``b.T`` when ``b_t``) in fp32 on dequantized (or high-precision) operands."""
+    if native and isinstance(a, Scaled) and isinstance(b, Scaled) and _fits(a, b):
+        return _scaled_mm(a, b, b_t)
+    wide_a = dequantize(a) if isinstance(a, Scaled) else a.float()
+    wide_b = dequantize(b) if isinstance(b, Scaled) else b.float()
+    return torch.mm(wide_a, wide_b.t() if b_t else wide_b)
+
+
+def _fits(a: Scaled, b: Scaled) -> bool:
+    """``torch._scaled_mm`` needs every dimension a multiple of 16; other shapes are emulated."""
+    return all(d % 16 == 0 for d in (*a.data.shape, *b.data.shape))
+
+
+def _scaled_mm(a: Scaled, b: Scaled, b_t: bool) -> torch.Tensor:
+    """The same GEMM on FP8 tensor cores (``b`` is ``(N, K)`` when ``b_t``, else ``(K, N)``).
+
+    ``_scaled_mm`` multiplies by its scales, so it gets the reciprocals (exact for power-of-two
+    scales). Rowwise scaling needs both operands rowwise (a tensorwise one is repeated, as torchao
+    does) and a bf16 output, which is then the GEMM's one rounding; tensorwise writes fp32.
+    """
+    b_data = b.data.t() if b_t else b.data.t().contiguous().t()  # column-major (K, N)
+    rows, cols = a.data.shape[0], b_data.shape[1]
+    if a.scale.numel() == 1 and b.scale.numel() == 1:
+        scale_a, scale_b, out_dtype = a.scale.reshape(()), b.scale.reshape(()), torch.float32
+    else:
+        scale_a = a.scale.reshape(-1).expand(rows).reshape(rows, 1).contiguous()
+        scale_b = b.scale.reshape(-1).expand(cols).reshape(1, cols).contiguous()
+        out_dtype = torch.bfloat16
+    out = torch._scaled_mm(
+        a.data.contiguous(), b_data, scale_a.reciprocal(), scale_b.reciprocal(),
+        out_dtype=out_dtype,
+    )  # fmt: skip
+    return out.float()
+
+
+@torch.library.custom_op("mixprec::fp8_linear", mutates_args=())
+def _fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor:
+    r = Fp8Recipe.parse(recipe)
+    with no_autocast():
+        if "output" in r.high_precision:
+            a, b = x, weight
+        else:
+            sx, sw = (None, None) if scales is None else (scales[0], scales[1])
+            a = _operand(x, r, "input", 1, "output", sx)
+            b = _operand(weight, r, "weight", 1, "output", sw)
+        out = _gemm(a, b, native, b_t=True)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+
+def _fake(x, weight, bias, recipe, out_dtype, scales, native):  # type: ignore[no-untyped-def]
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, bias, recipe, out_dtype, scales, native = inputs
+    ctx.save_for_backward(x, weight, scales)
+    ctx.recipe, ctx.native, ctx.out_dtype = recipe, native, out_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -> Any:
+    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically."""
+    if scales is None:
+        return None
+    return torch.where(scales[2] > 0, scales[2], dynamic_scale(grad.abs().max(), r.grad_format))
+
+
+@torch.library.custom_op("mixprec::fp8_linear_grad_input", mutates_args=())
+def _fp8_grad_input(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor:
+    """``grad @ weight``, rounded once to ``out_dtype``."""
+    r = Fp8Recipe.parse(recipe)
+    with no_autocast():
+        if "grad_input" in r.high_precision:
+            return _gemm(grad, weight, native, b_t=False).to(out_dtype)
+        s_w = None if scales is None else scales[1]
+        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales))
+        b = _operand(weight, r, "weight", 0, "grad_input", s_w)
+        return _gemm(a, b, native, b_t=False).to(out_dtype)
+
+
+@torch.library.custom_op("mixprec::fp8_linear_grad_weight", mutates_args=())
+def _fp8_grad_weight(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor:
+    """``grad.T @ x``, rounded once to ``out_dtype``."""
+    r = Fp8Recipe.parse(recipe)
+    with no_autocast():
+        if "grad_weight" in r.high_precision:
+            return _gemm_t(grad, x, native).to(out_dtype)
+        s_x = None if scales is None else scales[0]
+        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales))
+        b = _operand(x, r, "input", 0, "grad_weight", s_x)
+        return _gemm_t(a, b, native).to(out_dtype)
+
+
+@_fp8_grad_input.register_fake
+def _(grad, weight, recipe, out_dtype, scales, native):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=out_dtype)
+
+
+@_fp8_grad_weight.register_fake
+def _(grad, x, recipe, out_dtype, scales, native):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[1], x.shape[1]), dtype=out_dtype)
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Each gradient GEMM is a custom op of its own, so a compiled backward keeps it whole."""
+    x, weight, scales = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    gi = gw = gb = None
+    args = (ctx.recipe, ctx.out_dtype, scales, ctx.native)
+    if want[0]:
+        gi = _fp8_grad_input(grad, weight, *args).to(x.dtype)
+    if want[1]:
+        gw = _fp8_grad_weight(grad, x, *args).to(weight.dtype)
+    if ctx.bias_dtype is not None and want[2]:
+        gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
+    return gi, gw, gb, None, None, None, None
+
+
+def _gemm_t(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool) -> torch.Tensor:
+    """``a.T @ b``: the weight gradient ``grad.T @ x``."""
+    if native and isinstance(a, Scaled) and isinstance(b, Scaled) and _fits(a, b):
+        return _scaled_mm(Scaled(a.data.t(), a.scale, a.block[::-1]), b, b_t=False)
+    wide_a = dequantize(a) if isinstance(a, Scaled) else a.float()
+    wide_b = dequantize(b) if isinstance(b, Scaled) else b.float()
+    return torch.mm(wide_a.t(), wide_b)
+
+
+_fp8_linear.register_fake(_fake)
+_fp8_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: str | Fp8Recipe = "tensorwise",
+    out_dtype: torch.dtype | None = None,
+    scales: torch.Tensor | None = None,
+    backend: Fp8Backend = "emulated",
+) -> torch.Tensor:
+    """``F.linear`` with FP8 GEMMs in the forward and backward, scaled as ``recipe`` says.
+
+    Args:
+        x: input, ``(..., in_features)``.
+        weight: ``(out_features, in_features)``.
+        bias: optional ``(out_features,)``.
+        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        out_dtype: the dtype the output (and each gradient GEMM) is rounded to once; default
+            ``x.dtype``.
+        scales: delayed scales ``[input, weight, grad_output]`` (0 for grad_output: dynamic).
+        backend: ``"emulated"``, ``"native"`` (``torch._scaled_mm``) or ``"auto"``.
+
+    Returns:
+        ``(..., out_features)`` in ``out_dtype``.
+
+    Example:
+        >>> x, w = torch.linspace(-2, 2, 64).reshape(4, 16), torch.ones(8, 16)
+        >>> fp8_linear(x, w, recipe="rowwise").shape
+        torch.Size([4, 8])
+    """
+    r = Fp8Recipe.parse(recipe)
+    native = fp8_backend(backend, weight.device, r)[0] == "native"
+    flat = x.reshape(-1, x.shape[-1])
+    out = _fp8_linear(flat, weight, bias, str(r), out_dtype or x.dtype, scales, native)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# -- which backend ------------------------------------------------------------------------------
+
+
+def fp8_backend(
+    backend: Fp8Backend, device: torch.device | str, recipe: Fp8Recipe | str = "tensorwise"
+) -> tuple[str, str]:
+    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``.
+
+    Native FP8 GEMMs need a CUDA device of compute capability 8.9+ (Ada, Hopper, Blackwell) and a
+    tensorwise or rowwise recipe; everything else is emulated.
+
+    Raises:
+        ValueError: an unknown backend, or ``"native"`` where it cannot run.
+
+    Example:
+        >>> fp8_backend("auto", "cpu")[0]
+        'emulated'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown fp8 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
+        )
+    r = Fp8Recipe.parse(recipe)
+    device = torch.device(device)
+    if backend == "emulated":
+        return "emulated", "requested"
+    reason = _native_missing(device, r)
+    if reason is None:
+        return "native", f"{device} has FP8 tensor cores and {r.granularity} runs on _scaled_mm"
+    if backend == "native":
+        raise ValueError(
+            f"fp8 backend 'native' cannot run here: {reason}; use backend='emulated' (the same "
+            "numerics, on fp32 kernels) or 'auto'"
+        )
+    return "emulated", reason
+
+
+def _native_missing(device: torch.device, recipe: Fp8Recipe) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"device {str(device)!r} is not a CUDA GPU with FP8 tensor cores"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        return f"CUDA compute capability {capability} has no FP8 tensor cores (8.9+ needed)"
+    if recipe.granularity not in _NATIVE_GRANULARITIES:
+        return f"{recipe.granularity!r} scaling has no _scaled_mm kernel here"
+    return None
+
+
+# -- the module ---------------------------------------------------------------------------------
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose three GEMMs run in FP8 as ``recipe`` says.
+
+    Outside autocast the output has the input's dtype; inside an autocast region (torch's or
+    mixprec's) the input is cast to the region's dtype and the output has it, as with ``F.linear``
+    under autocast. Weights are quantized from whatever they are stored in (fp32 master weights
+    in mixed training).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        backend: ``"auto"``, ``"emulated"`` or ``"native"``.
+
+    Dynamic recipes compile (``torch.compile``) like any custom op. Delayed scaling updates its
+    history buffer in place and records the output gradient's amax with a tensor hook; it is
+    tested eagerly only.
+
+    Example:
+        >>> with torch.random.fork_rng():  # examples leave the global generator as it was
+        ...     layer = Fp8Linear.from_linear(nn.Linear(16, 8), "tensorwise")
+        >>> layer(torch.ones(2, 16)).shape
+        torch.Size([2, 8])
+    """
+
+    fp8_amax_history: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recipe: str | Fp8Recipe = "tensorwise",
+        backend: Fp8Backend = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = Fp8Recipe.parse(recipe)
+        fp8_backend(backend, "cpu" if device is None else device, self.recipe)  # validates
+        self.backend: Fp8Backend = backend
+        if self.recipe.scaling == "delayed":
+            hist = torch.zeros(3, self.recipe.history, device=device)
+            self.register_buffer("fp8_amax_history", hist)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, recipe: str | Fp8Recipe = "tensorwise", backend: Fp8Backend = "auto"
+    ) -> Fp8Linear:
+        """An ``Fp8Linear`` holding ``linear``'s own parameter objects (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe)
+        new.backend = backend
+        fp8_backend(backend, linear.weight.device, new.recipe)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        if new.recipe.scaling == "delayed":
+            new.fp8_amax_history = torch.zeros(3, new.recipe.history, device=linear.weight.device)
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+            x = x.to(out_dtype)
+        native = fp8_backend(self.backend, self.weight.device, self.recipe)[0] == "native"
+        flat = x.reshape(-1, x.shape[-1])
+        scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
+        out = _fp8_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, scales, native)
+        if scales is not None and self.training and out.requires_grad:
+            out.register_hook(self._record_grad_amax)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def _delayed_scales(self, flat: torch.Tensor) -> torch.Tensor:
+        """Scales from the history (before this step), then this step's amaxes recorded."""
+        r, hist = self.recipe, self.fp8_amax_history
+        amax_x, amax_w = flat.abs().max().float(), self.weight.detach().abs().max().float()
+        s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
+        scales = torch.stack(
+            [
+                delayed_scale(hist[0], amax_x, r.input_format, r.margin),
+                delayed_scale(hist[1], amax_w, r.weight_format, r.margin),
+                torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
+            ]
+        )
+        if self.training:
+            _record(hist[0], amax_x)
+            _record(hist[1], amax_w)
+        return scales
+
+    @torch.no_grad()
+    def _record_grad_amax(self, grad: torch.Tensor) -> None:
+        _record(self.fp8_amax_history[2], grad.abs().max().float())
+
+    @torch.no_grad()
+    def delayed_scaling_state(self) -> dict[str, float]:
+        """The latest recorded amax and the scale the next step will use, per operand (delayed
+        scaling only; for the metrics of a run). A scale of 0 means "no history yet: dynamic".
+
+        Raises:
+            RuntimeError: the layer's recipe scales dynamically.
+        """
+        if self.recipe.scaling != "delayed":
+            raise RuntimeError(
+                f"layer recipe {str(self.recipe)!r} scales dynamically and keeps no amax history; "
+                "use a delayed recipe such as 'tensorwise_delayed'"
+            )
+        r, hist = self.recipe, self.fp8_amax_history
+        state = {}
+        for row, (name, fmt) in enumerate(
+            (("input", r.input_format), ("weight", r.weight_format), ("grad_output", r.grad_format))
+        ):
+            past = hist[row]
+            scale = delayed_scale(past, torch.zeros(()), fmt, r.margin) if past.max() > 0 else 0.0
+            state[f"amax_{name}"] = float(past[0])
+            state[f"scale_{name}"] = float(scale)
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
+
+
+def _record(row: torch.Tensor, amax: torch.Tensor) -> None:
+    """Push ``amax`` onto an amax history row, newest first, in place."""
+    row.copy_(torch.roll(row, 1))
+    row[0] = amax
