@@ -515,7 +515,11 @@ PRESETS: Mapping[str, Policy] = MappingProxyType(
         "bf16-mixed": Policy(param=FP32, compute=BF16, output=FP32),
         "fp16-mixed": Policy(param=FP32, compute=FP16, output=FP32),
         "bf16-pure": Policy(param=BF16, compute=BF16, output=BF16),
+        "fp8-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="tensorwise"),
     }
 )
 """The named policies. ``*-mixed``: fp32 weights, 16-bit compute, fp32 outputs (torch.amp's recipe);
-``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding)."""
+``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``fp8-mixed``:
+linear layers' GEMMs in FP8 with tensorwise dynamic scaling (e4m3 forward, e5m2 gradients), bf16
+elsewhere, fp32 weights (``compute=fp8:rowwise`` and the other recipes of
+:data:`mixprec.compute.fp8.RECIPES` by policy string)."""

@@ -87,6 +87,7 @@ DEFAULT_RECIPES = (
     "fp16-mixed",
     "bf16-pure/nearest",
     "bf16-pure/stochastic",
+    "fp8-mixed",
 )
 """What ``mixprec compare`` runs unless told otherwise."""
 

@@ -39,7 +39,8 @@ from mixprec._state_checks import (
     load_optimizers,
 )
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mixprec.compute import DEFAULT_ISLAND_RULES, autocast, fp32_islands
+from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
+from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
@@ -223,6 +224,7 @@ class MixedPrecision:
         self._model: nn.Module | None = None
         self._steps = 0
         self._islands: Any = None
+        self.fp8: Fp8Conversion | None = None  # after prepare: the linear layers put in FP8
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
@@ -261,6 +263,9 @@ class MixedPrecision:
         check_prepare_order(model, self._storage_policy())
         model.to(self.device)
         cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
+        if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
+            # linear layers swap to Fp8Linear: the same parameters, so optimizers keep working
+            self.fp8 = apply_fp8_policy(model, self.policy)
         self._islands = fp32_islands(model, self.policy)
         self._model = model
         if self._trace:
