@@ -118,7 +118,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
         copied = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
         masters = [self._shadows[p] for p in copied]
-        grads = [self._grad_buffer(m) for m in masters]
+        grads = self._grad_buffers_for(masters)
         if grads:
             torch._foreach_copy_(grads, [p.grad for p in copied if p.grad is not None])
         self._unscale_in_place(grads + own, inv_scale)
@@ -131,12 +131,13 @@ class MasterWeightOptimizer(WrappedOptimizer):
             if self._shadows[p] is not p:
                 self._shadows[p].grad = None  # the fp32 gradient is only visible inside step()
 
-    def _grad_buffer(self, master: torch.Tensor) -> torch.Tensor:
+    def _grad_buffers_for(self, masters: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.keep_grad_buffers:
-            return torch.empty_like(master)
-        if master not in self._grad_buffers:
-            self._grad_buffers[master] = torch.empty_like(master)
-        return self._grad_buffers[master]
+            return self._scratch.like("grads", masters, self._scratch_limit())
+        for master in masters:
+            if master not in self._grad_buffers:
+                self._grad_buffers[master] = torch.empty_like(master)
+        return [self._grad_buffers[m] for m in masters]
 
     def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
         parts = super()._tensors_by_part()
