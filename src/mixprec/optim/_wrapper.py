@@ -17,6 +17,17 @@ and copies its gradients into the shadows, so optimizers that evaluate several t
 step (LBFGS) see the model at each of them. The step's final weights are rounded by the
 wrapper's own rule. Param groups added to the inner optimizer after wrapping are taken on at the
 next step (or ``zero_grad``, ``state_dict``...), as if added through the wrapper.
+
+Chunks (CPU): without a closure the parameters are stepped in chunks of ``chunk_numel``
+elements, one call of the inner optimizer per chunk, with the other shadows' gradients absent so
+that it skips them. The fp32 scratch of a chunk is a few MiB kept between steps (a fixed
+workspace, like the cache of a GPU allocator): reused, it costs no page faults, and it is still in
+cache when the inner optimizer reads it. For the torch optimizers whose update of a parameter
+reads nothing but that parameter (``SEPARABLE_OPTIMIZERS``: SGD, Adam, AdamW, RMSprop...) the
+bits are those of one call. Every other case takes the one-call path: another optimizer class
+(subclasses included, which may couple parameters), step hooks on the inner optimizer or global
+ones (they would run once per chunk), ``max_grad_norm`` (a norm over all gradients), parameters
+off the CPU, and a closure.
 """
 
 from __future__ import annotations
@@ -176,6 +187,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
     :meth:`_after_inner_step`, and extend the state dict with :meth:`_extra_state`,
     :meth:`_check_extra_state` and :meth:`_load_extra_state`.
+
+    Attributes:
+        chunk_numel: the most 16-bit elements one call of the inner optimizer steps on CPUs
+            (default ``CPU_CHUNK_NUMEL``, 2**21); None steps everything in one call. Results do
+            not depend on it (see the module's note on chunks); the kept workspace does.
     """
 
     # torch.amp.GradScaler.step hands such optimizers `grad_scale` and `found_inf` attributes.
@@ -217,7 +233,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         for group in optimizer.param_groups:
             self._check_group(group["params"])
         self.optimizer = optimizer
-        self.chunk_numel: int | None = CPU_CHUNK_NUMEL
+        self._chunk_numel: int | None = CPU_CHUNK_NUMEL
         self._scratch = Scratch()
         self._active_limit: int | None = None
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
@@ -242,6 +258,24 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 "or drop the wrapper",
                 stacklevel=3,
             )
+
+    @property
+    def chunk_numel(self) -> int | None:
+        """The most 16-bit elements one call of the inner optimizer steps on CPUs (None: all)."""
+        return self._chunk_numel
+
+    @chunk_numel.setter
+    def chunk_numel(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(
+                f"chunk_numel must be a positive int or None, got {type(value).__name__} {value!r}"
+            )
+        if value is not None and value < 1:
+            raise ValueError(
+                f"chunk_numel must be a positive int (elements per chunk) or None (one call for "
+                f"all parameters), got {value!r}"
+            )
+        self._chunk_numel = value
 
     # -- parameters ---------------------------------------------------------------------------
 

@@ -272,11 +272,12 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
         def flush() -> None:
             if run:
                 offset, device = self._offset(run[0][0]), run[0][0].device
-                count = bf16_words(offset, sum(p.numel() for p, _ in run))
+                numel = sum(p.numel() for p, _ in run)
+                count = bf16_words(offset, numel)
                 limit = self._scratch_limit()
                 buffers = (
                     self._scratch.take("words", count, torch.int32, device, limit),
-                    self._scratch.take("tmp", count, torch.int32, device, limit),
+                    self._scratch.take("tmp", max(count, numel), torch.int32, device, limit),
                 )
                 stochastic_round_bf16_(
                     [w for _, w in run], [p for p, _ in run], key, offset, buffers
@@ -396,14 +397,20 @@ class KahanOptimizer(_Pure16Optimizer):
         return self._compensation[param]
 
     def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        torch._foreach_add_(weights, [self._compensation[p] for p in params])
+        # Widened into scratch first: ops mixing fp32 and 16-bit operands allocate an fp32 copy
+        # of the 16-bit one at every call (the same exact widening, and the same fp32 sums).
+        widened = self._scratch.like("widened", params, self._scratch_limit())
+        torch._foreach_copy_(widened, [self._compensation[p] for p in params])
+        torch._foreach_add_(weights, widened)
 
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         if not params:
             return
         torch._foreach_copy_(params, weights)  # round to nearest even
         # weights - params is exact in fp32; then the remainder is rounded into the buffer.
-        torch._foreach_sub_(weights, [p.float() for p in params])
+        widened = self._scratch.like("widened", params, self._scratch_limit())
+        torch._foreach_copy_(widened, params)
+        torch._foreach_sub_(weights, widened)
         torch._foreach_copy_([self._compensation[p] for p in params], weights)
 
     def _round_state(

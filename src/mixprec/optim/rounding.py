@@ -174,8 +174,8 @@ def stochastic_round_bf16_(
     is a bf16 value, which torch's cast then stores exactly. One hash serves all the tensors.
     ``weights`` (contiguous) are overwritten. A NaN whose payload sits only in the low 16 bits can
     come out as inf (arithmetic NaNs keep their quiet bit and stay NaN). ``buffers``: two flat
-    int32 tensors of at least ``bf16_words(offset, total numel)`` elements to hash in (see
-    :func:`random_bits`).
+    int32 tensors to work in, of at least ``bf16_words(offset, total numel)`` and ``total numel``
+    elements (see :func:`random_bits`).
 
     Example:
         >>> w = [torch.full((10000,), 1.0 + 2.0**-10)]  # an eighth of a bf16 ulp above 1
@@ -189,12 +189,23 @@ def stochastic_round_bf16_(
     sizes = [w.numel() for w in weights]
     first = offset & 1
     count = bf16_words(offset, sum(sizes))
-    out_words, tmp = (None, None) if buffers is None else (b[:count] for b in buffers)
-    words = random_bits(count, key, offset >> 1, weights[0].device, out_words, tmp)
-    halves = words.view(torch.int16)[first : first + sum(sizes)]  # uniform on [-2**15, 2**15)
-    for w, piece in zip(weights, halves.split(sizes), strict=True):
+    total = sum(sizes)
+    device = weights[0].device
+    words_buffer, tmp = (
+        (torch.empty(count, dtype=torch.int32, device=device), None) if buffers is None else buffers
+    )
+    if tmp is None:
+        tmp = torch.empty(max(count, total), dtype=torch.int32, device=device)
+    words = random_bits(count, key, offset >> 1, device, words_buffer[:count], tmp[:count])
+    halves = words.view(torch.int16)[first : first + total]  # uniform on [-2**15, 2**15)
+    # Widen the draws into the hash's spare buffer: an int32 op with an int16 operand would
+    # allocate an int32 copy of it.
+    draws = tmp[:total]
+    draws.copy_(halves)
+    draws.add_(1 << 15)  # a uniform integer in [0, 2**16)
+    for w, piece in zip(weights, draws.split(sizes), strict=True):
         bits = w.view(torch.int32).view(-1)
-        bits.add_(piece).add_(1 << 15)  # + a uniform integer in [0, 2**16)
+        bits.add_(piece)
         bits.bitwise_and_(-(1 << 16))  # now a bf16 value: the cast below is exact
     torch._foreach_copy_(out, weights)
 
