@@ -155,6 +155,8 @@ def round_to_grid(
     rounding: Rounding = "nearest",
     saturate: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The emulated rounding behind :func:`quantize`: pure fp32 arithmetic on ``x``'s grid step.
 
@@ -168,14 +170,30 @@ def round_to_grid(
         rounding: ``"nearest"`` or ``"stochastic"``.
         saturate: overflow becomes ±max instead of ±inf (always the case without inf).
         generator: random source for stochastic rounding.
+        uniform: the draws of stochastic rounding, given instead of a ``generator``: a float32
+            tensor of ``x``'s shape with values in [0, 1) that are multiples of 2**-24 (a
+            counter-based generator's, for instance). Element ``i`` rounds up when
+            ``uniform[i]`` is below its fraction of an ulp.
 
     Returns:
         A new float32 tensor holding values of ``fmt``.
 
     Raises:
         TypeError: ``saturate`` is not a bool.
+        ValueError: ``uniform`` is given with a ``generator`` or nearest rounding, or has
+            another shape than ``x``.
     """
     _check_saturate(saturate)
+    if uniform is not None and (generator is not None or rounding != "stochastic"):
+        raise ValueError(
+            f"uniform draws were given with rounding={rounding!r} and generator={generator!r}; "
+            "they replace the generator of rounding='stochastic': pass one or the other"
+        )
+    if uniform is not None and uniform.shape != x.shape:
+        raise ValueError(
+            f"uniform has shape {tuple(uniform.shape)!r} but x {tuple(x.shape)!r}; "
+            "give one draw per element"
+        )
     magnitude = x.abs()
     step = _grid_step(magnitude, fmt)
     scaled = magnitude / step  # exact: step is a power of two and the quotient fits 24 bits
@@ -187,7 +205,11 @@ def round_to_grid(
         # rand() yields multiples of 2**-24, so P(up) == fraction exactly whenever the fraction is
         # a multiple of 2**-24 (all inputs in the format's normal range); deep in the subnormal
         # range it is rounded up to the next multiple: a bias below 2**-24 ulp.
-        draws = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        draws = (
+            torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            if uniform is None
+            else uniform
+        )
         units += draws < fraction
     rounded = units * step
     overflow_to_max = saturate or not fmt.has_inf

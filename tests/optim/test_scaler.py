@@ -92,7 +92,7 @@ def test_overflow_skips_and_leaves_everything_untouched(wrapper, scaler_name):
         for a, b in zip(before_sd.get(name, []), after_sd.get(name, []), strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
     if wrapper == "stochastic":  # no random numbers were drawn on the skipped step
-        assert torch.equal(before_sd["generators"]["cpu"], after_sd["generators"]["cpu"])
+        assert before_sd["generators"] == after_sd["generators"]
 
 
 @pytest.mark.parametrize("scaler_name", sorted(SCALERS))

@@ -5,7 +5,8 @@
 * :class:`StochasticRoundingOptimizer` and :class:`KahanOptimizer` train 16-bit parameters without a
   master copy, rounding updates stochastically or carrying the rounding error in a 16-bit buffer.
 * :func:`memory_report` counts the bytes per parameter of params, grads, masters, optimizer state
-  and compensation.
+  and compensation (and, apart, the fixed workspace the wrappers keep between steps on CPUs).
+* :mod:`mixprec.optim.rounding` holds the counter-based random bits of stochastic rounding.
 * :func:`cast_module` casts a model's parameters and buffers by a :class:`~mixprec.Policy`.
 
 Example:

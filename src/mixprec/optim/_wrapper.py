@@ -17,6 +17,17 @@ and copies its gradients into the shadows, so optimizers that evaluate several t
 step (LBFGS) see the model at each of them. The step's final weights are rounded by the
 wrapper's own rule. Param groups added to the inner optimizer after wrapping are taken on at the
 next step (or ``zero_grad``, ``state_dict``...), as if added through the wrapper.
+
+Chunks (CPU): without a closure the parameters are stepped in chunks of ``chunk_numel``
+elements, one call of the inner optimizer per chunk, with the other shadows' gradients absent so
+that it skips them. The fp32 scratch of a chunk is a few MiB kept between steps (a fixed
+workspace, like the cache of a GPU allocator): reused, it costs no page faults, and it is still in
+cache when the inner optimizer reads it. For the torch optimizers whose update of a parameter
+reads nothing but that parameter (``SEPARABLE_OPTIMIZERS``: SGD, Adam, AdamW, RMSprop...) the
+bits are those of one call. Every other case takes the one-call path: another optimizer class
+(subclasses included, which may couple parameters), step hooks on the inner optimizer or global
+ones (they would run once per chunk), ``max_grad_norm`` (a norm over all gradients), parameters
+off the CPU, and a closure.
 """
 
 from __future__ import annotations
@@ -27,10 +38,33 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 __all__: list[str] = []
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# The torch optimizers whose update of a parameter reads only that parameter's gradient and state,
+# so that stepping the parameters in several calls gives the bits of one call. Exact types only: a
+# subclass may couple its parameters (a global norm, a shared statistic).
+SEPARABLE_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {
+        torch.optim.ASGD,
+        torch.optim.Adadelta,
+        torch.optim.Adafactor,
+        torch.optim.Adagrad,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+        torch.optim.Rprop,
+        torch.optim.SGD,
+    }
+)
+# On CPUs the fp32 scratch of one chunk (a few MiB) stays in cache and in the allocator's heap;
+# GPU caching allocators keep a whole-model buffer and prefer few, large kernel launches.
+CPU_CHUNK_NUMEL = 1 << 21
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_NAMES = "float16, bfloat16, float32 and complex"
 
@@ -80,6 +114,50 @@ def check_saved_buffers(
             )
 
 
+class Scratch:
+    """Reusable flat buffers for a step's scratch tensors, one per purpose, dtype and device.
+
+    On CPUs a fresh multi-MiB tensor costs a page fault per 4 KiB at every step (glibc hands
+    freed ``mmap`` chunks straight back to the kernel), which can cost more than the arithmetic.
+    A buffer of at most ``limit`` elements is therefore kept and handed out again (as a view of
+    its first elements); larger requests, and every request on other devices (whose caching
+    allocators already reuse memory), get a fresh tensor freed after use. So what is kept is
+    bounded by ``limit`` per purpose, whatever the model's size.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(
+        self, name: str, numel: int, dtype: torch.dtype, device: torch.device, limit: int | None
+    ) -> torch.Tensor:
+        """A flat tensor of ``numel`` elements, uninitialised; valid until the next ``take``
+        of the same ``name``."""
+        if device.type != "cpu" or limit is None or numel > limit:
+            return torch.empty(numel, dtype=dtype, device=device)
+        key = (name, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel]
+
+    def like(self, name: str, tensors: list[torch.Tensor], limit: int | None) -> list[torch.Tensor]:
+        """Uninitialised contiguous fp32 tensors shaped like ``tensors``, carved from one buffer."""
+        if not tensors:
+            return []
+        device = tensors[0].device
+        if any(t.device != device for t in tensors):
+            return [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+        sizes = [t.numel() for t in tensors]
+        flat = self.take(name, sum(sizes), torch.float32, device, limit)
+        return [piece.view(t.shape) for piece, t in zip(flat.split(sizes), tensors, strict=True)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The buffers kept (for memory accounting)."""
+        return list(self._buffers.values())
+
+
 def hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
     """A param group's settings without its ``params`` list."""
     return {k: v for k, v in group.items() if k != "params"}
@@ -109,6 +187,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
     Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
     :meth:`_after_inner_step`, and extend the state dict with :meth:`_extra_state`,
     :meth:`_check_extra_state` and :meth:`_load_extra_state`.
+
+    Attributes:
+        chunk_numel: the most 16-bit elements one call of the inner optimizer steps on CPUs
+            (default ``CPU_CHUNK_NUMEL``, 2**21); None steps everything in one call. Results do
+            not depend on it (see the module's note on chunks); the kept workspace does.
     """
 
     # torch.amp.GradScaler.step hands such optimizers `grad_scale` and `found_inf` attributes.
@@ -150,6 +233,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         for group in optimizer.param_groups:
             self._check_group(group["params"])
         self.optimizer = optimizer
+        self._chunk_numel: int | None = CPU_CHUNK_NUMEL
+        self._scratch = Scratch()
+        self._active_limit: int | None = None
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.last_step_skipped = False
         self.last_grad_norm: torch.Tensor | None = None
@@ -172,6 +258,24 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 "or drop the wrapper",
                 stacklevel=3,
             )
+
+    @property
+    def chunk_numel(self) -> int | None:
+        """The most 16-bit elements one call of the inner optimizer steps on CPUs (None: all)."""
+        return self._chunk_numel
+
+    @chunk_numel.setter
+    def chunk_numel(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(
+                f"chunk_numel must be a positive int or None, got {type(value).__name__} {value!r}"
+            )
+        if value is not None and value < 1:
+            raise ValueError(
+                f"chunk_numel must be a positive int (elements per chunk) or None (one call for "
+                f"all parameters), got {value!r}"
+            )
+        self._chunk_numel = value
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -325,11 +429,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._sync_hyperparameters()
         inv_scale = inverse_scale(getattr(self, "grad_scale", None))
         if closure is None:
-            params = self._with_grads()
-            self._load_weights(params)
-            self._load_grads(params, inv_scale)
-            self.optimizer.step()
-            self._after_inner_step(params, params)
+            self._step_in_chunks(self._with_grads(), inv_scale)
+            self._after_step()
             return None
         loaded = self._params()  # a closure may give any parameter a gradient
         self._load_weights(loaded)
@@ -352,7 +453,95 @@ class WrappedOptimizer(torch.optim.Optimizer):
             stepped = self._with_grads()
         finally:
             self._after_inner_step(stepped, loaded)
+        self._after_step()
         return loss
+
+    def _after_step(self) -> None:
+        """Called once after every step that was not skipped (and did not raise)."""
+
+    def _step_in_chunks(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        """Step ``params`` (all with gradients) in chunks of at most ``chunk_numel`` elements.
+
+        Each chunk is widened, stepped by one call of the inner optimizer (the other parameters'
+        shadows hold no gradient then, so it skips them) and rounded back before the next one is
+        widened, so the fp32 scratch is one chunk's, reused from step to step by the allocator
+        and warm in cache when the inner optimizer reads it again. The results are those of one
+        call over everything, bit for bit, for the optimizers whose update of a parameter reads
+        only that parameter (:data:`SEPARABLE_OPTIMIZERS`); any other optimizer, clipping by
+        ``max_grad_norm`` (a norm over all gradients) and non-CPU parameters get one chunk.
+        """
+        self._active_limit = self._chunk_limit(params)
+        try:
+            chunks = self._chunks(params, self._active_limit)
+            if len(chunks) <= 1:
+                self._step_chunk(params, inv_scale)
+                return
+            # fp32 parameters are their own shadows: hide their gradients outside their chunk.
+            hidden = {p: p.grad for p in params if self._shadows[p] is p}
+            try:
+                for p in hidden:
+                    p.grad = None
+                for chunk in chunks:
+                    own = [p for p in chunk if p in hidden]
+                    for p in own:
+                        p.grad = hidden[p]
+                    self._step_chunk(chunk, inv_scale)
+                    for p in own:
+                        p.grad = None
+            finally:
+                for p, grad in hidden.items():
+                    p.grad = grad
+        finally:
+            self._active_limit = None
+
+    def _step_chunk(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
+        self._load_weights(params)
+        self._load_grads(params, inv_scale)
+        self.optimizer.step()
+        self._after_inner_step(params, params)
+
+    def _chunk_limit(self, params: list[torch.Tensor]) -> int | None:
+        """``chunk_numel`` where this step may be cut into chunks, else None (one call)."""
+        inner = self.optimizer
+        if (
+            self.max_grad_norm is not None
+            or type(inner) not in SEPARABLE_OPTIMIZERS
+            or inner._optimizer_step_pre_hooks  # hooks would run once per chunk
+            or inner._optimizer_step_post_hooks
+            or _global_optimizer_pre_hooks
+            or _global_optimizer_post_hooks
+            or any(p.device.type != "cpu" for p in params)
+        ):
+            return None
+        return self.chunk_numel
+
+    def _scratch_limit(self) -> int | None:
+        """The largest scratch buffer to keep between steps: the chunk size while chunking."""
+        return self._active_limit
+
+    @staticmethod
+    def _chunks(params: list[torch.Tensor], limit: int | None) -> list[list[torch.Tensor]]:
+        """``params`` cut, in order, into runs of at most ``limit`` 16-bit elements (a larger
+        parameter is a run of its own)."""
+        if limit is None:
+            return [params]
+        chunks: list[list[torch.Tensor]] = []
+        current: list[torch.Tensor] = []
+        size = 0
+        for p in params:
+            numel = p.numel() if p.dtype in SIXTEEN_BIT else 0
+            if current and size + numel > limit:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += numel
+        if current:
+            chunks.append(current)
+        return chunks
 
     def _load_grads(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
@@ -476,7 +665,8 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
         """The tensors this wrapper owns, by part: ``master``, ``optimizer_state``,
-        ``compensation``, ``grads`` (shadow gradients that are alive)."""
+        ``compensation``, ``grads`` (shadow gradients that are alive), ``workspace`` (kept
+        scratch buffers)."""
         self._adopt_inner_groups()
         state = [
             t
@@ -490,6 +680,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
             "grads": [s.grad for s in own if s.grad is not None],
             "optimizer_state": state,
             "compensation": [],
+            "workspace": self._scratch.tensors(),
         }
 
     def __repr__(self) -> str:

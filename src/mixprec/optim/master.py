@@ -18,11 +18,16 @@ The model keeps its 16-bit parameters and gradients, so forward and backward sta
 hooks, ``clip_grad_norm_`` and ``GradScaler.unscale_`` see the tensors users expect.
 
 Cost: 4 bytes per 16-bit parameter for the master (16 B/param with Adam: 2 params + 2 grads +
-4 master + 8 Adam states, the same as fp32 training), plus an fp32 gradient buffer (4 B/param)
-that exists only inside ``step``. Time: two memory-bound copies per step on top of the inner
-optimizer's own work, plus, on CPUs, the page faults of that fresh buffer;
-``keep_grad_buffers=True`` keeps it between steps instead (20 B/param with Adam) and saves them.
-``benchmarks/bench_master.py`` measures both. Parameters that are already fp32
+4 master + 8 Adam states, the same as fp32 training), plus fp32 gradients that exist only inside
+``step``. On CPUs the step goes in chunks of ``chunk_numel`` elements (see
+``WrappedOptimizer._step_in_chunks``): the fp32 gradients of one chunk live in a buffer that is
+kept between steps, a fixed workspace of at most ``4 * chunk_numel`` bytes whatever the model's
+size (``memory_report`` shows it apart from the per-parameter account), so no step pays the page
+faults of a fresh whole-model buffer and the chunk is still in cache when the inner optimizer
+reads it. Elsewhere (GPUs, whose caching allocators keep freed memory) the buffer is allocated for
+the step. Time: two memory-bound copies per step on top of the inner optimizer's own work.
+``keep_grad_buffers=True`` keeps whole-model fp32 gradient buffers instead (20 B/param with Adam).
+``benchmarks/bench_master.py`` measures them. Parameters that are already fp32
 (norm layers a policy kept in fp32) are their own master: no copy, no cost; so are complex
 parameters, which mixed precision leaves alone as torch's autocast does.
 """
@@ -59,10 +64,10 @@ class MasterWeightOptimizer(WrappedOptimizer):
             to clip fp16 parameters with ``torch.amp.GradScaler``, whose ``unscale_`` refuses fp16
             gradients (``mixprec.scaling.GradScaler.clip_grad_norm_`` needs no option: it hands
             the clip to ``step`` through ``grad_scale``).
-        keep_grad_buffers: keep the fp32 gradient buffers of the masters between steps (4 more
-            bytes per 16-bit parameter, counted as grads by :func:`memory_report`) instead of
-            allocating them in every step. Worth it on CPUs, where a fresh buffer costs a page
-            fault per 4 KiB; GPU caching allocators make the default free.
+        keep_grad_buffers: keep an fp32 gradient buffer per master between steps (4 more bytes
+            per 16-bit parameter, counted as grads by :func:`memory_report`) instead of the
+            chunk-sized workspace. Rarely worth it now: on CPUs the chunked default already
+            reuses its buffer, and GPU caching allocators make fresh buffers free.
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
@@ -118,7 +123,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
         copied = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
         masters = [self._shadows[p] for p in copied]
-        grads = [self._grad_buffer(m) for m in masters]
+        grads = self._grad_buffers_for(masters)
         if grads:
             torch._foreach_copy_(grads, [p.grad for p in copied if p.grad is not None])
         self._unscale_in_place(grads + own, inv_scale)
@@ -131,12 +136,13 @@ class MasterWeightOptimizer(WrappedOptimizer):
             if self._shadows[p] is not p:
                 self._shadows[p].grad = None  # the fp32 gradient is only visible inside step()
 
-    def _grad_buffer(self, master: torch.Tensor) -> torch.Tensor:
+    def _grad_buffers_for(self, masters: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.keep_grad_buffers:
-            return torch.empty_like(master)
-        if master not in self._grad_buffers:
-            self._grad_buffers[master] = torch.empty_like(master)
-        return self._grad_buffers[master]
+            return self._scratch.like("grads", masters, self._scratch_limit())
+        for master in masters:
+            if master not in self._grad_buffers:
+                self._grad_buffers[master] = torch.empty_like(master)
+        return [self._grad_buffers[m] for m in masters]
 
     def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
         parts = super()._tensors_by_part()

@@ -3,7 +3,10 @@
 The figures are read from the tensors that exist when :func:`memory_report` is called (each counted
 once, ``numel * element_size``), not from a formula, so they show what a run really holds. Call it
 after a step to include the optimizer state, which torch optimizers create lazily. Activations are
-not model state and are not counted.
+not model state and are not counted. Neither is the wrappers' *workspace*: the fp32 scratch of one
+chunk of the step that they keep between steps on CPUs (at most ``chunk_numel`` elements per
+buffer, whatever the model's size), the part a GPU caching allocator keeps for a torch optimizer
+without being counted either. It is reported on its own, outside ``total``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class MemoryReport:
         master: bytes of fp32 master copies kept by :class:`MasterWeightOptimizer`.
         optimizer_state: bytes of the optimizer's state tensors (Adam moments, step counters...).
         compensation: bytes of Kahan compensation buffers.
+        workspace: bytes of scratch buffers a wrapper keeps between steps; a fixed amount, not
+            model state, so not part of ``total`` or ``per_param``.
     """
 
     num_params: int
@@ -40,6 +45,7 @@ class MemoryReport:
     master: int
     optimizer_state: int
     compensation: int
+    workspace: int = 0
 
     @property
     def total(self) -> int:
@@ -63,6 +69,7 @@ class MemoryReport:
         for part in (*PARTS, "total"):
             value = self.total if part == "total" else getattr(self, part)
             lines.append(f"{part:16}{value:>16,}  {per_param[part]:7.2f}")
+        lines.append(f"{'workspace':16}{self.workspace:>16,}  (fixed, not in total)")
         return "\n".join(lines)
 
 
@@ -109,7 +116,8 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         ]
     seen: set[int] = set()
     sizes = {part: _bytes(parts.get(part, []), seen) for part in PARTS}
-    return MemoryReport(num_params=sum(p.numel() for p in params), **sizes)
+    workspace = _bytes(parts.get("workspace", []), seen)
+    return MemoryReport(num_params=sum(p.numel() for p in params), workspace=workspace, **sizes)
 
 
 def _bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:

@@ -7,22 +7,30 @@ those, and then round the result back into 16 bits in one of two ways:
 
 * :class:`StochasticRoundingOptimizer` rounds up or down at random with probabilities that make
   the expected result the exact fp32 update, so updates smaller than half an ulp still move the
-  weight on average. Seeded (one generator per device) and saved in the state dict: the same seed
-  gives the same bits.
+  weight on average. The random bits are counter-based (:mod:`mixprec.optim.rounding`): a hash of
+  (seed, stream, step, element), so the same seed gives the same bits on every machine and for
+  every chunking, and the state dict only holds the step counter. Since the change from
+  ``torch.Generator`` draws, a given seed rounds differently than it did before (same
+  distribution, other draws); checkpoints from before cannot continue their stream.
 * :class:`KahanOptimizer` rounds to nearest and keeps what rounding lost in a 16-bit compensation
   buffer per parameter, which is added back before the next update (Kahan's compensated
   summation). Deterministic; the weight the optimizer sees is ``param + compensation``.
 
 Cost: stochastic rounding stores nothing extra (12 B/param with fp32 Adam states: 2 params +
 2 grads + 8 Adam); Kahan stores 2 B/param of compensation. The fp32 scratch copies of weights and
-gradients (8 B per stepped parameter) live only inside ``step``, like the temporaries of torch's
-own foreach optimizers. ``state_dtype=torch.bfloat16`` stores the inner optimizer's per-element
-states in 16 bits too (8 B/param with Adam), rounded the same way as the weights.
+gradients are only used inside ``step``, like the temporaries of torch's own foreach optimizers.
+On CPUs the parameters are stepped in chunks of ``chunk_numel`` elements and the scratch of one
+chunk (8 B per element, plus 4 B per two elements of random words) is kept between steps as a
+fixed-size workspace: reused, it costs no page faults and stays warm in cache, and it does not
+grow with the model (``memory_report`` shows it apart from the per-parameter account; see
+``WrappedOptimizer._step_in_chunks``). ``state_dtype=torch.bfloat16`` stores the inner
+optimizer's per-element states in 16 bits too (8 B/param with Adam), rounded the same way as the
+weights.
 """
 
 from __future__ import annotations
 
-import sys
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +38,19 @@ import torch
 from torch import nn
 
 from mixprec.formats import resolve_format
-from mixprec.optim._wrapper import SIXTEEN_BIT, WrappedOptimizer, check_saved_buffers
+from mixprec.optim._wrapper import (
+    SIXTEEN_BIT,
+    WrappedOptimizer,
+    check_saved_buffers,
+)
+from mixprec.optim.rounding import (
+    SEED_LIMIT,
+    bf16_words,
+    counter_key,
+    fast_bf16,
+    stochastic_round_bf16_,
+    stochastic_round_with_key_,
+)
 from mixprec.quantize import quantize
 
 __all__ = [
@@ -38,11 +58,9 @@ __all__ = [
     "StochasticRoundingOptimizer",
     "kahan_round",
     "stochastic_round",
-    "stochastic_round_bf16_",
 ]
 
 _EMPTY_SHAPE = (0,)
-_LITTLE_ENDIAN = sys.byteorder == "little"  # the bf16 fast path reads the high half of fp32
 
 
 def stochastic_round(
@@ -59,41 +77,6 @@ def stochastic_round(
     if dtype == torch.float32:
         return x
     return quantize(x, resolve_format(dtype), "stochastic", generator=generator).to(dtype)
-
-
-def stochastic_round_bf16_(
-    weights: list[torch.Tensor], out: list[torch.Tensor], generator: torch.Generator | None = None
-) -> None:
-    """Round fp32 ``weights`` stochastically into the bf16 tensors ``out``, all at once.
-
-    bf16 is the top half of fp32, so adding a uniform random integer below 2**16 to each fp32 bit
-    pattern and keeping the top 16 bits rounds up with probability equal to the fraction of an
-    ulp that was cut off: the same distribution as :func:`stochastic_round`. Done with one random
-    draw for all tensors and foreach ops, it costs a handful of kernels however many parameters
-    there are. ``weights`` (contiguous fp32 scratch on one device) are overwritten. A NaN whose
-    payload sits only in the low 16 bits can come out as inf (arithmetic NaNs keep their quiet
-    bit and stay NaN).
-
-    Example:
-        >>> w = [torch.full((10000,), 1.0 + 2.0**-10)]  # an eighth of a bf16 ulp above 1
-        >>> out = [torch.empty(10000, dtype=torch.bfloat16)]
-        >>> stochastic_round_bf16_(w, out, torch.Generator().manual_seed(0))
-        >>> round(out[0].float().mean().item(), 3)
-        1.001
-    """
-    if not weights:
-        return
-    sizes = [w.numel() for w in weights]
-    draws = torch.empty(sum(sizes), dtype=torch.int32, device=weights[0].device)
-    draws.random_(0, 1 << 16, generator=generator)
-    bits = [w.view(torch.int32).view(-1) for w in weights]
-    torch._foreach_add_(bits, list(draws.split(sizes)))
-    high_halves = [w.view(torch.int16).view(-1, 2)[:, 1] for w in weights]  # little-endian
-    torch._foreach_copy_([o.view(torch.int16).view(-1) for o in out], high_halves)
-
-
-def _contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() for t in tensors)
 
 
 def kahan_round(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +124,7 @@ class _Pure16Optimizer(WrappedOptimizer):
 
     def _load_weights(self, params: list[torch.Tensor]) -> None:
         widened = [p for p in params if self._shadows[p] is not p]
-        weights = [torch.empty_like(p, dtype=torch.float32) for p in widened]
+        weights = self._scratch.like("weights", widened, self._scratch_limit())
         if widened:
             torch._foreach_copy_(weights, widened)
             self._add_compensation(widened, weights)
@@ -155,7 +138,7 @@ class _Pure16Optimizer(WrappedOptimizer):
     ) -> None:
         widened = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
-        grads = [torch.empty_like(self._shadows[p]) for p in widened]
+        grads = self._scratch.like("grads", widened, self._scratch_limit())
         if widened:
             torch._foreach_copy_(grads, [p.grad for p in widened if p.grad is not None])
         self._unscale_in_place(grads + own, inv_scale)
@@ -179,12 +162,16 @@ class _Pure16Optimizer(WrappedOptimizer):
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
-    def _round_state(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _round_state(
+        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
+    ) -> torch.Tensor:
         raise NotImplementedError
 
-    def _state_entries(self, params: list[torch.Tensor]) -> list[tuple[dict[str, Any], str]]:
+    def _state_entries(
+        self, params: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any], str]]:
         """The per-element state tensors of ``params`` (same shape as the parameter, not a step
-        counter), as (state dict, key) pairs."""
+        counter), as (parameter, state dict, key) triples."""
         entries = []
         for p in params:
             state = self.optimizer.state.get(self._shadows[p], {})
@@ -195,17 +182,19 @@ class _Pure16Optimizer(WrappedOptimizer):
                     and value.is_floating_point()
                     and value.shape == p.shape
                 ):
-                    entries.append((state, key))
+                    entries.append((p, state, key))
         return entries
 
     def _widen_states(self, params: list[torch.Tensor]) -> None:
-        for state, key in self._state_entries(params):
+        for _, state, key in self._state_entries(params):
             state[key] = state[key].float()
 
     def _narrow_states(self, params: list[torch.Tensor]) -> None:
-        assert self.state_dtype is not None  # only called when set
-        for state, key in self._state_entries(params):
-            state[key] = self._round_state(state[key].float(), self.state_dtype)
+        dtype = self.state_dtype
+        if dtype is None:
+            return
+        for param, state, key in self._state_entries(params):
+            state[key] = self._round_state(state[key].float(), dtype, param, key)
 
 
 class StochasticRoundingOptimizer(_Pure16Optimizer):
@@ -221,8 +210,8 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over the model's parameters, not stepped yet.
-        seed: seed of the rounding generators (one per device). Use the same seed on every
-            data-parallel rank so replicas round identically.
+        seed: seed of the counter-based rounding draws, ``0 <= seed < 2**64``. Use the same
+            seed on every data-parallel rank so replicas round identically.
         max_grad_norm: clip the fp32 gradients to this total norm inside ``step`` (None: no
             clipping).
         state_dtype: store the inner optimizer's per-element states (Adam's moments) in this dtype
@@ -230,7 +219,7 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
 
     Raises:
         TypeError: bad optimizer, seed or dtype types.
-        ValueError: a group mixes devices; a negative seed.
+        ValueError: a group mixes devices; a seed outside [0, 2**64).
         RuntimeError: the optimizer has already stepped.
 
     Example:
@@ -254,62 +243,95 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed!r}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(
+                f"seed must be >= 0 and < 2**64, got {seed!r}; pick a seed in that range "
+                "(e.g. seed % 2**64)"
+            )
         self.seed = seed
-        self._generators: dict[str, torch.Generator] = {}
+        self.rounding_step = 0  # how many steps have rounded: the counter of the draws
+        self._offsets: dict[torch.Tensor, int] = {}
         super().__init__(optimizer, max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+    def _offset(self, param: torch.Tensor) -> int:
+        """Where ``param``'s elements start in the stream: the sum of the sizes before it."""
+        if len(self._offsets) != len(self._shadows):  # groups only ever get added
+            offset, self._offsets = 0, {}
+            for p in self._params():
+                self._offsets[p] = offset
+                offset += p.numel()
+        return self._offsets[param]
+
+    def _after_step(self) -> None:
+        self.rounding_step += 1
 
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        fast: dict[torch.device, list[int]] = {}  # bf16 fast path, one batch per device
-        rest = []
-        for i, (p, w) in enumerate(zip(params, weights, strict=True)):
-            if _LITTLE_ENDIAN and p.dtype == torch.bfloat16 and _contiguous(p, w):
-                fast.setdefault(p.device, []).append(i)
-            else:
-                rest.append(i)
-        for device, index in fast.items():
-            stochastic_round_bf16_(
-                [weights[i] for i in index], [params[i] for i in index], self._generator(device)
-            )
-        rounded = [
-            stochastic_round(weights[i], params[i].dtype, self._generator(weights[i].device))
-            for i in rest
-        ]
-        if rounded:
-            torch._foreach_copy_([params[i] for i in rest], rounded)
+        key = counter_key(self.seed, 0, self.rounding_step)
+        run: list[tuple[torch.Tensor, torch.Tensor]] = []  # bf16 tensors that follow each other
 
-    def _round_state(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return stochastic_round(x, dtype, self._generator(x.device))
+        def flush() -> None:
+            if run:
+                offset, device = self._offset(run[0][0]), run[0][0].device
+                numel = sum(p.numel() for p, _ in run)
+                count = bf16_words(offset, numel)
+                limit = self._scratch_limit()
+                buffers = (
+                    self._scratch.take("words", count, torch.int32, device, limit),
+                    self._scratch.take("tmp", max(count, numel), torch.int32, device, limit),
+                )
+                stochastic_round_bf16_(
+                    [w for _, w in run], [p for p, _ in run], key, offset, buffers
+                )
+                run.clear()
+
+        for p, w in zip(params, weights, strict=True):
+            if fast_bf16(w, p):
+                last = run[-1][0] if run else None
+                if last is not None and (
+                    last.device != p.device or self._offset(last) + last.numel() != self._offset(p)
+                ):
+                    flush()
+                run.append((p, w))
+            else:
+                flush()
+                stochastic_round_with_key_(w, p, key, self._offset(p))
+        flush()
+
+    def _round_state(
+        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        out = torch.empty_like(x, dtype=dtype)
+        stream = 1 + zlib.crc32(name.encode())  # 0 is the weights'
+        stochastic_round_with_key_(
+            x, out, counter_key(self.seed, stream, self.rounding_step), self._offset(param)
+        )
+        return out
 
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
-        }
+        return {"seed": self.seed, "generators": {"counter": self.rounding_step}}
 
     def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         generators = state_dict.get("generators")
-        if not isinstance(generators, Mapping) or not isinstance(state_dict.get("seed"), int):
+        seed = state_dict.get("seed")
+        if not isinstance(generators, Mapping) or not isinstance(seed, int):
             raise ValueError(
-                "state dict has no rounding generator states ('seed', 'generators'); save it with "
+                "state dict has no rounding generator state ('seed', 'generators'); save it with "
                 "StochasticRoundingOptimizer.state_dict()"
             )
-        for key, value in generators.items():
-            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8:
-                raise ValueError(f"generator state for device {key!r} is not a uint8 tensor")
+        counter = generators.get("counter")
+        if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
+            raise ValueError(
+                f"the rounding generator state {dict(generators)!r} has no step counter "
+                "('counter': an int >= 0); it was saved by a version that drew from "
+                "torch.Generator states, whose stream cannot be continued: resume from a "
+                "checkpoint saved by this version, or start the optimizer afresh"
+            )
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"the saved seed must be >= 0 and < 2**64, got {seed!r}")
 
     def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         self.seed = state_dict["seed"]
-        self._generators = {}
-        for key, value in state_dict["generators"].items():
-            self._generator(torch.device(key)).set_state(value.clone())
+        self.rounding_step = state_dict["generators"]["counter"]
 
 
 class KahanOptimizer(_Pure16Optimizer):
@@ -375,17 +397,25 @@ class KahanOptimizer(_Pure16Optimizer):
         return self._compensation[param]
 
     def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        torch._foreach_add_(weights, [self._compensation[p] for p in params])
+        # Widened into scratch first: ops mixing fp32 and 16-bit operands allocate an fp32 copy
+        # of the 16-bit one at every call (the same exact widening, and the same fp32 sums).
+        widened = self._scratch.like("widened", params, self._scratch_limit())
+        torch._foreach_copy_(widened, [self._compensation[p] for p in params])
+        torch._foreach_add_(weights, widened)
 
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         if not params:
             return
         torch._foreach_copy_(params, weights)  # round to nearest even
         # weights - params is exact in fp32; then the remainder is rounded into the buffer.
-        torch._foreach_sub_(weights, [p.float() for p in params])
+        widened = self._scratch.like("widened", params, self._scratch_limit())
+        torch._foreach_copy_(widened, params)
+        torch._foreach_sub_(weights, widened)
         torch._foreach_copy_([self._compensation[p] for p in params], weights)
 
-    def _round_state(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _round_state(
+        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
+    ) -> torch.Tensor:
         return x.to(dtype)
 
     def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
