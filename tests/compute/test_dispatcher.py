@@ -459,3 +459,16 @@ def test_plain_torch_autocast_compiled_after_a_mixprec_region_uses_torchs_kernel
     with torch.autocast("cpu", dtype=torch.float16):
         compiled(torch.randn(4, 8), torch.randn(3, 8))
     assert "aten.mm.default" in targets and not any("mixprec" in t for t in targets)
+
+
+def test_an_overload_gets_its_own_category_not_its_siblings():
+    # the CPU list lowers _convolution.deprecated, not _convolution (reached inside convolution)
+    x, w = torch.randn(1, 8, 4, 4), torch.randn(8, 8, 1, 1)
+    args = (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    with autocast("cpu", dtype=torch.float16, target="cuda"):  # registers kernels for both
+        assert torch.convolution(*args).dtype == torch.float16  # CUDA lowers convolution
+    with torch.autocast("cpu", dtype=torch.float16):
+        want = torch.convolution(*args)
+    with autocast("cpu", dtype=torch.float16, backend="emulated"):
+        got = torch.convolution(*args)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)

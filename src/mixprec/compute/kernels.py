@@ -212,14 +212,14 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
             if emulate and emulated is not None and _all_low((args, kwargs)):
                 return emulated(*args, **kwargs)
             return op.redispatch(keyset & below, *args, **kwargs)
-        category = config.table[name]
+        category = config.table.category(name)
         if name in BANNED_CUDA and config.target == "cuda":
             raise RuntimeError(
                 f"torch.nn.functional.{name} is unsafe to autocast on CUDA, which target='cuda' "
                 "emulates; use binary_cross_entropy_with_logits (or BCEWithLogitsLoss), which is "
                 "safe, or leave the op out of the region"
             )
-        if category == config.torch_table[name] and not (emulate and category == "lower"):
+        if category == config.torch_table.category(name) and not (emulate and category == "lower"):
             return as_torch(keyset, args, kwargs)
         dtype = torch.get_autocast_dtype(device_type)
         if category == "lower":

@@ -229,6 +229,10 @@ class OpTable(Mapping[str, Category]):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def category(self, overload: str) -> Category:
+        """The category of exactly this overload name (what a dispatcher kernel asks)."""
+        return self.entries.get(overload, "keep")
+
     def by_category(self) -> dict[str, list[str]]:
         """The ops of each category, sorted: what ``mixprec doctor --ops`` prints."""
         grouped: dict[str, list[str]] = {c: [] for c in _CATEGORIES if c != "keep"}
