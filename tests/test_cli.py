@@ -77,3 +77,21 @@ def test_python_dash_m_runs_the_command(capsys):
     assert module.returncode == 0, module.stderr
     assert main(["formats", "--json"]) == 0
     assert json.loads(module.stdout) == json.loads(capsys.readouterr().out)
+
+
+def test_doctor_says_what_auto_and_fp8_resolve_to(capsys):
+    from mixprec.compute.fp8_linear import fp8_backend
+    from mixprec.hardware import probe, recommend
+
+    assert main(["doctor", "--no-measure", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    choice = recommend(probe("cpu", measure=False))
+    assert out["auto"] == {
+        "policy": str(choice.policy),
+        "backend": choice.backend,
+        "reason": choice.reason,
+    }
+    backend, reason = fp8_backend("auto", "cpu", "tensorwise")
+    assert out["fp8"]["tensorwise"] == {"backend": backend, "reason": reason}
+    assert main(["doctor", "--no-measure"]) == 0
+    assert "fp8 tensorwise" in capsys.readouterr().out

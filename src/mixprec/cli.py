@@ -67,12 +67,14 @@ def _formats(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     from mixprec.compute import autocast
+    from mixprec.compute.fp8_linear import fp8_backend
     from mixprec.hardware import probe, recommend
 
     report = probe(args.device, measure=not args.no_measure)
     choice = recommend(report)
     region = autocast(report.kind, dtype=args.dtype, backend="auto")
     table = region.op_table.by_category()
+    fp8 = {recipe: fp8_backend("auto", report.device, recipe) for recipe in ("tensorwise", "mxfp8")}
     if args.json:
         print(
             json.dumps(
@@ -89,6 +91,7 @@ def _doctor(args: argparse.Namespace) -> int:
                         "reason": region.reason,
                         "ops": table,
                     },
+                    "fp8": {r: {"backend": b, "reason": why} for r, (b, why) in fp8.items()},
                 },
                 indent=2,
             )
@@ -112,6 +115,8 @@ def _doctor(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]autocast[/bold]      {dtype_name}: backend {region.backend} ({region.reason})"
     )
+    for recipe, (backend, why) in fp8.items():
+        console.print(f"[bold]fp8 {recipe:<10}[/bold] backend {backend} ({why})")
     if args.ops:
         for category, names in table.items():
             console.print(f"  [bold]{category}[/bold]: {', '.join(names)}")
