@@ -1,7 +1,10 @@
 """mixprec against torch.amp on a CUDA GPU: autocast op lists, GradScaler lock-step, presets.
 
-Three sections, each with a time budget (the whole script stays under 5 minutes on one H200):
+Four sections, each with a time budget (the whole script stays under 5 minutes on one H200):
 
+- ``fp8``: on GPUs with FP8 units (sm_89+), the native ``torch._scaled_mm`` FP8 linear against
+  the emulated one on the same inputs (tensorwise, rowwise), and FP8 vs bf16 GEMM time at
+  8192^3; elsewhere it checks that ``auto`` picks the emulated path.
 - ``autocast``: every case of torch's CUDA autocast op lists
   (``torch.testing._internal.autocast_test_lists.AutocastTestLists``), in fp16 and bf16.
   ``mixprec.autocast(backend="native")`` must give exactly what ``torch.autocast`` gives (dtype
@@ -56,8 +59,8 @@ import mixprec
 from mixprec.tasks.charlm import stdlib_corpus
 from mixprec.tasks.transformer import TinyTransformer
 
-SECTIONS = ("autocast", "scaler", "presets")
-BUDGET_S = {"autocast": 60.0, "scaler": 60.0, "presets": 150.0}
+SECTIONS = ("autocast", "scaler", "presets", "fp8")
+BUDGET_S = {"autocast": 60.0, "scaler": 60.0, "presets": 150.0, "fp8": 40.0}
 SKIP_MESSAGE = "no CUDA device: gpu_check skipped"
 
 
@@ -588,6 +591,69 @@ def check_presets(section: Section, device: torch.device, quick: bool, steps: in
 # -- main ---------------------------------------------------------------------------------------
 
 
+# -- section fp8 --------------------------------------------------------------------------------
+
+
+def check_fp8(section: Section, device: torch.device, quick: bool) -> None:
+    """The native FP8 path (``torch._scaled_mm``) against the emulated one on the same inputs, and
+    FP8 vs bf16 GEMM time at a large shape. Needs compute capability 8.9+; elsewhere it says why
+    and only checks that ``auto`` chose the emulated path."""
+    from mixprec.compute.fp8_linear import Fp8Linear, fp8_backend
+
+    backend, reason = fp8_backend("auto", device, "tensorwise")
+    print(f"  fp8 auto backend: {backend} ({reason})")
+    if backend != "native":
+        section.record(backend == "emulated", "fp8 auto backend is emulated without FP8 units")
+        return
+    torch.manual_seed(0)
+    for recipe in ("tensorwise", "rowwise"):
+        section.check_time(f"fp8 {recipe}")
+        base = torch.nn.Linear(1024, 512, device=device)
+        layers = {
+            kind: Fp8Linear.from_linear(base, recipe, backend=kind)
+            for kind in ("native", "emulated")
+        }
+        x = torch.randn(256, 1024, device=device, requires_grad=True)
+        outs, grads = {}, {}
+        for kind, layer in layers.items():
+            x.grad = None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = layer(x)
+            out.float().square().mean().backward()
+            outs[kind], grads[kind] = out.detach().float(), x.grad.detach().float()
+        for what, got in (("output", outs), ("input grad", grads)):
+            scale = got["emulated"].abs().max().item() or 1.0
+            diff = (got["native"] - got["emulated"]).abs().max().item() / scale
+            print(f"  {recipe:<10} {what:<10} native vs emulated max rel diff {diff:.2e}")
+            # the same quantized operands; only the fp32 accumulation order differs
+            section.record(diff < 1e-2, f"fp8 {recipe} {what} native vs emulated ({diff:.2e})")
+    size = 4096 if quick else 8192
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+    one = torch.ones((), device=device)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+
+    def timed(fn: Callable[[], Any]) -> float:
+        fn()
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            fn()
+        _synchronize(device)
+        return (time.perf_counter() - start) / 10
+
+    section.check_time("fp8 GEMM timing")
+    fp8 = timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
+    bf16 = timed(lambda: a16 @ b16)
+    flops = 2 * size**3
+    print(
+        f"  GEMM {size}x{size}: fp8 {flops / fp8 / 1e12:.0f} TFLOP/s, bf16 "
+        f"{flops / bf16 / 1e12:.0f} TFLOP/s, fp8 / bf16 time = {fp8 / bf16:.2f}"
+    )
+    section.record(fp8 < bf16, f"fp8 GEMM faster than bf16 at {size}^3")
+
+
 def _parse_sections(text: str) -> list[str]:
     chosen = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
@@ -637,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         "autocast": lambda s: check_autocast(s, device, args.quick),
         "scaler": lambda s: check_scaler(s, device, args.quick),
         "presets": lambda s: check_presets(s, device, args.quick, steps),
+        "fp8": lambda s: check_fp8(s, device, args.quick),
     }
     failed = False
     started = time.perf_counter()
