@@ -32,8 +32,10 @@ from mixprec.policy import ModuleRule, Policy
 __all__ = [
     "DEFAULT_THRESHOLD_DB",
     "Fp8Advice",
+    "Fp8OperandCounts",
     "LayerSnr",
     "advise_fp8",
+    "fp8_flush_report",
     "fp8_layer_snr",
 ]
 
@@ -129,6 +131,16 @@ def fp8_layer_snr(
         ValueError: an unknown recipe, or a model with no linear layer that ran on the batch.
     """
     r = Fp8Recipe.parse(recipe)
+    seen, modules = _capture(model, batch, loss_fn, "fp8_layer_snr")
+    return tuple(
+        _measure(name, modules[name], io["x"], io["g"], r) for name, io in seen.items() if "g" in io
+    )
+
+
+def _capture(
+    model: nn.Module, batch: Any, loss_fn: Callable[[Any], torch.Tensor], caller: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, nn.Linear]]:
+    """One fp32 forward and backward that records each linear layer's input and output grad."""
     seen: dict[str, dict[str, torch.Tensor]] = {}
     handles = []
     for name, mod in model.named_modules():
@@ -147,12 +159,108 @@ def fp8_layer_snr(
             p.grad = g
     if not seen:
         raise ValueError(
-            f"no nn.Linear layer of {type(model).__name__} ran on the batch; fp8_layer_snr "
+            f"no nn.Linear layer of {type(model).__name__} ran on the batch; {caller} "
             "measures linear layers only"
         )
-    modules = dict(model.named_modules())
-    return tuple(
-        _measure(name, modules[name], io["x"], io["g"], r) for name, io in seen.items() if "g" in io
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return seen, linears
+
+
+@dataclass(frozen=True)
+class Fp8OperandCounts:
+    """What FP8 quantization does to one GEMM operand of one layer, at the recipe's scales.
+
+    Attributes:
+        layer: the module name.
+        operand: ``"input"``, ``"weight"`` or ``"grad_output"``.
+        format: the fp8 format of the operand.
+        numel: elements.
+        nonzero: non-zero finite elements before quantization.
+        flushed: of those, how many quantize to zero (underflow at the scale).
+        subnormal: how many land in the format's subnormal range (precision lost).
+        saturated: how many exceed the format's range at the scale and are clamped to its max.
+    """
+
+    layer: str
+    operand: str
+    format: str
+    numel: int
+    nonzero: int
+    flushed: int
+    subnormal: int
+    saturated: int
+
+    @property
+    def flushed_fraction(self) -> float:
+        return self.flushed / self.nonzero if self.nonzero else 0.0
+
+    @property
+    def saturated_fraction(self) -> float:
+        return self.saturated / self.numel if self.numel else 0.0
+
+
+def fp8_flush_report(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any], torch.Tensor],
+    recipe: str | Fp8Recipe = "tensorwise",
+) -> tuple[Fp8OperandCounts, ...]:
+    """Per linear layer and GEMM operand: the fraction FP8 flushes to zero or saturates.
+
+    The operands are those of the forward GEMM (input, weight) and the output gradient as the
+    input-gradient GEMM quantizes it, recorded on ``batch`` as :func:`fp8_layer_snr` records
+    them, and quantized with the recipe's own scales (dynamic or power-of-two per block; E8M0 for
+    MXFP8; a delayed recipe is measured at its first, dynamic, step). Dynamic scales map each
+    block's amax to the format's max, so saturation shows only where scales are stale or fixed;
+    flushing shows small values lost below the block's scale.
+
+    Example:
+        >>> with torch.random.fork_rng():
+        ...     net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> counts = fp8_flush_report(net, torch.ones(4, 32), lambda out: out.sum())
+        >>> [(c.layer, c.operand) for c in counts][:3]
+        [('0', 'input'), ('0', 'weight'), ('0', 'grad_output')]
+    """
+    from mixprec.compute.fp8 import fp8_quantize
+
+    r = Fp8Recipe.parse(recipe)
+    seen, modules = _capture(model, batch, loss_fn, "fp8_flush_report")
+    counts = []
+    for name, io in seen.items():
+        if "g" not in io:
+            continue
+        weight = modules[name].weight.detach()
+        x = io["x"].reshape(-1, io["x"].shape[-1])
+        g = io["g"].reshape(-1, io["g"].shape[-1])
+        for role, tensor, gemm in (
+            ("input", x, "output"),
+            ("weight", weight, "output"),
+            ("grad_output", g, "grad_input"),
+        ):
+            q = fp8_quantize(tensor, r, role, 1, gemm)  # type: ignore[arg-type]
+            counts.append(_count(name, role, tensor, q, r.format_of(role)))  # type: ignore[arg-type]
+    return tuple(counts)
+
+
+def _count(name: str, role: str, x: torch.Tensor, q: Any, fmt: Any) -> Fp8OperandCounts:
+    """Flushed, subnormal and saturated elements of ``x`` quantized to ``q`` (blockwise scales)."""
+    br, bc = q.block
+    rows, cols = x.shape
+    scale = q.scale.expand(q.scale.shape[0], br, q.scale.shape[2], bc)
+    scale = scale.reshape(q.scale.shape[0] * br, q.scale.shape[2] * bc)[:rows, :cols]
+    scaled = x.float() * scale
+    finite = torch.isfinite(scaled)
+    nonzero = finite & (x != 0)
+    data = q.data.float()
+    return Fp8OperandCounts(
+        layer=name,
+        operand=role,
+        format=fmt.name,
+        numel=x.numel(),
+        nonzero=int(nonzero.sum()),
+        flushed=int((nonzero & (data == 0)).sum()),
+        subnormal=int((nonzero & (data != 0) & (data.abs() < fmt.min_normal)).sum()),
+        saturated=int((finite & (scaled.abs() > fmt.max)).sum()),
     )
 
 
