@@ -289,6 +289,9 @@ class MixedPrecision:
             return KahanOptimizer(optimizer)
         return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
 
+    def _fp8_metrics(self) -> dict[str, float]:
+        return _delayed_fp8_state(self._model) if self.fp8 is not None else {}
+
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
         if self._started is None:  # the iteration's clock starts at its first forward
@@ -375,7 +378,7 @@ class MixedPrecision:
         if self._tracer is not None:
             self._tracer.reset()
         if self._writer is not None:
-            self._writer.log(report.step, _metrics_of(report))
+            self._writer.log(report.step, {**_metrics_of(report), **self._fp8_metrics()})
         return report
 
     def _check_steppable(self, optimizer: object) -> None:
@@ -638,6 +641,18 @@ def _saves_sharded(path: str | os.PathLike[str]) -> bool:
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
     return tuple(nonfinite_grads(model))
+
+
+def _delayed_fp8_state(model: nn.Module | None) -> dict[str, float]:
+    """``fp8/<layer>/<amax|scale>_<operand>`` of every delayed-scaling FP8 layer of ``model``."""
+    from mixprec.compute.fp8_linear import Fp8Linear
+
+    values: dict[str, float] = {}
+    for name, module in model.named_modules() if model is not None else ():
+        if isinstance(module, Fp8Linear) and module.recipe.scaling == "delayed":
+            for key, value in module.delayed_scaling_state().items():
+                values[f"fp8/{name}/{key}"] = value
+    return values
 
 
 def _metrics_of(report: StepReport) -> dict[str, Any]:

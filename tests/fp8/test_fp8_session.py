@@ -39,3 +39,26 @@ def test_a_rule_keeps_a_layer_out_of_fp8():
     model = mp.prepare(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)))
     assert mp.fp8.converted == ["0", "2"] and mp.fp8.excluded == ["3"]
     assert type(model[3]) is nn.Linear
+
+
+def test_delayed_scaling_state_reaches_the_metrics(tmp_path):
+    from mixprec.diagnostics import read_metrics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    mp = mixprec.MixedPrecision(
+        "params=fp32,compute=fp8:tensorwise_delayed,output=fp32",
+        backend="emulated",
+        metrics=tmp_path,
+    )
+    model, opt = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        with mp.autocast():
+            loss = model(torch.randn(8, 16)).float().square().mean()
+        mp.backward(loss)
+        mp.step(opt)
+        opt.zero_grad()
+    mp.close()
+    last = read_metrics(tmp_path)[-1]
+    assert last["fp8/0/amax_input"] == model[0].delayed_scaling_state()["amax_input"] > 0
+    assert last["fp8/2/scale_weight"] == model[2].delayed_scaling_state()["scale_weight"]
