@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -95,3 +96,40 @@ def test_bad_input():
         mixprec.explain(nn.ReLU(), "fp32")
     with pytest.raises(TypeError, match=r"explain needs an nn\.Module"):
         mixprec.explain("model", "fp32")
+
+
+def test_the_explain_command_shows_a_task_model_as_a_session_stores_it(tmp_path, capsys):
+    from mixprec.cli import main
+    from mixprec.tasks import make_task
+
+    args = ["explain", "--task", "digits", "--precision", "bf16-pure", "--json"]
+    assert main([*args, "--out", str(tmp_path), "--backend", "emulated"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    task = make_task("digits")
+    mp = MixedPrecision("bf16-pure", "cpu", backend="emulated")
+    model = mp.prepare(task.build_model())
+    assert shown["totals"]["weights"] == sum(
+        p.numel() * p.element_size() for p in model.parameters()
+    )
+    assert shown["loss_scaling"] is False
+    assert (tmp_path / "explain.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| **total** |" in (tmp_path / "explain.md").read_text()
+
+
+def test_the_compare_report_has_an_explain_section(tmp_path):
+    from mixprec.report import write_report
+    from mixprec.runner import Recipe, train
+    from mixprec.tasks import TaskConfig, make_task
+
+    task = make_task("digits", TaskConfig(steps=2, batch_size=8, lr=1e-3))
+    runs = [
+        train(task, Recipe.parse(p), tmp_path / p, backend="emulated", overwrite=True)
+        for p in ("fp32", "fp16-mixed")
+    ]
+    x, y = task.batch(0)
+    explanation = mixprec.explain(task.build_model(), "fp16-mixed", (x, y), backend="emulated")
+    report = write_report({"digits": runs}, tmp_path, "mixprec compare", {"digits": explanation})
+    text = report.read_text()
+    assert "### Where the memory and the precision go: `params=fp32,compute=fp16" in text
+    assert explanation.markdown() in text
+    assert (tmp_path / "digits_explain.png").read_bytes()[:4] == b"\x89PNG"

@@ -164,12 +164,15 @@ class Explanation:
         ]
         fig, ax = plt.subplots(figsize=(10, 0.45 * len(mods) + 1.8))
         left = [0.0] * len(mods)
+        widest = max(
+            (sum(getattr(m, a) for _, a, _, _ in parts) / 2**10 for m in mods), default=0.0
+        )
         labels = [f"{m.name or '<model>'} [{m.compute}]" for m in mods]
         for title, attr, fmt_attr, colour in parts:
             widths = [getattr(m, attr) / 2**10 for m in mods]
             bars = ax.barh(labels, widths, left=left, color=colour, label=title)
             for bar, m, w in zip(bars, mods, widths, strict=True):
-                if w > 0:
+                if w > 0.06 * widest:  # label only bars wide enough to hold the text
                     ax.text(
                         bar.get_x() + w / 2,
                         bar.get_y() + bar.get_height() / 2,
