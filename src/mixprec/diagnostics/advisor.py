@@ -309,7 +309,8 @@ def _module_snr(comparison: LayerComparison, name: str) -> float | None:
     layer = next((layer for layer in comparison.layers if layer.name == name), None)
     if layer is None:
         return None
-    known = [v for v in (layer.output_snr_db, layer.grad_input_snr_db) if v is not None and v == v]
+    snrs = (layer.output_snr_db, layer.grad_input_snr_db)
+    known = [v for v in snrs if v is not None and not math.isnan(v)]
     return min(known) if known else None
 
 
