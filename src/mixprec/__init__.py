@@ -22,6 +22,7 @@ from mixprec.diagnostics import (
     UnderflowReport,
     advise,
     compare_layers,
+    explain,
     underflow_report,
 )
 from mixprec.formats import FORMATS, Format, resolve_format
@@ -63,6 +64,7 @@ __all__ = [
     "autocast",
     "cast_module",
     "compare_layers",
+    "explain",
     "formats",
     "fp32_islands",
     "hardware",

@@ -6,6 +6,8 @@ Subcommands:
     compare   train built-in tasks under several precisions side by side; writes a report.
     train     train one task under one precision, with checkpoints and ``--resume``.
     advise    recommend a precision policy for a built-in task's model, with the reasons.
+    explain   per module of a task's model: the format and bytes of weights, compute, saved
+              activations, gradients and master copy under a policy (a table and a PNG).
 """
 
 from __future__ import annotations
@@ -267,12 +269,39 @@ def _advise(args: argparse.Namespace) -> int:
                     "init_scale": advice.init_scale,
                     "reasons": list(advice.reasons),
                     "fp16_ruled_out": list(advice.fp16_ruled_out),
+                    "rejected_islands": list(advice.rejected),
+                    "scaler_options": advice.scaler_options,
                 },
                 indent=2,
             )
         )
     else:
         Console(highlight=False).print(str(advice))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from mixprec.diagnostics import explain
+    from mixprec.session import _check_device
+
+    _check_device(args.device)
+    task = _task_options(args, args.task)
+    model = task.build_model().to(args.device)
+    inputs, target = (t.to(args.device) for t in task.batch(0))
+    result = explain(model, args.precision, (inputs, target), backend=args.backend)
+    if args.json:
+        totals = result.totals()
+        print(json.dumps({"policy": result.policy, "loss_scaling": result.loss_scaling,
+                          "totals": totals,
+                          "modules": [m.__dict__ for m in result.modules]}, indent=2))  # fmt: skip
+    else:
+        print(result.markdown())
+    if args.out is not None:
+        folder = _output_folder(args.out)
+        (folder / "explain.md").write_text(result.markdown() + "\n![explain](explain.png)\n")
+        result.plot(folder / "explain.png")
+        if not args.json:
+            print(f"wrote {folder / 'explain.md'} and {folder / 'explain.png'}")
     return 0
 
 
@@ -462,6 +491,20 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--json", action="store_true", help="print JSON")
     _add_run_options(advise)
     advise.set_defaults(run=_advise)
+
+    explain = sub.add_parser(
+        "explain", help="show where a task model's memory and precision go under a policy"
+    )
+    explain.add_argument(
+        "--task", required=True, choices=("digits", "charlm"), help="the built-in task's model"
+    )
+    explain.add_argument("--precision", default="bf16-mixed", help="the policy (%(default)s)")
+    explain.add_argument(
+        "--out", default=None, type=_folder, help="also write explain.md and explain.png here"
+    )
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    _add_run_options(explain)
+    explain.set_defaults(run=_explain)
     add_plan_parser(sub)
     return parser
 

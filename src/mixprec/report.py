@@ -7,15 +7,19 @@ percent, accuracy difference in points, time and activation memory as ratios.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mixprec.formats import BF16, FP16
 from mixprec.runner import RunResult
 
-__all__ = ["comparison_rows", "plot_runs", "write_report"]
+if TYPE_CHECKING:
+    from mixprec.diagnostics import Explanation
+
+__all__ = ["comparison_rows", "explain_section", "plot_runs", "write_report"]
 
 _COLUMNS = (
     "precision",
@@ -188,14 +192,44 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def write_report(groups: dict[str, Sequence[RunResult]], folder: Path, command: str) -> Path:
-    """Write ``report.md`` with one section (table and plots) per task; returns its path."""
+def explain_section(explanation: Explanation, folder: Path, prefix: str) -> list[str]:
+    """The report lines that show where one model's memory and precision go under a policy.
+
+    Writes ``<prefix>_explain.png`` into ``folder`` (see :func:`mixprec.explain`).
+    """
+    path = explanation.plot(folder / f"{prefix}_explain.png")
+    return [
+        f"### Where the memory and the precision go: `{explanation.policy}`",
+        "",
+        explanation.markdown(),
+        f"![{path.stem}]({path.name})",
+        "",
+    ]
+
+
+def write_report(
+    groups: dict[str, Sequence[RunResult]],
+    folder: Path,
+    command: str,
+    explanations: Mapping[str, Explanation] | None = None,
+) -> Path:
+    """Write ``report.md`` with one section (table and plots) per task; returns its path.
+
+    Args:
+        groups: the runs of each task, by task name.
+        folder: where the report and its PNGs go.
+        command: the command line, quoted at the top.
+        explanations: per task name, a :func:`mixprec.explain` of its model under the mixed
+            policy compared, shown after that task's table.
+    """
     parts = ["# mixprec compare", "", f"Command: `{command}`", ""]
     for name, results in groups.items():
         task = results[0].task
         parts += [f"## {name}", "", f"Task settings: `{task}`", "", markdown_table(results), ""]
         for path in plot_runs(results, folder, name):
             parts += [f"![{path.stem}]({path.name})", ""]
+        if explanations and name in explanations:
+            parts += explain_section(explanations[name], folder, name)
     parts += [
         "Δ columns are relative to the fp32 run; time and activation memory are ratios to it.",
         "Activations: bytes autograd saves for backward in one forward pass (parameters excluded).",

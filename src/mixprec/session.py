@@ -631,6 +631,12 @@ class MixedPrecision:
         self._load_session_state(state["mixed_precision"])
         return dict(state.get("extra", {}))
 
+    def explain(self, model: nn.Module, example: Any = None) -> Any:
+        """Per module, the formats and bytes this session's policy gives; see `mixprec.explain`."""
+        from mixprec.diagnostics.explainer import explain
+
+        return explain(model, self.policy, example, backend=self._region_args["backend"])
+
 
 def _saves_sharded(path: str | os.PathLike[str]) -> bool:
     """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or

@@ -113,8 +113,10 @@ def test_bad_arguments():
         compare_layers(mlp(), mlp_batch(), loss, "bf16-mixed", threshold_db="20")
     with pytest.raises(ValueError, match="compare_layers needs a model with parameters"):
         compare_layers(nn.ReLU(), mlp_batch(), loss, "bf16-mixed")
-    with pytest.raises(TypeError, match=r"batch must be a pair \(inputs, target\)"):
-        compare_layers(mlp(), torch.zeros(8, 16), loss, "bf16-mixed")
+    with pytest.raises(
+        TypeError, match=r"batch must be a tensor, a dict of keyword arguments or a pair"
+    ):
+        compare_layers(mlp(), (torch.zeros(8, 16),) * 3, loss, "bf16-mixed")
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         compare_layers(mlp(), mlp_batch(), "mse", "bf16-mixed")
     with pytest.raises(ValueError, match="unknown precision 'bf17'"):

@@ -9,6 +9,8 @@
   fp32 islands where the error starts.
 * :func:`advise` combines the hardware probe, activation ranges, underflow and the comparison
   into a policy string with reasons.
+* :func:`explain` shows, per module, the format and bytes of its weights, compute, saved
+  activations, gradients and master copy, with the casts and where loss scaling applies.
 * :class:`MetricsWriter` appends per-step metrics to ``metrics.jsonl`` (and TensorBoard).
 
 Example:
@@ -22,6 +24,7 @@ Example:
 """
 
 from mixprec.diagnostics.advisor import Advice, advise
+from mixprec.diagnostics.explainer import Explanation, ModuleExplanation, explain
 from mixprec.diagnostics.finite import nonfinite_grads, tensor_range
 from mixprec.diagnostics.layerwise import (
     Capture,
@@ -46,9 +49,11 @@ __all__ = [
     "STEP_KEYS",
     "Advice",
     "Capture",
+    "Explanation",
     "LayerComparison",
     "LayerReport",
     "MetricsWriter",
+    "ModuleExplanation",
     "NonFiniteEvent",
     "NonFiniteTracer",
     "UnderflowCounts",
@@ -56,6 +61,7 @@ __all__ = [
     "advise",
     "capture",
     "compare_layers",
+    "explain",
     "exponent_histogram",
     "gradient_counts",
     "largest_safe_scale",

@@ -67,11 +67,14 @@ def check_loss_fn(loss_fn: object) -> Callable[..., torch.Tensor]:
 
 def split_batch(batch: object) -> tuple[Any, Any]:
     """Split a batch into ``(inputs, target)``; see :func:`run_batch`."""
+    if isinstance(batch, (torch.Tensor, Mapping)):
+        return batch, None  # the model's own inputs; the loss is a function of its output
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
-            f"batch must be a pair (inputs, target), got {type(batch).__name__} "
-            f"{_short(batch)}; inputs is a tensor, a tuple of positional arguments or a dict of "
-            "keyword arguments; target is passed to loss_fn (None: loss_fn(output))"
+            f"batch must be a tensor, a dict of keyword arguments or a pair (inputs, target), "
+            f"got {type(batch).__name__} {_short(batch)}; in a pair, inputs is a tensor, a tuple "
+            "of positional arguments or a dict of keyword arguments, and target is passed to "
+            "loss_fn (None: loss_fn(output)), e.g. ((input_ids, mask), None)"
         )
     return batch[0], batch[1]
 
@@ -79,10 +82,16 @@ def split_batch(batch: object) -> tuple[Any, Any]:
 def run_batch(model: nn.Module, batch: object, loss_fn: Callable[..., Any]) -> torch.Tensor:
     """Forward ``batch`` through ``model`` and return the scalar loss.
 
-    ``batch`` is ``(inputs, target)``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a
-    tuple or list, ``model(**inputs)`` for a dict; then ``loss_fn(output, target)``, or
-    ``loss_fn(output)`` when the target is None. The model's own errors (a batch of the wrong
-    shape) propagate unchanged.
+    ``batch`` is what the model takes, or a pair ``(inputs, target)``:
+
+    * a tensor: ``model(batch)``, then ``loss_fn(output)``;
+    * a dict (e.g. a Hugging Face batch): ``model(**batch)``, then ``loss_fn(output)``, e.g.
+      ``lambda out: out.loss``;
+    * a pair ``(inputs, target)``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple
+      or list of positional arguments, ``model(**inputs)`` for a dict; then
+      ``loss_fn(output, target)``, or ``loss_fn(output)`` when the target is None.
+
+    The model's own errors (a batch of the wrong shape) propagate unchanged.
     """
     inputs, target = split_batch(batch)
     if isinstance(inputs, Mapping):
@@ -95,9 +104,38 @@ def run_batch(model: nn.Module, batch: object, loss_fn: Callable[..., Any]) -> t
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(
-            f"loss_fn must return a scalar tensor, got {shape!r}; reduce it, e.g. with .mean()"
+            f"loss_fn must return a scalar tensor, got {shape!r}; reduce it, e.g. with .mean() "
+            "(a Hugging Face model returns a loss only when the batch holds 'labels')"
         )
     return loss
+
+
+def nonfinite_inputs(model: nn.Module, batch: object) -> list[str]:
+    """What in ``batch`` and ``model``'s parameters holds inf or NaN: bad data, not precision.
+
+    Returns:
+        Descriptions such as ``"batch['input_embeds']"`` or ``"parameter 'emb.weight' (3 rows)"``.
+    """
+    found: list[str] = []
+
+    def walk(tree: object, path: str) -> None:
+        if isinstance(tree, torch.Tensor):
+            if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
+                found.append(f"batch{path}")
+        elif isinstance(tree, (tuple, list)):
+            for i, item in enumerate(tree):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(tree, Mapping):
+            for key, item in tree.items():
+                walk(item, f"{path}[{key!r}]")
+
+    walk(batch, "")
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param.detach())
+        if bool(bad.any()):
+            rows = int(bad.reshape(bad.shape[0], -1).any(dim=1).sum()) if bad.dim() > 1 else 0
+            found.append(f"parameter {name!r}" + (f" ({rows} rows)" if rows else ""))
+    return found
 
 
 def _short(value: object) -> str:

@@ -13,15 +13,21 @@ and every step leaves a reason in words:
    starting loss scale (2**16 for fp16, capped at the largest scale at which nothing overflows;
    1 for bf16), counting what flushes to zero.
 4. *Per-layer comparison.* The candidate policy runs the same batch against the fp32 run
-   (:func:`~mixprec.diagnostics.layerwise.compare_layers`); modules where the error starts below
-   the threshold become fp32 islands, and the comparison repeats (at most ``max_rounds`` times)
-   until it proposes nothing new, so the advised policy is the one that was checked.
+   (:func:`~mixprec.diagnostics.layerwise.compare_layers`, with the norms and losses in fp32 as a
+   session keeps them); modules where the error starts below the threshold are candidate fp32
+   islands. Each candidate is *re-measured*: the comparison runs again with the islands applied,
+   and an island stays only if its module's SNR rises (the reason states the dB before and
+   after). Low SNR is not always precision's fault: a gradient that is zero in exact arithmetic
+   (an attention key's bias, which softmax cancels) is pure rounding noise in fp32 too, and no
+   island changes it. This repeats (at most ``max_rounds`` times) until nothing new is proposed,
+   so the advised policy is the one that was checked.
 
-Cost: one fp32 pass plus one pass per round, on deep copies of the model, for one batch.
+Cost: one fp32 pass plus one or two passes per round, on deep copies of the model, for one batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +36,19 @@ import torch
 from torch import nn
 
 from mixprec.compute import Backend
-from mixprec.diagnostics._checks import check_loss_fn, check_model, check_threshold
-from mixprec.diagnostics.layerwise import LayerComparison, capture, compare_layers, innermost
+from mixprec.diagnostics._checks import (
+    check_loss_fn,
+    check_model,
+    check_threshold,
+    nonfinite_inputs,
+)
+from mixprec.diagnostics.layerwise import (
+    Capture,
+    LayerComparison,
+    capture,
+    compare_layers,
+    innermost,
+)
 from mixprec.diagnostics.underflow import UnderflowReport, underflow_report
 from mixprec.formats import BF16, FP16
 from mixprec.hardware import AutoChoice, HardwareReport, probe, recommend
@@ -57,6 +74,8 @@ class Advice:
         underflow: the fp32 gradients stored in the advised format at ``init_scale`` (or 1).
         comparison: the advised policy compared against fp32, layer by layer.
         hardware: what the hardware probe alone recommended.
+        rejected: islands the comparison proposed that did not raise their module's SNR when
+            applied (re-measured), so they are left out of ``policy``.
     """
 
     policy: str
@@ -68,6 +87,28 @@ class Advice:
     underflow: UnderflowReport
     comparison: LayerComparison
     hardware: AutoChoice
+    rejected: tuple[str, ...] = ()
+
+    @property
+    def scaler_options(self) -> dict[str, float]:
+        """The loss-scaler options the advice implies: ``{"init_scale": ...}`` or ``{}``.
+
+        Example:
+            ``MixedPrecision(advice.policy, scaler_options=advice.scaler_options)``.
+        """
+        return {} if self.init_scale is None else {"init_scale": self.init_scale}
+
+    def session_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`mixprec.MixedPrecision`: policy, backend, scaler options.
+
+        Example:
+            ``mp = MixedPrecision(device="cuda", **advice.session_kwargs())``.
+        """
+        return {
+            "policy": self.policy,
+            "backend": self.backend,
+            "scaler_options": self.scaler_options,
+        }
 
     def __str__(self) -> str:
         lines = [f"recommended policy: {self.policy} (backend {self.backend})"]
@@ -98,15 +139,18 @@ def advise(
     hardware: HardwareReport | None = None,
     backend: Backend = "auto",
     max_rounds: int = 3,
+    min_gain_db: float = 1.0,
 ) -> Advice:
     """Recommend a precision policy for ``model`` on ``device``, with the reasons.
 
     Args:
         model: the model, on the device where the check should run; it is deep-copied, its
             weights and gradients are left alone.
-        batch: one representative batch ``(inputs, target)``; see
+        batch: one representative batch: a tensor, a dict of keyword arguments (a Hugging Face
+            batch, with ``loss_fn=lambda out: out.loss``) or ``(inputs, target)``; see
             :func:`~mixprec.diagnostics.layerwise.compare_layers`.
-        loss_fn: ``loss_fn(output, target)`` returning a scalar.
+        loss_fn: ``loss_fn(output, target)`` (or ``loss_fn(output)`` without a target)
+            returning a scalar.
         device: the device to train on, probed for its 16-bit units.
         threshold_db: per-layer SNR below which a module becomes an fp32 island, in (0, 150].
         hardware: a hardware report to use instead of probing ``device`` (e.g. to ask what a GPU
@@ -114,13 +158,16 @@ def advise(
         backend: the autocast backend for the per-layer comparison here (``"auto"`` emulates
             16-bit GEMMs where this machine has no units for them).
         max_rounds: how many times islands are added and the comparison re-run.
+        min_gain_db: an island is kept only if, re-measured with it applied, its module's SNR
+            rises by more than this (>= 0).
 
     Returns:
         An :class:`Advice`; ``advice.policy`` goes straight into ``Policy.parse``.
 
     Raises:
-        TypeError: bad argument types; a batch that is not a pair.
-        ValueError: a model without parameters; a threshold out of range; a non-scalar loss.
+        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair.
+        ValueError: a model without parameters; a threshold out of range; a non-scalar loss;
+            a batch or parameters that already hold inf or NaN (bad data).
         Exception: the model's own error for a batch it cannot take, unchanged.
 
     Example:
@@ -140,6 +187,20 @@ def advise(
         )
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    if isinstance(min_gain_db, bool) or not isinstance(min_gain_db, (int, float)):
+        raise TypeError(
+            f"min_gain_db must be a number of dB, got {type(min_gain_db).__name__} "
+            f"{min_gain_db!r}; e.g. 1.0"
+        )
+    if not (0 <= min_gain_db < math.inf):
+        raise ValueError(f"min_gain_db={min_gain_db!r} is out of range; valid range [0, inf)")
+    bad = nonfinite_inputs(model, batch)
+    if bad:
+        raise ValueError(
+            f"bad data, not precision: {', '.join(bad)} already hold inf or NaN in fp32, before "
+            "any 16-bit rounding; no precision policy can fix that. Fix the data pipeline or the "
+            "weights (a NaN embedding row comes from the checkpoint or a diverged update)"
+        )
     choice = recommend(hardware if hardware is not None else probe(device))
     reasons = [f"hardware: {choice.reason}"]
 
@@ -202,41 +263,21 @@ def advise(
                 "largest safe scale: bf16 would keep them, where the hardware has it"
             )
 
-    for round_ in range(max_rounds + 1):
-        policy = Policy.parse(_policy_string(base, rules))
-        comparison = compare_layers(
-            model,
-            batch,
-            loss_fn,
-            policy,
-            threshold_db=threshold,
-            loss_scale=init_scale if init_scale is not None else 1.0,
-            backend=backend,
-            reference=reference,
-        )
-        new = [rule for rule in comparison.proposed_rules if rule not in rules]
-        if not new:
-            break
-        if round_ == max_rounds:
-            reasons.append(
-                f"after {max_rounds} rounds these modules still fall below {threshold:g} dB: "
-                f"{', '.join(r.split(' ->')[0] for r in new)}"
-            )
-            break
-        by_name = {layer.name: layer for layer in comparison.layers}
-        for rule in new:
-            layer = by_name[rule.split(" ->")[0]]
-            worst = min(
-                v
-                for v in (layer.output_snr_db, layer.grad_input_snr_db, threshold)
-                if v is not None
-            )
-            reasons.append(
-                f"{layer.name}: SNR {worst:.1f} dB < {threshold:g} dB against fp32 under "
-                f"{policy}: fp32 island"
-            )
-        rules.extend(new)
-
+    comparison, kept, rejected = _justified_islands(
+        model,
+        batch,
+        loss_fn,
+        base,
+        rules,
+        reasons,
+        threshold=threshold,
+        loss_scale=init_scale if init_scale is not None else 1.0,
+        backend=backend,
+        reference=reference,
+        max_rounds=max_rounds,
+        min_gain_db=min_gain_db,
+    )
+    rules = rules + kept
     scored = [
         v
         for layer in comparison.layers
@@ -259,4 +300,90 @@ def advise(
         underflow=underflow,
         comparison=comparison,
         hardware=choice,
+        rejected=tuple(rejected),
     )
+
+
+def _module_snr(comparison: LayerComparison, name: str) -> float | None:
+    """The worst finite-or-inf SNR of the module's output and input/parameter gradients."""
+    layer = next((layer for layer in comparison.layers if layer.name == name), None)
+    if layer is None:
+        return None
+    snrs = (layer.output_snr_db, layer.grad_input_snr_db)
+    known = [v for v in snrs if v is not None and not math.isnan(v)]
+    return min(known) if known else None
+
+
+def _justified_islands(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[..., torch.Tensor],
+    base: str,
+    rules: list[str],
+    reasons: list[str],
+    *,
+    threshold: float,
+    loss_scale: float,
+    backend: Backend,
+    reference: Capture,
+    max_rounds: int,
+    min_gain_db: float,
+) -> tuple[LayerComparison, list[str], list[str]]:
+    """Add the islands the comparison proposes, keeping only those that measurably help.
+
+    Each round compares the current policy against fp32, then re-measures with the proposed
+    islands applied; an island stays only if its module's SNR (the worst of output and gradient)
+    rises by more than ``min_gain_db``. A module whose error is rounding noise on a gradient that
+    is zero in exact arithmetic (an attention key's bias) keeps the same SNR in fp32 and is
+    dropped. Appends a reason per decision; returns the final comparison, the kept and the
+    dropped rules.
+    """
+
+    def compare(extra: list[str]) -> LayerComparison:
+        return compare_layers(
+            model,
+            batch,
+            loss_fn,
+            Policy.parse(_policy_string(base, rules + extra)),
+            threshold_db=threshold,
+            loss_scale=loss_scale,
+            backend=backend,
+            reference=reference,
+        )
+
+    kept: list[str] = []
+    rejected: list[str] = []
+    comparison = compare(kept)
+    for round_ in range(max_rounds + 1):
+        new = [r for r in comparison.proposed_rules if r not in kept and r not in rejected]
+        if not new:
+            break
+        if round_ == max_rounds:
+            reasons.append(
+                f"after {max_rounds} rounds these modules still fall below {threshold:g} dB: "
+                f"{', '.join(r.split(' ->')[0] for r in new)}"
+            )
+            break
+        trial = compare(kept + new)
+        helped = []
+        for rule in new:
+            name = rule.split(" ->")[0]
+            before, after = _module_snr(comparison, name), _module_snr(trial, name)
+            change = f"SNR {before:.1f} dB without the island, {after:.1f} dB with it"
+            if before is not None and after is not None and after > before + min_gain_db:
+                helped.append(rule)
+                reasons.append(
+                    f"{name}: {change} (threshold {threshold:g} dB, under "
+                    f"{comparison.policy}): fp32 island"
+                )
+            else:
+                rejected.append(rule)
+                reasons.append(
+                    f"{name}: below {threshold:g} dB, but an fp32 island does not help ({change}; "
+                    f"needs a gain above {min_gain_db:g} dB): not proposed"
+                )
+        if not helped:
+            break
+        kept.extend(helped)
+        comparison = trial if len(helped) == len(new) else compare(kept)
+    return comparison, kept, rejected

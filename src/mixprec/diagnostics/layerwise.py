@@ -1,7 +1,8 @@
 """Per-layer error of a precision policy against FP32, and the FP32 islands that would remove it.
 
 One batch runs twice, on two deep copies of the model (the caller's model and its gradients are
-left alone): once in fp32, once under the policy (parameters cast to each module's param format,
+left alone): once in fp32, once under the policy exactly as a session runs it (parameters cast by
+:func:`mixprec.optim.cast_module` with the default FP32 islands, so norms and losses stay fp32;
 16-bit compute under :func:`mixprec.autocast` with the policy's islands). Hooks record every
 module's inputs and outputs and the gradients w.r.t. them; each pair is compared as a
 signal-to-noise ratio in dB, ``10 log10(sum ref**2 / sum (ref - test)**2)``.
@@ -18,13 +19,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixprec.compute import Backend, autocast, fp32_islands
+from mixprec.compute import DEFAULT_ISLAND_RULES, Backend, autocast, fp32_islands
 from mixprec.diagnostics._checks import (
     check_loss_fn,
     check_model,
@@ -33,6 +34,7 @@ from mixprec.diagnostics._checks import (
     run_batch,
 )
 from mixprec.diagnostics.finite import floating_tensors
+from mixprec.optim.cast import cast_module
 from mixprec.policy import Policy
 
 __all__ = ["Capture", "LayerComparison", "LayerReport", "capture", "compare_layers", "snr_db"]
@@ -111,12 +113,9 @@ def _absmax(tensors: list[torch.Tensor]) -> float:
     )
 
 
-def _cast_params(model: nn.Module, policy: Policy) -> None:
-    for name, module in model.named_modules():
-        dtype = policy.for_module(name, module).param.dtype
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)  # as Module.to does: the Parameter stays
+def session_storage(policy: Policy) -> Policy:
+    """``policy`` with the session's FP32 islands appended: the formats ``prepare`` stores in."""
+    return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
 
 
 def _record(store: dict[str, list[torch.Tensor]], name: str) -> Callable[[torch.Tensor], None]:
@@ -140,7 +139,8 @@ def capture(
 
     Args:
         model: the model; it is deep-copied, so its weights and gradients are left alone.
-        batch: ``(inputs, target)``; see :func:`mixprec.diagnostics.layerwise.compare_layers`.
+        batch: a tensor, a dict of keyword arguments or ``(inputs, target)``; see
+            :func:`mixprec.diagnostics.layerwise.compare_layers`.
         loss_fn: ``loss_fn(output, target)`` returning a scalar.
         policy: the policy to run under (``"fp32"``: the reference).
         loss_scale: the loss is multiplied by it before backward; gradients are recorded divided
@@ -159,7 +159,7 @@ def capture(
             "formats: fp32, tf32, bf16, fp16"
         )
     twin = copy.deepcopy(model)
-    _cast_params(twin, policy)
+    cast_module(twin, session_storage(policy))  # norms and losses stay fp32, as in a session
     twin.zero_grad(set_to_none=True)
     device = next(twin.parameters()).device
     record = Capture()
@@ -344,8 +344,10 @@ def compare_layers(
 
     Args:
         model: the model (deep-copied twice; left untouched).
-        batch: ``(inputs, target)``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a
-            tuple, ``model(**inputs)`` for a dict; then ``loss_fn(output, target)`` (or
+        batch: a tensor (``model(batch)``), a dict of keyword arguments (``model(**batch)``,
+            e.g. a Hugging Face batch), each followed by ``loss_fn(output)``; or a pair
+            ``(inputs, target)``: ``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple,
+            ``model(**inputs)`` for a dict, then ``loss_fn(output, target)`` (or
             ``loss_fn(output)`` when target is None).
         loss_fn: returns a scalar loss.
         policy: the policy to compare, e.g. ``"fp16-mixed"`` or a :class:`~mixprec.Policy`.
@@ -358,7 +360,7 @@ def compare_layers(
         A :class:`LayerComparison`.
 
     Raises:
-        TypeError: bad argument types; a batch that is not a pair.
+        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair.
         ValueError: a model without parameters; a threshold out of range; a non-scalar loss.
         Exception: the model's own error for a batch it cannot take, unchanged.
 
@@ -385,7 +387,7 @@ def compare_layers(
         name
         for name in innermost([layer.name for layer in layers if layer.origin])
         # a module the policy already computes in fp32 cannot be helped by another island
-        if policy.for_module(name, reference.classes[name]).compute.bits <= 16
+        if session_storage(policy).for_module(name, reference.classes[name]).compute.bits <= 16
     ]
     return LayerComparison(
         str(policy),

@@ -18,6 +18,12 @@ went bad while its output gradient was still in range is named; a bad gradient o
 module consumed comes from the caller's own code, or, at the model's output, from the loss or its
 scale.
 
+A tied weight (an LM head sharing the embedding matrix) is one tensor with one gradient, the
+sum of its uses; the event names every owner (``event.parameters``). Not every non-finite value is
+precision's fault: a batch that already holds inf/NaN is bad data (``cause="data"``), and a module
+whose own parameter already holds inf/NaN (a NaN embedding row) has bad weights
+(``cause="weights"``); neither gets a precision rule as its fix.
+
 "Out of range" means inf or NaN, and with ``fmt`` also a magnitude above that format's max: run
 the model in fp32 with ``fmt="fp16"`` and the tracer names the first module that fp16 would
 overflow, with the value it reached. Cost when attached: one reduction and one host sync per
@@ -45,6 +51,7 @@ from mixprec.formats import BF16, FP32, Format, FormatLike, resolve_format
 __all__ = ["NonFiniteEvent", "NonFiniteTracer"]
 
 Phase = Literal["forward", "backward"]
+Cause = Literal["data", "weights", "precision"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,11 @@ class NonFiniteEvent:
         output_absmax: the same for the outputs (or the gradient w.r.t. them).
         detail: what happened, in words.
         suggestion: what to change, in words.
+        cause: ``"data"`` (the batch already held inf/NaN), ``"weights"`` (a parameter of the
+            module already held inf/NaN) or ``"precision"`` (the values went out of range in the
+            computation: what a precision rule or a loss scale can fix).
+        parameters: for a parameter gradient, the parameter's qualified names; a tied weight
+            (an LM head sharing the embedding matrix) has one name per owner.
     """
 
     phase: Phase
@@ -71,6 +83,8 @@ class NonFiniteEvent:
     output_absmax: float | None
     detail: str
     suggestion: str
+    cause: Cause = "precision"
+    parameters: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return f"{self.phase}: {_display(self.module)} ({self.module_class}): {self.detail}. " + (
@@ -144,6 +158,9 @@ class NonFiniteTracer:
         self._grad_in_range: set[str] = set()
         self._watched: dict[int, tuple[weakref.ref[torch.Tensor], list[_Role]]] = {}
         self._classes: dict[str, str] = {}
+        self._modules: dict[str, nn.Module] = {}
+        self._finished: dict[str, int] = {}  # module -> when its forward last returned
+        self._clock = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -160,18 +177,27 @@ class NonFiniteTracer:
         self._active = True
         for name, module in self.model.named_modules():
             self._classes[name] = type(module).__name__
+            self._modules[name] = module
             pre = functools.partial(self._enter_module, name)
             post = functools.partial(self._leave_module, name)
             self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(
                 module.register_forward_hook(post, with_kwargs=True, always_call=True)
             )
-            if self.trace_backward:
+        if self.trace_backward:
+            # One hook per parameter with every owner: a tied weight (an LM head sharing the
+            # embedding) gets one gradient, the sum of both uses, and both names are reported.
+            owners: dict[int, tuple[nn.Parameter, list[_Role]]] = {}
+            for name, module in self.model.named_modules(remove_duplicate=False):
+                self._classes.setdefault(name, type(module).__name__)
                 for param_name, param in module.named_parameters(recurse=False):
                     if param.requires_grad:
-                        role = _Role("param", name, param_name)
-                        hook = functools.partial(self._on_grad, [role])
-                        self._handles.append(param.register_hook(hook))
+                        roles = owners.setdefault(id(param), (param, []))[1]
+                        if all(r.module != name for r in roles):
+                            roles.append(_Role("param", name, param_name))
+            for param, roles in owners.values():
+                hook = functools.partial(self._on_grad, roles)
+                self._handles.append(param.register_hook(hook))
         return self
 
     def detach(self) -> None:
@@ -243,6 +269,8 @@ class NonFiniteTracer:
         if self._stack and self._stack[-1][0] == name:
             self._stack.pop()
         caller = self._stack[-1][0] if self._stack else None
+        self._clock += 1
+        self._finished[name] = self._clock
         if output is None:  # forward raised (always_call) or returned nothing
             return
         outputs = list(floating_tensors(output))
@@ -280,13 +308,21 @@ class NonFiniteTracer:
             if culprit is None:
                 outermost = self._stack[0][0] if self._stack else name
                 detail = f"the batch given to {_display(outermost)} already holds {problem} values"
-                culprit, suggestion = outermost, "check the data pipeline"
+                culprit, suggestion = (
+                    outermost,
+                    (
+                        "bad data, not precision: check the data pipeline (no precision rule "
+                        "or loss scale can fix a non-finite input)"
+                    ),
+                )
+                cause: Cause = "data"
             else:
                 detail = (
                     f"its own code between submodules produced {problem} values that reached "
                     f"{_display(name)}"
                 )
                 suggestion = f"look at {_display(culprit)}.forward between its submodule calls"
+                cause = "precision"
             return NonFiniteEvent(
                 "forward",
                 culprit,
@@ -296,6 +332,23 @@ class NonFiniteTracer:
                 out_max,
                 detail,
                 suggestion,
+                cause=cause,
+            )
+        bad_weights = _nonfinite_params(self._modules.get(name))
+        if bad_weights:
+            return NonFiniteEvent(
+                "forward",
+                name,
+                self._classes[name],
+                problem,
+                in_max_or_none,
+                out_max,
+                f"its {' and '.join(bad_weights)} already held non-finite values before this "
+                f"forward, so its output is {problem}: bad weights, not precision",
+                "no precision rule or loss scale can fix a non-finite weight: reload a good "
+                "checkpoint, or find the step that wrote it (a NaN embedding row comes from the "
+                "data or an update that was not skipped)",
+                cause="weights",
             )
         dtype = outputs[0].dtype
         if out_nan and not out_inf:
@@ -374,10 +427,11 @@ class NonFiniteTracer:
         )
         producers = sorted((r for r in roles if r.kind == "output"), key=lambda r: _depth(r.module))
         fix = "lower the loss scale (see mixprec.diagnostics.underflow_report), or use bf16"
-        if params or (consumers and consumers[0].module in self._grad_in_range) or not producers:
-            role = params[0] if params else consumers[0]
-            what = f"parameter {role.extra!r}" if role.kind == "param" else "input"
-            detail = f"the gradient of its {what} became {problem} (abs-max {absmax:.3g})"
+        if params:
+            return self._param_event(params, problem, absmax, fix)
+        if (consumers and consumers[0].module in self._grad_in_range) or not producers:
+            role = consumers[0]
+            detail = f"the gradient of its input became {problem} (abs-max {absmax:.3g})"
             if role.module in self._grad_in_range:
                 detail += " while the gradient w.r.t. its output was in range"
             return NonFiniteEvent(
@@ -385,7 +439,7 @@ class NonFiniteTracer:
                 role.module,
                 self._classes[role.module],
                 problem,
-                absmax if role.kind == "input" else None,
+                absmax,
                 None,
                 detail,
                 f"run it in fp32 in the backward too (policy rule '{role.module} -> fp32'), "
@@ -417,3 +471,50 @@ class NonFiniteTracer:
             "activation or a residual add)",
             f"run {_display(caller)} in fp32 (policy rule '{caller} -> fp32'), or {fix}",
         )
+
+    def _param_event(
+        self, params: list[_Role], problem: str, absmax: float, fix: str
+    ) -> NonFiniteEvent:
+        # A tied weight has one gradient, the sum of all its uses; the owner that ran last in
+        # the forward (an LM head after the embedding) is the first whose backward adds to it.
+        role = max(params, key=lambda r: self._finished.get(r.module, 0))
+        names = tuple(f"{r.module}.{r.extra}" if r.module else str(r.extra) for r in params)
+        detail = (
+            f"the gradient of its parameter {role.extra!r} became {problem} (abs-max {absmax:.3g})"
+        )
+        if len(names) > 1:
+            detail += f"; the weight is tied: one tensor shared by {' and '.join(names)}, whose "
+            detail += "gradient sums the contributions of every owner"
+        elif role.module in self._grad_in_range:
+            detail += " while the gradient w.r.t. its output was in range"
+        rules = ", ".join(f"'{r.module} -> fp32'" for r in params)
+        return NonFiniteEvent(
+            "backward",
+            role.module,
+            self._classes[role.module],
+            problem,
+            None,
+            None,
+            detail,
+            f"run {'them' if len(params) > 1 else 'it'} in fp32 in the backward too "
+            f"(policy rule{'s' if len(params) > 1 else ''} {rules}), or {fix}",
+            parameters=names,
+        )
+
+
+def _nonfinite_params(module: nn.Module | None) -> list[str]:
+    """The module's own parameters holding inf or NaN, described (rows for a matrix)."""
+    if module is None:
+        return []
+    found = []
+    for name, param in module.named_parameters(recurse=False):
+        bad = ~torch.isfinite(param.detach())
+        if not bool(bad.any()):
+            continue
+        if bad.dim() > 1:
+            rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            shown = ", ".join(map(str, rows[:3])) + (", ..." if len(rows) > 3 else "")
+            found.append(f"parameter {name!r} ({len(rows)} rows: {shown})")
+        else:
+            found.append(f"parameter {name!r}")
+    return found
