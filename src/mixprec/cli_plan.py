@@ -55,7 +55,12 @@ def add_plan_parser(sub: Any) -> None:
     plan = sub.add_parser("plan", help="memory per rank for a model size, world and strategy")
     plan.add_argument("--params", type=float, required=True, help="parameter count, e.g. 7e9")
     plan.add_argument("--world", type=int, default=1, help="ranks (%(default)s)")
-    plan.add_argument("--strategy", default="fsdp2", choices=("single", "ddp", "fsdp2"))
+    plan.add_argument(
+        "--strategy",
+        default="fsdp2",
+        choices=("single", "ddp", "fsdp2"),
+        help="single process, DDP replicas, or FSDP2 shards (%(default)s)",
+    )
     plan.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
     plan.add_argument("--tensors", type=int, default=0, help="parameter tensors (AdamW steps)")
     plan.add_argument("--layers", type=int, default=None, help="transformer blocks")
