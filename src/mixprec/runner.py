@@ -59,7 +59,8 @@ _TIMING_WARMUP = 3
 _PROBE_SAMPLES = 2
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")
-"""The files a run writes into its folder."""
+"""The files a run writes into its folder (``checkpoint.pt`` is a sharded checkpoint folder for a
+run under a process group)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dist_spawn import WORLD, free_port
 from torch import nn
 
 from mixprec import MixedPrecision
-from mixprec.checkpoint import load_checkpoint
+from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.cli import main
 from mixprec.diagnostics import read_metrics
 from mixprec.distributed import checkpoint as sharded_checkpoint
@@ -79,6 +79,13 @@ def _runner_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"batch size 7 cannot be split over 2 ranks"):
         train(digits(batch=7), Recipe.parse("fp32"), out / "odd")
     res["odd_written"] = (out / "odd").exists()
+    # A one-process checkpoint file cannot continue as shards: refused, the run left as it was.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "single").iterdir())
+    with pytest.raises(CheckpointError, match=r"one-process checkpoint file; resume it without"):
+        train(digits(), Recipe.parse("fp32"), out / "single", resume=True)
+    res["single_unchanged"] = before == sorted(
+        (p.name, p.stat().st_mtime_ns) for p in (out / "single").iterdir()
+    )
 
     # The runner, uninterrupted, and killed after its step-2 checkpoint then resumed.
     recipe = Recipe.parse("fp16-mixed")
@@ -162,10 +169,12 @@ def _worker(rank: int, ports: list[int], out: Path) -> None:
 
 @pytest.mark.slow
 def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(tmp_path):
+    train(digits(), Recipe.parse("fp32"), tmp_path / "single")
     ports = [free_port() for _ in range(3)]
     torch.multiprocessing.spawn(_worker, args=(ports, tmp_path), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"res{r}.pt") for r in range(WORLD)]
     assert not any(r["odd_written"] for r in res)
+    assert all(r["single_unchanged"] for r in res)
 
     # Resume: the same weights and the same losses and scales as the uninterrupted run.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
