@@ -5,6 +5,10 @@ Subcommands:
     doctor    what this device can do, the precision ``auto`` picks and why, the op table.
     compare   train built-in tasks under several precisions side by side; writes a report.
     train     train one task under one precision, with checkpoints and ``--resume``.
+
+``train`` and ``compare`` launched by ``torchrun --nproc-per-node N -m mixprec ...`` train
+data-parallel over the N ranks (:mod:`mixprec.distributed.launch`); rank 0 prints and writes
+the report.
     advise    recommend a precision policy for a built-in task's model, with the reasons.
     explain   per module of a task's model: the format and bytes of weights, compute, saved
               activations, gradients and master copy under a policy (a table and a PNG).
@@ -13,9 +17,11 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,13 +154,34 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
 def _progress() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
+    from mixprec.distributed import launch
+
     return Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=False,
+        disable=launch.rank() != 0,  # one bar per run, not one per rank
     )
+
+
+def _data_parallel(command: Any) -> Any:
+    """Run ``command(args)`` inside torchrun's process group (when launched by torchrun), with
+    this rank's device in ``args.device``; output of ranks other than 0 is silenced."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        from mixprec.distributed import launch
+
+        with launch.torchrun_group(args.device) as device:
+            args.device = device
+            if launch.rank() != 0:
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                    return int(command(args))
+            return int(command(args))
+
+    return run
 
 
 def _output_folder(path: str) -> Path:
@@ -170,7 +197,7 @@ def _advance(progress: Any, bar: Any, done: int) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mixprec.report import comparison_rows, write_report
+    from mixprec.report import comparison_rows, world_line, write_report
     from mixprec.runner import Recipe, RunResult, train
 
     recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
@@ -211,8 +238,13 @@ def _compare(args: argparse.Namespace) -> int:
         console.print(table)
         backends = sorted({r.backend for r in runs})
         console.print(f"  settings {runs[0].task}; backends: {', '.join(backends)}")
-    report = write_report(groups, folder, "mixprec " + " ".join(sys.argv[1:]))
-    console.print(f"report: {report}")
+        if runs[0].world_size > 1:
+            console.print(f"  {world_line(runs)}")
+    from mixprec.distributed import launch
+
+    if launch.rank() == 0:
+        report = write_report(groups, folder, "mixprec " + " ".join(sys.argv[1:]))
+        console.print(f"report: {report}")
     return 0
 
 
@@ -241,8 +273,9 @@ def _train(args: argparse.Namespace) -> int:
             on_step=lambda done: progress.update(bar, completed=done),
         )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+    where = f" on {result.world_size} ranks ({result.strategy})" if result.world_size > 1 else ""
     Console(highlight=False).print(
-        f"{args.task} {recipe.name}: train loss {result.final_train_loss:.4f}, {metrics}, "
+        f"{args.task} {recipe.name}{where}: train loss {result.final_train_loss:.4f}, {metrics}, "
         f"{result.ms_per_step:.1f} ms/step, skipped {result.skipped_steps} -> {folder}"
     )
     return 0
@@ -450,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder, recomputed on every run (%(default)s)",
     )
     _add_run_options(compare)
-    compare.set_defaults(run=_compare)
+    compare.set_defaults(run=_data_parallel(_compare))
 
     train = sub.add_parser("train", help="train one task under one precision")
     train.add_argument(
@@ -476,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also checkpoint every this many steps, >= 1 (%(default)s)",
     )
     _add_run_options(train)
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_data_parallel(_train))
 
     advise = sub.add_parser("advise", help="recommend a precision policy for a task's model")
     advise.add_argument(

@@ -19,7 +19,7 @@ from mixprec.runner import RunResult
 if TYPE_CHECKING:
     from mixprec.diagnostics import Explanation
 
-__all__ = ["comparison_rows", "explain_section", "plot_runs", "write_report"]
+__all__ = ["comparison_rows", "explain_section", "plot_runs", "world_line", "write_report"]
 
 _COLUMNS = (
     "precision",
@@ -192,6 +192,27 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def world_line(results: Sequence[RunResult]) -> str:
+    """Where the runs trained: one process, or the world size, the strategy and the bytes each
+    rank all-reduced per step in each run's reduce format (what the DDP hook counted)."""
+    first = results[0]
+    if first.world_size == 1 and first.strategy == "single":
+        return "World size: 1 (one process)."
+    moved = ", ".join(
+        f"{r.recipe} {_bytes(r.reduce_bytes_per_step)} in {r.reduce_format}" for r in results
+    )
+    return (
+        f"World size: {first.world_size} ({first.strategy}, each rank a slice of the global "
+        f"batch). All-reduced per step by each rank: {moved}."
+    )
+
+
+def _bytes(count: float | None) -> str:
+    if count is None:
+        return "-"
+    return f"{count / 2**10:.1f} KiB" if count < 2**20 else f"{count / 2**20:.2f} MiB"
+
+
 def explain_section(explanation: Explanation, folder: Path, prefix: str) -> list[str]:
     """The report lines that show where one model's memory and precision go under a policy.
 
@@ -225,7 +246,8 @@ def write_report(
     parts = ["# mixprec compare", "", f"Command: `{command}`", ""]
     for name, results in groups.items():
         task = results[0].task
-        parts += [f"## {name}", "", f"Task settings: `{task}`", "", markdown_table(results), ""]
+        parts += [f"## {name}", "", f"Task settings: `{task}`", "", world_line(results), ""]
+        parts += [markdown_table(results), ""]
         for path in plot_runs(results, folder, name):
             parts += [f"![{path.stem}]({path.name})", ""]
         if explanations and name in explanations:

@@ -9,6 +9,13 @@ resume checks the task (every size that shapes the model, the data's digest), th
 the resolved autocast backend against the checkpoint; and a folder that holds a run is never
 written over unless asked (``overwrite``). A batch size is checked against the memory the device
 has before the first batch is built, from a measurement on two samples.
+
+Under a process group (``torchrun``) the run is data-parallel over the world: each rank trains
+its slice of the same global batch (:mod:`mixprec.distributed.launch`) on a model wrapped by
+``MixedPrecision.ddp``; ``checkpoint.pt`` is then a sharded checkpoint folder (each rank its
+shards and RNG state), rank 0 writes ``metrics.jsonl`` (the loss averaged over the ranks) and
+``result.json`` (with the world size, the strategy and the bytes all-reduced per step), and the
+checks that refuse a run are made on every rank before any rank writes.
 """
 
 from __future__ import annotations
@@ -17,17 +24,20 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.diagnostics import read_metrics
+from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
 from mixprec.session import _UPDATE_MODES, MixedPrecision, _check_device
@@ -49,7 +59,8 @@ _TIMING_WARMUP = 3
 _PROBE_SAMPLES = 2
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")
-"""The files a run writes into its folder."""
+"""The files a run writes into its folder (``checkpoint.pt`` is a sharded checkpoint folder for a
+run under a process group)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,10 @@ class RunResult:
     losses: list[float] = field(default_factory=list, repr=False)
     scales: list[float] = field(default_factory=list, repr=False)
     grad_log2: list[float] = field(default_factory=list, repr=False)
+    world_size: int = 1
+    strategy: str = "single"  # "single" (one process) or "ddp" (data-parallel over the world)
+    reduce_format: str | None = None  # the policy's reduce format, under ddp
+    reduce_bytes_per_step: float | None = None  # bytes each rank all-reduced per step, under ddp
 
     def save(self, folder: Path) -> None:
         """Write ``result.json`` into ``folder``."""
@@ -268,7 +283,9 @@ def train(
     Raises:
         ValueError: ``out`` is empty or a file, or holds a run and neither ``resume`` nor
             ``overwrite`` is set (or both are); a checkpoint of another task, recipe, backend or
-            model shape; a ``checkpoint_every`` below 1; a batch that does not fit in memory.
+            model shape; a ``checkpoint_every`` below 1; a batch that does not fit in memory; under
+            a process group, a batch size the world size does not divide, or a one-process
+            checkpoint to resume from.
         RuntimeError: ``device`` does not exist on this machine.
     """
     if not str(out).strip():
@@ -285,22 +302,36 @@ def train(
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
+    rank, world = launch.rank(), launch.world_size()
+    parallel = dist.is_available() and dist.is_initialized()
+    if parallel:
+        launch.check_divisible(task.config.batch_size, world)
     _check_run_folder(folder, resume=resume, overwrite=overwrite)
     _check_device(device)
     checkpoint = folder / "checkpoint.pt"
     metrics_file = folder / "metrics.jsonl"
     resuming = resume and checkpoint.exists()
+    if resuming and parallel and not checkpoint.is_dir():
+        raise CheckpointError(
+            f"cannot resume from {str(checkpoint)!r} on {world} ranks: it is a one-process "
+            "checkpoint file; resume it without torchrun, or start a new run"
+        )
     # Everything is checked before a file is touched: a refused run loses nothing.
-    run_backend = _dry_run(task, recipe, device, backend)
+    run_backend = _dry_run(task, recipe, device, backend, task.config.batch_size // world)
     start = _resume_step(checkpoint, task, recipe, run_backend) if resuming else 0
     model = task.build_model()
     optimizer = task.build_optimizer(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for name in RUN_FILES:
-            (folder / name).unlink(missing_ok=True)
-    kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop what is redone
-    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if parallel:
+        dist.barrier()  # every rank has checked the folder before rank 0 changes it
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                _remove(folder / name)
+        kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop the redone
+        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if parallel:
+        dist.barrier()
     mp = MixedPrecision(
         recipe.policy,
         device,
@@ -310,27 +341,30 @@ def train(
         metrics=folder,
     )
     model, optimizer = mp.prepare(model, optimizer)
+    net = model  # the plain module: probes and evaluation run outside DDP's reducer
+    if parallel:
+        model = mp.ddp(model)
     if resuming:
         mp.load(checkpoint, model, optimizer)
-    x0, _ = task.batch(0)
+    x0 = launch.local_slice(task.batch(0)[0], rank, world)
 
     def probe_forward() -> torch.Tensor:
         with mp.autocast():
-            return model(x0.to(mp.device))
+            return net(x0.to(mp.device))
 
-    saved = activation_bytes(model, probe_forward)
+    saved = activation_bytes(net, probe_forward)
     grad_log2: list[float] = []
     state_bytes = math.nan
     with mp:
         for step in range(start, task.config.steps):
-            x, y = (t.to(mp.device) for t in task.batch(step))
+            x, y = (launch.local_slice(t, rank, world).to(mp.device) for t in task.batch(step))
             with mp.autocast():
                 loss = task.loss(model(x), y)
             mp.backward(loss)
             report = mp.step(optimizer)
             if step == task.config.steps - 1:  # gradients exist now: measure with them
-                grad_log2 = _grad_log2(model, report.scale)
-                state_bytes = memory_report(model, optimizer).per_param["total"]
+                grad_log2 = _grad_log2(net, report.scale)
+                state_bytes = memory_report(net, optimizer).per_param["total"]
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if checkpoint_every and done % checkpoint_every == 0 and done < task.config.steps:
@@ -340,6 +374,8 @@ def train(
         mp.save(
             checkpoint, model, optimizer, **_extra(task, recipe, run_backend, task.config.steps)
         )
+    if parallel:
+        dist.barrier()  # rank 0 has closed metrics.jsonl
     history = read_metrics(metrics_file)
     times = [float(r["seconds"]) for r in history if r["step"] >= start]
     losses = [float(r["loss"]) for r in history]
@@ -351,7 +387,7 @@ def train(
         backend=run_backend,
         steps=task.config.steps,
         final_train_loss=statistics.fmean(losses[-tail:]) if losses else math.nan,
-        metrics=task.evaluate(model, mp.autocast),
+        metrics=task.evaluate(net, mp.autocast),
         ms_per_step=1e3 * statistics.median(steady) if steady else math.nan,
         activation_bytes=saved,
         state_bytes_per_param=float(state_bytes),
@@ -360,18 +396,40 @@ def train(
         losses=losses,
         scales=[float(r["loss_scale"]) for r in history],
         grad_log2=grad_log2,
+        **_parallel_figures(model, world, task.config.steps - start) if parallel else {},
     )
-    result.save(folder)
+    if rank == 0:
+        result.save(folder)
     return result
 
 
-def _dry_run(task: Task, recipe: Recipe, device: str, backend: str) -> str:
-    """Check the session and the batch's memory on a throwaway copy of the run; return the
-    backend the run's numerics depend on (the resolved one, or "fp32" for fp32 compute)."""
+def _parallel_figures(model: nn.Module, world: int, steps: int) -> dict[str, Any]:
+    """The data-parallel fields of a result: world, strategy, reduce format and bytes per step."""
+    state = cast(ReduceState, model.mixprec_reduce)  # set by mixprec.distributed.ddp
+    return {
+        "world_size": world,
+        "strategy": "ddp",
+        "reduce_format": str(state.dtype).removeprefix("torch."),
+        "reduce_bytes_per_step": state.bytes_reduced / steps if steps else None,
+    }
+
+
+def _remove(path: Path) -> None:
+    """Remove a run file: a one-process checkpoint file or a sharded checkpoint folder."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _dry_run(task: Task, recipe: Recipe, device: str, backend: str, batch_size: int) -> str:
+    """Check the session and the batch's memory (``batch_size`` samples per process) on a
+    throwaway copy of the run; return the backend the run's numerics depend on (the resolved
+    one, or "fp32" for fp32 compute)."""
     mp = MixedPrecision(recipe.policy, device, backend=backend, update=recipe.update)  # type: ignore[arg-type]
     model = mp.prepare(task.build_model())
     per_sample = bytes_per_sample(task, model, mp.autocast)
-    check_batch_memory(task.config.batch_size, per_sample, available_memory(mp.device))
+    check_batch_memory(batch_size, per_sample, available_memory(mp.device))
     return mp.backend if mp.policy.compute.bits <= 16 else "fp32"
 
 
@@ -401,7 +459,12 @@ def _check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
 
 def _resume_step(checkpoint: Path, task: Task, recipe: Recipe, backend: str) -> int:
     """The step a checkpoint was written at, once it is of this task, recipe and backend."""
-    extra = load_checkpoint(checkpoint).get("extra", {})
+    if checkpoint.is_dir():  # sharded, by a run under torchrun
+        from mixprec.distributed.checkpoint import read_state
+
+        extra = read_state(checkpoint).get("extra", {})
+    else:
+        extra = load_checkpoint(checkpoint).get("extra", {})
     cannot = f"cannot resume from {str(checkpoint)!r}"
     here = json.loads(json.dumps(task.describe()))  # as the checkpoint stores it
     try:

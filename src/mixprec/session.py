@@ -48,6 +48,7 @@ from mixprec.diagnostics import (
     nonfinite_grads,
     underflow_report,
 )
+from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
 from mixprec.distributed import check_prepare_order, ddp, would_recast
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
@@ -60,6 +61,7 @@ from mixprec.optim import (
 from mixprec.policy import Policy
 from mixprec.scaling import GradScaler
 from mixprec.scaling._checks import parse_state_dict
+from mixprec.scaling._distributed import agreement_groups
 
 __all__ = ["MixedPrecision", "StepReport", "UpdateMode", "needs_loss_scaling"]
 
@@ -147,6 +149,9 @@ class MixedPrecision:
             gradients).
         metrics: a folder to append one JSON line per step to (``metrics.jsonl``): loss, loss
             scale, skipped, grad norm, step time, non-finite parameters, underflow fractions.
+            Under a process group, a DDP or FSDP2 model's first rank writes it with the loss
+            averaged over the ranks (every rank must step); a model local to its rank writes
+            ``metrics.rank<r>.jsonl``.
         tensorboard: also write the metrics as TensorBoard scalars (needs ``tensorboard``).
 
     Raises:
@@ -219,7 +224,9 @@ class MixedPrecision:
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self._trace = trace
         self._track_underflow = track_underflow
-        self._writer = MetricsWriter(metrics, tensorboard=tensorboard) if metrics else None
+        # Under a process group the file depends on the model's ranks: opened at the first step.
+        self._metrics = (metrics, tensorboard) if metrics else None
+        self._writer = None if not metrics or _distributed() else self._open_metrics(metrics)
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
         self._steps = 0
@@ -377,9 +384,34 @@ class MixedPrecision:
         self._loss_sum, self._micro_batches, self._started = None, 0, None
         if self._tracer is not None:
             self._tracer.reset()
-        if self._writer is not None:
-            self._writer.log(report.step, {**_metrics_of(report), **self._fp8_metrics()})
+        if self._metrics is not None:
+            self._log(report, optimizers)
         return report
+
+    def _open_metrics(self, folder: Any, filename: str = "metrics.jsonl") -> MetricsWriter:
+        tensorboard = self._metrics is not None and self._metrics[1]
+        return MetricsWriter(folder, tensorboard=tensorboard, filename=filename)
+
+    def _log(self, report: StepReport, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
+        """One metrics line; under a process group, the loss averaged over the model's ranks,
+        written by the first of them (see :func:`mixprec.diagnostics.metrics.rank_metrics_file`)."""
+        values = {**_metrics_of(report), **self._fp8_metrics()}
+        if _distributed():
+            params = (
+                self._model.parameters()
+                if self._model is not None
+                else (p for opt in optimizers for p in _params_of(opt))
+            )
+            groups = agreement_groups(params, "auto")
+            if report.loss is not None:
+                values["loss"] = group_mean(report.loss, groups, self.device)
+            if self._writer is None and self._metrics is not None:
+                filename = rank_metrics_file(groups)
+                if filename is None:
+                    return
+                self._writer = self._open_metrics(self._metrics[0], filename)
+        if self._writer is not None:
+            self._writer.log(report.step, values)
 
     def _check_steppable(self, optimizer: object) -> None:
         """Refuse an optimizer whose step would not change the prepared model."""
@@ -407,6 +439,7 @@ class MixedPrecision:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._metrics = None
 
     def __enter__(self) -> MixedPrecision:
         return self
@@ -638,11 +671,14 @@ class MixedPrecision:
         return explain(model, self.policy, example, backend=self._region_args["backend"])
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _saves_sharded(path: str | os.PathLike[str]) -> bool:
     """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or
     into an existing folder."""
-    initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return initialised or Path(path).is_dir()
+    return _distributed() or Path(path).is_dir()
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:

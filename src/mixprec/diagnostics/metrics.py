@@ -8,6 +8,12 @@ is flushed as it is written, so a resumed run continues the same file and a cras
 
 The session records, per step, the keys in :data:`STEP_KEYS`; :meth:`UnderflowReport.metrics
 <mixprec.diagnostics.underflow.UnderflowReport.metrics>` supplies the underflow ones.
+
+Under ``torch.distributed`` (:func:`rank_metrics_file`, :func:`group_mean`): a data-parallel
+model's ranks train one model, so one line per step is written, by the first rank of the
+model's process groups, with the loss averaged over them (the loss of the global batch); a
+model that is not data-parallel trains on its own rank, so each rank writes its own
+``metrics.rank<r>.jsonl``. No two processes append to one file.
 """
 
 from __future__ import annotations
@@ -16,14 +22,15 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["STEP_KEYS", "MetricsWriter", "read_metrics"]
+__all__ = ["STEP_KEYS", "MetricsWriter", "group_mean", "rank_metrics_file", "read_metrics"]
 
 STEP_KEYS = (
     "loss",
@@ -186,3 +193,46 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
                     {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
                 )
     return rows
+
+
+def rank_metrics_file(groups: Sequence[Any]) -> str | None:
+    """The metrics file this process writes, or None when another rank writes its model's.
+
+    Args:
+        groups: the process groups the model is data-parallel over (None in it: the world), as
+            :func:`mixprec.scaling._distributed.agreement_groups` finds them; empty for a model
+            local to this rank.
+
+    Returns:
+        ``"metrics.jsonl"`` without a process group, or on the rank that is first in every one
+        of ``groups``; None on the other ranks of ``groups``; ``"metrics.rank<r>.jsonl"`` for a
+        model local to rank ``r`` of an initialised process group.
+
+    Example:
+        >>> rank_metrics_file([])  # no process group
+        'metrics.jsonl'
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return "metrics.jsonl"
+    if not groups:
+        return f"metrics.rank{dist.get_rank()}.jsonl"
+    return "metrics.jsonl" if all(dist.get_rank(group) == 0 for group in groups) else None
+
+
+def group_mean(value: float, groups: Sequence[Any], device: str | torch.device = "cpu") -> float:
+    """The mean of ``value`` over the ranks of ``groups`` (a collective on each; in turn).
+
+    Averaging over the groups one after another is the mean over all their ranks for a device
+    mesh's groups and the plain mean for one group; no groups returns ``value``.
+
+    Example:
+        >>> group_mean(2.5, [])
+        2.5
+    """
+    if not groups:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)  # nccl: a cuda device
+    for group in groups:
+        dist.all_reduce(total, group=group)
+        total /= dist.get_world_size(group)
+    return float(total.item())

@@ -44,7 +44,7 @@ from mixprec.checkpoint import CheckpointError, check_loadable, load_checkpoint,
 from mixprec.optim._wrapper import WrappedOptimizer
 from mixprec.scaling._distributed import is_dtensor
 
-__all__ = ["is_sharded_checkpoint", "load", "save"]
+__all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
 
 _LATEST = "LATEST"
 
@@ -223,6 +223,17 @@ def _current_version(root: Path) -> Path:
     if not version.is_dir():
         raise CheckpointError(f"checkpoint {str(root)!r}: {_LATEST} names {name!r}, not found")
     return version
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The plain values rank 0 saved (``state`` of :func:`save`), loading nothing else.
+
+    What a caller checks before it builds anything to load into (the run a checkpoint is of).
+
+    Raises:
+        CheckpointError: not a sharded checkpoint, or a damaged rank file.
+    """
+    return dict(load_checkpoint(_current_version(Path(path)) / "rank0.pt").get("state", {}))
 
 
 def _check_shapes(version: Path, expected: Mapping[str, Any]) -> None:
