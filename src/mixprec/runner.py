@@ -317,7 +317,11 @@ def train(
         with mp.autocast():
             return model(x0.to(mp.device))
 
+    kept_buffers = {name: b.clone() for name, b in model.named_buffers()}
     saved = activation_bytes(model, probe_forward)
+    with torch.no_grad():  # the probe is no training step: BatchNorm's statistics stay as they were
+        for name, buffer in model.named_buffers():
+            buffer.copy_(kept_buffers[name])
     grad_log2: list[float] = []
     state_bytes = math.nan
     with mp:
