@@ -6,14 +6,19 @@ Design note: the session owns no math. ``prepare`` applies the policy with the l
 chosen by where the update happens (fp32 master weights, stochastic rounding, Kahan, or plain
 round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows every format
 the policy and its rules use (:func:`needs_loss_scaling`: dynamic when any is fp16 or fp8, none
-for bf16/fp32; the off mode has the same interface). ``step`` then runs
+for bf16/fp32; the off mode has the same interface). After ``prepare`` every call of the model
+runs under the policy's autocast region and returns its outputs in the policy's ``output`` format:
+a forward pre-hook enters the region and an always-called forward hook leaves it, so eval loops,
+``no_grad`` and ``generate`` need no ``with`` block (``wrap_forward=False`` opts out; an explicit
+``mp.autocast()`` around the call stays harmless). ``step`` then runs
 unscale -> clip -> skip-or-step -> master write-back -> scale update and reports what happened.
+Floating buffers keep their dtype (``cast_buffers=True`` casts them), and the modules a model
+declares fp32 (Hugging Face's ``_keep_in_fp32_modules``) are stored and computed in fp32.
 
     mp = MixedPrecision("bf16-mixed")
     model, optimizer = mp.prepare(model, optimizer)
     for x, y in data:
-        with mp.autocast():
-            loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x), y)  # the forward runs under the policy
         mp.backward(loss)
         mp.step(optimizer, max_grad_norm=1.0)
         optimizer.zero_grad()
