@@ -25,7 +25,8 @@ class CNNTask(DigitsTask):
 
     Args:
         config: steps, batch size, learning rate and seed (default :attr:`DEFAULT_CONFIG`:
-            300 steps, batch 64, AdamW at 1e-3).
+            200 steps, batch 32, AdamW at 2e-3: a comparison of five precisions stays well under
+            a minute on two CPU cores).
         channels: channels of the first conv stage (the second has twice as many).
 
     Example:
@@ -36,9 +37,9 @@ class CNNTask(DigitsTask):
     """
 
     name = "cnn"
-    DEFAULT_CONFIG = TaskConfig(steps=300, batch_size=64, lr=1e-3)
+    DEFAULT_CONFIG = TaskConfig(steps=200, batch_size=32, lr=2e-3)
 
-    def __init__(self, config: TaskConfig | None = None, channels: int = 16) -> None:
+    def __init__(self, config: TaskConfig | None = None, channels: int = 8) -> None:
         super().__init__(config or self.DEFAULT_CONFIG)
         self.channels = channels
 
