@@ -134,10 +134,11 @@ def _doctor(args: argparse.Namespace) -> int:
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
     from mixprec.tasks import TASKS, TaskConfig, make_task
 
-    if args.data is not None and task_name != "charlm" and args.task != "all":
+    text_task = task_name in _TEXT_TASKS
+    if args.data is not None and not text_task and args.task not in _TASK_SETS:
         raise ValueError(
-            f"--data {args.data!r} is for the charlm task only: {task_name} trains on its own "
-            "bundled data; drop --data, or use --task charlm"
+            f"--data {args.data!r} is for the charlm task only (and gpt2, on the same text): "
+            f"{task_name} trains on its own bundled data; drop --data, or use --task charlm"
         )
     defaults = TASKS[task_name].DEFAULT_CONFIG
     config = TaskConfig(
@@ -147,7 +148,7 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
         weight_decay=defaults.weight_decay,
         seed=args.seed,
     )
-    options = {"data": args.data} if task_name == "charlm" and args.data is not None else {}
+    options = {"data": args.data} if text_task and args.data is not None else {}
     return make_task(task_name, config, **options)
 
 
@@ -203,7 +204,9 @@ def _compare(args: argparse.Namespace) -> int:
     recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
     if not recipes:
         raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
-    names = ["digits", "charlm"] if args.task == "all" else [args.task]
+    from mixprec.tasks import DEFAULT_TASKS, TASKS
+
+    names = {"default": list(DEFAULT_TASKS), "all": list(TASKS)}.get(args.task, [args.task])
     tasks = {name: _task_options(args, name) for name in names}
     folder = _output_folder(args.out)
     console = Console(highlight=False)
@@ -354,6 +357,8 @@ def _positive_int(name: str) -> Any:
 
 
 _MAX_LR = 1.0
+_TEXT_TASKS = ("charlm", "gpt2")  # the tasks that train on text, and so take --data
+_TASK_SETS = ("default", "all")  # --task values that name several tasks
 
 
 def _learning_rate(text: str) -> float:
@@ -463,13 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_doctor)
 
     from mixprec.runner import DEFAULT_RECIPES
+    from mixprec.tasks import TASKS
 
     compare = sub.add_parser("compare", help="train under several precisions side by side")
     compare.add_argument(
         "--task",
-        default="all",
-        choices=("all", "digits", "charlm"),
-        help="the built-in task to train (%(default)s: both)",
+        default="default",
+        choices=(*_TASK_SETS, *TASKS),
+        help="the built-in task to train (default: charlm and cnn, a transformer and a CNN; "
+        "all: every task, gpt2 needs transformers)",
     )
     compare.add_argument(
         "--precisions",
@@ -487,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one task under one precision")
     train.add_argument(
-        "--task", required=True, choices=("digits", "charlm"), help="the built-in task to train"
+        "--task", required=True, choices=tuple(TASKS), help="the built-in task to train"
     )
     train.add_argument("--precision", default="bf16-mixed", help="POLICY[/UPDATE] (%(default)s)")
     train.add_argument(
@@ -513,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     advise = sub.add_parser("advise", help="recommend a precision policy for a task's model")
     advise.add_argument(
-        "--task", required=True, choices=("digits", "charlm"), help="the built-in task's model"
+        "--task", required=True, choices=tuple(TASKS), help="the built-in task's model"
     )
     advise.add_argument(
         "--threshold-db",

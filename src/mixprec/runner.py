@@ -352,7 +352,11 @@ def train(
         with mp.autocast():
             return net(x0.to(mp.device))
 
+    kept_buffers = {name: b.clone() for name, b in net.named_buffers()}
     saved = activation_bytes(net, probe_forward)
+    with torch.no_grad():  # the probe is no training step: BatchNorm's statistics stay as they were
+        for name, buffer in net.named_buffers():
+            buffer.copy_(kept_buffers[name])
     grad_log2: list[float] = []
     state_bytes = math.nan
     with mp:

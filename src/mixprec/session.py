@@ -6,14 +6,19 @@ Design note: the session owns no math. ``prepare`` applies the policy with the l
 chosen by where the update happens (fp32 master weights, stochastic rounding, Kahan, or plain
 round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows every format
 the policy and its rules use (:func:`needs_loss_scaling`: dynamic when any is fp16 or fp8, none
-for bf16/fp32; the off mode has the same interface). ``step`` then runs
+for bf16/fp32; the off mode has the same interface). After ``prepare`` every call of the model
+runs under the policy's autocast region and returns its outputs in the policy's ``output`` format:
+a forward pre-hook enters the region and an always-called forward hook leaves it, so eval loops,
+``no_grad`` and ``generate`` need no ``with`` block (``wrap_forward=False`` opts out; an explicit
+``mp.autocast()`` around the call stays harmless). ``step`` then runs
 unscale -> clip -> skip-or-step -> master write-back -> scale update and reports what happened.
+Floating buffers keep their dtype (``cast_buffers=True`` casts them), and the modules a model
+declares fp32 (Hugging Face's ``_keep_in_fp32_modules``) are stored and computed in fp32.
 
     mp = MixedPrecision("bf16-mixed")
     model, optimizer = mp.prepare(model, optimizer)
     for x, y in data:
-        with mp.autocast():
-            loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x), y)  # the forward runs under the policy
         mp.backward(loss)
         mp.step(optimizer, max_grad_norm=1.0)
         optimizer.zero_grad()
@@ -24,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -58,17 +63,24 @@ from mixprec.optim import (
     StochasticRoundingOptimizer,
     cast_module,
 )
-from mixprec.policy import Policy
+from mixprec.policy import ModuleRule, Policy, cast_floating
 from mixprec.scaling import GradScaler
 from mixprec.scaling._checks import parse_state_dict
 from mixprec.scaling._distributed import agreement_groups
 
-__all__ = ["MixedPrecision", "StepReport", "UpdateMode", "needs_loss_scaling"]
+__all__ = [
+    "MixedPrecision",
+    "StepReport",
+    "UpdateMode",
+    "fp32_attribute_rules",
+    "needs_loss_scaling",
+]
 
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 _UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _STATE_VERSION = 1
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 
 
 def needs_loss_scaling(policy: Policy) -> bool:
@@ -153,21 +165,31 @@ class MixedPrecision:
             averaged over the ranks (every rank must step); a model local to its rank writes
             ``metrics.rank<r>.jsonl``.
         tensorboard: also write the metrics as TensorBoard scalars (needs ``tensorboard``).
+        wrap_forward: after :meth:`prepare`, every call of the model runs under the policy's
+            autocast region and returns its floating outputs in the policy's ``output`` format,
+            with no ``with`` block (training, eval, ``no_grad``, HF ``generate``). ``False``
+            leaves the model's calls as they are: enter :meth:`autocast` yourself.
+        cast_buffers: also cast floating buffers to the param format. By default buffers keep
+            their dtype under every policy (rotary ``inv_freq``, running statistics).
+        fp32_attributes: names of module attributes that list module name patterns to keep in
+            fp32 (params stored in fp32, compute in fp32), as Hugging Face models do with
+            ``_keep_in_fp32_modules`` (T5's ``wo``). A pattern matches a submodule of the module
+            that declares it when it equals one of the submodule name's dotted parts.
 
     Raises:
         ValueError: an unknown update mode or policy; a policy the session does not implement
             (tf32 anywhere, a reduce format other than the params'); ``scaler_options`` for a
             policy without loss scaling.
         RuntimeError: ``device`` does not exist on this machine (e.g. cuda without CUDA).
-        TypeError: ``trace`` or ``track_underflow`` is not a bool.
+        TypeError: ``trace``, ``track_underflow``, ``wrap_forward`` or ``cast_buffers`` is not
+            a bool, or ``fp32_attributes`` is not a sequence of strings.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> mp = MixedPrecision("bf16-pure", device="cpu", backend="emulated")
         >>> model, optimizer = mp.prepare(model, optimizer)
-        >>> with mp.autocast():
-        ...     loss = model(torch.randn(4, 8)).float().pow(2).mean()
+        >>> loss = model(torch.randn(4, 8)).float().pow(2).mean()  # runs under the policy
         >>> mp.backward(loss)
         >>> mp.step(optimizer).stepped
         True
@@ -186,6 +208,9 @@ class MixedPrecision:
         track_underflow: bool = False,
         metrics: str | os.PathLike[str] | None = None,
         tensorboard: bool = False,
+        wrap_forward: bool = True,
+        cast_buffers: bool = False,
+        fp32_attributes: Sequence[str] = ("_keep_in_fp32_modules",),
     ) -> None:
         self.device = _check_device(device if device is not None else _default_device())
         if update not in _UPDATE_MODES:
@@ -219,9 +244,24 @@ class MixedPrecision:
             "backend": region.backend,  # resolved once: "auto" probes only here
         }
         self.scaler = _make_scaler(self.policy, self.device, scaler_options)
-        for name, flag in (("trace", trace), ("track_underflow", track_underflow)):
+        flags = {
+            "trace": trace,
+            "track_underflow": track_underflow,
+            "wrap_forward": wrap_forward,
+            "cast_buffers": cast_buffers,
+        }
+        for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if isinstance(fp32_attributes, str) or not all(isinstance(a, str) for a in fp32_attributes):
+            raise TypeError(
+                f"fp32_attributes must be a sequence of attribute names, got {fp32_attributes!r}; "
+                "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
+            )
+        self._wrap_forward = wrap_forward
+        self._cast_buffers = cast_buffers
+        self._fp32_attributes = tuple(fp32_attributes)
+        self._forward_hooks: list[Any] = []
         self._trace = trace
         self._track_underflow = track_underflow
         # Under a process group the file depends on the model's ranks: opened at the first step.
@@ -267,19 +307,63 @@ class MixedPrecision:
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             _check_owned(opt, owned, f"optimizer {index} given to prepare")
-        check_prepare_order(model, self._storage_policy())
+        storage = self._storage_policy(model)  # raises for a keep-in-fp32 name that matches none
+        check_prepare_order(model, storage)
         model.to(self.device)
-        cast_module(model, replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES))
+        cast_module(model, storage, buffers=self._cast_buffers)
+        kept = fp32_attribute_rules(model, self._fp32_attributes)
         if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
             # linear layers swap to Fp8Linear: the same parameters, so optimizers keep working
-            self.fp8 = apply_fp8_policy(model, self.policy)
-        self._islands = fp32_islands(model, self.policy)
+            self.fp8 = apply_fp8_policy(model, replace(self.policy, rules=self.policy.rules + kept))
+        self._islands = fp32_islands(model, replace(self.policy, rules=self.policy.rules + kept))
         self._model = model
+        if self._wrap_forward and self._region_args["enabled"]:
+            self._forward_hooks = self._hook_forward(model)
         if self._trace:
             self._tracer = NonFiniteTracer(model).attach()
         wrapped = tuple(self._wrap(opt) for opt in optimizers)
         self._optimizers = wrapped
         return (model, *wrapped) if wrapped else model
+
+    def _hook_forward(self, model: nn.Module) -> list[Any]:
+        """Run every call of ``model`` under the policy's region, outputs in its output format.
+
+        A forward pre-hook enters the session's region and a forward hook registered with
+        ``always_call=True`` leaves it (also when ``forward`` raises), then casts the floating
+        outputs. Entering a region inside an open one with the same settings changes nothing, so
+        an explicit ``with mp.autocast():`` around the call is harmless.
+        """
+        region = autocast(**self._region_args)
+        output_dtype = self.policy.output.dtype
+        depth: list[int] = []  # calls entered and not yet left: a model may call itself
+
+        @torch._dynamo.disable  # region entry is eager (torch.compile sees its autocast state)
+        def enter() -> None:
+            if self._started is None:
+                self._started = time.perf_counter()
+            region.__enter__()
+            depth.append(1)
+
+        @torch._dynamo.disable
+        def leave() -> bool:
+            if not depth:  # an earlier pre-hook raised before ours ran
+                return False
+            depth.pop()
+            region.__exit__(None, None, None)
+            return True
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            enter()
+
+        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if not leave() or output is None:
+                return None
+            return cast_floating(output, output_dtype, _FLOATS)
+
+        return [
+            model.register_forward_pre_hook(pre_hook, prepend=True),
+            model.register_forward_hook(post_hook, always_call=True),
+        ]
 
     def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -482,8 +566,14 @@ class MixedPrecision:
             load_optimizers(self._optimizers, optimizer_states)
         self._load_session_state(state)
 
-    def _check_session_state(self, state: object) -> None:
-        """Raise ValueError unless ``state`` is a session state this session can load."""
+    def _check_session_state(self, state: object, strict: bool = True) -> bool:
+        """Raise ValueError unless ``state`` is a session state this session can load.
+
+        Returns whether its loss-scaler state is loaded: with ``strict=False`` a state of
+        another policy is accepted (the caller checks the weights' formats), and its scaler
+        state is loaded only where this session's scaler takes it (fp16 -> fp16 policies); a
+        session that scales where the saved one did not starts from its initial scale.
+        """
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"not a MixedPrecision state (version {_STATE_VERSION} expected), got keys "
@@ -499,10 +589,16 @@ class MixedPrecision:
             same_policy = Policy.parse(state["policy"]) == self.policy
         except (TypeError, ValueError):
             same_policy = False
-        if not same_policy or state["update"] != self.update:
+        if (strict and not same_policy) or state["update"] != self.update:
             raise ValueError(
                 f"the state was saved with policy {state['policy']!r} and update "
                 f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
+                + (
+                    ""
+                    if state["update"] != self.update
+                    else "; pass strict=False to load it where the weights' stored formats are "
+                    "the same (e.g. bf16-mixed and fp16-mixed both keep fp32 weights)"
+                )
             )
         steps = state["steps"]
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
@@ -516,14 +612,20 @@ class MixedPrecision:
                 f"the state holds {count} optimizer states; this session prepared "
                 f"{len(self._optimizers)} optimizers"
             )
+        if not same_policy and needs_loss_scaling(Policy.parse(state["policy"])) != (
+            needs_loss_scaling(self.policy)
+        ):
+            return False  # one of the two runs scales and the other does not: nothing to carry
         if self.scaler.is_enabled():
             try:  # the scaler's own check, run without loading
                 parse_state_dict(state["scaler"], self.scaler.rule, self.scaler.strategy)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"the state's loss scaler state is refused: {err}") from None
+        return True
 
-    def _load_session_state(self, state: Mapping[str, Any]) -> None:
-        self.scaler.load_state_dict(state["scaler"])
+    def _load_session_state(self, state: Mapping[str, Any], scaler: bool = True) -> None:
+        if scaler:
+            self.scaler.load_state_dict(state["scaler"])
         self._steps = state["steps"]
 
     def save(
@@ -552,6 +654,7 @@ class MixedPrecision:
                 refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
                 previous checkpoint at ``path`` stays as it was.
         """
+        model = _uncompiled(model)
         if _saves_sharded(path):
             state = {"mixed_precision": self._session_state(), "extra": extra}
             from mixprec.distributed import checkpoint as sharded_checkpoint
@@ -561,7 +664,7 @@ class MixedPrecision:
         save_checkpoint(
             path,
             {
-                "model": model.state_dict(),
+                "model": _without_compile_prefix(model.state_dict()),
                 "optimizers": [opt.state_dict() for opt in optimizers],
                 "mixed_precision": self._session_state(),
                 "rng": torch.get_rng_state(),
@@ -570,7 +673,11 @@ class MixedPrecision:
         )
 
     def load(
-        self, path: str | os.PathLike[str], model: nn.Module, *optimizers: torch.optim.Optimizer
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        strict: bool = True,
     ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
 
@@ -579,17 +686,37 @@ class MixedPrecision:
         and the RNG state — so a checkpoint that is refused changes neither the model, the
         optimizers, the scaler, the step count nor the RNG.
 
+        A model compiled with ``torch.compile`` saves and loads like the model it wraps: the
+        ``_orig_mod.`` part its state dict adds to every key is not stored, and is accepted in
+        checkpoints that hold it, so a checkpoint moves between a compiled and a plain model.
+
+        Args:
+            path: the checkpoint file (or sharded checkpoint folder).
+            model: the prepared model (plain or compiled).
+            optimizers: the optimizers :meth:`prepare` returned.
+            strict: ``True`` refuses a checkpoint of another policy. ``False`` loads one whose
+                stored weights and optimizer states have this session's formats (bf16-mixed <->
+                fp16-mixed: both keep fp32 weights); the loss scale carries over between fp16
+                policies, and a session that scales where the saved run did not starts from its
+                initial scale. The update mode must still be the same.
+
         Raises:
             CheckpointError: the file is unreadable or damaged, or does not match this model,
                 policy or optimizers, or holds a malformed entry (named in the message).
         """
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
+        model = _uncompiled(model)
         if Path(path).is_dir():  # a sharded checkpoint folder
-            return self._load_sharded(path, model, *optimizers)
+            return self._load_sharded(path, model, *optimizers, strict=strict)
         record = load_checkpoint(path)
         saved_optimizers = record.get("optimizers")
         extra = record.get("extra", {})
+        weights: Any = record.get("model")
+        if isinstance(weights, Mapping):
+            weights = _keys_of(model, weights)
         try:
-            check_model_state(model, record.get("model"))
+            check_model_state(model, weights)
             if not isinstance(saved_optimizers, list) or len(saved_optimizers) != len(optimizers):
                 count = (
                     len(saved_optimizers) if isinstance(saved_optimizers, list) else "no list of"
@@ -599,22 +726,24 @@ class MixedPrecision:
                 )
             if not isinstance(extra, Mapping):
                 raise ValueError(f"its 'extra' is a {type(extra).__name__}, not a dict")
-            self._check_session_state(record.get("mixed_precision"))
+            scaler = self._check_session_state(record.get("mixed_precision"), strict)
             check_optimizer_states(optimizers, saved_optimizers)
             check_rng_state(record.get("rng"))
             load_optimizers(optimizers, saved_optimizers)  # each checks its own fields first
         except ValueError as err:
             raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
-        model.load_state_dict(record["model"])
-        self._load_session_state(record["mixed_precision"])
+        model.load_state_dict(weights)
+        self._load_session_state(record["mixed_precision"], scaler)
         torch.set_rng_state(record["rng"])
         return dict(extra)
 
     # -- distributed ------------------------------------------------------------------------
 
-    def _storage_policy(self) -> Policy:
-        """The policy parameters are stored by: the user's rules, then the FP32 islands."""
-        return replace(self.policy, rules=self.policy.rules + DEFAULT_ISLAND_RULES)
+    def _storage_policy(self, model: nn.Module) -> Policy:
+        """The policy parameters are stored by: the user's rules, the modules ``model`` declares
+        fp32 (:func:`fp32_attribute_rules`), then the default FP32 islands."""
+        kept = fp32_attribute_rules(model, self._fp32_attributes)
+        return replace(self.policy, rules=self.policy.rules + kept + DEFAULT_ISLAND_RULES)
 
     def ddp(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         """Wrap the prepared ``model`` in DDP, all-reducing gradients in the policy's reduce format.
@@ -627,7 +756,7 @@ class MixedPrecision:
             RuntimeError: the parameters are not yet in the policy's formats (call
                 :meth:`prepare` first), or see :func:`mixprec.distributed.ddp`.
         """
-        pending = would_recast(model, self._storage_policy())
+        pending = would_recast(model, self._storage_policy(model))
         if pending:
             raise RuntimeError(
                 f"ddp was called before prepare: the policy still recasts {pending[:3]!r}, which "
@@ -648,20 +777,26 @@ class MixedPrecision:
         """
         from mixprec.distributed.fsdp import fully_shard
 
-        return fully_shard(model, self._storage_policy(), mesh=mesh, **kwargs)
+        return fully_shard(model, self._storage_policy(model), mesh=mesh, **kwargs)
 
     def _load_sharded(
-        self, path: str | os.PathLike[str], model: nn.Module, *optimizers: torch.optim.Optimizer
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        strict: bool = True,
     ) -> dict[str, Any]:
+        scaler: list[bool] = []
+
         def check(state: Mapping[str, Any]) -> None:
-            self._check_session_state(state.get("mixed_precision"))
+            scaler.append(self._check_session_state(state.get("mixed_precision"), strict))
             if not isinstance(state.get("extra", {}), Mapping):
                 raise ValueError("its 'extra' is not a dict")
 
         from mixprec.distributed import checkpoint as sharded_checkpoint
 
         state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
-        self._load_session_state(state["mixed_precision"])
+        self._load_session_state(state["mixed_precision"], all(scaler))
         return dict(state.get("extra", {}))
 
     def explain(self, model: nn.Module, example: Any = None) -> Any:
@@ -673,6 +808,74 @@ class MixedPrecision:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def fp32_attribute_rules(model: nn.Module, attributes: Sequence[str]) -> tuple[ModuleRule, ...]:
+    """FP32 rules for the modules that ``model``'s submodules declare fp32 by an attribute.
+
+    A module with such an attribute (e.g. Hugging Face's ``_keep_in_fp32_modules = ["wo"]``)
+    lists name patterns; as in ``transformers``, a pattern names every submodule of that module
+    one of whose dotted name parts equals it (``wo`` names ``encoder.block.0.layer.1.
+    DenseReluDense.wo`` and what is inside it). Each match becomes a rule by its full name.
+
+    Raises:
+        TypeError: the attribute holds something other than a list of strings.
+        ValueError: a pattern names no submodule (the message lists some module names).
+
+    Example:
+        >>> class Net(nn.Sequential):
+        ...     _keep_in_fp32_modules = ["head"]
+        >>> net = Net()
+        >>> net.add_module("head", nn.Linear(2, 2))
+        >>> [rule.pattern for rule in fp32_attribute_rules(net, ("_keep_in_fp32_modules",))]
+        ['head']
+    """
+    names: dict[str, None] = {}
+    for prefix, owner in model.named_modules():
+        for attribute in attributes:
+            patterns = getattr(owner, attribute, None)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(
+                    f"{type(owner).__name__}.{attribute} must list module name patterns "
+                    f"(strings), got {patterns!r}"
+                )
+            inner = [name for name, _ in owner.named_modules() if name]
+            for pattern in patterns:
+                found = [name for name in inner if pattern in name.split(".")]
+                if not found:
+                    raise ValueError(
+                        f"{type(owner).__name__}.{attribute} names {pattern!r}, which matches no "
+                        f"submodule of {prefix or 'the model'!r} (submodules include "
+                        f"{inner[:6]!r}); fix the pattern, or leave {attribute!r} out of "
+                        "fp32_attributes"
+                    )
+                for name in found:
+                    names[f"{prefix}.{name}" if prefix else name] = None
+    return tuple(ModuleRule(name, Policy()) for name in names)
+
+
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` wraps, or ``model`` itself when it is not compiled."""
+    inner = getattr(model, "_orig_mod", None)
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    return inner if compiled and isinstance(inner, nn.Module) else model
+
+
+def _without_compile_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with the ``_orig_mod.`` that compiled (sub)modules add to their keys removed."""
+    return {str(key).replace(_COMPILE_PREFIX, ""): value for key, value in state.items()}
+
+
+def _keys_of(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` keyed as ``model.state_dict()`` is, whichever of them went through compile."""
+    own = {key.replace(_COMPILE_PREFIX, ""): key for key in model.state_dict()}
+    plain = _without_compile_prefix(state)
+    return {own.get(key, key): value for key, value in plain.items()}
 
 
 def _saves_sharded(path: str | os.PathLike[str]) -> bool:

@@ -129,7 +129,7 @@ def fully_shard(
     for _, _, mp_policy in plans:
         if mp_policy.reduce_dtype is not None:
             check_reducible(_format_of(mp_policy.reduce_dtype, policy), group)
-    cast_module(model, policy)
+    cast_module(model, policy, buffers=False)  # buffers keep their dtype, as in prepare
     root = plans[0][2]
     for _, sub, mp_policy in reversed(plans[1:]):  # children before their parents
         if not any(True for _ in sub.parameters()):

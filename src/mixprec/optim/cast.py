@@ -25,8 +25,10 @@ __all__ = ["cast_module", "restore_dtypes"]
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def cast_module(module: nn.Module, policy: Policy | str) -> dict[str, torch.dtype]:
-    """Cast every floating parameter and buffer of ``module`` to its policy's param format.
+def cast_module(
+    module: nn.Module, policy: Policy | str, *, buffers: bool = True
+) -> dict[str, torch.dtype]:
+    """Cast every floating parameter (and buffer) of ``module`` to its policy's param format.
 
     Each tensor follows the policy of the module that owns it (``policy.for_module(name,
     submodule)``), so rules such as ``class:*Norm* -> fp32`` keep those layers in fp32.
@@ -35,13 +37,19 @@ def cast_module(module: nn.Module, policy: Policy | str) -> dict[str, torch.dtyp
         module: the model, cast in place.
         policy: a :class:`~mixprec.Policy` or its string form, e.g.
             ``"bf16-pure; class:*Norm* -> fp32"``.
+        buffers: also cast floating buffers. ``False`` keeps every buffer in its own dtype:
+            buffers are state computed once or tracked (rotary ``inv_freq``, BatchNorm running
+            statistics), not trained weights, and rounding them to 16 bits costs accuracy
+            (a bf16 ``inv_freq`` is off by up to 2^-9 relative, an error that grows with
+            position) without saving memory that matters.
 
     Returns:
         The original dtype of every tensor whose dtype changed, by qualified name (as in
         ``module.state_dict()``); pass it to :func:`restore_dtypes` to cast back.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module`` or ``policy`` not a policy.
+        TypeError: ``module`` is not an ``nn.Module``, ``policy`` not a policy or ``buffers``
+            not a bool.
         ValueError: a policy stores params in a format with no storage dtype for training (fp8);
             a tensor shared by two modules gets two different formats.
 
@@ -53,11 +61,13 @@ def cast_module(module: nn.Module, policy: Policy | str) -> dict[str, torch.dtyp
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"cast_module expects an nn.Module, got {type(module).__name__} {module!r}")
+    if not isinstance(buffers, bool):
+        raise TypeError(f"buffers must be True or False, got {type(buffers).__name__} {buffers!r}")
     policy = Policy.parse(policy)
     plan: dict[int, tuple[str, torch.Tensor, torch.dtype]] = {}
     for prefix, sub in module.named_modules(remove_duplicate=False):
         dtype = _storage_dtype(policy, prefix, sub)
-        owned = [*sub._parameters.items(), *sub._buffers.items()]
+        owned = [*sub._parameters.items(), *(sub._buffers.items() if buffers else ())]
         for local, tensor in owned:
             if tensor is None or not tensor.is_floating_point():
                 continue
