@@ -35,7 +35,9 @@ from mixprec.diagnostics._checks import (
 )
 from mixprec.diagnostics.finite import floating_tensors
 from mixprec.optim.cast import cast_module
-from mixprec.policy import Policy
+from mixprec.policy import Policy, cast_floating
+
+_CASTABLE_OUT = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = ["Capture", "LayerComparison", "LayerReport", "capture", "compare_layers", "snr_db"]
 
@@ -159,7 +161,8 @@ def capture(
             "formats: fp32, tf32, bf16, fp16"
         )
     twin = copy.deepcopy(model)
-    cast_module(twin, session_storage(policy))  # norms and losses stay fp32, as in a session
+    # as a session prepares a model: norms and losses stay fp32, buffers keep their dtype
+    cast_module(twin, session_storage(policy), buffers=False)
     twin.zero_grad(set_to_none=True)
     device = next(twin.parameters()).device
     record = Capture()
@@ -184,6 +187,12 @@ def capture(
 
         handles.append(module.register_forward_hook(forward_hook, with_kwargs=True))
     islands = fp32_islands(twin, policy) if low is not None else None
+    if low is not None:  # the session's wrapped forward returns the policy's output format
+        handles.append(
+            twin.register_forward_hook(
+                lambda m, a, out: cast_floating(out, policy.output.dtype, _CASTABLE_OUT)
+            )
+        )
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
