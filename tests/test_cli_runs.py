@@ -58,14 +58,16 @@ def test_compare_end_to_end_writes_table_report_and_plots(tmp_path, corpus, caps
             "fp16-mixed",
             "bf16-pure/nearest",
             "bf16-pure/stochastic",
+            "fp8-mixed",
         ):
             assert f"| {recipe} |" in report
             metrics = (out / name / recipe.replace("/", "_") / "metrics.jsonl").read_text()
             assert [json.loads(line)["step"] for line in metrics.splitlines()] == list(range(6))
-        for plot in ("loss", "loss_scale", "grad_hist"):
+        for plot in ("loss", "loss_scale", "grad_hist", "explain"):
             png = out / f"{name}_{plot}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"({png.name})" in report
+    assert report.count("### Where the memory and the precision go: `params=fp32,compute=bf16") == 4
 
 
 def test_compare_results_reflect_the_runs(tmp_path):

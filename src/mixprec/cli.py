@@ -246,9 +246,25 @@ def _compare(args: argparse.Namespace) -> int:
     from mixprec.distributed import launch
 
     if launch.rank() == 0:
-        report = write_report(groups, folder, "mixprec " + " ".join(sys.argv[1:]))
+        explanations = _explanations(tasks, recipes, args.device)
+        report = write_report(groups, folder, "mixprec " + " ".join(sys.argv[1:]), explanations)
         console.print(f"report: {report}")
     return 0
+
+
+def _explanations(tasks: dict[str, Any], recipes: Sequence[Any], device: str) -> dict[str, Any]:
+    """Per task, where memory and precision go under the first 16-bit recipe compared."""
+    from mixprec.diagnostics import explain
+    from mixprec.policy import Policy
+
+    policies = [Policy.parse(r.policy) for r in recipes]
+    mixed = next((p for p in policies if p.compute.bits <= 16), None)
+    if mixed is None:
+        return {}
+    return {
+        name: explain(task.build_model().to(device), mixed, task.batch(0)[0].to(device))
+        for name, task in tasks.items()
+    }
 
 
 def _train(args: argparse.Namespace) -> int:
