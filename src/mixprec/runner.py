@@ -37,6 +37,7 @@ from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.diagnostics import read_metrics
+from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
@@ -143,30 +144,13 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params and not _is_parameter_cast(t):
+        if storage.data_ptr() not in params and not is_weight_copy(t):
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()
     return sum(seen.values())
-
-
-_VIEW_NODES = frozenset(
-    {"TBackward0", "TransposeBackward0", "PermuteBackward0", "ViewBackward0", "ExpandBackward0",
-     "UnsafeViewBackward0", "AsStridedBackward0", "SqueezeBackward0", "UnsqueezeBackward0"}
-)  # fmt: skip
-
-
-def _is_parameter_cast(t: torch.Tensor) -> bool:
-    """Whether ``t`` is autocast's dtype cast of a parameter, or a view of one (a weight copy,
-    not an activation)."""
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__ in _VIEW_NODES:
-        fn = fn.next_functions[0][0] if fn.next_functions else None
-    if fn is None or type(fn).__name__ != "ToCopyBackward0":
-        return False
-    return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
 
 
 def bytes_per_sample(

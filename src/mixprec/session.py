@@ -321,7 +321,7 @@ class MixedPrecision:
             self._forward_hooks = self._hook_forward(model)
         if self._trace:
             self._tracer = NonFiniteTracer(model).attach()
-        wrapped = tuple(self._wrap(opt) for opt in optimizers)
+        wrapped = tuple(self.wrap(opt) for opt in optimizers)
         self._optimizers = wrapped
         return (model, *wrapped) if wrapped else model
 
@@ -365,7 +365,10 @@ class MixedPrecision:
             model.register_forward_hook(post_hook, always_call=True),
         ]
 
-    def _wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer wrapped where the policy's update happens (what ``prepare`` returns for
+        it): fp32 master weights, stochastic rounding, Kahan, or itself for fp32 parameters and
+        round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
             return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself

@@ -221,7 +221,7 @@ def _narrow(policy: Policy) -> bool:
     )
 
 
-def _is_weight_copy(t: torch.Tensor) -> bool:
+def is_weight_copy(t: torch.Tensor) -> bool:
     """Autocast's dtype cast of a parameter (or a view of one): a weight copy, no activation."""
     fn = t.grad_fn
     while fn is not None and type(fn).__name__ in _VIEW_NODES:
@@ -267,7 +267,7 @@ def _saved_per_module(
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen and not _is_weight_copy(t):
+        if ptr not in params and ptr not in seen and not is_weight_copy(t):
             seen.add(ptr)
             saved.setdefault(stack[-1], {})[ptr] = (storage.nbytes(), t.dtype)
         return t

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from mixprec.formats import FP32
 from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
@@ -92,18 +91,4 @@ def wrap_optimizer(mp: MixedPrecision, optimizer: torch.optim.Optimizer) -> torc
 
     Returns ``optimizer`` itself when all its parameters are fp32 or the mode is ``"nearest"``.
     """
-    # The session's rule for where the update happens (MixedPrecision.prepare applies it to the
-    # optimizers it is given; the frameworks build theirs after the model was prepared).
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if all(p.dtype == torch.float32 for p in params):
-        return optimizer
-    mode = mp.update
-    if mode == "auto":
-        mode = "master" if mp.policy.master == FP32 != mp.policy.param else "stochastic"
-    if mode == "master":
-        return MasterWeightOptimizer(optimizer)
-    if mode == "stochastic":
-        return StochasticRoundingOptimizer(optimizer, seed=mp.seed)
-    if mode == "kahan":
-        return KahanOptimizer(optimizer)
-    return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
+    return mp.wrap(optimizer)
