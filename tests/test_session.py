@@ -206,7 +206,12 @@ def test_loading_another_model_changes_nothing(tmp_path):
         assert torch.equal(v, before[k])
     mp_fp16 = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
     with pytest.raises(CheckpointError, match=r"saved with policy 'params=fp32,compute=bf16"):
-        mp_fp16.load(tmp_path / "ckpt.pt", make_model(), torch.optim.SGD(make_model().parameters()))
+        mp_fp16.load(
+            tmp_path / "ckpt.pt",
+            make_model(),
+            torch.optim.SGD(make_model().parameters()),
+            strict=True,
+        )
 
 
 def test_auto_policy_is_what_the_hardware_recommends():

@@ -329,7 +329,7 @@ def train(
     if parallel:
         model = mp.ddp(model)
     if resuming:
-        mp.load(checkpoint, model, optimizer)
+        mp.load(checkpoint, model, optimizer, strict=True)  # a resume is the same run
     x0 = launch.local_slice(task.batch(0)[0], rank, world)
 
     def probe_forward() -> torch.Tensor:

@@ -680,7 +680,7 @@ class MixedPrecision:
         path: str | os.PathLike[str],
         model: nn.Module,
         *optimizers: torch.optim.Optimizer,
-        strict: bool = True,
+        strict: bool = False,
     ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
 
@@ -697,10 +697,10 @@ class MixedPrecision:
             path: the checkpoint file (or sharded checkpoint folder).
             model: the prepared model (plain or compiled).
             optimizers: the optimizers :meth:`prepare` returned.
-            strict: ``True`` refuses a checkpoint of another policy. ``False`` loads one whose
-                stored weights and optimizer states have this session's formats (bf16-mixed <->
-                fp16-mixed: both keep fp32 weights); the loss scale carries over between fp16
-                policies, and a session that scales where the saved run did not starts from its
+            strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
+                loads one whose stored weights and optimizer states have this session's formats
+                (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
+                between fp16 policies, and a session that scales where the saved run did not starts from its
                 initial scale. The update mode must still be the same.
 
         Raises:

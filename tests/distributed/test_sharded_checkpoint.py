@@ -83,7 +83,7 @@ def test_a_policy_mismatch_is_refused(tmp_path: Path) -> None:
     model2 = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
     model2, opt2 = other.prepare(model2, torch.optim.SGD(model2.parameters(), lr=0.1))
     with pytest.raises(CheckpointError, match=r"saved with policy 'params=fp32"):
-        other.load(tmp_path, model2, opt2)
+        other.load(tmp_path, model2, opt2, strict=True)
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:
