@@ -700,8 +700,8 @@ class MixedPrecision:
             strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
                 loads one whose stored weights and optimizer states have this session's formats
                 (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
-                between fp16 policies, and a session that scales where the saved run did not starts from its
-                initial scale. The update mode must still be the same.
+                between fp16 policies, and a session that scales where the saved run did not
+                starts from its initial scale. The update mode must still be the same.
 
         Raises:
             CheckpointError: the file is unreadable or damaged, or does not match this model,
