@@ -268,3 +268,18 @@ def test_disabled_accepts_any_dtype(dtype):
         region = autocast("cpu", dtype=dtype, enabled=False)
     with region:
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_cuda_table_names_exactly_the_ops_torch_autocasts_on_cuda():
+    # torch registers its CUDA autocast kernels in every build; a torch upgrade that changes
+    # CUDA's lists shows up here
+    from mixprec.compute.ops import BANNED_CUDA, _registered
+
+    table = op_table("cuda", torch.float16)
+    assert set(table) | BANNED_CUDA == _registered("AutocastCUDA")
+
+
+def test_the_cpu_table_is_torchs_cpu_list():
+    from mixprec.compute.ops import _registered
+
+    assert set(op_table("cpu", torch.bfloat16)) == _registered("AutocastCPU")
