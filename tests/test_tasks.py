@@ -34,14 +34,6 @@ transformers = pytest.importorskip("transformers")
 SMALL = TaskConfig(steps=6, batch_size=8, lr=1e-3, seed=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small(name: str):
     options = {"d_model": 32, "seq_len": 16} if name == "gpt2" else {}
     return make_task(name, SMALL, **options)

@@ -20,14 +20,6 @@ DTYPES = [torch.float16, torch.bfloat16]
 BACKENDS = ["native", "emulated"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rounded_linear(x, w, b, dtype):
     """What an emulated linear computes: the fp32 GEMM of 16-bit inputs, rounded once."""
     return F.linear(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float()).to(dtype)

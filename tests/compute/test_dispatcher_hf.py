@@ -37,7 +37,6 @@ def _loss_and_grads(model, ids, backend, dtype, checkpointing):
 def test_gradient_checkpointing_enable_recomputes_in_the_same_precision(
     gpt2, checkpointing, backend, dtype
 ):
-    torch.set_num_threads(1)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
     plain = _loss_and_grads(gpt2, ids, backend, dtype, None)
     checked = _loss_and_grads(gpt2, ids, backend, dtype, checkpointing)

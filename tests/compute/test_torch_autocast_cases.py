@@ -51,14 +51,6 @@ DTYPES = [torch.bfloat16, torch.float16]
 MIXPREC_KINDS = [k for k in AUTOCAST_KINDS if k != "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 _REFERENCE: dict[tuple[str, str], tuple[bool, Any]] = {}  # torch's outcomes, run once
 
 

@@ -17,8 +17,6 @@ from torch.amp.grad_scaler import OptState
 
 from mixprec.scaling import GradScaler
 
-torch.set_num_threads(1)
-
 SCALERS: dict[str, Callable[..., torch.amp.GradScaler]] = {
     "torch": lambda **kw: torch.amp.GradScaler("cpu", **kw),
     "mixprec": lambda **kw: GradScaler("cpu", **kw),

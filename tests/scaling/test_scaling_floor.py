@@ -17,8 +17,6 @@ from hypothesis import strategies as st
 
 from mixprec.scaling import SCALE_FLOOR, GradScaler, LossScaleAtMinimumError
 
-torch.set_num_threads(1)
-
 FP32_TINY = float(np.finfo(np.float32).tiny)
 GRADIENT = torch.tensor([0.75, -1.5])
 

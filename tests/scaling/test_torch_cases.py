@@ -23,8 +23,6 @@ from torch.testing import assert_close
 from mixprec.scaling import GradScaler, ScaleState, dynamic_update
 from mixprec.scaling.rules import DynamicScaling
 
-torch.set_num_threads(1)
-
 DEVICE = "cpu"
 SCALERS: dict[str, type[torch.amp.GradScaler]] = {
     "torch": torch.amp.GradScaler,
