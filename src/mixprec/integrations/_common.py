@@ -1,4 +1,4 @@
-"""What the framework adapters share: the session they build, the loss check, optimizer wrapping.
+"""What the framework adapters share: the session they build, the loss check, its figures.
 
 No framework is imported here, so each adapter imports only its own framework.
 """
@@ -14,7 +14,7 @@ from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRound
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
-__all__ = ["check_loss", "is_wrapped", "session_of", "wrap_optimizer"]
+__all__ = ["SessionFigures", "check_loss", "is_wrapped", "session_of"]
 
 
 def check_loss(loss: object) -> None:
@@ -86,9 +86,17 @@ def is_wrapped(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, _WRAPPERS)
 
 
-def wrap_optimizer(mp: MixedPrecision, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Wrap ``optimizer`` for the session's update mode, as ``MixedPrecision.prepare`` would.
+class SessionFigures:
+    """The session's loss-scaling figures, for an adapter holding ``self.mixed_precision``."""
 
-    Returns ``optimizer`` itself when all its parameters are fp32 or the mode is ``"nearest"``.
-    """
-    return mp.wrap(optimizer)
+    mixed_precision: MixedPrecision
+
+    @property
+    def loss_scale(self) -> float:
+        """The session's current loss scale (1.0 for policies without fp16)."""
+        return self.mixed_precision.scaler.get_scale()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients since training began (resumed too)."""
+        return self.mixed_precision.scaler.skipped_steps

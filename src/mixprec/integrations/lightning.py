@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.integrations._common import check_loss, is_wrapped, session_of, wrap_optimizer
+from mixprec.integrations._common import SessionFigures, check_loss, is_wrapped, session_of
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
@@ -58,7 +58,7 @@ except ImportError as err:  # pragma: no cover - the test extra installs lightni
 __all__ = ["MixprecPrecision"]
 
 
-class MixprecPrecision(Precision):
+class MixprecPrecision(SessionFigures, Precision):
     """Lightning precision plugin: ``pl.Trainer(plugins=[MixprecPrecision("fp16-mixed")])``.
 
     Leave the Trainer's own ``precision=`` at its default; the policy says what runs in 16 bits.
@@ -104,16 +104,6 @@ class MixprecPrecision(Precision):
         self.precision = _lightning_name(self.mixed_precision.policy)  # type: ignore[assignment]
         self._module: nn.Module | None = None
 
-    @property
-    def loss_scale(self) -> float:
-        """The session's current loss scale (1.0 for policies without fp16)."""
-        return self.mixed_precision.scaler.get_scale()
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients since training began (resumed too)."""
-        return self.mixed_precision.scaler.skipped_steps
-
     # -- the model and its optimizers --------------------------------------------------------
 
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -139,9 +129,7 @@ class MixprecPrecision(Precision):
         """Wrap the optimizers for 16-bit params and point the LR schedulers at the wrappers."""
         wrapped = []
         for optimizer in optimizers:
-            new = optimizer if is_wrapped(optimizer) else wrap_optimizer(
-                self.mixed_precision, optimizer
-            )  # fmt: skip
+            new = optimizer if is_wrapped(optimizer) else self.mixed_precision.wrap(optimizer)
             if new is not optimizer:
                 for config in lr_schedulers:
                     scheduler = getattr(config, "scheduler", config)

@@ -52,8 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.integrations._common import check_loss, is_wrapped, session_of, wrap_optimizer
+from mixprec.integrations._common import SessionFigures, check_loss, is_wrapped, session_of
 from mixprec.policy import Policy
+from mixprec.scaling.clip import global_norm
 from mixprec.session import MixedPrecision, UpdateMode
 
 try:
@@ -96,7 +97,7 @@ def refused_precision_flags(args: TrainingArguments) -> list[str]:
     return refused
 
 
-class MixprecTrainer(Trainer):
+class MixprecTrainer(SessionFigures, Trainer):
     """A ``transformers.Trainer`` whose precision is a mixprec policy.
 
     Everything else is Trainer's: arguments, callbacks, logging, evaluation, checkpoint
@@ -198,7 +199,7 @@ class MixprecTrainer(Trainer):
         """
         optimizer = super().create_optimizer(model)
         if not is_wrapped(optimizer):
-            wrapped = wrap_optimizer(self.mixed_precision, optimizer)
+            wrapped = self.mixed_precision.wrap(optimizer)
             scheduler = self.lr_scheduler
             if wrapped is not optimizer and getattr(scheduler, "optimizer", None) is optimizer:
                 raise ValueError(
@@ -253,25 +254,16 @@ class MixprecTrainer(Trainer):
         """The unscaled gradient norm, measured without clipping when no clip was asked for."""
         if grad_norm is not None:
             return super()._get_grad_norm(model, grad_norm=grad_norm)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in model.parameters():
+            if p.grad is not None:
+                grads.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
         if not grads:
             return None
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        )
-        return norm / self.loss_scale
+        device = next(iter(grads))[0]
+        return global_norm(grads, 2.0, device) / self.loss_scale
 
     # -- logs and checkpoints -----------------------------------------------------------------
-
-    @property
-    def loss_scale(self) -> float:
-        """The session's current loss scale (1.0 for policies without fp16)."""
-        return self.mixed_precision.scaler.get_scale()
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients since training began (resumed too)."""
-        return self.mixed_precision.scaler.skipped_steps
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Trainer's log, with ``loss_scale`` and ``skipped_steps`` beside each training loss."""
