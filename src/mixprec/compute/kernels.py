@@ -48,6 +48,7 @@ from mixprec.compute.ops import (
     OpTable,
     aten_op,
     autocast_key,
+    op_table,
 )
 
 __all__ = ["RegionConfig", "active_config", "ensure_kernels", "pop_config", "push_config"]
@@ -90,6 +91,7 @@ class _Stack(threading.local):
 _tls = _Stack()
 _last: dict[str, RegionConfig] = {}  # per device type: the last configuration entered anywhere
 _registered: dict[str, set[str]] = {}
+_ensured: dict[str, RegionConfig] = {}  # per device type: the last configuration ensured
 _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
 
@@ -139,12 +141,22 @@ def active_config(device_type: str) -> RegionConfig | None:
 
 
 def ensure_kernels(config: RegionConfig) -> None:
-    """Register mixprec's kernel at the device's autocast key for every op ``config`` needs."""
+    """Register mixprec's kernel at the device's autocast key for every op ``config`` needs.
+
+    A region entered again (every forward of a prepared model) has the settings of the last one
+    ensured, which is checked without recomputing the ops.
+    """
+    last = _ensured.get(config.device_type)
+    if last is not None and _same_kernels(last, config):
+        return
     needed = config.kernel_ops()
     done = _registered.setdefault(config.device_type, set())
     if needed <= done:
+        _ensured[config.device_type] = config
         return
     with _lock:
+        for kind in ("cpu", "cuda"):  # torch's own lists, read before any kernel of ours exists
+            op_table(kind, torch.float16)
         key = autocast_key(config.device_type)
         library = torch.library.Library("aten", "IMPL")
         for name in sorted(needed - done):
@@ -154,6 +166,7 @@ def ensure_kernels(config: RegionConfig) -> None:
                 library.impl(name, kernel, key, with_keyset=True)
             done.add(name)
         _libraries.append(library)  # registrations live as long as their library object
+    _ensured[config.device_type] = config
 
 
 def _eligible(t: torch.Tensor, device_type: str) -> bool:
