@@ -270,16 +270,18 @@ def test_disabled_accepts_any_dtype(dtype):
         assert not torch.is_autocast_enabled("cpu")
 
 
-def test_the_cuda_table_names_exactly_the_ops_torch_autocasts_on_cuda():
-    # torch registers its CUDA autocast kernels in every build; a torch upgrade that changes
-    # CUDA's lists shows up here
-    from mixprec.compute.ops import BANNED_CUDA, _registered
+def test_the_op_tables_name_exactly_the_ops_torch_autocasts():
+    # In a fresh process (no mixprec kernel registered yet): the CPU table is torch's CPU list, and
+    # the hand-written CUDA table names every op torch registers a CUDA autocast kernel for (in
+    # every build), so a torch upgrade that changes a list shows up here.
+    import subprocess
+    import sys
 
-    table = op_table("cuda", torch.float16)
-    assert set(table) | BANNED_CUDA == _registered("AutocastCUDA")
-
-
-def test_the_cpu_table_is_torchs_cpu_list():
-    from mixprec.compute.ops import _registered
-
-    assert set(op_table("cpu", torch.bfloat16)) == _registered("AutocastCPU")
+    code = (
+        "import torch\n"
+        "from mixprec.compute.ops import BANNED_CUDA, _registered, op_table\n"
+        "assert set(op_table('cpu', torch.bfloat16)) == _registered('AutocastCPU')\n"
+        "assert set(op_table('cuda', torch.float16)) | BANNED_CUDA == _registered('AutocastCUDA')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
