@@ -55,6 +55,7 @@ from mixprec.diagnostics import (
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
 from mixprec.distributed import check_prepare_order, ddp, would_recast
+from mixprec.distributed._agree import check_same_seed
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
@@ -312,9 +313,8 @@ class MixedPrecision:
         model.to(self.device)
         cast_module(model, storage, buffers=self._cast_buffers)
         kept = fp32_attribute_rules(model, self._fp32_attributes)
-        if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
-            # linear layers swap to Fp8Linear: the same parameters, so optimizers keep working
-            self.fp8 = apply_fp8_policy(model, replace(self.policy, rules=self.policy.rules + kept))
+        if self.fp8 is None:  # mp.fully_shard converts before it shards
+            self._convert_fp8(model)
         self._islands = fp32_islands(model, replace(self.policy, rules=self.policy.rules + kept))
         self._model = model
         if self._wrap_forward and self._region_args["enabled"]:
@@ -372,9 +372,7 @@ class MixedPrecision:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
             return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself
-        mode = self.update
-        if mode == "auto":
-            mode = "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
+        mode = self._update_mode()
         if mode == "master":
             return MasterWeightOptimizer(optimizer)
         if mode == "stochastic":
@@ -382,6 +380,25 @@ class MixedPrecision:
         if mode == "kahan":
             return KahanOptimizer(optimizer)
         return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
+
+    def _convert_fp8(self, model: nn.Module) -> None:
+        """Swap the linear layers the policy puts in FP8 for Fp8Linear (same parameters, so
+        optimizers keep working); nothing without an fp8 rule."""
+        if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
+            kept = fp32_attribute_rules(model, self._fp32_attributes)
+            self.fp8 = apply_fp8_policy(model, replace(self.policy, rules=self.policy.rules + kept))
+
+    def _update_mode(self) -> str:
+        """The update mode of 16-bit parameters, "auto" resolved."""
+        if self.update == "auto":
+            return "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
+        return self.update
+
+    def _check_seed_agrees(self) -> None:
+        """Under data parallelism, stochastic rounding needs one seed on every rank."""
+        policies = (self.policy, *(rule.policy for rule in self.policy.rules))
+        if self._update_mode() == "stochastic" and any(p.param.bits <= 16 for p in policies):
+            check_same_seed(self.seed)
 
     def _fp8_metrics(self) -> dict[str, float]:
         return _delayed_fp8_state(self._model) if self.fp8 is not None else {}
@@ -758,6 +775,7 @@ class MixedPrecision:
         Raises:
             RuntimeError: the parameters are not yet in the policy's formats (call
                 :meth:`prepare` first), or see :func:`mixprec.distributed.ddp`.
+            ValueError: the session rounds stochastically and the ranks' seeds differ.
         """
         pending = would_recast(model, self._storage_policy(model))
         if pending:
@@ -766,6 +784,7 @@ class MixedPrecision:
                 "would detach DDP's gradient hooks later. Call model, opt = mp.prepare(model, "
                 "opt) first, then model = mp.ddp(model)"
             )
+        self._check_seed_agrees()
         return ddp(model, self.policy, **ddp_kwargs)
 
     def fully_shard(self, model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
@@ -777,10 +796,16 @@ class MixedPrecision:
 
         Raises:
             RuntimeError: ``model`` is wrapped in DDP or already sharded.
+            ValueError: the session rounds stochastically and the ranks' seeds differ.
         """
         from mixprec.distributed.fsdp import fully_shard
 
-        return fully_shard(model, self._storage_policy(model), mesh=mesh, **kwargs)
+        self._check_seed_agrees()
+        storage = self._storage_policy(model)
+        # FSDP2 gathers the parameters of the modules it shards: an FP8 layer swapped in later
+        # would see its DTensor shards.
+        self._convert_fp8(model)
+        return fully_shard(model, storage, mesh=mesh, **kwargs)
 
     def _load_sharded(
         self,

@@ -5,9 +5,15 @@ Design note: a checkpoint is a folder. The model and the torch optimizers go thr
 without DDP's ``module.`` prefix, and store DTensors by their global shape), so each rank writes
 only its own shards and a checkpoint written by N ranks loads on M ranks, or in one process
 without a process group, with the same global weights. What differs per rank — the RNG state —
-and the plain values beside (the session's precision state, ``extra``, mixprec's optimizer
-wrappers on replicated parameters) go to one small file per rank, ``rank<r>.pt``, written with
-:func:`mixprec.checkpoint.save_checkpoint` (checksums, ``weights_only`` loading).
+and the plain values beside (the session's precision state, ``extra``) go to one small file per
+rank, ``rank<r>.pt``, written with :func:`mixprec.checkpoint.save_checkpoint` (checksums,
+``weights_only`` loading). mixprec's optimizer wrappers go through DCP too, under ``wrapped``:
+their fp32 masters, Kahan buffers and inner optimizer states are DTensors over DTensor
+parameters (each rank writes its shards, and they re-shard by global shape) and replicas over
+DDP ones (written once). DCP can only load into tensors that exist, so a wrapper that has not
+stepped yet first takes one step with zero gradients and a learning rate of 0, which changes no
+weight and creates every state tensor (the load then overwrites them), as
+``torch.distributed.checkpoint.state_dict`` does for torch optimizers.
 
 Atomicity: all ranks write into ``<path>/.tmp-<token>/``; after a barrier rank 0 renames it to
 ``<path>/v-<token>/`` and then points ``<path>/LATEST`` at it with ``os.replace`` (fsyncing files
@@ -42,7 +48,6 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from mixprec.checkpoint import CheckpointError, check_loadable, load_checkpoint, save_checkpoint
 from mixprec.optim._wrapper import WrappedOptimizer
-from mixprec.scaling._distributed import is_dtensor
 
 __all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
 
@@ -83,12 +88,43 @@ def _split(
     return torch_opts, wrapped
 
 
-def _dcp_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+def _dcp_state(
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    wrapped: Sequence[WrappedOptimizer] = (),
+) -> dict[str, Any]:
     model_state, optim_state = get_state_dict(model, optimizers)
     state: dict[str, Any] = {"model": model_state}
     if optimizers:
         state["optim"] = optim_state
+    if wrapped:
+        state["wrapped"] = [opt.state_dict() for opt in wrapped]
     return state
+
+
+@torch.no_grad()
+def _create_state(optimizer: WrappedOptimizer) -> None:
+    """Give a wrapper that has not stepped its state tensors: one step with zero gradients and a
+    learning rate of 0 (no weight changes), leaving the gradients as they were."""
+    if len(optimizer.optimizer.state) > 0:
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    grads = {p: p.grad for p in params}
+    rates = [g["lr"] for g in optimizer.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].clone().zero_()
+            else:
+                group["lr"] = 0.0
+        optimizer.step()
+    finally:
+        for group, rate in zip(optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        for p, grad in grads.items():
+            p.grad = grad
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -110,8 +146,8 @@ def save(
     Args:
         path: the checkpoint folder (created if missing).
         model: a plain, DDP or FSDP2 model.
-        optimizers: torch optimizers (sharded through DCP) or mixprec's optimizer wrappers (on
-            replicated parameters only; kept per rank).
+        optimizers: torch optimizers or mixprec's optimizer wrappers (both sharded through
+            DCP).
         state: plain values of this rank to keep beside (the session state, ``extra``...).
 
     Returns:
@@ -120,7 +156,7 @@ def save(
     Raises:
         TypeError: a ``state`` value ``torch.load(weights_only=True)`` would refuse (on any
             rank): nothing is written and the previous checkpoint stays.
-        ValueError: ``path`` is a file, or a mixprec optimizer wrapper over DTensor parameters.
+        ValueError: ``path`` is a file.
     """
     root = Path(path)
     if root.exists() and not root.is_dir():  # every rank sees it: all raise, none waits
@@ -129,17 +165,11 @@ def save(
             "folder path (or remove the file)"
         )
     torch_opts, wrapped = _split(optimizers)
-    if wrapped and any(is_dtensor(p) for p in model.parameters()):
-        raise ValueError(
-            f"{type(wrapped[0]).__name__} over DTensor parameters cannot be checkpointed yet; "
-            "shard with a policy whose parameters are fp32 (fp32, bf16-mixed, fp16-mixed), "
-            "whose optimizer is a plain torch optimizer"
-        )
     record = {
         "rank": _rank(),
         "world_size": _world(),
         "rng": torch.get_rng_state(),
-        "wrapped_optimizers": [o.state_dict() for o in wrapped],
+        "wrapped_in_dcp": len(wrapped),  # how many wrapper states the DCP files hold
         "state": dict(state or {}),
     }
     refused: TypeError | None = None
@@ -155,7 +185,11 @@ def save(
         tmp.mkdir()
     _barrier()
     with _one_process_is_intended():
-        dcp.save(_dcp_state(model, torch_opts), checkpoint_id=str(tmp), no_dist=not _distributed())
+        dcp.save(
+            _dcp_state(model, torch_opts, wrapped),
+            checkpoint_id=str(tmp),
+            no_dist=not _distributed(),
+        )
     save_checkpoint(tmp / f"rank{_rank()}.pt", record)
     _barrier()
     final = root / f"v-{token}"
@@ -289,10 +323,10 @@ def load(
     torch_opts, wrapped = _split(optimizers)
     own = version / f"rank{_rank()}.pt"
     record = load_checkpoint(own if own.is_file() else version / "rank0.pt")
-    saved_wrapped = record.get("wrapped_optimizers", [])
-    if len(saved_wrapped) != len(wrapped):
+    saved_wrapped = record.get("wrapped_in_dcp", 0)
+    if saved_wrapped != len(wrapped):
         raise CheckpointError(
-            f"checkpoint {str(root)!r} holds {len(saved_wrapped)} mixprec optimizer wrapper "
+            f"checkpoint {str(root)!r} holds {saved_wrapped} mixprec optimizer wrapper "
             f"states; {len(wrapped)} were given. Pass the same optimizers as were saved"
         )
     state = dict(record.get("state", {}))
@@ -301,18 +335,30 @@ def load(
             check_state(state)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
-    target = _dcp_state(model, torch_opts)
-    _check_shapes(version, target)
-    with _one_process_is_intended():
-        dcp.load(target, checkpoint_id=str(version), no_dist=not _distributed())
+    _check_shapes(version, _dcp_state(model, torch_opts))
+    fresh = [
+        (opt, getattr(opt, "rounding_step", None)) for opt in wrapped if not opt.optimizer.state
+    ]
+    try:
+        for opt in wrapped:
+            _create_state(opt)
+        target = _dcp_state(model, torch_opts, wrapped)
+        with _one_process_is_intended():
+            dcp.load(target, checkpoint_id=str(version), no_dist=not _distributed())
+        for opt, saved in zip(wrapped, target.get("wrapped", []), strict=True):
+            opt.load_state_dict(saved)
+    except Exception:
+        for opt, counter in fresh:  # as they were: no state, the counter not advanced
+            opt.optimizer.state.clear()
+            if counter is not None:
+                opt.rounding_step = counter  # type: ignore[attr-defined]
+        raise
     set_state_dict(
         model,
         torch_opts,
         model_state_dict=target["model"],
         optim_state_dict=target.get("optim", {}),
     )
-    for opt, saved in zip(wrapped, saved_wrapped, strict=True):
-        opt.load_state_dict(saved)
     if own.is_file():
         torch.set_rng_state(record["rng"])
     return state

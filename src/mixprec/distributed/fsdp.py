@@ -10,6 +10,8 @@ FSDP2                         mixprec policy of the module (``policy.for_module(
 ============================  ==================================================================
 sharded storage dtype         ``params`` (fp32 for ``*-mixed``: the shards are the fp32 masters)
 ``param_dtype``               ``compute`` when it is 16-bit and differs from ``params``, else None
+                              (and None for an ``Fp8Linear``: it casts to FP8 from the stored
+                              format, as in one process)
 ``reduce_dtype``              ``reduce`` (always explicit: FSDP2 would otherwise reduce in
                               ``param_dtype``, less precision than ``*-mixed`` asks for)
 ``output_dtype``              ``output`` when it differs from the compute format, else None
@@ -60,9 +62,12 @@ def mixed_precision_policy(
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, \
 output_dtype=torch.float32, cast_forward_inputs=True)
     """
+    from mixprec.compute.fp8_linear import Fp8Linear
+
     sub = Policy.parse(policy).for_module(name, module)
     compute = sub.compute.dtype
-    gathered = compute if sub.compute.bits <= 16 and compute != sub.param.dtype else None
+    low = sub.compute.bits <= 16 and compute != sub.param.dtype
+    gathered = compute if low and not isinstance(module, Fp8Linear) else None
     in_forward = gathered if gathered is not None else sub.param.dtype
     output = sub.output.dtype if sub.output.dtype != in_forward else None
     return MixedPrecisionPolicy(

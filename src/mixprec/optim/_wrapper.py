@@ -40,6 +40,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from mixprec.optim._shards import is_dtensor, local, local_numel
+from mixprec.scaling.clip import global_norm
+
 __all__: list[str] = []
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -156,6 +159,19 @@ class Scratch:
     def tensors(self) -> list[torch.Tensor]:
         """The buffers kept (for memory accounting)."""
         return list(self._buffers.values())
+
+
+def _clip_sharded_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip ``grads`` (some of them DTensors) to the global ``max_norm`` as ``clip_grad_norm_``
+    does, scaling the local shards; returns the global norm (a plain tensor, the same on every
+    rank of the meshes)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norm = global_norm(groups, 2.0, grads[0].device)
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_([local(g) for g in grads], coefficient)
+    return norm
 
 
 def hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -533,7 +549,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         current: list[torch.Tensor] = []
         size = 0
         for p in params:
-            numel = p.numel() if p.dtype in SIXTEEN_BIT else 0
+            numel = local_numel(p) if p.dtype in SIXTEEN_BIT else 0
             if current and size + numel > limit:
                 chunks.append(current)
                 current, size = [], 0
@@ -550,15 +566,19 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._copy_grads(params, inv_scale)
         if self.max_grad_norm is not None:
             shadows = [self._shadows[p] for p in params]
-            self.last_grad_norm = nn.utils.clip_grad_norm_(
-                shadows, self.max_grad_norm, foreach=True
-            )
+            grads = [s.grad for s in shadows if s.grad is not None]
+            if any(is_dtensor(g) for g in grads):
+                self.last_grad_norm = _clip_sharded_(grads, self.max_grad_norm)
+            else:
+                self.last_grad_norm = nn.utils.clip_grad_norm_(
+                    shadows, self.max_grad_norm, foreach=True
+                )
 
     def _write_trial_point(self, params: list[torch.Tensor]) -> None:
         """Round the shadows of ``params`` to nearest into them: the point a closure sees."""
         own = [p for p in params if self._shadows[p] is not p]
         if own:
-            torch._foreach_copy_(own, [self._shadows[p] for p in own])
+            torch._foreach_copy_([local(p) for p in own], [local(self._shadows[p]) for p in own])
 
     def _load_weights(self, params: list[torch.Tensor]) -> None:
         """Make the shadows of ``params`` hold the weights the inner optimizer is to step."""
@@ -583,7 +603,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
         if grads and inv_scale is not None:
-            torch._foreach_mul_(grads, inv_scale)
+            torch._foreach_mul_([local(g) for g in grads], inv_scale)
 
     # -- state dict ---------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.optim._shards import local, wrap_like
 from mixprec.optim._wrapper import WrappedOptimizer, check_saved_buffers
 
 __all__ = ["MasterWeightOptimizer"]
@@ -123,12 +124,12 @@ class MasterWeightOptimizer(WrappedOptimizer):
         copied = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
         masters = [self._shadows[p] for p in copied]
-        grads = self._grad_buffers_for(masters)
+        grads = self._grad_buffers_for(masters)  # local shards of DTensor masters
         if grads:
-            torch._foreach_copy_(grads, [p.grad for p in copied if p.grad is not None])
+            torch._foreach_copy_(grads, [local(p.grad) for p in copied if p.grad is not None])
         self._unscale_in_place(grads + own, inv_scale)
         for master, grad in zip(masters, grads, strict=True):
-            master.grad = grad
+            master.grad = wrap_like(grad, master)
 
     def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
         self._write_trial_point(stepped)  # fp32 -> 16 bits: round to nearest even
@@ -138,10 +139,10 @@ class MasterWeightOptimizer(WrappedOptimizer):
 
     def _grad_buffers_for(self, masters: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.keep_grad_buffers:
-            return self._scratch.like("grads", masters, self._scratch_limit())
+            return self._scratch.like("grads", [local(m) for m in masters], self._scratch_limit())
         for master in masters:
             if master not in self._grad_buffers:
-                self._grad_buffers[master] = torch.empty_like(master)
+                self._grad_buffers[master] = torch.empty_like(local(master))
         return [self._grad_buffers[m] for m in masters]
 
     def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:

@@ -38,6 +38,13 @@ import torch
 from torch import nn
 
 from mixprec.formats import resolve_format
+from mixprec.optim._shards import (
+    empty_of_kind,
+    flat_offset,
+    local,
+    set_tensor,
+    wrap_like,
+)
 from mixprec.optim._wrapper import (
     SIXTEEN_BIT,
     WrappedOptimizer,
@@ -59,8 +66,6 @@ __all__ = [
     "kahan_round",
     "stochastic_round",
 ]
-
-_EMPTY_SHAPE = (0,)
 
 
 def stochastic_round(
@@ -118,18 +123,17 @@ class _Pure16Optimizer(WrappedOptimizer):
 
     def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
         # An fp32 leaf the inner optimizer keys its state on; its data exists only inside step().
-        return nn.Parameter(
-            torch.empty(_EMPTY_SHAPE, device=param.device), requires_grad=param.requires_grad
-        )
+        return nn.Parameter(empty_of_kind(param), requires_grad=param.requires_grad)
 
     def _load_weights(self, params: list[torch.Tensor]) -> None:
         widened = [p for p in params if self._shadows[p] is not p]
-        weights = self._scratch.like("weights", widened, self._scratch_limit())
+        shards = [local(p) for p in widened]
+        weights = self._scratch.like("weights", shards, self._scratch_limit())
         if widened:
-            torch._foreach_copy_(weights, widened)
+            torch._foreach_copy_(weights, shards)
             self._add_compensation(widened, weights)
         for p, weight in zip(widened, weights, strict=True):
-            self._shadows[p].data = weight
+            set_tensor(self._shadows[p], wrap_like(weight, p))
         if self.state_dtype is not None:
             self._widen_states(widened)
 
@@ -138,23 +142,23 @@ class _Pure16Optimizer(WrappedOptimizer):
     ) -> None:
         widened = [p for p in params if self._shadows[p] is not p]
         own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
-        grads = self._scratch.like("grads", widened, self._scratch_limit())
+        grads = self._scratch.like("grads", [local(p) for p in widened], self._scratch_limit())
         if widened:
-            torch._foreach_copy_(grads, [p.grad for p in widened if p.grad is not None])
+            torch._foreach_copy_(grads, [local(p.grad) for p in widened if p.grad is not None])
         self._unscale_in_place(grads + own, inv_scale)
         for p, grad in zip(widened, grads, strict=True):
-            self._shadows[p].grad = grad
+            self._shadows[p].grad = wrap_like(grad, p)
 
     def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
         widened = [p for p in loaded if self._shadows[p] is not p]
         if self.state_dtype is not None:
             self._narrow_states(widened)
         rounded = [p for p in stepped if self._shadows[p] is not p]
-        self._round_into(rounded, [self._shadows[p].data for p in rounded])
+        self._round_into(rounded, [local(self._shadows[p]) for p in rounded])
         for p in widened:
             shadow = self._shadows[p]
             shadow.grad = None
-            shadow.data = torch.empty(_EMPTY_SHAPE, device=shadow.device)
+            set_tensor(shadow, empty_of_kind(p))
 
     def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         pass
@@ -254,25 +258,42 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
         super().__init__(optimizer, max_grad_norm=max_grad_norm, state_dtype=state_dtype)
 
     def _offset(self, param: torch.Tensor) -> int:
-        """Where ``param``'s elements start in the stream: the sum of the sizes before it."""
+        """Where this rank's elements of ``param`` start in the stream: the sum of the (global)
+        sizes of the parameters before it, plus the global position of the local shard's first
+        element for a DTensor, so every element draws the bits it draws in one process.
+
+        Raises:
+            NotImplementedError: a DTensor whose local shard is not one run of the global order
+                (e.g. ``Shard(1)`` of a matrix).
+        """
         if len(self._offsets) != len(self._shadows):  # groups only ever get added
             offset, self._offsets = 0, {}
             for p in self._params():
-                self._offsets[p] = offset
+                start = flat_offset(p)
+                self._offsets[p] = -1 if start is None else offset + start
                 offset += p.numel()
-        return self._offsets[param]
+        found = self._offsets[param]
+        if found < 0:
+            raise NotImplementedError(
+                f"stochastic rounding of a DTensor parameter of shape {tuple(param.shape)!r} "
+                f"placed as {getattr(param, 'placements', None)!r}: its local shard is not one "
+                "run of the global element order, so it cannot draw the one-process bits. "
+                "Shard it on dim 0 (FSDP2's layout), or use update='master' or 'kahan'"
+            )
+        return found
 
     def _after_step(self) -> None:
         self.rounding_step += 1
 
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         key = counter_key(self.seed, 0, self.rounding_step)
-        run: list[tuple[torch.Tensor, torch.Tensor]] = []  # bf16 tensors that follow each other
+        # bf16 tensors that follow each other: (local shard, fp32 weights, parameter)
+        run: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def flush() -> None:
             if run:
-                offset, device = self._offset(run[0][0]), run[0][0].device
-                numel = sum(p.numel() for p, _ in run)
+                offset, device = self._offset(run[0][2]), run[0][0].device
+                numel = sum(p.numel() for p, _, _ in run)
                 count = bf16_words(offset, numel)
                 limit = self._scratch_limit()
                 buffers = (
@@ -280,32 +301,34 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
                     self._scratch.take("tmp", max(count, numel), torch.int32, device, limit),
                 )
                 stochastic_round_bf16_(
-                    [w for _, w in run], [p for p, _ in run], key, offset, buffers
+                    [w for _, w, _ in run], [p for p, _, _ in run], key, offset, buffers
                 )
                 run.clear()
 
-        for p, w in zip(params, weights, strict=True):
+        for param, w in zip(params, weights, strict=True):
+            p = local(param)
             if fast_bf16(w, p):
-                last = run[-1][0] if run else None
+                last = run[-1] if run else None
                 if last is not None and (
-                    last.device != p.device or self._offset(last) + last.numel() != self._offset(p)
+                    last[0].device != p.device
+                    or self._offset(last[2]) + last[0].numel() != self._offset(param)
                 ):
                     flush()
-                run.append((p, w))
+                run.append((p, w, param))
             else:
                 flush()
-                stochastic_round_with_key_(w, p, key, self._offset(p))
+                stochastic_round_with_key_(w, p, key, self._offset(param))
         flush()
 
     def _round_state(
         self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
     ) -> torch.Tensor:
-        out = torch.empty_like(x, dtype=dtype)
+        out = torch.empty_like(local(x), dtype=dtype)
         stream = 1 + zlib.crc32(name.encode())  # 0 is the weights'
         stochastic_round_with_key_(
-            x, out, counter_key(self.seed, stream, self.rounding_step), self._offset(param)
+            local(x), out, counter_key(self.seed, stream, self.rounding_step), self._offset(param)
         )
-        return out
+        return wrap_like(out, x)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed, "generators": {"counter": self.rounding_step}}
@@ -399,19 +422,21 @@ class KahanOptimizer(_Pure16Optimizer):
     def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         # Widened into scratch first: ops mixing fp32 and 16-bit operands allocate an fp32 copy
         # of the 16-bit one at every call (the same exact widening, and the same fp32 sums).
-        widened = self._scratch.like("widened", params, self._scratch_limit())
-        torch._foreach_copy_(widened, [self._compensation[p] for p in params])
+        compensation = [local(self._compensation[p]) for p in params]
+        widened = self._scratch.like("widened", compensation, self._scratch_limit())
+        torch._foreach_copy_(widened, compensation)
         torch._foreach_add_(weights, widened)
 
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         if not params:
             return
-        torch._foreach_copy_(params, weights)  # round to nearest even
+        shards = [local(p) for p in params]
+        torch._foreach_copy_(shards, weights)  # round to nearest even
         # weights - params is exact in fp32; then the remainder is rounded into the buffer.
-        widened = self._scratch.like("widened", params, self._scratch_limit())
-        torch._foreach_copy_(widened, params)
+        widened = self._scratch.like("widened", shards, self._scratch_limit())
+        torch._foreach_copy_(widened, shards)
         torch._foreach_sub_(weights, widened)
-        torch._foreach_copy_([self._compensation[p] for p in params], weights)
+        torch._foreach_copy_([local(self._compensation[p]) for p in params], weights)
 
     def _round_state(
         self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
