@@ -261,6 +261,16 @@ def test_prepare_twice_is_an_error():
         mp.prepare(make_model())
 
 
+def test_fully_shard_after_prepare_is_refused_with_the_order_that_works():
+    mp = MixedPrecision("bf16-mixed", "cpu")
+    model = make_model()
+    weights = [p.detach().clone() for p in model.parameters()]
+    model, _ = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match=r"after prepare.*model = mp\.fully_shard\(model\); opt"):
+        mp.fully_shard(model)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
 class Exploding(nn.Module):
     """Multiplies by a huge factor: its fp16 output overflows."""
 

@@ -36,6 +36,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mixprec._state_checks import (
     check_model_state,
@@ -795,11 +796,20 @@ class MixedPrecision:
         :func:`mixprec.distributed.fully_shard` (``wrap=``, FSDP2's own arguments).
 
         Raises:
-            RuntimeError: ``model`` is wrapped in DDP or already sharded.
+            RuntimeError: ``model`` is wrapped in DDP or already sharded, or this session is
+                already prepared (its optimizers hold the parameters sharding replaces).
             ValueError: the session rounds stochastically and the ranks' seeds differ.
         """
         from mixprec.distributed.fsdp import fully_shard
 
+        if self._model is not None and not isinstance(model, DistributedDataParallel):
+            # (a DDP model gets fully_shard's own error: it does not stack on DDP)
+            raise RuntimeError(
+                "fully_shard was called after prepare: sharding replaces the parameters, so the "
+                "optimizers prepare wrapped would step the old ones. Shard first, then build the "
+                "optimizer: model = mp.fully_shard(model); opt = AdamW(model.parameters()); "
+                "model, opt = mp.prepare(model, opt)"
+            )
         self._check_seed_agrees()
         storage = self._storage_policy(model)
         # FSDP2 gathers the parameters of the modules it shards: an FP8 layer swapped in later
