@@ -54,7 +54,8 @@ from mixprec.diagnostics import (
     underflow_report,
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
-from mixprec.distributed import check_prepare_order, ddp, would_recast
+from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
+from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
@@ -175,6 +176,10 @@ class MixedPrecision:
             fp32 (params stored in fp32, compute in fp32), as Hugging Face models do with
             ``_keep_in_fp32_modules`` (T5's ``wo``). A pattern matches a submodule of the module
             that declares it when it equals one of the submodule name's dotted parts.
+        check_replicas_every: every this many steps, :meth:`step` compares the prepared
+            model's replicated parameters across the ranks (:meth:`check_replicas`: one
+            all-gather of two hash numbers per parameter) and raises when they differ. None
+            (the default) never checks; outside a process group there is nothing to compare.
 
     Raises:
         ValueError: an unknown update mode or policy; a policy the session does not implement
@@ -211,6 +216,7 @@ class MixedPrecision:
         wrap_forward: bool = True,
         cast_buffers: bool = False,
         fp32_attributes: Sequence[str] = ("_keep_in_fp32_modules",),
+        check_replicas_every: int | None = None,
     ) -> None:
         self.device = _check_device(device if device is not None else _default_device())
         if update not in _UPDATE_MODES:
@@ -258,6 +264,7 @@ class MixedPrecision:
                 f"fp32_attributes must be a sequence of attribute names, got {fp32_attributes!r}; "
                 "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
             )
+        self._check_every = check_replicas_every_arg(check_replicas_every)
         self._wrap_forward = wrap_forward
         self._cast_buffers = cast_buffers
         self._fp32_attributes = tuple(fp32_attributes)
@@ -469,6 +476,8 @@ class MixedPrecision:
         )
         self._steps += 1
         self._loss_sum, self._micro_batches, self._started = None, 0, None
+        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
+            self.check_replicas(self._model).raise_if_differ()
         if self._tracer is not None:
             self._tracer.reset()
         if self._metrics is not None:
@@ -781,6 +790,30 @@ class MixedPrecision:
         from mixprec.distributed.fsdp import fully_shard
 
         return fully_shard(model, self._storage_policy(model), mesh=mesh, **kwargs)
+
+    def check_replicas(self, model: nn.Module | None = None, group: Any = None) -> ReplicaCheck:
+        """Compare ``model``'s replicated parameters across the ranks (every rank calls it).
+
+        Args:
+            model: the model (default: the prepared one; a DDP wrapper of it works too).
+            group: the replicas' process group (None: the world).
+
+        Returns:
+            A :class:`~mixprec.distributed.ReplicaCheck`; ``.raise_if_differ()`` raises a
+            RuntimeError naming the parameters and ranks. See
+            :func:`mixprec.distributed.check_replicas`.
+
+        Raises:
+            RuntimeError: no ``model`` was given and none was prepared yet.
+        """
+        if model is None:
+            if self._model is None:
+                raise RuntimeError(
+                    "check_replicas has no model: pass one, mp.check_replicas(model), or call "
+                    "mp.prepare(model, ...) first"
+                )
+            model = self._model
+        return check_replicas(model, group)
 
     def _load_sharded(
         self,
