@@ -187,7 +187,8 @@ class MixedPrecision:
             policy without loss scaling.
         RuntimeError: ``device`` does not exist on this machine (e.g. cuda without CUDA).
         TypeError: ``trace``, ``track_underflow``, ``wrap_forward`` or ``cast_buffers`` is not
-            a bool, or ``fp32_attributes`` is not a sequence of strings.
+            a bool, ``fp32_attributes`` is not a sequence of strings, or
+            ``check_replicas_every`` is neither None nor an int (below 1: ValueError).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))

@@ -49,7 +49,8 @@ __all__ = [
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # an odd 64-bit constant (the golden ratio's), as int64
-_CHUNK = 1 << 22  # elements hashed at a time: 64 MiB of int64 scratch at most
+_CHUNK = 1 << 20  # elements hashed at a time: 8 MiB of int64 weights and scratch
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
 def tensor_hash(tensor: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def tensor_hash(tensor: torch.Tensor) -> torch.Tensor:
         tensor: a plain tensor of any dtype whose element size is 1, 2, 4 or 8 bytes.
 
     Returns:
-        A tensor of shape ``(2,)`` and dtype int64: the wrapping sum of the bit patterns and
+        A CPU tensor of shape ``(2,)`` and dtype int64: the wrapping sum of the bit patterns and
         their wrapping sum weighted by ``(2 * index + 1) * M`` for an odd constant ``M``.
 
     Example:
@@ -82,15 +83,30 @@ def tensor_hash(tensor: torch.Tensor) -> torch.Tensor:
             "first, e.g. tensor.double()"
         )
     patterns = flat.view(_BITS[size])
-    total = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    weights = _weights(patterns.device)
+    plain = weighted = 0  # Python ints, reduced modulo 2**64 at the end
     for start in range(0, patterns.numel(), _CHUNK):  # bounded scratch for huge tensors
-        bits = patterns[start : start + _CHUNK].to(torch.int64, copy=True)  # mul_ below
-        weights = torch.arange(
-            2 * start + 1, 2 * (start + bits.numel()), 2, dtype=torch.int64, device=bits.device
-        ).mul_(_MULTIPLIER)
-        total[0] += bits.sum()
-        total[1] += bits.mul_(weights).sum()
-    return total
+        bits = patterns[start : start + _CHUNK]
+        chunk_sum = int(bits.sum(dtype=torch.int64))
+        # sum_i b_i (2 (start + i) + 1) M = sum_i b_i (2 i + 1) M + 2 start M sum_i b_i
+        plain += chunk_sum
+        weighted += (
+            int((bits * weights[: bits.numel()]).sum()) + 2 * start * _MULTIPLIER * chunk_sum
+        )
+    return torch.tensor([_signed64(plain), _signed64(weighted)], dtype=torch.int64)
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    """``(2 i + 1) * M`` (wrapping int64) for ``i < _CHUNK``, made once per device."""
+    if device not in _WEIGHTS:
+        odd = torch.arange(1, 2 * _CHUNK, 2, dtype=torch.int64, device=device)
+        _WEIGHTS[device] = odd.mul_(_MULTIPLIER)
+    return _WEIGHTS[device]
+
+
+def _signed64(value: int) -> int:
+    value %= 2**64
+    return value - 2**64 if value >= 2**63 else value
 
 
 @dataclass(frozen=True)
