@@ -429,7 +429,9 @@ class MixedPrecision:
             TypeError: an argument is not a torch optimizer.
             RuntimeError: no :meth:`backward` since the last step; no parameter of the optimizers
                 has a gradient; or an optimizer would not change the prepared model (one that
-                ``prepare`` wrapped, or one over other parameters).
+                ``prepare`` wrapped, or one over other parameters); with
+                ``check_replicas_every``, on a checked step whose replicas differ across ranks
+                (the step itself was taken and logged).
         """
         if not optimizers:
             raise ValueError("step needs at least one optimizer, e.g. mp.step(optimizer)")
@@ -477,12 +479,12 @@ class MixedPrecision:
         )
         self._steps += 1
         self._loss_sum, self._micro_batches, self._started = None, 0, None
-        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
-            self.check_replicas(self._model).raise_if_differ()
         if self._tracer is not None:
             self._tracer.reset()
         if self._metrics is not None:
             self._log(report, optimizers)
+        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
+            self.check_replicas(self._model).raise_if_differ()  # after the step is logged
         return report
 
     def _open_metrics(self, folder: Any, filename: str = "metrics.jsonl") -> MetricsWriter:
