@@ -11,6 +11,10 @@ can be slower than fp32 (measured on a shared 2-core CPU, 2.1M parameters: 52.6 
 58.4 ms reduce=fp32, 59.5 ms reduce=bf16, with 8.4 vs 4.2 MB per step and rank). The saving grows
 with the time the wire takes (a real network, many ranks); the byte count is exact.
 
+Also timed: ``check_replicas`` on the same model (two hash numbers per parameter from its bit
+patterns, one all-gather), as a ratio to torch's DDP step — the cost of running the replica
+check every step; ``check_replicas_every=N`` pays it once per N steps.
+
     python benchmarks/bench_distributed.py [--millions 4] [--steps 20] [--threads 1]
 """
 
@@ -28,7 +32,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixprec.distributed import ddp
+from mixprec.distributed import check_replicas, ddp
 
 WORLD = 2
 
@@ -66,7 +70,15 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
                 opts[name].zero_grad()
                 if step >= 2:  # the first steps build buckets and warm up
                     times[name].append(time.perf_counter() - start)
+        checks = []
+        for _ in range(5):
+            dist.barrier()
+            start = time.perf_counter()
+            verdict = check_replicas(models["torch DDP (fp32)"])
+            checks.append(time.perf_counter() - start)
+        assert verdict.ok, str(verdict)
         if rank == 0:
+            print(f"CPU flags: {_cpu_flags()}; torch threads per rank: {torch.get_num_threads()}")
             numel = sum(p.numel() for p in models["torch DDP (fp32)"].parameters())
             base = statistics.median(times["torch DDP (fp32)"])
             print(f"{numel / 1e6:.1f}M parameters, {WORLD} gloo ranks, {args.steps} steps")
@@ -81,8 +93,26 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
                     f"{name:22}{median * 1e3:>9.1f}{median / base:>7.2f}"
                     f"{per_step / 1e6:>14.2f}{per_step / (numel * 4):>7.2f}"
                 )
+            check = statistics.median(checks)
+            print(
+                f"{'check_replicas':22}{check * 1e3:>9.1f}{check / base:>7.2f}"
+                f"{16 * len(verdict.compared) * WORLD / 1e6:>14.6f}  (gathered hashes)"
+            )
     finally:
         dist.destroy_process_group()
+
+
+def _cpu_flags() -> str:
+    """The CPU's SIMD flags that matter for these kernels (Linux), or '?' elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return "?"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
 def main() -> None:

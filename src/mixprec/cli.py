@@ -7,8 +7,8 @@ Subcommands:
     train     train one task under one precision, with checkpoints and ``--resume``.
 
 ``train`` and ``compare`` launched by ``torchrun --nproc-per-node N -m mixprec ...`` train
-data-parallel over the N ranks (:mod:`mixprec.distributed.launch`); rank 0 prints and writes
-the report.
+data-parallel over the N ranks (:mod:`mixprec.distributed.launch`), as DDP replicas or, with
+``--strategy fsdp2``, as FSDP2 shards; rank 0 prints and writes the report.
     advise    recommend a precision policy for a built-in task's model, with the reasons.
     explain   per module of a task's model: the format and bytes of weights, compute, saved
               activations, gradients and master copy under a policy (a table and a PNG).
@@ -226,6 +226,7 @@ def _compare(args: argparse.Namespace) -> int:
                         device=args.device,
                         backend=args.backend,
                         overwrite=True,  # a comparison is recomputed from scratch every time
+                        strategy=args.strategy,
                         on_step=functools.partial(_advance, progress, bar),
                     )
                 )
@@ -289,6 +290,7 @@ def _train(args: argparse.Namespace) -> int:
             resume=args.resume,
             overwrite=args.overwrite,
             checkpoint_every=args.checkpoint_every,
+            strategy=args.strategy,
             on_step=lambda done: progress.update(bar, completed=done),
         )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -460,6 +462,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "native", "emulated"),
         help="autocast backend: torch's kernels or emulated 16-bit numerics (%(default)s)",
+    )
+    from mixprec.runner import STRATEGIES
+
+    parser.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="under torchrun: ddp (replicas, the default) or fsdp2 (params, grads and optimizer "
+        "state sharded over the ranks)",
     )
 
 

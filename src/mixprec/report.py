@@ -192,18 +192,24 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+_REDUCTION = {"ddp": "all-reduced", "fsdp2": "reduce-scattered"}
+
+
 def world_line(results: Sequence[RunResult]) -> str:
-    """Where the runs trained: one process, or the world size, the strategy and the bytes each
-    rank all-reduced per step in each run's reduce format (what the DDP hook counted)."""
+    """Where the runs trained: one process, or the world size, the strategy and the bytes of
+    gradients each rank handed to the reduction per step in each run's reduce format (what the
+    DDP hook counted; under FSDP2 the reduce-scatter's input). State B/param is then per rank."""
     first = results[0]
     if first.world_size == 1 and first.strategy == "single":
         return "World size: 1 (one process)."
     moved = ", ".join(
         f"{r.recipe} {_bytes(r.reduce_bytes_per_step)} in {r.reduce_format}" for r in results
     )
+    how = _REDUCTION.get(first.strategy, "reduced")
+    sharded = " State B/param is per rank (shards)." if first.strategy == "fsdp2" else ""
     return (
         f"World size: {first.world_size} ({first.strategy}, each rank a slice of the global "
-        f"batch). All-reduced per step by each rank: {moved}."
+        f"batch). Gradients {how} per step by each rank: {moved}.{sharded}"
     )
 
 
@@ -255,7 +261,8 @@ def write_report(
     parts += [
         "Δ columns are relative to the fp32 run; time and activation memory are ratios to it.",
         "Activations: bytes autograd saves for backward in one forward pass (parameters excluded).",
-        "State B/param: parameters, gradients, master copies and optimizer state per parameter.",
+        "State B/param: parameters, gradients, master copies and optimizer state per parameter"
+        " (held by each rank, under a process group).",
     ]
     report = folder / "report.md"
     report.write_text("\n".join(parts) + "\n")

@@ -12,10 +12,14 @@ has before the first batch is built, from a measurement on two samples.
 
 Under a process group (``torchrun``) the run is data-parallel over the world: each rank trains
 its slice of the same global batch (:mod:`mixprec.distributed.launch`) on a model wrapped by
-``MixedPrecision.ddp``; ``checkpoint.pt`` is then a sharded checkpoint folder (each rank its
-shards and RNG state), rank 0 writes ``metrics.jsonl`` (the loss averaged over the ranks) and
-``result.json`` (with the world size, the strategy and the bytes all-reduced per step), and the
-checks that refuse a run are made on every rank before any rank writes.
+``MixedPrecision.ddp`` (``strategy="ddp"``, the default) or sharded by
+``MixedPrecision.fully_shard`` (``strategy="fsdp2"``: each rank holds its shards of the weights,
+gradients and optimizer state, and the optimizer is built on the sharded parameters);
+``checkpoint.pt`` is then a sharded checkpoint folder (each rank its shards and RNG state), rank
+0 writes ``metrics.jsonl`` (the loss averaged over the ranks) and ``result.json`` (with the world
+size, the strategy and the bytes each rank handed to the gradient reduction per step), and the
+checks that refuse a run are made on every rank before any rank writes. Under FSDP2 the memory
+figures are per rank and the activation probe runs on an unsharded copy of the model.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
+from mixprec.scaling._distributed import is_dtensor
 from mixprec.session import _UPDATE_MODES, MixedPrecision, _check_device
 from mixprec.tasks import Task
 
 __all__ = [
     "DEFAULT_RECIPES",
     "RUN_FILES",
+    "STRATEGIES",
     "Recipe",
     "RunResult",
     "activation_bytes",
@@ -58,6 +64,9 @@ __all__ = [
 
 _TIMING_WARMUP = 3
 _PROBE_SAMPLES = 2
+
+STRATEGIES = ("ddp", "fsdp2")
+"""How a run under a process group spreads the model: DDP replicas or FSDP2 shards."""
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")
 """The files a run writes into its folder (``checkpoint.pt`` is a sharded checkpoint folder for a
@@ -123,9 +132,9 @@ class RunResult:
     scales: list[float] = field(default_factory=list, repr=False)
     grad_log2: list[float] = field(default_factory=list, repr=False)
     world_size: int = 1
-    strategy: str = "single"  # "single" (one process) or "ddp" (data-parallel over the world)
-    reduce_format: str | None = None  # the policy's reduce format, under ddp
-    reduce_bytes_per_step: float | None = None  # bytes each rank all-reduced per step, under ddp
+    strategy: str = "single"  # "single" (one process), "ddp" or "fsdp2" (over the world)
+    reduce_format: str | None = None  # the gradients' reduce format(s), under a process group
+    reduce_bytes_per_step: float | None = None  # bytes each rank handed to the gradient reduction
 
     def save(self, folder: Path) -> None:
         """Write ``result.json`` into ``folder``."""
@@ -228,7 +237,9 @@ def check_batch_memory(batch_size: int, per_sample: int, available: int | None) 
 
 def _grad_log2(model: nn.Module, scale: float) -> list[float]:
     """log2 of the non-zero unscaled gradient magnitudes (a sample of at most 200k)."""
-    grads = [p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None]
+    grads = [
+        _local(p.grad).detach().float().flatten() for p in model.parameters() if p.grad is not None
+    ]
     if not grads:
         return []
     flat = torch.cat(grads).abs() / scale
@@ -237,6 +248,38 @@ def _grad_log2(model: nn.Module, scale: float) -> list[float]:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))]
         flat = flat[:200_000]
     return torch.log2(flat).tolist()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), any other tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def run_strategy(strategy: str | None, parallel: bool) -> str:
+    """The strategy a run uses: ``"single"`` without a process group, else ``strategy``
+    (None: ``"ddp"``).
+
+    Raises:
+        ValueError: an unknown strategy, or one given without a process group.
+
+    Example:
+        >>> run_strategy(None, parallel=False), run_strategy(None, parallel=True)
+        ('single', 'ddp')
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown strategy {strategy!r}; valid strategies: {', '.join(STRATEGIES)} "
+            "(ddp: replicas, fsdp2: shards)"
+        )
+    if not parallel:
+        if strategy is not None:
+            raise ValueError(
+                f"strategy {strategy!r} trains over a process group, but none is open; launch "
+                f"with torchrun, e.g. torchrun --nproc-per-node 2 -m mixprec train ... "
+                f"--strategy {strategy}, or leave --strategy out to train in one process"
+            )
+        return "single"
+    return strategy or "ddp"
 
 
 def train(
@@ -250,6 +293,7 @@ def train(
     overwrite: bool = False,
     checkpoint_every: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    strategy: str | None = None,
 ) -> RunResult:
     """Train ``task`` under ``recipe``, writing metrics, checkpoints and the result to ``out``.
 
@@ -263,13 +307,15 @@ def train(
         overwrite: replace the run already in ``out`` (its checkpoint, metrics and result).
         checkpoint_every: also checkpoint every this many steps (None: only at the end).
         on_step: called after every step with the step number (progress bars).
+        strategy: under a process group, ``"ddp"`` (replicas, the default) or ``"fsdp2"``
+            (shards); None picks ``"ddp"`` there and one process without a group.
 
     Raises:
         ValueError: ``out`` is empty or a file, or holds a run and neither ``resume`` nor
             ``overwrite`` is set (or both are); a checkpoint of another task, recipe, backend or
             model shape; a ``checkpoint_every`` below 1; a batch that does not fit in memory; under
             a process group, a batch size the world size does not divide, or a one-process
-            checkpoint to resume from.
+            checkpoint to resume from; an unknown ``strategy``, or one without a process group.
         RuntimeError: ``device`` does not exist on this machine.
     """
     if not str(out).strip():
@@ -288,6 +334,7 @@ def train(
         raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
     rank, world = launch.rank(), launch.world_size()
     parallel = dist.is_available() and dist.is_initialized()
+    spread = run_strategy(strategy, parallel)
     if parallel:
         launch.check_divisible(task.config.batch_size, world)
     _check_run_folder(folder, resume=resume, overwrite=overwrite)
@@ -304,7 +351,8 @@ def train(
     run_backend = _dry_run(task, recipe, device, backend, task.config.batch_size // world)
     start = _resume_step(checkpoint, task, recipe, run_backend) if resuming else 0
     model = task.build_model()
-    optimizer = task.build_optimizer(model)
+    # FSDP2: the optimizer is built on the sharded parameters, once the session has sharded them.
+    optimizer = None if spread == "fsdp2" else task.build_optimizer(model)
     if parallel:
         dist.barrier()  # every rank has checked the folder before rank 0 changes it
     if rank == 0:
@@ -324,23 +372,16 @@ def train(
         seed=task.config.seed,  # the stochastic-rounding stream follows the run's seed
         metrics=folder,
     )
+    if optimizer is None:
+        model = mp.fully_shard(model.to(mp.device))
+        optimizer = task.build_optimizer(model)
     model, optimizer = mp.prepare(model, optimizer)
-    net = model  # the plain module: probes and evaluation run outside DDP's reducer
-    if parallel:
+    net = model  # the plain (or sharded) module: probes and evaluation run outside DDP's reducer
+    if spread == "ddp":
         model = mp.ddp(model)
     if resuming:
         mp.load(checkpoint, model, optimizer, strict=True)  # a resume is the same run
-    x0 = launch.local_slice(task.batch(0)[0], rank, world)
-
-    def probe_forward() -> torch.Tensor:
-        with mp.autocast():
-            return net(x0.to(mp.device))
-
-    kept_buffers = {name: b.clone() for name, b in net.named_buffers()}
-    saved = activation_bytes(net, probe_forward)
-    with torch.no_grad():  # the probe is no training step: BatchNorm's statistics stay as they were
-        for name, buffer in net.named_buffers():
-            buffer.copy_(kept_buffers[name])
+    saved = _probe_activations(task, recipe, net if spread != "fsdp2" else None, mp, rank, world)
     grad_log2: list[float] = []
     state_bytes = math.nan
     with mp:
@@ -384,19 +425,55 @@ def train(
         losses=losses,
         scales=[float(r["loss_scale"]) for r in history],
         grad_log2=grad_log2,
-        **_parallel_figures(model, world, task.config.steps - start) if parallel else {},
+        **_parallel_figures(model, spread, world, task.config.steps - start) if parallel else {},
     )
     if rank == 0:
         result.save(folder)
     return result
 
 
-def _parallel_figures(model: nn.Module, world: int, steps: int) -> dict[str, Any]:
-    """The data-parallel fields of a result: world, strategy, reduce format and bytes per step."""
+def _probe_activations(
+    task: Task, recipe: Recipe, net: nn.Module | None, mp: MixedPrecision, rank: int, world: int
+) -> int:
+    """The activation bytes of one forward on this rank's slice of the first batch, measured on
+    ``net``, or (None: the run is sharded by FSDP2, whose all-gathered weights are no
+    activations) on an unsharded copy under the same policy."""
+    x0 = launch.local_slice(task.batch(0)[0], rank, world)
+    region = mp.autocast
+    if net is None:
+        probe = MixedPrecision(recipe.policy, mp.device, backend=mp.backend, update=recipe.update)  # type: ignore[arg-type]
+        net, region = probe.prepare(task.build_model()), probe.autocast
+
+    def probe_forward() -> torch.Tensor:
+        with region():
+            return net(x0.to(mp.device))
+
+    kept_buffers = {name: b.clone() for name, b in net.named_buffers()}
+    saved = activation_bytes(net, probe_forward)
+    with torch.no_grad():  # the probe is no training step: BatchNorm's statistics stay as they were
+        for name, buffer in net.named_buffers():
+            buffer.copy_(kept_buffers[name])
+    return saved
+
+
+def _parallel_figures(model: nn.Module, strategy: str, world: int, steps: int) -> dict[str, Any]:
+    """The data-parallel fields of a result: world, strategy, reduce format and bytes per step
+    (what DDP's hook counted; under FSDP2 the reduce-scatter's input, from the shapes)."""
+    if strategy == "fsdp2":
+        from mixprec.distributed.fsdp import reduce_bytes_per_step
+
+        traffic = reduce_bytes_per_step(model)
+        dtypes = ",".join(str(d).removeprefix("torch.") for d in traffic)
+        return {
+            "world_size": world,
+            "strategy": strategy,
+            "reduce_format": dtypes,
+            "reduce_bytes_per_step": float(sum(traffic.values())) if steps else None,
+        }
     state = cast(ReduceState, model.mixprec_reduce)  # set by mixprec.distributed.ddp
     return {
         "world_size": world,
-        "strategy": "ddp",
+        "strategy": strategy,
         "reduce_format": str(state.dtype).removeprefix("torch."),
         "reduce_bytes_per_step": state.bytes_reduced / steps if steps else None,
     }

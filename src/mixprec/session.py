@@ -55,8 +55,9 @@ from mixprec.diagnostics import (
     underflow_report,
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
-from mixprec.distributed import check_prepare_order, ddp, would_recast
+from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
 from mixprec.distributed._agree import check_same_seed
+from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
 from mixprec.optim import (
@@ -177,6 +178,10 @@ class MixedPrecision:
             fp32 (params stored in fp32, compute in fp32), as Hugging Face models do with
             ``_keep_in_fp32_modules`` (T5's ``wo``). A pattern matches a submodule of the module
             that declares it when it equals one of the submodule name's dotted parts.
+        check_replicas_every: every this many steps, :meth:`step` compares the prepared
+            model's replicated parameters across the ranks (:meth:`check_replicas`: one
+            all-gather of two hash numbers per parameter) and raises when they differ. None
+            (the default) never checks; outside a process group there is nothing to compare.
 
     Raises:
         ValueError: an unknown update mode or policy; a policy the session does not implement
@@ -184,7 +189,8 @@ class MixedPrecision:
             policy without loss scaling.
         RuntimeError: ``device`` does not exist on this machine (e.g. cuda without CUDA).
         TypeError: ``trace``, ``track_underflow``, ``wrap_forward`` or ``cast_buffers`` is not
-            a bool, or ``fp32_attributes`` is not a sequence of strings.
+            a bool, ``fp32_attributes`` is not a sequence of strings, or
+            ``check_replicas_every`` is neither None nor an int (below 1: ValueError).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 2))
@@ -213,6 +219,7 @@ class MixedPrecision:
         wrap_forward: bool = True,
         cast_buffers: bool = False,
         fp32_attributes: Sequence[str] = ("_keep_in_fp32_modules",),
+        check_replicas_every: int | None = None,
     ) -> None:
         self.device = _check_device(device if device is not None else _default_device())
         if update not in _UPDATE_MODES:
@@ -260,6 +267,7 @@ class MixedPrecision:
                 f"fp32_attributes must be a sequence of attribute names, got {fp32_attributes!r}; "
                 "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
             )
+        self._check_every = check_replicas_every_arg(check_replicas_every)
         self._wrap_forward = wrap_forward
         self._cast_buffers = cast_buffers
         self._fp32_attributes = tuple(fp32_attributes)
@@ -439,7 +447,9 @@ class MixedPrecision:
             TypeError: an argument is not a torch optimizer.
             RuntimeError: no :meth:`backward` since the last step; no parameter of the optimizers
                 has a gradient; or an optimizer would not change the prepared model (one that
-                ``prepare`` wrapped, or one over other parameters).
+                ``prepare`` wrapped, or one over other parameters); with
+                ``check_replicas_every``, on a checked step whose replicas differ across ranks
+                (the step itself was taken and logged).
         """
         if not optimizers:
             raise ValueError("step needs at least one optimizer, e.g. mp.step(optimizer)")
@@ -491,6 +501,8 @@ class MixedPrecision:
             self._tracer.reset()
         if self._metrics is not None:
             self._log(report, optimizers)
+        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
+            self.check_replicas(self._model).raise_if_differ()  # after the step is logged
         return report
 
     def _open_metrics(self, folder: Any, filename: str = "metrics.jsonl") -> MetricsWriter:
@@ -816,6 +828,30 @@ class MixedPrecision:
         # would see its DTensor shards.
         self._convert_fp8(model)
         return fully_shard(model, storage, mesh=mesh, **kwargs)
+
+    def check_replicas(self, model: nn.Module | None = None, group: Any = None) -> ReplicaCheck:
+        """Compare ``model``'s replicated parameters across the ranks (every rank calls it).
+
+        Args:
+            model: the model (default: the prepared one; a DDP wrapper of it works too).
+            group: the replicas' process group (None: the world).
+
+        Returns:
+            A :class:`~mixprec.distributed.ReplicaCheck`; ``.raise_if_differ()`` raises a
+            RuntimeError naming the parameters and ranks. See
+            :func:`mixprec.distributed.check_replicas`.
+
+        Raises:
+            RuntimeError: no ``model`` was given and none was prepared yet.
+        """
+        if model is None:
+            if self._model is None:
+                raise RuntimeError(
+                    "check_replicas has no model: pass one, mp.check_replicas(model), or call "
+                    "mp.prepare(model, ...) first"
+                )
+            model = self._model
+        return check_replicas(model, group)
 
     def _load_sharded(
         self,

@@ -49,6 +49,18 @@ def test_a_world_that_does_not_divide_the_batch_is_refused_with_the_sizes_that_w
         check_divisible(3, 4)
 
 
+def test_a_strategy_without_a_process_group_is_refused_naming_torchrun(tmp_path, capsys):
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match=r"strategy 'fsdp2' trains over a process group.*torchrun"):
+        train(digits(), Recipe.parse("fp32"), tmp_path / "run", strategy="fsdp2")
+    with pytest.raises(ValueError, match=r"unknown strategy 'zero3'; valid strategies: ddp, fsdp2"):
+        train(digits(), Recipe.parse("fp32"), tmp_path / "run", strategy="zero3")
+    with pytest.raises(SystemExit):
+        main(["train", "--task", "digits", "--strategy", "ddp", "--out", str(tmp_path / "cli")])
+    assert "torchrun --nproc-per-node 2 -m mixprec train" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cli").exists()  # nothing written
+
+
 def test_local_slices_cover_the_global_batch_once():
     batch = torch.arange(12).reshape(6, 2)
     pieces = [local_slice(batch, r, 3) for r in range(3)]
@@ -101,6 +113,16 @@ def _runner_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
     dist.barrier()
     train(digits(), recipe, out / "resumed", backend="emulated", resume=True)
 
+    # The same under FSDP2, bf16-mixed: shards of the weights and of AdamW's state.
+    sharded = Recipe.parse("bf16-mixed")
+    train(digits(), sharded, out / "fsdp_straight", backend="emulated", strategy="fsdp2")
+    with pytest.raises(KeyboardInterrupt):
+        train(digits(), sharded, out / "fsdp_resumed", backend="emulated", checkpoint_every=2,
+              on_step=kill, strategy="fsdp2")  # fmt: skip
+    dist.barrier()
+    train(digits(), sharded, out / "fsdp_resumed", backend="emulated", resume=True,
+          strategy="fsdp2")  # fmt: skip
+
     # A session's metrics under DDP: one file, the loss of the global batch; a model local
     # to its rank: one file per rank.
     task = digits()
@@ -133,6 +155,10 @@ def _commands(out: Path) -> list[list[str]]:
         ["train", "--task", "digits", "--precision", "fp32", "--out", str(out / "cli"), *TINY],
         ["compare", "--task", "digits", "--precisions", "fp32,bf16-mixed", "--backend",
          "emulated", "--out", str(out / "compare"), *TINY],
+        ["train", "--task", "digits", "--precision", "fp32", "--out", str(out / "cli_fsdp"),
+         "--strategy", "fsdp2", *TINY],
+        ["compare", "--task", "digits", "--precisions", "fp32,bf16-mixed", "--backend",
+         "emulated", "--out", str(out / "compare_fsdp"), "--strategy", "fsdp2", *TINY],
     ]  # fmt: skip
 
 
@@ -170,25 +196,28 @@ def _worker(rank: int, ports: list[int], out: Path) -> None:
 @pytest.mark.slow
 def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(tmp_path):
     train(digits(), Recipe.parse("fp32"), tmp_path / "single")
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(1 + len(_commands(tmp_path)))]
     torch.multiprocessing.spawn(_worker, args=(ports, tmp_path), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"res{r}.pt") for r in range(WORLD)]
     assert not any(r["odd_written"] for r in res)
     assert all(r["single_unchanged"] for r in res)
 
-    # Resume: the same weights and the same losses and scales as the uninterrupted run.
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    want, got = digits().build_model(), digits().build_model()
-    sharded_checkpoint.load(straight / "checkpoint.pt", want)
-    sharded_checkpoint.load(resumed / "checkpoint.pt", got)
-    for name, value in weights(want).items():
-        assert torch.equal(weights(got)[name], value), name
-
     def untimed(run: Path) -> list[dict[str, Any]]:
         return [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(run)]
 
-    assert untimed(resumed) == untimed(straight)  # the losses and scales, bit for bit
-    assert [r["step"] for r in untimed(resumed)] == list(range(STEPS))
+    # Resume (DDP and FSDP2): the same weights and the same losses and scales as the
+    # uninterrupted run.
+    for kind in ("", "fsdp_"):
+        straight, resumed = tmp_path / f"{kind}straight", tmp_path / f"{kind}resumed"
+        want, got = digits().build_model(), digits().build_model()
+        sharded_checkpoint.load(straight / "checkpoint.pt", want)
+        sharded_checkpoint.load(resumed / "checkpoint.pt", got)
+        for name, value in weights(want).items():
+            assert torch.equal(weights(got)[name], value), (kind, name)
+        assert untimed(resumed) == untimed(straight)  # the losses and scales, bit for bit
+        assert [r["step"] for r in untimed(resumed)] == list(range(STEPS))
+    fsdp_result = json.loads((tmp_path / "fsdp_resumed" / "result.json").read_text())
+    assert fsdp_result["strategy"] == "fsdp2"
 
     # Session metrics: rank 0 alone writes, once per step, the mean of the ranks' losses.
     session = read_metrics(tmp_path / "session")
@@ -204,7 +233,8 @@ def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(t
     task = DigitsTask(TaskConfig(steps=STEPS, batch_size=BATCH, lr=1e-3, seed=3))
     one = train(task, Recipe.parse("fp32"), tmp_path / "one")
     cli = tmp_path / "cli"
-    assert "on 2 ranks (ddp)" in res[0]["printed"][0] and res[1]["printed"] == ["", ""]
+    assert "on 2 ranks (ddp)" in res[0]["printed"][0]
+    assert res[1]["printed"] == [""] * len(_commands(tmp_path))  # rank 1 prints nothing
     two = json.loads((cli / "result.json").read_text())
     assert (two["world_size"], two["strategy"], two["reduce_format"]) == (2, "ddp", "float32")
     numel = sum(p.numel() for p in task.build_model().parameters())
@@ -227,3 +257,37 @@ def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(t
     ]
     assert [r["reduce_bytes_per_step"] for r in results] == [numel * 4, numel * 4]
     assert "World size: 2 (ddp" in report and report.count("KiB in float32") == 2
+
+    # FSDP2 from the command: the same losses as DDP (fp32 within 1e-5, bf16-mixed within the
+    # DDP run's own bf16-vs-fp32 spread), a checkpoint of the same global weights, and each
+    # rank holding half the state.
+    fsdp_cli = tmp_path / "cli_fsdp"
+    assert "on 2 ranks (fsdp2)" in res[0]["printed"][2]
+    sharded = json.loads((fsdp_cli / "result.json").read_text())
+    assert (sharded["world_size"], sharded["strategy"], sharded["reduce_format"]) == (
+        2, "fsdp2", "float32"
+    )  # fmt: skip
+    assert sharded["reduce_bytes_per_step"] == numel * 4  # each rank's reduce-scatter input
+    assert [r["loss"] for r in read_metrics(fsdp_cli)] == pytest.approx(one.losses, rel=1e-5)
+    assert sharded["state_bytes_per_param"] == pytest.approx(
+        two["state_bytes_per_param"] / WORLD, rel=0.01
+    )
+    model = task.build_model()
+    sharded_checkpoint.load(fsdp_cli / "checkpoint.pt", model)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7)
+    fsdp_report = (tmp_path / "compare_fsdp" / "report.md").read_text()
+    assert "World size: 2 (fsdp2" in fsdp_report and "reduce-scattered" in fsdp_report
+
+    def losses(folder: str, recipe: str) -> list[float]:
+        return [r["loss"] for r in read_metrics(tmp_path / folder / "digits" / recipe)]
+
+    assert losses("compare_fsdp", "fp32") == pytest.approx(losses("compare", "fp32"), rel=1e-5)
+    spread = max(
+        abs(a - b)
+        for a, b in zip(losses("compare", "bf16-mixed"), losses("compare", "fp32"), strict=True)
+    )
+    assert spread > 0
+    mixed = zip(losses("compare_fsdp", "bf16-mixed"), losses("compare", "bf16-mixed"), strict=True)
+    for a, b in mixed:
+        assert abs(a - b) <= spread

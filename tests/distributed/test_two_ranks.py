@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mixprec import MixedPrecision
 from mixprec.distributed.ddp import check_reducible
-from mixprec.distributed.plan import local_memory_report, memory_plan
+from mixprec.distributed.plan import memory_plan
 from mixprec.formats import resolve_format
 from mixprec.optim import memory_report
 from mixprec.optim.memory import PARTS
@@ -125,6 +125,7 @@ def _ddp_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
         differs = differs or not torch.equal(reduced.grad, sum(gathered) / WORLD)
     res["bf16_exact"], res["bf16_differs_from_fp32"] = exact, differs
     res["bf16_bytes"] = ddp_bf16.mixprec_reduce.bytes_reduced
+    res["reported_bf16_bytes"] = memory_report(ddp_bf16).reduce_bytes_per_step["bf16"]
     res["fp32_bytes_per_step"] = ddp_model.mixprec_reduce.bytes_reduced / STEPS
     res["numel"] = sum(p.numel() for p in twin.parameters())
 
@@ -234,23 +235,34 @@ def _fsdp_checks(rank: int, out: Path, res: dict[str, Any]) -> None:
     res["fsdp_inf"] = {"stepped": stepped, "scales": scales, "names": names}
 
 
-def _plan_checks(rank: int, res: dict[str, Any]) -> None:
-    # bf16-mixed AdamW under FSDP2, on a model whose every tensor splits evenly over two ranks.
+def plan_model() -> nn.Module:
+    """A model whose every tensor splits evenly over two ranks."""
     torch.manual_seed(0)
-    mp = MixedPrecision("bf16-mixed", device="cpu", backend="emulated")
-    model = mp.fully_shard(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, opt = mp.prepare(model, opt)
-    x, _ = local_batch(rank)
+    return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+
+
+def plan_step(mp: MixedPrecision, model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
+    """bf16-mixed AdamW: one step on ``x``; returns the prepared optimizer."""
+    model, opt = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
     with mp.autocast():
         loss = model(torch.cat([x, x], dim=1)).float().pow(2).mean()
     mp.backward(loss)
     mp.step(opt)
-    measured = local_memory_report(model, opt)
+    return opt
+
+
+def _plan_checks(rank: int, res: dict[str, Any]) -> None:
+    mp = MixedPrecision("bf16-mixed", device="cpu", backend="emulated")
+    model = mp.fully_shard(plan_model())
+    opt = plan_step(mp, model, local_batch(rank)[0])
+    measured = memory_report(model, opt)
+    assert measured.global_ is not None
     res["plan_measured"] = {part: getattr(measured, part) for part in PARTS}
+    res["plan_global"] = {part: getattr(measured.global_, part) for part in PARTS}
     res["plan_num_params"] = measured.num_params
+    res["plan_local_params"] = measured.local_params
     res["plan_num_tensors"] = len(list(model.parameters()))
-    res["memory_report_params"] = memory_report(model, opt).params  # counts global sizes
+    res["plan_text"] = str(measured)
 
 
 def worker(rank: int, out: str) -> None:
@@ -310,6 +322,7 @@ def test_reduce_bf16_travels_in_bf16(two_ranks: tuple) -> None:
     assert rank0["bf16_exact"] and rank1["bf16_exact"]
     assert rank0["bf16_differs_from_fp32"]  # the check could tell bf16 from fp32
     assert rank0["bf16_bytes"] == 2 * rank0["numel"]
+    assert rank0["reported_bf16_bytes"] == rank0["bf16_bytes"]  # memory_report's figure
     assert rank0["fp32_bytes_per_step"] == 4 * rank0["numel"]
 
 
@@ -385,5 +398,11 @@ def test_plan_equals_the_measured_per_rank_memory_under_fsdp2(two_ranks: tuple) 
         steps = 4 * res["plan_num_tensors"]  # AdamW's step counters live on every rank
         assert measured["optimizer_state"] == row.optimizer_state * n + steps
         assert sum(measured.values()) == row.total_bytes
-        # memory_report counts the DTensors' global sizes, twice what a rank holds.
-        assert res["memory_report_params"] == WORLD * measured["params"]
+        assert res["plan_local_params"] == n // WORLD
+        assert "bytes/rank" in res["plan_text"] and "global bytes" in res["plan_text"]
+    # The global figures are one unsharded copy: what one process holds after the same step.
+    mp = MixedPrecision("bf16-mixed", device="cpu", backend="emulated")
+    model = plan_model()
+    one = memory_report(model, plan_step(mp, model, global_batch()[0]))
+    assert two_ranks[0]["plan_global"] == {part: getattr(one, part) for part in PARTS}
+    assert two_ranks[0]["plan_global"]["params"] == WORLD * two_ranks[0]["plan_measured"]["params"]

@@ -119,3 +119,26 @@ def test_errors():
         memory_report([])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"expects a torch.optim.Optimizer \(or None\), got dict"):
         memory_report(nn.Linear(2, 2), {})  # type: ignore[arg-type]
+
+
+def test_one_process_figures_are_their_own_global_figures_and_show_the_reduction():
+    model = _model(torch.float32)
+    model[2].requires_grad_(False)  # frozen: no gradient to reduce
+    opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
+    _step(model, opt)
+    report = memory_report(model, opt)
+    assert report.global_ is not None and not report.sharded
+    assert report.global_.global_ is None
+    for part in ("params", "grads", "master", "optimizer_state", "compensation", "workspace"):
+        assert getattr(report.global_, part) == getattr(report, part), part
+    assert report.local_params == report.num_params
+    trainable = model[0].weight.numel() + model[0].bias.numel()
+    assert report.grad_elements == trainable
+    assert report.reduce_bytes_per_step == {
+        "fp32": trainable * torch.float32.itemsize,
+        "bf16": trainable * torch.bfloat16.itemsize,
+        "fp16": trainable * torch.float16.itemsize,
+    }
+    text = str(report)
+    assert "global bytes" not in text  # one column where nothing is sharded
+    assert f"fp32 {4 * trainable:,}, bf16 {2 * trainable:,}" in text

@@ -8,9 +8,12 @@ mixprec adds precision to torch.distributed and no communication layer of its ow
   the policy (:func:`mixed_precision_policy`);
 * :mod:`mixprec.distributed.checkpoint` saves and loads sharded, re-shardable checkpoints with
   ``torch.distributed.checkpoint``;
-* :func:`memory_plan` gives bytes per parameter per rank, before renting the machines.
+* :func:`memory_plan` gives bytes per parameter per rank, before renting the machines;
+* :func:`check_replicas` tells whether the ranks' replicas of the weights are still identical
+  (one all-gather of two hash numbers per parameter).
 
-The session's ``MixedPrecision.ddp`` and ``MixedPrecision.fully_shard`` call these.
+The session's ``MixedPrecision.ddp``, ``MixedPrecision.fully_shard`` and
+``MixedPrecision.check_replicas`` call these.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from mixprec.distributed._order import check_prepare_order, would_recast
 from mixprec.distributed.ddp import REDUCIBLE_DTYPES, ReduceState, check_reducible, ddp, reduce_hook
+from mixprec.distributed.replicas import ReplicaCheck, ReplicaDifference, check_replicas
 
 # FSDP2, DTensor and torch.distributed.checkpoint take seconds to import: loaded on first use.
 _LAZY = {
@@ -40,8 +44,11 @@ __all__ = [
     "REDUCIBLE_DTYPES",
     "MemoryPlan",
     "ReduceState",
+    "ReplicaCheck",
+    "ReplicaDifference",
     "check_prepare_order",
     "check_reducible",
+    "check_replicas",
     "ddp",
     "fully_shard",
     "memory_plan",

@@ -36,12 +36,16 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.fsdp import fully_shard as _torch_fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.weak import WeakIdKeyDictionary
 
 from mixprec.distributed.ddp import check_reducible
 from mixprec.optim import cast_module
 from mixprec.policy import Policy
 
-__all__ = ["fully_shard", "mixed_precision_policy"]
+__all__ = ["fully_shard", "mixed_precision_policy", "reduce_bytes_per_step"]
+
+# Sharded root module -> {reduce dtype: bytes each rank hands to the reduce-scatter per backward}.
+_REDUCE_BYTES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def mixed_precision_policy(
@@ -136,13 +140,52 @@ def fully_shard(
             check_reducible(_format_of(mp_policy.reduce_dtype, policy), group)
     cast_module(model, policy, buffers=False)  # buffers keep their dtype, as in prepare
     root = plans[0][2]
+    claimed: dict[int, tuple[int, torch.dtype]] = {}  # param -> (trainable numel, reduce dtype)
+
+    def claim(sub: nn.Module, mp_policy: MixedPrecisionPolicy) -> None:
+        for param in sub.parameters():
+            dtype = mp_policy.reduce_dtype or mp_policy.param_dtype or param.dtype
+            claimed.setdefault(id(param), (param.numel() if param.requires_grad else 0, dtype))
+
     for _, sub, mp_policy in reversed(plans[1:]):  # children before their parents
         if not any(True for _ in sub.parameters()):
             continue
         if mp_policy != root or isinstance(sub, wrap_classes):
+            claim(sub, mp_policy)
             _torch_fully_shard(sub, mesh=mesh, mp_policy=mp_policy, **kwargs)
+    claim(model, root)
     _torch_fully_shard(model, mesh=mesh, mp_policy=root, **kwargs)
+    traffic: dict[torch.dtype, int] = {}
+    for numel, dtype in claimed.values():
+        traffic[dtype] = traffic.get(dtype, 0) + numel * dtype.itemsize
+    _REDUCE_BYTES[model] = traffic
     return model
+
+
+def reduce_bytes_per_step(model: nn.Module) -> dict[torch.dtype, int]:
+    """Bytes each rank hands to FSDP2's gradient reduce-scatter per backward, by reduce dtype.
+
+    Every trainable parameter's whole (unsharded) gradient goes into the reduce-scatter in the
+    ``reduce_dtype`` of the ``fully_shard`` call that holds it, so the figure is its global
+    element count times that dtype's size, summed per dtype — the counterpart of what DDP's
+    reduce hook counts (``ReduceState.bytes_reduced``). The all-gathers of the parameters are
+    not included.
+
+    Args:
+        model: a model sharded by :func:`fully_shard` (mixprec's, which records the mapping).
+
+    Returns:
+        ``{dtype: bytes}``.
+
+    Raises:
+        ValueError: ``model`` was not sharded by :func:`fully_shard`.
+    """
+    if model not in _REDUCE_BYTES:
+        raise ValueError(
+            f"{type(model).__name__} was not sharded by mixprec.distributed.fully_shard (or "
+            "mp.fully_shard), which records each parameter's reduce format; shard it with that"
+        )
+    return dict(_REDUCE_BYTES[model])
 
 
 def _format_of(dtype: torch.dtype, policy: Policy) -> Any:

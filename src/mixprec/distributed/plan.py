@@ -1,12 +1,12 @@
 """A memory plan per rank, before renting the machines: model state and activations.
 
 Design note: the model-state figures are the bytes each tensor kind costs per parameter element
-— the same tensors :func:`mixprec.optim.memory_report` counts after a step, in the dtypes each
-preset and update mode gives them (AdamW: two moments in the dtype of the tensors it updates,
-fp32 unless the update is a plain 16-bit round-to-nearest one) — divided by how many ranks share
-them: nothing under DDP (every rank holds a full replica), everything under FSDP2 (ZeRO-3:
-params, grads, masters and optimizer state are all sharded), so bf16-mixed AdamW costs 16/N
-B/param per rank. AdamW's step counter (4 bytes per parameter tensor, on every rank) is counted
+— the same tensors :func:`mixprec.optim.memory_report` counts per rank after a step, in the
+dtypes each preset and update mode gives them (AdamW: two moments in the dtype of the tensors
+it updates, fp32 unless the update is a plain 16-bit round-to-nearest one) — divided by how many
+ranks share them: nothing under DDP (every rank holds a full replica), everything under FSDP2
+(ZeRO-3: params, grads, masters and optimizer state are all sharded), so bf16-mixed AdamW costs
+16/N B/param per rank. AdamW's step counter (4 bytes per parameter tensor, on every rank) is counted
 when the number of tensors is given. FSDP2's all-gathered 16-bit copies of the layer being
 computed are transient and left out.
 
@@ -27,17 +27,13 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from torch import nn
 
-from mixprec.optim import MemoryReport
 from mixprec.policy import PRESETS
-from mixprec.scaling._distributed import is_dtensor
 
 __all__ = [
     "MemoryPlan",
     "PlanRow",
     "activation_bytes_per_token",
-    "local_memory_report",
     "memory_plan",
     "parse_bytes",
 ]
@@ -310,47 +306,3 @@ def parse_bytes(value: float | str) -> float:
     if number <= 0:
         raise ValueError(f"device memory must be > 0, got {value!r}")
     return number * _UNITS[unit]
-
-
-def local_memory_report(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> MemoryReport:
-    """Model-state bytes this rank holds: DTensors counted by their local shards.
-
-    :func:`mixprec.optim.memory_report` counts ``numel`` of each tensor, which for a DTensor is
-    its global size; this counts ``to_local()`` instead, so under FSDP2 each rank sees its share.
-    ``num_params`` stays the global count, so ``per_param`` gives bytes per parameter per rank.
-    For a torch optimizer (the one FSDP2 runs with fp32 params); without DTensors it equals
-    ``memory_report``.
-
-    Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``optimizer`` not a torch optimizer.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"local_memory_report expects an nn.Module, got {model!r}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"local_memory_report expects a torch optimizer or None, got {optimizer!r}")
-    params = list(model.parameters())
-    states = [] if optimizer is None else list(optimizer.state.values())
-    seen: set[int] = set()
-    return MemoryReport(
-        num_params=sum(p.numel() for p in params),
-        params=_local_bytes(params, seen),
-        grads=_local_bytes([p.grad for p in params if p.grad is not None], seen),
-        master=0,
-        optimizer_state=_local_bytes(
-            [t for s in states for t in s.values() if isinstance(t, torch.Tensor)], seen
-        ),
-        compensation=0,
-    )
-
-
-def _local_bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
-    total = 0
-    for t in tensors:
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        local = t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
-        total += local.numel() * local.element_size()
-    return total

@@ -7,6 +7,23 @@ not model state and are not counted. Neither is the wrappers' *workspace*: the f
 chunk of the step that they keep between steps on CPUs (at most ``chunk_numel`` elements per
 buffer, whatever the model's size), the part a GPU caching allocator keeps for a torch optimizer
 without being counted either. It is reported on its own, outside ``total``.
+
+Design note, per rank and global: under FSDP2 (or any DTensor parameters) each rank holds only
+its shards, so the main figures count a DTensor by its local shard (``to_local()``): the bytes
+*this rank* holds, what :func:`mixprec.distributed.memory_plan` predicts per rank. The global
+figures beside them (:attr:`MemoryReport.global_`) count every tensor by its global shape, the
+state of one unsharded copy of the model — what one process would hold, and the sum of the
+shards over the ranks. They are computed from the shapes, without a collective, so a report can
+be made on one rank alone (``if rank == 0: print(memory_report(model, opt))``). A plain tensor
+(a DDP replica, a step counter) is the same in both; so is a tensor a wrapper keeps for a local
+shard without being a DTensor itself. ``num_params`` is the global count in both, so
+``per_param`` gives bytes per parameter per rank (16/N for bf16-mixed AdamW over N FSDP2 ranks).
+
+The gradient reduction a data-parallel step makes is shown too: each rank hands the backend one
+gradient per trainable parameter element, all-reduced (DDP) or reduce-scattered (FSDP2) in the
+policy's reduce format, so the bytes per step and rank are that count times the format's size
+(:attr:`MemoryReport.reduce_bytes_per_step`, for fp32, bf16 and fp16 side by side; DDP's reduce
+hook counts the same figure as it runs, ``ReduceState.bytes_reduced``).
 """
 
 from __future__ import annotations
@@ -18,18 +35,24 @@ import torch
 from torch import nn
 
 from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.scaling._distributed import is_dtensor
 
 __all__ = ["MemoryReport", "memory_report"]
 
 PARTS = ("params", "grads", "master", "optimizer_state", "compensation")
+REDUCE_FORMATS = {"fp32": 4, "bf16": 2, "fp16": 2}
+"""The reduce formats a report shows the gradient traffic of, with their bytes per element."""
 
 
 @dataclass(frozen=True)
 class MemoryReport:
     """Model-state memory in bytes, split by part; ``per_param`` divides by the parameter count.
 
+    The parts are the bytes this rank holds (DTensors by their local shards); :attr:`global_`
+    holds the same parts counted by global shapes.
+
     Attributes:
-        num_params: number of parameter elements of the model.
+        num_params: number of parameter elements of the model (global: the whole model).
         params: bytes of the model's parameters.
         grads: bytes of gradients (the model's, and fp32 master gradients if any are alive).
         master: bytes of fp32 master copies kept by :class:`MasterWeightOptimizer`.
@@ -37,6 +60,11 @@ class MemoryReport:
         compensation: bytes of Kahan compensation buffers.
         workspace: bytes of scratch buffers a wrapper keeps between steps; a fixed amount, not
             model state, so not part of ``total`` or ``per_param``.
+        local_params: parameter elements this rank holds (``num_params`` without DTensors).
+        grad_elements: elements of the trainable parameters (global): the gradient elements a
+            data-parallel step reduces.
+        global_: the same figures counted by global shapes (one unsharded copy); None in the
+            global report itself.
     """
 
     num_params: int
@@ -46,6 +74,9 @@ class MemoryReport:
     optimizer_state: int
     compensation: int
     workspace: int = 0
+    local_params: int | None = None
+    grad_elements: int = 0
+    global_: MemoryReport | None = None
 
     @property
     def total(self) -> int:
@@ -60,21 +91,43 @@ class MemoryReport:
         figures["total"] = self.total / n
         return figures
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds less than the global figures (DTensor shards)."""
+        return self.global_ is not None and self.global_.total != self.total
+
+    @property
+    def reduce_bytes_per_step(self) -> dict[str, int]:
+        """Bytes each rank hands to the gradient reduction per step, by reduce format."""
+        return {name: size * self.grad_elements for name, size in REDUCE_FORMATS.items()}
+
     def __str__(self) -> str:
         per_param = self.per_param
+        glob = self.global_ if self.sharded else None
         lines = [
-            f"model state for {self.num_params:,} parameters",
-            f"{'':16}{'bytes':>16}  B/param",
+            f"model state for {self.num_params:,} parameters"
+            + (f" ({self.local_params:,} held by this rank)" if glob is not None else ""),
+            f"{'':16}{'bytes/rank' if glob else 'bytes':>16}  B/param"
+            + (f"{'global bytes':>16}" if glob else ""),
         ]
         for part in (*PARTS, "total"):
             value = self.total if part == "total" else getattr(self, part)
-            lines.append(f"{part:16}{value:>16,}  {per_param[part]:7.2f}")
+            line = f"{part:16}{value:>16,}  {per_param[part]:7.2f}"
+            if glob is not None:
+                line += f"{glob.total if part == 'total' else getattr(glob, part):>16,}"
+            lines.append(line)
         lines.append(f"{'workspace':16}{self.workspace:>16,}  (fixed, not in total)")
+        if self.grad_elements:
+            moved = ", ".join(f"{k} {v:,}" for k, v in self.reduce_bytes_per_step.items())
+            lines.append(f"gradient reduction per step and rank, bytes by reduce format: {moved}")
         return "\n".join(lines)
 
 
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
     """Measure the model-state memory of ``model`` and ``optimizer`` in bytes per parameter.
+
+    Per rank: a DTensor (FSDP2) counts by the shard this rank holds; ``report.global_`` counts
+    global shapes. Needs no collective (see the module's design note).
 
     Args:
         model: the module whose parameters (and their ``.grad``) are counted.
@@ -92,8 +145,11 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         >>> opt = torch.optim.AdamW(model.parameters())
         >>> model(torch.randn(2, 1000)).sum().backward()
         >>> opt.step()
-        >>> round(memory_report(model, opt).per_param["total"], 2)
-        16.0
+        >>> report = memory_report(model, opt)
+        >>> round(report.per_param["total"], 2), report.global_.total == report.total  # no shards
+        (16.0, True)
+        >>> report.reduce_bytes_per_step["bf16"]
+        2002000
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"memory_report expects an nn.Module, got {type(model).__name__} {model!r}")
@@ -114,17 +170,41 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         parts["optimizer_state"] = [
             t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
         ]
-    seen: set[int] = set()
-    sizes = {part: _bytes(parts.get(part, []), seen) for part in PARTS}
-    workspace = _bytes(parts.get("workspace", []), seen)
-    return MemoryReport(num_params=sum(p.numel() for p in params), workspace=workspace, **sizes)
+    num_params = sum(p.numel() for p in params)
+    grad_elements = sum(p.numel() for p in params if p.requires_grad)
+    reports: list[MemoryReport] = []
+    for scope in ("global", "local"):
+        seen: set[int] = set()
+        size = {part: _bytes(parts.get(part, []), seen, scope) for part in PARTS}
+        reports.append(
+            MemoryReport(
+                num_params,
+                params=size["params"],
+                grads=size["grads"],
+                master=size["master"],
+                optimizer_state=size["optimizer_state"],
+                compensation=size["compensation"],
+                workspace=_bytes(parts.get("workspace", []), seen, scope),
+                local_params=sum(_local(p).numel() for p in params) if scope == "local" else None,
+                grad_elements=grad_elements,
+                global_=reports[0] if reports else None,
+            )
+        )
+    return reports[-1]
 
 
-def _bytes(tensors: Iterable[torch.Tensor], seen: set[int]) -> int:
-    """Bytes of the tensors not counted yet (by identity), ``numel * element_size`` each."""
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _bytes(tensors: Iterable[torch.Tensor], seen: set[int], scope: str) -> int:
+    """Bytes of the tensors not counted yet (by identity), ``numel * element_size`` each:
+    DTensors by their local shard (``scope="local"``) or their global shape."""
     total = 0
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            counted = _local(t) if scope == "local" else t
+            total += counted.numel() * counted.element_size()
     return total
