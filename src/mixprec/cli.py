@@ -303,11 +303,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
+    from mixprec._session_setup import check_device
     from mixprec.diagnostics import advise
     from mixprec.runner import available_memory, bytes_per_sample, check_batch_memory
-    from mixprec.session import _check_device
 
-    _check_device(args.device)
+    check_device(args.device)
     task = _task_options(args, args.task)
     model = task.build_model().to(args.device)
     per_sample = bytes_per_sample(task, model)
@@ -335,10 +335,10 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from mixprec._session_setup import check_device
     from mixprec.diagnostics import explain
-    from mixprec.session import _check_device
 
-    _check_device(args.device)
+    check_device(args.device)
     task = _task_options(args, args.task)
     model = task.build_model().to(args.device)
     inputs, target = (t.to(args.device) for t in task.batch(0))

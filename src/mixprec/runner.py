@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixprec._session_setup import check_device
 from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.diagnostics import read_metrics
 from mixprec.diagnostics.explainer import is_weight_copy
@@ -46,7 +47,7 @@ from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.policy import Policy
 from mixprec.scaling._distributed import is_dtensor
-from mixprec.session import _UPDATE_MODES, MixedPrecision, _check_device
+from mixprec.session import _UPDATE_MODES, MixedPrecision
 from mixprec.tasks import Task
 
 __all__ = [
@@ -338,7 +339,7 @@ def train(
     if parallel:
         launch.check_divisible(task.config.batch_size, world)
     _check_run_folder(folder, resume=resume, overwrite=overwrite)
-    _check_device(device)
+    check_device(device)
     checkpoint = folder / "checkpoint.pt"
     metrics_file = folder / "metrics.jsonl"
     resuming = resume and checkpoint.exists()

@@ -31,20 +31,24 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixprec._state_checks import (
-    check_model_state,
-    check_optimizer_states,
-    check_rng_state,
-    load_optimizers,
+from mixprec._session_setup import (
+    check_device,
+    check_implemented,
+    check_owned,
+    default_device,
+    distributed,
+    fp32_attribute_rules,
+    make_scaler,
+    needs_loss_scaling,
+    params_of,
 )
-from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.diagnostics import (
@@ -66,9 +70,7 @@ from mixprec.optim import (
     StochasticRoundingOptimizer,
     cast_module,
 )
-from mixprec.policy import ModuleRule, Policy, cast_floating
-from mixprec.scaling import GradScaler
-from mixprec.scaling._checks import parse_state_dict
+from mixprec.policy import Policy, cast_floating
 from mixprec.scaling._distributed import agreement_groups
 
 __all__ = [
@@ -81,32 +83,8 @@ __all__ = [
 
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 _UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
-_STATE_VERSION = 1
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
-
-
-def needs_loss_scaling(policy: Policy) -> bool:
-    """Whether training under ``policy`` needs loss scaling (dynamic) or none.
-
-    Gradients underflow in formats with a narrow exponent range: fp16 flushes magnitudes below
-    2^-24 to zero, fp8 sooner. A format narrower than fp32's 8 exponent bits anywhere a gradient
-    lives — the parameters, the compute, the outputs or the reduction, of the base policy or of
-    any per-module rule — needs the loss scaled. bf16 and tf32 share fp32's range and need none.
-    The master format holds no gradients and does not count.
-
-    Example:
-        >>> needs_loss_scaling(Policy.parse("bf16-mixed"))
-        False
-        >>> needs_loss_scaling(Policy.parse("bf16-mixed; lm_head -> fp16-mixed"))
-        True
-    """
-    policies = (policy, *(rule.policy for rule in policy.rules))
-    return any(
-        fmt.exponent_bits < FP32.exponent_bits
-        for p in policies
-        for fmt in (p.param, p.compute, p.output, p.reduce)
-    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +118,7 @@ class StepReport:
     micro_batches: int = 1
 
 
-class MixedPrecision:
+class MixedPrecision(SessionState):
     """Apply a precision policy to a model, its optimizers and its training loop.
 
     Args:
@@ -221,7 +199,7 @@ class MixedPrecision:
         fp32_attributes: Sequence[str] = ("_keep_in_fp32_modules",),
         check_replicas_every: int | None = None,
     ) -> None:
-        self.device = _check_device(device if device is not None else _default_device())
+        self.device = check_device(device if device is not None else default_device())
         if update not in _UPDATE_MODES:
             raise ValueError(
                 f"unknown update mode {update!r}; valid modes: "
@@ -234,7 +212,7 @@ class MixedPrecision:
         else:
             self.policy = Policy.parse(policy)
             self.reason = "chosen by the user"
-        _check_implemented(self.policy)
+        check_implemented(self.policy)
         self.update = update
         self.seed = seed
         compute = self.policy.compute
@@ -252,7 +230,7 @@ class MixedPrecision:
             "enabled": region.enabled,
             "backend": region.backend,  # resolved once: "auto" probes only here
         }
-        self.scaler = _make_scaler(self.policy, self.device, scaler_options)
+        self.scaler = make_scaler(self.policy, self.device, scaler_options)
         flags = {
             "trace": trace,
             "track_underflow": track_underflow,
@@ -276,7 +254,7 @@ class MixedPrecision:
         self._track_underflow = track_underflow
         # Under a process group the file depends on the model's ranks: opened at the first step.
         self._metrics = (metrics, tensorboard) if metrics else None
-        self._writer = None if not metrics or _distributed() else self._open_metrics(metrics)
+        self._writer = None if not metrics or distributed() else self._open_metrics(metrics)
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
         self._steps = 0
@@ -316,7 +294,7 @@ class MixedPrecision:
             raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
-            _check_owned(opt, owned, f"optimizer {index} given to prepare")
+            check_owned(opt, owned, f"optimizer {index} given to prepare")
         storage = self._storage_policy(model)  # raises for a keep-in-fp32 name that matches none
         check_prepare_order(model, storage)
         model.to(self.device)
@@ -465,7 +443,7 @@ class MixedPrecision:
                 "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
                 "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
             )
-        if not any(p.grad is not None for opt in optimizers for p in _params_of(opt)):
+        if not any(p.grad is not None for opt in optimizers for p in params_of(opt)):
             raise RuntimeError(
                 "none of the optimizers' parameters has a gradient, so a step would change "
                 "nothing; call mp.step(...) after mp.backward(loss) and before "
@@ -513,11 +491,11 @@ class MixedPrecision:
         """One metrics line; under a process group, the loss averaged over the model's ranks,
         written by the first of them (see :func:`mixprec.diagnostics.metrics.rank_metrics_file`)."""
         values = {**_metrics_of(report), **self._fp8_metrics()}
-        if _distributed():
+        if distributed():
             params = (
                 self._model.parameters()
                 if self._model is not None
-                else (p for opt in optimizers for p in _params_of(opt))
+                else (p for opt in optimizers for p in params_of(opt))
             )
             groups = agreement_groups(params, "auto")
             if report.loss is not None:
@@ -546,7 +524,7 @@ class MixedPrecision:
                     "unchanged. Step the optimizer prepare returned: "
                     "model, optimizer = mp.prepare(model, optimizer)"
                 )
-        _check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
+        check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
 
     def close(self) -> None:
         """Detach the tracer and close the metrics file (also the end of a ``with`` block)."""
@@ -563,212 +541,6 @@ class MixedPrecision:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    # -- state ------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything precision-related a resumed run needs: the loss scaler, the step count and
-        the state of the optimizers :meth:`prepare` returned (their fp32 masters, compensation
-        buffers or stochastic-rounding generators, with the inner optimizer's state)."""
-        return {
-            **self._session_state(),
-            "optimizers": [opt.state_dict() for opt in self._optimizers],
-        }
-
-    def _session_state(self) -> dict[str, Any]:
-        return {
-            "version": _STATE_VERSION,
-            "policy": str(self.policy),
-            "update": self.update,
-            "steps": self._steps,
-            "scaler": self.scaler.state_dict(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
-
-        Raises:
-            ValueError: the state comes from another policy or update mode, holds another number
-                of optimizers than :meth:`prepare` was given, a bad scaler state, step count or
-                optimizer state, or is not a session state at all. Nothing was loaded then.
-        """
-        self._check_session_state(state)
-        optimizer_states = state.get("optimizers")
-        if optimizer_states is not None:  # absent in checkpoints, which store them beside
-            check_optimizer_states(self._optimizers, optimizer_states)
-            load_optimizers(self._optimizers, optimizer_states)
-        self._load_session_state(state)
-
-    def _check_session_state(self, state: object, strict: bool = True) -> bool:
-        """Raise ValueError unless ``state`` is a session state this session can load.
-
-        Returns whether its loss-scaler state is loaded: with ``strict=False`` a state of
-        another policy is accepted (the caller checks the weights' formats), and its scaler
-        state is loaded only where this session's scaler takes it (fp16 -> fp16 policies); a
-        session that scales where the saved one did not starts from its initial scale.
-        """
-        if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"not a MixedPrecision state (version {_STATE_VERSION} expected), got keys "
-                f"{sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__}"
-            )
-        missing = [key for key in ("policy", "update", "steps", "scaler") if key not in state]
-        if missing:
-            raise ValueError(
-                f"the MixedPrecision state lacks {missing!r} (keys present: "
-                f"{sorted(map(str, state))!r}); save it with MixedPrecision.state_dict()"
-            )
-        try:
-            same_policy = Policy.parse(state["policy"]) == self.policy
-        except (TypeError, ValueError):
-            same_policy = False
-        if (strict and not same_policy) or state["update"] != self.update:
-            raise ValueError(
-                f"the state was saved with policy {state['policy']!r} and update "
-                f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
-                + (
-                    ""
-                    if state["update"] != self.update
-                    else "; pass strict=False to load it where the weights' stored formats are "
-                    "the same (e.g. bf16-mixed and fp16-mixed both keep fp32 weights)"
-                )
-            )
-        steps = state["steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"the state's step count must be an int >= 0, got {steps!r}")
-        optimizer_states = state.get("optimizers")
-        if optimizer_states is not None and (
-            not isinstance(optimizer_states, list) or len(optimizer_states) != len(self._optimizers)
-        ):
-            count = len(optimizer_states) if isinstance(optimizer_states, list) else "no list of"
-            raise ValueError(
-                f"the state holds {count} optimizer states; this session prepared "
-                f"{len(self._optimizers)} optimizers"
-            )
-        if not same_policy and needs_loss_scaling(Policy.parse(state["policy"])) != (
-            needs_loss_scaling(self.policy)
-        ):
-            return False  # one of the two runs scales and the other does not: nothing to carry
-        if self.scaler.is_enabled():
-            try:  # the scaler's own check, run without loading
-                parse_state_dict(state["scaler"], self.scaler.rule, self.scaler.strategy)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"the state's loss scaler state is refused: {err}") from None
-        return True
-
-    def _load_session_state(self, state: Mapping[str, Any], scaler: bool = True) -> None:
-        if scaler:
-            self.scaler.load_state_dict(state["scaler"])
-        self._steps = state["steps"]
-
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
-        **extra: Any,
-    ) -> None:
-        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
-
-        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
-        re-shardable checkpoint folder instead, each rank its own shards and RNG state
-        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
-        reads either kind, a folder as sharded.
-
-        Args:
-            path: the checkpoint file.
-            model: the prepared model.
-            optimizers: the optimizers :meth:`prepare` returned.
-            extra: plain values to keep beside (step, config...): numbers, strings, tensors and
-                lists/dicts of them, anything ``torch.load(weights_only=True)`` reads back.
-
-        Raises:
-            TypeError: an ``extra`` value (or a state entry) that ``weights_only`` loading
-                refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
-                previous checkpoint at ``path`` stays as it was.
-        """
-        model = _uncompiled(model)
-        if _saves_sharded(path):
-            state = {"mixed_precision": self._session_state(), "extra": extra}
-            from mixprec.distributed import checkpoint as sharded_checkpoint
-
-            sharded_checkpoint.save(path, model, optimizers, state=state)
-            return
-        save_checkpoint(
-            path,
-            {
-                "model": _without_compile_prefix(model.state_dict()),
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "mixed_precision": self._session_state(),
-                "rng": torch.get_rng_state(),
-                "extra": extra,
-            },
-        )
-
-    def load(
-        self,
-        path: str | os.PathLike[str],
-        model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
-        strict: bool = False,
-    ) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
-
-        Everything is checked before anything is loaded — the file's checksums, the model's
-        entries, shapes and dtypes, the optimizer count and states, the session and scaler state
-        and the RNG state — so a checkpoint that is refused changes neither the model, the
-        optimizers, the scaler, the step count nor the RNG.
-
-        A model compiled with ``torch.compile`` saves and loads like the model it wraps: the
-        ``_orig_mod.`` part its state dict adds to every key is not stored, and is accepted in
-        checkpoints that hold it, so a checkpoint moves between a compiled and a plain model.
-
-        Args:
-            path: the checkpoint file (or sharded checkpoint folder).
-            model: the prepared model (plain or compiled).
-            optimizers: the optimizers :meth:`prepare` returned.
-            strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
-                loads one whose stored weights and optimizer states have this session's formats
-                (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
-                between fp16 policies, and a session that scales where the saved run did not
-                starts from its initial scale. The update mode must still be the same.
-
-        Raises:
-            CheckpointError: the file is unreadable or damaged, or does not match this model,
-                policy or optimizers, or holds a malformed entry (named in the message).
-        """
-        if not isinstance(strict, bool):
-            raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
-        model = _uncompiled(model)
-        if Path(path).is_dir():  # a sharded checkpoint folder
-            return self._load_sharded(path, model, *optimizers, strict=strict)
-        record = load_checkpoint(path)
-        saved_optimizers = record.get("optimizers")
-        extra = record.get("extra", {})
-        weights: Any = record.get("model")
-        if isinstance(weights, Mapping):
-            weights = _keys_of(model, weights)
-        try:
-            check_model_state(model, weights)
-            if not isinstance(saved_optimizers, list) or len(saved_optimizers) != len(optimizers):
-                count = (
-                    len(saved_optimizers) if isinstance(saved_optimizers, list) else "no list of"
-                )
-                raise ValueError(
-                    f"it holds {count} optimizer states; {len(optimizers)} optimizers were given"
-                )
-            if not isinstance(extra, Mapping):
-                raise ValueError(f"its 'extra' is a {type(extra).__name__}, not a dict")
-            scaler = self._check_session_state(record.get("mixed_precision"), strict)
-            check_optimizer_states(optimizers, saved_optimizers)
-            check_rng_state(record.get("rng"))
-            load_optimizers(optimizers, saved_optimizers)  # each checks its own fields first
-        except ValueError as err:
-            raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
-        model.load_state_dict(weights)
-        self._load_session_state(record["mixed_precision"], scaler)
-        torch.set_rng_state(record["rng"])
-        return dict(extra)
 
     # -- distributed ------------------------------------------------------------------------
 
@@ -853,109 +625,11 @@ class MixedPrecision:
             model = self._model
         return check_replicas(model, group)
 
-    def _load_sharded(
-        self,
-        path: str | os.PathLike[str],
-        model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
-        strict: bool = True,
-    ) -> dict[str, Any]:
-        scaler: list[bool] = []
-
-        def check(state: Mapping[str, Any]) -> None:
-            scaler.append(self._check_session_state(state.get("mixed_precision"), strict))
-            if not isinstance(state.get("extra", {}), Mapping):
-                raise ValueError("its 'extra' is not a dict")
-
-        from mixprec.distributed import checkpoint as sharded_checkpoint
-
-        state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
-        self._load_session_state(state["mixed_precision"], all(scaler))
-        return dict(state.get("extra", {}))
-
     def explain(self, model: nn.Module, example: Any = None) -> Any:
         """Per module, the formats and bytes this session's policy gives; see `mixprec.explain`."""
         from mixprec.diagnostics.explainer import explain
 
         return explain(model, self.policy, example, backend=self._region_args["backend"])
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def fp32_attribute_rules(model: nn.Module, attributes: Sequence[str]) -> tuple[ModuleRule, ...]:
-    """FP32 rules for the modules that ``model``'s submodules declare fp32 by an attribute.
-
-    A module with such an attribute (e.g. Hugging Face's ``_keep_in_fp32_modules = ["wo"]``)
-    lists name patterns; as in ``transformers``, a pattern names every submodule of that module
-    one of whose dotted name parts equals it (``wo`` names ``encoder.block.0.layer.1.
-    DenseReluDense.wo`` and what is inside it). Each match becomes a rule by its full name.
-
-    Raises:
-        TypeError: the attribute holds something other than a list of strings.
-        ValueError: a pattern names no submodule (the message lists some module names).
-
-    Example:
-        >>> class Net(nn.Sequential):
-        ...     _keep_in_fp32_modules = ["head"]
-        >>> net = Net()
-        >>> net.add_module("head", nn.Linear(2, 2))
-        >>> [rule.pattern for rule in fp32_attribute_rules(net, ("_keep_in_fp32_modules",))]
-        ['head']
-    """
-    names: dict[str, None] = {}
-    for prefix, owner in model.named_modules():
-        for attribute in attributes:
-            patterns = getattr(owner, attribute, None)
-            if patterns is None:
-                continue
-            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
-                raise TypeError(
-                    f"{type(owner).__name__}.{attribute} must list module name patterns "
-                    f"(strings), got {patterns!r}"
-                )
-            inner = [name for name, _ in owner.named_modules() if name]
-            for pattern in patterns:
-                found = [name for name in inner if pattern in name.split(".")]
-                if not found:
-                    raise ValueError(
-                        f"{type(owner).__name__}.{attribute} names {pattern!r}, which matches no "
-                        f"submodule of {prefix or 'the model'!r} (submodules include "
-                        f"{inner[:6]!r}); fix the pattern, or leave {attribute!r} out of "
-                        "fp32_attributes"
-                    )
-                for name in found:
-                    names[f"{prefix}.{name}" if prefix else name] = None
-    return tuple(ModuleRule(name, Policy()) for name in names)
-
-
-_COMPILE_PREFIX = "_orig_mod."
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile(module)`` wraps, or ``model`` itself when it is not compiled."""
-    inner = getattr(model, "_orig_mod", None)
-    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-    return inner if compiled and isinstance(inner, nn.Module) else model
-
-
-def _without_compile_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` with the ``_orig_mod.`` that compiled (sub)modules add to their keys removed."""
-    return {str(key).replace(_COMPILE_PREFIX, ""): value for key, value in state.items()}
-
-
-def _keys_of(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
-    """``state`` keyed as ``model.state_dict()`` is, whichever of them went through compile."""
-    own = {key.replace(_COMPILE_PREFIX, ""): key for key in model.state_dict()}
-    plain = _without_compile_prefix(state)
-    return {own.get(key, key): value for key, value in plain.items()}
-
-
-def _saves_sharded(path: str | os.PathLike[str]) -> bool:
-    """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or
-    into an existing folder."""
-    return _distributed() or Path(path).is_dir()
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
@@ -990,94 +664,3 @@ def _metrics_of(report: StepReport) -> dict[str, Any]:
     if report.underflow is not None:
         values.update(report.underflow.metrics())
     return values
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``, once it is known to exist on this machine.
-
-    Raises:
-        RuntimeError: an unparsable device, or a CUDA/MPS device this machine does not have.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (
-                "this torch build has no CUDA"
-                if torch.version.cuda is None
-                else "no CUDA GPU is visible"
-            )
-            raise RuntimeError(
-                f"device {str(dev)!r} is not available: {why}; train on 'cpu' instead"
-            )
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise RuntimeError(
-                f"device {str(dev)!r} does not exist: this machine has {count} CUDA device(s), "
-                f"cuda:0 to cuda:{count - 1}"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {str(dev)!r} is not available on this machine; use 'cpu'")
-    return dev
-
-
-def _check_implemented(policy: Policy) -> None:
-    """Refuse what a policy can say but the session would silently not do.
-
-    Raises:
-        ValueError: tf32 anywhere (it has no storage dtype and the session does not switch
-            CUDA's TF32 matmul mode), or an fp8 gradient-reduction format (no backend sums fp8;
-            16- and 32-bit reduce formats are applied by :meth:`MixedPrecision.ddp` and
-            :meth:`MixedPrecision.fully_shard`).
-    """
-    for p in (policy, *(rule.policy for rule in policy.rules)):
-        formats = {"params": p.param, "compute": p.compute, "output": p.output, "master": p.master}
-        for role, fmt in formats.items():
-            if fmt.name == "tf32":
-                raise ValueError(
-                    f"policy {str(policy)!r} has {role}=tf32, which MixedPrecision does not "
-                    "implement (tf32 is not a storage dtype, and the session does not change "
-                    "CUDA's TF32 matmul mode); use fp32 and set "
-                    "torch.backends.cuda.matmul.allow_tf32 = True yourself, or bf16"
-                )
-        if p.reduce.bits < 16:
-            raise ValueError(
-                f"policy {str(policy)!r} reduces gradients in {p.reduce}, which MixedPrecision "
-                "does not implement: no torch.distributed backend sums fp8; use reduce=bf16 or "
-                "reduce=fp32 (applied by mp.ddp and mp.fully_shard)"
-            )
-
-
-def _make_scaler(
-    policy: Policy, device: torch.device, options: Mapping[str, Any] | None
-) -> GradScaler:
-    """Dynamic loss scaling where :func:`needs_loss_scaling` says so; the off mode otherwise."""
-    options = dict(options or {})
-    if needs_loss_scaling(policy):
-        return GradScaler(device.type, **options)
-    if options:
-        raise ValueError(
-            f"scaler_options {options!r} were given, but policy {str(policy)!r} has no fp16 or "
-            "fp8 and uses no loss scaling; drop scaler_options or use an fp16 policy"
-        )
-    return GradScaler(device.type, strategy="none")
-
-
-def _params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _check_owned(optimizer: torch.optim.Optimizer, owned: set[int], what: str) -> None:
-    """Refuse an optimizer with parameters outside ``owned`` (ids of the model's parameters)."""
-    foreign = [p for p in _params_of(optimizer) if id(p) not in owned]
-    if foreign:
-        shapes = [tuple(p.shape) for p in foreign[:3]]
-        raise RuntimeError(
-            f"{what} ({type(optimizer).__name__}) holds {len(foreign)} parameter(s) that are not "
-            f"the model's (shapes {shapes}{' ...' if len(foreign) > 3 else ''}), so stepping it "
-            "would not change the model; build it on this model's parameters, e.g. "
-            "torch.optim.AdamW(model.parameters()), before mp.prepare(model, optimizer)"
-        )

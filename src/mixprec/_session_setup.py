@@ -1,0 +1,194 @@
+"""What ``MixedPrecision`` checks and builds before training: device, policy, scaler, rules.
+
+Pure functions of their arguments (no session state), so each is tested on its own and the
+session's constructor only strings them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec.formats import FP32
+from mixprec.policy import ModuleRule, Policy
+from mixprec.scaling import GradScaler
+
+__all__ = [
+    "check_device",
+    "check_implemented",
+    "check_owned",
+    "default_device",
+    "distributed",
+    "fp32_attribute_rules",
+    "make_scaler",
+    "needs_loss_scaling",
+    "params_of",
+]
+
+
+def distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is up."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def needs_loss_scaling(policy: Policy) -> bool:
+    """Whether training under ``policy`` needs loss scaling (dynamic) or none.
+
+    Gradients underflow in formats with a narrow exponent range: fp16 flushes magnitudes below
+    2^-24 to zero, fp8 sooner. A format narrower than fp32's 8 exponent bits anywhere a gradient
+    lives — the parameters, the compute, the outputs or the reduction, of the base policy or of
+    any per-module rule — needs the loss scaled. bf16 and tf32 share fp32's range and need none.
+    The master format holds no gradients and does not count.
+
+    Example:
+        >>> needs_loss_scaling(Policy.parse("bf16-mixed"))
+        False
+        >>> needs_loss_scaling(Policy.parse("bf16-mixed; lm_head -> fp16-mixed"))
+        True
+    """
+    policies = (policy, *(rule.policy for rule in policy.rules))
+    return any(
+        fmt.exponent_bits < FP32.exponent_bits
+        for p in policies
+        for fmt in (p.param, p.compute, p.output, p.reduce)
+    )
+
+
+def fp32_attribute_rules(model: nn.Module, attributes: Sequence[str]) -> tuple[ModuleRule, ...]:
+    """FP32 rules for the modules that ``model``'s submodules declare fp32 by an attribute.
+
+    A module with such an attribute (e.g. Hugging Face's ``_keep_in_fp32_modules = ["wo"]``)
+    lists name patterns; as in ``transformers``, a pattern names every submodule of that module
+    one of whose dotted name parts equals it (``wo`` names ``encoder.block.0.layer.1.
+    DenseReluDense.wo`` and what is inside it). Each match becomes a rule by its full name.
+
+    Raises:
+        TypeError: the attribute holds something other than a list of strings.
+        ValueError: a pattern names no submodule (the message lists some module names).
+
+    Example:
+        >>> class Net(nn.Sequential):
+        ...     _keep_in_fp32_modules = ["head"]
+        >>> net = Net()
+        >>> net.add_module("head", nn.Linear(2, 2))
+        >>> [rule.pattern for rule in fp32_attribute_rules(net, ("_keep_in_fp32_modules",))]
+        ['head']
+    """
+    names: dict[str, None] = {}
+    for prefix, owner in model.named_modules():
+        for attribute in attributes:
+            patterns = getattr(owner, attribute, None)
+            if patterns is None:
+                continue
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                raise TypeError(
+                    f"{type(owner).__name__}.{attribute} must list module name patterns "
+                    f"(strings), got {patterns!r}"
+                )
+            inner = [name for name, _ in owner.named_modules() if name]
+            for pattern in patterns:
+                found = [name for name in inner if pattern in name.split(".")]
+                if not found:
+                    raise ValueError(
+                        f"{type(owner).__name__}.{attribute} names {pattern!r}, which matches no "
+                        f"submodule of {prefix or 'the model'!r} (submodules include "
+                        f"{inner[:6]!r}); fix the pattern, or leave {attribute!r} out of "
+                        "fp32_attributes"
+                    )
+                for name in found:
+                    names[f"{prefix}.{name}" if prefix else name] = None
+    return tuple(ModuleRule(name, Policy()) for name in names)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, once it is known to exist on this machine.
+
+    Raises:
+        RuntimeError: an unparsable device, or a CUDA/MPS device this machine does not have.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch build has no CUDA"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible"
+            )
+            raise RuntimeError(
+                f"device {str(dev)!r} is not available: {why}; train on 'cpu' instead"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise RuntimeError(
+                f"device {str(dev)!r} does not exist: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {str(dev)!r} is not available on this machine; use 'cpu'")
+    return dev
+
+
+def check_implemented(policy: Policy) -> None:
+    """Refuse what a policy can say but the session would silently not do.
+
+    Raises:
+        ValueError: tf32 anywhere (it has no storage dtype and the session does not switch
+            CUDA's TF32 matmul mode), or an fp8 gradient-reduction format (no backend sums fp8;
+            16- and 32-bit reduce formats are applied by :meth:`MixedPrecision.ddp` and
+            :meth:`MixedPrecision.fully_shard`).
+    """
+    for p in (policy, *(rule.policy for rule in policy.rules)):
+        formats = {"params": p.param, "compute": p.compute, "output": p.output, "master": p.master}
+        for role, fmt in formats.items():
+            if fmt.name == "tf32":
+                raise ValueError(
+                    f"policy {str(policy)!r} has {role}=tf32, which MixedPrecision does not "
+                    "implement (tf32 is not a storage dtype, and the session does not change "
+                    "CUDA's TF32 matmul mode); use fp32 and set "
+                    "torch.backends.cuda.matmul.allow_tf32 = True yourself, or bf16"
+                )
+        if p.reduce.bits < 16:
+            raise ValueError(
+                f"policy {str(policy)!r} reduces gradients in {p.reduce}, which MixedPrecision "
+                "does not implement: no torch.distributed backend sums fp8; use reduce=bf16 or "
+                "reduce=fp32 (applied by mp.ddp and mp.fully_shard)"
+            )
+
+
+def make_scaler(
+    policy: Policy, device: torch.device, options: Mapping[str, Any] | None
+) -> GradScaler:
+    """Dynamic loss scaling where :func:`needs_loss_scaling` says so; the off mode otherwise."""
+    options = dict(options or {})
+    if needs_loss_scaling(policy):
+        return GradScaler(device.type, **options)
+    if options:
+        raise ValueError(
+            f"scaler_options {options!r} were given, but policy {str(policy)!r} has no fp16 or "
+            "fp8 and uses no loss scaling; drop scaler_options or use an fp16 policy"
+        )
+    return GradScaler(device.type, strategy="none")
+
+
+def params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def check_owned(optimizer: torch.optim.Optimizer, owned: set[int], what: str) -> None:
+    """Refuse an optimizer with parameters outside ``owned`` (ids of the model's parameters)."""
+    foreign = [p for p in params_of(optimizer) if id(p) not in owned]
+    if foreign:
+        shapes = [tuple(p.shape) for p in foreign[:3]]
+        raise RuntimeError(
+            f"{what} ({type(optimizer).__name__}) holds {len(foreign)} parameter(s) that are not "
+            f"the model's (shapes {shapes}{' ...' if len(foreign) > 3 else ''}), so stepping it "
+            "would not change the model; build it on this model's parameters, e.g. "
+            "torch.optim.AdamW(model.parameters()), before mp.prepare(model, optimizer)"
+        )

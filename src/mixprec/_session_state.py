@@ -1,0 +1,298 @@
+"""The session's state: ``state_dict``/``load_state_dict`` and the ``save``/``load`` checkpoints.
+
+Design note: a checkpoint must resume bit for bit and a refused one must change nothing, so every
+load checks all of what it read — checksums, the model's entries, the optimizer states, the
+session and scaler state, the RNG state — before it loads any of it. One file per checkpoint
+(:func:`mixprec.checkpoint.save_checkpoint`: temp file, fsync, atomic rename) in one process;
+under a process group a sharded, re-shardable folder (:mod:`mixprec.distributed.checkpoint`).
+The session's own part is small: its policy and update mode (checked on load), the step count
+and the loss scaler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixprec._session_setup import distributed, needs_loss_scaling
+from mixprec._state_checks import (
+    check_model_state,
+    check_optimizer_states,
+    check_rng_state,
+    load_optimizers,
+)
+from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec.policy import Policy
+from mixprec.scaling import GradScaler
+from mixprec.scaling._checks import parse_state_dict
+
+__all__ = ["SessionState"]
+
+STATE_VERSION = 1
+
+
+class SessionState:
+    """The state half of :class:`mixprec.MixedPrecision` (a base class of it)."""
+
+    policy: Policy
+    update: str
+    scaler: GradScaler
+    _steps: int
+    _optimizers: tuple[torch.optim.Optimizer, ...]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything precision-related a resumed run needs: the loss scaler, the step count and
+        the state of the optimizers :meth:`prepare` returned (their fp32 masters, compensation
+        buffers or stochastic-rounding generators, with the inner optimizer's state)."""
+        return {
+            **self._session_state(),
+            "optimizers": [opt.state_dict() for opt in self._optimizers],
+        }
+
+    def _session_state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "policy": str(self.policy),
+            "update": self.update,
+            "steps": self._steps,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
+
+        Raises:
+            ValueError: the state comes from another policy or update mode, holds another number
+                of optimizers than :meth:`prepare` was given, a bad scaler state, step count or
+                optimizer state, or is not a session state at all. Nothing was loaded then.
+        """
+        self._check_session_state(state)
+        optimizer_states = state.get("optimizers")
+        if optimizer_states is not None:  # absent in checkpoints, which store them beside
+            check_optimizer_states(self._optimizers, optimizer_states)
+            load_optimizers(self._optimizers, optimizer_states)
+        self._load_session_state(state)
+
+    def _check_session_state(self, state: object, strict: bool = True) -> bool:
+        """Raise ValueError unless ``state`` is a session state this session can load.
+
+        Returns whether its loss-scaler state is loaded: with ``strict=False`` a state of
+        another policy is accepted (the caller checks the weights' formats), and its scaler
+        state is loaded only where this session's scaler takes it (fp16 -> fp16 policies); a
+        session that scales where the saved one did not starts from its initial scale.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"not a MixedPrecision state (version {STATE_VERSION} expected), got keys "
+                f"{sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__}"
+            )
+        missing = [key for key in ("policy", "update", "steps", "scaler") if key not in state]
+        if missing:
+            raise ValueError(
+                f"the MixedPrecision state lacks {missing!r} (keys present: "
+                f"{sorted(map(str, state))!r}); save it with MixedPrecision.state_dict()"
+            )
+        try:
+            same_policy = Policy.parse(state["policy"]) == self.policy
+        except (TypeError, ValueError):
+            same_policy = False
+        if (strict and not same_policy) or state["update"] != self.update:
+            raise ValueError(
+                f"the state was saved with policy {state['policy']!r} and update "
+                f"{state['update']!r}; this session uses {str(self.policy)!r} and {self.update!r}"
+                + (
+                    ""
+                    if state["update"] != self.update
+                    else "; pass strict=False to load it where the weights' stored formats are "
+                    "the same (e.g. bf16-mixed and fp16-mixed both keep fp32 weights)"
+                )
+            )
+        steps = state["steps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"the state's step count must be an int >= 0, got {steps!r}")
+        optimizer_states = state.get("optimizers")
+        if optimizer_states is not None and (
+            not isinstance(optimizer_states, list) or len(optimizer_states) != len(self._optimizers)
+        ):
+            count = len(optimizer_states) if isinstance(optimizer_states, list) else "no list of"
+            raise ValueError(
+                f"the state holds {count} optimizer states; this session prepared "
+                f"{len(self._optimizers)} optimizers"
+            )
+        if not same_policy and needs_loss_scaling(Policy.parse(state["policy"])) != (
+            needs_loss_scaling(self.policy)
+        ):
+            return False  # one of the two runs scales and the other does not: nothing to carry
+        if self.scaler.is_enabled():
+            try:  # the scaler's own check, run without loading
+                parse_state_dict(state["scaler"], self.scaler.rule, self.scaler.strategy)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"the state's loss scaler state is refused: {err}") from None
+        return True
+
+    def _load_session_state(self, state: Mapping[str, Any], scaler: bool = True) -> None:
+        if scaler:
+            self.scaler.load_state_dict(state["scaler"])
+        self._steps = state["steps"]
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        **extra: Any,
+    ) -> None:
+        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
+
+        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
+        re-shardable checkpoint folder instead, each rank its own shards and RNG state
+        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
+        reads either kind, a folder as sharded.
+
+        Args:
+            path: the checkpoint file.
+            model: the prepared model.
+            optimizers: the optimizers :meth:`prepare` returned.
+            extra: plain values to keep beside (step, config...): numbers, strings, tensors and
+                lists/dicts of them, anything ``torch.load(weights_only=True)`` reads back.
+
+        Raises:
+            TypeError: an ``extra`` value (or a state entry) that ``weights_only`` loading
+                refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
+                previous checkpoint at ``path`` stays as it was.
+        """
+        model = _uncompiled(model)
+        if _saves_sharded(path):
+            state = {"mixed_precision": self._session_state(), "extra": extra}
+            from mixprec.distributed import checkpoint as sharded_checkpoint
+
+            sharded_checkpoint.save(path, model, optimizers, state=state)
+            return
+        save_checkpoint(
+            path,
+            {
+                "model": _without_compile_prefix(model.state_dict()),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "mixed_precision": self._session_state(),
+                "rng": torch.get_rng_state(),
+                "extra": extra,
+            },
+        )
+
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
+
+        Everything is checked before anything is loaded — the file's checksums, the model's
+        entries, shapes and dtypes, the optimizer count and states, the session and scaler state
+        and the RNG state — so a checkpoint that is refused changes neither the model, the
+        optimizers, the scaler, the step count nor the RNG.
+
+        A model compiled with ``torch.compile`` saves and loads like the model it wraps: the
+        ``_orig_mod.`` part its state dict adds to every key is not stored, and is accepted in
+        checkpoints that hold it, so a checkpoint moves between a compiled and a plain model.
+
+        Args:
+            path: the checkpoint file (or sharded checkpoint folder).
+            model: the prepared model (plain or compiled).
+            optimizers: the optimizers :meth:`prepare` returned.
+            strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
+                loads one whose stored weights and optimizer states have this session's formats
+                (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
+                between fp16 policies, and a session that scales where the saved run did not
+                starts from its initial scale. The update mode must still be the same.
+
+        Raises:
+            CheckpointError: the file is unreadable or damaged, or does not match this model,
+                policy or optimizers, or holds a malformed entry (named in the message).
+        """
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
+        model = _uncompiled(model)
+        if Path(path).is_dir():  # a sharded checkpoint folder
+            return self._load_sharded(path, model, *optimizers, strict=strict)
+        record = load_checkpoint(path)
+        saved_optimizers = record.get("optimizers")
+        extra = record.get("extra", {})
+        weights: Any = record.get("model")
+        if isinstance(weights, Mapping):
+            weights = _keys_of(model, weights)
+        try:
+            check_model_state(model, weights)
+            if not isinstance(saved_optimizers, list) or len(saved_optimizers) != len(optimizers):
+                count = (
+                    len(saved_optimizers) if isinstance(saved_optimizers, list) else "no list of"
+                )
+                raise ValueError(
+                    f"it holds {count} optimizer states; {len(optimizers)} optimizers were given"
+                )
+            if not isinstance(extra, Mapping):
+                raise ValueError(f"its 'extra' is a {type(extra).__name__}, not a dict")
+            scaler = self._check_session_state(record.get("mixed_precision"), strict)
+            check_optimizer_states(optimizers, saved_optimizers)
+            check_rng_state(record.get("rng"))
+            load_optimizers(optimizers, saved_optimizers)  # each checks its own fields first
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
+        model.load_state_dict(weights)
+        self._load_session_state(record["mixed_precision"], scaler)
+        torch.set_rng_state(record["rng"])
+        return dict(extra)
+
+    def _load_sharded(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        strict: bool = True,
+    ) -> dict[str, Any]:
+        scaler: list[bool] = []
+
+        def check(state: Mapping[str, Any]) -> None:
+            scaler.append(self._check_session_state(state.get("mixed_precision"), strict))
+            if not isinstance(state.get("extra", {}), Mapping):
+                raise ValueError("its 'extra' is not a dict")
+
+        from mixprec.distributed import checkpoint as sharded_checkpoint
+
+        state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
+        self._load_session_state(state["mixed_precision"], all(scaler))
+        return dict(state.get("extra", {}))
+
+
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(module)`` wraps, or ``model`` itself when it is not compiled."""
+    inner = getattr(model, "_orig_mod", None)
+    compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    return inner if compiled and isinstance(inner, nn.Module) else model
+
+
+def _without_compile_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with the ``_orig_mod.`` that compiled (sub)modules add to their keys removed."""
+    return {str(key).replace(_COMPILE_PREFIX, ""): value for key, value in state.items()}
+
+
+def _keys_of(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` keyed as ``model.state_dict()`` is, whichever of them went through compile."""
+    own = {key.replace(_COMPILE_PREFIX, ""): key for key in model.state_dict()}
+    plain = _without_compile_prefix(state)
+    return {own.get(key, key): value for key, value in plain.items()}
+
+
+def _saves_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether a save to ``path`` writes a sharded checkpoint folder: under a process group, or
+    into an existing folder."""
+    return distributed() or Path(path).is_dir()
