@@ -73,26 +73,29 @@ def _ddp(rank: int, res: dict[str, Any]) -> None:
 
 
 def _session_option(rank: int, res: dict[str, Any]) -> None:
-    # bf16-pure with stochastic rounding: the same seed keeps replicas identical, a seed per
-    # rank rounds differently on each and the every-step check stops the run on both ranks.
-    for key, seed in (("same_seed", 0), ("seed_per_rank", rank)):
+    # bf16-pure with stochastic rounding: the same seed keeps replicas identical; one bit that
+    # changes on rank 1 after the first step (a drift) stops the run on both ranks at the check.
+    for key in ("same_seed", "drifted"):
         mp = MixedPrecision(
-            "bf16-pure",
-            device="cpu",
-            backend="emulated",
-            update="stochastic",
-            seed=seed,
+            "bf16-pure", device="cpu", backend="emulated", update="stochastic", seed=0,
             check_replicas_every=2,
-        )
+        )  # fmt: skip
         model = make_model()
         model, opt = mp.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01))
         ddp_model = mp.ddp(model)
         try:
-            steps(mp, ddp_model, opt, rank, 4)
+            steps(mp, ddp_model, opt, rank, 1)
+            if key == "drifted" and rank == 1:
+                flip_lowest_bit(model[0].weight)
+            steps(mp, ddp_model, opt, rank, 3)
             res[key] = "ok"
         except RuntimeError as err:
             res[key] = str(err)
         res[f"{key}_exact"] = all(exact_equal_across_ranks(p) for p in model.parameters())
+    # A seed per rank would make the replicas round apart: refused before training starts.
+    with pytest.raises(ValueError, match=r"different seeds \[0, 1\]") as refused:
+        MixedPrecision("bf16-pure", device="cpu", seed=rank).ddp(make_model().bfloat16())
+    res["seed_per_rank"] = str(refused.value)
 
 
 def _fsdp(rank: int, res: dict[str, Any]) -> None:
@@ -160,10 +163,11 @@ def test_the_session_option_stops_a_run_whose_replicas_drift(
 ) -> None:
     for res in ranks:
         assert res["same_seed_exact"] and res["same_seed"] == "ok"  # the same seed everywhere
-        assert not res["seed_per_rank_exact"]  # a seed per rank: the weights really differ
-        assert "replicas have drifted apart" in res["seed_per_rank"]
-        assert "'0.weight' (ranks [0] vs [1])" in res["seed_per_rank"]
-    assert ranks[0]["seed_per_rank"] == ranks[1]["seed_per_rank"]  # one verdict on both ranks
+        assert not res["drifted_exact"]  # the weights really differ
+        assert "replicas have drifted apart" in res["drifted"]
+        assert "'0.weight' (ranks [0] vs [1])" in res["drifted"]
+        assert "different seeds [0, 1]" in res["seed_per_rank"]
+    assert ranks[0]["drifted"] == ranks[1]["drifted"]  # one verdict on both ranks
 
 
 @pytest.mark.slow
