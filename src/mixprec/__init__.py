@@ -37,7 +37,8 @@ from mixprec.optim import (
 from mixprec.policy import PRESETS, ModuleRule, Policy
 from mixprec.quantize import quantize
 from mixprec.scaling import GradScaler, LossScaleAtMinimumError
-from mixprec.session import MixedPrecision, StepReport
+from mixprec.session import MixedPrecision
+from mixprec.step_report import StepReport
 
 __version__ = "0.1.0"
 

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -54,7 +54,6 @@ from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
-    UnderflowReport,
     nonfinite_grads,
     underflow_report,
 )
@@ -72,6 +71,7 @@ from mixprec.optim import (
 )
 from mixprec.policy import Policy, cast_floating
 from mixprec.scaling._distributed import agreement_groups
+from mixprec.step_report import StepReport, delayed_fp8_state
 
 __all__ = [
     "MixedPrecision",
@@ -85,37 +85,6 @@ UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 _UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one :meth:`MixedPrecision.step` did.
-
-    Attributes:
-        step: the index of this step (0 for the first; continues after a resume).
-        stepped: False if the step was skipped because gradients were not finite.
-        scale: the loss scale the gradients were computed with (1.0 without scaling).
-        grad_norm: the unscaled global gradient norm when clipping was asked for, else None.
-        loss: the (unscaled) losses passed to :meth:`MixedPrecision.backward` since the previous
-            step, summed: under gradient accumulation, the loss of the whole step as the user
-            wrote it (with each micro-batch's loss divided by their number, the mean).
-        seconds: wall time from the iteration's first ``autocast()`` to the end of ``step``.
-        nonfinite_params: on a skipped step, the parameters whose gradients were inf/NaN.
-        origin: with ``trace=True``, where the first inf/NaN appeared (module and phase).
-        underflow: with ``track_underflow=True``, the fp16 underflow account of the gradients.
-        micro_batches: how many :meth:`MixedPrecision.backward` calls this step applied.
-    """
-
-    step: int
-    stepped: bool
-    scale: float
-    grad_norm: float | None = None
-    loss: float | None = None
-    seconds: float | None = None
-    nonfinite_params: tuple[str, ...] = ()
-    origin: str | None = None
-    underflow: UnderflowReport | None = field(default=None, repr=False)
-    micro_batches: int = 1
 
 
 class MixedPrecision(SessionState):
@@ -388,7 +357,7 @@ class MixedPrecision(SessionState):
             check_same_seed(self.seed)
 
     def _fp8_metrics(self) -> dict[str, float]:
-        return _delayed_fp8_state(self._model) if self.fp8 is not None else {}
+        return delayed_fp8_state(self._model) if self.fp8 is not None else {}
 
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
@@ -490,7 +459,7 @@ class MixedPrecision(SessionState):
     def _log(self, report: StepReport, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
         """One metrics line; under a process group, the loss averaged over the model's ranks,
         written by the first of them (see :func:`mixprec.diagnostics.metrics.rank_metrics_file`)."""
-        values = {**_metrics_of(report), **self._fp8_metrics()}
+        values = {**report.metrics(), **self._fp8_metrics()}
         if distributed():
             params = (
                 self._model.parameters()
@@ -634,33 +603,3 @@ class MixedPrecision(SessionState):
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
     return tuple(nonfinite_grads(model))
-
-
-def _delayed_fp8_state(model: nn.Module | None) -> dict[str, float]:
-    """``fp8/<layer>/<amax|scale>_<operand>`` of every delayed-scaling FP8 layer of ``model``."""
-    from mixprec.compute.fp8_linear import Fp8Linear
-
-    values: dict[str, float] = {}
-    for name, module in model.named_modules() if model is not None else ():
-        if isinstance(module, Fp8Linear) and module.recipe.scaling == "delayed":
-            for key, value in module.delayed_scaling_state().items():
-                values[f"fp8/{name}/{key}"] = value
-    return values
-
-
-def _metrics_of(report: StepReport) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "loss": report.loss,
-        "micro_batches": report.micro_batches,
-        "loss_scale": report.scale,
-        "skipped": not report.stepped,
-        "grad_norm": report.grad_norm,
-        "seconds": report.seconds,
-    }
-    if report.nonfinite_params:
-        values["nonfinite_params"] = list(report.nonfinite_params)
-    if report.origin:
-        values["origin"] = report.origin
-    if report.underflow is not None:
-        values.update(report.underflow.metrics())
-    return values
