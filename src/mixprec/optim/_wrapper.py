@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from mixprec.optim.fused import FusedOption, order_states, refusal
+
 __all__: list[str] = []
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
@@ -181,7 +183,7 @@ class _StateView(Mapping[torch.Tensor, Any]):
         return sum(1 for _ in self)
 
 
-class WrappedOptimizer(torch.optim.Optimizer):
+class WrappedOptimizer(FusedOption, torch.optim.Optimizer):
     """Base class: owns the inner optimizer, the outer param groups and the step skeleton.
 
     Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
@@ -473,6 +475,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         ``max_grad_norm`` (a norm over all gradients) and non-CPU parameters get one chunk.
         """
         self._active_limit = self._chunk_limit(params)
+        self.last_step_fused = 0
         try:
             chunks = self._chunks(params, self._active_limit)
             if len(chunks) <= 1:
@@ -499,10 +502,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _step_chunk(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
-        self._load_weights(params)
-        self._load_grads(params, inv_scale)
-        self.optimizer.step()
-        self._after_inner_step(params, params)
+        states = len(self.optimizer.state)
+        if refusal(self.optimizer, self.fused, self.max_grad_norm is not None) is None:
+            count = len(params)
+            params = self._step_fused(params, inv_scale)
+            self.last_step_fused += count - len(params)
+        if params:
+            self._load_weights(params)
+            self._load_grads(params, inv_scale)
+            self.optimizer.step()
+            self._after_inner_step(params, params)
+        if self.last_step_fused and len(self.optimizer.state) != states:
+            order_states(self.optimizer)  # new states in parameter order, as one inner step makes
+
+    def _step_fused(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> list[torch.Tensor]:
+        """Update what :func:`mixprec.optim.fused.step_fused` can in one pass; return the rest
+        (here: all of them)."""
+        return params
 
     def _chunk_limit(self, params: list[torch.Tensor]) -> int | None:
         """``chunk_numel`` where this step may be cut into chunks, else None (one call)."""
