@@ -94,7 +94,7 @@ def _cpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--millions", type=float, default=12.0, help="model size, M params")
     parser.add_argument("--repeats", type=int, default=21)
@@ -104,7 +104,12 @@ def main() -> None:
         "--chunk-numel", type=int, default=None, help="override the wrappers' chunk (0: none)"
     )
     parser.add_argument("--only", default="", help="comma-separated substrings of wrapper names")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--paths",
+        default="auto,off",
+        help="comma-separated fused settings to time: auto (one-pass kernels), off (reference)",
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base_params = _params(args.millions, torch.float32, args.device)
     n = sum(p.numel() for p in base_params)
@@ -115,30 +120,40 @@ def main() -> None:
         f"{os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}; chunk_numel="
         f"{'default' if args.chunk_numel is None else args.chunk_numel}"
     )
-    print(f"{'inner':14} {'wrapper':20} {'fp32 ms':>9} {'wrapped ms':>11} {'ratio':>6}")
+    paths = [p for p in args.paths.split(",") if p]
+    print(
+        f"{'inner':14} {'wrapper':20} {'path':9} {'fp32 ms':>9} {'wrapped ms':>11} {'ratio':>6} "
+        f"{'fused':>6}"
+    )
     only = [w for w in args.only.split(",") if w]
     for inner_name, make_inner in INNER.items():
         baseline = make_inner(base_params)
         for wrapper_name, wrap in WRAPPERS.items():
             if only and not any(w in wrapper_name for w in only):
                 continue
-            params16 = _params(args.millions, torch.bfloat16, args.device)
-            wrapped = wrap(make_inner(params16))
-            if args.chunk_numel is not None:
-                wrapped.chunk_numel = args.chunk_numel or None  # type: ignore[attr-defined]
-            baseline.step()  # warm-up: optimizer state and allocator
-            wrapped.step()
-            base_times, wrapped_times = [], []
-            for _ in range(args.repeats):
-                base_times.append(_time(baseline.step, args.device))
-                wrapped_times.append(_time(wrapped.step, args.device))
-            base_ms = 1e3 * statistics.median(base_times)
-            wrapped_ms = 1e3 * statistics.median(wrapped_times)
-            ratio = statistics.median(w / b for w, b in zip(wrapped_times, base_times, strict=True))
-            print(
-                f"{inner_name:14} {wrapper_name:20} {base_ms:9.1f} {wrapped_ms:11.1f} {ratio:6.2f}"
-            )
-            del wrapped, params16
+            for path in paths:
+                params16 = _params(args.millions, torch.bfloat16, args.device)
+                wrapped = wrap(make_inner(params16))
+                wrapped.fused = path  # type: ignore[attr-defined]
+                if args.chunk_numel is not None:
+                    wrapped.chunk_numel = args.chunk_numel or None  # type: ignore[attr-defined]
+                baseline.step()  # warm-up: optimizer state, allocator, the kernels' build
+                wrapped.step()
+                base_times, wrapped_times = [], []
+                for _ in range(args.repeats):
+                    base_times.append(_time(baseline.step, args.device))
+                    wrapped_times.append(_time(wrapped.step, args.device))
+                base_ms = 1e3 * statistics.median(base_times)
+                wrapped_ms = 1e3 * statistics.median(wrapped_times)
+                ratio = statistics.median(
+                    w / b for w, b in zip(wrapped_times, base_times, strict=True)
+                )
+                fused_params = wrapped.last_step_fused  # type: ignore[attr-defined]
+                print(
+                    f"{inner_name:14} {wrapper_name:20} {path:9} {base_ms:9.1f} {wrapped_ms:11.1f} "
+                    f"{ratio:6.2f} {fused_params:6d}"
+                )
+                del wrapped, params16
 
 
 if __name__ == "__main__":

@@ -139,12 +139,12 @@ def _timed(step: Callable[[], None]) -> float:
     return _TIMES[0]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--millions", type=float, default=12.0, help="model size, M params")
     parser.add_argument("--pairs", type=int, default=21)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}; {torch.get_num_threads()} threads; cpu flags: "

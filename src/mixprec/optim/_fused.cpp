@@ -9,11 +9,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace {
+
+// Inlined into the loops: a call inside a loop stops it from vectorizing.
+#define MIXPREC_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kGrain = 1 << 14;
 constexpr uint32_t kGolden = 0x9E3779B9u;
@@ -22,20 +26,30 @@ constexpr uint32_t kMul2 = 0x846CA68Bu;
 
 enum Mode : int64_t { kMaster = 0, kStochastic = 1, kKahan = 2 };
 
-inline uint32_t bits_of(float x) {
+MIXPREC_INLINE uint32_t bits_of(float x) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return u;
 }
 
-inline float float_of(uint32_t u) {
+MIXPREC_INLINE float float_of(uint32_t u) {
   float x;
   std::memcpy(&x, &u, 4);
   return x;
 }
 
+// Branch-free choices (bit masks), so that loops over them vectorize.
+MIXPREC_INLINE uint32_t pick(bool condition, uint32_t a, uint32_t b) {
+  uint32_t mask = 0u - static_cast<uint32_t>(condition);
+  return (a & mask) | (b & ~mask);
+}
+
+MIXPREC_INLINE float pickf(bool condition, float a, float b) {
+  return float_of(pick(condition, bits_of(a), bits_of(b)));
+}
+
 // The keyed lowbias32 hash of mixprec.optim.rounding.random_bits, for word `index`.
-inline uint32_t hash_word(uint64_t index, uint32_t k1, uint32_t k2) {
+MIXPREC_INLINE uint32_t hash_word(uint64_t index, uint32_t k1, uint32_t k2) {
   uint32_t h = static_cast<uint32_t>(index) * kGolden + k1;
   h ^= h >> 16;
   h *= kMul1;
@@ -47,70 +61,71 @@ inline uint32_t hash_word(uint64_t index, uint32_t k1, uint32_t k2) {
 }
 
 struct BF16 {
-  static inline float widen(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
+  static MIXPREC_INLINE float widen(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
   // Round to nearest even, NaN to a quiet NaN (as c10::BFloat16 does).
-  static inline uint16_t nearest(float x) {
+  static MIXPREC_INLINE uint16_t nearest(float x) {
     uint32_t u = bits_of(x);
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return std::isnan(x) ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(rounded);
+    return static_cast<uint16_t>(pick(x != x, 0x7FC0u, rounded));
   }
   // mixprec.optim.rounding.stochastic_round_bf16_: element e takes half e & 1 of word e >> 1,
   // shifted to [0, 2**16), added to the fp32 pattern; the low half is then cut.
-  static inline uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
+  static MIXPREC_INLINE uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
     uint32_t word = hash_word(element >> 1, k1, k2);
-    uint32_t half = (element & 1u) ? (word >> 16) : (word & 0xFFFFu);
+    uint32_t half = (word >> (static_cast<uint32_t>(element & 1u) * 16u)) & 0xFFFFu;
     uint32_t u = bits_of(x) + (half ^ 0x8000u);
-    return std::isnan(x) ? static_cast<uint16_t>(0x7FC0u) : static_cast<uint16_t>(u >> 16);
+    return static_cast<uint16_t>(pick(x != x, 0x7FC0u, u >> 16));
   }
 };
 
 struct FP16 {
-  static inline float widen(uint16_t v) {
+  static MIXPREC_INLINE float widen(uint16_t v) {
     uint32_t sign = static_cast<uint32_t>(v & 0x8000u) << 16;
     uint32_t em = v & 0x7FFFu;
     uint32_t normal = (em << 13) + 0x38000000u;
     uint32_t special = normal + 0x38000000u;  // exponent 31 -> 255: inf and NaN
     float subnormal = float_of((em << 13) + 0x38800000u) - 6.103515625e-05f;  // exact
-    uint32_t magnitude = em >= 0x7C00u ? special : (em < 0x400u ? bits_of(subnormal) : normal);
+    uint32_t magnitude = pick(em >= 0x7C00u, special, pick(em < 0x400u, bits_of(subnormal), normal));
     return float_of(magnitude | sign);
   }
   // Round to nearest even: overflow to inf, subnormals on the 2**-24 grid, NaN to quiet NaN.
-  static inline uint16_t nearest(float x) {
+  static MIXPREC_INLINE uint16_t nearest(float x) {
     uint32_t u = bits_of(x);
     uint32_t sign = (u >> 16) & 0x8000u;
     uint32_t a = u & 0x7FFFFFFFu;
     // Below 2**-14: adding 0.5 (ulp 2**-24) leaves the rounded subnormal in the low bits.
     uint32_t subnormal = bits_of(float_of(a) + 0.5f) - 0x3F000000u;
     uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;  // rebias 127 -> 15, round
-    uint32_t h = a >= 0x7F800000u ? (a > 0x7F800000u ? 0x7E00u : 0x7C00u)
-                 : a >= 0x477FF000u ? 0x7C00u
-                 : a < 0x38800000u ? subnormal
-                                   : normal;
+    uint32_t h = pick(a < 0x38800000u, subnormal, normal);
+    h = pick(a >= 0x477FF000u, 0x7C00u, h);  // 65520 and above (inf too) round to inf
+    h = pick(a > 0x7F800000u, 0x7E00u, h);
     return static_cast<uint16_t>(h | sign);
   }
   // mixprec.quantize.round_to_grid(x, fp16, "stochastic", uniform=u) with the uniform of
   // mixprec.optim.rounding.stochastic_round_with_key_: the top 24 bits of word `element`. All
   // operations are exact, so the result is the same bits.
-  static inline uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
+  static MIXPREC_INLINE uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
     uint32_t word = hash_word(element, k1, k2);
-    float uniform = static_cast<float>((word >> 8) & 0xFFFFFFu) * 5.9604644775390625e-08f;
+    float uniform = static_cast<float>(static_cast<int32_t>((word >> 8) & 0xFFFFFFu)) *
+                    5.9604644775390625e-08f;
     float magnitude = std::fabs(x);
     int32_t exponent = static_cast<int32_t>(bits_of(magnitude) >> 23) - 127;
-    exponent = exponent < -14 ? -14 : (exponent > 15 ? 15 : exponent);
-    int32_t step_exponent = exponent - 10;
-    float step = float_of(static_cast<uint32_t>(step_exponent + 127) << 23);
+    exponent = std::min(std::max(exponent, -14), 15);
+    float step = float_of(static_cast<uint32_t>(exponent - 10 + 127) << 23);
     float scaled = magnitude / step;
     float units = std::floor(scaled);
     float fraction = scaled - units;
-    units += uniform < fraction ? 1.0f : 0.0f;
+    units += static_cast<float>(uniform < fraction);
     float rounded = units * step;
-    rounded = rounded > 65504.0f ? INFINITY : rounded;
-    rounded = std::isnan(x) ? x : rounded;
+    rounded = pickf(rounded > 65504.0f, INFINITY, rounded);
+    rounded = pickf(x != x, x, rounded);
     return nearest(std::copysign(rounded, x));  // exact: rounded is on the fp16 grid
   }
 };
 
-// Where an element's weight comes from and where its update goes.
+// Where an element's weight comes from and where its update goes. The loops below take it (and
+// their scalars) by value and say `ivdep`: the tensors of one update never overlap, and the
+// compiler, told so, vectorizes every mode.
 template <typename F, int64_t MODE>
 struct Weight {
   using Format = F;
@@ -121,12 +136,12 @@ struct Weight {
   uint32_t k1, k2;
   uint64_t offset;
 
-  inline float load(int64_t i) const {
+  MIXPREC_INLINE float load(int64_t i) const {
     if (MODE == kMaster) return master[i];
     if (MODE == kKahan) return F::widen(param[i]) + F::widen(comp[i]);
     return F::widen(param[i]);
   }
-  inline void store(int64_t i, float w) const {
+  MIXPREC_INLINE void store(int64_t i, float w) const {
     if (MODE == kMaster) {
       master[i] = w;
       param[i] = F::nearest(w);
@@ -147,17 +162,18 @@ struct AdamScalars {
 };
 
 template <typename F, int64_t MODE, int64_t WD>
-void adam_loop(const Weight<F, MODE>& wt, const uint16_t* grad, float* exp_avg, float* exp_avg_sq,
-               const AdamScalars& s, int64_t begin, int64_t end) {
+void adam_loop(const Weight<F, MODE> wt, const uint16_t* grad, float* exp_avg, float* exp_avg_sq,
+               const AdamScalars s, int64_t begin, int64_t end) {
   const bool small = s.lerp_weight < 0.5f;
   const float coeff = small ? s.lerp_weight : s.lerp_weight - 1.0f;
+#pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     float w = wt.load(i);
     float g = F::widen(grad[i]) * s.inv_scale;
     if (WD == 1) w = w * s.decay;                      // param.mul_(1 - lr * weight_decay)
     if (WD == 2) g = std::fma(w, s.weight_decay, g);   // grad.add(param, alpha=weight_decay)
     float m = exp_avg[i];
-    m = std::fma(coeff, g - m, small ? m : g);         // exp_avg.lerp_(grad, 1 - beta1)
+    m = std::fma(coeff, g - m, pickf(small, m, g));    // exp_avg.lerp_(grad, 1 - beta1)
     float v = exp_avg_sq[i] * s.beta2;                 // exp_avg_sq.mul_(beta2)
     v = std::fma(s.one_minus_beta2 * g, g, v);         // .addcmul_(grad, grad, 1 - beta2)
     // Correctly rounded, where torch's CPU sqrt (a vector math library's) is not always.
@@ -171,29 +187,41 @@ void adam_loop(const Weight<F, MODE>& wt, const uint16_t* grad, float* exp_avg, 
 
 struct SgdScalars {
   float inv_scale, weight_decay, momentum, one_minus_dampening, neg_lr;
-  bool has_weight_decay, has_momentum, first, nesterov;
+  bool nesterov;
 };
 
-template <typename F, int64_t MODE>
-void sgd_loop(const Weight<F, MODE>& wt, const uint16_t* grad, float* buf, const SgdScalars& s,
+// MOMENTUM: 0 none, 1 the first step (the buffer starts as the gradient), 2 later steps.
+// Templated so that each loop is branch-free and vectorizes.
+template <typename F, int64_t MODE, int64_t MOMENTUM, bool WD>
+void sgd_loop(const Weight<F, MODE> wt, const uint16_t* grad, float* buf, const SgdScalars s,
               int64_t begin, int64_t end) {
+#pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     float w = wt.load(i);
     float g = F::widen(grad[i]) * s.inv_scale;
-    if (s.has_weight_decay) g = std::fma(w, s.weight_decay, g);  // grad.add(param, alpha=wd)
-    if (s.has_momentum) {
-      float b;
-      if (s.first) {
-        b = g;  // buf = grad.clone()
-      } else {
+    if (WD) g = std::fma(w, s.weight_decay, g);  // grad.add(param, alpha=weight_decay)
+    if (MOMENTUM != 0) {
+      float b = g;  // first step: buf = grad.clone()
+      if (MOMENTUM == 2) {
         b = buf[i] * s.momentum;                     // buf.mul_(momentum)
         b = std::fma(g, s.one_minus_dampening, b);   // .add_(grad, alpha=1 - dampening)
       }
       buf[i] = b;
-      g = s.nesterov ? std::fma(b, s.momentum, g) : b;  // grad.add(buf, alpha=momentum)
+      float ahead = std::fma(b, s.momentum, g);      // grad.add(buf, alpha=momentum)
+      g = pickf(s.nesterov, ahead, b);
     }
     w = std::fma(g, s.neg_lr, w);  // param.add_(grad, alpha=-lr)
     wt.store(i, w);
+  }
+}
+
+template <typename F, int64_t MODE, int64_t MOMENTUM>
+void sgd_range(const Weight<F, MODE>& wt, const uint16_t* grad, float* buf, const SgdScalars& s,
+               bool weight_decay, int64_t begin, int64_t end) {
+  if (weight_decay) {
+    sgd_loop<F, MODE, MOMENTUM, true>(wt, grad, buf, s, begin, end);
+  } else {
+    sgd_loop<F, MODE, MOMENTUM, false>(wt, grad, buf, s, begin, end);
   }
 }
 
@@ -284,8 +312,9 @@ void sgd_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> ma
   TORCH_CHECK(scalars.size() == 5, "sgd_ takes 5 scalars, got ", scalars.size());
   SgdScalars s{static_cast<float>(scalars[0]), static_cast<float>(scalars[1]),
                static_cast<float>(scalars[2]), static_cast<float>(scalars[3]),
-               static_cast<float>(scalars[4]), scalars[1] != 0.0,
-               momentum_buffer.has_value(), first, nesterov};
+               static_cast<float>(scalars[4]), nesterov};
+  const bool weight_decay = scalars[1] != 0.0;
+  const int64_t momentum = momentum_buffer.has_value() ? (first ? 1 : 2) : 0;
   float* buf = nullptr;
   if (momentum_buffer.has_value()) {
     check16(*momentum_buffer, "momentum_buffer", at::kFloat, param.numel());
@@ -293,8 +322,16 @@ void sgd_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> ma
   }
   dispatch(param, grad, master, comp, mode, k1, k2, offset, [&](auto wt, const uint16_t* g,
                                                                 int64_t n) {
+    using F = typename decltype(wt)::Format;
+    constexpr int64_t M = decltype(wt)::kMode;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-      sgd_loop<typename decltype(wt)::Format, decltype(wt)::kMode>(wt, g, buf, s, begin, end);
+      if (momentum == 2) {
+        sgd_range<F, M, 2>(wt, g, buf, s, weight_decay, begin, end);
+      } else if (momentum == 1) {
+        sgd_range<F, M, 1>(wt, g, buf, s, weight_decay, begin, end);
+      } else {
+        sgd_range<F, M, 0>(wt, g, buf, s, weight_decay, begin, end);
+      }
     });
   });
 }
@@ -303,6 +340,7 @@ template <typename F>
 void round_loop(const float* src, uint16_t* out, int64_t n, uint32_t k1, uint32_t k2,
                 uint64_t offset) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+#pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i) {
       out[i] = F::stochastic(src[i], offset + static_cast<uint64_t>(i), k1, k2);
     }
