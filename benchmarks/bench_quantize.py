@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> None:
 
     engine_name = "one-pass kernel" if fused.engine() is not None else "no kernel (torch ops)"
     copy = _median_seconds(x.clone, args.repeats)
-    print(f"{'x.clone() (ceiling)':44s} {gigabytes / copy:6.2f} GB/s")
+    print(f"{'x.clone() (ceiling)':48s} {gigabytes / copy:6.2f} GB/s")
     existing = torch.empty_like(x)
     copy_into = _median_seconds(lambda: existing.copy_(x), args.repeats)
     print(
-        f"{'copy into an existing tensor':44s} {gigabytes / copy_into:6.2f} GB/s "
+        f"{'copy into an existing tensor':48s} {gigabytes / copy_into:6.2f} GB/s "
         "(no page faults: the counter-based rows write into existing tensors too)"
     )
     cases: list[tuple[str, Callable[[], object], torch.dtype | None]] = [
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
     ]
     print(
-        f"{'mixprec.quantize':44s} {'GB/s':>6s}   {'vs torch cast':>13s}   {'vs copy':>7s}"
+        f"{'mixprec.quantize':48s} {'GB/s':>6s}   {'vs torch cast':>13s}   {'vs copy':>7s}"
         f"   {'vs copy into':>12s}"
     )
     for name, fn, dtype in cases:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             versus_cast = f"{'-':>13s}"
         print(
-            f"{name:44s} {gigabytes / seconds:6.2f}   {versus_cast}   {copy / seconds:6.2f}x"
+            f"{name:48s} {gigabytes / seconds:6.2f}   {versus_cast}   {copy / seconds:6.2f}x"
             f"   {copy_into / seconds:6.2f}x"
         )
 

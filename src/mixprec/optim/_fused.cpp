@@ -49,8 +49,8 @@ MIXPREC_INLINE float pickf(bool condition, float a, float b) {
 }
 
 // The keyed lowbias32 hash of mixprec.optim.rounding.random_bits, for word `index`.
-MIXPREC_INLINE uint32_t hash_word(uint64_t index, uint32_t k1, uint32_t k2) {
-  uint32_t h = static_cast<uint32_t>(index) * kGolden + k1;
+MIXPREC_INLINE uint32_t hash_word(uint32_t index, uint32_t k1, uint32_t k2) {
+  uint32_t h = index * kGolden + k1;
   h ^= h >> 16;
   h *= kMul1;
   h ^= k2;
@@ -59,6 +59,18 @@ MIXPREC_INLINE uint32_t hash_word(uint64_t index, uint32_t k1, uint32_t k2) {
   h ^= h >> 16;
   return h;
 }
+
+// Where a run of elements starts in a stochastic-rounding stream, in 32-bit parts: the hashes
+// take their index modulo 2**32, and 32-bit index arithmetic vectorizes at twice the width.
+struct Stream {
+  uint32_t word0;     // (offset >> 1): the bf16 word of the first element
+  uint32_t parity;    // offset & 1: which half of it
+  uint32_t element0;  // offset modulo 2**32
+  static Stream at(uint64_t offset) {
+    return {static_cast<uint32_t>(offset >> 1), static_cast<uint32_t>(offset & 1u),
+            static_cast<uint32_t>(offset)};
+  }
+};
 
 struct BF16 {
   static MIXPREC_INLINE float widen(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
@@ -70,9 +82,11 @@ struct BF16 {
   }
   // mixprec.optim.rounding.stochastic_round_bf16_: element e takes half e & 1 of word e >> 1,
   // shifted to [0, 2**16), added to the fp32 pattern; the low half is then cut.
-  static MIXPREC_INLINE uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
-    uint32_t word = hash_word(element >> 1, k1, k2);
-    uint32_t half = (word >> (static_cast<uint32_t>(element & 1u) * 16u)) & 0xFFFFu;
+  static MIXPREC_INLINE uint16_t stochastic(float x, Stream at, uint32_t i, uint32_t k1,
+                                            uint32_t k2) {
+    uint32_t j = at.parity + i;
+    uint32_t word = hash_word(at.word0 + (j >> 1), k1, k2);
+    uint32_t half = (word >> ((j & 1u) * 16u)) & 0xFFFFu;
     uint32_t u = bits_of(x) + (half ^ 0x8000u);
     return static_cast<uint16_t>(pick(x != x, 0x7FC0u, u >> 16));
   }
@@ -102,24 +116,30 @@ struct FP16 {
     return static_cast<uint16_t>(h | sign);
   }
   // mixprec.quantize.round_to_grid(x, fp16, "stochastic", uniform=u) with the uniform of
-  // mixprec.optim.rounding.stochastic_round_with_key_: the top 24 bits of word `element`. All
-  // operations are exact, so the result is the same bits.
-  static MIXPREC_INLINE uint16_t stochastic(float x, uint64_t element, uint32_t k1, uint32_t k2) {
-    uint32_t word = hash_word(element, k1, k2);
-    float uniform = static_cast<float>(static_cast<int32_t>((word >> 8) & 0xFFFFFFu)) *
-                    5.9604644775390625e-08f;
-    float magnitude = std::fabs(x);
-    int32_t exponent = static_cast<int32_t>(bits_of(magnitude) >> 23) - 127;
-    exponent = std::min(std::max(exponent, -14), 15);
-    float step = float_of(static_cast<uint32_t>(exponent - 10 + 127) << 23);
-    float scaled = magnitude / step;
+  // mixprec.optim.rounding.stochastic_round_with_key_, u = U / 2**24 with U the top 24 bits of
+  // word `element`, bit for bit. round_to_grid rounds up when u is below the fraction of an ulp
+  // cut off. In the normal range that fraction is R / 2**13, R the 13 mantissa bits fp16 drops,
+  // so it rounds up when (U >> 11) < R: integer work on the bit pattern, the carry moving into
+  // the exponent by itself, up to inf. Below 2**-14 (the 2**-24 grid of subnormals) it is
+  // round_to_grid's own exact fp32 arithmetic: units and fraction of |x| * 2**24.
+  static MIXPREC_INLINE uint16_t stochastic(float x, Stream at, uint32_t i, uint32_t k1,
+                                            uint32_t k2) {
+    uint32_t word = hash_word(at.element0 + i, k1, k2);
+    uint32_t u24 = (word >> 8) & 0xFFFFFFu;
+    uint32_t bits = bits_of(x);
+    uint32_t sign = (bits >> 16) & 0x8000u;
+    uint32_t a = bits & 0x7FFFFFFFu;
+    uint32_t up = static_cast<uint32_t>((u24 >> 11) < (a & 0x1FFFu));
+    uint32_t normal = ((a - 0x38000000u) >> 13) + up;  // rebias 127 -> 15, then round
+    float scaled = float_of(a) * 16777216.0f;           // |x| / 2**-24, exact
     float units = std::floor(scaled);
-    float fraction = scaled - units;
-    units += static_cast<float>(uniform < fraction);
-    float rounded = units * step;
-    rounded = pickf(rounded > 65504.0f, INFINITY, rounded);
-    rounded = pickf(x != x, x, rounded);
-    return nearest(std::copysign(rounded, x));  // exact: rounded is on the fp16 grid
+    float uniform = static_cast<float>(static_cast<int32_t>(u24)) * 5.9604644775390625e-08f;
+    uint32_t subnormal = static_cast<uint32_t>(static_cast<int32_t>(units)) +
+                         static_cast<uint32_t>(uniform < scaled - units);
+    // 2**16 and above (inf too) and what rounds up to it overflow to inf.
+    uint32_t h = pick(a < 0x38800000u, subnormal, std::min(normal, 0x7C00u));
+    h = pick(a > 0x7F800000u, 0x7E00u, h);
+    return static_cast<uint16_t>(h | sign);
   }
 };
 
@@ -134,7 +154,7 @@ struct Weight {
   float* master;
   uint16_t* comp;
   uint32_t k1, k2;
-  uint64_t offset;
+  Stream offset;
 
   MIXPREC_INLINE float load(int64_t i) const {
     if (MODE == kMaster) return master[i];
@@ -150,7 +170,7 @@ struct Weight {
       param[i] = rounded;
       comp[i] = F::nearest(w - F::widen(rounded));  // w - rounded is exact in fp32
     } else {
-      param[i] = F::stochastic(w, offset + static_cast<uint64_t>(i), k1, k2);
+      param[i] = F::stochastic(w, offset, static_cast<uint32_t>(i), k1, k2);
     }
   }
 };
@@ -258,7 +278,8 @@ void dispatch(const at::Tensor& param, const at::Tensor& grad,
   auto* p = reinterpret_cast<uint16_t*>(param.data_ptr());
   const auto* g = reinterpret_cast<const uint16_t*>(grad.data_ptr());
   const uint32_t key1 = static_cast<uint32_t>(k1), key2 = static_cast<uint32_t>(k2);
-  const uint64_t off = static_cast<uint64_t>(offset);
+  TORCH_CHECK(n < (int64_t{1} << 31), "at most 2**31 - 1 elements per tensor, got ", n);
+  const Stream off = Stream::at(static_cast<uint64_t>(offset));
   auto run = [&](auto format) {
     using F = decltype(format);
     if (mode == kMaster) {
@@ -339,10 +360,12 @@ void sgd_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> ma
 template <typename F>
 void round_loop(const float* src, uint16_t* out, int64_t n, uint32_t k1, uint32_t k2,
                 uint64_t offset) {
+  TORCH_CHECK(n < (int64_t{1} << 31), "at most 2**31 - 1 elements per tensor, got ", n);
+  const Stream at = Stream::at(offset);
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
 #pragma GCC ivdep
     for (int64_t i = begin; i < end; ++i) {
-      out[i] = F::stochastic(src[i], offset + static_cast<uint64_t>(i), k1, k2);
+      out[i] = F::stochastic(src[i], at, static_cast<uint32_t>(i), k1, k2);
     }
   });
 }

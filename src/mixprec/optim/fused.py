@@ -65,7 +65,14 @@ FUSED_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
     {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}
 )
 _SOURCE = Path(__file__).with_name("_fused.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"ops": None, "error": None, "tried": False}
@@ -221,6 +228,7 @@ def _plain(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
         and t.device.type == "cpu"
         and t.is_contiguous()
         and not t.is_sparse
+        and t.numel() < 2**31  # the kernels index in 32 bits
         and (dtype is None or t.dtype == dtype)
     )
 
