@@ -259,3 +259,38 @@ def test_fp16_kernel_is_round_to_grid_with_the_same_uniforms(offset):
     finite = ~expected.isnan()
     assert torch.equal(got[finite].float(), expected[finite])
     assert torch.equal(got.isnan(), expected.isnan())
+
+
+def test_a_group_added_after_the_first_steps_is_stepped_fused_too():
+    def run(mode):
+        params = make_params(torch.bfloat16)
+        opt = MasterWeightOptimizer(torch.optim.SGD(params[:2], lr=0.1, momentum=0.9))
+        opt.fused = mode
+        for step in range(4):
+            if step == 2:
+                opt.add_param_group({"params": params[2:], "lr": 0.05})
+            live = params if step >= 2 else params[:2]
+            set_grads(live, grads_for(live, step))
+            opt.step()
+        return params, opt.last_step_fused
+
+    (ref, ref_count), (got, count) = run("off"), run("auto")
+    assert (ref_count, count) == (0, 4)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_kernel_bits_do_not_depend_on_the_thread_count():
+    x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(2))
+    key = rounding.counter_key(1, 0, 0)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out = torch.empty_like(x, dtype=torch.float16)
+            assert fused.stochastic_round_(x, out, key, 3)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
