@@ -194,6 +194,10 @@ class WrappedOptimizer(FusedOption, torch.optim.Optimizer):
         chunk_numel: the most 16-bit elements one call of the inner optimizer steps on CPUs
             (default ``CPU_CHUNK_NUMEL``, 2**21); None steps everything in one call. Results do
             not depend on it (see the module's note on chunks); the kept workspace does.
+        fused: ``"auto"`` (default) updates the parameters of SGD, Adam and AdamW in one pass per
+            parameter (:mod:`mixprec.optim.fused`, which lists when it applies); ``"off"``
+            always steps through the inner optimizer. ``last_step_fused`` counts the parameters
+            the last step updated in one pass.
     """
 
     # torch.amp.GradScaler.step hands such optimizers `grad_scale` and `found_inf` attributes.
