@@ -1,10 +1,9 @@
 """Fused one-pass updates against the reference path (the wrapper stepping torch's optimizer).
 
-SGD's fused update gives the reference path's bits; Adam/AdamW's differ only by torch's CPU sqrt
-(not correctly rounded) and are held to a few fp32 ulps, and to one 16-bit ulp for the rare
-16-bit weight whose fp32 value sits on a rounding boundary. Stochastic rounding is checked bit
-for bit against the torch implementation of the same counter-based bits, and fp16 against
-``round_to_grid`` given the same uniforms.
+SGD, Adam and AdamW give the reference path's bits: weights, masters, states and compensation
+are compared with ``torch.equal``. Stochastic rounding is checked bit for bit against the torch
+implementation of the same counter-based bits, and fp16 against ``round_to_grid`` given the same
+uniforms.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ WRAPPERS = {
     "stochastic": lambda inner: StochasticRoundingOptimizer(inner, seed=5),
     "kahan": KahanOptimizer,
 }
-EXACT = {
+INNER = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1),
     "sgd-momentum-dampening": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, dampening=0.2, foreach=True
@@ -38,8 +37,6 @@ EXACT = {
     "sgd-nesterov-wd": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01
     ),
-}
-ADAM = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
     "adam-wd": lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1),
 }
@@ -71,16 +68,16 @@ def _states(opt):
     return list(roundtrip(opt.state_dict())["optimizer"]["state"].items())
 
 
-@pytest.mark.parametrize("inner", list(EXACT))
+@pytest.mark.parametrize("inner", list(INNER))
 @pytest.mark.parametrize("wrapper", list(WRAPPERS))
-def test_fused_sgd_gives_the_bits_of_the_reference_path(wrapper, inner, dtype16):
-    ref, ref_opt, ref_counts = _run(wrapper, EXACT[inner], dtype16, "off")
-    got, opt, counts = _run(wrapper, EXACT[inner], dtype16, "auto")
+def test_fused_steps_give_the_bits_of_the_reference_path(wrapper, inner, dtype16):
+    ref, ref_opt, ref_counts = _run(wrapper, INNER[inner], dtype16, "off")
+    got, opt, counts = _run(wrapper, INNER[inner], dtype16, "auto")
     assert ref_counts == [0] * 4 and counts == [4] * 4  # the four 16-bit parameters
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a, b)
     for (i, a), (j, b) in zip(_states(ref_opt), _states(opt), strict=True):
-        assert i == j and a.keys() == b.keys()
+        assert i == j and list(a) == list(b)
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), key
     if wrapper == "master":
@@ -91,37 +88,9 @@ def test_fused_sgd_gives_the_bits_of_the_reference_path(wrapper, inner, dtype16)
             assert torch.equal(ref_opt.compensation(a), opt.compensation(b))
 
 
-def _ulps16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
-
-
-@pytest.mark.parametrize("inner", list(ADAM))
-@pytest.mark.parametrize("wrapper", list(WRAPPERS))
-def test_fused_adam_is_the_reference_path_up_to_torch_sqrt(wrapper, inner, dtype16):
-    ref, ref_opt, _ = _run(wrapper, ADAM[inner], dtype16, "off")
-    got, opt, counts = _run(wrapper, ADAM[inner], dtype16, "auto")
-    assert counts == [4] * 4
-    flips = 0
-    for a, b in zip(ref, got, strict=True):
-        if a.dtype == torch.float32:
-            assert torch.equal(a, b)
-            continue
-        assert _ulps16(a, b).max() <= 1
-        flips += int((a != b).sum())
-    assert flips <= 2  # of 75 16-bit weights
-    for (i, a), (j, b) in zip(_states(ref_opt), _states(opt), strict=True):
-        assert i == j and list(a) == list(b) == ["step", "exp_avg", "exp_avg_sq"]
-        assert torch.equal(a["step"], b["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-9)
-    if wrapper == "master":
-        for a, b in zip(ref_opt.master_params(), opt.master_params(), strict=True):
-            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
-
-
 def test_fused_steps_do_not_depend_on_the_chunks(dtype16):
-    one, _, _ = _run("stochastic", ADAM["adamw"], dtype16, "auto")
-    chunked, _, _ = _run("stochastic", ADAM["adamw"], dtype16, "auto", chunk_numel=10)
+    one, _, _ = _run("stochastic", INNER["adamw"], dtype16, "auto")
+    chunked, _, _ = _run("stochastic", INNER["adamw"], dtype16, "auto", chunk_numel=10)
     for a, b in zip(one, chunked, strict=True):
         assert torch.equal(a, b)
 

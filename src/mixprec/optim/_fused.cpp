@@ -20,6 +20,7 @@ namespace {
 #define MIXPREC_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kBlock = 1 << 14;  // 64 KiB of fp32: stays in L2 between two loops
 constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kMul1 = 0x7FEB352Du;
 constexpr uint32_t kMul2 = 0x846CA68Bu;
@@ -181,27 +182,52 @@ struct AdamScalars {
   int64_t weight_decay_mode;  // 0: none, 1: decoupled (AdamW), 2: added to the gradient (Adam)
 };
 
+// Adam in two loops over a block that stays in cache, around torch's own sqrt: torch's CPU
+// sqrt (a vector math library's) is not correctly rounded for about a fifth of its inputs, so
+// std::sqrt would change the last bits; at::sqrt_out gives the reference path's.
 template <typename F, int64_t MODE, int64_t WD>
-void adam_loop(const Weight<F, MODE> wt, const uint16_t* grad, float* exp_avg, float* exp_avg_sq,
-               const AdamScalars s, int64_t begin, int64_t end) {
+void adam_moments(const Weight<F, MODE> wt, const uint16_t* grad, float* exp_avg,
+                  float* exp_avg_sq, const AdamScalars s, int64_t begin, int64_t end) {
   const bool small = s.lerp_weight < 0.5f;
   const float coeff = small ? s.lerp_weight : s.lerp_weight - 1.0f;
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     float w = wt.load(i);
     float g = F::widen(grad[i]) * s.inv_scale;
-    if (WD == 1) w = w * s.decay;                      // param.mul_(1 - lr * weight_decay)
     if (WD == 2) g = std::fma(w, s.weight_decay, g);   // grad.add(param, alpha=weight_decay)
     float m = exp_avg[i];
     m = std::fma(coeff, g - m, pickf(small, m, g));    // exp_avg.lerp_(grad, 1 - beta1)
     float v = exp_avg_sq[i] * s.beta2;                 // exp_avg_sq.mul_(beta2)
     v = std::fma(s.one_minus_beta2 * g, g, v);         // .addcmul_(grad, grad, 1 - beta2)
-    // Correctly rounded, where torch's CPU sqrt (a vector math library's) is not always.
-    float denom = std::sqrt(v) / s.bc2_sqrt + s.eps;   // (sqrt(v) / bc2_sqrt).add_(eps)
-    w = w + s.neg_step_size * m / denom;               // param.addcdiv_(m, denom, -step_size)
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
+  }
+}
+
+template <typename F, int64_t MODE, int64_t WD>
+void adam_apply(const Weight<F, MODE> wt, const float* exp_avg, const float* root,
+                const AdamScalars s, int64_t begin, int64_t end) {
+#pragma GCC ivdep
+  for (int64_t i = begin; i < end; ++i) {
+    float w = wt.load(i);
+    if (WD == 1) w = w * s.decay;                              // param.mul_(1 - lr * wd)
+    float denom = root[i - begin] / s.bc2_sqrt + s.eps;        // (sqrt(v) / bc2_sqrt).add_(eps)
+    w = w + s.neg_step_size * exp_avg[i] / denom;              // param.addcdiv_(m, denom, -lr')
     wt.store(i, w);
+  }
+}
+
+template <typename F, int64_t MODE, int64_t WD>
+void adam_range(const Weight<F, MODE> wt, const uint16_t* grad, const at::Tensor& exp_avg_sq,
+                float* m, float* v, const AdamScalars s, int64_t begin, int64_t end) {
+  at::Tensor root = at::empty({std::min(kBlock, end - begin)}, exp_avg_sq.options());
+  at::Tensor flat = exp_avg_sq.view(-1);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min(end, b + kBlock);
+    adam_moments<F, MODE, WD>(wt, grad, m, v, s, b, e);
+    at::Tensor out = root.narrow(0, 0, e - b);
+    at::sqrt_out(out, flat.narrow(0, b, e - b));
+    adam_apply<F, MODE, WD>(wt, m, out.data_ptr<float>(), s, b, e);
   }
 }
 
@@ -314,13 +340,15 @@ void adam_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> m
   float* v = exp_avg_sq.data_ptr<float>();
   dispatch(param, grad, master, comp, mode, k1, k2, offset, [&](auto wt, const uint16_t* g,
                                                                 int64_t n) {
+    using F = typename decltype(wt)::Format;
+    constexpr int64_t M = decltype(wt)::kMode;
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       if (s.weight_decay_mode == 1) {
-        adam_loop<typename decltype(wt)::Format, decltype(wt)::kMode, 1>(wt, g, m, v, s, begin, end);
+        adam_range<F, M, 1>(wt, g, exp_avg_sq, m, v, s, begin, end);
       } else if (s.weight_decay_mode == 2) {
-        adam_loop<typename decltype(wt)::Format, decltype(wt)::kMode, 2>(wt, g, m, v, s, begin, end);
+        adam_range<F, M, 2>(wt, g, exp_avg_sq, m, v, s, begin, end);
       } else {
-        adam_loop<typename decltype(wt)::Format, decltype(wt)::kMode, 0>(wt, g, m, v, s, begin, end);
+        adam_range<F, M, 0>(wt, g, exp_avg_sq, m, v, s, begin, end);
       }
     });
   });

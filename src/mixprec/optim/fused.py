@@ -13,13 +13,13 @@ optimizer's own tensors (``inner.state[shadow]["exp_avg"]``...), created and cou
 torch creates them, so state dicts, resume, LR schedulers and memory accounts are unchanged.
 
 Arithmetic: operation by operation torch's, in the order of its CPU kernels (fused multiply-adds
-where torch's vectorized kernels use them). SGD (momentum, dampening, Nesterov, weight decay)
-gives the bits of the reference path. Adam and AdamW differ in one place: the square root of
-``exp_avg_sq`` is correctly rounded here, while torch's CPU ``sqrt`` (a vector math library's) is
-off by one ulp for about a fifth of its inputs; so weights (and Adam's coupled weight decay, which
-feeds them back into the moments) differ from the reference path in their last fp32 bits, and a
-16-bit weight rarely (where the fp32 value sits on a rounding boundary) by one 16-bit ulp.
-Given the same fp32 value, stochastic rounding gives the same bits as the reference path.
+where torch's vectorized kernels use them), so SGD (momentum, dampening, Nesterov, weight decay),
+Adam and AdamW (weight decay coupled or decoupled) give the reference path's bits: the same
+weights, masters, moments and compensation, and for a given seed the same stochastic rounding.
+One operation is not done inline: torch's CPU ``sqrt`` (a vector math library's) is not
+correctly rounded for about a fifth of its inputs, so Adam's kernel works through blocks of 16K
+elements that stay in cache, in two loops around torch's own ``sqrt`` of the block; that costs
+about a second pass over cache, not over memory.
 
 The kernel is built on first use with the machine's C++ compiler (about 35 s, then cached by
 torch in ``~/.cache/torch_extensions``); a wrapper takes the reference path, with the same
