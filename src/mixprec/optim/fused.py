@@ -64,6 +64,7 @@ _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 FUSED_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
     {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}
 )
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _SOURCE = Path(__file__).with_name("_fused.cpp")
 _FLAGS = [
     "-O3",
@@ -224,7 +225,7 @@ def _group_supported(inner: torch.optim.Optimizer, group: dict[str, Any]) -> boo
 def _plain(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
     return (
         t is not None
-        and type(t.data) is torch.Tensor
+        and type(t) in _PLAIN_TYPES  # not a subclass such as DTensor
         and t.device.type == "cpu"
         and t.is_contiguous()
         and not t.is_sparse
@@ -285,6 +286,7 @@ def step_fused(
     if ops is None:
         return [entry[0] for entry in entries]
     groups = {id(s): g for g in inner.param_groups for s in g["params"]}
+    supported = {id(g): _group_supported(inner, g) for g in inner.param_groups}
     inv = 1.0 if inv_scale is None else float(inv_scale)
     k1, k2 = key
     rest = []
@@ -299,7 +301,7 @@ def step_fused(
             and _plain(grad, param.dtype)
             and (rounding != "nearest" or _plain(shadow, torch.float32))
             and (rounding != "kahan" or _plain(compensation, param.dtype))
-            and _group_supported(inner, group)
+            and supported[id(group)]
         )
         if not ok or group is None or grad is None:
             rest.append(param)
