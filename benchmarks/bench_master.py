@@ -15,16 +15,20 @@ Measured (11.5M parameters, 1 thread, AMD EPYC with AVX512_BF16, shared and nois
 
 | inner | wrapper | fused (auto) | reference (off) | before the fused kernels |
 |---|---|---|---|---|
-| AdamW | fp32 master | 0.20 | 0.78 | 0.73 |
-| AdamW | stochastic rounding | 0.31 | 1.28 | 1.28 |
-| AdamW | kahan | 0.21 | 1.61 | 1.06 |
-| SGD momentum | fp32 master | 0.68 | 1.33 | 1.68 |
-| SGD momentum | stochastic rounding | 0.61 | 1.78 | 3.41 |
-| SGD momentum | kahan | 0.77 | 2.63 | 2.50 |
+| AdamW | fp32 master | 0.42 | 0.80 | 0.73 |
+| AdamW | stochastic rounding | 0.67 | 1.29 | 1.28 |
+| AdamW | kahan | 0.68 | 1.80 | 1.06 |
+| SGD momentum | fp32 master | 0.80 | 1.40 | 1.68 |
+| SGD momentum | stochastic rounding | 0.65 | 1.76 | 3.41 |
+| SGD momentum | kahan | 0.58 | 2.47 | 2.50 |
 
 (The one-pass AdamW is faster than torch's own fp32 AdamW, whose foreach CPU path makes about
-ten passes over memory.) ``--chunk-numel 0`` steps the reference path in one call instead of
-chunks; glibc can also be told to keep freed memory:
+ten passes over memory; about a third of its time is torch's CPU sqrt, which it calls on
+cache-sized blocks to keep the reference path's bits. Runs with 2 threads on this shared
+machine were dominated by the other processes' load and are not shown.)
+
+``--chunk-numel 0`` steps the reference path in one call instead of chunks; glibc can also be
+told to keep freed memory:
 
     MALLOC_TRIM_THRESHOLD_=2000000000 MALLOC_MMAP_THRESHOLD_=2000000000 \
         python benchmarks/bench_master.py
