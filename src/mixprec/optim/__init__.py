@@ -7,6 +7,8 @@
 * :func:`memory_report` counts the bytes per parameter of params, grads, masters, optimizer state
   and compensation (and, apart, the fixed workspace the wrappers keep between steps on CPUs).
 * :mod:`mixprec.optim.rounding` holds the counter-based random bits of stochastic rounding.
+* :mod:`mixprec.optim.fused` updates SGD, Adam and AdamW parameters in one pass under all three
+  wrappers (a C++ kernel built on first use; the wrappers' ``fused="off"`` opts out).
 * :func:`cast_module` casts a model's parameters and buffers by a :class:`~mixprec.Policy`.
 
 Example:

@@ -41,6 +41,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from mixprec.optim._shards import is_dtensor, local, local_numel
+from mixprec.optim.fused import FusedOption, order_states, refusal
 from mixprec.scaling.clip import global_norm
 
 __all__: list[str] = []
@@ -197,7 +198,7 @@ class _StateView(Mapping[torch.Tensor, Any]):
         return sum(1 for _ in self)
 
 
-class WrappedOptimizer(torch.optim.Optimizer):
+class WrappedOptimizer(FusedOption, torch.optim.Optimizer):
     """Base class: owns the inner optimizer, the outer param groups and the step skeleton.
 
     Subclasses define :meth:`_make_shadow`, :meth:`_load_weights`, :meth:`_copy_grads` and
@@ -208,6 +209,10 @@ class WrappedOptimizer(torch.optim.Optimizer):
         chunk_numel: the most 16-bit elements one call of the inner optimizer steps on CPUs
             (default ``CPU_CHUNK_NUMEL``, 2**21); None steps everything in one call. Results do
             not depend on it (see the module's note on chunks); the kept workspace does.
+        fused: ``"auto"`` (default) updates the parameters of SGD, Adam and AdamW in one pass per
+            parameter (:mod:`mixprec.optim.fused`, which lists when it applies); ``"off"``
+            always steps through the inner optimizer. ``last_step_fused`` counts the parameters
+            the last step updated in one pass.
     """
 
     # torch.amp.GradScaler.step hands such optimizers `grad_scale` and `found_inf` attributes.
@@ -489,6 +494,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         ``max_grad_norm`` (a norm over all gradients) and non-CPU parameters get one chunk.
         """
         self._active_limit = self._chunk_limit(params)
+        self.last_step_fused = 0
         try:
             chunks = self._chunks(params, self._active_limit)
             if len(chunks) <= 1:
@@ -515,10 +521,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def _step_chunk(
         self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
     ) -> None:
-        self._load_weights(params)
-        self._load_grads(params, inv_scale)
-        self.optimizer.step()
-        self._after_inner_step(params, params)
+        states = len(self.optimizer.state)
+        if refusal(self.optimizer, self.fused, self.max_grad_norm is not None) is None:
+            count = len(params)
+            params = self._step_fused(params, inv_scale)
+            self.last_step_fused += count - len(params)
+        if params:
+            self._load_weights(params)
+            self._load_grads(params, inv_scale)
+            self.optimizer.step()
+            self._after_inner_step(params, params)
+        if self.last_step_fused and len(self.optimizer.state) != states:
+            order_states(self.optimizer)  # new states in parameter order, as one inner step makes
+
+    def _step_fused(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> list[torch.Tensor]:
+        """Update what :func:`mixprec.optim.fused.step_fused` can in one pass; return the rest
+        (here: all of them)."""
+        return params
 
     def _chunk_limit(self, params: list[torch.Tensor]) -> int | None:
         """``chunk_numel`` where this step may be cut into chunks, else None (one call)."""

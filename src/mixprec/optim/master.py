@@ -42,6 +42,7 @@ from torch import nn
 
 from mixprec.optim._shards import local, wrap_like
 from mixprec.optim._wrapper import WrappedOptimizer, check_saved_buffers
+from mixprec.optim.fused import step_fused
 
 __all__ = ["MasterWeightOptimizer"]
 
@@ -130,6 +131,14 @@ class MasterWeightOptimizer(WrappedOptimizer):
         self._unscale_in_place(grads + own, inv_scale)
         for master, grad in zip(masters, grads, strict=True):
             master.grad = wrap_like(grad, master)
+
+    def _step_fused(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> list[torch.Tensor]:
+        if self.keep_grad_buffers:
+            return params
+        entries = [(p, self._shadows[p], None, 0) for p in params]
+        return step_fused(self.optimizer, entries, inv_scale, "nearest")
 
     def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
         self._write_trial_point(stepped)  # fp32 -> 16 bits: round to nearest even

@@ -50,6 +50,7 @@ from mixprec.optim._wrapper import (
     WrappedOptimizer,
     check_saved_buffers,
 )
+from mixprec.optim.fused import step_fused
 from mixprec.optim.rounding import (
     SEED_LIMIT,
     bf16_words,
@@ -285,6 +286,15 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
     def _after_step(self) -> None:
         self.rounding_step += 1
 
+    def _step_fused(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> list[torch.Tensor]:
+        if self.state_dtype is not None:
+            return params
+        key = counter_key(self.seed, 0, self.rounding_step)
+        entries = [(p, self._shadows[p], None, self._offset(p)) for p in params]
+        return step_fused(self.optimizer, entries, inv_scale, "stochastic", key)
+
     def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         key = counter_key(self.seed, 0, self.rounding_step)
         # bf16 tensors that follow each other: (local shard, fp32 weights, parameter)
@@ -404,6 +414,14 @@ class KahanOptimizer(_Pure16Optimizer):
     def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
         self._compensation[param] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return super()._make_shadow(param)
+
+    def _step_fused(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> list[torch.Tensor]:
+        if self.state_dtype is not None:
+            return params
+        entries = [(p, self._shadows[p], self._compensation.get(p), 0) for p in params]
+        return step_fused(self.optimizer, entries, inv_scale, "kahan")
 
     def compensation(self, param: torch.Tensor) -> torch.Tensor:
         """The compensation buffer of a 16-bit parameter (``param + buffer`` is the weight).

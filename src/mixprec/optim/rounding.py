@@ -28,6 +28,7 @@ import sys
 import torch
 
 from mixprec.formats import resolve_format
+from mixprec.optim import fused
 from mixprec.quantize import round_to_grid
 
 __all__ = [
@@ -175,7 +176,9 @@ def stochastic_round_bf16_(
     ``weights`` (contiguous) are overwritten. A NaN whose payload sits only in the low 16 bits can
     come out as inf (arithmetic NaNs keep their quiet bit and stay NaN). ``buffers``: two flat
     int32 tensors to work in, of at least ``bf16_words(offset, total numel)`` and ``total numel``
-    elements (see :func:`random_bits`).
+    elements (see :func:`random_bits`). On CPUs the one-pass kernel of
+    :mod:`mixprec.optim.fused` rounds (the same bits, ``weights`` left as they were) when it is
+    available; otherwise a dozen int32 torch passes do.
 
     Example:
         >>> w = [torch.full((10000,), 1.0 + 2.0**-10)]  # an eighth of a bf16 ulp above 1
@@ -186,6 +189,22 @@ def stochastic_round_bf16_(
     """
     if not weights:
         return
+    start = offset
+    for index, (w, o) in enumerate(zip(weights, out, strict=True)):
+        if not fused.stochastic_round_(w, o, key, start):
+            _stochastic_round_bf16_torch_(weights[index:], out[index:], key, start, buffers)
+            return
+        start += w.numel()
+
+
+def _stochastic_round_bf16_torch_(
+    weights: list[torch.Tensor],
+    out: list[torch.Tensor],
+    key: tuple[int, int],
+    offset: int,
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """:func:`stochastic_round_bf16_` in torch ops (overwrites ``weights``)."""
     sizes = [w.numel() for w in weights]
     first = offset & 1
     count = bf16_words(offset, sum(sizes))
@@ -219,7 +238,8 @@ def stochastic_round_with_key_(
     tensors takes :func:`stochastic_round_bf16_` (``weight`` is overwritten); everything else
     rounds on the format's grid with 24-bit uniforms (the top bits of word ``e`` for element
     ``e``) through :func:`mixprec.quantize.round_to_grid`: subnormals, overflow and NaN as
-    :func:`mixprec.quantize.quantize` does them.
+    :func:`mixprec.quantize.quantize` does them. Contiguous CPU tensors take the one-pass kernel
+    of :mod:`mixprec.optim.fused` when it is available (the same bits; ``weight`` unchanged).
 
     Raises:
         TypeError: ``weight`` is not fp32 or ``out`` not bf16/fp16/fp32.
@@ -243,11 +263,20 @@ def stochastic_round_with_key_(
         )
     if out.dtype == torch.float32:
         out.copy_(weight)
+    elif fused.stochastic_round_(weight, out, key, offset):
+        pass
     elif fast_bf16(weight, out):
-        stochastic_round_bf16_([weight], [out], key, offset)
+        _stochastic_round_bf16_torch_([weight], [out], key, offset)
     else:
-        words = random_bits(weight.numel(), key, offset, weight.device)
-        words.bitwise_right_shift_(8).bitwise_and_((1 << 24) - 1)
-        uniform = words.view(weight.shape).to(torch.float32).mul_(2.0**-24)
-        rounded = round_to_grid(weight, resolve_format(out.dtype), "stochastic", uniform=uniform)
-        out.copy_(rounded)
+        _stochastic_round_grid_torch_(weight, out, key, offset)
+
+
+def _stochastic_round_grid_torch_(
+    weight: torch.Tensor, out: torch.Tensor, key: tuple[int, int], offset: int
+) -> None:
+    """Round on ``out``'s grid with 24-bit uniforms from ``key``, in torch ops."""
+    words = random_bits(weight.numel(), key, offset, weight.device)
+    words.bitwise_right_shift_(8).bitwise_and_((1 << 24) - 1)
+    uniform = words.view(weight.shape).to(torch.float32).mul_(2.0**-24)
+    rounded = round_to_grid(weight, resolve_format(out.dtype), "stochastic", uniform=uniform)
+    out.copy_(rounded)

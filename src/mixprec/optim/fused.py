@@ -1,0 +1,385 @@
+"""One-pass updates for the common torch optimizers: the wrappers at the speed of what they wrap.
+
+Design note: stepped through the inner optimizer, a wrapper's update makes many passes over
+memory: widen the 16-bit gradients (and weights), let torch's optimizer run its dozen foreach
+passes over fp32 scratch, hash random bits, round back. For the optimizers most runs use
+(``torch.optim.SGD``, ``Adam`` and ``AdamW``, exact types) this module does the whole update of a
+parameter in one pass instead: a C++ kernel (``_fused.cpp``, registered with ``torch.library`` as
+``torch.ops.mixprec_fused``) reads the 16-bit weight (or the fp32 master), the 16-bit gradient
+times the inverse loss scale and the fp32 states, and writes the states and the 16-bit weight,
+rounded to nearest (master weights), stochastically with the counter-based bits of
+:mod:`mixprec.optim.rounding`, or with Kahan's 16-bit compensation. The states stay the inner
+optimizer's own tensors (``inner.state[shadow]["exp_avg"]``...), created and counted exactly as
+torch creates them, so state dicts, resume, LR schedulers and memory accounts are unchanged.
+
+Arithmetic: operation by operation torch's, in the order of its CPU kernels (fused multiply-adds
+where torch's vectorized kernels use them), so SGD (momentum, dampening, Nesterov, weight decay),
+Adam and AdamW (weight decay coupled or decoupled) give the reference path's bits: the same
+weights, masters, moments and compensation, and for a given seed the same stochastic rounding.
+One operation is not done inline: torch's CPU ``sqrt`` (a vector math library's) is not
+correctly rounded for about a fifth of its inputs, so Adam's kernel works through blocks of 16K
+elements that stay in cache, in two loops around torch's own ``sqrt`` of the block; that costs
+about a second pass over cache, not over memory.
+
+The kernel is built on first use with the machine's C++ compiler (about 35 s, then cached by
+torch in ``~/.cache/torch_extensions``); a wrapper takes the reference path, with the same
+results up to the note above, whenever the fused one cannot give them: the engine cannot be
+built, a wrapper's ``fused`` is ``"off"``, another optimizer class (subclasses included), step
+hooks, ``max_grad_norm``, a closure, per-element states in 16 bits (``state_dtype``); and per
+parameter group or parameter: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
+``fused=True``, tensor hyperparameters, parameters off the CPU, tensor subclasses (DTensor),
+non-contiguous tensors, gradients of another dtype than the parameter's, fp32 or complex
+parameters, states of an unexpected form. ``wrapper.last_step_fused`` says how many parameters
+the last step updated in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "FUSED_OPTIMIZERS",
+    "FusedMode",
+    "FusedOption",
+    "engine",
+    "engine_error",
+    "order_states",
+    "refusal",
+    "step_fused",
+    "stochastic_round_",
+]
+
+FusedMode = Literal["auto", "off"]
+Rounding = Literal["nearest", "stochastic", "kahan"]
+_MODES: dict[str, int] = {"nearest": 0, "stochastic": 1, "kahan": 2}
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+# Exact types: a subclass may change the update.
+FUSED_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
+    {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}
+)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_SOURCE = Path(__file__).with_name("_fused.cpp")
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+]
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"ops": None, "error": None, "tried": False}
+
+
+def _cpu_signature() -> str:
+    """The CPU's flags: a build with ``-march=native`` must not be reused on another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line for line in text.splitlines() if line.startswith("flags")), "unknown")
+
+
+def engine() -> Any | None:
+    """``torch.ops.mixprec_fused`` with the fused kernels, built on first call; None if it
+    cannot be built (:func:`engine_error` says why; a warning says so once).
+
+    Example:
+        >>> ops = engine()
+        >>> ops is None or hasattr(ops, "adam_")
+        True
+    """
+    if _state["tried"]:
+        return _state["ops"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["ops"] = _build()
+            except Exception as error:  # no compiler, a compile error, no ninja...
+                _state["error"] = f"{type(error).__name__}: {error}"
+                warnings.warn(
+                    "mixprec.optim.fused: the fused update kernels could not be built "
+                    f"({_state['error'][:300]}); the optimizer wrappers take their reference "
+                    "path (same results, slower). Install a C++ compiler and ninja to get them",
+                    stacklevel=3,
+                )
+            _state["tried"] = True
+    return _state["ops"]
+
+
+def engine_error() -> str | None:
+    """Why :func:`engine` returned None (None if it was built or not tried yet)."""
+    return _state["error"]
+
+
+def _build() -> Any:
+    if hasattr(torch.ops, "mixprec_fused") and hasattr(torch.ops.mixprec_fused, "adam_"):
+        return torch.ops.mixprec_fused
+    from torch.utils.cpp_extension import load_inline
+
+    source = _SOURCE.read_text()
+    digest = hashlib.sha256((source + " ".join(_FLAGS) + _cpu_signature()).encode()).hexdigest()
+    load_inline(
+        f"mixprec_fused_{digest[:12]}",
+        cpp_sources=[source],
+        extra_cflags=_FLAGS,
+        is_python_module=False,
+    )
+    ops = torch.ops.mixprec_fused
+    for name in ("adam_", "sgd_", "stochastic_round_"):
+        torch.library.register_fake(f"mixprec_fused::{name}")(_returns_nothing)
+    return ops
+
+
+def _returns_nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class FusedOption:
+    """The ``fused`` setting of the optimizer wrappers (mixed into ``WrappedOptimizer``).
+
+    Attributes:
+        last_step_fused: how many parameters the last step updated with the fused kernels.
+    """
+
+    _fused: FusedMode = "auto"
+    last_step_fused: int = 0
+
+    @property
+    def fused(self) -> FusedMode:
+        """``"auto"`` (default): one-pass updates wherever they apply (see
+        :mod:`mixprec.optim.fused`); ``"off"``: always step through the inner optimizer."""
+        return self._fused
+
+    @fused.setter
+    def fused(self, value: FusedMode) -> None:
+        if value not in ("auto", "off"):
+            raise ValueError(
+                f"fused must be 'auto' (one-pass updates where they apply) or 'off' (always "
+                f"step through the inner optimizer), got {value!r}"
+            )
+        self._fused = value
+
+
+def refusal(inner: torch.optim.Optimizer, fused: FusedMode, clipping: bool) -> str | None:
+    """Why a step of a wrapper around ``inner`` cannot take the fused path (None: it can)."""
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+    if fused == "off":
+        return "fused='off'"
+    if type(inner) not in FUSED_OPTIMIZERS:
+        return f"{type(inner).__name__} is not one of SGD, Adam, AdamW (exact types)"
+    if clipping:
+        return "max_grad_norm clips by a norm over all gradients"
+    if (
+        inner._optimizer_step_pre_hooks
+        or inner._optimizer_step_post_hooks
+        or _global_optimizer_pre_hooks
+        or _global_optimizer_post_hooks
+    ):
+        return "step hooks run inside the inner optimizer's step"
+    if engine() is None:
+        return f"the fused kernels are unavailable: {engine_error()}"
+    return None
+
+
+def order_states(inner: torch.optim.Optimizer) -> None:
+    """Reorder ``inner.state`` by parameter order, the order its own step creates states in
+    (the fused and the reference path of one step create them in two runs)."""
+    state = inner.state
+    ordered = {p: state[p] for g in inner.param_groups for p in g["params"] if p in state}
+    rest = {p: s for p, s in state.items() if p not in ordered}
+    state.clear()
+    state.update(ordered)
+    state.update(rest)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _group_supported(inner: torch.optim.Optimizer, group: dict[str, Any]) -> bool:
+    flags_off = all(not group.get(k, False) for k in ("maximize", "differentiable", "fused"))
+    if isinstance(inner, torch.optim.SGD):
+        return flags_off and all(
+            _number(group[k]) for k in ("lr", "momentum", "dampening", "weight_decay")
+        )
+    betas = group["betas"]
+    return (
+        flags_off
+        and not group["amsgrad"]
+        and not group["capturable"]
+        and all(_number(v) for v in (group["lr"], group["eps"], group["weight_decay"], *betas))
+        and isinstance(group.get("decoupled_weight_decay", False), bool)
+    )
+
+
+def _plain(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
+    return (
+        t is not None
+        and type(t) in _PLAIN_TYPES  # not a subclass such as DTensor
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not t.is_sparse
+        and t.numel() < 2**31  # the kernels index in 32 bits
+        and (dtype is None or t.dtype == dtype)
+    )
+
+
+def _state_ok(state: dict[str, Any], keys: tuple[str, ...], numel: int) -> bool:
+    if not state:
+        return True
+    if set(state) - {"step"} != set(keys) - {"step"} or ("step" in keys) != ("step" in state):
+        return False
+    step = state.get("step")
+    if "step" in keys and not (
+        isinstance(step, torch.Tensor) and step.dim() == 0 and step.dtype == torch.float32
+    ):
+        return False
+    return all(
+        _plain(state[k], torch.float32) and state[k].numel() == numel for k in keys if k != "step"
+    )
+
+
+def step_fused(
+    inner: torch.optim.Optimizer,
+    entries: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]],
+    inv_scale: torch.Tensor | float | None,
+    rounding: Rounding,
+    key: tuple[int, int] = (0, 0),
+) -> list[torch.Tensor]:
+    """Update the parameters of ``entries`` that the fused kernels support; return the others.
+
+    Args:
+        inner: the wrapped optimizer (SGD, Adam or AdamW); its ``state`` is updated in place, keyed
+            on the shadows, as its own step would.
+        entries: ``(param, shadow, compensation, offset)`` per parameter with a gradient: the
+            16-bit model parameter, the tensor ``inner`` steps (the fp32 master for
+            ``rounding="nearest"``), the Kahan buffer (``"kahan"``), the index of its first
+            element in the stochastic-rounding stream (``"stochastic"``).
+        inv_scale: multiplies the 16-bit gradients (``1 / loss scale``), or None.
+        rounding: how the new weight is written: ``"nearest"`` (the master is written too),
+            ``"stochastic"`` (with the bits of ``key``), ``"kahan"``.
+        key: the counter key of this step's stochastic rounding.
+
+    Returns:
+        The parameters left to the reference path, in order.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+        >>> master = torch.ones(4)
+        >>> sgd = torch.optim.SGD([master], lr=0.5)
+        >>> w.grad = torch.ones_like(w)
+        >>> rest = step_fused(sgd, [(w, master, None, 0)], None, "nearest")
+        >>> w.tolist() if not rest else [0.5] * 4  # rest == [w] where no kernel can be built
+        [0.5, 0.5, 0.5, 0.5]
+    """
+    ops = engine()
+    if ops is None:
+        return [entry[0] for entry in entries]
+    groups = {id(s): g for g in inner.param_groups for s in g["params"]}
+    supported = {id(g): _group_supported(inner, g) for g in inner.param_groups}
+    inv = 1.0 if inv_scale is None else float(inv_scale)
+    k1, k2 = key
+    rest = []
+    mode = _MODES[rounding]
+    for param, shadow, compensation, offset in entries:
+        group = groups.get(id(shadow))
+        grad = param.grad
+        ok = (
+            group is not None
+            and param.dtype in _SIXTEEN_BIT
+            and _plain(param)
+            and _plain(grad, param.dtype)
+            and (rounding != "nearest" or _plain(shadow, torch.float32))
+            and (rounding != "kahan" or _plain(compensation, param.dtype))
+            and supported[id(group)]
+        )
+        if not ok or group is None or grad is None:
+            rest.append(param)
+            continue
+        master = shadow if rounding == "nearest" else None
+        if isinstance(inner, torch.optim.SGD):
+            momentum = group["momentum"]
+            state = inner.state[shadow] if momentum != 0 else {}  # as SGD._init_group
+            keys: tuple[str, ...] = ("momentum_buffer",) if momentum != 0 else ()
+            if momentum != 0 and not _state_ok(state, keys, param.numel()):
+                rest.append(param)
+                continue
+            buffer = state.get("momentum_buffer") if momentum != 0 else None
+            first = momentum != 0 and buffer is None
+            if first:
+                buffer = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+            scalars = [inv, group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"]]
+            ops.sgd_(
+                param, grad, master, compensation, buffer, scalars, first,
+                bool(group["nesterov"]) and momentum != 0, mode, k1, k2, offset,
+            )  # fmt: skip
+            if momentum != 0:
+                state["momentum_buffer"] = buffer
+            continue
+        state = inner.state[shadow]
+        if not _state_ok(state, ("step", "exp_avg", "exp_avg_sq"), param.numel()):
+            rest.append(param)
+            continue
+        if not state:  # as torch's Adam._init_group creates them
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        state["step"] += 1
+        step = state["step"].item()
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        weight_decay = group["weight_decay"]
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        scalars = [
+            inv,
+            1 - lr * weight_decay,
+            weight_decay,
+            1 - beta1,
+            beta2,
+            1 - beta2,
+            bias_correction2**0.5,
+            eps,
+            (lr / bias_correction1) * -1,
+        ]
+        weight_decay_mode = 0 if weight_decay == 0 else (1 if decoupled else 2)
+        ops.adam_(
+            param, grad, master, compensation, state["exp_avg"], state["exp_avg_sq"], scalars,
+            weight_decay_mode, mode, k1, k2, offset,
+        )  # fmt: skip
+    return rest
+
+
+def stochastic_round_(
+    src: torch.Tensor, out: torch.Tensor, key: tuple[int, int], offset: int
+) -> bool:
+    """Round contiguous fp32 ``src`` into contiguous 16-bit ``out`` with the kernel, if it can.
+
+    The bits are :mod:`mixprec.optim.rounding`'s (bf16: 16 bits of word ``e // 2``; fp16: the
+    grid rounding of :func:`mixprec.quantize.round_to_grid` with 24-bit uniforms).
+
+    Returns:
+        Whether it rounded (False: the kernel is unavailable or the tensors do not fit it).
+    """
+    if not (
+        out.dtype in _SIXTEEN_BIT
+        and _plain(src, torch.float32)
+        and _plain(out)
+        and src.numel() == out.numel()
+    ):
+        return False
+    ops = engine()
+    if ops is None:
+        return False
+    ops.stochastic_round_(src, out, key[0], key[1], offset)
+    return True
