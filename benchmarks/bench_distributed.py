@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mixprec.distributed import check_replicas, ddp
+from mixprec.hardware import probe
 
 WORLD = 2
 
@@ -102,19 +103,6 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def _cpu_flags() -> str:
-    """The CPU's SIMD flags that matter for these kernels (Linux), or '?' elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
-            )
-    except OSError:
-        return "?"
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--millions", type=float, default=4.0, help="parameters, in millions")
@@ -125,6 +113,11 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(port, args), nprocs=WORLD, join=True)
+
+
+def _cpu_flags() -> str:
+    """The CPU's flags that matter for 16-bit compute, as mixprec.hardware.probe reads them."""
+    return " ".join(sorted(probe("cpu", measure=False).cpu_flags)) or "none"
 
 
 if __name__ == "__main__":

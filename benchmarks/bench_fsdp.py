@@ -31,11 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_distributed import _cpu_flags  # the script's folder is on sys.path
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from mixprec import MixedPrecision
+from mixprec.hardware import probe
 from mixprec.optim import memory_report
 
 WORLD = 2
@@ -140,6 +140,11 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_worker, args=(port, args), nprocs=WORLD, join=True)
+
+
+def _cpu_flags() -> str:
+    """The CPU's flags that matter for 16-bit compute, as mixprec.hardware.probe reads them."""
+    return " ".join(sorted(probe("cpu", measure=False).cpu_flags)) or "none"
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mixprec.hardware import probe
 from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
 
 WRAPPERS: dict[str, Callable[[torch.optim.Optimizer], torch.optim.Optimizer]] = {
@@ -84,28 +85,6 @@ def _time(step: Callable[[], object], device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def _cpu_flags() -> str:
-    """The CPU's SIMD flags that matter for these kernels (Linux), or '?' elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
-            )
-    except OSError:
-        return "?"
-    wanted = (
-        "avx2",
-        "fma",
-        "f16c",
-        "avx512f",
-        "avx512bw",
-        "avx512_bf16",
-        "avx512_fp16",
-        "amx_bf16",
-    )
-    return " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +147,11 @@ def main(argv: list[str] | None = None) -> None:
                     f"{ratio:6.2f} {fused_params:6d}"
                 )
                 del wrapped, params16
+
+
+def _cpu_flags() -> str:
+    """The CPU's flags that matter for 16-bit compute, as mixprec.hardware.probe reads them."""
+    return " ".join(sorted(probe("cpu", measure=False).cpu_flags)) or "none"
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from mixprec import quantize
+from mixprec.hardware import probe
 from mixprec.optim import fused
 from mixprec.optim.rounding import (
     _stochastic_round_bf16_torch_,
@@ -42,17 +43,6 @@ from mixprec.optim.rounding import (
     stochastic_round_bf16_,
 )
 from mixprec.optim.rounding import stochastic_round_with_key_ as _round_with_key_
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return "?"
-    flags = line.split(":", 1)[-1].split()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "-"
 
 
 def _counter_rounding(
@@ -175,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{name:48s} {gigabytes / seconds:6.2f}   {versus_cast}   {copy / seconds:6.2f}x"
             f"   {copy_into / seconds:6.2f}x"
         )
+
+
+def _cpu_flags() -> str:
+    """The CPU's flags that matter for 16-bit compute, as mixprec.hardware.probe reads them."""
+    return " ".join(sorted(probe("cpu", measure=False).cpu_flags)) or "none"
 
 
 if __name__ == "__main__":
