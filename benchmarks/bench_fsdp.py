@@ -10,10 +10,12 @@ step by step so drift in machine load hits each alike. Printed per variant: the 
 ``optimizer.step``), each as a ratio to the baseline, and the model-state bytes this rank holds
 (``memory_report``: local shards, after ``zero_grad``), per parameter of the model.
 
-Measured on a shared 2-core AMD EPYC (avx2 fma avx512f avx512_bf16), 1 thread per rank, 4.2M
-parameters: whole step 0.94 (fp32), 0.73 (bf16-mixed), 0.62 (fp32 master), 0.75 (stochastic
-rounding), 0.71 (Kahan) of torch's fp32 FSDP2 step (native bf16 GEMMs); the update alone 1.12,
-1.43, 1.77, 2.92, 2.35 of torch's AdamW on the fp32 shards; 6, 6, 7, 5, 6 B/param per rank.
+Measured on a 2-core AMD EPYC (avx2 avx512f avx512_bf16), 1 thread per rank, 4.2M parameters:
+whole step 1.06 (fp32), 0.79 (bf16-mixed), 0.69 (fp32 master), 0.65 (stochastic rounding), 0.64
+(Kahan) of torch's fp32 FSDP2 step (native bf16 GEMMs); the update alone 1.78, 1.58, 1.45, 1.32,
+1.31 of torch's AdamW on the fp32 shards (the 16-bit ones through the one-pass kernels on the
+local shards; 1.77, 2.92, 2.35 through the inner optimizer on DTensors); 6, 6, 7, 5, 6 B/param
+per rank. Run to run, the ratios move by about 0.1.
 
     python benchmarks/bench_fsdp.py [--millions 4] [--steps 10] [--threads 1]
 """

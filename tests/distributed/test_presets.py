@@ -122,9 +122,11 @@ def run(
     return losses, model
 
 
-def _wrapper_steps(sharded: bool, dim: int = 0) -> dict[str, dict[str, Any]]:
+def _wrapper_steps(sharded: bool, dim: int = 0, fused: str = "auto") -> dict[str, dict[str, Any]]:
     """Three steps of every wrapper and inner optimizer on bf16 tensors of SHAPES, whole or
-    sharded on ``dim`` over the world (matrices only for dim 1); the global results."""
+    sharded on ``dim`` over the world (matrices only for dim 1), through the one-pass kernels
+    where they apply (``fused="auto"``) or the inner optimizer (``"off"``); the global results,
+    and how many parameters the last step updated in one pass."""
     out: dict[str, dict[str, Any]] = {}
     shapes = [s for s in SHAPES if len(s) > dim]
     wrappers = WRAPPERS if dim == 0 else {k: WRAPPERS[k] for k in ("master", "kahan")}
@@ -147,6 +149,7 @@ def _wrapper_steps(sharded: bool, dim: int = 0) -> dict[str, dict[str, Any]]:
 
             params = [nn.Parameter(place(v)) for v in values]
             opt = wrapper(inner(params))
+            opt.fused = fused
             for step_grads in grads:
                 for p, g in zip(params, step_grads, strict=True):
                     p.grad = place(g)
@@ -161,6 +164,7 @@ def _wrapper_steps(sharded: bool, dim: int = 0) -> dict[str, dict[str, Any]]:
                 {k: full(v) for k, v in state[s].items() if isinstance(v, torch.Tensor)}
                 for s in opt.optimizer.param_groups[0]["params"]
             ]
+            result["fused"] = opt.last_step_fused
             out[f"{wrapper_name} {inner_name}"] = result
     return out
 
@@ -213,6 +217,7 @@ def _refuses_column_shards() -> None:
 def worker(rank: int, out: str) -> None:
     res: dict[str, Any] = {
         "wrappers": _wrapper_steps(sharded=True),
+        "wrappers_unfused": _wrapper_steps(sharded=True, fused="off"),
         "column_wrappers": _wrapper_steps(sharded=True, dim=1),
     }
     _refuses_column_shards()
@@ -234,16 +239,24 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, ...]:
     return (*loaded, out)
 
 
-@pytest.mark.parametrize(("key", "dim"), [("wrappers", 0), ("column_wrappers", 1)])
+@pytest.mark.parametrize(
+    ("key", "dim"), [("wrappers", 0), ("wrappers_unfused", 0), ("column_wrappers", 1)]
+)
 def test_wrappers_step_shards_exactly_as_whole_tensors(
     ranks: tuple[Any, ...], key: str, dim: int
 ) -> None:
-    whole = _wrapper_steps(sharded=False, dim=dim)
+    """Sharded (one-pass kernels on the local shards, or the inner optimizer on DTensors) equals
+    whole tensors through the inner optimizer, bit for bit."""
+    whole = _wrapper_steps(sharded=False, dim=dim, fused="off")
     for res in ranks[:WORLD]:
         assert res[key].keys() == whole.keys()
         for name, expected in whole.items():
             got = res[key][name]
+            one_pass = key != "wrappers_unfused" and "bf16 states" not in name
+            assert (got["fused"] == len([s for s in SHAPES if len(s) > dim])) == one_pass, name
             for part, tensors in expected.items():
+                if part == "fused":
+                    continue
                 for index, (a, b) in enumerate(zip(got[part], tensors, strict=True)):
                     if isinstance(b, dict):
                         assert a.keys() == b.keys(), (name, part, index)

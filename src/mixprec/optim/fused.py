@@ -27,10 +27,13 @@ results up to the note above, whenever the fused one cannot give them: the engin
 built, a wrapper's ``fused`` is ``"off"``, another optimizer class (subclasses included), step
 hooks, ``max_grad_norm``, a closure, per-element states in 16 bits (``state_dtype``); and per
 parameter group or parameter: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
-``fused=True``, tensor hyperparameters, parameters off the CPU, tensor subclasses (DTensor),
-non-contiguous tensors, gradients of another dtype than the parameter's, fp32 or complex
-parameters, states of an unexpected form. ``wrapper.last_step_fused`` says how many parameters
-the last step updated in one pass.
+``fused=True``, tensor hyperparameters, parameters off the CPU, tensor subclasses other than
+DTensor, non-contiguous tensors, gradients of another dtype than the parameter's, fp32 or
+complex parameters, states of an unexpected form. ``wrapper.last_step_fused`` says how many
+parameters the last step updated in one pass. A DTensor parameter (FSDP2) is updated through its
+local shard, with its gradient, master, compensation and states when they are DTensors of the
+same layout (as the wrappers make them); the states it creates are DTensors of that layout, so
+sharded checkpoints see what the inner optimizer would have made.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from mixprec.optim._shards import is_dtensor, wrap_like
 
 __all__ = [
     "FUSED_OPTIMIZERS",
@@ -234,19 +239,48 @@ def _plain(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:
     )
 
 
-def _state_ok(state: dict[str, Any], keys: tuple[str, ...], numel: int) -> bool:
+def _local_like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """``t`` itself next to a plain ``ref``; next to a DTensor ``ref``, the local shard of ``t``
+    when it is a DTensor laid out as ``ref`` is (mesh, placements, shape), else None."""
+    if t is None or not is_dtensor(ref):
+        return t
+    spec: Any = ref
+    other: Any = t
+    if (
+        not is_dtensor(t)
+        or other.device_mesh != spec.device_mesh
+        or other.placements != spec.placements
+        or t.shape != ref.shape
+    ):
+        return None
+    return other.to_local()  # type: ignore[no-any-return]
+
+
+def _local_states(
+    state: dict[str, Any], keys: tuple[str, ...], param: torch.Tensor, numel: int
+) -> dict[str, torch.Tensor] | None:
+    """The local views of ``state``'s tensors (``{}`` before the first step), or None when the
+    state is not of the form the kernels update (then the reference path steps it)."""
     if not state:
-        return True
+        return {}
     if set(state) - {"step"} != set(keys) - {"step"} or ("step" in keys) != ("step" in state):
-        return False
+        return None
     step = state.get("step")
     if "step" in keys and not (
-        isinstance(step, torch.Tensor) and step.dim() == 0 and step.dtype == torch.float32
+        isinstance(step, torch.Tensor)
+        and type(step) in _PLAIN_TYPES
+        and step.dim() == 0
+        and step.dtype == torch.float32
     ):
-        return False
-    return all(
-        _plain(state[k], torch.float32) and state[k].numel() == numel for k in keys if k != "step"
-    )
+        return None
+    views = {}
+    for key in keys:
+        if key != "step":
+            view = _local_like(state[key], param)
+            if not (_plain(view, torch.float32) and view is not None and view.numel() == numel):
+                return None
+            views[key] = view
+    return views
 
 
 def step_fused(
@@ -291,30 +325,35 @@ def step_fused(
     k1, k2 = key
     rest = []
     mode = _MODES[rounding]
-    for param, shadow, compensation, offset in entries:
+    for model_param, shadow, model_compensation, offset in entries:
         group = groups.get(id(shadow))
-        grad = param.grad
+        # DTensors (FSDP2 shards) are updated through their local shards: elementwise, with the
+        # stream offset of the shard's first element.
+        param = _local_like(model_param, model_param)
+        grad = _local_like(model_param.grad, model_param)
+        compensation = _local_like(model_compensation, model_param)
+        master = _local_like(shadow, model_param) if rounding == "nearest" else None
         ok = (
             group is not None
-            and param.dtype in _SIXTEEN_BIT
+            and model_param.dtype in _SIXTEEN_BIT
             and _plain(param)
-            and _plain(grad, param.dtype)
-            and (rounding != "nearest" or _plain(shadow, torch.float32))
-            and (rounding != "kahan" or _plain(compensation, param.dtype))
+            and _plain(grad, model_param.dtype)
+            and (rounding != "nearest" or _plain(master, torch.float32))
+            and (rounding != "kahan" or _plain(compensation, model_param.dtype))
             and supported[id(group)]
         )
-        if not ok or group is None or grad is None:
-            rest.append(param)
+        if not ok or group is None or grad is None or param is None:
+            rest.append(model_param)
             continue
-        master = shadow if rounding == "nearest" else None
         if isinstance(inner, torch.optim.SGD):
             momentum = group["momentum"]
             state = inner.state[shadow] if momentum != 0 else {}  # as SGD._init_group
             keys: tuple[str, ...] = ("momentum_buffer",) if momentum != 0 else ()
-            if momentum != 0 and not _state_ok(state, keys, param.numel()):
-                rest.append(param)
+            local_states = _local_states(state, keys, model_param, param.numel())
+            if momentum != 0 and local_states is None:
+                rest.append(model_param)
                 continue
-            buffer = state.get("momentum_buffer") if momentum != 0 else None
+            buffer = (local_states or {}).get("momentum_buffer") if momentum != 0 else None
             first = momentum != 0 and buffer is None
             if first:
                 buffer = torch.empty(param.shape, dtype=torch.float32, device=param.device)
@@ -323,17 +362,24 @@ def step_fused(
                 param, grad, master, compensation, buffer, scalars, first,
                 bool(group["nesterov"]) and momentum != 0, mode, k1, k2, offset,
             )  # fmt: skip
-            if momentum != 0:
-                state["momentum_buffer"] = buffer
+            if first and buffer is not None:
+                state["momentum_buffer"] = wrap_like(buffer, model_param)
             continue
         state = inner.state[shadow]
-        if not _state_ok(state, ("step", "exp_avg", "exp_avg_sq"), param.numel()):
-            rest.append(param)
+        local_states = _local_states(
+            state, ("step", "exp_avg", "exp_avg_sq"), model_param, param.numel()
+        )
+        if local_states is None:
+            rest.append(model_param)
             continue
         if not state:  # as torch's Adam._init_group creates them
+            for name in ("exp_avg", "exp_avg_sq"):
+                local_states[name] = torch.zeros(
+                    param.shape, dtype=torch.float32, device=param.device
+                )
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            state["exp_avg"] = wrap_like(local_states["exp_avg"], model_param)
+            state["exp_avg_sq"] = wrap_like(local_states["exp_avg_sq"], model_param)
         state["step"] += 1
         step = state["step"].item()
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
@@ -354,8 +400,8 @@ def step_fused(
         ]
         weight_decay_mode = 0 if weight_decay == 0 else (1 if decoupled else 2)
         ops.adam_(
-            param, grad, master, compensation, state["exp_avg"], state["exp_avg_sq"], scalars,
-            weight_decay_mode, mode, k1, k2, offset,
+            param, grad, master, compensation, local_states["exp_avg"],
+            local_states["exp_avg_sq"], scalars, weight_decay_mode, mode, k1, k2, offset,
         )  # fmt: skip
     return rest
 
