@@ -45,8 +45,8 @@ from mixprec.diagnostics import read_metrics
 from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
+from mixprec.optim._shards import local
 from mixprec.policy import Policy
-from mixprec.scaling._distributed import is_dtensor
 from mixprec.session import _UPDATE_MODES, MixedPrecision
 from mixprec.tasks import Task
 
@@ -239,7 +239,7 @@ def check_batch_memory(batch_size: int, per_sample: int, available: int | None) 
 def _grad_log2(model: nn.Module, scale: float) -> list[float]:
     """log2 of the non-zero unscaled gradient magnitudes (a sample of at most 200k)."""
     grads = [
-        _local(p.grad).detach().float().flatten() for p in model.parameters() if p.grad is not None
+        local(p.grad).detach().float().flatten() for p in model.parameters() if p.grad is not None
     ]
     if not grads:
         return []
@@ -249,11 +249,6 @@ def _grad_log2(model: nn.Module, scale: float) -> list[float]:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))]
         flat = flat[:200_000]
     return torch.log2(flat).tolist()
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2), any other tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def run_strategy(strategy: str | None, parallel: bool) -> str:

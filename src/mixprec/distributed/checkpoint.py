@@ -335,14 +335,16 @@ def load(
             check_state(state)
         except ValueError as err:
             raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
-    _check_shapes(version, _dcp_state(model, torch_opts))
+    target = _dcp_state(model, torch_opts)
+    _check_shapes(version, target)
     fresh = [
         (opt, getattr(opt, "rounding_step", None)) for opt in wrapped if not opt.optimizer.state
     ]
     try:
         for opt in wrapped:
             _create_state(opt)
-        target = _dcp_state(model, torch_opts, wrapped)
+        if wrapped:  # their state tensors exist only now
+            target["wrapped"] = [opt.state_dict() for opt in wrapped]
         with _one_process_is_intended():
             dcp.load(target, checkpoint_id=str(version), no_dist=not _distributed())
         for opt, saved in zip(wrapped, target.get("wrapped", []), strict=True):

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mixprec.optim._shards import local
 from mixprec.scaling._distributed import is_dtensor
 
 __all__ = [
@@ -241,12 +242,7 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
     if not named:
         return ReplicaCheck(world=world)
     device = named[0][1].device
-    mine = torch.stack(
-        [
-            tensor_hash(p.to_local() if is_dtensor(p) else p)  # type: ignore[attr-defined]
-            for _, p in named
-        ]
-    ).to(device)
+    mine = torch.stack([tensor_hash(local(p)) for _, p in named]).to(device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).cpu()  # (group rank, parameter, 2)

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mixprec.optim._shards import local
 from mixprec.optim._wrapper import WrappedOptimizer
-from mixprec.scaling._distributed import is_dtensor
 
 __all__ = ["MemoryReport", "memory_report"]
 
@@ -185,17 +185,12 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 optimizer_state=size["optimizer_state"],
                 compensation=size["compensation"],
                 workspace=_bytes(parts.get("workspace", []), seen, scope),
-                local_params=sum(_local(p).numel() for p in params) if scope == "local" else None,
+                local_params=sum(local(p).numel() for p in params) if scope == "local" else None,
                 grad_elements=grad_elements,
                 global_=reports[0] if reports else None,
             )
         )
     return reports[-1]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``tensor``: a DTensor's local shard, any other tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def _bytes(tensors: Iterable[torch.Tensor], seen: set[int], scope: str) -> int:
@@ -205,6 +200,6 @@ def _bytes(tensors: Iterable[torch.Tensor], seen: set[int], scope: str) -> int:
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))
-            counted = _local(t) if scope == "local" else t
+            counted = local(t) if scope == "local" else t
             total += counted.numel() * counted.element_size()
     return total
