@@ -264,14 +264,14 @@ class MixedPrecision(SessionState):
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
-        storage = self._storage_policy(model)  # raises for a keep-in-fp32 name that matches none
+        declared = self._declared_policy(model)  # raises for a keep-in-fp32 name matching none
+        storage = _with_default_islands(declared)
         check_prepare_order(model, storage)
         model.to(self.device)
         cast_module(model, storage, buffers=self._cast_buffers)
-        kept = fp32_attribute_rules(model, self._fp32_attributes)
         if self.fp8 is None:  # mp.fully_shard converts before it shards
-            self._convert_fp8(model)
-        self._islands = fp32_islands(model, replace(self.policy, rules=self.policy.rules + kept))
+            self._convert_fp8(model, declared)
+        self._islands = fp32_islands(model, declared)
         self._model = model
         if self._wrap_forward and self._region_args["enabled"]:
             self._forward_hooks = self._hook_forward(model)
@@ -337,12 +337,11 @@ class MixedPrecision(SessionState):
             return KahanOptimizer(optimizer)
         return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
 
-    def _convert_fp8(self, model: nn.Module) -> None:
-        """Swap the linear layers the policy puts in FP8 for Fp8Linear (same parameters, so
-        optimizers keep working); nothing without an fp8 rule."""
+    def _convert_fp8(self, model: nn.Module, declared: Policy) -> None:
+        """Swap the linear layers ``declared`` (:meth:`_declared_policy`) puts in FP8 for
+        Fp8Linear (same parameters, so optimizers keep working); nothing without an fp8 rule."""
         if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
-            kept = fp32_attribute_rules(model, self._fp32_attributes)
-            self.fp8 = apply_fp8_policy(model, replace(self.policy, rules=self.policy.rules + kept))
+            self.fp8 = apply_fp8_policy(model, declared)
 
     def _update_mode(self) -> str:
         """The update mode of 16-bit parameters, "auto" resolved."""
@@ -513,11 +512,16 @@ class MixedPrecision(SessionState):
 
     # -- distributed ------------------------------------------------------------------------
 
-    def _storage_policy(self, model: nn.Module) -> Policy:
-        """The policy parameters are stored by: the user's rules, the modules ``model`` declares
-        fp32 (:func:`fp32_attribute_rules`), then the default FP32 islands."""
+    def _declared_policy(self, model: nn.Module) -> Policy:
+        """The policy with the user's rules, then the modules ``model`` declares fp32
+        (:func:`fp32_attribute_rules`)."""
         kept = fp32_attribute_rules(model, self._fp32_attributes)
-        return replace(self.policy, rules=self.policy.rules + kept + DEFAULT_ISLAND_RULES)
+        return replace(self.policy, rules=self.policy.rules + kept)
+
+    def _storage_policy(self, model: nn.Module) -> Policy:
+        """The policy parameters are stored by: :meth:`_declared_policy`, then the default FP32
+        islands."""
+        return _with_default_islands(self._declared_policy(model))
 
     def ddp(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         """Wrap the prepared ``model`` in DDP, all-reducing gradients in the policy's reduce format.
@@ -564,11 +568,11 @@ class MixedPrecision(SessionState):
                 "model, opt = mp.prepare(model, opt)"
             )
         self._check_seed_agrees()
-        storage = self._storage_policy(model)
+        declared = self._declared_policy(model)
         # FSDP2 gathers the parameters of the modules it shards: an FP8 layer swapped in later
         # would see its DTensor shards.
-        self._convert_fp8(model)
-        return fully_shard(model, storage, mesh=mesh, **kwargs)
+        self._convert_fp8(model, declared)
+        return fully_shard(model, _with_default_islands(declared), mesh=mesh, **kwargs)
 
     def check_replicas(self, model: nn.Module | None = None, group: Any = None) -> ReplicaCheck:
         """Compare ``model``'s replicated parameters across the ranks (every rank calls it).
@@ -599,6 +603,12 @@ class MixedPrecision(SessionState):
         from mixprec.diagnostics.explainer import explain
 
         return explain(model, self.policy, example, backend=self._region_args["backend"])
+
+
+def _with_default_islands(policy: Policy) -> Policy:
+    """``policy`` with the default FP32 islands (norms) after its rules: how parameters are
+    stored."""
+    return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
 
 
 def _nonfinite(model: nn.Module) -> tuple[str, ...]:
