@@ -1,7 +1,7 @@
 """charlm's final validation loss under each FP8 recipe, against bf16-mixed and fp32, one run.
 
 Every recipe trains the built-in charlm transformer with the same data, seed and steps through
-``mixprec.runner.train`` (the path ``mixprec compare`` takes), FP8 on every linear layer,
+``mixprec.app.runner.train`` (the path ``mixprec compare`` takes), FP8 on every linear layer,
 bf16 elsewhere, fp32 weights. Targets: rowwise within 2% of bf16-mixed, tensorwise within 3%.
 
     python benchmarks/bench_fp8_recipes.py [--steps 250] [--threads N] [--out runs/fp8_recipes]
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from mixprec.app.runner import Recipe, train
+from mixprec.app.tasks import TaskConfig
+from mixprec.app.tasks.charlm import CharLMTask
 from mixprec.hardware import probe
-from mixprec.runner import Recipe, train
-from mixprec.tasks import TaskConfig
-from mixprec.tasks.charlm import CharLMTask
 
 RECIPES = ("tensorwise", "tensorwise_delayed", "rowwise", "blockwise", "mxfp8")
 TARGETS = {"tensorwise": 0.03, "rowwise": 0.02}

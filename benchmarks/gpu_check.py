@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 
 import mixprec
-from mixprec.tasks.charlm import stdlib_corpus
-from mixprec.tasks.transformer import TinyTransformer
+from mixprec.app.tasks.charlm import stdlib_corpus
+from mixprec.app.tasks.transformer import TinyTransformer
 
 SECTIONS = ("autocast", "scaler", "presets", "fp8")
 BUDGET_S = {"autocast": 60.0, "scaler": 60.0, "presets": 150.0, "fp8": 40.0}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from mixprec.tasks.transformer import TinyTransformer
+from mixprec.app.tasks.transformer import TinyTransformer
 
 VOCAB = 96
 Region = Callable[[], contextlib.AbstractContextManager[object]]

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from mixprec import FORMATS
-from mixprec.cli import build_parser, main
+from mixprec.app.cli import build_parser, main
 
 
 def test_formats_table_lists_every_format(capsys):

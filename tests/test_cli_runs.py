@@ -12,24 +12,24 @@ import time
 import pytest
 import torch
 
-from mixprec.checkpoint import CheckpointError, load_checkpoint
-from mixprec.cli import build_parser, main
-from mixprec.runner import (
+from mixprec.app.cli import build_parser, main
+from mixprec.app.runner import (
     Recipe,
     activation_bytes,
     bytes_per_sample,
     check_batch_memory,
     train,
 )
+from mixprec.app.tasks import MAX_SEED, CharLMTask, DigitsTask, TaskConfig
+from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.session import MixedPrecision
-from mixprec.tasks import MAX_SEED, CharLMTask, DigitsTask, TaskConfig
 
 TINY = ["--steps", "6", "--batch-size", "8"]
 
 
 def run_cli(*args, timeout=300):
     return subprocess.run(
-        [sys.executable, "-m", "mixprec.cli", *args],
+        [sys.executable, "-m", "mixprec.app.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -317,7 +317,7 @@ def test_sigkill_mid_run_then_resume_reaches_the_same_weights(tmp_path):
     killed_dir = tmp_path / "killed"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mixprec.cli", *args, "--out", str(killed_dir)],
+        [sys.executable, "-m", "mixprec.app.cli", *args, "--out", str(killed_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,

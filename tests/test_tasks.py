@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec.cli import main
-from mixprec.runner import Recipe, train
-from mixprec.tasks import (
+from mixprec.app.cli import main
+from mixprec.app.runner import Recipe, train
+from mixprec.app.tasks import (
     DEFAULT_TASKS,
     TASKS,
     CharLMTask,
@@ -101,7 +101,7 @@ def test_mixed_precision_stays_close_to_fp32(name, tmp_path):
 def test_gpt2_without_transformers_says_how_to_install_it():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
-        "from mixprec.tasks import make_task\n"
+        "from mixprec.app.tasks import make_task\n"
         "make_task('gpt2')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -38,7 +38,7 @@ from mixprec.policy import PRESETS, ModuleRule, Policy
 from mixprec.quantize import quantize
 from mixprec.scaling import GradScaler, LossScaleAtMinimumError
 from mixprec.session import MixedPrecision
-from mixprec.step_report import StepReport
+from mixprec.session.step_report import StepReport
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
+from mixprec.app.tasks.transformer import TinyTransformer
 from mixprec.compute import autocast, current_region, op_table
-from mixprec.tasks.transformer import TinyTransformer
 
 DTYPES = [torch.bfloat16, torch.float16]
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.tasks.transformer import TinyTransformer
+from mixprec.app.tasks.transformer import TinyTransformer
 
 VOCAB, SEQ = 32, 16
 

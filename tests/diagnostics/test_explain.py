@@ -11,7 +11,7 @@ from torch import nn
 
 import mixprec
 from mixprec import MixedPrecision
-from mixprec.runner import activation_bytes
+from mixprec.app.runner import activation_bytes
 from mixprec.session import needs_loss_scaling
 
 transformers = pytest.importorskip("transformers")
@@ -99,8 +99,8 @@ def test_bad_input():
 
 
 def test_the_explain_command_shows_a_task_model_as_a_session_stores_it(tmp_path, capsys):
-    from mixprec.cli import main
-    from mixprec.tasks import make_task
+    from mixprec.app.cli import main
+    from mixprec.app.tasks import make_task
 
     args = ["explain", "--task", "digits", "--precision", "bf16-pure", "--json"]
     assert main([*args, "--out", str(tmp_path), "--backend", "emulated"]) == 0
@@ -117,9 +117,9 @@ def test_the_explain_command_shows_a_task_model_as_a_session_stores_it(tmp_path,
 
 
 def test_the_compare_report_has_an_explain_section(tmp_path):
-    from mixprec.report import write_report
-    from mixprec.runner import Recipe, train
-    from mixprec.tasks import TaskConfig, make_task
+    from mixprec.app.report import write_report
+    from mixprec.app.runner import Recipe, train
+    from mixprec.app.tasks import TaskConfig, make_task
 
     task = make_task("digits", TaskConfig(steps=2, batch_size=8, lr=1e-3))
     runs = [

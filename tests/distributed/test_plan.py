@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mixprec import MixedPrecision
-from mixprec.cli import main
+from mixprec.app.cli import main
 from mixprec.distributed import memory_plan
 from mixprec.distributed.plan import activation_bytes_per_token, parse_bytes
 from mixprec.optim import memory_report

@@ -19,14 +19,14 @@ from dist_spawn import WORLD, free_port
 from torch import nn
 
 from mixprec import MixedPrecision
+from mixprec.app.cli import main
+from mixprec.app.report import world_line
+from mixprec.app.runner import RUN_FILES, Recipe, RunResult, train
+from mixprec.app.tasks import DigitsTask, TaskConfig
 from mixprec.checkpoint import CheckpointError, load_checkpoint
-from mixprec.cli import main
 from mixprec.diagnostics import read_metrics
 from mixprec.distributed import checkpoint as sharded_checkpoint
 from mixprec.distributed.launch import check_divisible, local_slice
-from mixprec.report import world_line
-from mixprec.runner import RUN_FILES, Recipe, RunResult, train
-from mixprec.tasks import DigitsTask, TaskConfig
 
 STEPS = 4
 BATCH = 8

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixprec.tasks.base import MAX_SEED, Batch, Task, TaskConfig
-from mixprec.tasks.charlm import CharLMTask
-from mixprec.tasks.cnn import CNNTask
-from mixprec.tasks.digits import DigitsTask
-from mixprec.tasks.gpt2 import GPT2Task
+from mixprec.app.tasks.base import MAX_SEED, Batch, Task, TaskConfig
+from mixprec.app.tasks.charlm import CharLMTask
+from mixprec.app.tasks.cnn import CNNTask
+from mixprec.app.tasks.digits import DigitsTask
+from mixprec.app.tasks.gpt2 import GPT2Task
 
 __all__ = [
     "DEFAULT_TASKS",

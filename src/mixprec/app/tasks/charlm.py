@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.tasks.base import Batch, Task, TaskConfig
-from mixprec.tasks.transformer import TinyTransformer
+from mixprec.app.tasks.base import Batch, Task, TaskConfig
+from mixprec.app.tasks.transformer import TinyTransformer
 
 __all__ = ["STDLIB_MODULES", "CharLMTask", "load_text", "stdlib_corpus"]
 
@@ -90,7 +90,7 @@ def load_text(path: str | Path, min_bytes: int) -> bytes:
 
 
 class CharLMTask(Task):
-    """Next-byte prediction with :class:`~mixprec.tasks.transformer.TinyTransformer`.
+    """Next-byte prediction with :class:`~mixprec.app.tasks.transformer.TinyTransformer`.
 
     Args:
         config: steps, batch size, learning rate, seed (defaults: 250 steps, batch 32, AdamW at

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mixprec._session_setup import check_device
+from mixprec.app.tasks import Task
 from mixprec.checkpoint import CheckpointError, load_checkpoint
 from mixprec.diagnostics import read_metrics
 from mixprec.diagnostics.explainer import is_weight_copy
@@ -47,8 +47,8 @@ from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.optim._shards import local
 from mixprec.policy import Policy
-from mixprec.session import _UPDATE_MODES, MixedPrecision
-from mixprec.tasks import Task
+from mixprec.session import UPDATE_MODES, MixedPrecision
+from mixprec.session.setup import check_device
 
 __all__ = [
     "DEFAULT_RECIPES",
@@ -95,10 +95,10 @@ class Recipe:
         policy, _, update = spec.strip().partition("/")
         Policy.parse(policy)  # validates, with the presets in its message
         update = update or "auto"
-        if update not in _UPDATE_MODES:
+        if update not in UPDATE_MODES:
             raise ValueError(
                 f"unknown update mode {update!r} in precision {spec!r}; valid modes: "
-                f"{', '.join(_UPDATE_MODES)} (e.g. 'bf16-pure/stochastic')"
+                f"{', '.join(UPDATE_MODES)} (e.g. 'bf16-pure/stochastic')"
             )
         return cls(spec.strip(), policy, update)
 
@@ -171,7 +171,7 @@ def bytes_per_sample(
     """Memory one training sample of ``task`` needs: its input and target, the activations its
     forward saves for backward (under ``region``), and their gradients, which are as large.
 
-    Measured on :data:`_PROBE_SAMPLES` samples (:meth:`~mixprec.tasks.Task.example_batch`), so
+    Measured on :data:`_PROBE_SAMPLES` samples (:meth:`~mixprec.app.tasks.Task.example_batch`), so
     it costs almost nothing whatever the batch size; with ``model`` on its device.
     """
     device = next(model.parameters()).device

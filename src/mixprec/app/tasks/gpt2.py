@@ -2,8 +2,8 @@
 
 Design note: the model is ``transformers.GPT2LMHeadModel`` built from a config (random init,
 nothing is downloaded) with a byte vocabulary, trained on exactly the windows
-:class:`~mixprec.tasks.charlm.CharLMTask` draws, so its losses compare with ``charlm``'s. It is a
-real model family with what the tiny transformer lacks: tied input/output embeddings, HF's
+:class:`~mixprec.app.tasks.charlm.CharLMTask` draws, so its losses compare with ``charlm``'s.
+It is a real model family with what the tiny transformer lacks: tied input/output embeddings, HF's
 ``Conv1D`` projections, learned positions and a ``ModelOutput`` return value. A thin wrapper
 returns the logits, so the task's loop is the same as every other task's. ``transformers`` is an
 optional dependency (``pip install 'mixprec[transformers]'``).
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixprec.tasks.base import TaskConfig
-from mixprec.tasks.charlm import VOCAB, CharLMTask
+from mixprec.app.tasks.base import TaskConfig
+from mixprec.app.tasks.charlm import VOCAB, CharLMTask
 
 __all__ = ["GPT2Task", "LogitsOf"]
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mixprec import __version__
-from mixprec.cli_plan import add_plan_parser
+from mixprec.app.cli_plan import add_plan_parser
 from mixprec.formats import FORMATS
 
 
@@ -132,7 +132,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
-    from mixprec.tasks import TASKS, TaskConfig, make_task
+    from mixprec.app.tasks import TASKS, TaskConfig, make_task
 
     text_task = task_name in _TEXT_TASKS
     if args.data is not None and not text_task and args.task not in _TASK_SETS:
@@ -198,13 +198,13 @@ def _advance(progress: Any, bar: Any, done: int) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mixprec.report import comparison_rows, world_line, write_report
-    from mixprec.runner import Recipe, RunResult, train
+    from mixprec.app.report import comparison_rows, world_line, write_report
+    from mixprec.app.runner import Recipe, RunResult, train
 
     recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
     if not recipes:
         raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
-    from mixprec.tasks import DEFAULT_TASKS, TASKS
+    from mixprec.app.tasks import DEFAULT_TASKS, TASKS
 
     names = {"default": list(DEFAULT_TASKS), "all": list(TASKS)}.get(args.task, [args.task])
     tasks = {name: _task_options(args, name) for name in names}
@@ -269,7 +269,7 @@ def _explanations(tasks: dict[str, Any], recipes: Sequence[Any], device: str) ->
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mixprec.runner import Recipe, train
+    from mixprec.app.runner import Recipe, train
 
     recipe = Recipe.parse(args.precision)
     task = _task_options(args, args.task)
@@ -303,9 +303,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _advise(args: argparse.Namespace) -> int:
-    from mixprec._session_setup import check_device
+    from mixprec.app.runner import available_memory, bytes_per_sample, check_batch_memory
     from mixprec.diagnostics import advise
-    from mixprec.runner import available_memory, bytes_per_sample, check_batch_memory
+    from mixprec.session.setup import check_device
 
     check_device(args.device)
     task = _task_options(args, args.task)
@@ -335,8 +335,8 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from mixprec._session_setup import check_device
     from mixprec.diagnostics import explain
+    from mixprec.session.setup import check_device
 
     check_device(args.device)
     task = _task_options(args, args.task)
@@ -396,7 +396,7 @@ def _learning_rate(text: str) -> float:
 
 def _seed(text: str) -> int:
     """An argparse type: a seed the tasks' generators accept."""
-    from mixprec.tasks import MAX_SEED
+    from mixprec.app.tasks import MAX_SEED
 
     try:
         value = int(text)
@@ -463,7 +463,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "native", "emulated"),
         help="autocast backend: torch's kernels or emulated 16-bit numerics (%(default)s)",
     )
-    from mixprec.runner import STRATEGIES
+    from mixprec.app.runner import STRATEGIES
 
     parser.add_argument(
         "--strategy",
@@ -494,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print JSON")
     doctor.set_defaults(run=_doctor)
 
-    from mixprec.runner import DEFAULT_RECIPES
-    from mixprec.tasks import TASKS
+    from mixprec.app.runner import DEFAULT_RECIPES
+    from mixprec.app.tasks import TASKS
 
     compare = sub.add_parser("compare", help="train under several precisions side by side")
     compare.add_argument(

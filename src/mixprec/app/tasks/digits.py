@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.tasks.base import Batch, Task, TaskConfig
+from mixprec.app.tasks.base import Batch, Task, TaskConfig
 
 __all__ = ["DigitsTask"]
 

@@ -37,18 +37,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixprec._session_setup import (
-    check_device,
-    check_implemented,
-    check_owned,
-    default_device,
-    distributed,
-    fp32_attribute_rules,
-    make_scaler,
-    needs_loss_scaling,
-    params_of,
-)
-from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.diagnostics import (
@@ -71,18 +59,23 @@ from mixprec.optim import (
 )
 from mixprec.policy import Policy, cast_floating
 from mixprec.scaling._distributed import agreement_groups
-from mixprec.step_report import StepReport, delayed_fp8_state
+from mixprec.session.setup import (
+    check_device,
+    check_implemented,
+    check_owned,
+    default_device,
+    distributed,
+    fp32_attribute_rules,
+    make_scaler,
+    params_of,
+)
+from mixprec.session.state import SessionState
+from mixprec.session.step_report import StepReport, delayed_fp8_state
 
-__all__ = [
-    "MixedPrecision",
-    "StepReport",
-    "UpdateMode",
-    "fp32_attribute_rules",
-    "needs_loss_scaling",
-]
+__all__ = ["UPDATE_MODES", "MixedPrecision", "UpdateMode"]
 
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
-_UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
+UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 
@@ -169,10 +162,10 @@ class MixedPrecision(SessionState):
         check_replicas_every: int | None = None,
     ) -> None:
         self.device = check_device(device if device is not None else default_device())
-        if update not in _UPDATE_MODES:
+        if update not in UPDATE_MODES:
             raise ValueError(
                 f"unknown update mode {update!r}; valid modes: "
-                f"{', '.join(map(repr, _UPDATE_MODES))}"
+                f"{', '.join(map(repr, UPDATE_MODES))}"
             )
         if isinstance(policy, str) and policy.strip().lower() == "auto":
             choice = auto_policy(self.device)

@@ -1,6 +1,6 @@
 """``cnn``: a small conv net with BatchNorm on scikit-learn's bundled digits images (8x8).
 
-The same data, split and batches as :mod:`~mixprec.tasks.digits` (nothing is downloaded); the
+The same data, split and batches as :mod:`~mixprec.app.tasks.digits` (nothing is downloaded); the
 images are seen as 1x8x8 pictures by two 3x3 conv + BatchNorm + ReLU stages, a 2x2 max-pool and
 a linear classifier. BatchNorm is what makes this task differ from the MLP: its running
 statistics are buffers, and the session keeps norms in fp32 (an FP32 island).
@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mixprec.tasks.base import TaskConfig
-from mixprec.tasks.digits import DigitsTask
+from mixprec.app.tasks.base import TaskConfig
+from mixprec.app.tasks.digits import DigitsTask
 
 __all__ = ["CNNTask"]
 

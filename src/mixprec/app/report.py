@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mixprec.app.runner import RunResult
 from mixprec.formats import BF16, FP16
-from mixprec.runner import RunResult
 
 if TYPE_CHECKING:
     from mixprec.diagnostics import Explanation

@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec._session_setup import distributed, needs_loss_scaling
-from mixprec._state_checks import (
+from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec.policy import Policy
+from mixprec.scaling import GradScaler
+from mixprec.scaling._checks import parse_state_dict
+from mixprec.session.setup import distributed, needs_loss_scaling
+from mixprec.session.state_checks import (
     check_model_state,
     check_optimizer_states,
     check_rng_state,
     load_optimizers,
 )
-from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mixprec.policy import Policy
-from mixprec.scaling import GradScaler
-from mixprec.scaling._checks import parse_state_dict
 
 __all__ = ["SessionState"]
 
