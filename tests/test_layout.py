@@ -56,9 +56,7 @@ def _imports(tree: ast.Module, module: str, is_package: bool) -> list[tuple[str,
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(a.name, "", id(node) in top_level) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module is not None or (
-            isinstance(node, ast.ImportFrom) and node.level
-        ):
+        elif isinstance(node, ast.ImportFrom) and (node.module is not None or node.level):
             base = node.module or ""
             if node.level:  # relative: resolve against the importing package
                 package = _package(module, is_package).split(".")
@@ -91,7 +89,7 @@ def test_no_source_file_over_600_lines():
 
 def test_no_upward_import():
     upward = []
-    for path, module, is_package, tree in _sources():
+    for _, module, is_package, tree in _sources():
         for target, _, _ in _imports(tree, module, is_package):
             if LEVEL[_unit(target)] > LEVEL[_unit(module)]:
                 upward.append(f"{module} imports {target}")
@@ -106,7 +104,7 @@ def _private_parts(target: str, name: str) -> list[str]:
 
 def test_no_import_of_another_package_private_module_or_name():
     private = []
-    for path, module, is_package, tree in _sources():
+    for _, module, is_package, tree in _sources():
         own = _package(module, is_package)
         for target, name, _ in _imports(tree, module, is_package):
             if _unit(target) == _unit(module) and _unit(module) not in ("__init__",):

@@ -24,28 +24,39 @@ figures are per rank and the activation probe runs on an unsharded copy of the m
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
-import os
-import shutil
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
+from mixprec.app.probes import (
+    activation_bytes,
+    available_memory,
+    bytes_per_sample,
+    check_batch_memory,
+    dry_run,
+    grad_log2,
+    probe_activations,
+)
+from mixprec.app.run_folder import (
+    RUN_FILES,
+    check_run_folder,
+    checkpoint_extra,
+    prepare_run_folder,
+    resume_step,
+)
 from mixprec.app.tasks import Task
-from mixprec.checkpoint import CheckpointError, load_checkpoint
+from mixprec.checkpoint import CheckpointError
 from mixprec.diagnostics import read_metrics
-from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
-from mixprec.optim._shards import local
 from mixprec.policy import Policy
 from mixprec.session import UPDATE_MODES, MixedPrecision
 from mixprec.session.setup import check_device
@@ -64,14 +75,9 @@ __all__ = [
 ]
 
 _TIMING_WARMUP = 3
-_PROBE_SAMPLES = 2
 
 STRATEGIES = ("ddp", "fsdp2")
 """How a run under a process group spreads the model: DDP replicas or FSDP2 shards."""
-
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "result.json")
-"""The files a run writes into its folder (``checkpoint.pt`` is a sharded checkpoint folder for a
-run under a process group)."""
 
 
 @dataclass(frozen=True)
@@ -142,115 +148,6 @@ class RunResult:
         (folder / "result.json").write_text(json.dumps(asdict(self)))
 
 
-def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for backward during one ``forward()``.
-
-    Parameters and autocast's casts of parameters (weight copies) are not activations and are
-    left out. Exact and deterministic: each saved tensor's storage is counted once, through
-    ``torch.autograd.graph.saved_tensors_hooks``.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and not is_weight_copy(t):
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(seen.values())
-
-
-def bytes_per_sample(
-    task: Task,
-    model: nn.Module,
-    region: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
-) -> int:
-    """Memory one training sample of ``task`` needs: its input and target, the activations its
-    forward saves for backward (under ``region``), and their gradients, which are as large.
-
-    Measured on :data:`_PROBE_SAMPLES` samples (:meth:`~mixprec.app.tasks.Task.example_batch`), so
-    it costs almost nothing whatever the batch size; with ``model`` on its device.
-    """
-    device = next(model.parameters()).device
-    x, y = (t.to(device) for t in task.example_batch(_PROBE_SAMPLES))
-
-    def forward() -> torch.Tensor:
-        with region():
-            return model(x)
-
-    saved = activation_bytes(model, forward)
-    data = x.element_size() * x.nelement() + y.element_size() * y.nelement()
-    return math.ceil((data + 2 * saved) / _PROBE_SAMPLES)
-
-
-def available_memory(device: str | torch.device) -> int | None:
-    """Bytes free for new allocations on ``device``: CUDA's free memory, or the host's
-    ``MemAvailable``; None where it cannot be read."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    if dev.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_batch_memory(batch_size: int, per_sample: int, available: int | None) -> None:
-    """Refuse a batch whose samples need more memory than is ``available``.
-
-    Args:
-        batch_size: samples per batch.
-        per_sample: bytes one sample needs (see :func:`bytes_per_sample`).
-        available: bytes free on the device; None skips the check.
-
-    Raises:
-        ValueError: ``batch_size * per_sample > available``; the message gives the largest
-            batch size that fits.
-
-    Example:
-        >>> check_batch_memory(1000, per_sample=2**20, available=2**30)  # 1000 MiB of 1 GiB
-        >>> check_batch_memory(2000, per_sample=2**20, available=2**30)
-        Traceback (most recent call last):
-        ...
-        ValueError: batch size 2000 needs about 1.95 GiB (1024.0 KiB per sample: data, saved activations and their gradients), but only 1.00 GiB is available; use a batch size of at most 1024
-    """  # noqa: E501
-    if available is None or batch_size * per_sample <= available:
-        return
-    raise ValueError(
-        f"batch size {batch_size} needs about {batch_size * per_sample / 2**30:.2f} GiB "
-        f"({per_sample / 1024:.1f} KiB per sample: data, saved activations and their "
-        f"gradients), but only {available / 2**30:.2f} GiB is available; use a batch size of at "
-        f"most {max(1, available // per_sample)}"
-    )
-
-
-def _grad_log2(model: nn.Module, scale: float) -> list[float]:
-    """log2 of the non-zero unscaled gradient magnitudes (a sample of at most 200k)."""
-    grads = [
-        local(p.grad).detach().float().flatten() for p in model.parameters() if p.grad is not None
-    ]
-    if not grads:
-        return []
-    flat = torch.cat(grads).abs() / scale
-    flat = flat[(flat > 0) & torch.isfinite(flat)]
-    if flat.numel() > 200_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))]
-        flat = flat[:200_000]
-    return torch.log2(flat).tolist()
-
-
 def run_strategy(strategy: str | None, parallel: bool) -> str:
     """The strategy a run uses: ``"single"`` without a process group, else ``strategy``
     (None: ``"ddp"``).
@@ -314,29 +211,15 @@ def train(
             checkpoint to resume from; an unknown ``strategy``, or one without a process group.
         RuntimeError: ``device`` does not exist on this machine.
     """
-    if not str(out).strip():
-        raise ValueError("the run folder is an empty path; give a folder, e.g. runs/digits")
-    if checkpoint_every is not None and (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(
-            f"checkpoint_every must be an integer >= 1 (or None: only at the end), got "
-            f"{checkpoint_every!r}"
-        )
-    folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
+    folder = _check_args(out, checkpoint_every)
     rank, world = launch.rank(), launch.world_size()
     parallel = dist.is_available() and dist.is_initialized()
     spread = run_strategy(strategy, parallel)
     if parallel:
         launch.check_divisible(task.config.batch_size, world)
-    _check_run_folder(folder, resume=resume, overwrite=overwrite)
+    check_run_folder(folder, resume=resume, overwrite=overwrite)
     check_device(device)
     checkpoint = folder / "checkpoint.pt"
-    metrics_file = folder / "metrics.jsonl"
     resuming = resume and checkpoint.exists()
     if resuming and parallel and not checkpoint.is_dir():
         raise CheckpointError(
@@ -344,20 +227,16 @@ def train(
             "checkpoint file; resume it without torchrun, or start a new run"
         )
     # Everything is checked before a file is touched: a refused run loses nothing.
-    run_backend = _dry_run(task, recipe, device, backend, task.config.batch_size // world)
-    start = _resume_step(checkpoint, task, recipe, run_backend) if resuming else 0
+    per_rank = task.config.batch_size // world
+    run_backend = dry_run(task, recipe.policy, recipe.update, device, backend, per_rank)
+    start = resume_step(checkpoint, task, recipe.name, run_backend) if resuming else 0
     model = task.build_model()
     # FSDP2: the optimizer is built on the sharded parameters, once the session has sharded them.
     optimizer = None if spread == "fsdp2" else task.build_optimizer(model)
     if parallel:
         dist.barrier()  # every rank has checked the folder before rank 0 changes it
     if rank == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for name in RUN_FILES:
-                _remove(folder / name)
-        kept = [r for r in _read_metrics(metrics_file) if r["step"] < start]  # drop the redone
-        metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        prepare_run_folder(folder, overwrite=overwrite, start=start)
     if parallel:
         dist.barrier()
     mp = MixedPrecision(
@@ -377,8 +256,61 @@ def train(
         model = mp.ddp(model)
     if resuming:
         mp.load(checkpoint, model, optimizer, strict=True)  # a resume is the same run
-    saved = _probe_activations(task, recipe, net if spread != "fsdp2" else None, mp, rank, world)
-    grad_log2: list[float] = []
+    saved = probe_activations(
+        task, net if spread != "fsdp2" else None, mp, (recipe.policy, recipe.update), rank, world
+    )
+    save = functools.partial(mp.save, checkpoint, model, optimizer)
+    extra = functools.partial(checkpoint_extra, task, recipe.name, run_backend)
+    grad_log2, state_bytes = _loop(
+        task, mp, model, net, optimizer, start, checkpoint_every, on_step, save, extra
+    )
+    if parallel:
+        dist.barrier()  # rank 0 has closed metrics.jsonl
+    result = _result(task, recipe, run_backend, folder, start, net, mp, saved, grad_log2)
+    result = replace(result, state_bytes_per_param=state_bytes)
+    if parallel:
+        parallel_figures = _parallel_figures(model, spread, world, task.config.steps - start)
+        result = replace(result, **parallel_figures)
+    if rank == 0:
+        result.save(folder)
+    return result
+
+
+def _check_args(out: str | Path, checkpoint_every: int | None) -> Path:
+    """The run folder ``out`` names, once it and ``checkpoint_every`` are valid."""
+    if not str(out).strip():
+        raise ValueError("the run folder is an empty path; give a folder, e.g. runs/digits")
+    if checkpoint_every is not None and (
+        isinstance(checkpoint_every, bool)
+        or not isinstance(checkpoint_every, int)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(
+            f"checkpoint_every must be an integer >= 1 (or None: only at the end), got "
+            f"{checkpoint_every!r}"
+        )
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"output folder {str(folder)!r} is a file; give a folder path")
+    return folder
+
+
+def _loop(
+    task: Task,
+    mp: MixedPrecision,
+    model: nn.Module,
+    net: nn.Module,
+    optimizer: Any,
+    start: int,
+    checkpoint_every: int | None,
+    on_step: Callable[[int], None] | None,
+    save: Callable[..., None],
+    extra: Callable[[int], dict[str, Any]],
+) -> tuple[list[float], float]:
+    """The training steps from ``start``, with checkpoints; returns the last step's gradient
+    magnitudes (log2) and model-state bytes per parameter, measured while gradients exist."""
+    rank, world = launch.rank(), launch.world_size()
+    grad_log2_: list[float] = []
     state_bytes = math.nan
     with mp:
         for step in range(start, task.config.steps):
@@ -388,68 +320,51 @@ def train(
             mp.backward(loss)
             report = mp.step(optimizer)
             if step == task.config.steps - 1:  # gradients exist now: measure with them
-                grad_log2 = _grad_log2(net, report.scale)
+                grad_log2_ = grad_log2(net, report.scale)
                 state_bytes = memory_report(net, optimizer).per_param["total"]
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             if checkpoint_every and done % checkpoint_every == 0 and done < task.config.steps:
-                mp.save(checkpoint, model, optimizer, **_extra(task, recipe, run_backend, done))
+                save(**extra(done))
             if on_step is not None:
                 on_step(done)
-        mp.save(
-            checkpoint, model, optimizer, **_extra(task, recipe, run_backend, task.config.steps)
-        )
-    if parallel:
-        dist.barrier()  # rank 0 has closed metrics.jsonl
-    history = read_metrics(metrics_file)
+        save(**extra(task.config.steps))
+    return grad_log2_, float(state_bytes)
+
+
+def _result(
+    task: Task,
+    recipe: Recipe,
+    backend: str,
+    folder: Path,
+    start: int,
+    net: nn.Module,
+    mp: MixedPrecision,
+    saved: int,
+    grad_log2_: list[float],
+) -> RunResult:
+    """The run's figures, read back from its ``metrics.jsonl`` (rank 0 wrote it)."""
+    history = read_metrics(folder / "metrics.jsonl")
     times = [float(r["seconds"]) for r in history if r["step"] >= start]
     losses = [float(r["loss"]) for r in history]
     tail = max(1, len(losses) // 10)
     steady = times[_TIMING_WARMUP:] or times
-    result = RunResult(
+    return RunResult(
         recipe=recipe.name,
         task=task.describe(),
-        backend=run_backend,
+        backend=backend,
         steps=task.config.steps,
         final_train_loss=statistics.fmean(losses[-tail:]) if losses else math.nan,
         metrics=task.evaluate(net, mp.autocast),
         ms_per_step=1e3 * statistics.median(steady) if steady else math.nan,
         activation_bytes=saved,
-        state_bytes_per_param=float(state_bytes),
+        state_bytes_per_param=math.nan,
         skipped_steps=sum(bool(r["skipped"]) for r in history),
         final_scale=float(history[-1]["loss_scale"]) if history else 1.0,
         losses=losses,
         scales=[float(r["loss_scale"]) for r in history],
-        grad_log2=grad_log2,
-        **_parallel_figures(model, spread, world, task.config.steps - start) if parallel else {},
+        grad_log2=grad_log2_,
     )
-    if rank == 0:
-        result.save(folder)
-    return result
-
-
-def _probe_activations(
-    task: Task, recipe: Recipe, net: nn.Module | None, mp: MixedPrecision, rank: int, world: int
-) -> int:
-    """The activation bytes of one forward on this rank's slice of the first batch, measured on
-    ``net``, or (None: the run is sharded by FSDP2, whose all-gathered weights are no
-    activations) on an unsharded copy under the same policy."""
-    x0 = launch.local_slice(task.batch(0)[0], rank, world)
-    region = mp.autocast
-    if net is None:
-        probe = MixedPrecision(recipe.policy, mp.device, backend=mp.backend, update=recipe.update)  # type: ignore[arg-type]
-        net, region = probe.prepare(task.build_model()), probe.autocast
-
-    def probe_forward() -> torch.Tensor:
-        with region():
-            return net(x0.to(mp.device))
-
-    kept_buffers = {name: b.clone() for name, b in net.named_buffers()}
-    saved = activation_bytes(net, probe_forward)
-    with torch.no_grad():  # the probe is no training step: BatchNorm's statistics stay as they were
-        for name, buffer in net.named_buffers():
-            buffer.copy_(kept_buffers[name])
-    return saved
 
 
 def _parallel_figures(model: nn.Module, strategy: str, world: int, steps: int) -> dict[str, Any]:
@@ -473,99 +388,3 @@ def _parallel_figures(model: nn.Module, strategy: str, world: int, steps: int) -
         "reduce_format": str(state.dtype).removeprefix("torch."),
         "reduce_bytes_per_step": state.bytes_reduced / steps if steps else None,
     }
-
-
-def _remove(path: Path) -> None:
-    """Remove a run file: a one-process checkpoint file or a sharded checkpoint folder."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _dry_run(task: Task, recipe: Recipe, device: str, backend: str, batch_size: int) -> str:
-    """Check the session and the batch's memory (``batch_size`` samples per process) on a
-    throwaway copy of the run; return the backend the run's numerics depend on (the resolved
-    one, or "fp32" for fp32 compute)."""
-    mp = MixedPrecision(recipe.policy, device, backend=backend, update=recipe.update)  # type: ignore[arg-type]
-    model = mp.prepare(task.build_model())
-    per_sample = bytes_per_sample(task, model, mp.autocast)
-    check_batch_memory(batch_size, per_sample, available_memory(mp.device))
-    return mp.backend if mp.policy.compute.bits <= 16 else "fp32"
-
-
-def _extra(task: Task, recipe: Recipe, backend: str, step: int) -> dict[str, Any]:
-    return {
-        "step": step,
-        "task": json.dumps(task.describe()),
-        "recipe": recipe.name,
-        "backend": backend,
-    }
-
-
-def _check_run_folder(folder: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to write a new run over one that is already in ``folder``."""
-    if resume and overwrite:
-        raise ValueError(
-            "resume and overwrite exclude each other: --resume continues the run in the folder, "
-            "--overwrite replaces it; pass one"
-        )
-    found = [name for name in RUN_FILES if (folder / name).exists()] if folder.is_dir() else []
-    if found and not resume and not overwrite:
-        raise ValueError(
-            f"run folder {str(folder)!r} already holds a run ({', '.join(found)}); pass --resume "
-            "to continue it, --overwrite to replace it, or give another folder"
-        )
-
-
-def _resume_step(checkpoint: Path, task: Task, recipe: Recipe, backend: str) -> int:
-    """The step a checkpoint was written at, once it is of this task, recipe and backend."""
-    if checkpoint.is_dir():  # sharded, by a run under torchrun
-        from mixprec.distributed.checkpoint import read_state
-
-        extra = read_state(checkpoint).get("extra", {})
-    else:
-        extra = load_checkpoint(checkpoint).get("extra", {})
-    cannot = f"cannot resume from {str(checkpoint)!r}"
-    here = json.loads(json.dumps(task.describe()))  # as the checkpoint stores it
-    try:
-        there = json.loads(extra.get("task", "null"))
-    except (TypeError, json.JSONDecodeError):
-        there = None
-    if not isinstance(there, dict):
-        raise CheckpointError(f"{cannot}: it records no task settings; start a new run")
-    if there != here:
-        changed = ", ".join(
-            f"{key} {there.get(key, '(none)')} there, {here.get(key, '(none)')} here"
-            for key in sorted(set(there) | set(here))
-            if there.get(key) != here.get(key)
-        )
-        raise CheckpointError(
-            f"{cannot}: another task ({changed}); use the same settings, or start a new run"
-        )
-    if extra.get("recipe") != recipe.name:
-        raise CheckpointError(
-            f"{cannot}: it was trained with precision {extra.get('recipe')!r}, not "
-            f"{recipe.name!r}; resume with --precision {extra.get('recipe')}, or start a new run"
-        )
-    if extra.get("backend") != backend:
-        raise CheckpointError(
-            f"{cannot}: it was trained with autocast backend "
-            f"{extra.get('backend')!r}, here the backend is {backend!r}; another backend computes "
-            f"other numbers, so the run would not continue as it began; resume with backend "
-            f"{extra.get('backend')!r} (--backend) or start a new run"
-        )
-    return int(extra["step"])
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` up to the first line a kill may have torn."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the checkpoint decides where the run continues anyway
-            break
-    return records
