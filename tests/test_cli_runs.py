@@ -350,3 +350,20 @@ def test_advise_recommends_a_policy_the_session_accepts(capsys):
     advice = json.loads(capsys.readouterr().out)
     assert advice["reasons"]
     MixedPrecision(advice["policy"], "cpu")  # accepted as is
+
+
+def test_compare_prints_a_line_per_run_when_output_is_a_log(tmp_path):
+    """A log (output not a terminal) shows each run as it finishes, not only at the end."""
+    out = tmp_path / "out"
+    done = run_cli(
+        "compare", "--task", "digits", "--precisions", "fp32,bf16-mixed", "--out", str(out), *TINY
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for recipe in ("fp32", "bf16-mixed"):
+        result = json.loads((out / "digits" / recipe / "result.json").read_text())
+        line = next(line for line in lines if line.startswith(f"digits {recipe}: "))
+        assert f"{result['steps']} steps in " in line
+        assert f"train loss {result['final_train_loss']:.4g}" in line
+    table = next(i for i, line in enumerate(lines) if "×time" in line)
+    assert all(lines.index(f) < table for f in lines if f.startswith("digits "))

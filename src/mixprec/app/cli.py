@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,24 @@ def _advance(progress: Any, bar: Any, done: int) -> None:
     progress.update(bar, completed=done)
 
 
+def _run_line(task: str, result: Any, seconds: float) -> str:
+    """One line per finished run, for logs: what ran, how long it took and where it ended.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> run = SimpleNamespace(recipe="bf16-mixed", steps=40, final_train_loss=1.25,
+        ...                       metrics={"val_loss": 1.5}, skipped_steps=0)
+        >>> _run_line("charlm", run, 12.34)
+        'charlm bf16-mixed: 40 steps in 12.3 s, train loss 1.25, val_loss 1.5, 0 skipped'
+    """
+    metrics = ", ".join(f"{key} {value:.4g}" for key, value in result.metrics.items())
+    return (
+        f"{task} {result.recipe}: {result.steps} steps in {seconds:.1f} s, train loss "
+        f"{result.final_train_loss:.4g}{', ' + metrics if metrics else ''}, "
+        f"{result.skipped_steps} skipped"
+    )
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mixprec.app.report import comparison_rows, world_line, write_report
     from mixprec.app.runner import Recipe, RunResult, train
@@ -218,18 +237,20 @@ def _compare(args: argparse.Namespace) -> int:
             results = []
             for recipe in recipes:
                 bar = progress.add_task(f"{name} {recipe.name}", total=task.config.steps)
-                results.append(
-                    train(
-                        task,
-                        recipe,
-                        folder / name / recipe.name.replace("/", "_"),
-                        device=args.device,
-                        backend=args.backend,
-                        overwrite=True,  # a comparison is recomputed from scratch every time
-                        strategy=args.strategy,
-                        on_step=functools.partial(_advance, progress, bar),
-                    )
+                started = time.perf_counter()
+                result = train(
+                    task,
+                    recipe,
+                    folder / name / recipe.name.replace("/", "_"),
+                    device=args.device,
+                    backend=args.backend,
+                    overwrite=True,  # a comparison is recomputed from scratch every time
+                    strategy=args.strategy,
+                    on_step=functools.partial(_advance, progress, bar),
                 )
+                results.append(result)
+                if not console.is_terminal:  # a log gets a line per run; a terminal has the bars
+                    print(_run_line(name, result, time.perf_counter() - started), flush=True)
             groups[name] = results
     for name, runs in groups.items():
         headers, rows = comparison_rows(runs, compact=True)
