@@ -22,6 +22,7 @@ DATA = Path(__file__).parent / "data"
 RUNS = {  # file stem -> (policy, update)
     "v2_bf16_pure_stochastic": ("bf16-pure", "stochastic"),
     "v2_fp16_mixed_scaler": ("fp16-mixed", "auto"),
+    "v2_folder_bf16_pure_stochastic": ("bf16-pure", "stochastic"),  # a sharded folder
 }
 STEPS = 3
 
@@ -67,7 +68,7 @@ def test_an_old_checkpoint_loads_as_a_deterministic_rebuild(stem: str) -> None:
     expected_rng = torch.get_rng_state()
     mp, model, opt = build(policy, update, 0)
     torch.manual_seed(123)  # the load must restore the saved RNG state
-    extra = mp.load(DATA / f"{stem}.pt", model, opt)
+    extra = mp.load(_path(stem), model, opt)
     assert extra == {"epoch": 3, "note": stem}
     assert torch.equal(torch.get_rng_state(), expected_rng)
     assert_same(model.state_dict(), model_ref.state_dict(), "model")
@@ -80,10 +81,16 @@ def test_an_old_checkpoint_loads_as_a_deterministic_rebuild(stem: str) -> None:
     assert_same(opt.state_dict(), opt_ref.state_dict(), "optimizer after a step")
 
 
+def _path(stem: str) -> Path:
+    return DATA / stem if "folder" in stem else DATA / f"{stem}.pt"
+
+
 def _write(stem: str) -> None:
     policy, update = RUNS[stem]
     mp, model, opt = build(policy, update, STEPS)
-    mp.save(DATA / f"{stem}.pt", model, opt, epoch=3, note=stem)
+    if "folder" in stem:
+        _path(stem).mkdir()  # an existing folder: the sharded format
+    mp.save(_path(stem), model, opt, epoch=3, note=stem)
 
 
 if __name__ == "__main__":  # writes the files of the current format (see the module docstring)
