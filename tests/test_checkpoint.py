@@ -378,3 +378,46 @@ def test_version_2_files_without_a_metadata_checksum_still_load(tmp_path):
     torch.save(record, tmp_path / "ckpt.pt")
     loaded = load_checkpoint(tmp_path / "ckpt.pt")
     assert loaded["step"] == 4 and torch.equal(loaded["w"], torch.ones(2))
+
+
+def _real_short_write_error():
+    """The error torch's zip writer raises when the disk is full (writing to /dev/full)."""
+    try:
+        torch.save({"w": torch.randn(10000)}, "/dev/full")
+    except RuntimeError as err:
+        return err
+    pytest.skip("torch wrote to /dev/full without an error")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (ENOSPC on write)")
+@pytest.mark.parametrize("how", ["kernel", "torch_zip_writer"])
+def test_a_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch, how):
+    import mixprec.checkpoint as module
+
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    before = path.read_bytes()
+    if how == "kernel":  # every write of the temporary file fails as on a full disk
+        real = module._create_temporary
+
+        def on_full_disk(target):
+            temporary, fd = real(target)
+            os.close(fd)
+            return temporary, os.open("/dev/full", os.O_WRONLY)
+
+        monkeypatch.setattr(module, "_create_temporary", on_full_disk)
+    else:  # torch's own message for it, replayed
+        error = _real_short_write_error()
+        real_save = torch.save
+
+        def short_write(obj, handle, *args, **kwargs):
+            if isinstance(handle, io.BytesIO):  # the in-memory check of the values
+                return real_save(obj, handle, *args, **kwargs)
+            raise error
+
+        monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=r"no space left on device: checkpoint '.*ckpt\.pt'") as info:
+        save_checkpoint(path, {"step": 2, "w": torch.randn(1000)})
+    assert info.value.errno == 28 and "inline_container" not in str(info.value).split("(")[0]
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import datetime
 import enum
+import errno
 import hashlib
 import io
 import os
@@ -130,12 +131,31 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if _disk_full(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device: checkpoint {str(target)!r} was not written (the "
+                "previous file there, if any, is kept). Free space on that disk or save "
+                f"elsewhere ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
+                str(target),
+            ) from None
         raise
     _fsync_folder(target.parent)
     return target
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or torch's zip writer's report of a
+    short write (``unexpected pos``, ``file write failed``), which carries no errno."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "unexpected pos" in text or "file write failed" in text
+    )
 
 
 def check_loadable(payload: Mapping[str, Any]) -> None:
