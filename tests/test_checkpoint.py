@@ -421,3 +421,14 @@ def test_a_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_refused_object_is_named_by_its_type_not_called_corrupt(tmp_path, zip_format):
+    path = tmp_path / "ckpt.pt"
+    record = {"format": CHECKPOINT_FORMAT, "version": 2, "when": datetime.date(2024, 1, 2)}
+    torch.save(record, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(
+        CheckpointError, match=r"intact but holds Python objects \(one of type datetime\.date\)"
+    ):
+        load_checkpoint(path)

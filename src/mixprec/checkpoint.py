@@ -39,6 +39,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import secrets
 import socket
 import time
@@ -468,15 +469,21 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _unreadable(source: Path, err: Exception) -> CheckpointError:
-    """The error for a file ``torch.load`` failed on: refused objects, or damage."""
+    """The error for a file ``torch.load`` failed on: refused objects (named), or damage."""
     message = str(err)
-    if "Weights only load failed" in message and _zip_intact(source):
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    # a zip archive whose CRCs hold is intact; torch's older, non-zip format has no CRCs, but
+    # a refused global that names a real type is an object, not damage
+    if "Weights only load failed" in message and (
+        _zip_intact(source) or (refused is not None and not zipfile.is_zipfile(source))
+    ):
         detail = next(
             (line.strip() for line in message.splitlines() if "WeightsUnpickler error" in line),
             message.splitlines()[0],
         )
+        what = f" (one of type {refused.group(1)})" if refused else ""
         return CheckpointError(
-            f"checkpoint {str(source)!r} is intact but holds Python objects that "
+            f"checkpoint {str(source)!r} is intact but holds Python objects{what} that "
             f"torch.load(weights_only=True) refuses to build ({detail[:200]}); mixprec's save "
             "now refuses such values, so another program or an older mixprec wrote it. If you "
             "trust its source, read it with torch.load(path, weights_only=False) and save its "
