@@ -225,8 +225,8 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: the ranks' models have different parameters (counts, names or local
-            shapes; every rank raises, with the difference).
+        ValueError: the ranks' models have different parameters (counts, names or shapes;
+            every rank raises, with the difference).
 
     Example:
         >>> check_replicas(nn.Linear(2, 2))  # no process group: nothing to compare
@@ -268,9 +268,9 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
 
 
 def _check_same_parameters(named: list[tuple[str, Any]], world: int, group: Any) -> None:
-    """Refuse ranks whose models differ in parameter names or shapes before the hashes are
-    gathered: an ``all_gather`` of tensors of different sizes aborts the process in gloo."""
-    mine = [(name, tuple(local(param).shape)) for name, param in named]
+    """Refuse ranks whose models differ in parameter names or (global) shapes before the hashes
+    are gathered: an ``all_gather`` of tensors of different sizes aborts the process in gloo."""
+    mine = [(name, tuple(param.shape)) for name, param in named]  # global shapes
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine, group=group)
     if all(other == everyone[0] for other in everyone):
@@ -284,7 +284,7 @@ def _check_same_parameters(named: list[tuple[str, Any]], world: int, group: Any)
         if only_first or only_here:
             notes.append(
                 f"group rank {rank} lacks {only_first[:3]!r} and has {only_here[:3]!r} that "
-                "group rank 0 does not (or with other local shapes)"
+                "group rank 0 does not (or with other shapes)"
             )
     raise ValueError(
         f"the ranks' models differ: parameter counts {counts!r} (in group rank order); "
