@@ -353,3 +353,44 @@ def test_a_failed_save_removes_its_temporary_and_keeps_the_previous(tmp_path, mo
     mp2, model2, opt2 = make()
     assert mp2.load(tmp_path, model2, opt2) == {"epoch": 1}
     assert all(torch.equal(saved[k], v) for k, v in model2.state_dict().items())
+
+
+_RACING_WRITER = textwrap.dedent(
+    """
+    import sys, torch
+    from mixprec.checkpoint import CheckpointError
+    from mixprec.distributed import checkpoint as sharded
+    model = torch.nn.Linear(64, 64)
+    refused = 0
+    for value in range(int(sys.argv[2])):
+        with torch.no_grad():
+            model.weight.fill_(float(value))
+        try:
+            sharded.save(sys.argv[1], model, state={"value": float(value)})
+        except CheckpointError as err:
+            assert "another process is saving" in str(err), err
+            refused += 1
+    print(refused, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_saving_into_one_folder_never_break_it(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACING_WRITER, str(tmp_path), "25"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    for writer in writers:
+        _, err = writer.communicate(timeout=300)
+        assert writer.returncode == 0, err.decode()[-2000:]  # only clear refusals, no crash
+    model = torch.nn.Linear(64, 64)
+    value = sharded.load(tmp_path, model)["value"]
+    assert torch.equal(model.weight, torch.full((64, 64), value))
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(("v-", ".tmp-"))]) == 1
