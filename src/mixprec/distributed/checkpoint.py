@@ -69,6 +69,7 @@ from mixprec.distributed._dcp_io import (
     SafeReader,
     check_extents,
     check_files,
+    describe,
     file_crc,
     item_checksums,
     read_metadata,
@@ -256,8 +257,8 @@ def _write_version(
             raise CheckpointError(_cannot_write(tmp / f"rank{_rank()}.pt", err)) from None
         own = [f.name for f in tmp.iterdir() if f.name.startswith(f"__{_rank()}_")]
         rows = item_checksums(tmp, metadata, own)
-    except CheckpointError as err:
-        problem = str(err)
+    except Exception as err:  # every rank must reach the gather below, or the others hang
+        problem = str(err) if isinstance(err, CheckpointError) else describe(err)
     results = _gather((problem, rows))
     problems = [f"rank {r}: {p}" if _distributed() else p for r, (p, _) in enumerate(results) if p]
     if problems:
@@ -507,8 +508,10 @@ def load(
             except ValueError as err:
                 raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
         _check_shapes(root, metadata, model)
-    except CheckpointError as err:
-        problem = str(err)
+    except Exception as err:  # every rank must reach the agreement below, or the others hang
+        problem = (
+            str(err) if isinstance(err, CheckpointError) else f"{str(root)!r}: {describe(err)}"
+        )
     _agree(problem)
     staged = _read_staged(version, model, torch_opts, wrapped)
     set_state_dict(
