@@ -23,6 +23,10 @@ RUNS = {  # file stem -> (policy, update)
     "v2_bf16_pure_stochastic": ("bf16-pure", "stochastic"),
     "v2_fp16_mixed_scaler": ("fp16-mixed", "auto"),
     "v2_folder_bf16_pure_stochastic": ("bf16-pure", "stochastic"),  # a sharded folder
+    # version 3 (plain values checksummed); folders with manifest.pt (per-item checksums)
+    "v3_bf16_pure_stochastic": ("bf16-pure", "stochastic"),
+    "v3_fp16_mixed_scaler": ("fp16-mixed", "auto"),
+    "v3_folder_bf16_pure_stochastic": ("bf16-pure", "stochastic"),
 }
 STEPS = 3
 
