@@ -554,8 +554,8 @@ def _read_staged(
                 no_dist=not _distributed(),
             )
     except BaseException:
-        for opt in fresh_torch:  # torch's get_state_dict gave them zero state: drop it
-            opt.state.clear()
+        for torch_opt in fresh_torch:  # torch's get_state_dict gave them zero state: drop it
+            torch_opt.state.clear()
         for opt, counter in fresh:  # as they were: no state, the counter not advanced
             opt.optimizer.state.clear()
             if counter is not None:
