@@ -257,6 +257,7 @@ def _replace_metadata_keeping_checksums(version: Path, data: bytes) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process
+@pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")  # the crafted overwrite
 def test_no_checkpoint_path_runs_a_pickle_payload(tmp_path) -> None:
     import pickle
 
