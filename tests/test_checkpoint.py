@@ -287,3 +287,148 @@ def test_temporaries_of_killed_saves_are_removed_and_live_ones_kept(tmp_path):
     assert load_checkpoint(path)["step"] == 2
     assert not (tmp_path / live).exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", fresh_old_naming.name, other.name])
+
+
+def _session_like_payload():
+    return {
+        "model": {"0.weight": torch.arange(6.0).reshape(2, 3), "0.bias": torch.zeros(2)},
+        "optimizers": [
+            {
+                "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3)}},
+                "param_groups": [
+                    {
+                        "lr": 0.001,
+                        "betas": (0.9, 0.999),
+                        "eps": 1e-8,
+                        "amsgrad": False,
+                        "params": [0, 1],
+                    }
+                ],
+            }
+        ],
+        "mixed_precision": {
+            "policy": "fp16-mixed",
+            "steps": 7,
+            "scaler": {"scale": 65536.0, "growth_tracker": 12, "enabled": True},
+        },
+        "extra": {"epoch": 3},
+    }
+
+
+def _pickle_span(path):
+    """(start, end) of the uncompressed data.pkl member inside a torch zip file."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack(
+        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    return start, start + info.file_size
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # a flipped protocol byte
+def test_flipped_bits_in_plain_values_are_found(tmp_path):
+    """Learning rates, betas, flags, the loss scale, step counts and key names are checked too:
+    a flipped bit anywhere in the pickled record is refused or changes nothing loaded."""
+    import struct
+
+    payload = _session_like_payload()
+    path = save_checkpoint(tmp_path / "ckpt.pt", payload)
+    original = path.read_bytes()
+    start, end = _pickle_span(path)
+    expected = load_checkpoint(path)
+    targeted = [
+        original.find(struct.pack(">d", value), start) + 3 for value in (0.001, 0.9, 65536.0)
+    ]
+    targeted.append(original.find(b"growth_tracker", start) + 2)
+    assert all(start < offset < end for offset in targeted)
+    silent = []
+    for bit in [8 * offset + 1 for offset in targeted] + list(range(8 * start, 8 * end, 11)):
+        raw = bytearray(original)
+        raw[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(raw))
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if not _same(loaded, expected):
+            silent.append(bit // 8 - start)
+    assert silent == [], f"flips at data.pkl offsets {silent[:10]} loaded other values silently"
+
+
+def test_version_2_files_without_a_metadata_checksum_still_load(tmp_path):
+    import mixprec.checkpoint as module
+
+    record = {"format": CHECKPOINT_FORMAT, "version": 2, "step": 4, "w": torch.ones(2)}
+    record["checksums"] = [["w", module._crc(record["w"])]]
+    torch.save(record, tmp_path / "ckpt.pt")
+    loaded = load_checkpoint(tmp_path / "ckpt.pt")
+    assert loaded["step"] == 4 and torch.equal(loaded["w"], torch.ones(2))
+
+
+def _real_short_write_error():
+    """The error torch's zip writer raises when the disk is full (writing to /dev/full)."""
+    try:
+        torch.save({"w": torch.randn(10000)}, "/dev/full")
+    except RuntimeError as err:
+        return err
+    pytest.skip("torch wrote to /dev/full without an error")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (ENOSPC on write)")
+@pytest.mark.parametrize("how", ["kernel", "torch_zip_writer"])
+def test_a_full_disk_is_named_and_the_previous_file_kept(tmp_path, monkeypatch, how):
+    import mixprec.checkpoint as module
+
+    path = save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    before = path.read_bytes()
+    if how == "kernel":  # every write of the temporary file fails as on a full disk
+        real = module._create_temporary
+
+        def on_full_disk(target):
+            temporary, fd = real(target)
+            os.close(fd)
+            return temporary, os.open("/dev/full", os.O_WRONLY)
+
+        monkeypatch.setattr(module, "_create_temporary", on_full_disk)
+    else:  # torch's own message for it, replayed
+        error = _real_short_write_error()
+        real_save = torch.save
+
+        def short_write(obj, handle, *args, **kwargs):
+            if isinstance(handle, io.BytesIO):  # the in-memory check of the values
+                return real_save(obj, handle, *args, **kwargs)
+            raise error
+
+        monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=r"no space left on device: checkpoint '.*ckpt\.pt'") as info:
+        save_checkpoint(path, {"step": 2, "w": torch.randn(1000)})
+    assert info.value.errno == 28 and "inline_container" not in str(info.value).split("(")[0]
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_refused_object_is_named_by_its_type_not_called_corrupt(tmp_path, zip_format):
+    path = tmp_path / "ckpt.pt"
+    record = {"format": CHECKPOINT_FORMAT, "version": 2, "when": datetime.date(2024, 1, 2)}
+    torch.save(record, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(
+        CheckpointError, match=r"intact but holds Python objects \(one of type datetime\.date\)"
+    ):
+        load_checkpoint(path)

@@ -23,14 +23,25 @@ and folders), and only then removes the previous version. A process killed at an
 written. The folder must be on a file system every rank sees (as DCP's ``FileSystemWriter``
 assumes).
 
-Loading checks the saved global shapes against the model's before anything is loaded, and gives
-each rank the RNG state of the same rank (a rank the checkpoint has no file for, after growing
-the world, keeps its own and gets rank 0's plain values).
+One writer at a time: rank 0 holds an advisory lock on ``<path>/.lock`` for the whole save, so
+a second process saving into the same folder is refused instead of deleting the first one's
+versions. A save that fails on any rank (a full disk) fails on all of them as a
+:class:`~mixprec.checkpoint.CheckpointError`, and its temporary folder is removed.
+
+Loading checks everything before anything is loaded, on every rank (one rank's refusal makes all
+raise): the rank files the saved world size names, the CRC-32 of ``.metadata`` and of every
+stored item (``manifest.pt``, see :mod:`mixprec.distributed._dcp_io`), the metadata itself read
+without running code, and the saved global shapes against the model's. DCP then reads into
+copies, which are copied in only once all of it was read, so a failed load changes nothing. Each
+rank gets the RNG state of the same rank (a rank the checkpoint has no file for, after growing
+the world, keeps its own and gets rank 0's plain values). Folders written before the manifest
+load with every check but the CRCs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -43,10 +54,30 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from mixprec.checkpoint import CheckpointError, check_loadable, load_checkpoint, save_checkpoint
+from mixprec.distributed._dcp_io import (
+    MANIFEST,
+    METADATA,
+    SafeLoadPlanner,
+    SafeReader,
+    check_extents,
+    check_files,
+    describe,
+    file_crc,
+    item_checksums,
+    read_metadata,
+    release_lock,
+    take_lock,
+    translated,
+    verify_items,
+)
 from mixprec.optim._wrapper import WrappedOptimizer
 
 __all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
@@ -141,7 +172,8 @@ def save(
 ) -> Path:
     """Write a sharded checkpoint of ``model`` and ``optimizers`` to the folder ``path``.
 
-    A collective: every rank calls it with the same ``path``.
+    A collective: every rank calls it with the same ``path``. One save at a time writes into a
+    folder: rank 0 holds ``<path>/.lock`` while it saves, and a second writer is refused.
 
     Args:
         path: the checkpoint folder (created if missing).
@@ -157,6 +189,9 @@ def save(
         TypeError: a ``state`` value ``torch.load(weights_only=True)`` would refuse (on any
             rank): nothing is written and the previous checkpoint stays.
         ValueError: ``path`` is a file.
+        CheckpointError: another process is saving into ``path``, or the save failed on some
+            rank (a full disk...): its temporary folder is removed and the previous checkpoint
+            stays.
     """
     root = Path(path)
     if root.exists() and not root.is_dir():  # every rank sees it: all raise, none waits
@@ -178,25 +213,113 @@ def save(
     except TypeError as err:
         refused = err
     _agree_or_raise(refused)
-    token = _shared_token()
-    tmp = root / f".tmp-{token}"
+    lock = None
+    token, problem = secrets.token_hex(6), None
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    _barrier()
-    with _one_process_is_intended():
-        dcp.save(
-            _dcp_state(model, torch_opts, wrapped),
-            checkpoint_id=str(tmp),
-            no_dist=not _distributed(),
-        )
-    save_checkpoint(tmp / f"rank{_rank()}.pt", record)
-    _barrier()
-    final = root / f"v-{token}"
-    if _rank() == 0:
-        _publish(root, tmp, final)
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            lock = take_lock(root)
+            (root / f".tmp-{token}").mkdir()
+        except (CheckpointError, OSError) as err:
+            problem = str(err) if isinstance(err, CheckpointError) else _cannot_write(root, err)
+    token, problem = _from_rank0(token, problem)
+    try:
+        if problem is not None:
+            raise CheckpointError(problem)
+        tmp = root / f".tmp-{token}"
+        final = _write_version(root, tmp, model, torch_opts, wrapped, record)
+    finally:
+        release_lock(lock)
     return final
+
+
+def _write_version(
+    root: Path,
+    tmp: Path,
+    model: nn.Module,
+    torch_opts: list[torch.optim.Optimizer],
+    wrapped: Sequence[WrappedOptimizer],
+    record: Mapping[str, Any],
+) -> Path:
+    """All ranks write into ``tmp``; rank 0 adds the manifest and publishes it (or removes it)."""
+    rows: list[list[Any]] = []
+    problem: str | None = None
+    try:
+        with _one_process_is_intended(), translated(tmp, "saving"):
+            metadata = dcp.save(
+                _dcp_state(model, torch_opts, wrapped),
+                checkpoint_id=str(tmp),
+                no_dist=not _distributed(),
+            )
+        try:
+            save_checkpoint(tmp / f"rank{_rank()}.pt", record)
+        except OSError as err:
+            raise CheckpointError(_cannot_write(tmp / f"rank{_rank()}.pt", err)) from None
+        own = [f.name for f in tmp.iterdir() if f.name.startswith(f"__{_rank()}_")]
+        rows = item_checksums(tmp, metadata, own)
+    except Exception as err:  # every rank must reach the gather below, or the others hang
+        problem = str(err) if isinstance(err, CheckpointError) else describe(err)
+    results = _gather((problem, rows))
+    problems = [f"rank {r}: {p}" if _distributed() else p for r, (p, _) in enumerate(results) if p]
+    if problems:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(
+            f"saving checkpoint {str(root)!r} failed ({problems[0]}); its temporary folder was "
+            "removed and the previous checkpoint is kept"
+        )
+    final = root / f"v-{tmp.name[len('.tmp-') :]}"
+    if _rank() == 0:
+        manifest = {
+            "world_size": _world(),
+            "rank_files": [f"rank{r}.pt" for r in range(_world())],
+            "metadata_crc": file_crc(tmp / METADATA),
+            "items": [row for _, part in results for row in part],
+        }
+        try:
+            save_checkpoint(tmp / MANIFEST, manifest)
+            _publish(root, tmp, final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            problem = _cannot_write(root, err)
+    (problem,) = _from_rank0(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+    return final
+
+
+def _cannot_write(path: Path, err: OSError) -> str:
+    cause = "no space left on device" if err.errno == errno.ENOSPC else f"{err}"
+    return f"cannot write checkpoint {str(path)!r}: {cause}; the previous checkpoint is kept"
+
+
+def _from_rank0(*values: Any) -> list[Any]:
+    """Rank 0's ``values`` on every rank."""
+    box = list(values)
+    if _distributed():
+        dist.broadcast_object_list(box, src=0)
+    return box
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not _distributed():
+        return [value]
+    values: list[Any] = [None] * _world()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _agree(problem: str | None) -> None:
+    """Raise CheckpointError on every rank if any rank found a problem (none goes on alone)."""
+    found = [(r, p) for r, p in enumerate(_gather(problem)) if p is not None]
+    if not found:
+        return
+    if problem is not None:
+        raise CheckpointError(problem)
+    rank, text = found[0]
+    raise CheckpointError(f"rank {rank} refused the checkpoint: {text}")
 
 
 def _agree_or_raise(refused: TypeError | None) -> None:
@@ -213,15 +336,12 @@ def _agree_or_raise(refused: TypeError | None) -> None:
         )
 
 
-def _shared_token() -> str:
-    token = [secrets.token_hex(6) if _rank() == 0 else ""]
-    if _distributed():
-        dist.broadcast_object_list(token, src=0)
-    return str(token[0])
-
-
 def _publish(root: Path, tmp: Path, final: Path) -> None:
-    """Rename the finished version into place, point LATEST at it, then drop the old ones."""
+    """Rename the finished version into place, point LATEST at it, then drop the old ones.
+
+    Only the writer holding the folder's lock publishes, so every other ``v-*``/``.tmp-*``
+    folder is an older version or the leftover of a killed or failed save.
+    """
     for file in tmp.iterdir():
         _fsync(file)
     _fsync(tmp)
@@ -232,7 +352,7 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
     _fsync(pointer)
     os.replace(pointer, root / _LATEST)
     _fsync(root)
-    for old in root.iterdir():  # previous versions and the leftovers of killed saves
+    for old in root.iterdir():
         if old != final and old.is_dir() and old.name.startswith(("v-", ".tmp-")):
             shutil.rmtree(old, ignore_errors=True)
 
@@ -270,14 +390,14 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(load_checkpoint(_current_version(Path(path)) / "rank0.pt").get("state", {}))
 
 
-def _check_shapes(version: Path, expected: Mapping[str, Any]) -> None:
+def _check_shapes(root: Path, metadata: Metadata, model: nn.Module) -> None:
     """Refuse a checkpoint whose saved global shapes differ from the model's (nothing loaded)."""
-    metadata = dcp.FileSystemReader(str(version)).read_metadata().state_dict_metadata
+    saved_entries = metadata.state_dict_metadata
     problems: list[str] = []
-    for name, tensor in expected.get("model", {}).items():
+    for name, tensor in get_model_state_dict(model).items():
         if not isinstance(tensor, torch.Tensor):
             continue
-        saved = metadata.get(f"model.{name}")
+        saved = saved_entries.get(f"model.{name}")
         if saved is None:
             problems.append(f"{name!r} is missing")
         elif isinstance(saved, TensorStorageMetadata) and tuple(saved.size) != tuple(tensor.shape):
@@ -287,9 +407,56 @@ def _check_shapes(version: Path, expected: Mapping[str, Any]) -> None:
             )
     if problems:
         raise CheckpointError(
-            f"checkpoint {str(version.parent)!r} does not fit this model: "
+            f"checkpoint {str(root)!r} does not fit this model: "
             f"{'; '.join(problems[:5])}. Nothing was loaded; build the same model as was saved"
         )
+
+
+def _check_version(root: Path, version: Path) -> tuple[dict[str, Any], Metadata]:
+    """Check a version's files before any of it is loaded; return this rank's record and the
+    DCP metadata.
+
+    The files the saved world size names must all exist; with a manifest (written since
+    per-item checksums), ``.metadata`` must match its CRC before it is read, and every stored
+    item its own (the ranks share the reading). Versions without one are checked as far as they
+    allow: rank files by their own checksums, metadata read without running code.
+    """
+    first = load_checkpoint(version / "rank0.pt")
+    world = first.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        raise CheckpointError(
+            f"checkpoint {str(version / 'rank0.pt')!r} is malformed: its world size is {world!r}"
+        )
+    missing = [f"rank{r}.pt" for r in range(world) if not (version / f"rank{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(root)!r} was written by {world} ranks but {', '.join(missing)} "
+            f"is missing from {str(version)!r}; a rank would resume with its own RNG state. "
+            "Restore the missing files or an earlier checkpoint"
+        )
+    manifest = None
+    problem = check_files(version, [METADATA])
+    if problem is not None:
+        raise CheckpointError(f"{problem}; restore it from a backup or an earlier checkpoint")
+    if (version / MANIFEST).is_file():
+        manifest = load_checkpoint(version / MANIFEST)
+        if file_crc(version / METADATA) != manifest.get("metadata_crc"):
+            raise CheckpointError(
+                f"checkpoint file {str(version / METADATA)!r} is corrupt: it does not match the "
+                "checksum recorded when it was saved; restore it from a backup or an earlier "
+                "checkpoint"
+            )
+    metadata = read_metadata(version)
+    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    problem = check_files(version, sorted(files)) or check_extents(version, metadata)
+    if problem is None and manifest is not None:
+        rows = manifest.get("items", [])
+        problem = verify_items(version, rows[_rank() :: _world()])
+    if problem is not None:
+        raise CheckpointError(f"{problem}; restore it from a backup or an earlier checkpoint")
+    own = version / f"rank{_rank()}.pt"
+    record = load_checkpoint(own) if _rank() < world else first
+    return record, metadata
 
 
 def load(
@@ -302,8 +469,12 @@ def load(
     """Load a checkpoint written by :func:`save`, on any number of ranks; return this rank's
     plain values (the ``state`` given to :func:`save`).
 
-    Everything is checked before anything is loaded: the saved global shapes, the number of
-    optimizer wrappers, and ``state`` by ``check_state`` (which raises to refuse).
+    Everything is checked before anything is loaded, on every rank, and every rank raises if
+    one refuses: the files the saved world size names, the checksums of the metadata and of
+    every stored item, the saved global shapes, the number of optimizer wrappers, and ``state``
+    by ``check_state`` (which raises to refuse). DCP then loads into copies of the model's and
+    optimizers' state, which are copied in only when all of it was read: a load that fails
+    changes nothing (at the cost of one more copy of the state while loading).
 
     Args:
         path: the checkpoint folder.
@@ -315,52 +486,92 @@ def load(
         The saved ``state`` of this rank (of rank 0 for a rank that has none).
 
     Raises:
-        CheckpointError: not a checkpoint, damaged, of other shapes or other optimizers, or a
-            ``state`` that ``check_state`` refuses (named in the message).
+        CheckpointError: not a checkpoint, damaged or incomplete, of other shapes or other
+            optimizers, or a ``state`` that ``check_state`` refuses (named in the message).
     """
     root = Path(path)
-    version = _current_version(root)
     torch_opts, wrapped = _split(optimizers)
-    own = version / f"rank{_rank()}.pt"
-    record = load_checkpoint(own if own.is_file() else version / "rank0.pt")
-    saved_wrapped = record.get("wrapped_in_dcp", 0)
-    if saved_wrapped != len(wrapped):
-        raise CheckpointError(
-            f"checkpoint {str(root)!r} holds {saved_wrapped} mixprec optimizer wrapper "
-            f"states; {len(wrapped)} were given. Pass the same optimizers as were saved"
+    problem: str | None = None
+    try:
+        version = _current_version(root)
+        record, metadata = _check_version(root, version)
+        saved_wrapped = record.get("wrapped_in_dcp", 0)
+        if saved_wrapped != len(wrapped):
+            raise CheckpointError(
+                f"checkpoint {str(root)!r} holds {saved_wrapped} mixprec optimizer wrapper "
+                f"states; {len(wrapped)} were given. Pass the same optimizers as were saved"
+            )
+        state = dict(record.get("state", {}))
+        if check_state is not None:
+            try:
+                check_state(state)
+            except ValueError as err:
+                raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
+        _check_shapes(root, metadata, model)
+    except Exception as err:  # every rank must reach the agreement below, or the others hang
+        problem = (
+            str(err) if isinstance(err, CheckpointError) else f"{str(root)!r}: {describe(err)}"
         )
-    state = dict(record.get("state", {}))
-    if check_state is not None:
-        try:
-            check_state(state)
-        except ValueError as err:
-            raise CheckpointError(f"checkpoint {str(root)!r}: {err}") from None
-    target = _dcp_state(model, torch_opts)
-    _check_shapes(version, target)
+    _agree(problem)
+    staged = _read_staged(version, model, torch_opts, wrapped)
+    set_state_dict(
+        model,
+        torch_opts,
+        model_state_dict=staged["model"],
+        optim_state_dict=staged.get("optim", {}),
+    )
+    for opt, saved in zip(wrapped, staged.get("wrapped", []), strict=True):
+        opt.load_state_dict(saved)
+    if _rank() < record["world_size"]:
+        torch.set_rng_state(record["rng"])
+    return state
+
+
+def _read_staged(
+    version: Path,
+    model: nn.Module,
+    torch_opts: list[torch.optim.Optimizer],
+    wrapped: Sequence[WrappedOptimizer],
+) -> dict[str, Any]:
+    """DCP's load into copies of the live state; the optimizers that had no state before get
+    theirs only to name their tensors, and lose it again if the read fails."""
+    fresh_torch = [opt for opt in torch_opts if not opt.state]
     fresh = [
         (opt, getattr(opt, "rounding_step", None)) for opt in wrapped if not opt.optimizer.state
     ]
     try:
+        target = _dcp_state(model, torch_opts)
         for opt in wrapped:
             _create_state(opt)
         if wrapped:  # their state tensors exist only now
             target["wrapped"] = [opt.state_dict() for opt in wrapped]
-        with _one_process_is_intended():
-            dcp.load(target, checkpoint_id=str(version), no_dist=not _distributed())
-        for opt, saved in zip(wrapped, target.get("wrapped", []), strict=True):
-            opt.load_state_dict(saved)
-    except Exception:
+        staged = _copy(target)
+        with _one_process_is_intended(), translated(version, "loading"):
+            dcp.load(
+                staged,
+                storage_reader=SafeReader(str(version)),
+                planner=SafeLoadPlanner(),
+                no_dist=not _distributed(),
+            )
+    except BaseException:
+        for torch_opt in fresh_torch:  # torch's get_state_dict gave them zero state: drop it
+            torch_opt.state.clear()
         for opt, counter in fresh:  # as they were: no state, the counter not advanced
             opt.optimizer.state.clear()
             if counter is not None:
                 opt.rounding_step = counter  # type: ignore[attr-defined]
         raise
-    set_state_dict(
-        model,
-        torch_opts,
-        model_state_dict=target["model"],
-        optim_state_dict=target.get("optim", {}),
-    )
-    if own.is_file():
-        torch.set_rng_state(record["rng"])
-    return state
+    return staged
+
+
+def _copy(value: Any) -> Any:
+    """``value`` with every tensor copied (DTensors stay DTensors), so a load writes no live one."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((key, _copy(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_copy(item) for item in value)
+    return value

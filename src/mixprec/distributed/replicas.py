@@ -225,6 +225,8 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: the ranks' models have different parameters (counts, names or shapes;
+            every rank raises, with the difference).
 
     Example:
         >>> check_replicas(nn.Linear(2, 2))  # no process group: nothing to compare
@@ -239,6 +241,7 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
     world = dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     named = list(_named_parameters(model))
+    _check_same_parameters(named, world, group)
     if not named:
         return ReplicaCheck(world=world)
     device = named[0][1].device
@@ -262,6 +265,32 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
                 split = tuple(sorted(tuple(r) for r in by_value.values()))
                 differences.append(ReplicaDifference(name, split))
     return ReplicaCheck(world, tuple(compared), tuple(skipped), tuple(differences))
+
+
+def _check_same_parameters(named: list[tuple[str, Any]], world: int, group: Any) -> None:
+    """Refuse ranks whose models differ in parameter names or (global) shapes before the hashes
+    are gathered: an ``all_gather`` of tensors of different sizes aborts the process in gloo."""
+    mine = [(name, tuple(param.shape)) for name, param in named]  # global shapes
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    if all(other == everyone[0] for other in everyone):
+        return
+    counts = [len(other) for other in everyone]
+    first = set(everyone[0])
+    notes = []
+    for rank, other in enumerate(everyone[1:], start=1):
+        only_first = [name for name, _ in everyone[0] if (name, _) not in set(other)]
+        only_here = [name for name, shape in other if (name, shape) not in first]
+        if only_first or only_here:
+            notes.append(
+                f"group rank {rank} lacks {only_first[:3]!r} and has {only_here[:3]!r} that "
+                "group rank 0 does not (or with other shapes)"
+            )
+    raise ValueError(
+        f"the ranks' models differ: parameter counts {counts!r} (in group rank order); "
+        f"{'; '.join(notes[:3]) or 'the same parameters in another order'}. check_replicas "
+        "compares replicas of one model: call it with the same model on every rank"
+    )
 
 
 def check_replicas_every_arg(every: object) -> int | None:

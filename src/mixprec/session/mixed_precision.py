@@ -47,7 +47,7 @@ from mixprec.diagnostics import (
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
 from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
-from mixprec.distributed._agree import check_same_seed
+from mixprec.distributed._agree import check_same_settings
 from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
@@ -343,10 +343,15 @@ class MixedPrecision(SessionState):
         return self.update
 
     def _check_seed_agrees(self) -> None:
-        """Under data parallelism, stochastic rounding needs one seed on every rank."""
+        """Under data parallelism every rank needs one policy and update mode, and stochastic
+        rounding one seed (one collective)."""
         policies = (self.policy, *(rule.policy for rule in self.policy.rules))
-        if self._update_mode() == "stochastic" and any(p.param.bits <= 16 for p in policies):
-            check_same_seed(self.seed)
+        stochastic = self._update_mode() == "stochastic" and any(
+            p.param.bits <= 16 for p in policies
+        )
+        check_same_settings(
+            str(self.policy), self._update_mode(), self.seed if stochastic else None
+        )
 
     def _fp8_metrics(self) -> dict[str, float]:
         return delayed_fp8_state(self._model) if self.fp8 is not None else {}
