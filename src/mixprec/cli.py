@@ -74,14 +74,14 @@ def _formats(args: argparse.Namespace) -> int:
     )
     for header in ("format", "element", "block", "block scale", "tensor scale", "bits/value"):
         blocks.add_column(header, no_wrap=True)
-    for fmt in BLOCK_FORMATS.values():
+    for block in BLOCK_FORMATS.values():
         blocks.add_row(
-            fmt.name,
-            fmt.element.name,
-            str(fmt.block_size),
-            fmt.scale,
-            fmt.tensor_scale or "-",
-            f"{fmt.bits_per_value:g}",
+            block.name,
+            block.element.name,
+            str(block.block_size),
+            block.scale,
+            block.tensor_scale or "-",
+            f"{block.bits_per_value:g}",
         )
     console = Console()
     console.print(table)

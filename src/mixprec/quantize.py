@@ -188,13 +188,15 @@ def _round(
     per_tensor_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """:func:`quantize` on validated arguments, without autograd: the fastest exact path."""
-    if isinstance(fmt, BlockFormat) or fmt == FP4_E2M1:
-        # Imported here: mixprec.blockscaled builds on round_to_grid below.
-        from mixprec import blockscaled
+    # mixprec.blockscaled is imported here, not above: it builds on round_to_grid below.
+    if isinstance(fmt, BlockFormat):
+        from mixprec.blockscaled import fake_quantize
 
-        if fmt == FP4_E2M1:
-            return blockscaled.round_fp4_e2m1(x, rounding, generator)
-        return blockscaled.fake_quantize(x, fmt, rounding, generator, per_tensor_scale)
+        return fake_quantize(x, fmt, rounding, generator, per_tensor_scale)
+    if fmt == FP4_E2M1:
+        from mixprec.blockscaled import round_fp4_e2m1
+
+        return round_fp4_e2m1(x, rounding, generator)
     if rounding == "nearest" and fmt.stored_exactly:
         rounded = x.to(fmt.dtype).to(torch.float32)
     elif fmt.exponent_bits == FP32.exponent_bits:
