@@ -16,8 +16,9 @@ The rules, as torchao 0.18 implements them:
   amax's exponent bits and clamped to E8M0's range. The floor rule maps a block's amax into
   [2**emax_elem, 2**(emax_elem + 1)), which reaches past the element's max (fp4: [4, 8) against
   6; e4m3: [256, 512) against 448), so a block's largest elements may saturate at ±max. A NaN
-  anywhere makes the whole block NaN (scale code 255); an inf block keeps its ±inf.
-  One quirk is kept for parity: a block whose amax is below ``2**(-127 + emax_elem)`` gets scale
+  anywhere makes the whole block NaN (scale code 255); an inf block keeps its ±inf, and its
+  finite elements, divided by a scale of about 2**120, flush to zero.
+  One quirk is kept for parity: a block whose amax is below ``2**(emax_elem - 126)`` gets scale
   code 0, which encodes with 2**-126 (torchao clamps to fp32's smallest normal) but decodes with
   2**-127, so such blocks come back halved.
 * NVFP4: the tensor scale is ``amax(x) / (448 * 6)``, so the largest block scale lands on e4m3's

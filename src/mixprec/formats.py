@@ -8,9 +8,10 @@ so the table cannot drift from torch. tf32 has no storage dtype of its own: it i
 mantissa bits, stored in fp32 tensors; ``Format.stored_exactly`` says whether ``Format.dtype`` *is*
 the format.
 
-fp4 e2m1 has no inf and no NaN at all (``has_nan=False``), so its top code is a number: max 6.
-It has no elementwise torch dtype (``torch.float4_e2m1fn_x2`` packs two values in a byte), so like
-tf32 it is stored in fp32 tensors. fp4 and the block-scaled formats are formats to *round to*
+fp4 e2m1 has no inf and no NaN at all (``has_nan=False``), so its top code is a number: max 6;
+the tests check it against ``ml_dtypes.float4_e2m1fn``. It has no elementwise torch dtype
+(``torch.float4_e2m1fn_x2`` packs two values in a byte), so like tf32 it is stored in fp32
+tensors. fp4 and the block-scaled formats are formats to *round to*
 (``mixprec.quantize``), not formats a tensor is kept in: :data:`FORMATS`, the table a precision
 policy draws from, holds the six storage formats only, :data:`BLOCK_FORMATS` the block-scaled ones,
 and :data:`ALL_FORMATS` everything (what ``mixprec formats`` lists).
