@@ -379,3 +379,12 @@ def test_per_tensor_scale_of_the_wrong_type_is_refused():
 def test_unknown_format_lists_the_block_formats():
     with pytest.raises(ValueError, match=r"unknown number format 'mxfp6'.*mxfp8, mxfp4, nvfp4"):
         quantize(torch.ones(32), "mxfp6")
+
+
+@pytest.mark.slow  # compiling takes seconds per format on a small CPU
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("fmt", ALL_FP4_AND_BLOCKS, ids=str)
+def test_compiled_is_eager_bit_for_bit(fmt):
+    x = block_inputs((8, 64), 0, seed=23) * torch.exp2(torch.randint(-20, 20, (8, 64)).float())
+    compiled = torch.compile(lambda t: quantize(t, fmt))
+    assert_same_bits(compiled(x), quantize(x, fmt))
