@@ -26,11 +26,13 @@ The rules, as torchao 0.18 implements them:
   to e4m3; elements are ``x * ((1 / tensor_scale) / block_scale)``, clamped to ±6 and rounded
   to fp4; the value is ``element * (tensor_scale * block_scale)``. A tensor scale of 1 gives
   torchao's single-level scaling. Where torchao breaks down mixprec departs, documented: the
-  tensor scale from amax is floored at 2**-121 (:data:`MIN_TENSOR_SCALE`), since below it the
-  reciprocal overflows and torchao turns an all-zero tensor (a zero-initialised layer) into NaN.
+  tensor scale from amax is floored at 2**-121 (:data:`MIN_TENSOR_SCALE`). Below 2**-122 the
+  multiplier of an all-zero block overflows (0 * inf: torchao returns NaN for an all-zero
+  tensor, a zero-initialised layer, whose scale is 0), below 2**-128 ``1 / tensor_scale`` itself
+  does and every element comes out ±6 times its scale.
 * fp4 e2m1 alone follows ``ml_dtypes.float4_e2m1fn``: round half to even, saturating (±inf and
   anything beyond ±6 become ±6), and NaN, which fp4 cannot hold, becomes a zero of the opposite
-  sign (ml_dtypes' NaN code is ``0b1000``, -0, with the input's sign bit flipping it).
+  sign (code ``0b1000``, -0.0, for a NaN whose sign bit is clear; +0.0 for one whose bit is set).
 
 Stochastic rounding applies to the elements only (scales are always rounded to nearest, as in
 NVIDIA's recipe): each element rounds to one of its two neighbours on the element grid with
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 MIN_TENSOR_SCALE = 2.0**-121
-"""Smallest NVFP4 tensor scale: 64 / scale (the largest element multiplier) stays finite."""
+"""Smallest NVFP4 tensor scale: ``(1 / scale) / 2**-6``, the largest multiplier, stays finite."""
 
 _E4M3_MIN_NORMAL = 2.0**-6  # NVFP4 block scales are clamped to e4m3's normal range
 _NVFP4_SCALE_DIVISOR = FP8_E4M3.max * FP4_E2M1.max  # 448 * 6 = 2688
@@ -84,7 +86,7 @@ class BlockQuantized(NamedTuple):
     def dequantize(self) -> torch.Tensor:
         """The values as an fp32 tensor of the original shape: ``element * scale``.
 
-        For NVFP4 the two scales are multiplied first, in fp32, as the hardware does.
+        For NVFP4 the two scales are multiplied first, in fp32, as torchao does.
         """
         scale = self.scales if self.tensor_scale is None else self.tensor_scale * self.scales
         values = self.elements * scale
@@ -174,7 +176,7 @@ def nvfp4_tensor_scale(amax: torch.Tensor | float) -> torch.Tensor:
 
     The quotient is torchao's ``per_tensor_amax_to_scale``; the floor at
     :data:`MIN_TENSOR_SCALE` (2**-121) only touches amax below about 1e-33, where torchao's
-    reciprocal overflows (an all-zero tensor would come back NaN).
+    arithmetic overflows (an all-zero tensor would come back NaN).
 
     Args:
         amax: the largest magnitude in the tensor (NaN and inf pass through and poison the
