@@ -6,6 +6,7 @@ import pytest
 
 from mixprec import FORMATS
 from mixprec.app.cli import build_parser, main
+from mixprec.formats import ALL_FORMATS, BLOCK_FORMATS
 
 
 def test_formats_table_lists_every_format(capsys):
@@ -13,13 +14,18 @@ def test_formats_table_lists_every_format(capsys):
     out = capsys.readouterr().out
     for fmt in FORMATS.values():
         assert fmt.name in out
+    words = " ".join(out.split())
+    for fmt in BLOCK_FORMATS.values():  # with their element, block size and scale format
+        assert f"{fmt.name} {fmt.element.name} {fmt.block_size} {fmt.scale}" in words
+    assert "fp4_e2m1" in out
     assert "65504" in out and "2^-24" in out and "448" in out and "57344" in out
 
 
 def test_formats_json_matches_the_library(capsys):
     assert main(["formats", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows == [json.loads(json.dumps(f.describe())) for f in FORMATS.values()]
+    assert rows == [json.loads(json.dumps(f.describe())) for f in ALL_FORMATS.values()]
+    assert [r["name"] for r in rows][: len(FORMATS)] == list(FORMATS)
     fp16 = next(r for r in rows if r["name"] == "fp16")
     assert fp16["max"] == 65504.0 and fp16["has_inf"] is True
 

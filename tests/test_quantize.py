@@ -361,3 +361,23 @@ def test_rejects_non_bool_saturate():
             quantize(torch.zeros(3), "fp16", saturate=flag)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"saturate must be True or False, got str 'no'"):
         round_to_grid(torch.zeros(3), FP16, saturate="no")  # type: ignore[arg-type]
+
+
+# -- fp4 and the block-scaled formats through quantize (parity: tests/test_blockscaled.py) -------
+
+NEW_FORMATS = ["fp4_e2m1", "mxfp8", "mxfp4", "nvfp4"]
+
+
+@pytest.mark.parametrize("fmt", NEW_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp4_and_block_formats_take_16bit_inputs_as_widened(fmt, dtype):
+    x = (torch.randn(4, 64, generator=torch.Generator().manual_seed(21)) * 3).to(dtype)
+    assert torch.equal(bits(quantize(x, fmt)), bits(quantize(x.float(), fmt)))
+
+
+@pytest.mark.parametrize("fmt", NEW_FORMATS)
+def test_saturate_changes_nothing_for_fp4_and_block_formats(fmt):
+    # Their elements have no inf and saturate (as fp8 e4m3); an MX block holding inf keeps it.
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(22)) * 100
+    x[0, 0], x[1, 0] = math.inf, -math.inf
+    assert torch.equal(bits(quantize(x, fmt)), bits(quantize(x, fmt, saturate=True)))

@@ -19,6 +19,10 @@ Overflow, as torch's casts do it: fp16, bf16 and fp8 e5m2 overflow to ±inf; fp8
 inf, and torch saturates it: anything beyond 448, ±inf included, becomes ±448. ``saturate=True``
 applies that rule to every format (finite overflow and ±inf become ±max). NaN stays NaN.
 
+fp4 e2m1 and the block-scaled formats (mxfp8, mxfp4, nvfp4) are rounded by
+:mod:`mixprec.blockscaled`, bit for bit as ml_dtypes and torchao do it; ``quantize`` dispatches to
+it and adds the gradient rule below.
+
 Gradients: rounding is a step function, whose true derivative is zero almost everywhere, so a
 ``quantize`` inside a model would stop all learning below it. Every mode follows one rule instead,
 the straight-through estimator: the backward pass treats the rounding as the identity and hands
@@ -34,7 +38,15 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from mixprec.formats import FP32, Format, FormatLike, resolve_format
+from mixprec.formats import (
+    FP4_E2M1,
+    FP32,
+    BlockFormat,
+    Format,
+    FormatLike,
+    resolve_block_format,
+    resolve_format,
+)
 
 __all__ = ["Rounding", "quantize"]
 
@@ -50,10 +62,12 @@ _FP32_MIN_SUBNORMAL_EXPONENT = -149
 
 def quantize(
     x: torch.Tensor,
-    fmt: FormatLike,
+    fmt: FormatLike | BlockFormat,
     rounding: Rounding = "nearest",
     saturate: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    per_tensor_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Round ``x`` to the values representable in ``fmt``, returned as a float32 tensor.
 
@@ -63,13 +77,24 @@ def quantize(
     is ``x`` itself; only the two neighbours of ``x`` can come out, and the same ``generator`` state
     gives the same result.
 
+    ``fp4_e2m1`` rounds as ``ml_dtypes.float4_e2m1fn`` converts (saturating at ±6; NaN, which fp4
+    cannot hold, becomes a zero). The block-scaled formats ``mxfp8``, ``mxfp4`` (32-element
+    blocks, E8M0 scales) and ``nvfp4`` (16-element blocks, e4m3 scales under an fp32 tensor scale)
+    scale blocks along the last dimension and return the dequantized values, bit for bit those of
+    torchao's ``MXTensor.to_mx(...).dequantize()`` and ``NVFP4Tensor.to_nvfp4(...).dequantize()``;
+    ``stochastic`` rounds their elements and keeps their scales (see :mod:`mixprec.blockscaled`).
+
     Args:
         x: a float32 tensor (float16 and bfloat16 are accepted too: they widen to fp32 exactly).
-        fmt: the target format: a name such as ``"bf16"``, a torch dtype, or a :class:`Format`.
+        fmt: the target format: a name such as ``"bf16"`` or ``"nvfp4"``, a torch dtype, a
+            :class:`Format` or a :class:`~mixprec.formats.BlockFormat`.
         rounding: ``"nearest"`` (half to even) or ``"stochastic"``.
-        saturate: overflow (and ±inf) becomes ±max instead of ±inf. fp8 e4m3 has no inf and always
-            saturates, as torch's cast does.
+        saturate: overflow (and ±inf) becomes ±max instead of ±inf. fp8 e4m3, fp4 e2m1 and the
+            block formats' elements have no inf and always saturate, as torch's cast does.
         generator: the random source for stochastic rounding, on ``x``'s device.
+        per_tensor_scale: nvfp4 only: the fp32 tensor scale (a float or 0-d tensor, at least
+            2**-121); by default ``amax(|x|) / (448 * 6)``, as torchao's
+            ``per_tensor_amax_to_scale``. 1.0 gives single-level scaling.
 
     Returns:
         A new float32 tensor of the same shape (``x`` itself when both ``fmt`` and ``x`` are
@@ -77,7 +102,9 @@ def quantize(
 
     Raises:
         TypeError: ``x`` is not a tensor, or not fp32/fp16/bf16; ``saturate`` is not a bool.
-        ValueError: unknown format or rounding mode, or a ``generator`` with nearest rounding.
+        ValueError: unknown format or rounding mode, a ``generator`` with nearest rounding, a
+            last dimension that is not a multiple of a block format's block size, or a
+            ``per_tensor_scale`` for another format than nvfp4 (or out of range).
 
     Gradient:
         Straight-through: the gradient with respect to ``x`` is the incoming gradient, unchanged,
@@ -91,8 +118,12 @@ def quantize(
         [1.001953125, inf]
         >>> quantize(x, "fp16", saturate=True).tolist()
         [1.001953125, 65504.0]
+        >>> quantize(torch.tensor([2.5, 7.0]), "fp4_e2m1").tolist()
+        [2.0, 6.0]
+        >>> quantize(torch.tensor([0.1, 1.0] * 16), "mxfp4")[:2].tolist()
+        [0.125, 1.0]
     """
-    fmt = resolve_format(fmt)
+    fmt = _resolve(fmt)
     x = _as_fp32(x)
     _check_saturate(saturate)
     if rounding not in _ROUNDINGS:
@@ -104,11 +135,28 @@ def quantize(
             f"a generator was given with rounding={rounding!r}, which uses no randomness; "
             "pass rounding='stochastic' or drop the generator"
         )
+    has_tensor_scale = isinstance(fmt, BlockFormat) and fmt.tensor_scale is not None
+    if per_tensor_scale is not None and not has_tensor_scale:
+        raise ValueError(
+            f"per_tensor_scale={per_tensor_scale!r} was given for format {fmt.name!r}; only "
+            "nvfp4 has a tensor scale: pass fmt='nvfp4' or drop per_tensor_scale"
+        )
     if fmt == FP32:
         return x
     if x.requires_grad and torch.is_grad_enabled():
-        return _StraightThrough.apply(x, fmt, rounding, saturate, generator)
-    return _round(x, fmt, rounding, saturate, generator)
+        return _StraightThrough.apply(x, fmt, rounding, saturate, generator, per_tensor_scale)
+    return _round(x, fmt, rounding, saturate, generator, per_tensor_scale)
+
+
+def _resolve(fmt: FormatLike | BlockFormat) -> Format | BlockFormat:
+    if isinstance(fmt, BlockFormat):
+        return fmt
+    if isinstance(fmt, str):
+        try:
+            return resolve_block_format(fmt)
+        except ValueError:
+            pass  # not a block format: resolve_format names every valid format if it is unknown
+    return resolve_format(fmt)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -122,22 +170,33 @@ class _StraightThrough(torch.autograd.Function):
         rounding: Rounding,
         saturate: bool,
         generator: torch.Generator | None,
+        per_tensor_scale: torch.Tensor | float | None,
     ) -> torch.Tensor:
-        return _round(x, fmt, rounding, saturate, generator)
+        return _round(x, fmt, rounding, saturate, generator, per_tensor_scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
-        return grad, None, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
+        return grad, None, None, None, None, None
 
 
 def _round(
     x: torch.Tensor,
-    fmt: Format,
+    fmt: Format | BlockFormat,
     rounding: Rounding,
     saturate: bool,
     generator: torch.Generator | None,
+    per_tensor_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """:func:`quantize` on validated arguments, without autograd: the fastest exact path."""
+    # mixprec.blockscaled is imported here, not above: it builds on round_to_grid below.
+    if isinstance(fmt, BlockFormat):
+        from mixprec.blockscaled import fake_quantize
+
+        return fake_quantize(x, fmt, rounding, generator, per_tensor_scale)
+    if fmt == FP4_E2M1:
+        from mixprec.blockscaled import round_fp4_e2m1
+
+        return round_fp4_e2m1(x, rounding, generator)
     if rounding == "nearest" and fmt.stored_exactly:
         rounded = x.to(fmt.dtype).to(torch.float32)
     elif fmt.exponent_bits == FP32.exponent_bits:

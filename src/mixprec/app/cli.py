@@ -33,14 +33,15 @@ from rich.table import Table
 
 from mixprec import __version__
 from mixprec.app.cli_plan import add_plan_parser
-from mixprec.formats import FORMATS
+from mixprec.formats import ALL_FORMATS, BLOCK_FORMATS, Format
 
 
 def _formats(args: argparse.Namespace) -> int:
-    rows = [fmt.describe() for fmt in FORMATS.values()]
+    rows = [fmt.describe() for fmt in ALL_FORMATS.values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    scalar = [f for f in ALL_FORMATS.values() if isinstance(f, Format)]
     table = Table(
         title="Number formats (bits: sign.exponent.mantissa)",
         title_justify="left",
@@ -52,8 +53,8 @@ def _formats(args: argparse.Namespace) -> int:
     for header in ("format", "bits", "max", "min normal", "subnormal", "eps", "inf"):
         table.add_column(header, justify="left" if header == "format" else "right", no_wrap=True)
     table.add_column("torch dtype", no_wrap=True)
-    for fmt, row in zip(FORMATS.values(), rows, strict=True):
-        dtype = str(row["dtype"]) + ("" if fmt.stored_exactly else " *")
+    for fmt in scalar:
+        dtype = str(fmt.dtype).removeprefix("torch.") + ("" if fmt.stored_exactly else " *")
         table.add_row(
             fmt.name,
             f"1.{fmt.exponent_bits}.{fmt.mantissa_bits}",
@@ -64,11 +65,32 @@ def _formats(args: argparse.Namespace) -> int:
             "yes" if fmt.has_inf else "no",
             dtype,
         )
+    blocks = Table(
+        title="Block-scaled formats (blocks along the last dimension)",
+        title_justify="left",
+        box=None,
+        show_edge=False,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    for header in ("format", "element", "block", "block scale", "tensor scale", "bits/value"):
+        blocks.add_column(header, no_wrap=True)
+    for block in BLOCK_FORMATS.values():
+        blocks.add_row(
+            block.name,
+            block.element.name,
+            str(block.block_size),
+            block.scale,
+            block.tensor_scale or "-",
+            f"{block.bits_per_value:g}",
+        )
     console = Console()
     console.print(table)
     console.print(
-        "  * tf32 is computed by tensor cores and stored in float32 tensors", highlight=False
+        "  * held in float32 tensors: tf32 (a tensor-core mode), fp4_e2m1 (no torch dtype)",
+        highlight=False,
     )
+    console.print(blocks)
     for row in rows:
         console.print(f"  {row['name']}: also {', '.join(row['aliases'])}", highlight=False)  # type: ignore[arg-type]
     return 0
