@@ -138,23 +138,42 @@ def test_gradient_accumulation_matches_one_big_batch():
         assert torch.allclose(a, b, atol=2e-3)
 
 
-def test_two_optimizers_and_a_skip_in_one_of_them():
+@pytest.mark.parametrize(
+    ("policy", "update"),
+    [
+        ("fp16-mixed", "auto"),  # fp32 params: the optimizers are not wrapped
+        ("params=fp16,compute=fp16,output=fp16,master=fp32", "master"),
+        ("params=fp16,compute=fp16,output=fp16", "stochastic"),
+        ("bf16-pure", "stochastic"),
+        ("bf16-pure", "kahan"),
+        ("bf16-pure", "nearest"),
+    ],
+)
+@pytest.mark.parametrize("inf_in", ["first", "second"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_two_optimizers_and_a_skip_in_one_of_them_skips_both(policy, update, inf_in, clip):
+    """One skip-or-step decision for all optimizers of mp.step (issue 19 item 9)."""
     model = make_model()
-    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
+    mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
     first = torch.optim.SGD(model[0].parameters(), lr=0.1)
     second = torch.optim.SGD(model[3].parameters(), lr=0.1)
     model, first, second = mp.prepare(model, first, second)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
-    with mp.autocast():
-        loss = F.cross_entropy(model(x).float(), y)
+    loss = F.cross_entropy(model(x).float(), y)
     mp.backward(loss)
-    model[3].weight.grad[0, 0] = float("inf")
-    report = mp.step(first, second)
-    assert not report.stepped and mp.scaler.get_scale() == 2.0**15
-    assert not mp.scaler.step_skipped(first) and mp.scaler.step_skipped(second)
-    assert not torch.equal(model[0].weight, before[0])  # the first optimizer stepped
-    assert torch.equal(model[3].weight, before[-2])  # the second skipped
+    layer = model[0] if inf_in == "first" else model[3]
+    layer.weight.grad[0, 0] = float("inf")
+    scale = mp.scaler.get_scale()
+    report = mp.step(first, second, max_grad_norm=clip)
+    assert not report.stepped
+    if mp.scaler.strategy == "dynamic":
+        assert mp.scaler.get_scale() == scale / 2
+    assert mp.scaler.step_skipped(first) and mp.scaler.step_skipped(second)
+    after = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    optimizers = [getattr(opt, "optimizer", opt) for opt in (first, second)]
+    assert all(not opt.state for opt in optimizers)  # no optimizer state was created either
 
 
 def test_save_and_load_resume_bit_for_bit(tmp_path):

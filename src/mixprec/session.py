@@ -423,9 +423,12 @@ class MixedPrecision(SessionState):
         if self._track_underflow and self._model is not None:
             underflow = underflow_report(self._model, scale, "fp16", scaled=scaling)
         norms = []
+        if max_grad_norm is not None:
+            norms = [self.scaler.clip_grad_norm_(opt, max_grad_norm) for opt in optimizers]
+        # One decision for all, before any steps: an inf in one optimizer's gradients must not
+        # leave the other optimizers' half of the model updated.
+        self.scaler.decide_together_(optimizers)
         for optimizer in optimizers:
-            if max_grad_norm is not None:
-                norms.append(self.scaler.clip_grad_norm_(optimizer, max_grad_norm))
             self.scaler.step(optimizer)
         self.scaler.update()
         stepped = not self.scaler.step_skipped()
