@@ -520,3 +520,19 @@ def test_accumulated_step_reports_the_loss_of_the_whole_batch(tmp_path):
     assert report.loss == pytest.approx(whole, rel=1e-6)
     (line,) = read_metrics(tmp_path / "metrics.jsonl")
     assert line["loss"] == report.loss and line["micro_batches"] == 2
+
+
+def test_a_policy_rule_matching_no_module_is_named_in_a_warning():
+    """A misspelt rule is not silently ignored (issue 19 item 13)."""
+    model = make_model()
+    mp = MixedPrecision("bf16-pure; lm_haed -> fp32; 3 -> fp32", "cpu", backend="emulated")
+    with pytest.warns(UserWarning, match=r"'lm_haed -> params=fp32.*matches no module") as seen:
+        mp.prepare(model)
+    assert not any("'3 -> " in str(w.message) for w in seen)  # the rule that matches: no warning
+    assert model[3].weight.dtype == torch.float32
+
+
+def test_rules_that_match_warn_nothing(recwarn):
+    mp = MixedPrecision("bf16-pure; class:Linear -> fp32", "cpu", backend="emulated")
+    mp.prepare(make_model())
+    assert not [w for w in recwarn if "matches no module" in str(w.message)]

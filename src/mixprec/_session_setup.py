@@ -6,6 +6,7 @@ session's constructor only strings them together.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "make_scaler",
     "needs_loss_scaling",
     "params_of",
+    "warn_unmatched_rules",
 ]
 
 
@@ -191,4 +193,26 @@ def check_owned(optimizer: torch.optim.Optimizer, owned: set[int], what: str) ->
             f"the model's (shapes {shapes}{' ...' if len(foreign) > 3 else ''}), so stepping it "
             "would not change the model; build it on this model's parameters, e.g. "
             "torch.optim.AdamW(model.parameters()), before mp.prepare(model, optimizer)"
+        )
+
+
+def warn_unmatched_rules(model: nn.Module, policy: Policy) -> None:
+    """Warn, naming each, about ``policy``'s rules that match no module of ``model``.
+
+    A misspelt rule (``lm_haed -> fp32``) would otherwise be ignored without a word, and the
+    module it meant would train in the base policy's formats. A warning, not an error: one policy
+    string may be shared by several models that do not all have every module.
+    """
+    modules = list(model.named_modules())
+    for rule in policy.rules:
+        if any(rule.matches(name, module) for name, module in modules):
+            continue
+        kind = "class names" if rule.kind == "class" else "module names"
+        some = [name for name, _ in modules if name][:6]
+        warnings.warn(
+            f"policy rule {str(rule)!r} matches no module of {type(model).__name__}, so it "
+            f"changes nothing; its pattern {rule.pattern!r} is matched against {kind} "
+            f"(modules include {some!r}); fix the pattern or drop the rule",
+            UserWarning,
+            stacklevel=3,
         )

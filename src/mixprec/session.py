@@ -47,6 +47,7 @@ from mixprec._session_setup import (
     make_scaler,
     needs_loss_scaling,
     params_of,
+    warn_unmatched_rules,
 )
 from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
@@ -265,6 +266,7 @@ class MixedPrecision(SessionState):
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
         declared = self._declared_policy(model)  # raises for a keep-in-fp32 name matching none
+        warn_unmatched_rules(model, self.policy)
         storage = _with_default_islands(declared)
         check_prepare_order(model, storage)
         model.to(self.device)
