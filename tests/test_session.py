@@ -261,6 +261,9 @@ def test_scaler_is_a_mixprec_grad_scaler_everywhere():
         ),
         (lambda: MixedPrecision("fp32").prepare("model"), TypeError, r"prepare needs an nn.Module"),
         (lambda: MixedPrecision("fp32").step(), ValueError, r"step needs at least one optimizer"),
+        (lambda: MixedPrecision("fp32", metrics=""), ValueError, r"metrics='' names no folder"),
+        (lambda: MixedPrecision("fp32", metrics="  "), ValueError, r"names no folder"),
+        (lambda: MixedPrecision("fp32", metrics=3), TypeError, r"metrics must be a folder path"),
         (
             lambda: MixedPrecision("fp32").backward(1.0),
             TypeError,

@@ -21,6 +21,7 @@ __all__ = [
     "check_device",
     "check_implemented",
     "check_owned",
+    "check_not_replaced",
     "default_device",
     "distributed",
     "fp32_attribute_rules",
@@ -216,3 +217,31 @@ def warn_unmatched_rules(model: nn.Module, policy: Policy) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def check_not_replaced(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer whose parameters the model no longer holds (sharded after prepare).
+
+    torch's ``fully_shard`` swaps every parameter of the modules it shards for a new DTensor
+    parameter, so an optimizer built before it steps tensors the model no longer uses (and that
+    never get a gradient).
+
+    Raises:
+        RuntimeError: naming the order that works.
+    """
+    owned = {id(p) for p in model.parameters()}
+    gone = [p for p in params_of(optimizer) if id(p) not in owned]
+    if not gone:
+        return
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    cause = (
+        "sharding (fully_shard) replaced them with DTensor parameters after prepare"
+        if sharded
+        else "the model's parameters were replaced after prepare"
+    )
+    raise RuntimeError(
+        f"the {type(optimizer).__name__} holds {len(gone)} parameter(s) that the model no longer "
+        f"has: {cause}, so stepping it would not train the model. Shard first, then build the "
+        "optimizer and prepare: model = mp.fully_shard(model) (or torch's fully_shard(model)); "
+        "opt = AdamW(model.parameters()); model, opt = mp.prepare(model, opt)"
+    )

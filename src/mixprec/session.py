@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from mixprec._session_setup import (
     check_device,
     check_implemented,
+    check_not_replaced,
     check_owned,
     default_device,
     distributed,
@@ -223,7 +224,14 @@ class MixedPrecision(SessionState):
         self._trace = trace
         self._track_underflow = track_underflow
         # Under a process group the file depends on the model's ranks: opened at the first step.
-        self._metrics = (metrics, tensorboard) if metrics else None
+        if metrics is not None and not isinstance(metrics, (str, os.PathLike)):
+            raise TypeError(f"metrics must be a folder path or None, got {metrics!r}")
+        if metrics is not None and not os.fspath(metrics).strip():
+            raise ValueError(
+                f"metrics={metrics!r} names no folder, so no metrics would be written; give a "
+                "folder, e.g. metrics='runs/exp1', or metrics=None to write none"
+            )
+        self._metrics = (metrics, tensorboard) if metrics is not None else None
         self._writer = None if not metrics or distributed() else self._open_metrics(metrics)
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
@@ -487,7 +495,10 @@ class MixedPrecision(SessionState):
             raise TypeError(
                 f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
             )
-        if self._model is None or any(optimizer is opt for opt in self._optimizers):
+        if self._model is None:
+            return
+        if any(optimizer is opt for opt in self._optimizers):
+            check_not_replaced(optimizer, self._model)
             return
         for wrapper in self._optimizers:
             if isinstance(wrapper, _WRAPPERS) and wrapper.optimizer is optimizer:
