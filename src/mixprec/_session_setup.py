@@ -20,8 +20,8 @@ from mixprec.scaling import GradScaler
 __all__ = [
     "check_device",
     "check_implemented",
-    "check_owned",
     "check_not_replaced",
+    "check_owned",
     "default_device",
     "distributed",
     "fp32_attribute_rules",
