@@ -19,6 +19,7 @@ from mixprec.scaling import GradScaler
 
 __all__ = [
     "check_device",
+    "check_has_work",
     "check_implemented",
     "check_not_replaced",
     "check_owned",
@@ -245,3 +246,23 @@ def check_not_replaced(optimizer: torch.optim.Optimizer, model: nn.Module) -> No
         "optimizer and prepare: model = mp.fully_shard(model) (or torch's fully_shard(model)); "
         "opt = AdamW(model.parameters()); model, opt = mp.prepare(model, opt)"
     )
+
+
+def check_has_work(optimizers: Sequence[torch.optim.Optimizer], micro_batches: int) -> None:
+    """Refuse a step with nothing to apply: no backward since the last step, or no gradient.
+
+    Raises:
+        RuntimeError: naming the call order that works.
+    """
+    if micro_batches == 0:
+        raise RuntimeError(
+            "step was called without a backward since the last step, so there is nothing to "
+            "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
+            "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
+        )
+    if not any(p.grad is not None for opt in optimizers for p in params_of(opt)):
+        raise RuntimeError(
+            "none of the optimizers' parameters has a gradient, so a step would change "
+            "nothing; call mp.step(...) after mp.backward(loss) and before "
+            "optimizer.zero_grad(), and check that the loss depends on these parameters"
+        )

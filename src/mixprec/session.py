@@ -37,8 +37,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mixprec._session_forward import (
+    Clock,
+    PolicyForward,
+    check_unprepared,
+    hook_forward,
+    mark_prepared,
+)
 from mixprec._session_setup import (
     check_device,
+    check_has_work,
     check_implemented,
     check_not_replaced,
     check_owned,
@@ -71,7 +79,7 @@ from mixprec.optim import (
     StochasticRoundingOptimizer,
     cast_module,
 )
-from mixprec.policy import Policy, cast_floating
+from mixprec.policy import Policy
 from mixprec.scaling._distributed import agreement_groups
 from mixprec.step_report import StepReport, delayed_fp8_state
 
@@ -86,7 +94,6 @@ __all__ = [
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 _UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 
 
 class MixedPrecision(SessionState):
@@ -241,7 +248,7 @@ class MixedPrecision(SessionState):
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
-        self._started: float | None = None
+        self._clock = Clock()  # when the iteration's first forward started
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -258,8 +265,9 @@ class MixedPrecision(SessionState):
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module`` or an optimizer is not one.
-            RuntimeError: ``prepare`` was already called on this session, or an optimizer holds
-                parameters that are not ``model``'s (stepping it would not train the model).
+            RuntimeError: ``prepare`` was already called on this session, ``model`` was already
+                prepared by a session (a second policy would stack on the first), or an
+                optimizer holds parameters that are not ``model``'s.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"prepare needs an nn.Module, got {type(model).__name__} {model!r}")
@@ -270,6 +278,7 @@ class MixedPrecision(SessionState):
                 )
         if self._islands is not None:
             raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
+        check_unprepared(model)
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
@@ -283,6 +292,7 @@ class MixedPrecision(SessionState):
             self._convert_fp8(model, declared)
         self._islands = fp32_islands(model, declared)
         self._model = model
+        mark_prepared(model, str(self.policy))
         if self._wrap_forward and self._region_args["enabled"]:
             self._forward_hooks = self._hook_forward(model)
         if self._trace:
@@ -292,44 +302,13 @@ class MixedPrecision(SessionState):
         return (model, *wrapped) if wrapped else model
 
     def _hook_forward(self, model: nn.Module) -> list[Any]:
-        """Run every call of ``model`` under the policy's region, outputs in its output format.
-
-        A forward pre-hook enters the session's region and a forward hook registered with
-        ``always_call=True`` leaves it (also when ``forward`` raises), then casts the floating
-        outputs. Entering a region inside an open one with the same settings changes nothing, so
-        an explicit ``with mp.autocast():`` around the call is harmless.
-        """
-        region = autocast(**self._region_args)
-        output_dtype = self.policy.output.dtype
-        depth: list[int] = []  # calls entered and not yet left: a model may call itself
-
-        @torch._dynamo.disable  # region entry is eager (torch.compile sees its autocast state)
-        def enter() -> None:
-            if self._started is None:
-                self._started = time.perf_counter()
-            region.__enter__()
-            depth.append(1)
-
-        @torch._dynamo.disable
-        def leave() -> bool:
-            if not depth:  # an earlier pre-hook raised before ours ran
-                return False
-            depth.pop()
-            region.__exit__(None, None, None)
-            return True
-
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            enter()
-
-        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if not leave() or output is None:
-                return None
-            return cast_floating(output, output_dtype, _FLOATS)
-
-        return [
-            model.register_forward_pre_hook(pre_hook, prepend=True),
-            model.register_forward_hook(post_hook, always_call=True),
-        ]
+        """Run every call of ``model`` (and of its direct children, which its own code may call
+        on their own) under the policy's region, outputs in its output format; see
+        :mod:`mixprec._session_forward`."""
+        hooks = PolicyForward(
+            self._region_args, self.policy.output.dtype, str(self.policy), self._clock
+        )
+        return hook_forward(model, hooks)
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer wrapped where the policy's update happens (what ``prepare`` returns for
@@ -370,8 +349,7 @@ class MixedPrecision(SessionState):
 
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
-        if self._started is None:  # the iteration's clock starts at its first forward
-            self._started = time.perf_counter()
+        self._clock.start()  # the iteration's clock starts at its first forward
         return autocast(**self._region_args)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -415,18 +393,7 @@ class MixedPrecision(SessionState):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
         for opt in optimizers:
             self._check_steppable(opt)
-        if self._micro_batches == 0:
-            raise RuntimeError(
-                "step was called without a backward since the last step, so there is nothing to "
-                "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
-                "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
-            )
-        if not any(p.grad is not None for opt in optimizers for p in params_of(opt)):
-            raise RuntimeError(
-                "none of the optimizers' parameters has a gradient, so a step would change "
-                "nothing; call mp.step(...) after mp.backward(loss) and before "
-                "optimizer.zero_grad(), and check that the loss depends on these parameters"
-            )
+        check_has_work(optimizers, self._micro_batches)
         scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
@@ -442,6 +409,7 @@ class MixedPrecision(SessionState):
             self.scaler.step(optimizer)
         self.scaler.update()
         stepped = not self.scaler.step_skipped()
+        started = self._clock.started
         report = StepReport(
             step=self._steps,
             stepped=stepped,
@@ -449,13 +417,13 @@ class MixedPrecision(SessionState):
             grad_norm=math.sqrt(sum(float(n) ** 2 for n in norms)) if norms else None,
             loss=None if self._loss_sum is None else float(self._loss_sum),
             micro_batches=self._micro_batches,
-            seconds=None if self._started is None else time.perf_counter() - self._started,
+            seconds=None if started is None else time.perf_counter() - started,
             nonfinite_params=() if stepped or self._model is None else _nonfinite(self._model),
             origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
             underflow=underflow,
         )
         self._steps += 1
-        self._loss_sum, self._micro_batches, self._started = None, 0, None
+        self._loss_sum, self._micro_batches, self._clock.started = None, 0, None
         if self._tracer is not None:
             self._tracer.reset()
         if self._metrics is not None:

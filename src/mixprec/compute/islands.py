@@ -65,39 +65,50 @@ def _active_device_type() -> str | None:
     return None
 
 
-def _island_hooks(policy: Policy) -> tuple[Any, Any]:
-    """The pre-hook and post-hook that run one module under ``policy``.
+class _IslandHooks:
+    """The pre-hook and post-hook that run one module under ``policy`` (picklable: a prepared
+    model saved with ``torch.save(model)`` loads with its islands working).
 
     They change torch's autocast state (enabled, dtype) for the module's duration, which is what
     eager kernels, activation checkpointing and ``torch.compile`` (which traces the hooks into its
     graph without a break) all read; the enclosing region's backend and op table stay in force.
     """
-    saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules may re-enter
-    low = policy.compute.dtype if policy.compute.bits <= 16 else None
-    widen_to = torch.float32 if low is None else low
 
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.low = policy.compute.dtype if policy.compute.bits <= 16 else None
+        self._saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules re-enter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_saved"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._saved = []
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         device_type = _active_device_type()
         if device_type is None:
-            saved.append(None)
+            self._saved.append(None)
             return None
-        saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
-        if low is None:
+        self._saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
+        if self.low is None:
             torch.set_autocast_enabled(device_type, False)
         else:
-            torch.set_autocast_dtype(device_type, low)
+            torch.set_autocast_dtype(device_type, self.low)
+        widen_to = torch.float32 if self.low is None else self.low
         return cast_floating(args, widen_to, _NARROWER), cast_floating(kwargs, widen_to, _NARROWER)
 
-    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        state = saved.pop()
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        state = self._saved.pop()
         if state is None:
             return None
         device_type, enabled, dtype = state
         torch.set_autocast_enabled(device_type, enabled)
         torch.set_autocast_dtype(device_type, dtype)
-        return None if output is None else cast_floating(output, policy.output.dtype, _AUTOCAST)
-
-    return pre_hook, post_hook
+        if output is None:
+            return None
+        return cast_floating(output, self.policy.output.dtype, _AUTOCAST)
 
 
 def fp32_islands(
@@ -139,9 +150,9 @@ def fp32_islands(
         rule_policy = _first_match(rules, name, module)
         if rule_policy is None:
             continue
-        pre_hook, post_hook = _island_hooks(rule_policy)
-        handle._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handle._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        hooks = _IslandHooks(rule_policy)
+        handle._handles.append(module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
+        handle._handles.append(module.register_forward_hook(hooks.post_hook, always_call=True))
         handle.modules[name] = rule_policy
     return handle
 

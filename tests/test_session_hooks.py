@@ -1,0 +1,106 @@
+"""The prepared model's forward hooks: picklable, one policy per model, traceable, and on every
+part a model's own code calls (issue 19 items 22, 31, 32, 35).
+
+References: the model called inside an explicit ``mp.autocast()`` region of an unwrapped twin,
+the model before pickling, and torch's own ``torch._dynamo.explain`` graph-break count.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from mixprec import MixedPrecision
+
+
+def make_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+# -- item 22: torch.save(model) after prepare ----------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["bf16-mixed", "fp16-mixed", "bf16-pure"])
+def test_a_prepared_model_pickles_and_still_runs_under_the_policy(policy):
+    mp = MixedPrecision(policy, "cpu", backend="emulated", trace=False)
+    model = mp.prepare(make_mlp())
+    x = torch.randn(4, 8)
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    out = loaded(x)
+    assert out.dtype == expected.dtype == mp.policy.output.dtype
+    assert torch.equal(out, expected)
+    assert not torch.is_autocast_enabled("cpu")  # the loaded hooks leave the region again
+    assert torch.equal(copy.deepcopy(model)(x), expected)
+
+
+# -- item 32: preparing a prepared model -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", ["bf16-mixed", "fp16-mixed", "fp32"])
+def test_preparing_a_prepared_model_again_is_refused_and_changes_nothing(second):
+    model = MixedPrecision("bf16-pure", "cpu", backend="emulated").prepare(make_mlp())
+    x = torch.randn(4, 8)
+    expected = model(x)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    pre, post = len(model._forward_pre_hooks), len(model._forward_hooks)
+    with pytest.raises(RuntimeError, match=r"already prepared.*'params=bf16.*copy\.deepcopy"):
+        MixedPrecision(second, "cpu", backend="emulated").prepare(model)
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == (pre, post)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in weights.items())
+    assert torch.equal(model(x), expected)
+
+
+def test_a_model_holding_a_prepared_part_is_refused():
+    part = MixedPrecision("bf16-mixed", "cpu").prepare(make_mlp())
+    with pytest.raises(RuntimeError, match=r"submodule '0' with policy"):
+        MixedPrecision("fp16-mixed", "cpu").prepare(nn.Sequential(part))
+
+
+def test_a_deep_copy_made_before_prepare_prepares_under_another_policy():
+    model = make_mlp()
+    fresh = copy.deepcopy(model)
+    MixedPrecision("bf16-mixed", "cpu").prepare(model)
+    MixedPrecision("fp16-mixed", "cpu", backend="emulated").prepare(fresh)
+    assert fresh(torch.randn(2, 8)).dtype == torch.float32
+
+
+# -- item 35: compiling after prepare -------------------------------------------------------------
+
+
+def test_compiled_after_prepare_inside_the_region_has_no_graph_break():
+    mp = MixedPrecision("bf16-mixed", "cpu", backend="emulated")
+    model = mp.prepare(make_mlp())
+    x = torch.randn(4, 8)
+    expected = model(x)
+    torch._dynamo.reset()
+    with mp.autocast():
+        explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with mp.autocast():
+        out = compiled(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_compiled_after_prepare_outside_a_region_still_runs_under_the_policy():
+    mp = MixedPrecision("bf16-mixed", "cpu", backend="emulated")
+    model = mp.prepare(make_mlp())
+    x = torch.randn(4, 8)
+    expected = model(x)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="aot_eager")(x)
+    torch.testing.assert_close(out, expected)
+    assert not torch.is_autocast_enabled("cpu")
