@@ -101,6 +101,9 @@ def test_compiled_after_prepare_outside_a_region_still_runs_under_the_policy():
     x = torch.randn(4, 8)
     expected = model(x)
     torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count <= 1  # the eager region entry, as the README says
+    torch._dynamo.reset()
     out = torch.compile(model, backend="aot_eager")(x)
     torch.testing.assert_close(out, expected)
     assert not torch.is_autocast_enabled("cpu")
