@@ -107,3 +107,41 @@ def test_compiled_after_prepare_outside_a_region_still_runs_under_the_policy():
     out = torch.compile(model, backend="aot_eager")(x)
     torch.testing.assert_close(out, expected)
     assert not torch.is_autocast_enabled("cpu")
+
+
+# -- item 31: what a model's own code calls runs under the policy --------------------------------
+
+
+def tiny_t5() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(
+        d_model=32,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        vocab_size=64,
+        d_kv=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("policy", ["bf16-pure", "bf16-mixed"])
+def test_t5_generate_runs_the_encoder_under_the_policy(policy):
+    model = MixedPrecision(policy, "cpu", backend="native").prepare(tiny_t5())
+    reference = MixedPrecision(policy, "cpu", backend="native", wrap_forward=False)
+    twin = reference.prepare(tiny_t5())
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    seen: list[torch.dtype] = []
+    query = model.encoder.block[0].layer[0].SelfAttention.q
+    query.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    with reference.autocast():
+        expected = twin.generate(ids, max_new_tokens=4, do_sample=False)
+    tokens = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen)  # the encoder computed in bf16
+    assert torch.equal(tokens, expected)
+    assert not torch.is_autocast_enabled("cpu")
+    encoded = model.get_encoder()(input_ids=ids).last_hidden_state  # called on its own
+    assert encoded.dtype == MixedPrecision(policy, "cpu").policy.output.dtype
