@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -145,3 +146,17 @@ def test_t5_generate_runs_the_encoder_under_the_policy(policy):
     assert not torch.is_autocast_enabled("cpu")
     encoded = model.get_encoder()(input_ids=ids).last_hidden_state  # called on its own
     assert encoded.dtype == MixedPrecision(policy, "cpu").policy.output.dtype
+
+
+# -- item 33: casting a prepared model ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_a_prepared_model_is_a_clear_error(dtype):
+    model = MixedPrecision("bf16-mixed", "cpu", backend="emulated").prepare(make_mlp())
+    model.to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hook fails while the error unwinds
+        with pytest.raises(RuntimeError, match=r"'2' \(LayerNorm\) is an FP32 island.*weight is "):
+            model(torch.randn(2, 8))
+    assert not torch.is_autocast_enabled("cpu")

@@ -74,8 +74,9 @@ class _IslandHooks:
     graph without a break) all read; the enclosing region's backend and op table stay in force.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, name: str = "") -> None:
         self.policy = policy
+        self.name = name
         self.low = policy.compute.dtype if policy.compute.bits <= 16 else None
         self._saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules re-enter
 
@@ -91,6 +92,8 @@ class _IslandHooks:
         if device_type is None:
             self._saved.append(None)
             return None
+        if self.low is None:
+            _check_fp32_params(module, self.name)
         self._saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
         if self.low is None:
             torch.set_autocast_enabled(device_type, False)
@@ -100,6 +103,8 @@ class _IslandHooks:
         return cast_floating(args, widen_to, _NARROWER), cast_floating(kwargs, widen_to, _NARROWER)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self._saved:  # the pre-hook raised before it saved anything
+            return None
         state = self._saved.pop()
         if state is None:
             return None
@@ -109,6 +114,23 @@ class _IslandHooks:
         if output is None:
             return None
         return cast_floating(output, self.policy.output.dtype, _AUTOCAST)
+
+
+def _check_fp32_params(module: nn.Module, name: str) -> None:
+    """Refuse to run an FP32 island whose own parameters are 16-bit.
+
+    Its inputs are widened to fp32, and a 16-bit weight would then fail deep inside the kernel
+    ("mixed dtype"): the model was cast after the policy stored the island in fp32.
+    """
+    for key, param in module.named_parameters(recurse=False):
+        if param.dtype in _NARROWER:
+            raise RuntimeError(
+                f"module {name!r} ({type(module).__name__}) is an FP32 island (computed in fp32 "
+                f"by the policy), but its {key} is {param.dtype}: the model was cast after the "
+                "policy was applied (model.to(torch.bfloat16), model.half()). Don't cast a "
+                "prepared model: let the policy choose the formats, e.g. "
+                "MixedPrecision('bf16-pure') for 16-bit parameters with fp32 norms"
+            )
 
 
 def fp32_islands(
@@ -150,7 +172,7 @@ def fp32_islands(
         rule_policy = _first_match(rules, name, module)
         if rule_policy is None:
             continue
-        hooks = _IslandHooks(rule_policy)
+        hooks = _IslandHooks(rule_policy, name)
         handle._handles.append(module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
         handle._handles.append(module.register_forward_hook(hooks.post_hook, always_call=True))
         handle.modules[name] = rule_policy
