@@ -24,6 +24,8 @@ autocast state (which dynamo guards on) and adds no graph break. Entering the re
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,7 +36,14 @@ from mixprec.compute import autocast
 from mixprec.compute.autocast import current_region
 from mixprec.policy import cast_floating
 
-__all__ = ["Clock", "PolicyForward", "check_unprepared", "hook_forward", "mark_prepared"]
+__all__ = [
+    "Clock",
+    "PolicyForward",
+    "cast_outputs",
+    "check_unprepared",
+    "hook_forward",
+    "mark_prepared",
+]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 _ATTRIBUTE = "_mixprec_forward"  # the PolicyForward a module's hooks belong to
@@ -42,14 +51,48 @@ _PREPARED = "_mixprec_policy"  # set on a model prepare changed: the policy's te
 
 
 class Clock:
-    """When the current iteration's first forward started (shared by a session and its hooks)."""
+    """The loop around a prepared model, as its session and its hooks see it (shared by both).
 
-    def __init__(self) -> None:
-        self.started: float | None = None
+    Args:
+        needs: what a loop that trains the model without the session loses (loss scaling, the
+            16-bit update mode), or None when such a loop loses nothing.
+    """
+
+    def __init__(self, needs: str | None = None) -> None:
+        self.started: float | None = None  # when the current iteration's first forward started
+        self.needs = needs
+        self.backwards = 0  # losses given to the session's backward
+        self.managed = False  # a framework adapter (MixprecTrainer, Lightning) drives the loop
+        self._forwards = 0
+        self._warned = False
 
     def start(self) -> None:
         if self.started is None:
             self.started = time.perf_counter()
+
+    def training_forward(self, policy: str) -> None:
+        """Count a training forward; warn once when the model trains without the session.
+
+        A plain loop (``loss.backward(); optimizer.step()``, or a plain ``transformers.Trainer``)
+        runs the forward under the policy but skips what the session adds to the backward and the
+        step. Two forwards without any session backward is the sign: the session's loop gives
+        its first backward right after its first forward.
+        """
+        self._forwards += 1
+        if self.needs is None or self.backwards or self.managed or self._warned:
+            return
+        if self._forwards < 3:
+            return
+        self._warned = True
+        warnings.warn(
+            f"this model was prepared by mixprec (policy {policy!r}) but is trained without the "
+            f"session's backward and step, so it trains without {self.needs}. Train through "
+            "mp.backward(loss) and mp.step(optimizer); with Hugging Face use "
+            "mixprec.integrations.transformers.MixprecTrainer instead of Trainer (Lightning: "
+            "mixprec.integrations.lightning's precision plugin)",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class PolicyForward:
@@ -97,7 +140,7 @@ class PolicyForward:
         if self.is_open():
             self._entered.append(False)
             return
-        _enter(self)
+        _enter(self, module.training)
         self._entered.append(True)
 
     def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -107,7 +150,7 @@ class PolicyForward:
         if not self._entered.pop():
             return None
         _leave(self)
-        return None if output is None else cast_floating(output, self.output_dtype, _FLOATS)
+        return cast_outputs(output, self.output_dtype)
 
     def post_hook_top(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         """The model's: leave the region if entered; cast the outputs always (also inside the
@@ -116,12 +159,14 @@ class PolicyForward:
             return None
         if self._entered.pop():
             _leave(self)
-        return None if output is None else cast_floating(output, self.output_dtype, _FLOATS)
+        return cast_outputs(output, self.output_dtype)
 
 
 @torch._dynamo.disable  # region entry is eager (torch.compile sees its autocast state)
-def _enter(hooks: PolicyForward) -> None:
+def _enter(hooks: PolicyForward, training: bool) -> None:
     hooks.clock.start()
+    if training and torch.is_grad_enabled():
+        hooks.clock.training_forward(hooks.policy)
     if hooks._region is None:
         hooks._region = autocast(**hooks.region_args)
     hooks._region.__enter__()
@@ -131,6 +176,24 @@ def _enter(hooks: PolicyForward) -> None:
 def _leave(hooks: PolicyForward) -> None:
     assert hooks._region is not None  # entered by _enter
     hooks._region.__exit__(None, None, None)
+
+
+def cast_outputs(output: Any, dtype: torch.dtype) -> Any:
+    """``output``'s floating tensors in ``dtype``, except a ``"loss"`` entry (a Hugging Face
+    ``ModelOutput``'s), which is never narrowed: a scalar costs nothing in fp32, and a bf16 loss
+    is logged in steps of 2^-7 of its size (3.125, 3.14...). None when ``output`` is None (the
+    forward hook's "leave the output as it is")."""
+    if output is None:
+        return None
+    cast = cast_floating(output, dtype, _FLOATS)
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
+        if loss.is_floating_point() and loss.dtype.itemsize > dtype.itemsize:
+            try:
+                cast["loss"] = loss
+            except TypeError:  # a read-only mapping: left as cast
+                pass
+    return cast
 
 
 def _same_region(region: autocast | None, args: dict[str, Any]) -> bool:

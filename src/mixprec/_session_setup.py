@@ -29,6 +29,7 @@ __all__ = [
     "make_scaler",
     "needs_loss_scaling",
     "params_of",
+    "plain_loop_loses",
     "warn_unmatched_rules",
 ]
 
@@ -266,3 +267,29 @@ def check_has_work(optimizers: Sequence[torch.optim.Optimizer], micro_batches: i
             "nothing; call mp.step(...) after mp.backward(loss) and before "
             "optimizer.zero_grad(), and check that the loss depends on these parameters"
         )
+
+
+_UPDATE_NAMES = {
+    "master": "fp32 master weights",
+    "stochastic": "stochastic rounding",
+    "kahan": "Kahan-compensated updates",
+}
+
+
+def plain_loop_loses(policy: Policy, scaled: bool, update: str) -> str | None:
+    """What training a prepared model without the session's backward and step loses.
+
+    Args:
+        policy: the session's policy.
+        scaled: whether the session scales the loss.
+        update: the session's update mode of 16-bit parameters, "auto" resolved.
+
+    Returns:
+        ``"loss scaling"``, the update mode's name, both, or None when a plain loop (a plain
+        ``loss.backward(); optimizer.step()``) does what the session would.
+    """
+    lost = ["loss scaling"] if scaled else []
+    if any(p.param.bits <= 16 for p in (policy, *(rule.policy for rule in policy.rules))):
+        if update in _UPDATE_NAMES:
+            lost.append(_UPDATE_NAMES[update])
+    return " and ".join(lost) or None

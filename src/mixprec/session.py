@@ -56,6 +56,7 @@ from mixprec._session_setup import (
     make_scaler,
     needs_loss_scaling,
     params_of,
+    plain_loop_loses,
     warn_unmatched_rules,
 )
 from mixprec._session_state import SessionState
@@ -248,7 +249,8 @@ class MixedPrecision(SessionState):
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
-        self._clock = Clock()  # when the iteration's first forward started
+        scaled = self.scaler.strategy != "none"
+        self._clock = Clock(plain_loop_loses(self.policy, scaled, self._update_mode()))
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -366,6 +368,7 @@ class MixedPrecision(SessionState):
         value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro_batches += 1
+        self._clock.backwards += 1
 
     def step(
         self, *optimizers: torch.optim.Optimizer, max_grad_norm: float | None = None
@@ -418,7 +421,9 @@ class MixedPrecision(SessionState):
             loss=None if self._loss_sum is None else float(self._loss_sum),
             micro_batches=self._micro_batches,
             seconds=None if started is None else time.perf_counter() - started,
-            nonfinite_params=() if stepped or self._model is None else _nonfinite(self._model),
+            nonfinite_params=(
+                () if stepped or self._model is None else tuple(nonfinite_grads(self._model))
+            ),
             origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
             underflow=underflow,
         )
@@ -593,7 +598,3 @@ def _with_default_islands(policy: Policy) -> Policy:
     """``policy`` with the default FP32 islands (norms) after its rules: how parameters are
     stored."""
     return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
-
-
-def _nonfinite(model: nn.Module) -> tuple[str, ...]:
-    return tuple(nonfinite_grads(model))

@@ -52,7 +52,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.integrations._common import SessionFigures, check_loss, is_wrapped, session_of
+from mixprec.integrations._common import (
+    SessionFigures,
+    check_loss,
+    is_wrapped,
+    managed,
+    session_of,
+)
 from mixprec.policy import Policy
 from mixprec.scaling.clip import global_norm
 from mixprec.session import MixedPrecision, UpdateMode
@@ -167,6 +173,7 @@ class MixprecTrainer(SessionFigures, Trainer):
         device = training_args.device if training_args is not None else None
         self.mixed_precision = session_of(precision, device, update, backend, scaler_options)
         self.mixed_precision.prepare(model)
+        managed(self.mixed_precision)
         super().__init__(*args, **kwargs)
 
     # -- precision: the region, the scaler, the optimizer ------------------------------------
