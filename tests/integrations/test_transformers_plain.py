@@ -4,6 +4,7 @@ Trainer's own resume, MixprecTrainer's own resume."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -15,8 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
-from mixprec import MixedPrecision  # noqa: E402
+from mixprec import MixedPrecision, Policy  # noqa: E402
 from mixprec.integrations.transformers import MixprecTrainer  # noqa: E402
+from mixprec.optim._wrapper import export_plain  # noqa: E402
 
 SEQ = 16
 
@@ -95,3 +97,65 @@ def test_a_bf16_pure_model_returns_its_loss_in_fp32():
     assert out.logits.dtype == torch.bfloat16  # the policy's output format
     assert out.loss.dtype == expected.loss.dtype == torch.float32
     assert torch.equal(out.loss, expected.loss)
+
+
+# -- items 24 and 33: Trainer checkpoints across policies and trainers ---------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A MixprecTrainer checkpoint after 2 steps, per policy."""
+    folders = {}
+    for policy in ("fp16-mixed", "bf16-pure"):
+        out = tmp_path_factory.mktemp(policy)
+        args = _args(out, max_steps=2, save_strategy="steps", save_steps=2)
+        MixprecTrainer(model=_model(), args=args, train_dataset=_data(), precision=policy).train()
+        folders[policy] = out / "checkpoint-2"
+    return folders
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed"), [("fp16-mixed", "bf16-pure"), ("bf16-pure", "fp16-mixed")]
+)
+def test_resume_under_another_policy_names_both_policies(checkpoints, tmp_path, saved, resumed):
+    trainer = MixprecTrainer(
+        model=_model(), args=_args(tmp_path), train_dataset=_data(), precision=resumed
+    )
+    expected = rf"saved with policy {re.escape(repr(str(Policy.parse(saved))))}.*this session uses "
+    with pytest.raises(ValueError, match=expected + re.escape(repr(str(Policy.parse(resumed))))):
+        trainer.train(resume_from_checkpoint=str(checkpoints[saved]))
+
+
+def test_a_plain_trainer_resumes_a_bf16_pure_mixprec_checkpoint(checkpoints, tmp_path):
+    folder = checkpoints["bf16-pure"]
+    saved = torch.load(folder / "optimizer.pt", weights_only=True)
+    trainer = Trainer(model=_model(), args=_args(tmp_path), train_dataset=_data())
+    trainer.train(resume_from_checkpoint=str(folder))  # 2 saved steps, then a 3rd
+    steps = {float(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()}
+    assert steps == {3.0}
+    assert "params" in saved["param_groups"][0]  # the inner optimizer's groups, at the top
+
+
+def test_a_mixprec_trainer_loads_its_exported_optimizer_state_whole(checkpoints, tmp_path):
+    folder = checkpoints["bf16-pure"]
+    trainer = MixprecTrainer(
+        model=_model(), args=_args(tmp_path), train_dataset=_data(), precision="bf16-pure"
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=3)
+    trainer._load_optimizer_and_scheduler(str(folder))
+    loaded = trainer._mixprec_optimizer.state_dict()
+    exported = torch.load(folder / "optimizer.pt", weights_only=True)
+    assert set(exported) == {"state", "param_groups", "mixprec_wrapper"}
+    assert export_plain(loaded).keys() == exported.keys()
+    assert same(export_plain(loaded), exported)
+
+
+def same(a: object, b: object) -> bool:
+    """Equal nested state dicts: tensors bit for bit (dtype included), the rest by ==."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
