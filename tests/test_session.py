@@ -151,12 +151,14 @@ def test_gradient_accumulation_matches_one_big_batch():
 )
 @pytest.mark.parametrize("inf_in", ["first", "second"])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_two_optimizers_and_a_skip_in_one_of_them_skips_both(policy, update, inf_in, clip):
-    """One skip-or-step decision for all optimizers of mp.step (issue 19 item 9)."""
+@pytest.mark.parametrize("fused", [None, True])
+def test_two_optimizers_and_a_skip_in_one_of_them_skips_both(policy, update, inf_in, clip, fused):
+    """One skip-or-step decision for all optimizers of mp.step (issue 19 item 9); fused
+    optimizers unscale and skip inside their own step."""
     model = make_model()
     mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
-    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
-    second = torch.optim.SGD(model[3].parameters(), lr=0.1)
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1, fused=fused)
+    second = torch.optim.SGD(model[3].parameters(), lr=0.1, fused=fused)
     model, first, second = mp.prepare(model, first, second)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
