@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,18 +33,16 @@ from torch.utils.hooks import RemovableHandle
 
 from mixprec.compute import autocast
 from mixprec.compute.autocast import current_region
-from mixprec.policy import cast_floating
+from mixprec.compute.islands import cast_outputs
 
 __all__ = [
     "Clock",
     "PolicyForward",
-    "cast_outputs",
     "check_unprepared",
     "hook_forward",
     "mark_prepared",
 ]
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 _ATTRIBUTE = "_mixprec_forward"  # the PolicyForward a module's hooks belong to
 _PREPARED = "_mixprec_policy"  # set on a model prepare changed: the policy's text
 
@@ -176,24 +173,6 @@ def _enter(hooks: PolicyForward, training: bool) -> None:
 def _leave(hooks: PolicyForward) -> None:
     assert hooks._region is not None  # entered by _enter
     hooks._region.__exit__(None, None, None)
-
-
-def cast_outputs(output: Any, dtype: torch.dtype) -> Any:
-    """``output``'s floating tensors in ``dtype``, except a ``"loss"`` entry (a Hugging Face
-    ``ModelOutput``'s), which is never narrowed: a scalar costs nothing in fp32, and a bf16 loss
-    is logged in steps of 2^-7 of its size (3.125, 3.14...). None when ``output`` is None (the
-    forward hook's "leave the output as it is")."""
-    if output is None:
-        return None
-    cast = cast_floating(output, dtype, _FLOATS)
-    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
-        loss = output["loss"]
-        if loss.is_floating_point() and loss.dtype.itemsize > dtype.itemsize:
-            try:
-                cast["loss"] = loss
-            except TypeError:  # a read-only mapping: left as cast
-                pass
-    return cast
 
 
 def _same_region(region: autocast | None, args: dict[str, Any]) -> bool:

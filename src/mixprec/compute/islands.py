@@ -12,7 +12,7 @@ autocast region the hooks do nothing. ``handle.remove()`` takes every hook away 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mixprec.policy import ModuleRule, Policy, cast_floating
 
-__all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "fp32_islands"]
+__all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "cast_outputs", "fp32_islands"]
 
 DEFAULT_ISLAND_RULES: tuple[ModuleRule, ...] = (
     ModuleRule("*Norm*", Policy(), kind="class"),
@@ -56,6 +56,24 @@ class IslandHandle:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
+
+
+def cast_outputs(output: Any, dtype: torch.dtype) -> Any:
+    """``output``'s floating tensors in ``dtype``, except a ``"loss"`` entry (a Hugging Face
+    ``ModelOutput``'s), which is never narrowed: a scalar costs nothing in fp32, and a bf16 loss
+    is logged in steps of 2^-7 of its size (3.125, 3.14...). None when ``output`` is None (the
+    forward hook's "leave the output as it is")."""
+    if output is None:
+        return None
+    cast = cast_floating(output, dtype, _AUTOCAST)
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
+        if loss.is_floating_point() and loss.dtype.itemsize > dtype.itemsize:
+            try:
+                cast["loss"] = loss
+            except TypeError:  # a read-only mapping: left as cast
+                pass
+    return cast
 
 
 def _active_device_type() -> str | None:
