@@ -340,8 +340,8 @@ class MixprecTrainer(SessionFigures, Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         path = os.path.join(output_dir, OPTIMIZER_FILE)
         plain_save = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        optimizer = getattr(self, "_mixprec_optimizer", None)
-        if plain_save and self.args.should_save and is_wrapped(optimizer) and os.path.isfile(path):
+        wrapped = is_wrapped(getattr(self, "_mixprec_optimizer", None))  # type: ignore[arg-type]
+        if plain_save and self.args.should_save and wrapped and os.path.isfile(path):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             torch.save(export_plain(state), path + ".tmp")
             os.replace(path + ".tmp", path)
