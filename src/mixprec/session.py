@@ -376,7 +376,8 @@ class MixedPrecision(SessionState):
         """Unscale, clip, step (or skip on inf/NaN), update the scale; report what happened.
 
         Args:
-            optimizers: the optimizers :meth:`prepare` returned; at least one.
+            optimizers: the optimizers :meth:`prepare` returned; at least one. One decision for
+                all: an inf/NaN in any one's gradients skips every one of them.
             max_grad_norm: clip each optimizer's gradients to this global norm (unscaled).
 
         Raises:
@@ -484,7 +485,7 @@ class MixedPrecision(SessionState):
         check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
 
     def close(self) -> None:
-        """Detach the tracer and close the metrics file (also the end of a ``with`` block)."""
+        """Detach the tracer, close the metrics file (also the end of a ``with`` block)."""
         if self._tracer is not None:
             self._tracer.detach()
             self._tracer = None
@@ -595,6 +596,5 @@ class MixedPrecision(SessionState):
 
 
 def _with_default_islands(policy: Policy) -> Policy:
-    """``policy`` with the default FP32 islands (norms) after its rules: how parameters are
-    stored."""
+    """``policy`` with the default FP32 islands (norms) after its rules: how params are stored."""
     return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
