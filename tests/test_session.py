@@ -138,23 +138,44 @@ def test_gradient_accumulation_matches_one_big_batch():
         assert torch.allclose(a, b, atol=2e-3)
 
 
-def test_two_optimizers_and_a_skip_in_one_of_them():
+@pytest.mark.parametrize(
+    ("policy", "update"),
+    [
+        ("fp16-mixed", "auto"),  # fp32 params: the optimizers are not wrapped
+        ("params=fp16,compute=fp16,output=fp16,master=fp32", "master"),
+        ("params=fp16,compute=fp16,output=fp16", "stochastic"),
+        ("bf16-pure", "stochastic"),
+        ("bf16-pure", "kahan"),
+        ("bf16-pure", "nearest"),
+    ],
+)
+@pytest.mark.parametrize("inf_in", ["first", "second"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("fused", [None, True])
+def test_two_optimizers_and_a_skip_in_one_of_them_skips_both(policy, update, inf_in, clip, fused):
+    """One skip-or-step decision for all optimizers of mp.step (issue 19 item 9); fused
+    optimizers unscale and skip inside their own step."""
     model = make_model()
-    mp = MixedPrecision("fp16-mixed", "cpu", backend="emulated")
-    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
-    second = torch.optim.SGD(model[3].parameters(), lr=0.1)
+    mp = MixedPrecision(policy, "cpu", backend="emulated", update=update)
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1, fused=fused)
+    second = torch.optim.SGD(model[3].parameters(), lr=0.1, fused=fused)
     model, first, second = mp.prepare(model, first, second)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
-    with mp.autocast():
-        loss = F.cross_entropy(model(x).float(), y)
+    loss = F.cross_entropy(model(x).float(), y)
     mp.backward(loss)
-    model[3].weight.grad[0, 0] = float("inf")
-    report = mp.step(first, second)
-    assert not report.stepped and mp.scaler.get_scale() == 2.0**15
-    assert not mp.scaler.step_skipped(first) and mp.scaler.step_skipped(second)
-    assert not torch.equal(model[0].weight, before[0])  # the first optimizer stepped
-    assert torch.equal(model[3].weight, before[-2])  # the second skipped
+    layer = model[0] if inf_in == "first" else model[3]
+    layer.weight.grad[0, 0] = float("inf")
+    scale = mp.scaler.get_scale()
+    report = mp.step(first, second, max_grad_norm=clip)
+    assert not report.stepped
+    if mp.scaler.strategy == "dynamic":
+        assert mp.scaler.get_scale() == scale / 2
+    assert mp.scaler.step_skipped(first) and mp.scaler.step_skipped(second)
+    after = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    optimizers = [getattr(opt, "optimizer", opt) for opt in (first, second)]
+    assert all(not opt.state for opt in optimizers)  # no optimizer state was created either
 
 
 def test_save_and_load_resume_bit_for_bit(tmp_path):
@@ -242,6 +263,9 @@ def test_scaler_is_a_mixprec_grad_scaler_everywhere():
         ),
         (lambda: MixedPrecision("fp32").prepare("model"), TypeError, r"prepare needs an nn.Module"),
         (lambda: MixedPrecision("fp32").step(), ValueError, r"step needs at least one optimizer"),
+        (lambda: MixedPrecision("fp32", metrics=""), ValueError, r"metrics='' names no folder"),
+        (lambda: MixedPrecision("fp32", metrics="  "), ValueError, r"names no folder"),
+        (lambda: MixedPrecision("fp32", metrics=3), TypeError, r"metrics must be a folder path"),
         (
             lambda: MixedPrecision("fp32").backward(1.0),
             TypeError,
@@ -501,3 +525,19 @@ def test_accumulated_step_reports_the_loss_of_the_whole_batch(tmp_path):
     assert report.loss == pytest.approx(whole, rel=1e-6)
     (line,) = read_metrics(tmp_path / "metrics.jsonl")
     assert line["loss"] == report.loss and line["micro_batches"] == 2
+
+
+def test_a_policy_rule_matching_no_module_is_named_in_a_warning():
+    """A misspelt rule is not silently ignored (issue 19 item 13)."""
+    model = make_model()
+    mp = MixedPrecision("bf16-pure; lm_haed -> fp32; 3 -> fp32", "cpu", backend="emulated")
+    with pytest.warns(UserWarning, match=r"'lm_haed -> params=fp32.*matches no module") as seen:
+        mp.prepare(model)
+    assert not any("'3 -> " in str(w.message) for w in seen)  # the rule that matches: no warning
+    assert model[3].weight.dtype == torch.float32
+
+
+def test_rules_that_match_warn_nothing(recwarn):
+    mp = MixedPrecision("bf16-pure; class:Linear -> fp32", "cpu", backend="emulated")
+    mp.prepare(make_model())
+    assert not [w for w in recwarn if "matches no module" in str(w.message)]

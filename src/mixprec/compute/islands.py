@@ -12,7 +12,7 @@ autocast region the hooks do nothing. ``handle.remove()`` takes every hook away 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mixprec.policy import ModuleRule, Policy, cast_floating
 
-__all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "fp32_islands"]
+__all__ = ["DEFAULT_ISLAND_RULES", "IslandHandle", "cast_outputs", "fp32_islands"]
 
 DEFAULT_ISLAND_RULES: tuple[ModuleRule, ...] = (
     ModuleRule("*Norm*", Policy(), kind="class"),
@@ -58,6 +58,24 @@ class IslandHandle:
         return iter(self.modules)
 
 
+def cast_outputs(output: Any, dtype: torch.dtype) -> Any:
+    """``output``'s floating tensors in ``dtype``, except a ``"loss"`` entry (a Hugging Face
+    ``ModelOutput``'s), which is never narrowed: a scalar costs nothing in fp32, and a bf16 loss
+    is logged in steps of 2^-7 of its size (3.125, 3.14...). None when ``output`` is None (the
+    forward hook's "leave the output as it is")."""
+    if output is None:
+        return None
+    cast = cast_floating(output, dtype, _AUTOCAST)
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        loss = output["loss"]
+        if loss.is_floating_point() and loss.dtype.itemsize > dtype.itemsize:
+            try:
+                cast["loss"] = loss
+            except TypeError:  # a read-only mapping: left as cast
+                pass
+    return cast
+
+
 def _active_device_type() -> str | None:
     for device_type in _AUTOCAST_DEVICE_TYPES:
         if torch.is_autocast_enabled(device_type):
@@ -65,39 +83,72 @@ def _active_device_type() -> str | None:
     return None
 
 
-def _island_hooks(policy: Policy) -> tuple[Any, Any]:
-    """The pre-hook and post-hook that run one module under ``policy``.
+class _IslandHooks:
+    """The pre-hook and post-hook that run one module under ``policy`` (picklable: a prepared
+    model saved with ``torch.save(model)`` loads with its islands working).
 
     They change torch's autocast state (enabled, dtype) for the module's duration, which is what
     eager kernels, activation checkpointing and ``torch.compile`` (which traces the hooks into its
     graph without a break) all read; the enclosing region's backend and op table stay in force.
     """
-    saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules may re-enter
-    low = policy.compute.dtype if policy.compute.bits <= 16 else None
-    widen_to = torch.float32 if low is None else low
 
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def __init__(self, policy: Policy, name: str = "") -> None:
+        self.policy = policy
+        self.name = name
+        self.low = policy.compute.dtype if policy.compute.bits <= 16 else None
+        self._saved: list[tuple[str, bool, torch.dtype] | None] = []  # a stack: modules re-enter
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_saved"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._saved = []
+
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         device_type = _active_device_type()
         if device_type is None:
-            saved.append(None)
+            self._saved.append(None)
             return None
-        saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
-        if low is None:
+        if self.low is None:
+            _check_fp32_params(module, self.name)
+        self._saved.append((device_type, True, torch.get_autocast_dtype(device_type)))
+        if self.low is None:
             torch.set_autocast_enabled(device_type, False)
         else:
-            torch.set_autocast_dtype(device_type, low)
+            torch.set_autocast_dtype(device_type, self.low)
+        widen_to = torch.float32 if self.low is None else self.low
         return cast_floating(args, widen_to, _NARROWER), cast_floating(kwargs, widen_to, _NARROWER)
 
-    def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        state = saved.pop()
+    def post_hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if not self._saved:  # the pre-hook raised before it saved anything
+            return None
+        state = self._saved.pop()
         if state is None:
             return None
         device_type, enabled, dtype = state
         torch.set_autocast_enabled(device_type, enabled)
         torch.set_autocast_dtype(device_type, dtype)
-        return None if output is None else cast_floating(output, policy.output.dtype, _AUTOCAST)
+        if output is None:
+            return None
+        return cast_floating(output, self.policy.output.dtype, _AUTOCAST)
 
-    return pre_hook, post_hook
+
+def _check_fp32_params(module: nn.Module, name: str) -> None:
+    """Refuse to run an FP32 island whose own parameters are 16-bit.
+
+    Its inputs are widened to fp32, and a 16-bit weight would then fail deep inside the kernel
+    ("mixed dtype"): the model was cast after the policy stored the island in fp32.
+    """
+    for key, param in module.named_parameters(recurse=False):
+        if param.dtype in _NARROWER:
+            raise RuntimeError(
+                f"module {name!r} ({type(module).__name__}) is an FP32 island (computed in fp32 "
+                f"by the policy), but its {key} is {param.dtype}: the model was cast after the "
+                "policy was applied (model.to(torch.bfloat16), model.half()). Don't cast a "
+                "prepared model: let the policy choose the formats, e.g. "
+                "MixedPrecision('bf16-pure') for 16-bit parameters with fp32 norms"
+            )
 
 
 def fp32_islands(
@@ -139,9 +190,9 @@ def fp32_islands(
         rule_policy = _first_match(rules, name, module)
         if rule_policy is None:
             continue
-        pre_hook, post_hook = _island_hooks(rule_policy)
-        handle._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        handle._handles.append(module.register_forward_hook(post_hook, always_call=True))
+        hooks = _IslandHooks(rule_policy, name)
+        handle._handles.append(module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
+        handle._handles.append(module.register_forward_hook(hooks.post_hook, always_call=True))
         handle.modules[name] = rule_policy
     return handle
 

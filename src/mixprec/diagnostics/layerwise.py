@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mixprec.compute import DEFAULT_ISLAND_RULES, Backend, autocast, fp32_islands
+from mixprec.compute.islands import cast_outputs
 from mixprec.diagnostics._checks import (
     check_loss_fn,
     check_model,
@@ -35,9 +36,7 @@ from mixprec.diagnostics._checks import (
 )
 from mixprec.diagnostics.finite import floating_tensors
 from mixprec.optim.cast import cast_module
-from mixprec.policy import Policy, cast_floating
-
-_CASTABLE_OUT = (torch.float16, torch.bfloat16, torch.float32)
+from mixprec.policy import Policy
 
 __all__ = ["Capture", "LayerComparison", "LayerReport", "capture", "compare_layers", "snr_db"]
 
@@ -190,7 +189,7 @@ def capture(
     if low is not None:  # the session's wrapped forward returns the policy's output format
         handles.append(
             twin.register_forward_hook(
-                lambda m, a, out: cast_floating(out, policy.output.dtype, _CASTABLE_OUT)
+                lambda m, a, out: cast_outputs(out, policy.output.dtype)
             )
         )
     devices = [device] if device.type == "cuda" else []

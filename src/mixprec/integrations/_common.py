@@ -14,7 +14,7 @@ from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRound
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
-__all__ = ["SessionFigures", "check_loss", "is_wrapped", "session_of"]
+__all__ = ["SessionFigures", "check_loss", "is_wrapped", "managed", "session_of"]
 
 
 def check_loss(loss: object) -> None:
@@ -76,6 +76,13 @@ def session_of(
     return MixedPrecision(
         precision, device, backend=backend, update=update, scaler_options=scaler_options
     )
+
+
+def managed(session: MixedPrecision) -> None:
+    """Tell ``session`` that a framework adapter drives its loop (scaling and stepping through
+    the session's scaler and wrappers), so its prepared model does not warn that it trains
+    without the session."""
+    session._clock.managed = True
 
 
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)

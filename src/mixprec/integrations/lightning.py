@@ -42,7 +42,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.integrations._common import SessionFigures, check_loss, is_wrapped, session_of
+from mixprec.integrations._common import (
+    SessionFigures,
+    check_loss,
+    is_wrapped,
+    managed,
+    session_of,
+)
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
@@ -114,6 +120,7 @@ class MixprecPrecision(SessionFigures, Precision):
         """
         if self._module is None:
             self.mixed_precision.prepare(module)
+            managed(self.mixed_precision)
             self._module = module
         elif module is not self._module:
             raise RuntimeError(

@@ -32,6 +32,10 @@ and overrides only the documented extension points that decide *precision*:
 * ``_save_scaler``/``_load_scaler`` write and read ``mixprec.pt`` (the session state: policy,
   update mode, loss scaler and its skip counters) beside Trainer's files, so
   ``resume_from_checkpoint`` restores it and refuses a checkpoint of another policy;
+* ``_load_optimizer_and_scheduler`` checks ``mixprec.pt``'s policy before Trainer reads
+  ``optimizer.pt``, so a checkpoint of another policy is refused by naming both;
+* ``_save_optimizer_and_scheduler`` lays a wrapped optimizer's ``optimizer.pt`` out as a plain
+  torch optimizer state (the wrapper's entries beside it), so a plain ``Trainer`` resumes it;
 * ``log`` adds ``loss_scale`` and ``skipped_steps`` to every training log.
 
 What it costs: Accelerate learns that a step was skipped from whether ``optimizer.step`` was
@@ -52,7 +56,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.integrations._common import SessionFigures, check_loss, is_wrapped, session_of
+from mixprec.integrations._common import (
+    SessionFigures,
+    check_loss,
+    is_wrapped,
+    managed,
+    session_of,
+)
+from mixprec.optim._wrapper import export_plain
 from mixprec.policy import Policy
 from mixprec.scaling.clip import global_norm
 from mixprec.session import MixedPrecision, UpdateMode
@@ -69,6 +80,7 @@ __all__ = ["STATE_NAME", "MixprecTrainer", "check_loss", "refused_precision_flag
 
 STATE_NAME = "mixprec.pt"
 """The file, inside each Trainer checkpoint folder, that holds the session state."""
+OPTIMIZER_FILE = "optimizer.pt"  # Trainer's OPTIMIZER_NAME
 
 # Trainer's own mixed-precision switches: each would make Accelerate autocast (or scale) a
 # second time around mixprec's region. Missing fields (older or newer transformers) are skipped.
@@ -167,6 +179,7 @@ class MixprecTrainer(SessionFigures, Trainer):
         device = training_args.device if training_args is not None else None
         self.mixed_precision = session_of(precision, device, update, backend, scaler_options)
         self.mixed_precision.prepare(model)
+        managed(self.mixed_precision)
         super().__init__(*args, **kwargs)
 
     # -- precision: the region, the scaler, the optimizer ------------------------------------
@@ -280,6 +293,18 @@ class MixprecTrainer(SessionFigures, Trainer):
     def _load_scaler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return
+        state = self._session_state_of(checkpoint)
+        try:
+            self.mixed_precision.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"checkpoint {checkpoint!r}: {err}") from None
+
+    def _session_state_of(self, checkpoint: str) -> dict[str, Any]:
+        """The session state saved in ``checkpoint``, checked to be this session's policy.
+
+        Raises:
+            ValueError: there is none, or it names another policy or update mode.
+        """
         path = os.path.join(checkpoint, STATE_NAME)
         if not os.path.isfile(path):
             raise ValueError(
@@ -289,6 +314,34 @@ class MixprecTrainer(SessionFigures, Trainer):
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
-            self.mixed_precision.load_state_dict(state)
+            self.mixed_precision._check_session_state(state)
         except ValueError as err:
             raise ValueError(f"checkpoint {checkpoint!r}: {err}") from None
+        return state  # type: ignore[no-any-return]
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's optimizer load, once the checkpoint's policy is known to be this one's.
+
+        Trainer loads ``optimizer.pt`` before the scaler: the optimizer state of another policy
+        (a plain one where this policy wraps, or the reverse) would fail there, saying something
+        about the state's format instead of naming the two policies.
+        """
+        if checkpoint is not None:
+            self._session_state_of(checkpoint)
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's save, with a wrapped optimizer's ``optimizer.pt`` laid out as a plain one's.
+
+        A plain ``Trainer`` resuming the checkpoint then loads the inner optimizer's state (its
+        own ``optimizer.load_state_dict`` ignores the wrapper's entries beside it), and a
+        MixprecTrainer's wrapper takes the whole back (:func:`mixprec.optim._wrapper.import_plain`).
+        """
+        super()._save_optimizer_and_scheduler(output_dir)
+        path = os.path.join(output_dir, OPTIMIZER_FILE)
+        plain_save = not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        wrapped = is_wrapped(getattr(self, "_mixprec_optimizer", None))  # type: ignore[arg-type]
+        if plain_save and self.args.should_save and wrapped and os.path.isfile(path):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            torch.save(export_plain(state), path + ".tmp")
+            os.replace(path + ".tmp", path)

@@ -657,6 +657,7 @@ class WrappedOptimizer(FusedOption, torch.optim.Optimizer):
                 f"{name}.load_state_dict expects a dict from {name}.state_dict(), got "
                 f"{type(state_dict).__name__} {state_dict!r}"
             )
+        state_dict = import_plain(state_dict)
         missing = [k for k in ("wrapper", "shapes", "optimizer") if k not in state_dict]
         if missing:
             raise ValueError(
@@ -726,3 +727,29 @@ class WrappedOptimizer(FusedOption, torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
+
+
+EXPORT_KEY = "mixprec_wrapper"
+"""Where :func:`export_plain` keeps a wrapper's own state beside the inner optimizer's."""
+
+
+def export_plain(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A wrapper's :meth:`~WrappedOptimizer.state_dict` laid out as a plain torch optimizer's.
+
+    The inner optimizer's ``state`` and ``param_groups`` at the top, so a plain optimizer (a
+    plain ``transformers.Trainer`` resuming a mixprec checkpoint) loads them and ignores the
+    rest; the wrapper's own entries under :data:`EXPORT_KEY`, so a wrapper's ``load_state_dict``
+    takes it back whole (:func:`import_plain`). A state without a wrapper passes unchanged.
+    """
+    if "optimizer" not in state or "wrapper" not in state:
+        return dict(state)
+    own = {key: value for key, value in state.items() if key != "optimizer"}
+    return {**state["optimizer"], EXPORT_KEY: own}
+
+
+def import_plain(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The wrapper state dict :func:`export_plain` was given; other states unchanged."""
+    own = state.get(EXPORT_KEY)
+    if not isinstance(own, Mapping) or "optimizer" in state:
+        return state
+    return {**own, "optimizer": {k: v for k, v in state.items() if k != EXPORT_KEY}}

@@ -374,6 +374,45 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         record["stage"] = OptState.STEPPED
         return retval
 
+    def decide_together_(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Take one skip-or-step decision for ``optimizers`` before any of them steps.
+
+        torch's scaler decides per optimizer: an inf in one optimizer's gradients skips that
+        optimizer alone, and the others update their half of the model. Called between the
+        clips and the first :meth:`step` of an iteration, this checks every optimizer not yet
+        checked (unscaling in place those that do not unscale inside their step; the others
+        keep their gradients and get the scale at :meth:`step`) and gives each the combined
+        flag, so a non-finite gradient anywhere skips every one of them.
+
+        Raises:
+            RuntimeError: If called before :meth:`scale` or after one of them stepped.
+            ValueError: If an optimizer that unscales in place has fp16 gradients.
+        """
+        if not self._enabled:
+            return
+        scale = self._started("step()")
+        optimizers = list(optimizers)
+        for optimizer in optimizers:
+            record = self._iteration.begin_step(optimizer)  # refuses one that already stepped
+            if record["stage"] is not OptState.READY:
+                continue
+            if not self._unscales_in_step(optimizer):
+                self.unscale_(optimizer)
+                continue
+            found_inf = unscale_and_check_(
+                group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
+            )
+            self._record_found_inf(record, found_inf, optimizer)
+            if self._state.strategy != "none":  # step hands it the scale (see _fused_step)
+                self._iteration.folded_scales[id(optimizer)] = scale
+        records = [self._iteration.record(optimizer) for optimizer in optimizers]
+        flags = [flag for record in records if (flag := found_inf_of(record)) is not None]
+        if not flags:
+            return
+        combined = torch.stack([flag.to(scale.device) for flag in flags]).amax()
+        for record in records:
+            set_found_inf(record, combined)
+
     def _fused_step(
         self,
         optimizer: torch.optim.Optimizer,

@@ -57,17 +57,28 @@ from mixprec.optim import (
     StochasticRoundingOptimizer,
     cast_module,
 )
-from mixprec.policy import Policy, cast_floating
+from mixprec.policy import Policy
 from mixprec.scaling._distributed import agreement_groups
+from mixprec.session.forward import (
+    Clock,
+    PolicyForward,
+    check_unprepared,
+    hook_forward,
+    mark_prepared,
+)
 from mixprec.session.setup import (
     check_device,
+    check_has_work,
     check_implemented,
+    check_not_replaced,
     check_owned,
     default_device,
     distributed,
     fp32_attribute_rules,
     make_scaler,
     params_of,
+    plain_loop_loses,
+    warn_unmatched_rules,
 )
 from mixprec.session.state import SessionState
 from mixprec.session.step_report import StepReport, delayed_fp8_state
@@ -77,7 +88,6 @@ __all__ = ["UPDATE_MODES", "MixedPrecision", "UpdateMode"]
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 _WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32)  # outputs the policy recasts; fp64 stays
 
 
 class MixedPrecision(SessionState):
@@ -164,8 +174,7 @@ class MixedPrecision(SessionState):
         self.device = check_device(device if device is not None else default_device())
         if update not in UPDATE_MODES:
             raise ValueError(
-                f"unknown update mode {update!r}; valid modes: "
-                f"{', '.join(map(repr, UPDATE_MODES))}"
+                f"unknown update mode {update!r}; valid modes: {', '.join(map(repr, UPDATE_MODES))}"
             )
         if isinstance(policy, str) and policy.strip().lower() == "auto":
             choice = auto_policy(self.device)
@@ -215,7 +224,14 @@ class MixedPrecision(SessionState):
         self._trace = trace
         self._track_underflow = track_underflow
         # Under a process group the file depends on the model's ranks: opened at the first step.
-        self._metrics = (metrics, tensorboard) if metrics else None
+        if metrics is not None and not isinstance(metrics, (str, os.PathLike)):
+            raise TypeError(f"metrics must be a folder path or None, got {metrics!r}")
+        if metrics is not None and not os.fspath(metrics).strip():
+            raise ValueError(
+                f"metrics={metrics!r} names no folder, so no metrics would be written; give a "
+                "folder, e.g. metrics='runs/exp1', or metrics=None to write none"
+            )
+        self._metrics = (metrics, tensorboard) if metrics is not None else None
         self._writer = None if not metrics or distributed() else self._open_metrics(metrics)
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
@@ -225,7 +241,8 @@ class MixedPrecision(SessionState):
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
-        self._started: float | None = None
+        scaled = self.scaler.strategy != "none"
+        self._clock = Clock(plain_loop_loses(self.policy, scaled, self._update_mode()))
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -242,8 +259,9 @@ class MixedPrecision(SessionState):
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module`` or an optimizer is not one.
-            RuntimeError: ``prepare`` was already called on this session, or an optimizer holds
-                parameters that are not ``model``'s (stepping it would not train the model).
+            RuntimeError: ``prepare`` was already called on this session, ``model`` was already
+                prepared by a session (a second policy would stack on the first), or an
+                optimizer holds parameters that are not ``model``'s.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"prepare needs an nn.Module, got {type(model).__name__} {model!r}")
@@ -254,10 +272,12 @@ class MixedPrecision(SessionState):
                 )
         if self._islands is not None:
             raise RuntimeError("this MixedPrecision session is already prepared; make a new one")
+        check_unprepared(model)
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
         declared = self._declared_policy(model)  # raises for a keep-in-fp32 name matching none
+        warn_unmatched_rules(model, self.policy)
         storage = _with_default_islands(declared)
         check_prepare_order(model, storage)
         model.to(self.device)
@@ -266,6 +286,7 @@ class MixedPrecision(SessionState):
             self._convert_fp8(model, declared)
         self._islands = fp32_islands(model, declared)
         self._model = model
+        mark_prepared(model, str(self.policy))
         if self._wrap_forward and self._region_args["enabled"]:
             self._forward_hooks = self._hook_forward(model)
         if self._trace:
@@ -275,44 +296,13 @@ class MixedPrecision(SessionState):
         return (model, *wrapped) if wrapped else model
 
     def _hook_forward(self, model: nn.Module) -> list[Any]:
-        """Run every call of ``model`` under the policy's region, outputs in its output format.
-
-        A forward pre-hook enters the session's region and a forward hook registered with
-        ``always_call=True`` leaves it (also when ``forward`` raises), then casts the floating
-        outputs. Entering a region inside an open one with the same settings changes nothing, so
-        an explicit ``with mp.autocast():`` around the call is harmless.
-        """
-        region = autocast(**self._region_args)
-        output_dtype = self.policy.output.dtype
-        depth: list[int] = []  # calls entered and not yet left: a model may call itself
-
-        @torch._dynamo.disable  # region entry is eager (torch.compile sees its autocast state)
-        def enter() -> None:
-            if self._started is None:
-                self._started = time.perf_counter()
-            region.__enter__()
-            depth.append(1)
-
-        @torch._dynamo.disable
-        def leave() -> bool:
-            if not depth:  # an earlier pre-hook raised before ours ran
-                return False
-            depth.pop()
-            region.__exit__(None, None, None)
-            return True
-
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            enter()
-
-        def post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if not leave() or output is None:
-                return None
-            return cast_floating(output, output_dtype, _FLOATS)
-
-        return [
-            model.register_forward_pre_hook(pre_hook, prepend=True),
-            model.register_forward_hook(post_hook, always_call=True),
-        ]
+        """Run every call of ``model`` (and of its direct children, which its own code may call
+        on their own) under the policy's region, outputs in its output format; see
+        :mod:`mixprec.session.forward`."""
+        hooks = PolicyForward(
+            self._region_args, self.policy.output.dtype, str(self.policy), self._clock
+        )
+        return hook_forward(model, hooks)
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer wrapped where the policy's update happens (what ``prepare`` returns for
@@ -358,8 +348,7 @@ class MixedPrecision(SessionState):
 
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
-        if self._started is None:  # the iteration's clock starts at its first forward
-            self._started = time.perf_counter()
+        self._clock.start()  # the iteration's clock starts at its first forward
         return autocast(**self._region_args)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -376,6 +365,7 @@ class MixedPrecision(SessionState):
         value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro_batches += 1
+        self._clock.backwards += 1
 
     def step(
         self, *optimizers: torch.optim.Optimizer, max_grad_norm: float | None = None
@@ -383,7 +373,8 @@ class MixedPrecision(SessionState):
         """Unscale, clip, step (or skip on inf/NaN), update the scale; report what happened.
 
         Args:
-            optimizers: the optimizers :meth:`prepare` returned; at least one.
+            optimizers: the optimizers :meth:`prepare` returned; at least one. One decision for
+                all: an inf/NaN in any one's gradients skips every one of them.
             max_grad_norm: clip each optimizer's gradients to this global norm (unscaled).
 
         Raises:
@@ -403,30 +394,23 @@ class MixedPrecision(SessionState):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
         for opt in optimizers:
             self._check_steppable(opt)
-        if self._micro_batches == 0:
-            raise RuntimeError(
-                "step was called without a backward since the last step, so there is nothing to "
-                "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
-                "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
-            )
-        if not any(p.grad is not None for opt in optimizers for p in params_of(opt)):
-            raise RuntimeError(
-                "none of the optimizers' parameters has a gradient, so a step would change "
-                "nothing; call mp.step(...) after mp.backward(loss) and before "
-                "optimizer.zero_grad(), and check that the loss depends on these parameters"
-            )
+        check_has_work(optimizers, self._micro_batches)
         scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
         if self._track_underflow and self._model is not None:
             underflow = underflow_report(self._model, scale, "fp16", scaled=scaling)
         norms = []
+        if max_grad_norm is not None:
+            norms = [self.scaler.clip_grad_norm_(opt, max_grad_norm) for opt in optimizers]
+        # One decision for all, before any steps: an inf in one optimizer's gradients must not
+        # leave the other optimizers' half of the model updated.
+        self.scaler.decide_together_(optimizers)
         for optimizer in optimizers:
-            if max_grad_norm is not None:
-                norms.append(self.scaler.clip_grad_norm_(optimizer, max_grad_norm))
             self.scaler.step(optimizer)
         self.scaler.update()
         stepped = not self.scaler.step_skipped()
+        started = self._clock.started
         report = StepReport(
             step=self._steps,
             stepped=stepped,
@@ -434,13 +418,15 @@ class MixedPrecision(SessionState):
             grad_norm=math.sqrt(sum(float(n) ** 2 for n in norms)) if norms else None,
             loss=None if self._loss_sum is None else float(self._loss_sum),
             micro_batches=self._micro_batches,
-            seconds=None if self._started is None else time.perf_counter() - self._started,
-            nonfinite_params=() if stepped or self._model is None else _nonfinite(self._model),
+            seconds=None if started is None else time.perf_counter() - started,
+            nonfinite_params=(
+                () if stepped or self._model is None else tuple(nonfinite_grads(self._model))
+            ),
             origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
             underflow=underflow,
         )
         self._steps += 1
-        self._loss_sum, self._micro_batches, self._started = None, 0, None
+        self._loss_sum, self._micro_batches, self._clock.started = None, 0, None
         if self._tracer is not None:
             self._tracer.reset()
         if self._metrics is not None:
@@ -480,7 +466,10 @@ class MixedPrecision(SessionState):
             raise TypeError(
                 f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
             )
-        if self._model is None or any(optimizer is opt for opt in self._optimizers):
+        if self._model is None:
+            return
+        if any(optimizer is opt for opt in self._optimizers):
+            check_not_replaced(optimizer, self._model)
             return
         for wrapper in self._optimizers:
             if isinstance(wrapper, _WRAPPERS) and wrapper.optimizer is optimizer:
@@ -493,7 +482,7 @@ class MixedPrecision(SessionState):
         check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
 
     def close(self) -> None:
-        """Detach the tracer and close the metrics file (also the end of a ``with`` block)."""
+        """Detach the tracer, close the metrics file (also the end of a ``with`` block)."""
         if self._tracer is not None:
             self._tracer.detach()
             self._tracer = None
@@ -604,10 +593,5 @@ class MixedPrecision(SessionState):
 
 
 def _with_default_islands(policy: Policy) -> Policy:
-    """``policy`` with the default FP32 islands (norms) after its rules: how parameters are
-    stored."""
+    """``policy`` with the default FP32 islands (norms) after its rules: how params are stored."""
     return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
-
-
-def _nonfinite(model: nn.Module) -> tuple[str, ...]:
-    return tuple(nonfinite_grads(model))

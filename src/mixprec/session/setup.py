@@ -6,6 +6,7 @@ session's constructor only strings them together.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,9 @@ from mixprec.scaling import GradScaler
 
 __all__ = [
     "check_device",
+    "check_has_work",
     "check_implemented",
+    "check_not_replaced",
     "check_owned",
     "default_device",
     "distributed",
@@ -26,6 +29,8 @@ __all__ = [
     "make_scaler",
     "needs_loss_scaling",
     "params_of",
+    "plain_loop_loses",
+    "warn_unmatched_rules",
 ]
 
 
@@ -192,3 +197,99 @@ def check_owned(optimizer: torch.optim.Optimizer, owned: set[int], what: str) ->
             "would not change the model; build it on this model's parameters, e.g. "
             "torch.optim.AdamW(model.parameters()), before mp.prepare(model, optimizer)"
         )
+
+
+def warn_unmatched_rules(model: nn.Module, policy: Policy) -> None:
+    """Warn, naming each, about ``policy``'s rules that match no module of ``model``.
+
+    A misspelt rule (``lm_haed -> fp32``) would otherwise be ignored without a word, and the
+    module it meant would train in the base policy's formats. A warning, not an error: one policy
+    string may be shared by several models that do not all have every module.
+    """
+    modules = list(model.named_modules())
+    for rule in policy.rules:
+        if any(rule.matches(name, module) for name, module in modules):
+            continue
+        kind = "class names" if rule.kind == "class" else "module names"
+        some = [name for name, _ in modules if name][:6]
+        warnings.warn(
+            f"policy rule {str(rule)!r} matches no module of {type(model).__name__}, so it "
+            f"changes nothing; its pattern {rule.pattern!r} is matched against {kind} "
+            f"(modules include {some!r}); fix the pattern or drop the rule",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_not_replaced(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Refuse an optimizer whose parameters the model no longer holds (sharded after prepare).
+
+    torch's ``fully_shard`` swaps every parameter of the modules it shards for a new DTensor
+    parameter, so an optimizer built before it steps tensors the model no longer uses (and that
+    never get a gradient).
+
+    Raises:
+        RuntimeError: naming the order that works.
+    """
+    owned = {id(p) for p in model.parameters()}
+    gone = [p for p in params_of(optimizer) if id(p) not in owned]
+    if not gone:
+        return
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    cause = (
+        "sharding (fully_shard) replaced them with DTensor parameters after prepare"
+        if sharded
+        else "the model's parameters were replaced after prepare"
+    )
+    raise RuntimeError(
+        f"the {type(optimizer).__name__} holds {len(gone)} parameter(s) that the model no longer "
+        f"has: {cause}, so stepping it would not train the model. Shard first, then build the "
+        "optimizer and prepare: model = mp.fully_shard(model) (or torch's fully_shard(model)); "
+        "opt = AdamW(model.parameters()); model, opt = mp.prepare(model, opt)"
+    )
+
+
+def check_has_work(optimizers: Sequence[torch.optim.Optimizer], micro_batches: int) -> None:
+    """Refuse a step with nothing to apply: no backward since the last step, or no gradient.
+
+    Raises:
+        RuntimeError: naming the call order that works.
+    """
+    if micro_batches == 0:
+        raise RuntimeError(
+            "step was called without a backward since the last step, so there is nothing to "
+            "apply; call mp.backward(loss) first (once per micro-batch when accumulating), "
+            "and step all optimizers of an iteration in one call: mp.step(opt_a, opt_b)"
+        )
+    if not any(p.grad is not None for opt in optimizers for p in params_of(opt)):
+        raise RuntimeError(
+            "none of the optimizers' parameters has a gradient, so a step would change "
+            "nothing; call mp.step(...) after mp.backward(loss) and before "
+            "optimizer.zero_grad(), and check that the loss depends on these parameters"
+        )
+
+
+_UPDATE_NAMES = {
+    "master": "fp32 master weights",
+    "stochastic": "stochastic rounding",
+    "kahan": "Kahan-compensated updates",
+}
+
+
+def plain_loop_loses(policy: Policy, scaled: bool, update: str) -> str | None:
+    """What training a prepared model without the session's backward and step loses.
+
+    Args:
+        policy: the session's policy.
+        scaled: whether the session scales the loss.
+        update: the session's update mode of 16-bit parameters, "auto" resolved.
+
+    Returns:
+        ``"loss scaling"``, the update mode's name, both, or None when a plain loop (a plain
+        ``loss.backward(); optimizer.step()``) does what the session would.
+    """
+    lost = ["loss scaling"] if scaled else []
+    if any(p.param.bits <= 16 for p in (policy, *(rule.policy for rule in policy.rules))):
+        if update in _UPDATE_NAMES:
+            lost.append(_UPDATE_NAMES[update])
+    return " and ".join(lost) or None
