@@ -45,7 +45,7 @@ from mixprec.diagnostics import read_metrics
 from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
-from mixprec.optim._shards import local
+from mixprec.optim.shards import local
 from mixprec.policy import Policy
 from mixprec.session import _UPDATE_MODES, MixedPrecision
 from mixprec.tasks import Task

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mixprec.checkpoint import CheckpointError, check_loadable, load_checkpoint, save_checkpoint
-from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
 
