@@ -31,10 +31,9 @@ differently than before this module existed (same distribution, different draws)
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 
 import torch
-
-from collections.abc import Callable, Sequence
 
 from mixprec.formats import resolve_format
 from mixprec.quantize import round_to_grid
@@ -108,6 +107,7 @@ def stochastic_round_(
     for w, o in zip(weights, outs, strict=True):
         _round_with_key_(w, o, key, offset)
         offset += w.numel()
+
 
 SEED_LIMIT = 2**64
 _MASK64 = (1 << 64) - 1
@@ -244,8 +244,8 @@ def _round_bf16_(
     ``weights`` (contiguous) are overwritten. A NaN whose payload sits only in the low 16 bits can
     come out as inf (arithmetic NaNs keep their quiet bit and stay NaN). ``buffers``: two flat
     int32 tensors to work in, of at least ``bf16_words(offset, total numel)`` and ``total numel``
-    elements (see :func:`random_bits`). A registered kernel rounds (the same bits, ``weights`` left as
-    they were) when it takes the tensors; otherwise a dozen int32 torch passes do.
+    elements (see :func:`random_bits`). A registered kernel rounds (the same bits, ``weights``
+    left as they were) when it takes the tensors; otherwise a dozen int32 torch passes do.
 
     Example:
         >>> w = [torch.full((10000,), 1.0 + 2.0**-10)]  # an eighth of a bf16 ulp above 1
@@ -305,8 +305,8 @@ def _round_with_key_(
     tensors takes :func:`_round_bf16_` (``weight`` is overwritten); everything else
     rounds on the format's grid with 24-bit uniforms (the top bits of word ``e`` for element
     ``e``) through :func:`mixprec.quantize.round_to_grid`: subnormals, overflow and NaN as
-    :func:`mixprec.quantize.quantize` does them. Tensors a registered kernel takes are rounded by it (the same bits;
-    ``weight`` unchanged).
+    :func:`mixprec.quantize.quantize` does them. Tensors a registered kernel takes are rounded
+    by it (the same bits; ``weight`` unchanged).
 
     Raises:
         TypeError: ``weight`` is not fp32 or ``out`` not bf16/fp16/fp32.

@@ -47,8 +47,8 @@ from mixprec.stochastic import register_kernel
 
 __all__ = [
     "FUSED_OPTIMIZERS",
-    "FusedMode",
     "MODES",
+    "FusedMode",
     "engine",
     "engine_error",
     "order_states",

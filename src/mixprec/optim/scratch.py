@@ -57,4 +57,3 @@ class Scratch:
     def tensors(self) -> list[torch.Tensor]:
         """The buffers kept (for memory accounting)."""
         return list(self._buffers.values())
-

@@ -336,7 +336,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.rule.after_step()
         return loss
 
-    def _step_closure(self, closure: Callable[[], Any], inv_scale: torch.Tensor | float | None) -> Any:
+    def _step_closure(
+        self, closure: Callable[[], Any], inv_scale: torch.Tensor | float | None
+    ) -> Any:
         shadows = self.mirror.shadows
         loaded = self.mirror.unique_params()  # a closure may give any parameter a gradient
         self._load(loaded)
@@ -361,7 +363,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
             self._unload(stepped, loaded)
         return loss
 
-    def _step_planned(self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None) -> None:
+    def _step_planned(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
         """Step ``params`` (all with gradients) in the chunks of the stepping plan, each offered
         to the one-pass kernel first (:mod:`mixprec.optim.plan`)."""
         clipping = self.max_grad_norm is not None
@@ -407,12 +411,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.last_step_fused += len(params) - len(left)
         return left
 
-    def _storage_entries(self, params: list[torch.Tensor]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def _storage_entries(
+        self, params: list[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         inner_state = self.optimizer.state
         return [
-            (p, inner_state.get(s, {}))
-            for p in params
-            if (s := self.mirror.shadows[p]) is not p
+            (p, inner_state.get(s, {})) for p in params if (s := self.mirror.shadows[p]) is not p
         ]
 
     def _load(self, params: list[torch.Tensor]) -> None:
@@ -425,7 +429,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.storage.encode(self._storage_entries(loaded), self.rule.round_state)
         self.rule.write_back(stepped, loaded)
 
-    def _load_grads(self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None) -> None:
+    def _load_grads(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
         """Give the shadows of ``params`` their (unscaled, clipped) fp32 gradients."""
         self.rule.copy_grads(params, inv_scale)
         if self.max_grad_norm is not None:

@@ -109,7 +109,9 @@ class UpdateRule:
     def widen(self, params: list[torch.Tensor]) -> None:
         """Make the shadows of ``params`` hold the fp32 weights the inner optimizer is to step."""
 
-    def copy_grads(self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None) -> None:
+    def copy_grads(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
         """Give the shadows of ``params`` (all with gradients) their unscaled fp32 gradients."""
         raise NotImplementedError
 

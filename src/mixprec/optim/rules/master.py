@@ -48,7 +48,9 @@ class Master(UpdateRule):
         master = param.detach().to(torch.float32, copy=True)
         return nn.Parameter(master, requires_grad=param.requires_grad)
 
-    def copy_grads(self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None) -> None:
+    def copy_grads(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
         shadows = self.wrapper.shadows
         copied = [p for p in params if shadows[p] is not p]
         own = [p.grad for p in params if shadows[p] is p and p.grad is not None]

@@ -35,14 +35,14 @@ class WidenedRule(UpdateRule):
         for p, weight in zip(widened, weights, strict=True):
             set_tensor(wrapper.shadows[p], wrap_like(weight, p))
 
-    def copy_grads(self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None) -> None:
+    def copy_grads(
+        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
+    ) -> None:
         wrapper = self.wrapper
         shadows = wrapper.shadows
         widened = [p for p in params if shadows[p] is not p]
         own = [p.grad for p in params if shadows[p] is p and p.grad is not None]
-        grads = wrapper.scratch.like(
-            "grads", [local(p) for p in widened], wrapper.scratch_limit()
-        )
+        grads = wrapper.scratch.like("grads", [local(p) for p in widened], wrapper.scratch_limit())
         if widened:
             torch._foreach_copy_(grads, [local(p.grad) for p in widened if p.grad is not None])
         unscale_in_place(grads + own, inv_scale)
