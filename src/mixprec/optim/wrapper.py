@@ -38,18 +38,17 @@ from mixprec.optim.groups import GroupMirror, hyperparameters
 from mixprec.optim.rules.base import UpdateRule
 from mixprec.optim.scratch import Scratch
 from mixprec.optim.states import Fp32States, StateStorage
+from mixprec.optim.wrapper_checks import (
+    check_chunk_numel,
+    check_fused,
+    check_max_grad_norm,
+    check_shapes,
+    check_state_dict,
+    inverse_scale,
+)
 from mixprec.scaling.clip import clip_grad_norm_
 
 __all__ = ["WrappedOptimizer", "inverse_scale"]
-
-
-def inverse_scale(grad_scale: torch.Tensor | float | None) -> torch.Tensor | float | None:
-    """``1 / grad_scale`` computed as torch.amp.GradScaler does (reciprocal in fp64, then fp32)."""
-    if grad_scale is None:
-        return None
-    if isinstance(grad_scale, torch.Tensor):
-        return grad_scale.double().reciprocal().float()
-    return float(1.0 / grad_scale)
 
 
 class _StateView(Mapping[torch.Tensor, Any]):
@@ -67,21 +66,6 @@ class _StateView(Mapping[torch.Tensor, Any]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
-
-
-def _check_max_grad_norm(max_grad_norm: object) -> float | None:
-    if max_grad_norm is None:
-        return None
-    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-        raise TypeError(
-            f"max_grad_norm must be a number or None, got {type(max_grad_norm).__name__} "
-            f"{max_grad_norm!r}"
-        )
-    if not max_grad_norm > 0:
-        raise ValueError(
-            f"max_grad_norm must be positive (or None for no clipping), got {max_grad_norm!r}"
-        )
-    return float(max_grad_norm)
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -144,7 +128,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 f"{type(optimizer).__name__} already holds state for {len(optimizer.state)} "
                 "parameters; create the wrapper right after the optimizer"
             )
-        self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.optimizer = optimizer
         self.rule = rule
         self.storage = Fp32States() if storage is None else storage
@@ -191,12 +175,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     @fused.setter
     def fused(self, value: FusedMode) -> None:
-        if value not in ("auto", "off"):
-            raise ValueError(
-                f"fused must be 'auto' (one-pass updates where they apply) or 'off' (always "
-                f"step through the inner optimizer), got {value!r}"
-            )
-        self._fused = value
+        self._fused = check_fused(value)
 
     @property
     def chunk_numel(self) -> int | None:
@@ -205,16 +184,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     @chunk_numel.setter
     def chunk_numel(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(
-                f"chunk_numel must be a positive int or None, got {type(value).__name__} {value!r}"
-            )
-        if value is not None and value < 1:
-            raise ValueError(
-                f"chunk_numel must be a positive int (elements per chunk) or None (one call for "
-                f"all parameters), got {value!r}"
-            )
-        self._chunk_numel = value
+        self._chunk_numel = check_chunk_numel(value)
 
     @property
     def shadows(self) -> dict[torch.Tensor, torch.Tensor]:
@@ -463,48 +433,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
             ValueError: it comes from another kind of wrapper or a model of another shape, or is
                 missing entries.
         """
-        name = type(self).__name__
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"{name}.load_state_dict expects a dict from {name}.state_dict(), got "
-                f"{type(state_dict).__name__} {state_dict!r}"
-            )
-        missing = [k for k in ("wrapper", "shapes", "optimizer") if k not in state_dict]
-        if missing:
-            raise ValueError(
-                f"not a {name} state dict: missing {missing!r} (keys present: "
-                f"{sorted(state_dict)!r}); save it with {name}.state_dict()"
-            )
-        if state_dict["wrapper"] != self.rule.kind:
-            raise ValueError(
-                f"state dict was saved by a {state_dict['wrapper']!r} wrapper, this is "
-                f"{self.rule.kind!r}; load it into the same kind of wrapper"
-            )
+        check_state_dict(type(self).__name__, self.rule.kind, state_dict)
         self._take_inner_groups()
-        self._check_shapes(state_dict["shapes"])
+        check_shapes(state_dict["shapes"], self.param_groups)
         self.rule.check_extra_state(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.mirror.sync_back()
         self.rule.load_extra_state(state_dict)
         self._record_versions()
         self._trust_loaded = True  # the loaded buffers belong with the weights loaded beside
-
-    def _check_shapes(self, shapes: list[list[list[int]]]) -> None:
-        here = [[list(p.shape) for p in g["params"]] for g in self.param_groups]
-        if [len(g) for g in shapes] != [len(g) for g in here]:
-            raise ValueError(
-                f"state dict has param groups of sizes {[len(g) for g in shapes]!r}, this "
-                f"optimizer {[len(g) for g in here]!r}; it comes from a different model or "
-                "grouping, nothing was loaded"
-            )
-        for group_index, (saved_group, group) in enumerate(zip(shapes, here, strict=True)):
-            for index, (saved, shape) in enumerate(zip(saved_group, group, strict=True)):
-                if list(saved) != shape:
-                    raise ValueError(
-                        f"parameter {index} of group {group_index} has shape {tuple(saved)!r} in "
-                        f"the state dict but {tuple(shape)!r} here; the state dict comes from a "
-                        "different model, nothing was loaded"
-                    )
 
     # -- memory accounting (used by mixprec.optim.memory) ----------------------------------------
 
