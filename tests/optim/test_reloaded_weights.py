@@ -13,6 +13,7 @@ import torch
 from optim_helpers import grads_for, roundtrip, set_grads
 from torch import nn
 
+from mixprec import MixedPrecision
 from mixprec.optim import (
     KahanOptimizer,
     MasterWeightOptimizer,
@@ -108,3 +109,45 @@ def test_a_load_of_the_same_weights_keeps_the_masters_digits():
     opt.zero_grad()
     opt.step()  # no gradients: nothing moves, but the check runs
     assert all(torch.equal(a, b) for a, b in zip(masters, opt.master_params(), strict=True))
+
+
+@pytest.mark.parametrize("update", ["master", "stochastic", "kahan", "nearest"])
+def test_a_checkpoint_loaded_after_prepare_is_the_one_trained(update):
+    """The issue's case: ``bf16-pure``, ``prepare``, then ``model.load_state_dict(fp32)``; the
+    reference loads the same weights before ``prepare``."""
+    loaded = _model(1).state_dict()
+
+    def run(load_after_prepare: bool) -> nn.Module:
+        model = _model(0 if load_after_prepare else 1)
+        mp = MixedPrecision("bf16-pure", "cpu", backend="emulated", update=update)
+        model, opt = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        if load_after_prepare:
+            model.load_state_dict(loaded)
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):
+            with mp.autocast():
+                loss = model(x).float().square().mean()
+            mp.backward(loss)
+            mp.step(opt)
+            opt.zero_grad()
+        return model
+
+    assert _same(run(True), run(False))
+
+
+def test_a_group_added_after_a_load_does_not_hide_the_load():
+    loaded = _model(1).state_dict()
+
+    def run(load_after_wrapping: bool) -> nn.Module:
+        model = _bf16(_model(0 if load_after_wrapping else 1))
+        inner = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
+        opt = MasterWeightOptimizer(inner)
+        if load_after_wrapping:
+            model.load_state_dict(loaded)
+        inner.add_param_group({"params": list(model.parameters())[2:]})
+        opt.zero_grad()  # takes the new group on
+        _step(model, opt, 0)
+        return model
+
+    assert _same(run(True), run(False))
+

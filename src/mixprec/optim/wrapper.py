@@ -214,7 +214,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.mirror.take_inner_groups()
         super().add_param_group(param_group)
         self.mirror.add(self.param_groups[-1])
-        self._record_versions()
+        self._record_versions(only_new=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the model parameters' gradients, as ``torch.optim.Optimizer.zero_grad`` does.
@@ -234,7 +234,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         before = len(self.mirror.shadows)
         self.mirror.take_inner_groups()
         if len(self.mirror.shadows) != before:
-            self._record_versions()
+            self._record_versions(only_new=True)
 
     def _with_grads(self) -> list[torch.Tensor]:
         params = [p for p in self.mirror.unique_params() if p.grad is not None]
@@ -248,9 +248,15 @@ class WrappedOptimizer(torch.optim.Optimizer):
 
     # -- weights changed from outside -----------------------------------------------------------
 
-    def _record_versions(self) -> None:
-        """Note the version counter of every 16-bit parameter: what the rule last wrote."""
+    def _record_versions(self, only_new: bool = False) -> None:
+        """Note the version counter of every 16-bit parameter (``only_new``: of those not noted
+        yet, just adopted), as it is after the rule wrote it."""
         shadows = self.mirror.shadows
+        if only_new:
+            for p, s in shadows.items():
+                if s is not p and p not in self._versions:
+                    self._versions[p] = p._version
+            return
         self._versions = {p: p._version for p, s in shadows.items() if s is not p}
 
     def _refresh_changed(self) -> None:
