@@ -14,14 +14,14 @@ steps it twice as torch steps such a parameter (:attr:`GroupMirror.repeated` lis
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from mixprec.optim.plan import SIXTEEN_BIT
 
-__all__ = ["GroupMirror", "hyperparameters"]
+__all__ = ["GroupMirror", "StateView", "hyperparameters"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SUPPORTED_NAMES = "float16, bfloat16, float32 and complex"
@@ -166,3 +166,20 @@ class GroupMirror:
         """:meth:`params` with each parameter once, at its first place."""
         params = self.params()
         return list(dict.fromkeys(params)) if self.repeated else params
+
+
+class StateView(Mapping[torch.Tensor, Any]):
+    """``wrapper.state[param]``: the inner optimizer's state of that parameter's shadow."""
+
+    def __init__(self, mirror: GroupMirror) -> None:
+        self._mirror = mirror
+
+    def __getitem__(self, param: torch.Tensor) -> Any:
+        return self._mirror.inner.state[self._mirror.shadows[param]]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        inner_state = self._mirror.inner.state
+        return (p for p, s in self._mirror.shadows.items() if s in inner_state)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

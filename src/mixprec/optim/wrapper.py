@@ -7,7 +7,8 @@ shadow is and how the result gets back into the parameter is the **update rule**
 optimizer's states are stored between steps is the **state storage**'s
 (:mod:`mixprec.optim.states`); the groups are kept in step by the **group mirror**
 (:mod:`mixprec.optim.groups`); chunking and the one-pass kernel are the **stepping plan**
-(:mod:`mixprec.optim.plan`). This class owns only the skeleton around them:
+(:mod:`mixprec.optim.plan`); what the rule last wrote is in :mod:`mixprec.optim.written`.
+This class owns only the skeleton around them:
 
 * loss scaling by torch's own protocol: ``_step_supports_amp_scaling`` makes
   ``torch.amp.GradScaler.step`` set ``grad_scale`` and ``found_inf`` on the wrapper; the unscale
@@ -27,14 +28,14 @@ so are complex ones: like torch's autocast, the wrappers leave non-real tensors 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from mixprec.optim import plan
 from mixprec.optim.fused import FusedMode, order_states, step_fused
-from mixprec.optim.groups import GroupMirror, hyperparameters
+from mixprec.optim.groups import GroupMirror, StateView, hyperparameters
 from mixprec.optim.rules.base import UpdateRule
 from mixprec.optim.scratch import Scratch
 from mixprec.optim.states import Fp32States, StateStorage
@@ -46,26 +47,10 @@ from mixprec.optim.wrapper_checks import (
     check_state_dict,
     inverse_scale,
 )
+from mixprec.optim.written import WriteRecord
 from mixprec.scaling.clip import clip_grad_norm_
 
 __all__ = ["WrappedOptimizer", "inverse_scale"]
-
-
-class _StateView(Mapping[torch.Tensor, Any]):
-    """``wrapper.state[param]``: the inner optimizer's state of that parameter's shadow."""
-
-    def __init__(self, wrapper: WrappedOptimizer) -> None:
-        self._wrapper = wrapper
-
-    def __getitem__(self, param: torch.Tensor) -> Any:
-        return self._wrapper.optimizer.state[self._wrapper.shadows[param]]
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        inner_state = self._wrapper.optimizer.state
-        return (p for p, s in self._wrapper.shadows.items() if s in inner_state)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 class WrappedOptimizer(torch.optim.Optimizer):
@@ -139,8 +124,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self.last_step_fused = 0
         self.last_grad_norm: torch.Tensor | None = None
-        self._versions: dict[torch.Tensor, int] = {}
-        self._trust_loaded = False
+        self._written = WriteRecord()
         self.mirror = GroupMirror(name, [], optimizer, rule.make_shadow)
         for group in optimizer.param_groups:
             self.mirror.check_group(group["params"])
@@ -154,7 +138,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.mirror.outer = self.param_groups
         self.mirror.adopt_existing()
         self._shadows = self.mirror.shadows  # the name the tests and older callers know
-        self.state = _StateView(self)  # type: ignore[assignment]
+        self.state = StateView(self.mirror)  # type: ignore[assignment]
         self._record_versions()
         if not any(p.dtype in plan.SIXTEEN_BIT for p in self.mirror.params()):
             warnings.warn(
@@ -249,21 +233,19 @@ class WrappedOptimizer(torch.optim.Optimizer):
     # -- weights changed from outside -----------------------------------------------------------
 
     def _record_versions(self, only_new: bool = False) -> None:
-        """Note the version counter of every 16-bit parameter (``only_new``: of those not noted
-        yet, just adopted), as it is after the rule wrote it."""
-        shadows = self.mirror.shadows
+        """Note the version counters of the 16-bit parameters as the rule left them
+        (``only_new``: of those just adopted); see :mod:`mixprec.optim.written`."""
+        own = [p for p, s in self.mirror.shadows.items() if s is not p]
         if only_new:
-            for p, s in shadows.items():
-                if s is not p and p not in self._versions:
-                    self._versions[p] = p._version
-            return
-        self._versions = {p: p._version for p, s in shadows.items() if s is not p}
+            self._written.note_new(own)
+        else:
+            self._written.note(own)
 
     def _refresh_changed(self) -> None:
-        changed = [p for p, version in self._versions.items() if p._version != version]
+        changed = self._written.changed()
         if changed:
-            self.rule.refresh(changed, self._trust_loaded)
-        self._trust_loaded = False
+            self.rule.refresh(changed, self._written.trusted)
+        self._written.trusted = False
 
     # -- step ---------------------------------------------------------------------------------
 
@@ -447,7 +429,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.mirror.sync_back()
         self.rule.load_extra_state(state_dict)
         self._record_versions()
-        self._trust_loaded = True  # the loaded buffers belong with the weights loaded beside
+        self._written.trusted = True  # the loaded buffers belong with the weights loaded beside
 
     # -- memory accounting (used by mixprec.optim.memory) ----------------------------------------
 
