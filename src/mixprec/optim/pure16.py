@@ -130,6 +130,10 @@ class StochasticRoundingOptimizer(WrappedOptimizer):
         """The seed of the counter-based rounding draws."""
         return self.rule.seed  # type: ignore[attr-defined,no-any-return]
 
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.rule.seed = check_seed(value)  # type: ignore[attr-defined]
+
     @property
     def rounding_step(self) -> int:
         """How many steps have rounded: the counter of the draws."""
