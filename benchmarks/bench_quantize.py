@@ -5,7 +5,7 @@ trip (the baseline, where torch has the dtype) and to ``x.clone()`` (the memory-
 Targets: nearest rounding to bf16/fp16 at >= 1 GB/s on a 2-core machine; stochastic rounding to
 bf16 and fp16 at >= 50% of copy bandwidth. Stochastic rounding is timed three ways: through
 ``quantize`` with a ``torch.Generator`` (a sequential Mersenne twister); counter-based as the
-optimizer wrappers do it (:mod:`mixprec.optim.rounding`: random bits hashed from the element
+optimizer wrappers do it (:mod:`mixprec.stochastic`: random bits hashed from the element
 index, in cache-sized blocks of ``--block`` elements that give the same bits as one call, 16-bit
 output) with a dozen int32 torch passes ("torch ops"); and with the one-pass kernel of
 :mod:`mixprec.optim.fused` (the same bits). Their "vs torch cast" column compares with
@@ -35,14 +35,13 @@ import torch
 from mixprec import quantize
 from mixprec.hardware import probe
 from mixprec.optim import fused
-from mixprec.optim.rounding import (
+from mixprec.stochastic import (
     _stochastic_round_bf16_torch_,
     _stochastic_round_grid_torch_,
     bf16_words,
     counter_key,
-    stochastic_round_bf16_,
+    stochastic_round_,
 )
-from mixprec.optim.rounding import stochastic_round_with_key_ as _round_with_key_
 
 
 def _counter_rounding(
@@ -65,9 +64,9 @@ def _counter_rounding(
             elif torch_ops:
                 _stochastic_round_grid_torch_(w, o, key, offset)
             elif dtype == torch.bfloat16:
-                stochastic_round_bf16_([w], [o], key, offset, (words, tmp))
+                stochastic_round_([w], [o], key, offset, (words, tmp))
             else:
-                _round_with_key_(w, o, key, offset)
+                stochastic_round_(w, o, key, offset)
             offset += w.numel()
 
     return run

@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from mixprec import MixedPrecision, Policy  # noqa: E402
 from mixprec.integrations.transformers import MixprecTrainer  # noqa: E402
-from mixprec.optim._wrapper import export_plain  # noqa: E402
+from mixprec.optim.plain_state import export_plain  # noqa: E402
 
 SEQ = 16
 

@@ -13,6 +13,7 @@ import torch
 from optim_helpers import grads_for, make_params, roundtrip, set_grads
 from torch import nn
 
+from mixprec import stochastic
 from mixprec.formats import resolve_format
 from mixprec.optim import (
     KahanOptimizer,
@@ -20,7 +21,6 @@ from mixprec.optim import (
     StochasticRoundingOptimizer,
     fused,
     memory_report,
-    rounding,
 )
 from mixprec.quantize import round_to_grid
 
@@ -205,9 +205,9 @@ def _specials() -> torch.Tensor:
 @pytest.mark.parametrize("offset", [0, 7])
 def test_bf16_kernel_gives_the_bits_of_the_torch_rounding(offset):
     x = _specials()
-    key = rounding.counter_key(9, 0, 3)
+    key = stochastic.counter_key(9, 0, 3)
     expected = torch.empty_like(x, dtype=torch.bfloat16)
-    rounding._stochastic_round_bf16_torch_([x.clone()], [expected], key, offset)
+    stochastic._stochastic_round_bf16_torch_([x.clone()], [expected], key, offset)
     got = torch.empty_like(expected)
     assert fused.stochastic_round_(x, got, key, offset)
     assert torch.equal(got, expected)
@@ -219,8 +219,8 @@ def test_bf16_kernel_gives_the_bits_of_the_torch_rounding(offset):
 @pytest.mark.parametrize("offset", [0, 7])
 def test_fp16_kernel_is_round_to_grid_with_the_same_uniforms(offset):
     x = torch.cat([_specials(), torch.full((3,), float("nan"))])
-    key = rounding.counter_key(9, 0, 3)
-    words = rounding.random_bits(x.numel(), key, offset)
+    key = stochastic.counter_key(9, 0, 3)
+    words = stochastic.random_bits(x.numel(), key, offset)
     uniform = ((words >> 8) & ((1 << 24) - 1)).float() * 2.0**-24
     expected = round_to_grid(x, resolve_format("fp16"), "stochastic", uniform=uniform)
     got = torch.empty_like(x, dtype=torch.float16)
@@ -251,7 +251,7 @@ def test_a_group_added_after_the_first_steps_is_stepped_fused_too():
 
 def test_kernel_bits_do_not_depend_on_the_thread_count():
     x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(2))
-    key = rounding.counter_key(1, 0, 0)
+    key = stochastic.counter_key(1, 0, 0)
     outs = []
     threads = torch.get_num_threads()
     try:

@@ -264,3 +264,49 @@ def test_zero_grad_refuses_a_non_bool_flag(kind):
     wrapped = _wrap(kind, torch.optim.SGD(make_params(torch.bfloat16), lr=0.1))
     with pytest.raises(TypeError, match=r"set_to_none must be True or False, got str 'no'"):
         wrapped.zero_grad(set_to_none="no")  # type: ignore[arg-type]
+
+
+# -- a parameter listed twice in one group --------------------------------------------------------
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+@pytest.mark.parametrize("fused", ["auto", "off"])
+def test_a_parameter_listed_twice_is_stepped_twice_as_torch_steps_it(inner, fused):
+    """torch steps a parameter listed twice in a group twice (it warns); the masters must be
+    what the same torch optimizer makes of fp32 copies, on both paths."""
+    make = {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    }[inner]
+    params = make_params(torch.bfloat16)
+    reference = [nn.Parameter(p.detach().float()) for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's warning about the repeated parameter
+        plain = make([reference[0], *reference, reference[2]])
+        opt = MasterWeightOptimizer(make([params[0], *params, params[2]]))
+    opt.fused = fused
+    for step in range(3):
+        grads = grads_for(params, step)
+        set_grads(params, grads)
+        set_grads(reference, [g.to(torch.bfloat16).float() for g in grads])
+        opt.step()
+        plain.step()
+    unique = list(dict.fromkeys(opt.master_params()))
+    assert all(torch.equal(m, r) for m, r in zip(unique, reference, strict=True))
+    assert all(torch.equal(p, r.to(p.dtype)) for p, r in zip(params, reference, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["stochastic", "kahan"])
+def test_a_parameter_listed_twice_steps_alike_on_both_paths(kind):
+    results = []
+    for fused in ("auto", "off"):
+        params = make_params(torch.bfloat16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = _wrap(kind, torch.optim.AdamW([params[1], *params], lr=1e-2))
+        opt.fused = fused
+        for step in range(3):
+            set_grads(params, grads_for(params, step))
+            opt.step()
+        results.append(params)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

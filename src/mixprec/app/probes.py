@@ -20,7 +20,7 @@ from torch import nn
 from mixprec.app.tasks import Task
 from mixprec.diagnostics.explainer import is_weight_copy
 from mixprec.distributed import launch
-from mixprec.optim._shards import local
+from mixprec.optim.shards import local
 from mixprec.session import MixedPrecision
 
 __all__ = [

@@ -188,9 +188,7 @@ def capture(
     islands = fp32_islands(twin, policy) if low is not None else None
     if low is not None:  # the session's wrapped forward returns the policy's output format
         handles.append(
-            twin.register_forward_hook(
-                lambda m, a, out: cast_outputs(out, policy.output.dtype)
-            )
+            twin.register_forward_hook(lambda m, a, out: cast_outputs(out, policy.output.dtype))
         )
     devices = [device] if device.type == "cuda" else []
     try:

@@ -78,7 +78,7 @@ from mixprec.distributed._dcp_io import (
     translated,
     verify_items,
 )
-from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mixprec.optim._shards import local
+from mixprec.optim.shards import local
 from mixprec.scaling._distributed import is_dtensor
 
 __all__ = [

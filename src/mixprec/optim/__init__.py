@@ -1,12 +1,19 @@
 """Where the update happens: fp32 master weights, pure 16-bit updates, and a memory account.
 
+The parts, one concept per module: :class:`WrappedOptimizer` (:mod:`~mixprec.optim.wrapper`, the
+step skeleton) composed of an update rule (:mod:`~mixprec.optim.rules`: ``Master``,
+``Stochastic``, ``Kahan``, ``Nearest``), a state storage (:mod:`~mixprec.optim.states`), the group
+mirror (:mod:`~mixprec.optim.groups`) and the stepping plan (:mod:`~mixprec.optim.plan`: chunks,
+and when the one-pass kernel of :mod:`~mixprec.optim.fused` declines). The public classes:
+
 * :class:`MasterWeightOptimizer` keeps fp32 masters for the 16-bit parameters of any
   ``torch.optim`` optimizer.
 * :class:`StochasticRoundingOptimizer` and :class:`KahanOptimizer` train 16-bit parameters without a
   master copy, rounding updates stochastically or carrying the rounding error in a 16-bit buffer.
 * :func:`memory_report` counts the bytes per parameter of params, grads, masters, optimizer state
   and compensation (and, apart, the fixed workspace the wrappers keep between steps on CPUs).
-* :mod:`mixprec.optim.rounding` holds the counter-based random bits of stochastic rounding.
+* :mod:`mixprec.stochastic` holds the counter-based random bits of stochastic rounding.
+* :mod:`mixprec.optim.shards` is the wrappers' view of DTensor parameters (local shards).
 * :mod:`mixprec.optim.fused` updates SGD, Adam and AdamW parameters in one pass under all three
   wrappers (a C++ kernel built on first use; the wrappers' ``fused="off"`` opts out).
 * :func:`cast_module` casts a model's parameters and buffers by a :class:`~mixprec.Policy`.
@@ -32,12 +39,24 @@ from mixprec.optim.pure16 import (
     kahan_round,
     stochastic_round,
 )
+from mixprec.optim.rules import Kahan, Master, Nearest, Stochastic, UpdateRule
+from mixprec.optim.states import Float16States, Fp32States, StateStorage
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = [
+    "Float16States",
+    "Fp32States",
+    "Kahan",
     "KahanOptimizer",
+    "Master",
     "MasterWeightOptimizer",
     "MemoryReport",
+    "Nearest",
+    "StateStorage",
+    "Stochastic",
     "StochasticRoundingOptimizer",
+    "UpdateRule",
+    "WrappedOptimizer",
     "cast_module",
     "kahan_round",
     "memory_report",

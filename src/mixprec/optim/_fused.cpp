@@ -49,7 +49,7 @@ MIXPREC_INLINE float pickf(bool condition, float a, float b) {
   return float_of(pick(condition, bits_of(a), bits_of(b)));
 }
 
-// The keyed lowbias32 hash of mixprec.optim.rounding.random_bits, for word `index`.
+// The keyed lowbias32 hash of mixprec.stochastic.random_bits, for word `index`.
 MIXPREC_INLINE uint32_t hash_word(uint32_t index, uint32_t k1, uint32_t k2) {
   uint32_t h = index * kGolden + k1;
   h ^= h >> 16;
@@ -81,7 +81,7 @@ struct BF16 {
     uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return static_cast<uint16_t>(pick(x != x, 0x7FC0u, rounded));
   }
-  // mixprec.optim.rounding.stochastic_round_bf16_: element e takes half e & 1 of word e >> 1,
+  // mixprec.stochastic (bf16): element e takes half e & 1 of word e >> 1,
   // shifted to [0, 2**16), added to the fp32 pattern; the low half is then cut.
   static MIXPREC_INLINE uint16_t stochastic(float x, Stream at, uint32_t i, uint32_t k1,
                                             uint32_t k2) {
@@ -117,7 +117,7 @@ struct FP16 {
     return static_cast<uint16_t>(h | sign);
   }
   // mixprec.quantize.round_to_grid(x, fp16, "stochastic", uniform=u) with the uniform of
-  // mixprec.optim.rounding.stochastic_round_with_key_, u = U / 2**24 with U the top 24 bits of
+  // mixprec.stochastic (other formats), u = U / 2**24 with U the top 24 bits of
   // word `element`, bit for bit. round_to_grid rounds up when u is below the fraction of an ulp
   // cut off. In the normal range that fraction is R / 2**13, R the 13 mantissa bits fp16 drops,
   // so it rounds up when (U >> 11) < R: integer work on the bit pattern, the carry moving into

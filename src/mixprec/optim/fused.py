@@ -8,7 +8,7 @@ parameter in one pass instead: a C++ kernel (``_fused.cpp``, registered with ``t
 ``torch.ops.mixprec_fused``) reads the 16-bit weight (or the fp32 master), the 16-bit gradient
 times the inverse loss scale and the fp32 states, and writes the states and the 16-bit weight,
 rounded to nearest (master weights), stochastically with the counter-based bits of
-:mod:`mixprec.optim.rounding`, or with Kahan's 16-bit compensation. The states stay the inner
+:mod:`mixprec.stochastic`, or with Kahan's 16-bit compensation. The states stay the inner
 optimizer's own tensors (``inner.state[shadow]["exp_avg"]``...), created and counted exactly as
 torch creates them, so state dicts, resume, LR schedulers and memory accounts are unchanged.
 
@@ -21,12 +21,10 @@ correctly rounded for about a fifth of its inputs, so Adam's kernel works throug
 elements that stay in cache, in two loops around torch's own ``sqrt`` of the block; that costs
 about a second pass over cache, not over memory.
 
-The kernel is built on first use with the machine's C++ compiler (about 35 s, then cached by
-torch in ``~/.cache/torch_extensions``); a wrapper takes the reference path, with the same
-results up to the note above, whenever the fused one cannot give them: the engine cannot be
-built, a wrapper's ``fused`` is ``"off"``, another optimizer class (subclasses included), step
-hooks, ``max_grad_norm``, a closure, per-element states in 16 bits (``state_dtype``); and per
-parameter group or parameter: ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
+The kernel is built on first use (:mod:`mixprec.optim.fused_build`: about 35 s, then cached).
+When a whole step declines the one-pass path is one table, in :mod:`mixprec.optim.plan`; what
+:func:`step_fused` itself declines, per parameter group or parameter, and leaves to the reference
+path (same results): ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``,
 ``fused=True``, tensor hyperparameters, parameters off the CPU, tensor subclasses other than
 DTensor, non-contiguous tensors, gradients of another dtype than the parameter's, fp32 or
 complex parameters, states of an unexpected form. ``wrapper.last_step_fused`` says how many
@@ -38,162 +36,37 @@ sharded checkpoints see what the inner optimizer would have made.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from mixprec.optim._shards import is_dtensor, wrap_like
+from mixprec.optim.fused_build import engine, engine_error
+from mixprec.optim.shards import is_dtensor, wrap_like
+from mixprec.stochastic import register_kernel
 
 __all__ = [
     "FUSED_OPTIMIZERS",
+    "MODES",
     "FusedMode",
-    "FusedOption",
     "engine",
     "engine_error",
     "order_states",
-    "refusal",
     "step_fused",
     "stochastic_round_",
 ]
 
 FusedMode = Literal["auto", "off"]
 Rounding = Literal["nearest", "stochastic", "kahan"]
-_MODES: dict[str, int] = {"nearest": 0, "stochastic": 1, "kahan": 2}
+# The kernels' ways of writing the new weight (``mode`` of the C++ ops): round the fp32 master to
+# nearest (and write the master), round stochastically, round to nearest with Kahan's remainder.
+MODES: dict[str, int] = {"nearest": 0, "stochastic": 1, "kahan": 2}
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 # Exact types: a subclass may change the update.
 FUSED_OPTIMIZERS: frozenset[type[torch.optim.Optimizer]] = frozenset(
     {torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW}
 )
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-_SOURCE = Path(__file__).with_name("_fused.cpp")
-_FLAGS = [
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffp-contract=off",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-]
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {"ops": None, "error": None, "tried": False}
-
-
-def _cpu_signature() -> str:
-    """The CPU's flags: a build with ``-march=native`` must not be reused on another CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((line for line in text.splitlines() if line.startswith("flags")), "unknown")
-
-
-def engine() -> Any | None:
-    """``torch.ops.mixprec_fused`` with the fused kernels, built on first call; None if it
-    cannot be built (:func:`engine_error` says why; a warning says so once).
-
-    Example:
-        >>> ops = engine()
-        >>> ops is None or hasattr(ops, "adam_")
-        True
-    """
-    if _state["tried"]:
-        return _state["ops"]
-    with _lock:
-        if not _state["tried"]:
-            try:
-                _state["ops"] = _build()
-            except Exception as error:  # no compiler, a compile error, no ninja...
-                _state["error"] = f"{type(error).__name__}: {error}"
-                warnings.warn(
-                    "mixprec.optim.fused: the fused update kernels could not be built "
-                    f"({_state['error'][:300]}); the optimizer wrappers take their reference "
-                    "path (same results, slower). Install a C++ compiler and ninja to get them",
-                    stacklevel=3,
-                )
-            _state["tried"] = True
-    return _state["ops"]
-
-
-def engine_error() -> str | None:
-    """Why :func:`engine` returned None (None if it was built or not tried yet)."""
-    return _state["error"]
-
-
-def _build() -> Any:
-    if hasattr(torch.ops, "mixprec_fused") and hasattr(torch.ops.mixprec_fused, "adam_"):
-        return torch.ops.mixprec_fused
-    from torch.utils.cpp_extension import load_inline
-
-    source = _SOURCE.read_text()
-    digest = hashlib.sha256((source + " ".join(_FLAGS) + _cpu_signature()).encode()).hexdigest()
-    load_inline(
-        f"mixprec_fused_{digest[:12]}",
-        cpp_sources=[source],
-        extra_cflags=_FLAGS,
-        is_python_module=False,
-    )
-    ops = torch.ops.mixprec_fused
-    for name in ("adam_", "sgd_", "stochastic_round_"):
-        torch.library.register_fake(f"mixprec_fused::{name}")(_returns_nothing)
-    return ops
-
-
-def _returns_nothing(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-class FusedOption:
-    """The ``fused`` setting of the optimizer wrappers (mixed into ``WrappedOptimizer``).
-
-    Attributes:
-        last_step_fused: how many parameters the last step updated with the fused kernels.
-    """
-
-    _fused: FusedMode = "auto"
-    last_step_fused: int = 0
-
-    @property
-    def fused(self) -> FusedMode:
-        """``"auto"`` (default): one-pass updates wherever they apply (see
-        :mod:`mixprec.optim.fused`); ``"off"``: always step through the inner optimizer."""
-        return self._fused
-
-    @fused.setter
-    def fused(self, value: FusedMode) -> None:
-        if value not in ("auto", "off"):
-            raise ValueError(
-                f"fused must be 'auto' (one-pass updates where they apply) or 'off' (always "
-                f"step through the inner optimizer), got {value!r}"
-            )
-        self._fused = value
-
-
-def refusal(inner: torch.optim.Optimizer, fused: FusedMode, clipping: bool) -> str | None:
-    """Why a step of a wrapper around ``inner`` cannot take the fused path (None: it can)."""
-    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
-
-    if fused == "off":
-        return "fused='off'"
-    if type(inner) not in FUSED_OPTIMIZERS:
-        return f"{type(inner).__name__} is not one of SGD, Adam, AdamW (exact types)"
-    if clipping:
-        return "max_grad_norm clips by a norm over all gradients"
-    if (
-        inner._optimizer_step_pre_hooks
-        or inner._optimizer_step_post_hooks
-        or _global_optimizer_pre_hooks
-        or _global_optimizer_post_hooks
-    ):
-        return "step hooks run inside the inner optimizer's step"
-    if engine() is None:
-        return f"the fused kernels are unavailable: {engine_error()}"
-    return None
 
 
 def order_states(inner: torch.optim.Optimizer) -> None:
@@ -324,7 +197,7 @@ def step_fused(
     inv = 1.0 if inv_scale is None else float(inv_scale)
     k1, k2 = key
     rest = []
-    mode = _MODES[rounding]
+    mode = MODES[rounding]
     for model_param, shadow, model_compensation, offset in entries:
         group = groups.get(id(shadow))
         # DTensors (FSDP2 shards) are updated through their local shards: elementwise, with the
@@ -411,7 +284,7 @@ def stochastic_round_(
 ) -> bool:
     """Round contiguous fp32 ``src`` into contiguous 16-bit ``out`` with the kernel, if it can.
 
-    The bits are :mod:`mixprec.optim.rounding`'s (bf16: 16 bits of word ``e // 2``; fp16: the
+    The bits are :mod:`mixprec.stochastic`'s (bf16: 16 bits of word ``e // 2``; fp16: the
     grid rounding of :func:`mixprec.quantize.round_to_grid` with 24-bit uniforms).
 
     Returns:
@@ -429,3 +302,6 @@ def stochastic_round_(
         return False
     ops.stochastic_round_(src, out, key[0], key[1], offset)
     return True
+
+
+register_kernel(stochastic_round_)  # mixprec.stochastic rounds with it where it applies

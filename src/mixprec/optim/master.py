@@ -20,7 +20,7 @@ hooks, ``clip_grad_norm_`` and ``GradScaler.unscale_`` see the tensors users exp
 Cost: 4 bytes per 16-bit parameter for the master (16 B/param with Adam: 2 params + 2 grads +
 4 master + 8 Adam states, the same as fp32 training), plus fp32 gradients that exist only inside
 ``step``. On CPUs the step goes in chunks of ``chunk_numel`` elements (see
-``WrappedOptimizer._step_in_chunks``): the fp32 gradients of one chunk live in a buffer that is
+:mod:`mixprec.optim.plan`): the fp32 gradients of one chunk live in a buffer that is
 kept between steps, a fixed workspace of at most ``4 * chunk_numel`` bytes whatever the model's
 size (``memory_report`` shows it apart from the per-parameter account), so no step pays the page
 faults of a fresh whole-model buffer and the chunk is still in cache when the inner optimizer
@@ -34,15 +34,10 @@ parameters, which mixed precision leaves alone as torch's autocast does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-from torch import nn
 
-from mixprec.optim._shards import local, wrap_like
-from mixprec.optim._wrapper import WrappedOptimizer, check_saved_buffers
-from mixprec.optim.fused import step_fused
+from mixprec.optim.rules.master import Master
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["MasterWeightOptimizer"]
 
@@ -89,94 +84,21 @@ class MasterWeightOptimizer(WrappedOptimizer):
         (0.99, 0.98828125)
     """
 
-    _kind = "master"
-
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
     ) -> None:
-        if not isinstance(keep_grad_buffers, bool):
-            raise TypeError(
-                f"keep_grad_buffers must be True or False, got "
-                f"{type(keep_grad_buffers).__name__} {keep_grad_buffers!r}"
-            )
-        self.keep_grad_buffers = keep_grad_buffers
-        self._grad_buffers: dict[torch.Tensor, torch.Tensor] = {}
-        super().__init__(optimizer, max_grad_norm=max_grad_norm)
+        super().__init__(optimizer, Master(keep_grad_buffers), max_grad_norm=max_grad_norm)
 
-    def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
-        master = param.detach().to(torch.float32, copy=True)
-        return nn.Parameter(master, requires_grad=param.requires_grad)
+    @property
+    def keep_grad_buffers(self) -> bool:
+        """Whether whole-model fp32 gradient buffers are kept between steps."""
+        return self.rule.keep_grad_buffers  # type: ignore[attr-defined,no-any-return]
 
     def master_params(self) -> list[torch.Tensor]:
         """The tensors the inner optimizer steps, in ``param_groups`` order: the fp32 master of
         each 16-bit parameter, the parameter itself where it is fp32 or complex."""
-        self._adopt_inner_groups()
-        return [self._shadows[p] for p in self._params()]
-
-    def _load_weights(self, params: list[torch.Tensor]) -> None:
-        pass  # the masters hold the weights between steps
-
-    def _copy_grads(
-        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
-    ) -> None:
-        copied = [p for p in params if self._shadows[p] is not p]
-        own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
-        masters = [self._shadows[p] for p in copied]
-        grads = self._grad_buffers_for(masters)  # local shards of DTensor masters
-        if grads:
-            torch._foreach_copy_(grads, [local(p.grad) for p in copied if p.grad is not None])
-        self._unscale_in_place(grads + own, inv_scale)
-        for master, grad in zip(masters, grads, strict=True):
-            master.grad = wrap_like(grad, master)
-
-    def _step_fused(
-        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
-    ) -> list[torch.Tensor]:
-        if self.keep_grad_buffers:
-            return params
-        entries = [(p, self._shadows[p], None, 0) for p in params]
-        return step_fused(self.optimizer, entries, inv_scale, "nearest")
-
-    def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
-        self._write_trial_point(stepped)  # fp32 -> 16 bits: round to nearest even
-        for p in loaded:
-            if self._shadows[p] is not p:
-                self._shadows[p].grad = None  # the fp32 gradient is only visible inside step()
-
-    def _grad_buffers_for(self, masters: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not self.keep_grad_buffers:
-            return self._scratch.like("grads", [local(m) for m in masters], self._scratch_limit())
-        for master in masters:
-            if master not in self._grad_buffers:
-                self._grad_buffers[master] = torch.empty_like(local(master))
-        return [self._grad_buffers[m] for m in masters]
-
-    def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
-        parts = super()._tensors_by_part()
-        parts["grads"] = parts["grads"] + list(self._grad_buffers.values())
-        return parts
-
-    # -- state dict ---------------------------------------------------------------------------
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"masters": [m.detach().clone() if m is not p else None for p, m in self._pairs()]}
-
-    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(p, self._shadows[p]) for p in self._params()]
-
-    def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        owned = [(p, None if m is p else m) for p, m in self._pairs()]
-        check_saved_buffers(
-            state_dict.get("masters"), owned, "master", lambda _: torch.float32,
-            "MasterWeightOptimizer",
-        )  # fmt: skip
-
-    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for saved, (param, master) in zip(state_dict["masters"], self._pairs(), strict=True):
-                if saved is not None:
-                    master.copy_(saved)
-                    param.copy_(master)
+        self._take_inner_groups()
+        return [self.shadows[p] for p in self.mirror.params()]

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mixprec.optim._shards import local
-from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.optim.shards import local
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["MemoryReport", "memory_report"]
 
@@ -164,7 +164,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         "grads": [p.grad for p in params if p.grad is not None],
     }
     if isinstance(optimizer, WrappedOptimizer):
-        for part, tensors in optimizer._tensors_by_part().items():
+        for part, tensors in optimizer.memory_parts().items():
             parts[part] = parts.get(part, []) + tensors
     elif optimizer is not None:
         parts["optimizer_state"] = [

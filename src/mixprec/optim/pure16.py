@@ -7,7 +7,7 @@ those, and then round the result back into 16 bits in one of two ways:
 
 * :class:`StochasticRoundingOptimizer` rounds up or down at random with probabilities that make
   the expected result the exact fp32 update, so updates smaller than half an ulp still move the
-  weight on average. The random bits are counter-based (:mod:`mixprec.optim.rounding`): a hash of
+  weight on average. The random bits are counter-based (:mod:`mixprec.stochastic`): a hash of
   (seed, stream, step, element), so the same seed gives the same bits on every machine and for
   every chunking, and the state dict only holds the step counter. Since the change from
   ``torch.Generator`` draws, a given seed rounds differently than it did before (same
@@ -23,42 +23,20 @@ On CPUs the parameters are stepped in chunks of ``chunk_numel`` elements and the
 chunk (8 B per element, plus 4 B per two elements of random words) is kept between steps as a
 fixed-size workspace: reused, it costs no page faults and stays warm in cache, and it does not
 grow with the model (``memory_report`` shows it apart from the per-parameter account; see
-``WrappedOptimizer._step_in_chunks``). ``state_dtype=torch.bfloat16`` stores the inner
+:mod:`mixprec.optim.plan`). ``state_dtype=torch.bfloat16`` stores the inner
 optimizer's per-element states in 16 bits too (8 B/param with Adam), rounded the same way as the
 weights.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-from torch import nn
 
 from mixprec.formats import resolve_format
-from mixprec.optim._shards import (
-    empty_of_kind,
-    flat_offset,
-    local,
-    set_tensor,
-    wrap_like,
-)
-from mixprec.optim._wrapper import (
-    SIXTEEN_BIT,
-    WrappedOptimizer,
-    check_saved_buffers,
-)
-from mixprec.optim.fused import step_fused
-from mixprec.optim.rounding import (
-    SEED_LIMIT,
-    bf16_words,
-    counter_key,
-    fast_bf16,
-    stochastic_round_bf16_,
-    stochastic_round_with_key_,
-)
+from mixprec.optim.rules.kahan import Kahan
+from mixprec.optim.rules.stochastic import Stochastic, check_seed
+from mixprec.optim.states import storage_for
+from mixprec.optim.wrapper import WrappedOptimizer
 from mixprec.quantize import quantize
 
 __all__ = [
@@ -100,109 +78,7 @@ def kahan_round(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     return rounded, (x - rounded.float()).to(dtype)
 
 
-class _Pure16Optimizer(WrappedOptimizer):
-    """Shared step of the two pure 16-bit wrappers: widen, step the inner optimizer, round back."""
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        max_grad_norm: float | None = None,
-        state_dtype: torch.dtype | None = None,
-    ) -> None:
-        if state_dtype is not None and not isinstance(state_dtype, torch.dtype):
-            raise TypeError(
-                f"state_dtype must be a torch.dtype or None, got {type(state_dtype).__name__} "
-                f"{state_dtype!r}"
-            )
-        if state_dtype is not None and state_dtype not in (*SIXTEEN_BIT, torch.float32):
-            raise ValueError(
-                f"state_dtype must be torch.bfloat16, torch.float16, torch.float32 or None, "
-                f"got {state_dtype!r}"
-            )
-        self.state_dtype = None if state_dtype == torch.float32 else state_dtype
-        super().__init__(optimizer, max_grad_norm=max_grad_norm)
-
-    def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
-        # An fp32 leaf the inner optimizer keys its state on; its data exists only inside step().
-        return nn.Parameter(empty_of_kind(param), requires_grad=param.requires_grad)
-
-    def _load_weights(self, params: list[torch.Tensor]) -> None:
-        widened = [p for p in params if self._shadows[p] is not p]
-        shards = [local(p) for p in widened]
-        weights = self._scratch.like("weights", shards, self._scratch_limit())
-        if widened:
-            torch._foreach_copy_(weights, shards)
-            self._add_compensation(widened, weights)
-        for p, weight in zip(widened, weights, strict=True):
-            set_tensor(self._shadows[p], wrap_like(weight, p))
-        if self.state_dtype is not None:
-            self._widen_states(widened)
-
-    def _copy_grads(
-        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
-    ) -> None:
-        widened = [p for p in params if self._shadows[p] is not p]
-        own = [p.grad for p in params if self._shadows[p] is p and p.grad is not None]
-        grads = self._scratch.like("grads", [local(p) for p in widened], self._scratch_limit())
-        if widened:
-            torch._foreach_copy_(grads, [local(p.grad) for p in widened if p.grad is not None])
-        self._unscale_in_place(grads + own, inv_scale)
-        for p, grad in zip(widened, grads, strict=True):
-            self._shadows[p].grad = wrap_like(grad, p)
-
-    def _after_inner_step(self, stepped: list[torch.Tensor], loaded: list[torch.Tensor]) -> None:
-        widened = [p for p in loaded if self._shadows[p] is not p]
-        if self.state_dtype is not None:
-            self._narrow_states(widened)
-        rounded = [p for p in stepped if self._shadows[p] is not p]
-        self._round_into(rounded, [local(self._shadows[p]) for p in rounded])
-        for p in widened:
-            shadow = self._shadows[p]
-            shadow.grad = None
-            set_tensor(shadow, empty_of_kind(p))
-
-    def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        pass
-
-    def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        raise NotImplementedError
-
-    def _round_state(
-        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _state_entries(
-        self, params: list[torch.Tensor]
-    ) -> list[tuple[torch.Tensor, dict[str, Any], str]]:
-        """The per-element state tensors of ``params`` (same shape as the parameter, not a step
-        counter), as (parameter, state dict, key) triples."""
-        entries = []
-        for p in params:
-            state = self.optimizer.state.get(self._shadows[p], {})
-            for key, value in state.items():
-                if (
-                    key != "step"
-                    and isinstance(value, torch.Tensor)
-                    and value.is_floating_point()
-                    and value.shape == p.shape
-                ):
-                    entries.append((p, state, key))
-        return entries
-
-    def _widen_states(self, params: list[torch.Tensor]) -> None:
-        for _, state, key in self._state_entries(params):
-            state[key] = state[key].float()
-
-    def _narrow_states(self, params: list[torch.Tensor]) -> None:
-        dtype = self.state_dtype
-        if dtype is None:
-            return
-        for param, state, key in self._state_entries(params):
-            state[key] = self._round_state(state[key].float(), dtype, param, key)
-
-
-class StochasticRoundingOptimizer(_Pure16Optimizer):
+class StochasticRoundingOptimizer(WrappedOptimizer):
     """Pure 16-bit training: any torch optimizer, updated weights rounded stochastically.
 
     The inner optimizer updates fp32 copies of the 16-bit weights made inside ``step``; the result
@@ -237,8 +113,6 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
         0.99
     """
 
-    _kind = "stochastic_rounding"
-
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -246,128 +120,31 @@ class StochasticRoundingOptimizer(_Pure16Optimizer):
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
-        if not 0 <= seed < SEED_LIMIT:
-            raise ValueError(
-                f"seed must be >= 0 and < 2**64, got {seed!r}; pick a seed in that range "
-                "(e.g. seed % 2**64)"
-            )
-        self.seed = seed
-        self.rounding_step = 0  # how many steps have rounded: the counter of the draws
-        self._offsets: dict[torch.Tensor, int] = {}
-        super().__init__(optimizer, max_grad_norm=max_grad_norm, state_dtype=state_dtype)
+        rule = Stochastic(check_seed(seed))
+        storage = storage_for(state_dtype)
+        super().__init__(optimizer, rule, max_grad_norm=max_grad_norm, storage=storage)
+        self.state_dtype = state_dtype if state_dtype != torch.float32 else None
 
-    def _offset(self, param: torch.Tensor) -> int:
-        """Where this rank's elements of ``param`` start in the stream: the sum of the (global)
-        sizes of the parameters before it, plus the global position of the local shard's first
-        element for a DTensor, so every element draws the bits it draws in one process.
+    @property
+    def seed(self) -> int:
+        """The seed of the counter-based rounding draws."""
+        return self.rule.seed  # type: ignore[attr-defined,no-any-return]
 
-        Raises:
-            NotImplementedError: a DTensor whose local shard is not one run of the global order
-                (e.g. ``Shard(1)`` of a matrix).
-        """
-        if len(self._offsets) != len(self._shadows):  # groups only ever get added
-            offset, self._offsets = 0, {}
-            for p in self._params():
-                start = flat_offset(p)
-                self._offsets[p] = -1 if start is None else offset + start
-                offset += p.numel()
-        found = self._offsets[param]
-        if found < 0:
-            raise NotImplementedError(
-                f"stochastic rounding of a DTensor parameter of shape {tuple(param.shape)!r} "
-                f"placed as {getattr(param, 'placements', None)!r}: its local shard is not one "
-                "run of the global element order, so it cannot draw the one-process bits. "
-                "Shard it on dim 0 (FSDP2's layout), or use update='master' or 'kahan'"
-            )
-        return found
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self.rule.seed = check_seed(value)  # type: ignore[attr-defined]
 
-    def _after_step(self) -> None:
-        self.rounding_step += 1
+    @property
+    def rounding_step(self) -> int:
+        """How many steps have rounded: the counter of the draws."""
+        return self.rule.rounding_step  # type: ignore[attr-defined,no-any-return]
 
-    def _step_fused(
-        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
-    ) -> list[torch.Tensor]:
-        if self.state_dtype is not None:
-            return params
-        key = counter_key(self.seed, 0, self.rounding_step)
-        entries = [(p, self._shadows[p], None, self._offset(p)) for p in params]
-        return step_fused(self.optimizer, entries, inv_scale, "stochastic", key)
-
-    def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        key = counter_key(self.seed, 0, self.rounding_step)
-        # bf16 tensors that follow each other: (local shard, fp32 weights, parameter)
-        run: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-        def flush() -> None:
-            if run:
-                offset, device = self._offset(run[0][2]), run[0][0].device
-                numel = sum(p.numel() for p, _, _ in run)
-                count = bf16_words(offset, numel)
-                limit = self._scratch_limit()
-                buffers = (
-                    self._scratch.take("words", count, torch.int32, device, limit),
-                    self._scratch.take("tmp", max(count, numel), torch.int32, device, limit),
-                )
-                stochastic_round_bf16_(
-                    [w for _, w, _ in run], [p for p, _, _ in run], key, offset, buffers
-                )
-                run.clear()
-
-        for param, w in zip(params, weights, strict=True):
-            p = local(param)
-            if fast_bf16(w, p):
-                last = run[-1] if run else None
-                if last is not None and (
-                    last[0].device != p.device
-                    or self._offset(last[2]) + last[0].numel() != self._offset(param)
-                ):
-                    flush()
-                run.append((p, w, param))
-            else:
-                flush()
-                stochastic_round_with_key_(w, p, key, self._offset(param))
-        flush()
-
-    def _round_state(
-        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
-    ) -> torch.Tensor:
-        out = torch.empty_like(local(x), dtype=dtype)
-        stream = 1 + zlib.crc32(name.encode())  # 0 is the weights'
-        stochastic_round_with_key_(
-            local(x), out, counter_key(self.seed, stream, self.rounding_step), self._offset(param)
-        )
-        return wrap_like(out, x)
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generators": {"counter": self.rounding_step}}
-
-    def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        generators = state_dict.get("generators")
-        seed = state_dict.get("seed")
-        if not isinstance(generators, Mapping) or not isinstance(seed, int):
-            raise ValueError(
-                "state dict has no rounding generator state ('seed', 'generators'); save it with "
-                "StochasticRoundingOptimizer.state_dict()"
-            )
-        counter = generators.get("counter")
-        if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
-            raise ValueError(
-                f"the rounding generator state {dict(generators)!r} has no step counter "
-                "('counter': an int >= 0); it was saved by a version that drew from "
-                "torch.Generator states, whose stream cannot be continued: resume from a "
-                "checkpoint saved by this version, or start the optimizer afresh"
-            )
-        if not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"the saved seed must be >= 0 and < 2**64, got {seed!r}")
-
-    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        self.seed = state_dict["seed"]
-        self.rounding_step = state_dict["generators"]["counter"]
+    @rounding_step.setter
+    def rounding_step(self, value: int) -> None:
+        self.rule.rounding_step = value  # type: ignore[attr-defined]
 
 
-class KahanOptimizer(_Pure16Optimizer):
+class KahanOptimizer(WrappedOptimizer):
     """Pure 16-bit training: any torch optimizer, with Kahan-compensated weight updates.
 
     Each 16-bit parameter gets a 16-bit compensation buffer holding the part of the weight that
@@ -400,28 +177,15 @@ class KahanOptimizer(_Pure16Optimizer):
         (0.98828125, 0.99)
     """
 
-    _kind = "kahan"
-
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        self._compensation: dict[torch.Tensor, torch.Tensor] = {}
-        super().__init__(optimizer, max_grad_norm=max_grad_norm, state_dtype=state_dtype)
-
-    def _make_shadow(self, param: torch.Tensor) -> torch.Tensor:
-        self._compensation[param] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return super()._make_shadow(param)
-
-    def _step_fused(
-        self, params: list[torch.Tensor], inv_scale: torch.Tensor | float | None
-    ) -> list[torch.Tensor]:
-        if self.state_dtype is not None:
-            return params
-        entries = [(p, self._shadows[p], self._compensation.get(p), 0) for p in params]
-        return step_fused(self.optimizer, entries, inv_scale, "kahan")
+        storage = storage_for(state_dtype)
+        super().__init__(optimizer, Kahan(), max_grad_norm=max_grad_norm, storage=storage)
+        self.state_dtype = state_dtype if state_dtype != torch.float32 else None
 
     def compensation(self, param: torch.Tensor) -> torch.Tensor:
         """The compensation buffer of a 16-bit parameter (``param + buffer`` is the weight).
@@ -429,57 +193,11 @@ class KahanOptimizer(_Pure16Optimizer):
         Raises:
             KeyError: ``param`` is not a 16-bit parameter of this optimizer.
         """
-        self._adopt_inner_groups()
-        if param not in self._compensation:
+        self._take_inner_groups()
+        buffers = self.rule.compensation  # type: ignore[attr-defined]
+        if param not in buffers:
             raise KeyError(
                 f"no compensation buffer for a parameter of shape {tuple(param.shape)!r} and "
                 f"dtype {param.dtype}; only the 16-bit parameters of this optimizer have one"
             )
-        return self._compensation[param]
-
-    def _add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        # Widened into scratch first: ops mixing fp32 and 16-bit operands allocate an fp32 copy
-        # of the 16-bit one at every call (the same exact widening, and the same fp32 sums).
-        compensation = [local(self._compensation[p]) for p in params]
-        widened = self._scratch.like("widened", compensation, self._scratch_limit())
-        torch._foreach_copy_(widened, compensation)
-        torch._foreach_add_(weights, widened)
-
-    def _round_into(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        if not params:
-            return
-        shards = [local(p) for p in params]
-        torch._foreach_copy_(shards, weights)  # round to nearest even
-        # weights - params is exact in fp32; then the remainder is rounded into the buffer.
-        widened = self._scratch.like("widened", shards, self._scratch_limit())
-        torch._foreach_copy_(widened, shards)
-        torch._foreach_sub_(weights, widened)
-        torch._foreach_copy_([local(self._compensation[p]) for p in params], weights)
-
-    def _round_state(
-        self, x: torch.Tensor, dtype: torch.dtype, param: torch.Tensor, name: str
-    ) -> torch.Tensor:
-        return x.to(dtype)
-
-    def _pairs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [(p, self._compensation.get(p)) for p in self._params()]
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"compensation": [None if c is None else c.clone() for _, c in self._pairs()]}
-
-    def _check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        check_saved_buffers(
-            state_dict.get("compensation"), self._pairs(), "compensation buffer",
-            lambda param: param.dtype, "KahanOptimizer",
-        )  # fmt: skip
-
-    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
-        with torch.no_grad():
-            for buffer, (_, own) in zip(state_dict["compensation"], self._pairs(), strict=True):
-                if buffer is not None and own is not None:
-                    own.copy_(buffer)
-
-    def _tensors_by_part(self) -> dict[str, list[torch.Tensor]]:
-        parts = super()._tensors_by_part()
-        parts["compensation"] = list(self._compensation.values())
-        return parts
+        return buffers[param]  # type: ignore[no-any-return]

@@ -22,7 +22,7 @@ import torch
 from mixprec.scaling._distributed import is_dtensor
 from mixprec.scaling._grads import GradGroups, unscale_and_check_
 
-__all__ = ["clip_coefficient", "global_norm", "unscale_and_clip_"]
+__all__ = ["clip_coefficient", "clip_grad_norm_", "global_norm", "unscale_and_clip_"]
 
 
 def global_norm(grads: GradGroups, norm_type: float, device: torch.device) -> torch.Tensor:
@@ -91,6 +91,32 @@ def _sharded_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
             dist.all_reduce(part, op=op, group=mesh.get_group(dim))
         total = torch.maximum(total, part) if maximum else total + part
     return total if maximum else total.pow(1.0 / norm_type)
+
+
+def clip_grad_norm_(tensors: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``tensors`` to the total 2-norm ``max_norm``, as
+    ``torch.nn.utils.clip_grad_norm_(tensors, max_norm, foreach=True)`` does (the same bits),
+    DTensor gradients included (their local shards are scaled, the norm is global).
+
+    Returns:
+        The total norm before clipping (a plain 0-dim float32 tensor, the same on every rank).
+
+    Example:
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> w.grad = torch.tensor([3.0, 4.0])
+        >>> clip_grad_norm_([w], 1.0), w.grad
+        (tensor(5.), tensor([0.6000, 0.8000]))
+    """
+    grads = [t.grad for t in tensors if t.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    groups: GradGroups = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    norm = global_norm(groups, 2.0, grads[0].device)
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    torch._foreach_mul_([g.to_local() if is_dtensor(g) else g for g in grads], coefficient)
+    return norm
 
 
 def clip_coefficient(

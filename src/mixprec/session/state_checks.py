@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixprec.optim._wrapper import WrappedOptimizer
+from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["check_model_state", "check_optimizer_states", "check_rng_state", "load_optimizers"]
 

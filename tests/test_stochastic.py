@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from mixprec import quantize
-from mixprec.optim.rounding import (
-    counter_key,
-    random_bits,
-    stochastic_round_bf16_,
-    stochastic_round_with_key_,
-)
+from mixprec.stochastic import counter_key, random_bits, stochastic_round_
 
 M32 = 0xFFFFFFFF
 
@@ -109,7 +104,7 @@ def test_rounds_to_a_neighbour_with_the_probability_of_the_fraction(dtype):
     n = 4096
     x = base.repeat_interleave(n)
     out = torch.empty_like(x, dtype=dtype)
-    stochastic_round_with_key_(x.clone(), out, counter_key(5, 0, 0))
+    stochastic_round_(x.clone(), out, counter_key(5, 0, 0))
     lower, upper = _neighbours(x, dtype)
     got = out.float()
     assert torch.all((got == lower) | (got == upper))
@@ -124,7 +119,7 @@ def test_rounds_to_a_neighbour_with_the_probability_of_the_fraction(dtype):
 def test_fp16_keeps_specials_and_overflow_like_quantize():
     x = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e6, -1e6, 0.0, -0.0, 65504.0])
     out = torch.empty_like(x, dtype=torch.float16)
-    stochastic_round_with_key_(x, out, counter_key(0, 0, 0))
+    stochastic_round_(x, out, counter_key(0, 0, 0))
     want = quantize(x, "fp16")  # these values have no choice to make
     assert torch.equal(out.float().isnan(), want.isnan())
     keep = ~want.isnan()
@@ -137,21 +132,23 @@ def test_bf16_batch_equals_the_tensors_one_at_a_time_at_their_offsets():
     xs = [torch.randn(s, generator=g) for s in ((7,), (4, 5), (1,), (33,))]
     key = counter_key(9, 0, 2)
     batch = [torch.empty_like(x, dtype=torch.bfloat16) for x in xs]
-    stochastic_round_bf16_([x.clone() for x in xs], batch, key, offset=3)
+    stochastic_round_([x.clone() for x in xs], batch, key, offset=3)
     offset = 3
     for x, got in zip(xs, batch, strict=True):
         alone = torch.empty_like(x, dtype=torch.bfloat16)
-        stochastic_round_with_key_(x.clone(), alone, key, offset)
+        stochastic_round_(x.clone(), alone, key, offset)
         assert torch.equal(got, alone)
         offset += x.numel()
 
 
 def test_errors():
     with pytest.raises(TypeError, match=r"float32 tensor, got dtype torch.float64; widen"):
-        stochastic_round_with_key_(
-            torch.zeros(2, dtype=torch.float64), torch.zeros(2), counter_key(0, 0, 0)
-        )
+        stochastic_round_(torch.zeros(2, dtype=torch.float64), torch.zeros(2), counter_key(0, 0, 0))
     with pytest.raises(TypeError, match=r"float32 tensor, got dtype torch.int32; .*quantize"):
-        stochastic_round_with_key_(
-            torch.zeros(2), torch.zeros(2, dtype=torch.int32), counter_key(0, 0, 0)
-        )
+        stochastic_round_(torch.zeros(2), torch.zeros(2, dtype=torch.int32), counter_key(0, 0, 0))
+
+
+def test_the_old_import_path_still_works():
+    from mixprec.optim import rounding
+
+    assert rounding.counter_key is counter_key and rounding.random_bits is random_bits
