@@ -335,7 +335,8 @@ class MixprecTrainer(SessionFigures, Trainer):
 
         A plain ``Trainer`` resuming the checkpoint then loads the inner optimizer's state (its
         own ``optimizer.load_state_dict`` ignores the wrapper's entries beside it), and a
-        MixprecTrainer's wrapper takes the whole back (:func:`mixprec.optim.plain_state.import_plain`).
+        MixprecTrainer's wrapper takes the whole back
+        (:func:`mixprec.optim.plain_state.import_plain`).
         """
         super()._save_optimizer_and_scheduler(output_dir)
         path = os.path.join(output_dir, OPTIMIZER_FILE)
