@@ -36,6 +36,7 @@ from typing import Any, cast
 import torch.distributed as dist
 from torch import nn
 
+from mixprec import _dist
 from mixprec.app.probes import (
     activation_bytes,
     available_memory,
@@ -213,7 +214,7 @@ def train(
     """
     folder = _check_args(out, checkpoint_every)
     rank, world = launch.rank(), launch.world_size()
-    parallel = dist.is_available() and dist.is_initialized()
+    parallel = _dist.initialized()
     spread = run_strategy(strategy, parallel)
     if parallel:
         launch.check_divisible(task.config.batch_size, world)

@@ -30,6 +30,8 @@ from typing import IO, Any
 import torch
 import torch.distributed as dist
 
+from mixprec import _dist
+
 __all__ = ["STEP_KEYS", "MetricsWriter", "group_mean", "rank_metrics_file", "read_metrics"]
 
 STEP_KEYS = (
@@ -200,7 +202,7 @@ def rank_metrics_file(groups: Sequence[Any]) -> str | None:
 
     Args:
         groups: the process groups the model is data-parallel over (None in it: the world), as
-            :func:`mixprec.scaling._distributed.agreement_groups` finds them; empty for a model
+            :func:`mixprec.scaling.agreement.agreement_groups` finds them; empty for a model
             local to this rank.
 
     Returns:
@@ -212,7 +214,7 @@ def rank_metrics_file(groups: Sequence[Any]) -> str | None:
         >>> rank_metrics_file([])  # no process group
         'metrics.jsonl'
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist.initialized():
         return "metrics.jsonl"
     if not groups:
         return f"metrics.rank{dist.get_rank()}.jsonl"

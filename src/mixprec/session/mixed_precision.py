@@ -47,7 +47,7 @@ from mixprec.diagnostics import (
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
 from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
-from mixprec.distributed._agree import check_same_settings
+from mixprec.distributed.agree import check_same_settings
 from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
@@ -58,7 +58,7 @@ from mixprec.optim import (
     cast_module,
 )
 from mixprec.policy import Policy
-from mixprec.scaling._distributed import agreement_groups
+from mixprec.scaling.agreement import agreement_groups
 from mixprec.session.forward import (
     Clock,
     PolicyForward,

@@ -21,8 +21,7 @@ from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mixprec.policy import Policy
-from mixprec.scaling import GradScaler
-from mixprec.scaling._checks import parse_state_dict
+from mixprec.scaling import GradScaler, parse_state_dict
 from mixprec.session.setup import distributed, needs_loss_scaling
 from mixprec.session.state_checks import (
     check_model_state,
