@@ -72,7 +72,9 @@ def test_fp8_against_direct_reference() -> None:
         ref_scale = chunk.abs().amax(1).clamp(min=1e-12) / 448.0
         assert torch.equal(scale[:, b], ref_scale)
         ref = (chunk / ref_scale[:, None]).to(torch.float8_e4m3fn)
-        assert torch.equal(codes[:, start : start + BLOCK_SIZE].view(torch.uint8), ref.view(torch.uint8))
+        assert torch.equal(
+            codes[:, start : start + BLOCK_SIZE].view(torch.uint8), ref.view(torch.uint8)
+        )
     back = dequantize_fp8(codes, scale)
     assert torch.equal(back, codes.float() * scale.repeat_interleave(BLOCK_SIZE, 1)[:, :300])
     # e4m3 keeps 3 fraction bits: a relative error of at most 2**-4 in the normal range

@@ -1,0 +1,304 @@
+"""Optimizer states stored in 8 bits (and bf16) between steps: stored form, accounting, resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from optim_helpers import roundtrip
+from torch import nn
+
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    StochasticRoundingOptimizer,
+    codecs,
+    memory_report,
+)
+from mixprec.optim.quantized_states import SCALE_SUFFIX, Fp8States, Int8States, storage_named
+from mixprec.optim.states import Float16States, Fp32States
+
+WRAPPERS = {
+    "master": lambda opt, state: MasterWeightOptimizer(opt, state=state),
+    "stochastic": lambda opt, state: StochasticRoundingOptimizer(opt, seed=3, state=state),
+    "kahan": lambda opt, state: KahanOptimizer(opt, state=state),
+}
+OPTIMIZERS = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5, centered=True),
+    "adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0),
+    "nadam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    # a (5, 300) weight: ragged rows (256 + 44); a (70, 5) one: rows shorter than a block
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(300, 5), nn.Tanh(), nn.Linear(5, 70)).bfloat16()
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 300, generator=g), torch.randn(16, 70, generator=g)
+
+
+def _wrap(model: nn.Module, state: str, wrapper: str = "master", optimizer: str = "adamw"):
+    opt = WRAPPERS[wrapper](OPTIMIZERS[optimizer](model.parameters()), state)
+    if hasattr(opt.storage, "min_numel"):
+        opt.storage.min_numel = 0  # quantize the small test parameters too
+    return opt
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> float:
+    loss = torch.tensor(0.0)
+    for step in steps:
+        x, y = _data(step)
+        loss = (model(x.bfloat16()).float() - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def _inner_states(opt: torch.optim.Optimizer) -> list[dict[str, torch.Tensor]]:
+    return [opt.optimizer.state[opt.shadows[p]] for g in opt.param_groups for p in g["params"]]
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert x.dtype == y.dtype, key
+        if x.dtype == torch.float8_e4m3fn:
+            x, y = x.view(torch.uint8), y.view(torch.uint8)
+        assert torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("state,code_dtype", [("int8", torch.uint8), ("fp8", torch.float8_e4m3fn)])
+def test_stored_form_and_exact_byte_count(state: str, code_dtype: torch.dtype) -> None:
+    model = _model()
+    opt = _wrap(model, state)
+    _train(model, opt, range(2))
+    total = 0
+    for p, st in zip(model.parameters(), _inner_states(opt), strict=True):
+        rows = p.shape[0] if p.ndim >= 2 else 1
+        blocks = codecs.block_count(p.numel() // rows)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert st[key].dtype == code_dtype and st[key].shape == p.shape
+            assert st[key + SCALE_SUFFIX].dtype == torch.float32
+            assert st[key + SCALE_SUFFIX].shape == (rows, blocks)
+            total += p.numel() + 4 * rows * blocks
+        total += st["step"].numel() * st["step"].element_size()
+    assert memory_report(model, opt).optimizer_state == total
+
+
+@pytest.mark.parametrize("state", ["int8", "fp8"])
+def test_first_step_stores_the_codec_of_the_fp32_states(state: str) -> None:
+    """After one step (same inputs in both runs) the stored states decode to exactly the codec's
+    round trip of the fp32 states; the second moment through its square root."""
+    reference, model = _model(), _model()
+    ref_opt, opt = _wrap(reference, "fp32"), _wrap(model, state)
+    _train(reference, ref_opt, range(1))
+    _train(model, opt, range(1))
+    storage = opt.storage
+    for ref_state, st in zip(_inner_states(ref_opt), _inner_states(opt), strict=True):
+        decoded = dict(st)
+        storage.decode([(torch.empty(0), decoded)])
+        for key in ("exp_avg", "exp_avg_sq"):
+            x = ref_state[key]
+            rows = x.reshape(x.shape[0] if x.ndim >= 2 else 1, -1)
+            if key == "exp_avg_sq":
+                rows = rows.sqrt()
+            if state == "int8":
+                signed = key == "exp_avg"
+                back = codecs.dequantize_int8(*codecs.quantize_int8(rows, signed), signed)
+            else:
+                back = codecs.dequantize_fp8(*codecs.quantize_fp8(rows))
+            if key == "exp_avg_sq":
+                back = back * back.abs()
+            assert torch.equal(decoded[key], back.view(x.shape)), key
+
+
+@pytest.mark.parametrize("state", ["int8", "fp8", "bf16"])
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_resume_bit_for_bit(state: str, wrapper: str) -> None:
+    model = _model()
+    opt = _wrap(model, state, wrapper)
+    _train(model, opt, range(4))
+    saved_model = roundtrip(copy.deepcopy(model.state_dict()))
+    saved_opt = roundtrip(opt.state_dict())
+    _train(model, opt, range(4, 8))
+
+    resumed = _model(seed=1)  # other initial weights: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    resumed_opt = _wrap(resumed, state, wrapper)
+    resumed_opt.load_state_dict(saved_opt)
+    _train(resumed, resumed_opt, range(4, 8))
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(_inner_states(opt), _inner_states(resumed_opt), strict=True):
+        _assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_elementwise_optimizers_resume_bit_for_bit(optimizer: str) -> None:
+    model = _model()
+    opt = _wrap(model, "int8", "master", optimizer)
+    _train(model, opt, range(3))
+    coded = [k for st in _inner_states(opt) for k in st if k.endswith(SCALE_SUFFIX)]
+    assert coded  # every one of these optimizers has a per-element state to quantize
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), roundtrip(opt.state_dict())
+    _train(model, opt, range(3, 6))
+    resumed = _model(seed=1)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = _wrap(resumed, "int8", "master", optimizer)
+    resumed_opt.load_state_dict(saved_opt)
+    _train(resumed, resumed_opt, range(3, 6))
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_a_load_keeps_the_stored_bytes() -> None:
+    """torch's load_state_dict widens states to the parameter's dtype; the codes come back."""
+    model = _model()
+    opt = _wrap(model, "int8")
+    _train(model, opt, range(2))
+    before = memory_report(model, opt).optimizer_state
+    fresh = _wrap(_model(), "int8")
+    fresh.load_state_dict(roundtrip(opt.state_dict()))
+    for a, b in zip(_inner_states(opt), _inner_states(fresh), strict=True):
+        _assert_same_state(a, b)
+    assert memory_report(model, fresh).optimizer_state == before
+
+
+def test_chunking_does_not_change_the_bits() -> None:
+    results = []
+    for chunk in (None, 64):
+        model = _model()
+        opt = _wrap(model, "int8")
+        opt.chunk_numel = chunk
+        _train(model, opt, range(3))
+        results.append((model, opt))
+    (m1, o1), (m2, o2) = results
+    for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(_inner_states(o1), _inner_states(o2), strict=True):
+        _assert_same_state(a, b)
+
+
+@pytest.mark.parametrize("state", ["int8", "fp8", "bf16"])
+def test_training_follows_fp32_states(state: str) -> None:
+    reference, model = _model(), _model()
+    ref_loss = _train(reference, _wrap(reference, "fp32"), range(30))
+    loss = _train(model, _wrap(model, state), range(30))
+    assert loss == pytest.approx(ref_loss, rel=0.03)
+
+
+def test_small_second_moments_are_kept() -> None:
+    """A block whose gradients span 5 decades: v spans 10, past the dynamic map's 7 decades.
+    Stored as its square root nothing non-zero decodes to 0 (stored directly, 40% would)."""
+    g = 10 ** (-5 * torch.rand(1, 4096, generator=torch.Generator().manual_seed(0)))
+    v = g.square()
+    for storage in (Int8States(), Fp8States()):
+        codes, scale = storage.quantize(v, sqrt=True)
+        back = storage.dequantize(codes, scale, sqrt=True)
+        assert (back > 0).all()
+        assert ((back.sqrt() - g).abs() / g).median() < 0.05
+    direct = codecs.dequantize_int8(*codecs.quantize_int8(v, False), False)
+    assert (direct == 0).float().mean() > 0.3
+
+
+def test_negative_values_under_a_second_moment_name_survive() -> None:
+    """A user optimizer may keep a signed state named like a second moment: the blocks holding
+    negative values are stored with the signed map, marked by a negative scale."""
+    x = torch.rand(2, 600, generator=torch.Generator().manual_seed(1))
+    x[1, 300] = -0.25  # second row, second block
+    storage = Int8States()
+    codes, scale = storage.quantize(x, sqrt=True)
+    assert (scale < 0).tolist() == [[False, False, False], [False, True, False]]
+    back = storage.dequantize(codes, scale, sqrt=True)
+    assert back[1, 300] < 0
+    assert torch.allclose(back, x, rtol=0.1, atol=1e-3)
+    clean = storage.dequantize(*storage.quantize(x[:1].contiguous(), sqrt=True), sqrt=True)
+    assert torch.equal(back[:1], clean)
+
+
+def test_small_parameters_keep_fp32_states_by_default() -> None:
+    model = _model()
+    opt = MasterWeightOptimizer(torch.optim.AdamW(model.parameters()), state="int8")
+    assert opt.storage.min_numel == 4096
+    _train(model, opt, range(1))
+    for st in _inner_states(opt):
+        assert st["exp_avg"].dtype == torch.float32 and len(st) == 3
+
+
+def test_bf16_state_under_each_rule() -> None:
+    """'bf16' is Float16States: rounded by the rule (stochastically under stochastic rounding,
+    the same bits as state_dtype=torch.bfloat16)."""
+    runs = []
+    for kwargs in ({"state": "bf16"}, {"state_dtype": torch.bfloat16}):
+        model = _model()
+        opt = StochasticRoundingOptimizer(torch.optim.AdamW(model.parameters()), **kwargs)
+        _train(model, opt, range(3))
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert isinstance(storage_named("bf16"), Float16States)
+    assert isinstance(storage_named("fp32"), Fp32States)
+
+
+def test_non_elementwise_optimizer_is_refused() -> None:
+    model = _model()
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(ValueError, match=r"state='int8'.*LBFGS keeps a history.*SGD, Adam"):
+        MasterWeightOptimizer(lbfgs, state="int8")
+    with pytest.raises(ValueError, match=r"state='bf16'.*LBFGS"):
+        StochasticRoundingOptimizer(lbfgs, state="bf16")
+    assert not lbfgs.state and not lbfgs._optimizer_load_state_dict_post_hooks
+    MasterWeightOptimizer(lbfgs, state="fp32")  # fp32 states are what LBFGS makes
+
+
+@pytest.mark.parametrize(
+    "state,match",
+    [
+        ("fp8_e5m2", r"state='fp8_e5m2': e5m2 keeps 2 fraction bits.*'fp8', 'int8'"),
+        ("tf32", r"state='tf32': tf32 is a matmul mode.*'fp32', 'bf16'"),
+        ("int4", r"state='int4': not a state format; choose one of 'fp32'"),
+    ],
+)
+def test_bad_state_format_is_refused(state: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        MasterWeightOptimizer(torch.optim.AdamW(_model().parameters()), state=state)  # type: ignore[arg-type]
+
+
+def test_bad_state_option_types_and_conflicts() -> None:
+    params = list(_model().parameters())
+    with pytest.raises(TypeError, match=r"state must be one of 'fp32'.*got int 8"):
+        MasterWeightOptimizer(torch.optim.AdamW(params), state=8)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not both"):
+        StochasticRoundingOptimizer(
+            torch.optim.AdamW(params), state="int8", state_dtype=torch.bfloat16
+        )
+    with pytest.raises(ValueError, match="min_numel must be an int >= 0"):
+        Int8States(min_numel=-1)
+
+
+def test_dcp_round_trip_single_process(tmp_path) -> None:
+    """The compressed state goes through torch.distributed.checkpoint like any other."""
+    sharded = pytest.importorskip("mixprec.distributed.checkpoint")
+    model = _model()
+    opt = _wrap(model, "int8")
+    _train(model, opt, range(3))
+    sharded.save(tmp_path / "ckpt", model, [opt])
+    _train(model, opt, range(3, 5))
+    resumed = _model(seed=1)
+    resumed_opt = _wrap(resumed, "int8")
+    sharded.load(tmp_path / "ckpt", resumed, [resumed_opt])
+    _train(resumed, resumed_opt, range(3, 5))
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for a, b in zip(_inner_states(opt), _inner_states(resumed_opt), strict=True):
+        _assert_same_state(a, b)
