@@ -152,3 +152,26 @@ def test_bad_layout_is_refused() -> None:
         quantize_int8(torch.zeros(4))
     with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
         quantize_fp8(torch.zeros(1, 4), block_size=0)
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_int8_rounding_at_every_decision_point_against_torchao(signed: bool) -> None:
+    """Each value where the code changes, and its fp32 neighbours, coded as torchao codes it."""
+    quant_utils = pytest.importorskip("torchao.optim.quant_utils")
+    qmap = dynamic_map(signed)
+    midpoints = (qmap[:-1] + qmap[1:]) / 2
+    points = torch.cat([qmap, midpoints])
+    neighbours = [points]
+    for direction in (1.0, -1.0):
+        step = points
+        for _ in range(3):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            neighbours.append(step)
+    y = torch.cat(neighbours).clamp(qmap[0].item(), 1.0)
+    y = torch.cat([y, torch.zeros((-len(y)) % BLOCK_SIZE)])
+    y[0] = 1.0  # each block's absmax is 1: the codec sees y itself
+    y = y.view(-1, BLOCK_SIZE)
+    y[:, 0] = 1.0
+    codes, scale = quantize_int8(y, signed)
+    assert (scale == 1.0).all()
+    assert torch.equal(codes.view(-1), quant_utils.quantize_8bit_with_qmap(y.view(-1), qmap))
