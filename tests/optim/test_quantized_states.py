@@ -16,7 +16,14 @@ from mixprec.optim import (
     codecs,
     memory_report,
 )
-from mixprec.optim.quantized_states import SCALE_SUFFIX, Fp8States, Int8States, storage_named
+from mixprec.optim.quantized_states import (
+    ROUNDING_KEY,
+    SCALE_SUFFIX,
+    Fp8States,
+    Int8States,
+    StochasticBf16States,
+    storage_named,
+)
 from mixprec.optim.states import Float16States, Fp32States
 
 WRAPPERS = {
@@ -71,6 +78,9 @@ def _assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         x, y = a[key], b[key]
+        if not isinstance(x, torch.Tensor):  # the draws' counter
+            assert x == y, key
+            continue
         assert x.dtype == y.dtype, key
         if x.dtype == torch.float8_e4m3fn:
             x, y = x.view(torch.uint8), y.view(torch.uint8)
@@ -92,15 +102,18 @@ def test_stored_form_and_exact_byte_count(state: str, code_dtype: torch.dtype) -
             assert st[key + SCALE_SUFFIX].shape == (rows, blocks)
             total += p.numel() + 4 * rows * blocks
         total += st["step"].numel() * st["step"].element_size()
+        assert st[ROUNDING_KEY].dtype == torch.int64
+        total += 16  # the counter of the stochastic draws
     assert memory_report(model, opt).optimizer_state == total
 
 
 @pytest.mark.parametrize("state", ["int8", "fp8"])
 def test_first_step_stores_the_codec_of_the_fp32_states(state: str) -> None:
     """After one step (same inputs in both runs) the stored states decode to exactly the codec's
-    round trip of the fp32 states; the second moment through its square root."""
+    round trip (to nearest) of the fp32 states; the second moment through its square root."""
     reference, model = _model(), _model()
     ref_opt, opt = _wrap(reference, "fp32"), _wrap(model, state)
+    opt.storage.rounding = "nearest"
     _train(reference, ref_opt, range(1))
     _train(model, opt, range(1))
     storage = opt.storage
@@ -235,19 +248,48 @@ def test_small_parameters_keep_fp32_states_by_default() -> None:
         assert st["exp_avg"].dtype == torch.float32 and len(st) == 3
 
 
-def test_bf16_state_under_each_rule() -> None:
-    """'bf16' is Float16States: rounded by the rule (stochastically under stochastic rounding,
-    the same bits as state_dtype=torch.bfloat16)."""
-    runs = []
-    for kwargs in ({"state": "bf16"}, {"state_dtype": torch.bfloat16}):
-        model = _model()
-        opt = StochasticRoundingOptimizer(torch.optim.AdamW(model.parameters()), **kwargs)
-        _train(model, opt, range(3))
-        runs.append(model)
-    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
-        assert torch.equal(p, q)
-    assert isinstance(storage_named("bf16"), Float16States)
+def test_bf16_states_are_rounded_stochastically_under_master_weights() -> None:
+    """state='bf16' rounds stochastically whatever the rule: each stored value is one of the two
+    bf16 neighbours of the fp32 twin's state, and not always the nearest one."""
+    reference, model = _model(), _model()
+    ref_opt, opt = _wrap(reference, "fp32"), _wrap(model, "bf16")
+    assert isinstance(opt.storage, StochasticBf16States)
+    _train(reference, ref_opt, range(1))
+    _train(model, opt, range(1))
+    not_nearest = 0
+    for ref_state, st in zip(_inner_states(ref_opt), _inner_states(opt), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            x, stored = ref_state[key], st[key]
+            assert stored.dtype == torch.bfloat16
+            down = torch.where(
+                x.bfloat16().float() > x,
+                torch.nextafter(x.bfloat16(), torch.tensor(-1.0, dtype=torch.bfloat16)),
+                x.bfloat16(),
+            )
+            up = torch.where(
+                down.float() < x,
+                torch.nextafter(down, torch.tensor(1e9, dtype=torch.bfloat16)),
+                down,
+            )
+            assert ((stored == down) | (stored == up)).all()
+            not_nearest += int((stored != x.bfloat16()).sum())
+    assert not_nearest > 0
+    assert isinstance(storage_named("fp16"), Float16States)
     assert isinstance(storage_named("fp32"), Fp32States)
+
+
+def test_stochastic_rounding_of_states_is_unbiased() -> None:
+    """Many equal values between two codes: their stored mean is the value, not the nearest."""
+    x = torch.full((1, 1 << 16), 0.2003)
+    x[:, ::256] = 1.0  # each block's absmax
+    uniform = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    for storage in (Int8States(), Fp8States()):
+        nearest = storage.dequantize(*storage.quantize(x, sqrt=False), sqrt=False)
+        stochastic = storage.dequantize(*storage.quantize(x, False, uniform), sqrt=False)
+        body = x != 1.0
+        assert nearest[body].unique().numel() == 1 and nearest[body][0] != x[body][0]
+        assert stochastic[body].unique().numel() == 2
+        assert stochastic[body].mean().item() == pytest.approx(0.2003, rel=2e-4)
 
 
 def test_non_elementwise_optimizer_is_refused() -> None:

@@ -56,6 +56,9 @@ import functools
 
 import torch
 
+from mixprec.formats import resolve_format
+from mixprec.quantize import round_to_grid
+
 __all__ = [
     "BLOCK_SIZE",
     "FP8_DTYPE",
@@ -70,6 +73,7 @@ __all__ = [
 BLOCK_SIZE = 256
 FP8_DTYPE = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+_E4M3 = resolve_format(FP8_DTYPE)
 _SCALE_FLOOR = 1e-12  # torchao's: an all-zero block divides by this, not by 0
 
 
@@ -188,7 +192,10 @@ def _unblock(blocks: torch.Tensor, cols: int) -> torch.Tensor:
 
 
 def quantize_int8(
-    x: torch.Tensor, signed: bool = True, block_size: int = BLOCK_SIZE
+    x: torch.Tensor,
+    signed: bool = True,
+    block_size: int = BLOCK_SIZE,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise dynamic 8-bit quantization of a 2-D tensor.
 
@@ -200,6 +207,9 @@ def quantize_int8(
         x: the values, (rows, cols), any floating dtype (computed in fp32).
         signed: use the signed map; False for non-negative values (negative ones clip to 0).
         block_size: elements per block.
+        uniform: draws in [0, 1) of ``x``'s shape for stochastic rounding between the two map
+            entries around each value (up with probability its fraction of the gap); None
+            rounds to nearest.
 
     Returns:
         ``(codes, scale)``: uint8 codes of ``x``'s shape, fp32 absmax per block (rows, blocks);
@@ -219,7 +229,24 @@ def quantize_int8(
     base, threshold = _code_table(signed, x.device)
     bucket = (y.view(torch.int32) >> 16).long() & 0xFFFF
     codes = base[bucket] + (y >= threshold[bucket]).to(torch.uint8)
+    if uniform is not None:
+        codes = _round_between(
+            y, codes, dynamic_map(signed, x.device), _blocks(uniform, block_size)
+        )
     return _unblock(codes, cols), scale
+
+
+def _round_between(
+    y: torch.Tensor, nearest: torch.Tensor, qmap: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """Stochastic codes: the entry below ``y`` or the one above, up with probability
+    ``(y - below) / (above - below)``."""
+    nearest = nearest.long()
+    low = torch.where(qmap[nearest] > y, nearest - 1, nearest).clamp_(0, 255)
+    high = (low + 1).clamp_(max=255)
+    below = qmap[low]
+    up = uniform * (qmap[high] - below) < y - below
+    return torch.where(up, high, low).to(torch.uint8)
 
 
 def dequantize_int8(
@@ -233,10 +260,11 @@ def dequantize_int8(
 
 
 def quantize_fp8(
-    x: torch.Tensor, block_size: int = BLOCK_SIZE
+    x: torch.Tensor, block_size: int = BLOCK_SIZE, uniform: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-wise fp8 e4m3 quantization of a 2-D tensor: ``x / scale`` cast to e4m3 (nearest
-    even), with ``scale = absmax / 448`` per block.
+    even, or stochastically with ``uniform`` draws in [0, 1) of ``x``'s shape that are
+    multiples of 2**-24), with ``scale = absmax / 448`` per block.
 
     Returns:
         ``(codes, scale)``: ``torch.float8_e4m3fn`` codes of ``x``'s shape and fp32 scales
@@ -250,7 +278,10 @@ def quantize_fp8(
     cols = x.shape[-1] if x.ndim == 2 else 0
     blocks = _blocks(x, block_size)
     scale = _absmax(blocks) / _FP8_MAX
-    codes = (blocks / scale.unsqueeze(-1)).to(FP8_DTYPE)
+    y = blocks / scale.unsqueeze(-1)
+    if uniform is not None:  # |y| <= 448: rounding up never passes the largest value
+        y = round_to_grid(y, _E4M3, "stochastic", uniform=_blocks(uniform, block_size))
+    codes = y.to(FP8_DTYPE)
     return _unblock(codes, cols), scale
 
 

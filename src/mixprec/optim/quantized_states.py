@@ -29,7 +29,15 @@ stored where:
   them directly keeps; :mod:`mixprec.optim.codecs` explains why and what it costs. A block of such
   a state that holds a negative value (a user optimizer reusing the name) is stored with the
   signed map of ``sign(x) * sqrt(|x|)`` and marked by a negative scale, so nothing is lost.
-* Rounding is to nearest (deterministic: resume is bit for bit with nothing more to save).
+* **Rounding** is stochastic by default: an Adam second moment changes by ``1 - beta2`` (0.1%)
+  of itself per step, far below half the gap between neighbouring codes (0.4% at best for the
+  dynamic map, 6% for e4m3; 0.2% for bf16), so rounding to nearest freezes it where the gradient
+  scale drifts slowly, and the first moment likewise; unbiased rounding lets it move on average
+  (``benchmarks/bench_states.py`` measures both). The draws are counter-based
+  (:mod:`mixprec.stochastic`): each parameter's state keeps ``[salt, rounds]`` under
+  :data:`ROUNDING_KEY` (16 bytes), so resume is bit for bit. ``rounding="nearest"`` is torchao's
+  and bitsandbytes' choice. ``state="bf16"`` is :class:`StochasticBf16States`, rounded the same
+  way under every update rule.
 
 Optimizers whose states are not elementwise (LBFGS's history, Adafactor's factored moments,
 SparseAdam's sparse updates) are refused by :func:`make_storage`.
@@ -37,12 +45,13 @@ SparseAdam's sparse updates) are refused by :func:`make_storage`.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Literal
 
 import torch
 
 from mixprec.optim import codecs
-from mixprec.optim.shards import local, wrap_like
+from mixprec.optim.shards import flat_offset, local, wrap_like
 from mixprec.optim.states import (
     Float16States,
     Fp32States,
@@ -52,8 +61,10 @@ from mixprec.optim.states import (
     storage_for,
 )
 from mixprec.scaling._distributed import is_dtensor
+from mixprec.stochastic import SEED_LIMIT, counter_key, random_bits, stochastic_round_
 
 __all__ = [
+    "ROUNDING_KEY",
     "SCALE_SUFFIX",
     "SQRT_KEYS",
     "STATE_FORMATS",
@@ -61,6 +72,7 @@ __all__ = [
     "Fp8States",
     "Int8States",
     "StateFormat",
+    "StochasticBf16States",
     "attach_storage",
     "check_elementwise",
     "make_storage",
@@ -70,6 +82,7 @@ __all__ = [
 StateFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
 STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8")
 SCALE_SUFFIX = ".scale"
+ROUNDING_KEY = "state_rounding"  # int64 [salt, rounds]: a parameter's stochastic draws
 # Non-negative per-element states of torch's optimizers (second moments and their kin).
 SQRT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf"})
 # Optimizers whose states are not per element, with what they keep instead.
@@ -111,21 +124,129 @@ def _wrap_scale(scale: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     )
 
 
+class _Draws:
+    """Counter-based random draws for rounding the states of one parameter (resumable).
+
+    A parameter's state holds an int64 tensor ``[salt, rounds]`` under :data:`ROUNDING_KEY`
+    (a tensor, so that DCP loads it in place like the states): ``salt`` tells its
+    draws from other parameters' (given in the order parameters are first stored), ``rounds``
+    counts the times its states were stored. The bits are :func:`mixprec.stochastic.random_bits`
+    of (seed, stream of salt and state name, rounds), element by its global position, so any
+    chunking or sharding draws the same bits, and a resumed run the same as one that went on.
+    """
+
+    def __init__(self, seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.seed = seed
+        self._next_salt = 0
+
+    def seen(self, state: dict[str, Any]) -> None:
+        """Note a (loaded) state's salt so that new parameters get other ones."""
+        rounding = state.get(ROUNDING_KEY)
+        if isinstance(rounding, torch.Tensor) and rounding.numel() == 2:
+            self._next_salt = max(self._next_salt, int(rounding[0].item()) + 1)
+
+    def uniform(
+        self, state: dict[str, Any], key: str, x: torch.Tensor, param: torch.Tensor
+    ) -> torch.Tensor:
+        """Draws in [0, 1) (multiples of 2**-24) of ``x``'s shape for state ``key``."""
+        salt, rounds = self._counter(state)
+        stream = (salt << 32) | zlib.crc32(key.encode())
+        bits = random_bits(
+            x.numel(), counter_key(self.seed, stream, rounds), _offset(param), x.device
+        )
+        return (torch.bitwise_right_shift(bits, 8) & 0xFFFFFF).float().mul_(2.0**-24).view(x.shape)
+
+    def key(self, state: dict[str, Any], key: str) -> tuple[tuple[int, int], int]:
+        salt, rounds = self._counter(state)
+        stream = (salt << 32) | zlib.crc32(key.encode())
+        return counter_key(self.seed, stream, rounds), 0
+
+    def advance(self, state: dict[str, Any]) -> None:
+        salt, rounds = self._counter(state)
+        state[ROUNDING_KEY] = torch.tensor([salt, rounds + 1], dtype=torch.int64)
+
+    def _counter(self, state: dict[str, Any]) -> tuple[int, int]:
+        rounding = state.get(ROUNDING_KEY)
+        if rounding is None:
+            rounding = state[ROUNDING_KEY] = torch.tensor([self._next_salt, 0], dtype=torch.int64)
+            self._next_salt += 1
+        # (torch's load_state_dict widens it to fp32: exact below 2**24 steps)
+        salt, rounds = rounding.tolist()
+        return int(salt), int(rounds)
+
+
+def _offset(param: torch.Tensor) -> int:
+    """The global position of this rank's first element of ``param`` (0 where not one run)."""
+    return flat_offset(param) or 0
+
+
+class StochasticBf16States(Float16States):
+    """Per-element states in bf16 between steps, always rounded stochastically (whatever the
+    update rule), with counter-based draws kept in the state (:data:`ROUNDING_KEY`), so resume
+    is bit for bit. ``state="bf16"``.
+
+    Args:
+        seed: seed of the draws, in [0, 2**64).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(torch.bfloat16)
+        self.draws = _Draws(seed)
+
+    def decode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+        for _, state in entries:
+            self.draws.seen(state)
+        super().decode(entries)
+
+    def encode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]], rounder: Rounder) -> None:
+        for param, state in entries:
+            keys = elementwise_keys(state, param)
+            for key in keys:
+                value = state[key]
+                x = local(value).float().contiguous()
+                out = torch.empty_like(x, dtype=torch.bfloat16)
+                stream_key, _ = self.draws.key(state, key)
+                stochastic_round_(x, out, stream_key, _offset(param))
+                state[key] = wrap_like(out, value)
+            if keys:
+                self.draws.advance(state)
+
+    def __repr__(self) -> str:
+        return f"StochasticBf16States(seed={self.draws.seed})"
+
+
 class BlockQuantizedStates(StateStorage):
     """Elementwise states stored as 8-bit codes with an fp32 scale per block (see the module).
 
     Args:
         block_size: elements per block within a row (default 256).
         min_numel: parameters with fewer elements keep fp32 states (default 4096).
+        rounding: ``"stochastic"`` (default: unbiased, so that a moment whose update is below
+            half a code's gap still moves on average) or ``"nearest"`` (torchao's and
+            bitsandbytes' rounding).
+        seed: seed of the stochastic draws, in [0, 2**64).
 
     Raises:
-        ValueError: ``block_size`` not a positive int, ``min_numel`` a negative int.
+        ValueError: ``block_size`` not a positive int, ``min_numel`` a negative int, another
+            ``rounding``, a bad seed.
     """
 
     one_pass = False
     code_dtype: torch.dtype = torch.uint8
 
-    def __init__(self, block_size: int = codecs.BLOCK_SIZE, min_numel: int = 4096) -> None:
+    def __init__(
+        self,
+        block_size: int = codecs.BLOCK_SIZE,
+        min_numel: int = 4096,
+        rounding: Literal["stochastic", "nearest"] = "stochastic",
+        seed: int = 0,
+    ) -> None:
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
+        self.rounding = rounding
+        self.draws = _Draws(seed)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
@@ -137,8 +258,11 @@ class BlockQuantizedStates(StateStorage):
 
     # -- the codec of one state (local tensors) ------------------------------------------------
 
-    def quantize(self, x: torch.Tensor, sqrt: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes (``x``'s shape) and scales (rows, blocks) of the fp32 local state ``x``."""
+    def quantize(
+        self, x: torch.Tensor, sqrt: bool, uniform: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (``x``'s shape) and scales (rows, blocks) of the fp32 local state ``x``
+        (rounded stochastically with ``uniform`` draws of ``x``'s shape, else to nearest)."""
         raise NotImplementedError
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, sqrt: bool) -> torch.Tensor:
@@ -153,6 +277,7 @@ class BlockQuantizedStates(StateStorage):
 
     def decode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         for _, state in entries:
+            self.draws.seen(state)
             for key in [k for k in state if self._is_coded(state, k)]:
                 codes, scale = state[key], state.pop(key + SCALE_SUFFIX)
                 values = self.dequantize(self._narrow(local(codes)), local(scale), key in SQRT_KEYS)
@@ -162,13 +287,18 @@ class BlockQuantizedStates(StateStorage):
         for param, state in entries:
             if not self.quantizes(param):
                 continue
-            for key in elementwise_keys(state, param):
-                if self._is_coded(state, key):
-                    continue  # stored already (fp8 codes are floating tensors of param's shape)
+            keys = [k for k in elementwise_keys(state, param) if not self._is_coded(state, k)]
+            for key in keys:  # (fp8 codes are floating tensors of the parameter's shape too)
                 value = state[key]
-                codes, scale = self.quantize(local(value).float(), key in SQRT_KEYS)
+                x = local(value).float()
+                uniform = None
+                if self.rounding == "stochastic":
+                    uniform = self.draws.uniform(state, key, x, param)
+                codes, scale = self.quantize(x, key in SQRT_KEYS, uniform)
                 state[key] = wrap_like(codes, value)
                 state[key + SCALE_SUFFIX] = _wrap_scale(scale, value)
+            if keys and self.rounding == "stochastic":
+                self.draws.advance(state)
 
     def attach(self, inner: torch.optim.Optimizer) -> None:
         """Narrow the codes back after ``inner.load_state_dict`` (which widens every state to
@@ -179,6 +309,8 @@ class BlockQuantizedStates(StateStorage):
                 for key in [k for k in state if self._is_coded(state, k)]:
                     codes = state[key]
                     state[key] = wrap_like(self._narrow(local(codes)), codes)
+                if isinstance(state.get(ROUNDING_KEY), torch.Tensor):
+                    state[ROUNDING_KEY] = state[ROUNDING_KEY].to(torch.int64)
 
         inner.register_load_state_dict_post_hook(narrow)
 
@@ -198,7 +330,10 @@ class BlockQuantizedStates(StateStorage):
         return x.reshape(_rows(x.shape), -1)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(block_size={self.block_size}, min_numel={self.min_numel})"
+        return (
+            f"{type(self).__name__}(block_size={self.block_size}, min_numel={self.min_numel}, "
+            f"rounding={self.rounding!r})"
+        )
 
 
 class Int8States(BlockQuantizedStates):
@@ -209,16 +344,19 @@ class Int8States(BlockQuantizedStates):
     name = "int8"
     code_dtype = torch.uint8
 
-    def quantize(self, x: torch.Tensor, sqrt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(
+        self, x: torch.Tensor, sqrt: bool, uniform: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._as_rows(x)
+        u = None if uniform is None else self._as_rows(uniform)
         if not sqrt:
-            codes, scale = codecs.quantize_int8(rows, True, self.block_size)
+            codes, scale = codecs.quantize_int8(rows, True, self.block_size, u)
             return codes.view(x.shape), scale
-        codes, scale = codecs.quantize_int8(rows.sqrt(), False, self.block_size)
+        codes, scale = codecs.quantize_int8(rows.sqrt(), False, self.block_size, u)
         negative = rows < 0
         if bool(negative.any()):  # not a torch second moment: signed blocks, marked by -scale
             signed_root = rows.sign() * rows.abs().sqrt()
-            s_codes, s_scale = codecs.quantize_int8(signed_root, True, self.block_size)
+            s_codes, s_scale = codecs.quantize_int8(signed_root, True, self.block_size, u)
             blocks = self._block_mask(negative, scale.shape)
             codes = torch.where(self._per_element(blocks, rows.shape[1]), s_codes, codes)
             scale = torch.where(blocks, -s_scale, scale)
@@ -253,11 +391,14 @@ class Fp8States(BlockQuantizedStates):
     name = "fp8"
     code_dtype = codecs.FP8_DTYPE
 
-    def quantize(self, x: torch.Tensor, sqrt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize(
+        self, x: torch.Tensor, sqrt: bool, uniform: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self._as_rows(x)
         if sqrt:
             rows = rows.sign() * rows.abs().sqrt()  # the sign is free in e4m3
-        codes, scale = codecs.quantize_fp8(rows, self.block_size)
+        u = None if uniform is None else self._as_rows(uniform)
+        codes, scale = codecs.quantize_fp8(rows, self.block_size, u)
         return codes.view(x.shape), scale
 
     def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, sqrt: bool) -> torch.Tensor:
@@ -274,8 +415,10 @@ def storage_named(state: str) -> StateStorage:
     """
     if state == "fp32":
         return Fp32States()
-    if state in ("bf16", "fp16"):
-        return Float16States(torch.bfloat16 if state == "bf16" else torch.float16)
+    if state == "bf16":
+        return StochasticBf16States()
+    if state == "fp16":
+        return Float16States(torch.float16)
     if state in ("fp8", "fp8_e4m3"):
         return Fp8States()
     if state == "int8":
