@@ -227,6 +227,8 @@ class BlockQuantizedStates(StateStorage):
             half a code's gap still moves on average) or ``"nearest"`` (torchao's and
             bitsandbytes' rounding).
         seed: seed of the stochastic draws, in [0, 2**64).
+        sqrt_second_moment: store the states of :data:`SQRT_KEYS` as their square root (default);
+            False stores them directly, as torchao and bitsandbytes do.
 
     Raises:
         ValueError: ``block_size`` not a positive int, ``min_numel`` a negative int, another
@@ -242,11 +244,13 @@ class BlockQuantizedStates(StateStorage):
         min_numel: int = 4096,
         rounding: Literal["stochastic", "nearest"] = "stochastic",
         seed: int = 0,
+        sqrt_second_moment: bool = True,
     ) -> None:
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {rounding!r}")
         self.rounding = rounding
         self.draws = _Draws(seed)
+        self.sqrt_keys = SQRT_KEYS if sqrt_second_moment else frozenset()
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
@@ -280,7 +284,9 @@ class BlockQuantizedStates(StateStorage):
             self.draws.seen(state)
             for key in [k for k in state if self._is_coded(state, k)]:
                 codes, scale = state[key], state.pop(key + SCALE_SUFFIX)
-                values = self.dequantize(self._narrow(local(codes)), local(scale), key in SQRT_KEYS)
+                values = self.dequantize(
+                    self._narrow(local(codes)), local(scale), key in self.sqrt_keys
+                )
                 state[key] = wrap_like(values, codes)
 
     def encode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]], rounder: Rounder) -> None:
@@ -294,7 +300,7 @@ class BlockQuantizedStates(StateStorage):
                 uniform = None
                 if self.rounding == "stochastic":
                     uniform = self.draws.uniform(state, key, x, param)
-                codes, scale = self.quantize(x, key in SQRT_KEYS, uniform)
+                codes, scale = self.quantize(x, key in self.sqrt_keys, uniform)
                 state[key] = wrap_like(codes, value)
                 state[key + SCALE_SUFFIX] = _wrap_scale(scale, value)
             if keys and self.rounding == "stochastic":
