@@ -94,7 +94,11 @@ def test_stored_form_and_exact_byte_count(state: str, code_dtype: torch.dtype) -
     _train(model, opt, range(2))
     total = 0
     for p, st in zip(model.parameters(), _inner_states(opt), strict=True):
-        rows = p.shape[0] if p.ndim >= 2 else 1
+        if p.ndim < 2:  # biases keep fp32 states
+            assert st["exp_avg"].dtype == torch.float32 and ROUNDING_KEY not in st
+            total += sum(t.numel() * t.element_size() for t in st.values())
+            continue
+        rows = p.shape[0]
         blocks = codecs.block_count(p.numel() // rows)
         for key in ("exp_avg", "exp_avg_sq"):
             assert st[key].dtype == code_dtype and st[key].shape == p.shape
@@ -117,12 +121,16 @@ def test_first_step_stores_the_codec_of_the_fp32_states(state: str) -> None:
     _train(reference, ref_opt, range(1))
     _train(model, opt, range(1))
     storage = opt.storage
-    for ref_state, st in zip(_inner_states(ref_opt), _inner_states(opt), strict=True):
+    for p, ref_state, st in zip(
+        model.parameters(), _inner_states(ref_opt), _inner_states(opt), strict=True
+    ):
+        if p.ndim < 2:
+            continue  # fp32 states
         decoded = dict(st)
         storage.decode([(torch.empty(0), decoded)])
         for key in ("exp_avg", "exp_avg_sq"):
             x = ref_state[key]
-            rows = x.reshape(x.shape[0] if x.ndim >= 2 else 1, -1)
+            rows = x.reshape(x.shape[0], -1)
             if key == "exp_avg_sq":
                 rows = rows.sqrt()
             if state == "int8":
@@ -344,3 +352,94 @@ def test_dcp_round_trip_single_process(tmp_path) -> None:
         assert torch.equal(p, q)
     for a, b in zip(_inner_states(opt), _inner_states(resumed_opt), strict=True):
         _assert_same_state(a, b)
+
+
+# -- FSDP2: 2 gloo ranks -------------------------------------------------------------------------
+
+
+def _fsdp_rank(rank: int, port: int, out: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from mixprec.distributed import checkpoint as sharded
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+
+        def sharded_run():
+            model = _model()
+            for layer in model:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer)  # bf16 parameters, gradients reduced in bf16
+            fully_shard(model)
+            return model, _wrap(model, "int8")
+
+        model, opt = sharded_run()
+        _train(model, opt, range(3))
+        states = [
+            {k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in st.items()}
+            for st in _inner_states(opt)
+        ]
+        sharded.save(os.path.join(out, "ckpt"), model, [opt])
+        _train(model, opt, range(3, 5))
+        continued = [p.full_tensor() for p in model.parameters()]
+        resumed, resumed_opt = sharded_run()
+        sharded.load(os.path.join(out, "ckpt"), resumed, [resumed_opt])
+        _train(resumed, resumed_opt, range(3, 5))
+        result = {
+            "states": states,
+            "continued": continued,
+            "resumed": [p.full_tensor() for p in resumed.parameters()],
+        }
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_states_match_one_process_and_resume_bit_for_bit(tmp_path) -> None:
+    """Two gloo ranks under FSDP2 (rows sharded): each rank's int8 codes and scales are its rows
+    of the one-process states (the same draws, the same blocks), and a DCP checkpoint resumes
+    bit for bit."""
+    mp = pytest.importorskip("torch.multiprocessing")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the bf16 GEMMs' sums then run in the same order
+    try:
+        model = _model()
+        opt = _wrap(model, "int8")
+        _train(model, opt, range(3))
+    finally:
+        torch.set_num_threads(threads)
+    one = _inner_states(opt)
+    mp.spawn(_fsdp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for index, whole in enumerate(one):
+        for key, value in whole.items():
+            parts = [r["states"][index][key] for r in ranks]
+            if key in ("step", ROUNDING_KEY):  # the same on every rank
+                assert torch.equal(parts[0], parts[1]), (index, key)
+                value_ = parts[0]
+            else:
+                value_ = torch.cat(parts)  # dim 0 split over the ranks
+            if value.dtype == torch.float8_e4m3fn:
+                value, value_ = value.view(torch.uint8), value_.view(torch.uint8)
+            assert value_.dtype == value.dtype, (index, key)
+            assert torch.equal(value_, value), (index, key)
+    for continued, resumed in zip(ranks[0]["continued"], ranks[0]["resumed"], strict=True):
+        assert torch.equal(continued, resumed)

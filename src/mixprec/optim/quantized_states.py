@@ -15,14 +15,18 @@ stored where:
   casts every state tensor to the parameter's dtype (fp32 here); codes survive that exactly
   (0..255 and every e4m3 value are fp32 values), and :meth:`BlockQuantizedStates.attach` narrows
   them back right after the load (a later decode would too).
-* **The layout**: a state is quantized in rows of its leading dimension (a 0/1-D state is one row),
-  in blocks of 256 within a row. For rows whose length is a multiple of 256 this is the flat layout
-  of torchao and bitsandbytes; it lets the scales of a DTensor sharded on dim 0 (FSDP2) be a
-  DTensor of the same placements, ``(rows, blocks)``, so a checkpoint reshards like any state.
-  States of other DTensor layouts (``Shard(1)``, sharded 1-D parameters) stay fp32.
+* **The layout**: a state is quantized in rows of its leading dimension, in blocks of 256 within
+  a row. For rows whose length is a multiple of 256 this is the flat layout of torchao and
+  bitsandbytes; it lets the scales of a DTensor sharded on dim 0 (FSDP2) be a DTensor of the same
+  placements, ``(rows, blocks)``, so the stored form is the same in one process and on any
+  number of ranks, and a checkpoint reshards like any state (a two-rank test checks each rank's
+  codes and scales are its rows of the one-process ones). Rows shorter than a block cost a scale
+  each (4 bytes per row). States of other DTensor layouts (``Shard(1)``) stay fp32.
 * **Which states**: the elementwise ones (:func:`~mixprec.optim.states.elementwise_keys`) of
-  parameters with at least ``min_numel`` elements (default 4096, bitsandbytes' ``min_8bit_size``
-  and torchao's rule: small tensors — biases, norms — cost little and are the most sensitive).
+  parameters of at least 2 dimensions and ``min_numel`` elements (default 4096, bitsandbytes'
+  ``min_8bit_size`` and torchao's rule: small tensors cost little and are the most sensitive).
+  Biases and norm scales (1-D) keep fp32 states: few elements, and a sharded 1-D parameter would
+  cut blocks at the shard boundary.
 * **The second moment**: the non-negative states of torch's optimizers (:data:`SQRT_KEYS`: Adam's
   ``exp_avg_sq``, RMSprop's ``square_avg``, Adagrad's ``sum``...) are stored as their square
   root (int8: with the unsigned map), which keeps twice the decades of small values that storing
@@ -277,7 +281,12 @@ class BlockQuantizedStates(StateStorage):
 
     def quantizes(self, param: torch.Tensor) -> bool:
         """Whether the states of ``param`` are stored quantized (else fp32)."""
-        return param.numel() >= self.min_numel and param.numel() > 0 and _row_layout(param)
+        return (
+            param.ndim >= 2
+            and param.numel() >= self.min_numel
+            and param.numel() > 0
+            and _row_layout(param)
+        )
 
     def decode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         for _, state in entries:
