@@ -443,3 +443,29 @@ def test_fsdp2_states_match_one_process_and_resume_bit_for_bit(tmp_path) -> None
             assert torch.equal(value_, value), (index, key)
     for continued, resumed in zip(ranks[0]["continued"], ranks[0]["resumed"], strict=True):
         assert torch.equal(continued, resumed)
+
+
+class _FlatHistory(torch.optim.SGD):
+    """An SGD that also keeps a flat (not per-element) tensor per parameter."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["history"] = p.grad.detach().reshape(-1)[:3].clone()
+        return out
+
+
+def test_states_that_are_not_per_element_are_kept_with_a_warning() -> None:
+    model = _model()
+    opt = MasterWeightOptimizer(
+        _FlatHistory(model.parameters(), lr=0.1, momentum=0.9), state="int8"
+    )
+    opt.storage.min_numel = 0
+    with pytest.warns(UserWarning, match=r"state='int8'.*\['history'\] that are not per element"):
+        _train(model, opt, range(2))
+    for p, st in zip(model.parameters(), _inner_states(opt), strict=True):
+        assert st["history"].dtype == torch.float32
+        if p.ndim >= 2:
+            assert st["momentum_buffer"].dtype == torch.uint8

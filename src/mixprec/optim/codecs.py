@@ -2,11 +2,12 @@
 
 Design note, the layout: a state is quantized as a 2-D tensor ``(rows, cols)`` in blocks of
 ``block_size`` (256) consecutive elements of a row, each block with one fp32 scale. The storage
-(:mod:`mixprec.optim.quantized_states`) hands a parameter's state in as one row (flat: the block
-layout of torchao's ``AdamW8bit``/``AdamWFp8`` and of bitsandbytes' blockwise 8-bit optimizers)
-or, for a DTensor sharded on dim 0, as rows of the leading dimension so that the scales shard
-with the rows. A ragged row (``cols`` not a multiple of the block) ends in a shorter block: it is
-padded with zeros for the reduction, which changes no absmax, and the padding is never stored.
+(:mod:`mixprec.optim.quantized_states`) hands a parameter's state in as rows of its leading
+dimension, so that the scales shard with the rows under FSDP2; a single row is the flat block
+layout of torchao's ``AdamW8bit``/``AdamWFp8`` and of bitsandbytes' blockwise 8-bit optimizers,
+and so is any layout whose rows are a multiple of 256 long. A ragged row (``cols`` not a
+multiple of the block) ends in a shorter block: it is padded with zeros for the reduction, which
+changes no absmax, and the padding is never stored.
 Memory: 1 byte per element plus 4 bytes per block (1.016 B/element at 256).
 
 Design note, int8 (:func:`quantize_int8`): *dynamic* quantization (Dettmers et al., "8-bit

@@ -49,6 +49,7 @@ SparseAdam's sparse updates) are refused by :func:`make_storage`.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Any, Literal
 
@@ -181,6 +182,29 @@ class _Draws:
         return int(salt), int(rounds)
 
 
+def _warn_kept(storage: StateStorage, state: dict[str, Any], param: torch.Tensor) -> None:
+    """Warn once per storage about tensor states that are not per element (kept as they are)."""
+    if getattr(storage, "_warned", False):
+        return
+    kept = [
+        key
+        for key, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.ndim > 0
+        and key not in (ROUNDING_KEY,)
+        and not str(key).endswith(SCALE_SUFFIX)
+        and value.shape != param.shape
+    ]
+    if kept:
+        storage._warned = True  # type: ignore[attr-defined]
+        warnings.warn(
+            f"state={storage.name!r}: the optimizer keeps states {kept!r} that are not per "
+            f"element (shapes {[tuple(state[k].shape) for k in kept]!r} for a parameter of shape "
+            f"{tuple(param.shape)!r}); they stay as the optimizer makes them",
+            stacklevel=2,
+        )
+
+
 def _offset(param: torch.Tensor) -> int:
     """The global position of this rank's first element of ``param`` (0 where not one run)."""
     return flat_offset(param) or 0
@@ -206,6 +230,7 @@ class StochasticBf16States(Float16States):
 
     def encode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]], rounder: Rounder) -> None:
         for param, state in entries:
+            _warn_kept(self, state, param)
             keys = elementwise_keys(state, param)
             for key in keys:
                 value = state[key]
@@ -302,6 +327,7 @@ class BlockQuantizedStates(StateStorage):
         for param, state in entries:
             if not self.quantizes(param):
                 continue
+            _warn_kept(self, state, param)
             keys = [k for k in elementwise_keys(state, param) if not self._is_coded(state, k)]
             for key in keys:  # (fp8 codes are floating tensors of the parameter's shape too)
                 value = state[key]
