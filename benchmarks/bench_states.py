@@ -28,14 +28,14 @@ one-pass kernel).
 Measured (Intel Xeon with AVX512-BF16/AMX, torch 2.13 CPU, 1 thread, a shared machine):
 
     run                      train loss  val loss  vs fp32 st.  state B/p  step ms
-    master, fp32 states          0.0656    0.1222      +0.00%       8.00     1.06
-    master, bf16 states          0.0651    0.1220      -0.69%       4.00     2.62
-    master, fp8 states           0.0653    0.1223      -0.38%       2.27    11.54
-    master, int8 states          0.0652    0.1218      -0.60%       2.27    15.60
-    SR, fp32 states              0.0656    0.1221      +0.00%       8.00     0.68
-    SR, int8 states              0.0652    0.1220      -0.60%       2.27    23.70
-    SR, int8 as torchao          0.0601    0.1254      -8.33%       2.27     9.62
-    torchao AdamW8bit (SR)       0.0627    0.1266      -4.34%          -     9.04
+    master, fp32 states          0.0656    0.1222      +0.00%       8.00     0.55
+    master, bf16 states          0.0651    0.1220      -0.69%       4.00     1.28
+    master, fp8 states           0.0653    0.1223      -0.38%       2.27     6.96
+    master, int8 states          0.0652    0.1218      -0.60%       2.27    10.76
+    SR, fp32 states              0.0656    0.1221      +0.00%       8.00     0.52
+    SR, int8 states              0.0652    0.1220      -0.60%       2.27    10.63
+    SR, int8 as torchao          0.0601    0.1254      -8.33%       2.27     4.64
+    torchao AdamW8bit (SR)       0.0627    0.1266      -4.34%          -     6.77
 
 Every mixprec compressed-state run ends within 1% of fp32 states. torchao's AdamW8bit ends 4.3%
 from them (mixprec's int8 is +3.9% from torchao: not within 1%), and mixprec's int8 storage set
@@ -44,7 +44,8 @@ the two choices of :mod:`mixprec.optim.quantized_states` (stochastic rounding, `
 what keep 8-bit states on the fp32 trajectory. (State B/p is over all parameters; the 2.27 is
 2 x 1.016 for the quantized weights plus fp32 states for the 2.6k-element head and the biases.)
 The step times are those of the reference path (dequantize, torch's AdamW, requantize, per
-chunk): about 10-20x the one-pass fp32 kernel; a one-pass 8-bit kernel is not written yet.
+chunk): 13-20x the one-pass fp32 kernel (stochastic rounding about doubles the int8 codec's
+time); a one-pass 8-bit kernel is not written yet. Step times vary with the machine's load.
 """
 
 from __future__ import annotations
