@@ -156,17 +156,14 @@ class _Draws:
         self, state: dict[str, Any], key: str, x: torch.Tensor, param: torch.Tensor
     ) -> torch.Tensor:
         """Draws in [0, 1) (multiples of 2**-24) of ``x``'s shape for state ``key``."""
-        salt, rounds = self._counter(state)
-        stream = (salt << 32) | zlib.crc32(key.encode())
-        bits = random_bits(
-            x.numel(), counter_key(self.seed, stream, rounds), _offset(param), x.device
-        )
+        bits = random_bits(x.numel(), self.key(state, key), _offset(param), x.device)
         return (torch.bitwise_right_shift(bits, 8) & 0xFFFFFF).float().mul_(2.0**-24).view(x.shape)
 
-    def key(self, state: dict[str, Any], key: str) -> tuple[tuple[int, int], int]:
+    def key(self, state: dict[str, Any], key: str) -> tuple[int, int]:
+        """The counter key of this round of state ``key``'s draws."""
         salt, rounds = self._counter(state)
         stream = (salt << 32) | zlib.crc32(key.encode())
-        return counter_key(self.seed, stream, rounds), 0
+        return counter_key(self.seed, stream, rounds)
 
     def advance(self, state: dict[str, Any]) -> None:
         salt, rounds = self._counter(state)
@@ -236,8 +233,7 @@ class StochasticBf16States(Float16States):
                 value = state[key]
                 x = local(value).float().contiguous()
                 out = torch.empty_like(x, dtype=torch.bfloat16)
-                stream_key, _ = self.draws.key(state, key)
-                stochastic_round_(x, out, stream_key, _offset(param))
+                stochastic_round_(x, out, self.draws.key(state, key), _offset(param))
                 state[key] = wrap_like(out, value)
             if keys:
                 self.draws.advance(state)
