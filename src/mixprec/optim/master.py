@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
 from mixprec.optim.rules.master import Master
 from mixprec.optim.wrapper import WrappedOptimizer
 
@@ -65,11 +66,17 @@ class MasterWeightOptimizer(WrappedOptimizer):
             per 16-bit parameter, counted as grads by :func:`memory_report`) instead of the
             chunk-sized workspace. Rarely worth it now: on CPUs the chunked default already
             reuses its buffer, and GPU caching allocators make fresh buffers free.
+        state: the format the inner optimizer's per-element states are stored in between steps:
+            ``"fp32"`` (None, the default: as torch makes them), ``"bf16"``/``"fp16"`` (rounded
+            to nearest under this rule), ``"fp8"`` (e4m3, block scales) or ``"int8"``
+            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`.
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
             that are not fp16/bf16/fp32/complex; ``keep_grad_buffers`` is not a bool.
-        ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive.
+        ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive; an unknown
+            ``state`` format, or a compressed one for an optimizer whose states are not
+            elementwise (LBFGS).
         RuntimeError: the optimizer has already stepped (it holds state).
 
     Example:
@@ -89,8 +96,13 @@ class MasterWeightOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
+        state: StateFormat | None = None,
     ) -> None:
-        super().__init__(optimizer, Master(keep_grad_buffers), max_grad_norm=max_grad_norm)
+        storage = make_storage(optimizer, state) if state is not None else None
+        super().__init__(
+            optimizer, Master(keep_grad_buffers), max_grad_norm=max_grad_norm, storage=storage
+        )
+        attach_storage(self.storage, self.optimizer)
 
     @property
     def keep_grad_buffers(self) -> bool:
