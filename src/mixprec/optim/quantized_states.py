@@ -55,6 +55,7 @@ from typing import Any, Literal
 
 import torch
 
+from mixprec._dist import is_dtensor
 from mixprec.optim import codecs
 from mixprec.optim.shards import flat_offset, local, wrap_like
 from mixprec.optim.states import (
@@ -65,7 +66,6 @@ from mixprec.optim.states import (
     elementwise_keys,
     storage_for,
 )
-from mixprec.scaling._distributed import is_dtensor
 from mixprec.stochastic import SEED_LIMIT, counter_key, random_bits, stochastic_round_
 
 __all__ = [
