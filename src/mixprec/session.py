@@ -51,6 +51,7 @@ from mixprec._session_setup import (
 from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
+from mixprec.compute.fp8_linear import end_fp8_step
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
@@ -429,6 +430,8 @@ class MixedPrecision(SessionState):
             self.scaler.step(optimizer)
         self.scaler.update()
         stepped = not self.scaler.step_skipped()
+        if self.fp8 is not None and self._model is not None:
+            end_fp8_step(self._model, stepped)  # a skipped step keeps no FP8 amax either
         report = StepReport(
             step=self._steps,
             stepped=stepped,

@@ -35,7 +35,7 @@ from mixprec.compute.fp8 import (
     fp8_quantize,
 )
 
-__all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "fp8_backend", "fp8_linear"]
+__all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "end_fp8_step", "fp8_backend", "fp8_linear"]
 
 Fp8Backend = Literal["auto", "emulated", "native"]
 BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
@@ -121,10 +121,17 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -> Any:
-    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically."""
+    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically.
+
+    A non-finite gradient gets a NaN scale: a delayed scale is finite, so the saturating cast
+    would turn an overflowed gradient into a finite one and the loss scaler would take a step it
+    must skip. NaN makes the gradient GEMMs non-finite, as a dynamic scale does.
+    """
     if scales is None:
         return None
-    return torch.where(scales[2] > 0, scales[2], dynamic_scale(grad.abs().max(), r.grad_format))
+    amax = grad.abs().max().float()
+    scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 @torch.library.custom_op("mixprec::fp8_linear_grad_input", mutates_args=())
@@ -333,6 +340,7 @@ class Fp8Linear(nn.Linear):
         self.recipe = Fp8Recipe.parse(recipe)
         fp8_backend(backend, "cpu" if device is None else device, self.recipe)  # validates
         self.backend: Fp8Backend = backend
+        self._fp8_committed: torch.Tensor | None = None  # the history before this step's records
         if self.recipe.scaling == "delayed":
             hist = torch.zeros(3, self.recipe.history, device=device)
             self.register_buffer("fp8_amax_history", hist)
@@ -371,25 +379,52 @@ class Fp8Linear(nn.Linear):
 
     @torch.no_grad()
     def _delayed_scales(self, flat: torch.Tensor) -> torch.Tensor:
-        """Scales from the history (before this step), then this step's amaxes recorded."""
+        """Scales from the history (before this step), then this step's amaxes recorded.
+
+        A non-finite input (or weight) gets a NaN scale, so the output is non-finite and the
+        step is skipped as in the 16-bit presets; a finite delayed scale would saturate an inf
+        to the format's max and the step would be taken on it.
+        """
         r, hist = self.recipe, self.fp8_amax_history
         amax_x, amax_w = flat.abs().max().float(), self.weight.detach().abs().max().float()
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
         scales = torch.stack(
             [
-                delayed_scale(hist[0], amax_x, r.input_format, r.margin),
-                delayed_scale(hist[1], amax_w, r.weight_format, r.margin),
+                _nan_unless_finite(delayed_scale(hist[0], amax_x, r.input_format, r.margin), amax_x),
+                _nan_unless_finite(delayed_scale(hist[1], amax_w, r.weight_format, r.margin), amax_w),
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
         if self.training:
-            _record(hist[0], amax_x)
-            _record(hist[1], amax_w)
+            self._record(0, amax_x)
+            self._record(1, amax_w)
         return scales
 
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
-        _record(self.fp8_amax_history[2], grad.abs().max().float())
+        self._record(2, grad.abs().max().float())
+
+    def _record(self, row: int, amax: torch.Tensor) -> None:
+        """Push ``amax`` onto history row ``row`` provisionally (see :meth:`end_step`).
+
+        A non-finite amax is not recorded: its step is skipped, and in the history it would
+        spoil the scales of the next ``history`` steps.
+        """
+        if self._fp8_committed is None:  # first change since the last decision: keep a copy
+            self._fp8_committed = self.fp8_amax_history.clone()
+        _push(self.fp8_amax_history[row], amax)
+
+    @torch.no_grad()
+    def end_step(self, taken: bool) -> None:
+        """Keep the amaxes recorded since the last call if the optimizer step was ``taken``,
+        else restore the history as it was: a skipped step changes no state.
+
+        :class:`mixprec.MixedPrecision` calls it at each ``step``; without a session the
+        history keeps every finite amax, as before.
+        """
+        if self._fp8_committed is not None and not taken:
+            self.fp8_amax_history.copy_(self._fp8_committed)
+        self._fp8_committed = None
 
     @torch.no_grad()
     def delayed_scaling_state(self) -> dict[str, float]:
@@ -419,7 +454,20 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
 
 
-def _record(row: torch.Tensor, amax: torch.Tensor) -> None:
-    """Push ``amax`` onto an amax history row, newest first, in place."""
-    row.copy_(torch.roll(row, 1))
-    row[0] = amax
+def _push(row: torch.Tensor, amax: torch.Tensor) -> None:
+    """Push a finite ``amax`` onto an amax history row, newest first, in place (no host sync)."""
+    pushed = torch.roll(row, 1)
+    pushed[0] = amax
+    row.copy_(torch.where(torch.isfinite(amax), pushed, row))
+
+
+def _nan_unless_finite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+
+
+def end_fp8_step(model: nn.Module, taken: bool) -> None:
+    """Commit (``taken``) or undo the amax histories every delayed-scaling :class:`Fp8Linear` of
+    ``model`` recorded since the last call; the session's step decides."""
+    for module in model.modules():
+        if isinstance(module, Fp8Linear) and module.recipe.scaling == "delayed":
+            module.end_step(taken)
