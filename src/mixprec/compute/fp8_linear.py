@@ -388,10 +388,12 @@ class Fp8Linear(nn.Linear):
         r, hist = self.recipe, self.fp8_amax_history
         amax_x, amax_w = flat.abs().max().float(), self.weight.detach().abs().max().float()
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
+        s_x = delayed_scale(hist[0], amax_x, r.input_format, r.margin)
+        s_w = delayed_scale(hist[1], amax_w, r.weight_format, r.margin)
         scales = torch.stack(
             [
-                _nan_unless_finite(delayed_scale(hist[0], amax_x, r.input_format, r.margin), amax_x),
-                _nan_unless_finite(delayed_scale(hist[1], amax_w, r.weight_format, r.margin), amax_w),
+                _nan_unless_finite(s_x, amax_x),
+                _nan_unless_finite(s_w, amax_w),
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
