@@ -20,11 +20,11 @@ of the optimizer's copy of the weights; equal to params means no separate copy) 
 ``reduce``/``r`` (the format gradients are all-reduced in).
 
 FP8: ``compute=fp8:<recipe>`` (``compute=fp8`` for ``tensorwise``) runs the GEMMs of linear layers
-in FP8 under a named recipe of :mod:`mixprec.compute.fp8` and everything else in bf16, so it sets
+in FP8 under a named recipe of :mod:`mixprec.recipes` and everything else in bf16, so it sets
 ``compute`` to bf16 and ``fp8`` to the recipe name; a rule such as ``lm_head -> bf16-mixed`` keeps a
-layer out of FP8. The policy holds the recipe by name only (this layer does not import the
-compute layer); :data:`FP8_RECIPE_NAMES` lists the names, and a test keeps it equal to
-``mixprec.compute.fp8.RECIPES``.
+layer out of FP8. The policy holds the recipe by name; the names are :mod:`mixprec.recipes`'
+(the data layer, beside this one). An fp8 format as ``compute``, ``output`` or ``master`` is
+refused: FP8 compute needs a recipe (scales), and nothing stores outputs or masters in fp8.
 """
 
 from __future__ import annotations
@@ -38,7 +38,17 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
+from mixprec.formats import (
+    BF16,
+    FP8_E4M3,
+    FP8_E5M2,
+    FP16,
+    FP32,
+    Format,
+    FormatLike,
+    resolve_format,
+)
+from mixprec.recipes import RECIPE_NAMES
 
 __all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
@@ -60,15 +70,8 @@ _KEYS: Mapping[str, str] = MappingProxyType(
 )
 _VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
 _RULE_KINDS = ("name", "class")
-FP8_RECIPE_NAMES: tuple[str, ...] = (
-    "tensorwise",
-    "tensorwise_delayed",
-    "rowwise",
-    "rowwise_with_gw_hp",
-    "blockwise",
-    "mxfp8",
-)
-"""The FP8 recipes ``compute=fp8:<name>`` accepts (the names of ``mixprec.compute.fp8.RECIPES``)."""
+FP8_RECIPE_NAMES: tuple[str, ...] = RECIPE_NAMES
+"""The FP8 recipes ``compute=fp8:<name>`` accepts: :data:`mixprec.recipes.RECIPE_NAMES`."""
 _ECHO_LIMIT = 100  # characters of user input an error message repeats, per mention
 
 
@@ -202,6 +205,7 @@ class Policy:
         compute = _format_field("compute", _or(self.compute, param))
         object.__setattr__(self, "param", param)
         object.__setattr__(self, "compute", compute)
+        _check_no_bare_fp8(param, compute, self.output, self.master)  # before they cascade
         object.__setattr__(self, "output", _format_field("output", _or(self.output, compute)))
         object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
@@ -405,6 +409,28 @@ def _check_compute_not_wider(param: Format, compute: Format) -> None:
         )
 
 
+def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: object) -> None:
+    """Refuse an fp8 format as compute, output or master (as given, before the defaults
+    cascade): nothing would apply it.
+
+    A bare fp8 compute format has no scales (torch's autocast ignores it and runs fp32), outputs
+    and master weights have no fp8 storage path. FP8 compute is a recipe: ``compute=fp8:<name>``.
+    (fp8 params and gradient reduction are refused where they would be used, with their own
+    reasons.)
+    """
+    for name, value in (("compute", compute), ("output", output), ("master", master)):
+        fmt = None if value is None else _format_field(name, value)  # type: ignore[arg-type]
+        if name == "master" and fmt == param:
+            continue  # a master equal to the params is no separate copy
+        if fmt in (FP8_E4M3, FP8_E5M2):
+            raise ValueError(
+                f"{name}={fmt} is not applied by anything: fp8 compute needs a recipe's scales, "
+                f"written 'compute=fp8:<recipe>' (recipes: {', '.join(map(repr, RECIPE_NAMES))}, "
+                f"e.g. 'params=fp32,compute=fp8:rowwise,output=fp32'); outputs and master "
+                f"weights are kept in fp32, bf16 or fp16"
+            )
+
+
 def _check_fp8(recipe: object, compute: Format) -> None:
     if recipe is None:
         return
@@ -522,4 +548,4 @@ PRESETS: Mapping[str, Policy] = MappingProxyType(
 ``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``fp8-mixed``:
 linear layers' GEMMs in FP8 with tensorwise dynamic scaling (e4m3 forward, e5m2 gradients), bf16
 elsewhere, fp32 weights (``compute=fp8:rowwise`` and the other recipes of
-:data:`mixprec.compute.fp8.RECIPES` by policy string)."""
+:data:`mixprec.recipes.RECIPES` by policy string)."""

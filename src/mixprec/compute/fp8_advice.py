@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from mixprec.compute.emulated import emulated_linear
-from mixprec.compute.fp8 import Fp8Recipe
 from mixprec.compute.fp8_convert import Fp8Plan
 from mixprec.compute.fp8_linear import fp8_linear
 from mixprec.policy import ModuleRule, Policy
+from mixprec.recipes import Fp8Recipe
 
 __all__ = [
     "DEFAULT_THRESHOLD_DB",

@@ -27,9 +27,9 @@ from typing import Literal, get_args
 
 from torch import nn
 
-from mixprec.compute.fp8 import Fp8Recipe
 from mixprec.compute.fp8_linear import BACKENDS, Fp8Backend, Fp8Linear
 from mixprec.policy import Policy
+from mixprec.recipes import Fp8Recipe
 
 __all__ = ["Fp8Conversion", "Fp8Plan", "OnMismatch", "apply_fp8_policy", "convert_to_fp8"]
 

@@ -23,17 +23,12 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixprec.compute.emulated import no_autocast
-from mixprec.compute.fp8 import (
-    Fp8Recipe,
-    Scaled,
-    delayed_scale,
-    dequantize,
-    dynamic_scale,
-    fp8_quantize,
-)
+from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
+from mixprec.scaled import Scaled, dequantize, fp8_quantize
 
 __all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "end_fp8_step", "fp8_backend", "fp8_linear"]
 
@@ -46,6 +41,8 @@ _NATIVE_GRANULARITIES = ("tensorwise", "rowwise")
 
 
 def _operand(t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any) -> Any:
+    if t.numel() == 0:  # an empty batch (an MoE expert without tokens): nothing to scale
+        return t
     return fp8_quantize(t, r, role, dim, gemm, scale)
 
 
@@ -127,7 +124,7 @@ def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -
     would turn an overflowed gradient into a finite one and the loss scaler would take a step it
     must skip. NaN makes the gradient GEMMs non-finite, as a dynamic scale does.
     """
-    if scales is None:
+    if scales is None or grad.numel() == 0:
         return None
     amax = grad.abs().max().float()
     scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
@@ -242,6 +239,7 @@ def fp8_linear(
         torch.Size([4, 8])
     """
     r = Fp8Recipe.parse(recipe)
+    _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
     out = _fp8_linear(flat, weight, bias, str(r), out_dtype or x.dtype, scales, native)
@@ -364,6 +362,7 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating(x, self.weight, self.bias)
         device_type = x.device.type
         out_dtype = x.dtype
         if torch.is_autocast_enabled(device_type):
@@ -386,7 +385,7 @@ class Fp8Linear(nn.Linear):
         to the format's max and the step would be taken on it.
         """
         r, hist = self.recipe, self.fp8_amax_history
-        amax_x, amax_w = flat.abs().max().float(), self.weight.detach().abs().max().float()
+        amax_x, amax_w = _amax(flat), _amax(self.weight.detach())
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
         s_x = delayed_scale(hist[0], amax_x, r.input_format, r.margin)
         s_w = delayed_scale(hist[1], amax_w, r.weight_format, r.margin)
@@ -397,14 +396,15 @@ class Fp8Linear(nn.Linear):
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
-        if self.training:
+        if self.training and flat.numel():  # an empty batch observes nothing
             self._record(0, amax_x)
             self._record(1, amax_w)
         return scales
 
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
-        self._record(2, grad.abs().max().float())
+        if grad.numel():
+            self._record(2, _amax(grad))
 
     def _record(self, row: int, amax: torch.Tensor) -> None:
         """Push ``amax`` onto history row ``row`` provisionally (see :meth:`end_step`).
@@ -461,6 +461,29 @@ def _push(row: torch.Tensor, amax: torch.Tensor) -> None:
     pushed = torch.roll(row, 1)
     pushed[0] = amax
     row.copy_(torch.where(torch.isfinite(amax), pushed, row))
+
+
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| in fp32; 0 for an empty tensor (``max`` refuses those)."""
+    return t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+
+
+def _check_floating(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Refuse a non-floating input with torch's own error for ``F.linear`` (which ``nn.Linear``
+    raises), plus what to do; the GEMM would otherwise cast it and return an integer tensor."""
+    if x.is_floating_point():
+        return
+    help_text = (
+        f"; Fp8Linear takes a floating-point input (fp32, bf16 or fp16), got {x.dtype}: "
+        "cast it first, e.g. layer(x.float())"
+    )
+    try:
+        with no_autocast():  # torch's text on two empty operands of the same dtypes
+            b = None if bias is None else bias.new_empty(1)
+            F.linear(x.new_empty((0, 1)), weight.new_empty((1, 1)), b)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}{help_text}") from None
+    raise RuntimeError(help_text[2:])
 
 
 def _nan_unless_finite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
