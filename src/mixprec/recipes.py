@@ -15,11 +15,11 @@ mxfp8 (OCP MX)            1 x 32 along the contraction   1 x 32 along the contra
 
 so one blocked quantizer (:func:`mixprec.scaled.quantize_blocks`) serves all of them, and a
 recipe is a frozen dataclass (:class:`Fp8Recipe`) naming the formats per operand, the block rule,
-how a scale is chosen (dynamic from the block's amax, or *delayed* from an amax history with a margin; rounded
-down to a power of two or not; E8M0 for MX) and which GEMMs stay in high precision. "Along the
-contraction" means along the dimension the GEMM sums over, so an operand used by two GEMMs (the
-input in the forward and in the weight gradient) is quantized twice, once per GEMM, as torchao
-and the hardware kernels do.
+how a scale is chosen (dynamic from the block's amax, or *delayed* from an amax history with a
+margin; rounded down to a power of two or not; E8M0 for MX) and which GEMMs stay in high
+precision. "Along the contraction" means along the dimension the GEMM sums over, so an operand
+used by two GEMMs (the input in the forward and in the weight gradient) is quantized twice, once
+per GEMM, as torchao and the hardware kernels do.
 
 The scale convention is torchao's: ``data = fp8(clamp(x * scale, -max, max))`` and the
 dequantized value is ``data / scale``. The dynamic scale is ``max / max(amax, 1e-12)`` computed in
