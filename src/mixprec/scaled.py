@@ -163,6 +163,7 @@ def fp8_quantize(
         scale: a precomputed (delayed) scale for tensorwise recipes.
 
     Example:
+        >>> from mixprec.recipes import RECIPES
         >>> q = fp8_quantize(torch.ones(4, 64), RECIPES["mxfp8"], "input", 1, "output")
         >>> q.block, tuple(q.scale.shape)
         ((1, 32), (4, 1, 2, 1))

@@ -51,7 +51,7 @@ from mixprec._session_setup import (
 from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
-from mixprec.compute.fp8_linear import end_fp8_step
+from mixprec.compute.fp8_linear import end_fp8_step, hold_fp8_state
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
@@ -343,6 +343,7 @@ class MixedPrecision(SessionState):
         Fp8Linear (same parameters, so optimizers keep working); nothing without an fp8 rule."""
         if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
             self.fp8 = apply_fp8_policy(model, declared)
+            hold_fp8_state(model)  # amax histories live in the session's state, not the model's
 
     def _update_mode(self) -> str:
         """The update mode of 16-bit parameters, "auto" resolved."""

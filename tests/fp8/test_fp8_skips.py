@@ -168,3 +168,46 @@ def test_a_skipped_step_changes_no_state(preset, optimizer, where, value, index,
     for key in ("model", "buffers", "fp8", "optimizers"):
         assert _equal(after[key], before[key]), (key, after[key], before[key])
     assert _equal(after["scaler"], _scaler_after_overflow(mp, before["scaler"]))
+
+
+# -- item 33: a prepared model's state_dict is a plain one -----------------------------------------
+
+
+def _delayed_run(steps, mp=None, model=None, opt=None, seed=3):
+    if mp is None:
+        mp, model, opt = _session(DELAYED)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        _iteration(mp, model, opt, torch.randn(8, 16, generator=g))
+    return mp, model, opt
+
+
+def test_prepared_delayed_model_state_dict_loads_into_the_plain_model():
+    mp, model, _ = _delayed_run(2)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())  # strict
+    assert "fp8" in mp.state_dict()  # the histories are the session's state
+
+
+def test_delayed_scaling_resumes_bit_for_bit(tmp_path):
+    mp, model, opt = _delayed_run(3)
+    mp.save(tmp_path / "ck.pt", model, opt)
+    _delayed_run(3, mp, model, opt, seed=4)
+    expected = (copy.deepcopy(model.state_dict()), _histories(model))
+    mp2, model2, opt2 = _session(DELAYED)
+    mp2.load(tmp_path / "ck.pt", model2, opt2)
+    _delayed_run(3, mp2, model2, opt2, seed=4)
+    assert _equal(model2.state_dict(), expected[0])
+    assert _equal(_histories(model2), expected[1])
+
+
+def test_state_dict_round_trip_restores_histories():
+    mp, model, opt = _delayed_run(2)
+    state = copy.deepcopy(mp.state_dict())
+    before = _histories(model)
+    _delayed_run(2, mp, model, opt, seed=5)
+    assert not _equal(_histories(model), before)
+    mp.load_state_dict(state)
+    assert _equal(_histories(model), before)

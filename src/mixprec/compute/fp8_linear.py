@@ -12,10 +12,13 @@ On a CUDA device with FP8 tensor cores (compute capability 8.9+) tensorwise and 
 on ``torch._scaled_mm`` instead; nothing on a CPU touches that path.
 
 :class:`Fp8Linear` is the ``nn.Linear`` subclass that calls it; :mod:`mixprec.compute.fp8_convert`
-swaps it into a model. Delayed scaling keeps its amax history in a buffer (``fp8_amax_history``,
-checkpointed): the history is read before the op runs (scales for the input, the weight and the
-output gradient) and this step's amaxes are recorded after it, the output gradient's by a hook on
-the output tensor, so the op itself stays a pure function.
+swaps it into a model. Delayed scaling keeps its amax history in a buffer
+(``fp8_amax_history``: in the layer's ``state_dict`` when used alone, in the session's state when
+a session prepared the model, so a prepared model's ``state_dict`` stays plain): the history is
+read before the op runs (scales for the input, the weight and the output gradient) and this
+step's amaxes are recorded after it, the output gradient's by a hook on the output tensor, so the
+op itself stays a pure function. The records are provisional until the session's step decides
+(:meth:`Fp8Linear.end_step`): a skipped step leaves the history as it was.
 """
 
 from __future__ import annotations
@@ -30,7 +33,18 @@ from mixprec.compute.emulated import no_autocast
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
 from mixprec.scaled import Scaled, dequantize, fp8_quantize
 
-__all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "end_fp8_step", "fp8_backend", "fp8_linear"]
+__all__ = [
+    "BACKENDS",
+    "Fp8Backend",
+    "Fp8Linear",
+    "check_fp8_state",
+    "end_fp8_step",
+    "fp8_backend",
+    "fp8_linear",
+    "fp8_state",
+    "hold_fp8_state",
+    "load_fp8_state",
+]
 
 Fp8Backend = Literal["auto", "emulated", "native"]
 BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
@@ -490,9 +504,57 @@ def _nan_unless_finite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
+def _delayed_layers(model: nn.Module) -> list[tuple[str, Fp8Linear]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, Fp8Linear) and m.recipe.scaling == "delayed"
+    ]
+
+
+def hold_fp8_state(model: nn.Module) -> None:
+    """Take the amax histories of ``model``'s delayed-scaling layers out of its ``state_dict``:
+    a session that prepared the model keeps them in its own state (:func:`fp8_state`), so the
+    model's ``state_dict`` stays a plain one that loads into the unconverted model."""
+    for _, layer in _delayed_layers(model):
+        layer.register_buffer("fp8_amax_history", layer.fp8_amax_history, persistent=False)
+
+
+def fp8_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: amax history}`` of every delayed-scaling layer (copies)."""
+    return {name: layer.fp8_amax_history.detach().clone() for name, layer in _delayed_layers(model)}
+
+
+def check_fp8_state(model: nn.Module, state: object) -> None:
+    """Raise ValueError unless ``state`` is :func:`fp8_state` of a model shaped as ``model``."""
+    layers = dict(_delayed_layers(model))
+    if not isinstance(state, dict) or set(state) != set(layers):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"its FP8 amax histories are for layers {got!r}; this model's delayed-scaling "
+            f"layers are {sorted(layers)!r}"
+        )
+    for name, hist in state.items():
+        own = layers[name].fp8_amax_history
+        if not isinstance(hist, torch.Tensor) or hist.shape != own.shape or hist.dtype != own.dtype:
+            shown = tuple(hist.shape) if isinstance(hist, torch.Tensor) else type(hist).__name__
+            raise ValueError(
+                f"the FP8 amax history of layer {name!r} is {shown!r}, expected a "
+                f"{own.dtype} tensor of shape {tuple(own.shape)!r}"
+            )
+
+
+@torch.no_grad()
+def load_fp8_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`fp8_state` back (check it first with :func:`check_fp8_state`)."""
+    layers = dict(_delayed_layers(model))
+    for name, hist in state.items():
+        layers[name].fp8_amax_history.copy_(hist)
+        layers[name]._fp8_committed = None
+
+
 def end_fp8_step(model: nn.Module, taken: bool) -> None:
     """Commit (``taken``) or undo the amax histories every delayed-scaling :class:`Fp8Linear` of
     ``model`` recorded since the last call; the session's step decides."""
-    for module in model.modules():
-        if isinstance(module, Fp8Linear) and module.recipe.scaling == "delayed":
-            module.end_step(taken)
+    for _, layer in _delayed_layers(model):
+        layer.end_step(taken)
