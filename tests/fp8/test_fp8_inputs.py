@@ -142,3 +142,22 @@ def test_a_model_with_linear_layers_converts_without_warning():
         warnings.simplefilter("error")
         done = convert_to_fp8(nn.Sequential(nn.Linear(4, 4)), "tensorwise")
     assert done.converted == ["0"] and not done.skipped
+
+
+def test_backend_is_resolved_once_per_layer(monkeypatch):
+    import importlib
+
+    fp8_linear_module = importlib.import_module("mixprec.compute.fp8_linear")
+
+    calls = []
+    real = fp8_linear_module.fp8_backend
+    layer = Fp8Linear(16, 8, recipe="rowwise")
+    monkeypatch.setattr(
+        fp8_linear_module, "fp8_backend", lambda *a, **k: calls.append(a) or real(*a, **k)
+    )
+    for _ in range(3):
+        layer(torch.ones(2, 16))
+    assert len(calls) == 1
+    layer.backend = "emulated"  # a changed setting is resolved again
+    layer(torch.ones(2, 16))
+    assert len(calls) == 2

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.compute.emulated import no_autocast
+from mixprec.hardware import probe
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
 from mixprec.scaled import Scaled, dequantize, fp8_quantize
 
@@ -300,9 +301,12 @@ def fp8_backend(
 def _native_missing(device: torch.device, recipe: Fp8Recipe) -> str | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"device {str(device)!r} is not a CUDA GPU with FP8 tensor cores"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9) or not hasattr(torch, "_scaled_mm"):
-        return f"CUDA compute capability {capability} has no FP8 tensor cores (8.9+ needed)"
+    report = probe(device, measure=False)  # cached per device
+    if not report.has_fast_gemm("fp8_e4m3") or not hasattr(torch, "_scaled_mm"):
+        return (
+            f"CUDA compute capability {report.compute_capability} has no FP8 tensor cores "
+            "(8.9+ needed)"
+        )
     if recipe.granularity not in _NATIVE_GRANULARITIES:
         return f"{recipe.granularity!r} scaling has no _scaled_mm kernel here"
     return None
@@ -353,6 +357,7 @@ class Fp8Linear(nn.Linear):
         fp8_backend(backend, "cpu" if device is None else device, self.recipe)  # validates
         self.backend: Fp8Backend = backend
         self._fp8_committed: torch.Tensor | None = None  # the history before this step's records
+        self._backend_for: tuple[Any, bool] | None = None  # ((device, backend), native?)
         if self.recipe.scaling == "delayed":
             hist = torch.zeros(3, self.recipe.history, device=device)
             self.register_buffer("fp8_amax_history", hist)
@@ -382,13 +387,22 @@ class Fp8Linear(nn.Linear):
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
             x = x.to(out_dtype)
-        native = fp8_backend(self.backend, self.weight.device, self.recipe)[0] == "native"
+        native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
         out = _fp8_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, scales, native)
         if scales is not None and self.training and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _native(self) -> bool:
+        """Whether the GEMMs run on ``torch._scaled_mm``: resolved once per layer and device
+        (through :func:`mixprec.hardware.probe`), not on every forward."""
+        key = (self.weight.device, self.backend)
+        if self._backend_for is None or self._backend_for[0] != key:
+            resolved = fp8_backend(self.backend, key[0], self.recipe)[0]
+            self._backend_for = (key, resolved == "native")
+        return self._backend_for[1]
 
     @torch.no_grad()
     def _delayed_scales(self, flat: torch.Tensor) -> torch.Tensor:
