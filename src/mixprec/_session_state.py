@@ -27,7 +27,7 @@ from mixprec._state_checks import (
     load_optimizers,
 )
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mixprec.compute.fp8_linear import check_fp8_state, fp8_state, load_fp8_state
+from mixprec.compute.fp8_state import check_fp8_state, fp8_state, load_fp8_state
 from mixprec.policy import Policy
 from mixprec.scaling import GradScaler
 from mixprec.scaling._checks import parse_state_dict

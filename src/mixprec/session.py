@@ -51,7 +51,7 @@ from mixprec._session_setup import (
 from mixprec._session_state import SessionState
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
-from mixprec.compute.fp8_linear import end_fp8_step, hold_fp8_state
+from mixprec.compute.fp8_state import end_fp8_step, hold_fp8_state
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
