@@ -420,8 +420,10 @@ def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: o
     """
     for name, value in (("compute", compute), ("output", output), ("master", master)):
         fmt = None if value is None else _format_field(name, value)  # type: ignore[arg-type]
-        if name == "master" and fmt == param:
-            continue  # a master equal to the params is no separate copy
+        if fmt == param:
+            # Everything in fp8 (``"fp8_e4m3"``): the params are the problem, refused where
+            # they are cast with their own reason; a master equal to them is no separate copy.
+            continue
         if fmt in (FP8_E4M3, FP8_E5M2):
             raise ValueError(
                 f"{name}={fmt} is not applied by anything: fp8 compute needs a recipe's scales, "

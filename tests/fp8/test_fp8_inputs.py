@@ -18,7 +18,13 @@ from mixprec.policy import Policy
 
 @pytest.mark.parametrize(
     "spec",
-    ["output=fp8_e4m3", "compute=fp8_e5m2", "master=fp8_e4m3", "fp8_e4m3", "bf16; 0 -> o=fp8_e5m2"],
+    [
+        "output=fp8_e4m3",
+        "compute=fp8_e5m2",
+        "master=fp8_e4m3",
+        "p=bf16,o=fp8_e5m2",
+        "bf16; 0 -> o=fp8_e5m2",
+    ],
 )
 def test_fp8_formats_outside_a_recipe_are_refused(spec):
     with pytest.raises(ValueError, match=r"fp8_e[45]m[32].*'compute=fp8:<recipe>'.*'rowwise'"):
