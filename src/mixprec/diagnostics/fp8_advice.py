@@ -62,8 +62,9 @@ class LayerSnr:
 
 @dataclass(frozen=True)
 class Fp8Advice:
-    """The measurement and the proposal: ``plan`` (an :class:`Fp8Plan`), whose string form
-    ``str(advice)`` is what :func:`~mixprec.compute.fp8_linear.convert_to_fp8` accepts."""
+    """The measurement and the proposal: :meth:`policy` (a policy string), and ``str(advice)``
+    (the recipe shorthand ``"<recipe>; <layer> -> bf16"``), which
+    :func:`~mixprec.compute.fp8_convert.convert_to_fp8` accepts as it is."""
 
     recipe: Fp8Recipe
     layers: tuple[LayerSnr, ...]
@@ -72,7 +73,8 @@ class Fp8Advice:
 
     @property
     def plan(self) -> Fp8Plan:
-        """The recipe with the layers that stay in bf16."""
+        """Deprecated (warns): the recipe with the layers that stay in bf16 as an ``Fp8Plan``;
+        pass ``str(advice)`` or :meth:`policy` to ``convert_to_fp8`` instead."""
         return Fp8Plan(self.recipe, self.keep_bf16)
 
     def policy(self, base: str | Policy = "bf16-mixed") -> str:
@@ -81,13 +83,13 @@ class Fp8Advice:
 
         Raises:
             ValueError: ``base`` does not compute in bf16, or the recipe carries options (a
-                policy names recipes only; use :attr:`plan` with ``convert_to_fp8`` then).
+                policy names recipes only; pass ``str(advice)`` to ``convert_to_fp8`` then).
         """
         base_policy = Policy.parse(base)
         if str(self.recipe) != self.recipe.name:
             raise ValueError(
                 f"a policy names fp8 recipes only, and {str(self.recipe)!r} has options; use "
-                f"advice.plan with convert_to_fp8 instead ({str(self.plan)!r})"
+                f"convert_to_fp8(model, {str(self)!r}) instead"
             )
         plain = replace(base_policy, rules=(), fp8=None)
         rules = tuple(ModuleRule(name, plain) for name in self.keep_bf16)
@@ -103,11 +105,11 @@ class Fp8Advice:
                 f"{layer.name:<32} {layer.output_db:8.1f} {layer.grad_input_db:8.1f} "
                 f"{layer.grad_weight_db:8.1f}  {verdict}"
             )
-        lines.append(f"plan: {self.plan}")
+        lines.append(f"plan: {self}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return str(self.plan)
+        return "; ".join([str(self.recipe), *(f"{name} -> bf16" for name in self.keep_bf16)])
 
 
 def fp8_layer_snr(
