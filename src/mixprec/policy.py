@@ -20,11 +20,12 @@ of the optimizer's copy of the weights; equal to params means no separate copy) 
 ``reduce``/``r`` (the format gradients are all-reduced in).
 
 FP8: ``compute=fp8:<recipe>`` (``compute=fp8`` for ``tensorwise``) runs the GEMMs of linear layers
-in FP8 under a named recipe of :mod:`mixprec.recipes` and everything else in bf16, so it sets
-``compute`` to bf16 and ``fp8`` to the recipe name; a rule such as ``lm_head -> bf16-mixed`` keeps a
-layer out of FP8. The policy holds the recipe by name; the names are :mod:`mixprec.recipes`'
-(the data layer, beside this one). An fp8 format as ``compute``, ``output`` or ``master`` is
-refused: FP8 compute needs a recipe (scales), and nothing stores outputs or masters in fp8.
+in FP8 under a recipe of :mod:`mixprec.recipes` (the data layer beside this one) and everything
+else in bf16, so it sets ``compute`` to bf16 and ``fp8`` to the recipe's string; options go in
+parentheses, ``compute=fp8:tensorwise(scaling=delayed,history=8)``. A rule such as
+``lm_head -> bf16-mixed`` keeps a layer out of FP8, so an FP8 plan is a policy. An fp8 format as
+``compute``, ``output`` or ``master`` is refused: FP8 compute needs a recipe (scales), and nothing
+stores outputs or masters in fp8.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from mixprec.formats import (
     FormatLike,
     resolve_format,
 )
-from mixprec.recipes import RECIPE_NAMES
+from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
 
 __all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
@@ -173,8 +174,11 @@ class Policy:
         master: format of the optimizer's copy of the weights (equal to ``param``: no copy).
         reduce: format gradients are reduced in across processes.
         rules: per-module exceptions, first match wins.
-        fp8: the FP8 recipe of linear layers' GEMMs (a name in :data:`FP8_RECIPE_NAMES`), or None.
-            Requires bf16 compute, the format of everything else.
+        fp8: the FP8 recipe of linear layers' GEMMs: a name in :data:`FP8_RECIPE_NAMES`, a
+            recipe string with options (``"tensorwise:scaling=delayed,history=8"``; written
+            ``compute=fp8:tensorwise(scaling=delayed,history=8)`` in a policy string) or an
+            :class:`~mixprec.recipes.Fp8Recipe`; stored as the recipe's canonical string. None:
+            no FP8. Requires bf16 compute, the format of everything else.
 
     Raises:
         ValueError: an unknown format, or 16-bit (or fp8) params with fp32/tf32 compute: nothing
@@ -210,7 +214,7 @@ class Policy:
         object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
         _check_compute_not_wider(param, compute)
-        _check_fp8(self.fp8, compute)
+        object.__setattr__(self, "fp8", _check_fp8(self.fp8, compute))
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
@@ -251,7 +255,10 @@ class Policy:
         return replace(policy, rules=rules) if rules else policy
 
     def __str__(self) -> str:
-        compute = f"fp8:{self.fp8}" if self.fp8 is not None else self.compute
+        compute = self.compute
+        if self.fp8 is not None:
+            name, _, options = self.fp8.partition(":")
+            compute = f"fp8:{name}({options})" if options else f"fp8:{name}"
         parts = [f"params={self.param},compute={compute},output={self.output}"]
         if self.master != self.param:
             parts[0] += f",master={self.master}"
@@ -433,19 +440,25 @@ def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: o
             )
 
 
-def _check_fp8(recipe: object, compute: Format) -> None:
+def _check_fp8(recipe: object, compute: Format) -> str | None:
+    """The canonical string of the fp8 recipe (a name, or a name with options), or None."""
     if recipe is None:
-        return
-    if recipe not in FP8_RECIPE_NAMES:
+        return None
+    if isinstance(recipe, Fp8Recipe):
+        recipe = str(recipe)
+    name = recipe.partition(":")[0] if isinstance(recipe, str) else recipe
+    if name not in FP8_RECIPE_NAMES:
         raise ValueError(
-            f"unknown fp8 recipe {_shown(recipe)}; valid recipes: "
+            f"unknown fp8 recipe {_shown(name)}; valid recipes: "
             f"{', '.join(FP8_RECIPE_NAMES)} (e.g. 'compute=fp8:rowwise')"
         )
+    canonical = str(Fp8Recipe.parse(recipe))  # type: ignore[arg-type]  # options checked
     if compute != BF16:
         raise ValueError(
             f"fp8 compute runs everything but the linear layers' GEMMs in bf16, so it needs "
             f"compute=bf16, got compute={compute}; write 'compute=fp8:{recipe}' (or drop fp8)"
         )
+    return canonical
 
 
 def _format_field(name: str, value: FormatLike) -> Format:
@@ -480,7 +493,7 @@ def _parse_base(text: str, whole: str) -> Policy:
             ) from None
         return _built(whole, param=fmt, compute=fmt, output=fmt)
     values: dict[str, Any] = {}
-    for item in text.split(","):
+    for item in _split_items(text):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key or not value:
             raise ValueError(
@@ -496,7 +509,7 @@ def _parse_base(text: str, whole: str) -> Policy:
             raise ValueError(f"policy key {key!r} is given twice in {_shown(whole)}")
         kind, colon, recipe = value.partition(":")
         if canonical == "compute" and kind.strip().lower() == "fp8":
-            values["fp8"] = recipe.strip().lower() if colon else "tensorwise"
+            values["fp8"] = _recipe_text(recipe) if colon else "tensorwise"
             values["compute"] = BF16
             continue
         try:
@@ -504,6 +517,28 @@ def _parse_base(text: str, whole: str) -> Policy:
         except ValueError as err:
             raise ValueError(f"{err} (in policy {_shown(whole)}, key {key!r})") from None
     return _built(whole, **values)
+
+
+def _split_items(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses: a recipe's options
+    (``compute=fp8:tensorwise(scaling=delayed,history=8)``) stay in their item."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
+def _recipe_text(text: str) -> str:
+    """``name(options)`` (the policy's spelling) as the recipe string ``name:options``."""
+    text = text.strip().lower()
+    name, paren, rest = text.partition("(")
+    if paren and rest.endswith(")"):
+        return f"{name.strip()}:{rest[:-1]}"
+    return text
 
 
 def _built(whole: str, **fields: Any) -> Policy:

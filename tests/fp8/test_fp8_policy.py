@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec.compute.fp8 import RECIPES
+from mixprec.compute.fp8 import RECIPES, Fp8Recipe
 from mixprec.compute.fp8_advice import advise_fp8
 from mixprec.compute.fp8_convert import apply_fp8_policy
 from mixprec.compute.fp8_linear import Fp8Linear
@@ -106,3 +106,22 @@ def test_fp8_plan_is_a_deprecated_alias_that_builds_a_policy():
     assert policy == Policy.parse(
         "params=fp32,compute=fp8:rowwise,output=fp32; lm_head -> bf16-mixed"
     )
+
+
+def test_a_policy_carries_a_recipe_with_options():
+    from mixprec.compute.fp8_convert import convert_to_fp8
+
+    text = (
+        "params=fp32,compute=fp8:tensorwise(scaling=delayed,history=4),output=fp32; "
+        "2 -> compute=fp8:blockwise(block=16)"
+    )
+    policy = Policy.parse(text)
+    assert Policy.parse(str(policy)) == policy
+    assert Fp8Recipe.parse(policy.fp8) == Fp8Recipe.parse("tensorwise:scaling=delayed,history=4")
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    done = convert_to_fp8(model, policy)
+    assert done.converted == ["0", "2"]
+    assert model[0].recipe == Fp8Recipe.parse("tensorwise:scaling=delayed,history=4")
+    assert model[2].recipe == Fp8Recipe.parse("blockwise:block=16")
+    with pytest.raises(ValueError, match=r"option 'history' does not apply to recipe 'rowwise'"):
+        Policy.parse("compute=fp8:rowwise(history=4)")

@@ -31,6 +31,7 @@ from typing import Literal, get_args
 from torch import nn
 
 from mixprec.compute.fp8_linear import BACKENDS, Fp8Backend, Fp8Linear
+from mixprec.formats import BF16, FP32
 from mixprec.policy import PRESETS, Policy
 from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
 
@@ -104,15 +105,13 @@ def convert_to_fp8(
     if module_filter_fn is not None and module_filter is not None:
         raise ValueError("pass module_filter_fn or module_filter (its earlier name), not both")
     keep = module_filter_fn or module_filter
-    pol, recipe, shorthand = _resolve(policy)
+    pol, shorthand = _resolve(policy)
 
     def recipe_for(name: str, mod: nn.Linear) -> Fp8Recipe | None:
         if keep is not None and not keep(mod, name):
             return None
         chosen = pol.for_module(name, mod).fp8
-        if chosen is None:
-            return None
-        return recipe if recipe is not None and chosen == recipe.name else Fp8Recipe.parse(chosen)
+        return None if chosen is None else Fp8Recipe.parse(chosen)
 
     def exclusion(name: str) -> str:
         if shorthand is not None:
@@ -143,14 +142,14 @@ def apply_fp8_policy(
     return convert_to_fp8(model, Policy.parse(policy), on_mismatch=on_mismatch, backend=backend)
 
 
-def _resolve(spec: object) -> tuple[Policy, Fp8Recipe | None, str | None]:
-    """``(policy, the recipe object a shorthand names or None, the shorthand's text or None)``."""
+def _resolve(spec: object) -> tuple[Policy, str | None]:
+    """``(the policy, the recipe shorthand's text or None)``."""
     if isinstance(spec, Fp8Plan):
-        return spec.to_policy(), spec.recipe, str(spec)
+        return spec.to_policy(), str(spec)
     if isinstance(spec, Fp8Recipe):
-        return _recipe_policy(spec, ()), spec, str(spec)
+        return _recipe_policy(spec, ()), str(spec)
     if isinstance(spec, Policy):
-        return spec, None, None
+        return spec, None
     if not isinstance(spec, str):
         raise TypeError(
             f"convert_to_fp8 takes a policy (e.g. 'compute=fp8:rowwise; lm_head -> bf16-mixed'), "
@@ -159,20 +158,20 @@ def _resolve(spec: object) -> tuple[Policy, Fp8Recipe | None, str | None]:
     head, *rules = spec.split(";")
     name = head.partition(":")[0].strip().lower().replace("-", "_")
     if name not in RECIPE_NAMES and ("=" in head or head.strip().lower() in PRESETS):
-        return Policy.parse(spec), None, None
+        return Policy.parse(spec), None
     try:
         recipe = Fp8Recipe.parse(head)
     except ValueError as err:
         raise ValueError(
             f"{err}; or pass a policy, e.g. 'params=fp32,compute=fp8:rowwise,output=fp32'"
         ) from None
-    return _recipe_policy(recipe, rules), recipe, spec.strip()
+    return _recipe_policy(recipe, rules), spec.strip()
 
 
 def _recipe_policy(recipe: Fp8Recipe, rules: list[str] | tuple[str, ...]) -> Policy:
     """The policy a recipe shorthand means: fp32 weights and outputs, the recipe's GEMMs in FP8,
     ``<glob> -> bf16`` rules keeping layers in bf16 compute (their fp32 weights untouched)."""
-    policy = Policy.parse(f"params=fp32,compute=fp8:{recipe.name},output=fp32")
+    policy = Policy(param=FP32, compute=BF16, output=FP32, fp8=str(recipe))
     parsed = []
     for rule in rules:
         pattern, arrow, target = (s.strip() for s in rule.partition("->"))

@@ -3,7 +3,7 @@
 Design note: ``mixprec::fp8_linear`` is one custom op (fake kernel, registered autograd) for the
 three GEMMs of a linear layer, so ``torch.compile`` traces it as one opaque node and cannot fold
 the quantization away. Each GEMM quantizes its two operands exactly as the recipe says
-(:func:`~mixprec.compute.fp8.fp8_quantize`, along that GEMM's contraction), multiplies the
+(:func:`~mixprec.scaled.fp8_quantize`, along that GEMM's contraction), multiplies the
 dequantized values with the fp32 kernel — products of fp8 values are exact in fp32, so this is
 the tensor core's arithmetic up to the order of the fp32 additions — and rounds once to the
 compute dtype. The output GEMM adds the bias in fp32 before that rounding; the weight gradient is
@@ -234,7 +234,7 @@ def fp8_linear(
         x: input, ``(..., in_features)``.
         weight: ``(out_features, in_features)``.
         bias: optional ``(out_features,)``.
-        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        recipe: an :class:`~mixprec.recipes.Fp8Recipe` or its string form.
         out_dtype: the dtype the output (and each gradient GEMM) is rounded to once; default
             ``x.dtype``.
         scales: delayed scales ``[input, weight, grad_output]`` (0 for grad_output: dynamic).
@@ -320,7 +320,7 @@ class Fp8Linear(nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        recipe: an :class:`~mixprec.recipes.Fp8Recipe` or its string form.
         backend: ``"auto"``, ``"emulated"`` or ``"native"``.
 
     Dynamic recipes compile (``torch.compile``) like any custom op. Delayed scaling updates its

@@ -82,18 +82,12 @@ class Fp8Advice:
         ``<layer> -> base`` for each layer that stays in bf16.
 
         Raises:
-            ValueError: ``base`` does not compute in bf16, or the recipe carries options (a
-                policy names recipes only; pass ``str(advice)`` to ``convert_to_fp8`` then).
+            ValueError: ``base`` does not compute in bf16.
         """
         base_policy = Policy.parse(base)
-        if str(self.recipe) != self.recipe.name:
-            raise ValueError(
-                f"a policy names fp8 recipes only, and {str(self.recipe)!r} has options; use "
-                f"convert_to_fp8(model, {str(self)!r}) instead"
-            )
         plain = replace(base_policy, rules=(), fp8=None)
         rules = tuple(ModuleRule(name, plain) for name in self.keep_bf16)
-        return str(replace(plain, fp8=self.recipe.name, rules=rules))
+        return str(replace(plain, fp8=str(self.recipe), rules=rules))
 
     def report(self) -> str:
         """A table of the figures, one layer a line, with the verdict."""
@@ -223,7 +217,7 @@ def fp8_flush_report(
         >>> [(c.layer, c.operand) for c in counts][:3]
         [('0', 'input'), ('0', 'weight'), ('0', 'grad_output')]
     """
-    from mixprec.compute.fp8 import fp8_quantize
+    from mixprec.scaled import fp8_quantize
 
     r = Fp8Recipe.parse(recipe)
     seen, modules = _capture(model, batch, loss_fn, "fp8_flush_report")
