@@ -211,3 +211,26 @@ def test_state_dict_round_trip_restores_histories():
     assert not _equal(_histories(model), before)
     mp.load_state_dict(state)
     assert _equal(_histories(model), before)
+
+
+def test_a_checkpoint_with_histories_in_the_model_entries_still_loads(tmp_path):
+    """Checkpoints written before the session held the histories kept them as model entries."""
+    from mixprec.checkpoint import save_checkpoint
+
+    mp, model, opt = _delayed_run(3)
+    session = {k: v for k, v in mp.state_dict().items() if k not in ("optimizers", "fp8")}
+    weights = {**model.state_dict()}
+    for name, hist in _histories(model).items():
+        weights[f"{name}.fp8_amax_history"] = hist
+    record = {
+        "model": weights,
+        "optimizers": [opt.state_dict()],
+        "mixed_precision": session,
+        "rng": torch.get_rng_state(),
+        "extra": {},
+    }
+    save_checkpoint(tmp_path / "old.pt", record)
+    mp2, model2, opt2 = _session(DELAYED)
+    mp2.load(tmp_path / "old.pt", model2, opt2)
+    assert _equal(_histories(model2), _histories(model))
+    assert _equal(model2.state_dict(), model.state_dict())
