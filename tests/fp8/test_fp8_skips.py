@@ -20,10 +20,10 @@ from mixprec.compute.fp8_linear import Fp8Linear
 DELAYED = "params=fp32,compute=fp8:tensorwise_delayed,output=fp32"
 
 
-def _session(policy, make_opt=None):
+def _session(policy, make_opt=None, update="auto"):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    mp = mixprec.MixedPrecision(policy, device="cpu", backend="emulated")
+    mp = mixprec.MixedPrecision(policy, device="cpu", backend="emulated", update=update)
     make_opt = make_opt or (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     model, opt = mp.prepare(model, make_opt(model.parameters()))
     return mp, model, opt
@@ -137,7 +137,14 @@ def test_delayed_scaling_skipped_for_a_gradient_overflow_keeps_its_history():
     assert _equal(_histories(model), before)
 
 
-_PRESETS = [*mixprec.PRESETS, DELAYED]
+# Every preset, delayed FP8 scaling, and the update modes the presets do not pick themselves
+# (fp32 masters and Kahan compensation beside 16-bit weights).
+_CASES = [
+    *((preset, "auto") for preset in mixprec.PRESETS),
+    (DELAYED, "auto"),
+    ("bf16-pure", "master"),
+    ("bf16-pure", "kahan"),
+]
 _OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
@@ -145,7 +152,7 @@ _OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("optimizer", list(_OPTIMIZERS))
-@pytest.mark.parametrize("preset", _PRESETS)
+@pytest.mark.parametrize(("preset", "update"), _CASES, ids=[f"{p}-{u}" for p, u in _CASES])
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(
     where=st.sampled_from(["input", "grad"]),
@@ -153,8 +160,8 @@ _OPTIMIZERS = {
     index=st.integers(0, 10_000),
     warmup=st.integers(0, 2),
 )
-def test_a_skipped_step_changes_no_state(preset, optimizer, where, value, index, warmup):
-    mp, model, opt = _session(preset, _OPTIMIZERS[optimizer])
+def test_a_skipped_step_changes_no_state(preset, update, optimizer, where, value, index, warmup):
+    mp, model, opt = _session(preset, _OPTIMIZERS[optimizer], update)
     g = torch.Generator().manual_seed(index)
     for _ in range(warmup):
         _iteration(mp, model, opt, torch.randn(4, 16, generator=g))
