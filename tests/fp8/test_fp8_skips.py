@@ -241,3 +241,14 @@ def test_a_checkpoint_with_histories_in_the_model_entries_still_loads(tmp_path):
     mp2.load(tmp_path / "old.pt", model2, opt2)
     assert _equal(_histories(model2), _histories(model))
     assert _equal(model2.state_dict(), model.state_dict())
+
+
+def test_a_session_state_with_foreign_histories_is_refused_and_changes_nothing():
+    mp, model, _ = _delayed_run(2)
+    state = copy.deepcopy(mp.state_dict())
+    state["fp8"] = {"nope": torch.zeros(3, 16)}
+    before = _state(mp, model)
+    with pytest.raises(ValueError, match=r"FP8 amax histories are for layers \['nope'\]"):
+        mp.load_state_dict(state)
+    after = _state(mp, model)
+    assert all(_equal(after[k], before[k]) for k in before)
