@@ -1,5 +1,7 @@
 """Compute precision: autocast with native and emulated backends, op tables, FP32 islands, FP8."""
 
+import importlib
+
 from mixprec.compute.autocast import AutocastDeviceError, Backend, autocast, current_region
 from mixprec.compute.emulated import emulated_linear, emulated_matmul
 from mixprec.compute.fp8_convert import Fp8Conversion, Fp8Plan, apply_fp8_policy, convert_to_fp8
@@ -15,9 +17,7 @@ def __getattr__(name: str) -> object:
     """The FP8 advice moved to :mod:`mixprec.diagnostics.fp8_advice` (a layer above this one);
     its old names here resolve on first use, so importing compute never imports diagnostics."""
     if name in _MOVED_TO_DIAGNOSTICS:
-        from mixprec.diagnostics import fp8_advice
-
-        return getattr(fp8_advice, name)
+        return getattr(importlib.import_module("mixprec.diagnostics.fp8_advice"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
