@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.compute.emulated import no_autocast
-from mixprec.hardware import probe
+from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
 from mixprec.scaled import Scaled, dequantize, fp8_quantize
 
@@ -44,7 +44,6 @@ __all__ = [
 
 Fp8Backend = Literal["auto", "emulated", "native"]
 BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
-_NATIVE_GRANULARITIES = ("tensorwise", "rowwise")
 
 
 # -- the custom op ------------------------------------------------------------------------------
@@ -262,7 +261,8 @@ def fp8_linear(
 def fp8_backend(
     backend: Fp8Backend, device: torch.device | str, recipe: Fp8Recipe | str = "tensorwise"
 ) -> tuple[str, str]:
-    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``.
+    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``, by
+    :func:`mixprec.hardware.choose_fp8_backend`.
 
     Native FP8 GEMMs need a CUDA device of compute capability 8.9+ (Ada, Hopper, Blackwell) and a
     tensorwise or rowwise recipe; everything else is emulated.
@@ -278,33 +278,7 @@ def fp8_backend(
         raise ValueError(
             f"unknown fp8 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
         )
-    r = Fp8Recipe.parse(recipe)
-    device = torch.device(device)
-    if backend == "emulated":
-        return "emulated", "requested"
-    reason = _native_missing(device, r)
-    if reason is None:
-        return "native", f"{device} has FP8 tensor cores and {r.granularity} runs on _scaled_mm"
-    if backend == "native":
-        raise ValueError(
-            f"fp8 backend 'native' cannot run here: {reason}; use backend='emulated' (the same "
-            "numerics, on fp32 kernels) or 'auto'"
-        )
-    return "emulated", reason
-
-
-def _native_missing(device: torch.device, recipe: Fp8Recipe) -> str | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"device {str(device)!r} is not a CUDA GPU with FP8 tensor cores"
-    report = probe(device, measure=False)  # cached per device
-    if not report.has_fast_gemm("fp8_e4m3") or not hasattr(torch, "_scaled_mm"):
-        return (
-            f"CUDA compute capability {report.compute_capability} has no FP8 tensor cores "
-            "(8.9+ needed)"
-        )
-    if recipe.granularity not in _NATIVE_GRANULARITIES:
-        return f"{recipe.granularity!r} scaling has no _scaled_mm kernel here"
-    return None
+    return choose_fp8_backend(backend, device, Fp8Recipe.parse(recipe).granularity)
 
 
 # -- the module ---------------------------------------------------------------------------------
