@@ -694,3 +694,15 @@ def test_custom_bwd_runs_the_emulated_gemms_of_its_region(dtype):
     with _GemmOps() as backward:
         out.float().sum().backward()
     assert backward.ops == ["mixprec.mm.default"] * 2
+
+
+@pytest.mark.parametrize("backend", ["native", "emulated"])
+@pytest.mark.parametrize("dev", ["not a real device", "gpu", torch.device("cpu"), 1])
+def test_mixprecs_device_error_contains_torchs_text(backend, dev):
+    """Code that matches torch's error text (torch's own tests do) keeps working on mixprec."""
+    with pytest.raises((RuntimeError, ValueError)) as torchs:
+        torch.autocast(device_type=dev)
+    with pytest.raises(type(torchs.value)) as ours:
+        mixprec.autocast(dev, backend=backend)
+    assert str(torchs.value) in str(ours.value)
+    assert "valid device types" in str(ours.value) or "must be a string" in str(ours.value)

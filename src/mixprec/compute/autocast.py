@@ -65,20 +65,24 @@ def current_region() -> autocast | None:
 
 
 def _check_device_type(device_type: object) -> str:
+    # Each message starts with torch's own text for the same mistake, so code (and torch's tests)
+    # matching torch's message keeps working; mixprec's help follows.
     if not isinstance(device_type, str):
         raise AutocastDeviceError(
-            f"device_type must be a string such as 'cpu' or 'cuda', got "
-            f"{type(device_type).__name__} {device_type!r}"
+            f"Expected `device_type` of type `str`, got: `{type(device_type)}`: device_type must "
+            f"be a string such as 'cpu' or 'cuda', got {type(device_type).__name__} "
+            f"{device_type!r}"
         )
     try:
         available = torch._C._is_autocast_available(device_type)
-    except RuntimeError:  # not even a torch device type
-        available = False
+        torch_text = f"User specified an unsupported autocast device_type '{device_type}'"
+    except RuntimeError as err:  # not even a torch device type: "Invalid device string: ..."
+        available, torch_text = False, str(err)
     if not available:
         valid = [d for d in ("cpu", "cuda", "mps", "xpu") if torch._C._is_autocast_available(d)]
         raise AutocastDeviceError(
-            f"autocast is not available for device type {device_type!r}; valid device types: "
-            f"{', '.join(map(repr, valid))}"
+            f"{torch_text}: autocast is not available for device type {device_type!r}; valid "
+            f"device types: {', '.join(map(repr, valid))}"
         )
     return device_type
 
