@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mixprec
-from mixprec.compute import autocast, current_region, op_table
+from mixprec.compute import AutocastDeviceError, autocast, current_region, op_table
 from mixprec.tasks.transformer import TinyTransformer
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -285,3 +285,12 @@ def test_the_op_tables_name_exactly_the_ops_torch_autocasts():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("device_type", ["gpu", "not a real device", 1])
+def test_op_table_refuses_a_device_autocast_refuses(device_type):
+    with pytest.raises(AutocastDeviceError) as refused:
+        autocast(device_type)
+    with pytest.raises(AutocastDeviceError) as table:
+        op_table(device_type, torch.float16)
+    assert str(table.value) == str(refused.value)

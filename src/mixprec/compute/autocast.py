@@ -34,7 +34,7 @@ from typing import Any, Literal, TypeVar, get_args
 import torch
 
 from mixprec.compute.kernels import RegionConfig, depth, ensure_kernels, pop_config, push_config
-from mixprec.compute.ops import OpTable, op_table
+from mixprec.compute.ops import AutocastDeviceError, OpTable, check_device_type, op_table
 from mixprec.formats import resolve_format
 
 __all__ = ["AutocastDeviceError", "Backend", "autocast", "current_region"]
@@ -44,11 +44,6 @@ _BACKENDS: tuple[str, ...] = get_args(Backend)
 _TARGETS = ("cpu", "cuda")
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class AutocastDeviceError(ValueError, RuntimeError, TypeError):
-    """A device type autocast cannot run on: catchable as the ``RuntimeError`` (unknown name) or
-    ``ValueError`` (not a string) torch raises, and as ``TypeError``."""
 
 
 class _Open(threading.local):
@@ -62,29 +57,6 @@ _open = _Open()
 def current_region() -> autocast | None:
     """The innermost mixprec autocast region this thread has open, or None."""
     return _open.regions[-1] if _open.regions else None
-
-
-def _check_device_type(device_type: object) -> str:
-    # Each message starts with torch's own text for the same mistake, so code (and torch's tests)
-    # matching torch's message keeps working; mixprec's help follows.
-    if not isinstance(device_type, str):
-        raise AutocastDeviceError(
-            f"Expected `device_type` of type `str`, got: `{type(device_type)}`: device_type must "
-            f"be a string such as 'cpu' or 'cuda', got {type(device_type).__name__} "
-            f"{device_type!r}"
-        )
-    try:
-        available = torch._C._is_autocast_available(device_type)
-        torch_text = f"User specified an unsupported autocast device_type '{device_type}'"
-    except RuntimeError as err:  # not even a torch device type: "Invalid device string: ..."
-        available, torch_text = False, str(err)
-    if not available:
-        valid = [d for d in ("cpu", "cuda", "mps", "xpu") if torch._C._is_autocast_available(d)]
-        raise AutocastDeviceError(
-            f"{torch_text}: autocast is not available for device type {device_type!r}; valid "
-            f"device types: {', '.join(map(repr, valid))}"
-        )
-    return device_type
 
 
 def _check_bool(name: str, value: object, allow_none: bool = False) -> None:
@@ -169,7 +141,7 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         ops: Mapping[str, str] | None = None,
         target: str | None = None,
     ) -> None:
-        self.device_type = _check_device_type(device_type)
+        self.device_type = check_device_type(device_type)
         _check_bool("enabled", enabled)
         _check_bool("cache_enabled", cache_enabled, allow_none=True)
         if backend not in _BACKENDS:
