@@ -114,6 +114,35 @@ def check_batch_for_loss(batch: object, loss_fn: Callable[..., Any], caller: str
     )
 
 
+def check_nonempty_batch(batch: object, caller: str) -> None:
+    """Refuse a batch whose inputs hold an empty tensor: nothing would be measured.
+
+    Raises:
+        ValueError: a tensor of the inputs has no elements (the message names it).
+    """
+    inputs, _ = split_batch(batch)
+    empty: list[str] = []
+
+    def walk(tree: object, path: str) -> None:
+        if isinstance(tree, torch.Tensor):
+            if tree.dim() > 0 and tree.numel() == 0:
+                empty.append(f"inputs{path} {tuple(tree.shape)}")
+        elif isinstance(tree, (tuple, list)):
+            for i, item in enumerate(tree):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(tree, Mapping):
+            for key, item in tree.items():
+                walk(item, f"{path}[{key!r}]")
+
+    walk(inputs, "")
+    if empty:
+        raise ValueError(
+            f"{caller}: batch is empty: {', '.join(empty)} has 0 elements, so the forward "
+            "measures nothing (the loss is NaN) and no advice could rest on it; pass one "
+            "representative batch with at least one sample"
+        )
+
+
 def run_batch(model: nn.Module, batch: object, loss_fn: Callable[..., Any]) -> torch.Tensor:
     """Forward ``batch`` through ``model`` and return the scalar loss.
 
