@@ -78,6 +78,10 @@ def _check_dtype(dtype: object, device_type: str) -> torch.dtype:
     return dtype
 
 
+def _is_sub_16_bit_float(dtype: torch.dtype) -> bool:
+    return str(dtype).startswith(("torch.float8", "torch.float4"))
+
+
 def _check_target(target: object, device_type: str, requested_backend: str) -> str:
     if target is None:
         return device_type if device_type in _TARGETS else "cuda"
@@ -116,7 +120,8 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
 
     Raises:
         AutocastDeviceError: unknown device type (a ``RuntimeError`` and a ``ValueError``).
-        ValueError: unknown backend, target or op name, or a target with ``backend="native"``.
+        ValueError: unknown backend, target or op name, or a target with ``backend="native"``;
+            an fp8/fp4 dtype in an enabled region (FP8 compute is a recipe, not a region).
         TypeError: wrong argument types.
 
     Example:
@@ -150,6 +155,14 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
                 f"{', '.join(map(repr, _BACKENDS))}"
             )
         self.dtype = _check_dtype(dtype, self.device_type)
+        if enabled and _is_sub_16_bit_float(self.dtype):
+            # torch would warn and run fp32; a user asking for FP8 numerics gets none, so refuse.
+            raise ValueError(
+                f"autocast does not compute in {self.dtype} (fp8/fp4): its regions compute in "
+                "fp16 or bf16. FP8 compute is a recipe on the linear layers: "
+                "MixedPrecision('fp8-mixed') or a policy with compute=fp8:<recipe> (e.g. "
+                "'compute=fp8:tensorwise'); or pass dtype=torch.bfloat16/torch.float16 here"
+            )
         self.cache_enabled = cache_enabled
         self.target = _check_target(target, self.device_type, backend)
         torch_table = op_table(self.device_type, self.dtype)
