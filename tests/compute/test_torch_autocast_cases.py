@@ -83,9 +83,12 @@ _ONE_PRIMITIVE = {
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "bmm", "mm", "matmul", "baddbmm", "addmm", "addbmm", "linear",
 }  # fmt: skip
-# One op whose result a tensor core rounds once (a GEMM with a fused GELU epilogue; a temporal
-# convolution summing its taps in fp32): within 1 ulp of the fp32 op rounded once, elementwise.
-_ONE_ROUNDING = {"_addmm_activation", "conv_tbc"}
+# One op whose result a tensor core rounds once (a temporal convolution summing its taps in
+# fp32): within 1 ulp of the fp32 op rounded once, elementwise.
+_ONE_ROUNDING = {"conv_tbc"}
+# _addmm_activation is not in these sets: torch's CPU kernel rounds the GEMM to 16 bits and then
+# applies the activation (erf GELU or ReLU) to that 16-bit value, and the emulated kernel does the
+# same, so the op passes torch's own check (bit-equal to its control) on both backends.
 # Five GEMMs and a softmax, each rounded to 16 bits as on hardware: no single rounding is
 # promised; within 2 ulps at the scale of each output of the fp32 op rounded once.
 _MANY_GEMMS = {"_native_multi_head_attention"}

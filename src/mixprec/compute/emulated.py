@@ -16,6 +16,10 @@ activation memory is that of real 16-bit training, and each gradient is one fp32
 16-bit values rounded once to the input's dtype: fp16 overflow to inf and underflow to zero happen
 in that rounding, exactly where hardware produces them.
 
+``_addmm_activation`` (a GEMM with a GELU or ReLU after it) follows torch's own CPU kernel, the
+reference torch's autocast tests compare with: the GEMM rounded to 16 bits, then the activation of
+that 16-bit value (erf GELU) rounded again; bit for bit torch's native result.
+
 Every fp32 kernel here runs with torch's autocast excluded: a custom op may be called inside an
 autocast region (eagerly, or from a compiled graph), and autocast would otherwise lower the fp32
 GEMM that *is* the emulation.
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch._C import DispatchKey, DispatchKeySet
 
 __all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
@@ -132,13 +137,20 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
 def _addmm_activation(
     bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, use_gelu: bool
 ) -> torch.Tensor:
-    """``act(beta * bias + alpha * a @ b)`` with the activation in the GEMM's epilogue: one
-    rounding, as a fused GEMM kernel has."""
+    """``act(beta * bias + alpha * a @ b)`` as torch's own CPU kernel computes it: the GEMM in
+    fp32, rounded once to 16 bits, then the activation (erf GELU or ReLU) of that 16-bit value,
+    rounded again. Bit for bit torch's native 16-bit result (its ``test_autocast_torch_16``)."""
     with no_autocast():
-        out = torch._addmm_activation(
-            bias.float(), a.float(), b.float(), beta=beta, alpha=alpha, use_gelu=use_gelu
-        )
+        z = _preactivation(bias, a, b, beta, alpha)
+        out = F.gelu(z.float()) if use_gelu else torch.relu(z)
         return out.to(a.dtype)
+
+
+def _preactivation(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    """``beta * bias + alpha * a @ b`` in fp32, rounded once to the 16-bit dtype of ``a``."""
+    return torch.addmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha).to(a.dtype)
 
 
 def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -148,10 +160,11 @@ def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> No
 
 def _addmm_activation_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     bias, a, b = ctx.saved_tensors
-    with no_autocast():  # the pre-activation, recomputed in fp32 from the saved 16-bit inputs
-        z = torch.addmm(bias.float(), a.float(), b.float(), beta=ctx.beta, alpha=ctx.alpha)
+    with no_autocast():  # the 16-bit pre-activation the forward applied the activation to
+        z = _preactivation(bias, a, b, ctx.beta, ctx.alpha).float()
         g = grad.float()
         g = torch.ops.aten.gelu_backward(g, z) if ctx.use_gelu else g * (z > 0)
+        g = g.to(a.dtype).float()  # the gradient of a 16-bit pre-activation is 16-bit
         want = ctx.needs_input_grad
         g_bias = _unbroadcast(g * ctx.beta, bias) if want[0] else None
         ga = (g @ b.float().mT * ctx.alpha).to(a.dtype) if want[1] else None
