@@ -98,6 +98,22 @@ def _check_target(target: object, device_type: str, requested_backend: str) -> s
     return target  # type: ignore[return-value]
 
 
+def _keep_16_bit_casts_compiled() -> None:
+    """Make inductor round where a 16-bit cast is, as eager does, from the first region on.
+
+    By default inductor keeps a fused chain of elementwise ops in fp32 and drops the
+    ``x.to(fp16).to(fp32)`` pairs between them, so a compiled fp16 backward can hold 141600 where
+    eager holds inf, and the step that should be skipped is taken. ``emulate_precision_casts``
+    makes it round at each cast. It is set, not patched for the region: the backward graph is
+    compiled at the first ``backward()``, after the region has exited. Plain ``torch.autocast``
+    code compiled later in the process gets eager's roundings too (what eager computes).
+    """
+    import torch._inductor.config as config  # light; the first region pays for it once
+
+    if getattr(config, "emulate_precision_casts", True) is False:
+        config.emulate_precision_casts = True
+
+
 class autocast:  # lower case: named as torch.autocast, which it replaces
     """A drop-in for ``torch.autocast`` with an emulated backend, editable op lists and targets.
 
@@ -194,6 +210,7 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         )
         if self.enabled:  # a disabled region turns autocast off: no kernel of ours runs inside
             ensure_kernels(self._config)
+            _keep_16_bit_casts_compiled()
         native.__enter__()
         self._entered.setdefault(threading.get_ident(), []).append(
             (native, depth(self.device_type))

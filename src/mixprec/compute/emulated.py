@@ -51,8 +51,32 @@ def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+@torch.library.custom_op("mixprec::round_to", mutates_args=())
+def _round_to_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype``, as an opaque node: inductor cannot fuse it away."""
+    return x.to(dtype, copy=True)
+
+
+_round_to_op.register_fake(lambda x, dtype: x.to(dtype, copy=True))
+
+
+def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A backward's 16-bit rounding, kept under ``torch.compile``.
+
+    A custom op's forward is one opaque node, but its registered backward is traced into the
+    compiled graph, where inductor fuses ``x.to(fp16)`` with the widening that follows (the
+    cast's backward) and keeps the fp32 value: an fp16 gradient overflow eager produces (inf)
+    came out finite compiled. Compiled, the rounding is an opaque op; eager, a plain cast.
+    """
+    if x.dtype == dtype:
+        return x
+    if torch.compiler.is_compiling():
+        return torch.ops.mixprec.round_to(x, dtype)
+    return x.to(dtype)
+
+
 def _unbroadcast(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return grad.sum_to_size(like.shape).to(like.dtype)
+    return _round(grad.sum_to_size(like.shape), like.dtype)
 
 
 # -- mm / bmm ---------------------------------------------------------------------------------
@@ -78,8 +102,8 @@ def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...
     a, b = ctx.saved_tensors
     with no_autocast():
         g = grad.float()
-        ga = (g @ b.float().mT).to(a.dtype) if ctx.needs_input_grad[0] else None
-        gb = (a.float().mT @ g).to(b.dtype) if ctx.needs_input_grad[1] else None
+        ga = _round(g @ b.float().mT, a.dtype) if ctx.needs_input_grad[0] else None
+        gb = _round(a.float().mT @ g, b.dtype) if ctx.needs_input_grad[1] else None
     return ga, gb
 
 
@@ -128,8 +152,8 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
             g = g.expand(a.shape[0], *g.shape)
         if ctx.alpha != 1:
             g = g * ctx.alpha
-        ga = (g @ b.float().mT).to(a.dtype) if want[1] else None
-        gb = (a.float().mT @ g).to(b.dtype) if want[2] else None
+        ga = _round(g @ b.float().mT, a.dtype) if want[1] else None
+        gb = _round(a.float().mT @ g, b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None
 
 
@@ -150,7 +174,7 @@ def _preactivation(
     bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
 ) -> torch.Tensor:
     """``beta * bias + alpha * a @ b`` in fp32, rounded once to the 16-bit dtype of ``a``."""
-    return torch.addmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha).to(a.dtype)
+    return _round(torch.addmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha), a.dtype)
 
 
 def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -164,11 +188,11 @@ def _addmm_activation_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tens
         z = _preactivation(bias, a, b, ctx.beta, ctx.alpha).float()
         g = grad.float()
         g = torch.ops.aten.gelu_backward(g, z) if ctx.use_gelu else g * (z > 0)
-        g = g.to(a.dtype).float()  # the gradient of a 16-bit pre-activation is 16-bit
+        g = _round(g, a.dtype).float()  # the gradient of a 16-bit pre-activation is 16-bit
         want = ctx.needs_input_grad
         g_bias = _unbroadcast(g * ctx.beta, bias) if want[0] else None
-        ga = (g @ b.float().mT * ctx.alpha).to(a.dtype) if want[1] else None
-        gb = (a.float().mT @ g * ctx.alpha).to(b.dtype) if want[2] else None
+        ga = _round(g @ b.float().mT * ctx.alpha, a.dtype) if want[1] else None
+        gb = _round(a.float().mT @ g * ctx.alpha, b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None, None
 
 
@@ -190,7 +214,7 @@ def _conv_tbc_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | Non
         gx, gw, gb = torch.ops.aten.conv_tbc_backward.default(
             grad.float(), x.float(), weight.float(), bias.float(), ctx.pad
         )
-    return gx.to(x.dtype), gw.to(weight.dtype), gb.to(bias.dtype), None
+    return _round(gx, x.dtype), _round(gw, weight.dtype), _round(gb, bias.dtype), None
 
 
 # -- convolution ------------------------------------------------------------------------------
@@ -232,9 +256,9 @@ def _convolution_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
             grad.float(), x.float(), weight.float(), ctx.bias_sizes, *ctx.geometry, mask
         )
     return (
-        gx.to(x.dtype) if mask[0] else None,
-        gw.to(weight.dtype) if mask[1] else None,
-        gb.to(ctx.bias_dtype) if mask[2] else None,
+        _round(gx, x.dtype) if mask[0] else None,
+        _round(gw, weight.dtype) if mask[1] else None,
+        _round(gb, ctx.bias_dtype) if mask[2] else None,
         *([None] * 6),
     )
 
@@ -275,7 +299,7 @@ def _flash_backward(
             grad.float(), q.float(), k.float(), v.float(), out.float(), lse, ctx.dropout_p,
             ctx.is_causal, attn_mask=_wide(mask), scale=ctx.scale,
         )  # fmt: skip
-    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None, None
+    return _round(gq, q.dtype), _round(gk, k.dtype), _round(gv, v.dtype), None, None, None, None
 
 
 # The fake kernels are the real ones: they are shape-polymorphic tensor code, run on fake tensors.
