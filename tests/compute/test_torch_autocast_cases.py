@@ -709,3 +709,35 @@ def test_mixprecs_device_error_contains_torchs_text(backend, dev):
         mixprec.autocast(dev, backend=backend)
     assert str(torchs.value) in str(ours.value)
     assert "valid device types" in str(ours.value) or "must be a string" in str(ours.value)
+
+
+class _MyMMEmulatedBackward(torch.autograd.Function):
+    """The README's way around custom_bwd: the backward enters mixprec.autocast itself."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        ctx.dtype = torch.get_autocast_dtype("cpu")
+        return a.mm(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        with mixprec.autocast("cpu", dtype=ctx.dtype, backend="emulated"):
+            return grad.mm(b.t()), a.t().mm(grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_backward_that_enters_mixprec_autocast_runs_the_emulated_gemms(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, requires_grad=True)
+    y = torch.randn(8, 8, requires_grad=True)
+    with region("emulated", dtype):
+        out = _MyMMEmulatedBackward.apply(x, y)
+    with _GemmOps() as backward:
+        out.float().sum().backward()
+    assert backward.ops == ["mixprec.mm.default"] * 2
+    xr, yr = (t.detach().to(dtype).float() for t in (x, y))
+    assert torch.equal(x.grad, (torch.ones(8, 8) @ yr.t()).to(dtype).float())
+    assert torch.equal(y.grad, (xr.t() @ torch.ones(8, 8)).to(dtype).float())
