@@ -138,6 +138,8 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         scale = _checks.check_scale(init_scale, "init_scale")
         if strategy == "dynamic":
             _checks.check_in_bounds(scale, rule)
+        else:
+            _checks.warn_ignored_rule_arguments(strategy, rule)
         if self._device == "cuda" and self._enabled and not torch.cuda.is_available():
             warnings.warn(
                 "mixprec.GradScaler is enabled for device 'cuda', but CUDA is not available; "
