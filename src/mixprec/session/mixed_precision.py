@@ -242,7 +242,7 @@ class MixedPrecision(SessionState):
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
-        scaled = self.scaler.strategy != "none"
+        scaled = self.scaler.scales_loss
         self._clock = Clock(plain_loop_loses(self.policy, scaled, self._update_mode()))
 
     # -- setup ------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ class MixedPrecision(SessionState):
         for opt in optimizers:
             self._check_steppable(opt)
         check_has_work(optimizers, self._micro_batches)
-        scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
+        scaling = self.scaler.scales_loss
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
         if self._track_underflow and self._model is not None:
