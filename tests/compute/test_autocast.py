@@ -247,8 +247,8 @@ def test_bad_arguments(kwargs, error, message):
         autocast(**kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.float32])
-def test_an_unsupported_dtype_warns_and_disables_as_torch_does(dtype):
+def test_float32_warns_and_disables_as_torch_does():
+    dtype = torch.float32
     with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
         torch_region = torch.autocast("cpu", dtype=dtype)
     with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
@@ -259,6 +259,23 @@ def test_an_unsupported_dtype_warns_and_disables_as_torch_does(dtype):
     with region:
         got = (torch.is_autocast_enabled("cpu"), torch.mm(x, w.t()).dtype)
     assert got == want == (False, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.bool, "int8"], ids=str)
+def test_a_dtype_autocast_cannot_compute_in_is_refused_as_a_dtype_or_a_name(dtype):
+    # torch warns and runs fp32 for these: a region that silently computes nothing in low
+    # precision is refused instead, the dtype and the name alike (issue 19, item 25).
+    with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
+        torch.autocast("cpu", dtype=torch.int8 if dtype == "int8" else dtype)
+    with pytest.raises(ValueError, match=r"int8|float64|bool") as refused:
+        autocast("cpu", dtype=dtype)
+    if isinstance(dtype, str):
+        return
+    assert "not supported" in str(refused.value) and "torch.bfloat16" in str(refused.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with autocast("cpu", dtype=dtype, enabled=False):  # off takes any dtype, as torch's
+            assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, "bf16"])

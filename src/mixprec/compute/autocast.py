@@ -137,7 +137,9 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
     Raises:
         AutocastDeviceError: unknown device type (a ``RuntimeError`` and a ``ValueError``).
         ValueError: unknown backend, target or op name, or a target with ``backend="native"``;
-            an fp8/fp4 dtype in an enabled region (FP8 compute is a recipe, not a region).
+            an fp8/fp4 dtype in an enabled region (FP8 compute is a recipe, not a region); a
+            dtype that is no float (``torch.int8``) or ``torch.float64`` in an enabled region
+            (torch would warn and run fp32; ``torch.float32`` still does that, as in torch).
         TypeError: wrong argument types.
 
     Example:
@@ -171,6 +173,15 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
                 f"{', '.join(map(repr, _BACKENDS))}"
             )
         self.dtype = _check_dtype(dtype, self.device_type)
+        if enabled and (not self.dtype.is_floating_point or self.dtype == torch.float64):
+            # torch would warn and run fp32 (issue: accepted and not applied), so refuse, as a
+            # format name that is no autocast dtype is refused.
+            raise ValueError(
+                f"In {self.device_type} autocast, but the target dtype {self.dtype} is not "
+                "supported: an autocast region computes in torch.bfloat16 or torch.float16 "
+                "(torch.float32 disables it, as torch's autocast does). Pass one of those, or "
+                "enabled=False for a region that changes nothing"
+            )
         if enabled and _is_sub_16_bit_float(self.dtype):
             # torch would warn and run fp32; a user asking for FP8 numerics gets none, so refuse.
             raise ValueError(
