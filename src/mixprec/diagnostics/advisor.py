@@ -223,8 +223,8 @@ def _underflow_evidence(
             None,
             underflow,
             [
-                f"underflow: {fmt} at scale 1 flushes {underflow.total.flushed_fraction:.2%} of the "
-                f"non-zero gradient elements (fp16 at {_FP16_START_SCALE:g} would flush "
+                f"underflow: {fmt} at scale 1 flushes {underflow.total.flushed_fraction:.2%} of "
+                f"the non-zero gradient elements (fp16 at {_FP16_START_SCALE:g} would flush "
                 f"{as_fp16.total.flushed_fraction:.2%} and overflow "
                 f"{as_fp16.total.overflow_fraction:.2%})"
             ],
