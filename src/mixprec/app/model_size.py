@@ -46,7 +46,8 @@ def parse_model_size(text: str | float) -> int:
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+]?[0-9]+)?)\s*([a-zA-Z]?)\s*", str(text))
     suffix = match.group(2).lower() if match else ""
-    if match is None or suffix not in _SUFFIXES:
+    exponent_and_suffix = match is not None and suffix and "e" in match.group(1).lower()
+    if match is None or suffix not in _SUFFIXES or exponent_and_suffix:
         raise ValueError(
             f"model size {text!r} is not a parameter count; write e.g. 3e9, 3B, 350M or 2e6"
         )
