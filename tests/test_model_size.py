@@ -66,8 +66,9 @@ def test_sized_task_builds_on_meta_and_trains_like_eager(tmp_path):
     options = sized_task_options("charlm", "2e5")
     config = TaskConfig(steps=2, batch_size=4, lr=1e-3)
     meta = CharLMTask(config, **options)
+    meta.meta = True
     assert all(p.is_meta for p in meta.build_model().parameters())
-    eager = CharLMTask(config, **{**options, "meta": False})
+    eager = CharLMTask(config, **options)
     results = [
         train(task, Recipe.parse("bf16-pure"), tmp_path / name)
         for name, task in (("meta", meta), ("eager", eager))

@@ -175,7 +175,10 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
     options: dict[str, Any] = {"data": args.data} if text_task and args.data is not None else {}
     if args.model_size is not None:
         options.update(sized_task_options(task_name, args.model_size))
-    return make_task(task_name, config, **options)
+    task = make_task(task_name, config, **options)
+    if args.model_size is not None:
+        task.meta = True  # type: ignore[attr-defined]  # built on meta, materialized by prepare
+    return task
 
 
 def _progress() -> Any:

@@ -107,7 +107,8 @@ def charlm_shape(params: int, vocab: int = 256, seq_len: int = 64) -> ModelShape
 
 
 def sized_task_options(task: str, size: str | float) -> dict[str, object]:
-    """The task options that scale ``task``'s model to ``size`` parameters, built on meta.
+    """The task options that scale ``task``'s model to ``size`` parameters (build it on meta:
+    ``task.meta = True``).
 
     Raises:
         ValueError: a task other than ``charlm``; a size :func:`parse_model_size` or
@@ -115,7 +116,7 @@ def sized_task_options(task: str, size: str | float) -> dict[str, object]:
 
     Example:
         >>> sized_task_options("charlm", "2e6")
-        {'d_model': 192, 'n_layers': 4, 'n_heads': 3, 'meta': True}
+        {'d_model': 192, 'n_layers': 4, 'n_heads': 3}
     """
     if task != "charlm":
         raise ValueError(
@@ -123,12 +124,7 @@ def sized_task_options(task: str, size: str | float) -> dict[str, object]:
             "Use --task charlm, or drop --model-size"
         )
     shape = charlm_shape(parse_model_size(size))
-    return {
-        "d_model": shape.d_model,
-        "n_layers": shape.n_layers,
-        "n_heads": shape.n_heads,
-        "meta": True,
-    }
+    return {"d_model": shape.d_model, "n_layers": shape.n_layers, "n_heads": shape.n_heads}
 
 
 def eager_model(task: Any, device: str | torch.device) -> nn.Module:

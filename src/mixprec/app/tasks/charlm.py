@@ -98,8 +98,6 @@ class CharLMTask(Task):
         data: a text file to train on instead of the standard library corpus.
         d_model, n_layers, n_heads, seq_len: model size (``--model-size`` picks them:
             :mod:`mixprec.app.model_size`).
-        meta: build the model on the meta device; ``MixedPrecision.prepare`` then materializes
-            it in its storage formats with the same values (a bf16 model never exists in fp32).
 
     Example:
         >>> task = CharLMTask(TaskConfig(steps=1, batch_size=2, lr=1e-3), seq_len=16)
@@ -109,6 +107,10 @@ class CharLMTask(Task):
     """
 
     name = "charlm"
+    meta = False
+    """Build the model on the meta device (``--model-size`` sets it): ``MixedPrecision.prepare``
+    materializes it in its storage formats with the same values, so a bf16 model never exists
+    in fp32. Not part of :meth:`describe`: the run is the same either way."""
     DEFAULT_CONFIG = TaskConfig(steps=250, batch_size=32, lr=2e-3)
 
     def __init__(
@@ -119,10 +121,8 @@ class CharLMTask(Task):
         n_layers: int = 2,
         n_heads: int = 4,
         seq_len: int = 64,
-        meta: bool = False,
     ) -> None:
         self.config = config or self.DEFAULT_CONFIG
-        self.meta = meta
         self.d_model, self.n_layers, self.n_heads, self.seq_len = (
             d_model,
             n_layers,
