@@ -80,6 +80,8 @@ def memory_figures(
     row = None
     if preset is not None:
         row = plan.row(preset, "-" if PRESETS[preset].param.bits == 32 else update)
+    peak: int | None
+    start: int | None
     if device.type == "cuda":
         peak, start = torch.cuda.max_memory_allocated(device), None
     else:

@@ -44,7 +44,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -328,8 +328,13 @@ def _hf_constructor_init(module: nn.Module) -> Callable[[], Any] | None:
     if method is not None:
         return method
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
-        return lambda: nn.init.normal_(module.weight, std=0.02)
+        # module.weight read at call time: the replay has put a scratch tensor there
+        return lambda: nn.init.normal_(cast(torch.Tensor, module.weight), std=0.02)
     return None
+
+
+def _call(method: Callable[[], Any]) -> Initializer:
+    return lambda module: method()
 
 
 def _materialize_hf(model: nn.Module, walk: _Walk, hf: type) -> None:
@@ -344,7 +349,7 @@ def _materialize_hf(model: nn.Module, walk: _Walk, hf: type) -> None:
             if method is None:
                 unknown.append(type(module).__name__)
             else:
-                walk.replay(module, lambda m, method=method: method())
+                walk.replay(module, _call(method))
         if isinstance(module, hf):
             _hf_post_init(module, walk, hf)
     if unknown:
