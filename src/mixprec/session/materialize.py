@@ -83,8 +83,10 @@ def materialize(
             every module, children first. Default: see the module's design note.
 
     Raises:
-        ValueError: a module with meta tensors has no initializer (nothing changed then); an
-            initializer left a parameter or buffer without a value; see ``cast_module``.
+        ValueError: a module with meta tensors has no initializer, or the policy cannot store
+            a parameter (nothing changed then); an initializer left a parameter or buffer
+            without a value (found as the walk reaches it: the modules before it are
+            materialized, so build the model again after the fix).
         TypeError: ``init`` is not callable.
         ValueError: ``init`` given for a model with no meta tensors.
     """
