@@ -110,17 +110,22 @@ def memory_line(recipe: str, figures: dict[str, Any]) -> str:
         'memory: 2e+08 params; peak RSS 3.00 GB (2.50 GB above the start); plan: fp32 3.20 GB, bf16-pure 2.40 GB (12 B/param of model state)'
     """  # noqa: E501
     peak, start = figures["measured_peak_bytes"], figures.get("measured_at_start_bytes")
-    measured = "not measured" if peak is None else f"{peak / 1e9:.2f} GB"
+    measured = "not measured" if peak is None else _size(peak)
     if peak is not None and start is not None:
-        measured += f" ({(peak - start) / 1e9:.2f} GB above the start)"
+        measured += f" ({_size(peak - start)} above the start)"
     ours = figures.get("plan_policy_bytes")
     policy = (
-        f"{recipe} {ours / 1e9:.2f} GB ({figures['plan_policy_state_per_param']:.3g} B/param of "
+        f"{recipe} {_size(ours)} ({figures['plan_policy_state_per_param']:.3g} B/param of "
         "model state)"
         if ours is not None
         else f"{recipe} has no plan row (not a preset)"
     )
     return (
         f"memory: {figures['params']:.3g} params; {figures['measured_by']} {measured}; plan: "
-        f"fp32 {figures['plan_fp32_bytes'] / 1e9:.2f} GB, {policy}"
+        f"fp32 {_size(figures['plan_fp32_bytes'])}, {policy}"
     )
+
+
+def _size(count: float) -> str:
+    """Bytes in GB, or MB below 0.1 GB (small runs)."""
+    return f"{count / 1e9:.2f} GB" if abs(count) >= 1e8 else f"{count / 1e6:.1f} MB"
