@@ -37,6 +37,7 @@ from mixprec.app.cli_plan import add_plan_parser
 
 
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
+    from mixprec.app.model_size import sized_task_options
     from mixprec.app.tasks import TASKS, TaskConfig, make_task
 
     text_task = task_name in _TEXT_TASKS
@@ -53,8 +54,13 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
         weight_decay=defaults.weight_decay,
         seed=args.seed,
     )
-    options = {"data": args.data} if text_task and args.data is not None else {}
-    return make_task(task_name, config, **options)
+    options: dict[str, Any] = {"data": args.data} if text_task and args.data is not None else {}
+    if args.model_size is not None:
+        options.update(sized_task_options(task_name, args.model_size))
+    task = make_task(task_name, config, **options)
+    if args.model_size is not None:
+        task.meta = True  # type: ignore[attr-defined]  # built on meta, materialized by prepare
+    return task
 
 
 def _progress() -> Any:
@@ -180,6 +186,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _explanations(tasks: dict[str, Any], recipes: Sequence[Any], device: str) -> dict[str, Any]:
     """Per task, where memory and precision go under the first 16-bit recipe compared."""
+    from mixprec.app.model_size import eager_model
     from mixprec.diagnostics import explain
     from mixprec.policy import Policy
 
@@ -188,7 +195,7 @@ def _explanations(tasks: dict[str, Any], recipes: Sequence[Any], device: str) ->
     if mixed is None:
         return {}
     return {
-        name: explain(task.build_model().to(device), mixed, task.batch(0)[0].to(device))
+        name: explain(eager_model(task, device), mixed, task.batch(0)[0].to(device))
         for name, task in tasks.items()
     }
 
@@ -224,17 +231,22 @@ def _train(args: argparse.Namespace) -> int:
         f"{args.task} {recipe.name}{where}: train loss {result.final_train_loss:.4f}, {metrics}, "
         f"{result.ms_per_step:.1f} ms/step, skipped {result.skipped_steps} -> {folder}"
     )
+    if result.memory is not None:
+        from mixprec.app.memory_figures import memory_line
+
+        print(memory_line(recipe.name, result.memory))
     return 0
 
 
 def _advise(args: argparse.Namespace) -> int:
+    from mixprec.app.model_size import eager_model
     from mixprec.app.runner import available_memory, bytes_per_sample, check_batch_memory
     from mixprec.diagnostics import advise
     from mixprec.session.setup import check_device
 
     check_device(args.device)
     task = _task_options(args, args.task)
-    model = task.build_model().to(args.device)
+    model = eager_model(task, args.device)
     per_sample = bytes_per_sample(task, model)
     check_batch_memory(task.config.batch_size, per_sample, available_memory(args.device))
     inputs, target = (t.to(args.device) for t in task.batch(0))
@@ -260,12 +272,13 @@ def _advise(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    from mixprec.app.model_size import eager_model
     from mixprec.diagnostics import explain
     from mixprec.session.setup import check_device
 
     check_device(args.device)
     task = _task_options(args, args.task)
-    model = task.build_model().to(args.device)
+    model = eager_model(task, args.device)
     inputs, target = (t.to(args.device) for t in task.batch(0))
     result = explain(model, args.precision, (inputs, target), backend=args.backend)
     if args.json:
@@ -379,6 +392,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="seed of the model's initialisation and the batches, 0 to 2**32 - 1 (%(default)s)",
     )
     parser.add_argument("--data", default=None, help="charlm only: train on this UTF-8 text file")
+    parser.add_argument(
+        "--model-size",
+        default=None,
+        help="charlm only: scale the transformer to this many parameters (3e9, 3B, 350M), "
+        "width and depth chosen for it, built on the meta device",
+    )
     parser.add_argument(
         "--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ... (%(default)s)"
     )

@@ -130,19 +130,34 @@ def check_batch_memory(batch_size: int, per_sample: int, available: int | None) 
     )
 
 
-def grad_log2(model: nn.Module, scale: float) -> list[float]:
-    """log2 of the non-zero unscaled gradient magnitudes (a sample of at most 200k)."""
-    grads = [
-        local(p.grad).detach().float().flatten() for p in model.parameters() if p.grad is not None
-    ]
-    if not grads:
+def grad_log2(model: nn.Module, scale: float, sample: int = 200_000) -> list[float]:
+    """log2 of the non-zero finite unscaled gradient magnitudes: all of them when there are at
+    most ``sample``, else ``sample`` drawn uniformly (with replacement, seeded) across them.
+
+    One gradient at a time is upcast, so the probe costs about the largest gradient in fp32,
+    not a copy of every gradient (which at 16 bytes per parameter would dominate the run's
+    measured peak memory).
+    """
+    grads = [local(p.grad).detach() for p in model.parameters() if p.grad is not None]
+    counts = [int(_magnitudes(g, scale).numel()) for g in grads]
+    total = sum(counts)
+    if total == 0:
         return []
-    flat = torch.cat(grads).abs() / scale
-    flat = flat[(flat > 0) & torch.isfinite(flat)]
-    if flat.numel() > 200_000:
-        flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))]
-        flat = flat[:200_000]
-    return torch.log2(flat).tolist()
+    if total <= sample:
+        return torch.log2(torch.cat([_magnitudes(g, scale) for g in grads])).tolist()
+    picks = torch.randint(total, (sample,), generator=torch.Generator().manual_seed(0)).sort()
+    chosen, offset = [], 0
+    for grad, count in zip(grads, counts, strict=True):
+        lo, hi = torch.searchsorted(picks.values, torch.tensor([offset, offset + count])).tolist()
+        if hi > lo:
+            chosen.append(_magnitudes(grad, scale)[picks.values[lo:hi] - offset])
+        offset += count
+    return torch.log2(torch.cat(chosen)).tolist()
+
+
+def _magnitudes(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    flat = grad.float().flatten().abs() / scale
+    return flat[(flat > 0) & torch.isfinite(flat)]
 
 
 def probe_activations(

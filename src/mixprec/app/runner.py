@@ -25,6 +25,7 @@ figures are per rank and the activation probe runs on an unsharded copy of the m
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import statistics
@@ -37,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mixprec import _dist
+from mixprec.app.memory_figures import memory_figures, resident_bytes
 from mixprec.app.probes import (
     activation_bytes,
     available_memory,
@@ -60,6 +62,7 @@ from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
 from mixprec.policy import PRESETS, Policy
 from mixprec.session import UPDATE_MODES, MixedPrecision
+from mixprec.session.materialize import has_meta
 from mixprec.session.setup import check_device
 
 __all__ = [
@@ -161,6 +164,7 @@ class RunResult:
     strategy: str = "single"  # "single" (one process), "ddp" or "fsdp2" (over the world)
     reduce_format: str | None = None  # the gradients' reduce format(s), under a process group
     reduce_bytes_per_step: float | None = None  # bytes each rank handed to the gradient reduction
+    memory: dict[str, Any] | None = None  # measured peak beside the plan's (memory_figures)
 
     def save(self, folder: Path) -> None:
         """Write ``result.json`` into ``folder``."""
@@ -231,6 +235,7 @@ def train(
         RuntimeError: ``device`` does not exist on this machine.
     """
     folder = _check_args(out, checkpoint_every)
+    start_rss = resident_bytes()
     rank, world = launch.rank(), launch.world_size()
     parallel = _dist.initialized()
     spread = run_strategy(strategy, parallel)
@@ -248,8 +253,14 @@ def train(
     # Everything is checked before a file is touched: a refused run loses nothing.
     per_rank = task.config.batch_size // world
     run_backend = dry_run(task, recipe.policy, recipe.update, device, backend, per_rank)
+    gc.collect()  # the dry run's model (in reference cycles with its hooks) is gone before ours
     start = resume_step(checkpoint, task, recipe.name, run_backend) if resuming else 0
     model = task.build_model()
+    if spread == "fsdp2" and has_meta(model):
+        raise ValueError(
+            "this task builds its model on the meta device (--model-size), which the fsdp2 "
+            "strategy cannot shard yet; train it in one process or with --strategy ddp"
+        )
     # FSDP2: the optimizer is built on the sharded parameters, once the session has sharded them.
     optimizer = None if spread == "fsdp2" else task.build_optimizer(model)
     if parallel:
@@ -286,7 +297,10 @@ def train(
     if parallel:
         dist.barrier()  # rank 0 has closed metrics.jsonl
     result = _result(task, recipe, run_backend, folder, start, net, mp, saved, grad_log2)
-    result = replace(result, state_bytes_per_param=state_bytes)
+    figures = memory_figures(
+        net, task.describe(), recipe.policy, mp._update_mode(), mp.device, start_rss
+    )
+    result = replace(result, state_bytes_per_param=state_bytes, memory=figures)
     if parallel:
         parallel_figures = _parallel_figures(model, spread, world, task.config.steps - start)
         result = replace(result, **parallel_figures)

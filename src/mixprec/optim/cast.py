@@ -20,7 +20,7 @@ from torch import nn
 
 from mixprec.policy import Policy
 
-__all__ = ["cast_module", "restore_dtypes"]
+__all__ = ["cast_module", "restore_dtypes", "storage_plan"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,7 +63,28 @@ def cast_module(
         raise TypeError(f"cast_module expects an nn.Module, got {type(module).__name__} {module!r}")
     if not isinstance(buffers, bool):
         raise TypeError(f"buffers must be True or False, got {type(buffers).__name__} {buffers!r}")
-    policy = Policy.parse(policy)
+    plan = storage_plan(module, Policy.parse(policy), buffers=buffers)
+    originals: dict[str, torch.dtype] = {}
+    with torch.no_grad():
+        for name, tensor, dtype in plan.values():
+            if tensor.dtype != dtype:
+                originals[name] = tensor.dtype
+                _cast_in_place(tensor, dtype)
+    return originals
+
+
+def storage_plan(
+    module: nn.Module, policy: Policy, *, buffers: bool = True
+) -> dict[int, tuple[str, torch.Tensor, torch.dtype]]:
+    """The storage dtype :func:`cast_module` gives each floating tensor, without casting.
+
+    Returns:
+        ``{id(tensor): (qualified name of its first owner, tensor, dtype)}``; a tensor shared by
+        several modules appears once.
+
+    Raises:
+        ValueError: as :func:`cast_module` (fp8 params; a shared tensor given two formats).
+    """
     plan: dict[int, tuple[str, torch.Tensor, torch.dtype]] = {}
     for prefix, sub in module.named_modules(remove_duplicate=False):
         dtype = _storage_dtype(policy, prefix, sub)
@@ -80,13 +101,7 @@ def cast_module(
                     "get the same format"
                 )
             plan.setdefault(id(tensor), (name, tensor, dtype))
-    originals: dict[str, torch.dtype] = {}
-    with torch.no_grad():
-        for name, tensor, dtype in plan.values():
-            if tensor.dtype != dtype:
-                originals[name] = tensor.dtype
-                _cast_in_place(tensor, dtype)
-    return originals
+    return plan
 
 
 def restore_dtypes(module: nn.Module, originals: dict[str, torch.dtype]) -> None:

@@ -53,6 +53,7 @@ from mixprec.session.forward import (
     hook_forward,
     mark_prepared,
 )
+from mixprec.session.materialize import Initializer, materialize
 from mixprec.session.setup import (
     check_ddp_order,
     check_device,
@@ -235,13 +236,17 @@ class MixedPrecision:
 
     # -- setup ------------------------------------------------------------------------------
 
-    def prepare(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+    def prepare(
+        self, model: nn.Module, *optimizers: torch.optim.Optimizer, init: Initializer | None = None
+    ) -> Any:
         """Apply the policy: move and cast ``model``, add FP32 islands, wrap ``optimizers``.
 
         Build the optimizers on ``model.parameters()`` before calling this; the parameters are
         cast in place, so the optimizers keep pointing at them. From then on, step the optimizers
         this returns: a wrapper keeps the update (fp32 masters, compensation), and stepping the
         optimizer it wraps would leave the model unchanged.
+
+        A meta-device model is materialized in its storage formats (``init``: :mod:`.materialize`).
 
         Returns:
             ``model`` alone, or ``(model, *wrapped_optimizers)``.
@@ -251,6 +256,7 @@ class MixedPrecision:
             RuntimeError: ``prepare`` was already called on this session, ``model`` was already
                 prepared by a session (a second policy would stack on the first), or an
                 optimizer holds parameters that are not ``model``'s.
+            ValueError: a meta-device module has no initializer, or it leaves a tensor unset.
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"prepare needs an nn.Module, got {type(model).__name__} {model!r}")
@@ -265,12 +271,12 @@ class MixedPrecision:
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
-        declared = declared_policy(
-            self.policy, model, self._fp32_attributes
-        )  # raises for a keep-in-fp32 name matching none
+        # raises for a keep-in-fp32 name matching none
+        declared = declared_policy(self.policy, model, self._fp32_attributes)
         warn_unmatched_rules(model, self.policy)
         storage = with_default_islands(declared)
         check_prepare_order(model, storage)
+        materialize(model, storage, self.device, init=init)  # a meta model: nothing else to do
         model.to(self.device)
         cast_module(model, storage, buffers=self._cast_buffers)
         if self.fp8 is None:  # mp.fully_shard converts before it shards
@@ -290,9 +296,8 @@ class MixedPrecision:
         """Run every call of ``model`` (and of its direct children, which its own code may call
         on their own) under the policy's region, outputs in its output format; see
         :mod:`mixprec.session.forward`."""
-        hooks = PolicyForward(
-            self._region_args, self.policy.output.dtype, str(self.policy), self._clock
-        )
+        args = (self._region_args, self.policy.output.dtype, str(self.policy), self._clock)
+        hooks = PolicyForward(*args)
         return hook_forward(model, hooks)
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

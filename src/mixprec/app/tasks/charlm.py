@@ -96,7 +96,8 @@ class CharLMTask(Task):
         config: steps, batch size, learning rate, seed (defaults: 250 steps, batch 32, AdamW at
             2e-3).
         data: a text file to train on instead of the standard library corpus.
-        d_model, n_layers, n_heads, seq_len: model size.
+        d_model, n_layers, n_heads, seq_len: model size (``--model-size`` picks them:
+            :mod:`mixprec.app.model_size`).
 
     Example:
         >>> task = CharLMTask(TaskConfig(steps=1, batch_size=2, lr=1e-3), seq_len=16)
@@ -106,6 +107,10 @@ class CharLMTask(Task):
     """
 
     name = "charlm"
+    meta = False
+    """Build the model on the meta device (``--model-size`` sets it): ``MixedPrecision.prepare``
+    materializes it in its storage formats with the same values, so a bf16 model never exists
+    in fp32. Not part of :meth:`describe`: the run is the same either way."""
     DEFAULT_CONFIG = TaskConfig(steps=250, batch_size=32, lr=2e-3)
 
     def __init__(
@@ -143,7 +148,8 @@ class CharLMTask(Task):
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
-        return TinyTransformer(VOCAB, self.d_model, self.n_layers, self.n_heads, self.seq_len)
+        with torch.device("meta") if self.meta else contextlib.nullcontext():
+            return TinyTransformer(VOCAB, self.d_model, self.n_layers, self.n_heads, self.seq_len)
 
     def batch(self, step: int) -> Batch:
         return self._sample(step, self.config.batch_size)

@@ -52,6 +52,11 @@ class TinyTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize the module's own tensor (the positions; the layers initialize theirs), as
+        torch's layers do: what lets a model built on the meta device be materialized."""
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
