@@ -260,7 +260,7 @@ class BlockQuantizedStates(StateStorage):
             ``rounding``, a bad seed.
     """
 
-    one_pass = False
+    one_pass = True  # the kernels step the codes in place (mixprec.optim.fused_codes)
     code_dtype: torch.dtype = torch.uint8
 
     def __init__(

@@ -1,0 +1,339 @@
+// One-pass updates of optimizer states stored block-quantized (int8 dynamic map or fp8 e4m3,
+// one fp32 scale per block): see mixprec/optim/fused_codes.py for the design. Compiled after
+// _fused.cpp, in the same translation unit (its helpers and loops are used here).
+//
+// Bit for bit the reference path's decode -> torch step -> encode (mixprec/optim/codecs.py):
+// decode is map entry (or e4m3 value) times scale, squared for a second moment stored as its
+// root; encode takes the block's absmax of the new values (NaN if one is not finite, floored at
+// 1e-12), divides by it (fp8: by absmax / 448) and picks the code as codecs.py does, with the
+// same counter-based draws where rounding is stochastic.
+namespace {
+
+constexpr float kScaleFloor = 1e-12f;
+constexpr float kFp8Max = 448.0f;
+
+// One stored state: its codes and scales, the tables of its format, how it is rounded.
+struct Coded {
+  uint8_t* codes;
+  float* scale;
+  const float* values;     // the 256 decoded values of a code (the map, or the e4m3 values)
+  const uint8_t* base;     // int8: the code of the smallest value of each upper-16-bit bucket
+  const float* threshold;  // int8: the rounding threshold inside each bucket (+inf if none)
+  bool fp8, root, stochastic;
+  uint32_t k1, k2;
+};
+
+// The blocks of a (rows, cols) state: `block` elements within a row, the last one short.
+struct Layout {
+  int64_t cols, blocks_per_row, block;
+  uint32_t offset;  // the stream position of element 0 (modulo 2**32, as the hashes take it)
+  MIXPREC_INLINE int64_t start(int64_t t) const {
+    const int64_t row = t / blocks_per_row;
+    return row * cols + (t - row * blocks_per_row) * block;
+  }
+  MIXPREC_INLINE int64_t end(int64_t t) const {
+    const int64_t row = t / blocks_per_row;
+    const int64_t j = t - row * blocks_per_row;
+    return row * cols + std::min(cols, (j + 1) * block);
+  }
+};
+
+// c10's float -> float8_e4m3fn (round to nearest even, 480 and above and NaN to NaN).
+MIXPREC_INLINE uint8_t e4m3_nearest(float f) {
+  uint32_t bits = bits_of(f);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  const uint32_t denorm = 141u << 23;
+  const uint32_t small = bits_of(float_of(bits) + float_of(denorm)) - denorm;
+  const uint32_t odd = (bits >> 20) & 1u;
+  const uint32_t normal = (bits + ((7u - 127u) << 23) + 0x7FFFFu + odd) >> 20;
+  uint32_t r = pick(bits < (121u << 23), small, normal);
+  r = pick(bits >= (1087u << 20), 0x7Fu, r);
+  return static_cast<uint8_t>((r & 0xFFu) | (sign >> 24));
+}
+
+// mixprec.quantize.round_to_grid(y, e4m3, "stochastic", uniform=u) for |y| <= 448 (or NaN):
+// floor of |y| in units of its e4m3 ulp, plus one where u is below the fraction, back to a value.
+MIXPREC_INLINE float e4m3_stochastic(float y, float u) {
+  const uint32_t a_bits = bits_of(y) & 0x7FFFFFFFu;
+  int32_t exponent = static_cast<int32_t>(a_bits >> 23) - 127;
+  exponent = std::min(std::max(exponent, -6), 8);
+  const float step = float_of(static_cast<uint32_t>(exponent - 3 + 127) << 23);
+  const float inverse = float_of(static_cast<uint32_t>(3 - exponent + 127) << 23);
+  const float scaled = float_of(a_bits) * inverse;  // exact: a power of two, 24 bits at most
+  float units = std::floor(scaled);
+  units += static_cast<float>(u < scaled - units);
+  float rounded = units * step;
+  rounded = pickf(rounded > kFp8Max, kFp8Max, rounded);
+  rounded = pickf(y != y, y, rounded);
+  return float_of((bits_of(rounded) & 0x7FFFFFFFu) | (bits_of(y) & 0x80000000u));
+}
+
+// The draw in [0, 1) of stream position `position`: the top 24 bits of its word, times 2**-24.
+MIXPREC_INLINE float uniform_at(uint32_t position, uint32_t k1, uint32_t k2) {
+  return static_cast<float>(static_cast<int32_t>(hash_word(position, k1, k2) >> 8)) *
+         5.9604644775390625e-08f;
+}
+
+// Decode elements [b, e) (blocks t0..t1) into out[0 .. e - b).
+void decode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, float* out) {
+  const int64_t b = l.start(t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const float s = c.scale[t];
+    const int64_t e = l.end(t);
+    const uint8_t* codes = c.codes;
+    const float* values = c.values;
+    float* o = out - b;
+    if (c.root) {
+#pragma GCC ivdep
+      for (int64_t i = l.start(t); i < e; ++i) {
+        const float r = values[codes[i]] * s;  // (root * root.abs(): the square where r >= 0)
+        o[i] = r * std::fabs(r);
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t i = l.start(t); i < e; ++i) o[i] = values[codes[i]] * s;
+    }
+  }
+}
+
+// Encode x[0 .. e - b) (blocks t0..t1, the values to store: the root for a second moment).
+void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, const float* x) {
+  const int64_t b = l.start(t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t s0 = l.start(t), e = l.end(t);
+    const float* v = x - b;
+    float absmax = 0.0f;
+    uint32_t finite = 1u;
+#pragma GCC ivdep
+    for (int64_t i = s0; i < e; ++i) {
+      const float a = std::fabs(v[i]);
+      absmax = std::max(absmax, a);
+      finite &= static_cast<uint32_t>(a <= 3.4028234663852886e+38f);  // false for inf, NaN
+    }
+    float scale = finite ? std::max(absmax, kScaleFloor) : std::numeric_limits<float>::quiet_NaN();
+    if (c.fp8) scale = scale / kFp8Max;
+    c.scale[t] = scale;
+    uint8_t* codes = c.codes;
+    const uint32_t k1 = c.k1, k2 = c.k2, offset = l.offset;
+    if (c.fp8) {
+      if (c.stochastic) {
+#pragma GCC ivdep
+        for (int64_t i = s0; i < e; ++i) {
+          const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
+          codes[i] = e4m3_nearest(e4m3_stochastic(v[i] / scale, u));
+        }
+      } else {
+#pragma GCC ivdep
+        for (int64_t i = s0; i < e; ++i) codes[i] = e4m3_nearest(v[i] / scale);
+      }
+      continue;
+    }
+    const uint8_t* base = c.base;
+    const float* threshold = c.threshold;
+    const float* values = c.values;
+    if (c.stochastic) {
+#pragma GCC ivdep
+      for (int64_t i = s0; i < e; ++i) {
+        const float y = v[i] / scale;
+        const uint32_t bucket = bits_of(y) >> 16;
+        const int32_t nearest = base[bucket] + static_cast<int32_t>(y >= threshold[bucket]);
+        int32_t low = nearest - static_cast<int32_t>(values[nearest] > y);
+        low = std::min(std::max(low, 0), 255);
+        const int32_t high = std::min(low + 1, 255);
+        const float below = values[low];
+        const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
+        const bool up = u * (values[high] - below) < y - below;
+        codes[i] = static_cast<uint8_t>(up ? high : low);
+      }
+    } else {
+#pragma GCC ivdep
+      for (int64_t i = s0; i < e; ++i) {
+        const float y = v[i] / scale;
+        const uint32_t bucket = bits_of(y) >> 16;
+        codes[i] = static_cast<uint8_t>(base[bucket] + static_cast<uint32_t>(y >= threshold[bucket]));
+      }
+    }
+  }
+}
+
+// How many blocks a group takes: about kBlock elements, in cache between its loops.
+int64_t group_blocks(const Layout& l) { return std::max<int64_t>(1, kBlock / l.block); }
+
+template <typename F, int64_t MODE, int64_t WD>
+void adam_coded_range(const Weight<F, MODE> wt, const uint16_t* grad, const Coded& m,
+                      const Coded& v, bool fresh, const Layout& l, const AdamScalars s,
+                      int64_t t0, int64_t t1) {
+  const int64_t cap = std::max(kBlock, l.block);
+  at::Tensor work = at::empty({3, cap}, at::kFloat);
+  float* mb = work[0].data_ptr<float>();
+  float* vb = work[1].data_ptr<float>();
+  const int64_t group = group_blocks(l);
+  for (int64_t t = t0; t < t1; t += group) {
+    const int64_t te = std::min(t1, t + group);
+    const int64_t b = l.start(t), e = l.end(te - 1);
+    if (fresh) {
+      std::fill(mb, mb + (e - b), 0.0f);
+      std::fill(vb, vb + (e - b), 0.0f);
+    } else {
+      decode_blocks(m, l, t, te, mb);
+      decode_blocks(v, l, t, te, vb);
+    }
+    adam_moments<F, MODE, WD>(wt, grad, mb, vb, s, b, e, b);
+    at::Tensor root = work[2].narrow(0, 0, e - b);
+    at::sqrt_out(root, work[1].narrow(0, 0, e - b));
+    const float* rb = root.data_ptr<float>();
+    adam_apply<F, MODE, WD>(wt, mb, rb, s, b, e, b);
+    encode_blocks(m, l, t, te, mb);
+    encode_blocks(v, l, t, te, v.root ? rb : vb);
+  }
+}
+
+template <typename F, int64_t MODE, int64_t MOMENTUM>
+void sgd_coded_range(const Weight<F, MODE> wt, const uint16_t* grad, const Coded& c,
+                     const Layout& l, const SgdScalars s, bool weight_decay, int64_t t0,
+                     int64_t t1) {
+  const int64_t cap = std::max(kBlock, l.block);
+  at::Tensor work = at::empty({cap}, at::kFloat);
+  float* bb = work.data_ptr<float>();
+  const int64_t group = group_blocks(l);
+  for (int64_t t = t0; t < t1; t += group) {
+    const int64_t te = std::min(t1, t + group);
+    const int64_t b = l.start(t), e = l.end(te - 1);
+    if (MOMENTUM == 2) decode_blocks(c, l, t, te, bb);
+    if (weight_decay) {
+      sgd_loop<F, MODE, MOMENTUM, true>(wt, grad, bb, s, b, e, b);
+    } else {
+      sgd_loop<F, MODE, MOMENTUM, false>(wt, grad, bb, s, b, e, b);
+    }
+    encode_blocks(c, l, t, te, bb);
+  }
+}
+
+void check_coded(const at::Tensor& codes, const at::Tensor& scale, const char* name,
+                 int64_t numel, int64_t blocks) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.element_size() == 1 &&
+                  codes.numel() == numel,
+              name, " codes must be a contiguous CPU tensor of 1-byte codes and ", numel,
+              " elements, got ", codes.scalar_type(), " ", codes.sizes());
+  check16(scale, name, at::kFloat, blocks);
+}
+
+// tables: values (256 fp32), and for int8 the bucket codes (65536 uint8) and thresholds
+// (65536 fp32). layout: fp8, block, rows, stochastic, offset; keys: k1, k2 per state.
+Coded coded_of(const at::Tensor& codes, const at::Tensor& scale, at::TensorList tables,
+               bool fp8, bool root, bool stochastic, int64_t k1, int64_t k2) {
+  TORCH_CHECK(tables.size() == (fp8 ? 1u : 3u), "bad tables");
+  check16(tables[0], "values", at::kFloat, 256);
+  const uint8_t* base = nullptr;
+  const float* threshold = nullptr;
+  if (!fp8) {
+    check16(tables[1], "bucket codes", at::kByte, 65536);
+    check16(tables[2], "thresholds", at::kFloat, 65536);
+    base = tables[1].data_ptr<uint8_t>();
+    threshold = tables[2].data_ptr<float>();
+  }
+  return Coded{reinterpret_cast<uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
+               tables[0].data_ptr<float>(), base, threshold, fp8, root, stochastic,
+               static_cast<uint32_t>(k1), static_cast<uint32_t>(k2)};
+}
+
+Layout layout_of(int64_t numel, at::IntArrayRef args) {
+  TORCH_CHECK(args.size() == 3, "layout: block, rows, offset");
+  const int64_t block = args[0], rows = args[1];
+  TORCH_CHECK(block >= 1 && rows >= 1 && numel % rows == 0, "bad block layout");
+  const int64_t cols = numel / rows;
+  const int64_t per_row = (cols + block - 1) / block;
+  return Layout{cols, per_row, block, static_cast<uint32_t>(args[2])};
+}
+
+void adam_coded_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> master,
+                 std::optional<at::Tensor> comp, at::Tensor m_codes, at::Tensor m_scale,
+                 at::Tensor v_codes, at::Tensor v_scale, at::TensorList m_tables,
+                 at::TensorList v_tables, at::ArrayRef<double> scalars,
+                 int64_t weight_decay_mode, int64_t mode, int64_t k1, int64_t k2, int64_t offset,
+                 at::IntArrayRef layout, at::IntArrayRef flags) {
+  TORCH_CHECK(scalars.size() == 9, "adam_coded_ takes 9 scalars, got ", scalars.size());
+  TORCH_CHECK(weight_decay_mode >= 0 && weight_decay_mode <= 2, "bad weight_decay_mode");
+  TORCH_CHECK(flags.size() == 8, "flags: fp8, fresh, stochastic, v_root, mk1, mk2, vk1, vk2");
+  const int64_t n = param.numel();
+  const Layout l = layout_of(n, layout);
+  const int64_t blocks = l.blocks_per_row * (n / l.cols);
+  check_coded(m_codes, m_scale, "exp_avg", n, blocks);
+  check_coded(v_codes, v_scale, "exp_avg_sq", n, blocks);
+  const bool fp8 = flags[0] != 0, fresh = flags[1] != 0, stochastic = flags[2] != 0;
+  const Coded m = coded_of(m_codes, m_scale, m_tables, fp8, false, stochastic, flags[4], flags[5]);
+  const Coded v = coded_of(v_codes, v_scale, v_tables, fp8, flags[3] != 0, stochastic, flags[6],
+                           flags[7]);
+  AdamScalars s{static_cast<float>(scalars[0]), static_cast<float>(scalars[1]),
+                static_cast<float>(scalars[2]), static_cast<float>(scalars[3]),
+                static_cast<float>(scalars[4]), static_cast<float>(scalars[5]),
+                static_cast<float>(scalars[6]), static_cast<float>(scalars[7]),
+                static_cast<float>(scalars[8]), weight_decay_mode};
+  dispatch(param, grad, master, comp, mode, k1, k2, offset, [&](auto wt, const uint16_t* g,
+                                                                int64_t) {
+    using F = typename decltype(wt)::Format;
+    constexpr int64_t M = decltype(wt)::kMode;
+    const int64_t grain = std::max<int64_t>(1, kGrain / l.block);
+    at::parallel_for(0, blocks, grain, [&](int64_t t0, int64_t t1) {
+      if (s.weight_decay_mode == 1) {
+        adam_coded_range<F, M, 1>(wt, g, m, v, fresh, l, s, t0, t1);
+      } else if (s.weight_decay_mode == 2) {
+        adam_coded_range<F, M, 2>(wt, g, m, v, fresh, l, s, t0, t1);
+      } else {
+        adam_coded_range<F, M, 0>(wt, g, m, v, fresh, l, s, t0, t1);
+      }
+    });
+  });
+}
+
+void sgd_coded_(at::Tensor param, const at::Tensor& grad, std::optional<at::Tensor> master,
+                std::optional<at::Tensor> comp, at::Tensor codes, at::Tensor scale,
+                at::TensorList tables, at::ArrayRef<double> scalars, bool first, bool nesterov,
+                int64_t mode, int64_t k1, int64_t k2, int64_t offset, at::IntArrayRef layout,
+                at::IntArrayRef flags) {
+  TORCH_CHECK(scalars.size() == 5, "sgd_coded_ takes 5 scalars, got ", scalars.size());
+  TORCH_CHECK(flags.size() == 4, "flags: fp8, stochastic, k1, k2");
+  const int64_t n = param.numel();
+  const Layout l = layout_of(n, layout);
+  const int64_t blocks = l.blocks_per_row * (n / l.cols);
+  check_coded(codes, scale, "momentum_buffer", n, blocks);
+  const Coded c = coded_of(codes, scale, tables, flags[0] != 0, false, flags[1] != 0, flags[2],
+                           flags[3]);
+  SgdScalars s{static_cast<float>(scalars[0]), static_cast<float>(scalars[1]),
+               static_cast<float>(scalars[2]), static_cast<float>(scalars[3]),
+               static_cast<float>(scalars[4]), nesterov};
+  const bool weight_decay = scalars[1] != 0.0;
+  dispatch(param, grad, master, comp, mode, k1, k2, offset, [&](auto wt, const uint16_t* g,
+                                                                int64_t) {
+    using F = typename decltype(wt)::Format;
+    constexpr int64_t M = decltype(wt)::kMode;
+    const int64_t grain = std::max<int64_t>(1, kGrain / l.block);
+    at::parallel_for(0, blocks, grain, [&](int64_t t0, int64_t t1) {
+      if (first) {
+        sgd_coded_range<F, M, 1>(wt, g, c, l, s, weight_decay, t0, t1);
+      } else {
+        sgd_coded_range<F, M, 2>(wt, g, c, l, s, weight_decay, t0, t1);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mixprec_fused, m) {
+  m.def(
+      "adam_coded_(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? compensation, "
+      "Tensor(d!) m_codes, Tensor(e!) m_scale, Tensor(f!) v_codes, Tensor(g!) v_scale, "
+      "Tensor[] m_tables, Tensor[] v_tables, float[] scalars, int weight_decay_mode, int mode, "
+      "int k1, int k2, int offset, int[] layout, int[] flags) -> ()");
+  m.def(
+      "sgd_coded_(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? compensation, "
+      "Tensor(d!) codes, Tensor(e!) scale, Tensor[] tables, float[] scalars, bool first, "
+      "bool nesterov, int mode, int k1, int k2, int offset, int[] layout, int[] flags) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(mixprec_fused, CPU, m) {
+  m.impl("adam_coded_", &adam_coded_);
+  m.impl("sgd_coded_", &sgd_coded_);
+}
