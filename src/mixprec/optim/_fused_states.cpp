@@ -17,7 +17,7 @@ struct Coded {
   uint8_t* codes;
   float* scale;
   const float* values;     // the 256 decoded values of a code (the map, or the e4m3 values)
-  const uint8_t* base;     // int8: the code of the smallest value of each upper-16-bit bucket
+  const int32_t* base;     // int8: the code of the smallest value of each upper-16-bit bucket
   const float* threshold;  // int8: the rounding threshold inside each bucket (+inf if none)
   bool fp8, root, stochastic;
   uint32_t k1, k2;
@@ -103,15 +103,13 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t s0 = l.start(t), e = l.end(t);
     const float* v = x - b;
-    float absmax = 0.0f;
-    uint32_t finite = 1u;
+    // The absmax as the largest bit pattern of |x| (the same order for non-negative floats, and
+    // an integer reduction vectorizes); above the largest finite float: an inf or a NaN.
+    uint32_t top = 0u;
 #pragma GCC ivdep
-    for (int64_t i = s0; i < e; ++i) {
-      const float a = std::fabs(v[i]);
-      absmax = std::max(absmax, a);
-      finite &= static_cast<uint32_t>(a <= 3.4028234663852886e+38f);  // false for inf, NaN
-    }
-    float scale = finite ? std::max(absmax, kScaleFloor) : std::numeric_limits<float>::quiet_NaN();
+    for (int64_t i = s0; i < e; ++i) top = std::max(top, bits_of(v[i]) & 0x7FFFFFFFu);
+    float scale = top <= 0x7F7FFFFFu ? std::max(float_of(top), kScaleFloor)
+                                     : std::numeric_limits<float>::quiet_NaN();
     if (c.fp8) scale = scale / kFp8Max;
     c.scale[t] = scale;
     uint8_t* codes = c.codes;
@@ -129,7 +127,7 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
       }
       continue;
     }
-    const uint8_t* base = c.base;
+    const int32_t* base = c.base;
     const float* threshold = c.threshold;
     const float* values = c.values;
     if (c.stochastic) {
@@ -143,15 +141,15 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
         const int32_t high = std::min(low + 1, 255);
         const float below = values[low];
         const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
-        const bool up = u * (values[high] - below) < y - below;
-        codes[i] = static_cast<uint8_t>(up ? high : low);
+        const int32_t up = static_cast<int32_t>(u * (values[high] - below) < y - below);
+        codes[i] = static_cast<uint8_t>(low + up * (high - low));  // up ? high : low
       }
     } else {
 #pragma GCC ivdep
       for (int64_t i = s0; i < e; ++i) {
         const float y = v[i] / scale;
         const uint32_t bucket = bits_of(y) >> 16;
-        codes[i] = static_cast<uint8_t>(base[bucket] + static_cast<uint32_t>(y >= threshold[bucket]));
+        codes[i] = static_cast<uint8_t>(base[bucket] + static_cast<int32_t>(y >= threshold[bucket]));
       }
     }
   }
@@ -225,12 +223,12 @@ Coded coded_of(const at::Tensor& codes, const at::Tensor& scale, at::TensorList 
                bool fp8, bool root, bool stochastic, int64_t k1, int64_t k2) {
   TORCH_CHECK(tables.size() == (fp8 ? 1u : 3u), "bad tables");
   check16(tables[0], "values", at::kFloat, 256);
-  const uint8_t* base = nullptr;
+  const int32_t* base = nullptr;
   const float* threshold = nullptr;
   if (!fp8) {
-    check16(tables[1], "bucket codes", at::kByte, 65536);
+    check16(tables[1], "bucket codes", at::kInt, 65536);
     check16(tables[2], "thresholds", at::kFloat, 65536);
-    base = tables[1].data_ptr<uint8_t>();
+    base = tables[1].data_ptr<int32_t>();
     threshold = tables[2].data_ptr<float>();
   }
   return Coded{reinterpret_cast<uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),

@@ -58,7 +58,7 @@ def _tables(fmt: str, signed: bool) -> list[torch.Tensor]:
     if fmt == "fp8":
         return [torch.arange(256, dtype=torch.uint8).view(codecs.FP8_DTYPE).float()]
     base, threshold = codecs._code_table(signed, torch.device("cpu"))
-    return [codecs.dynamic_map(signed), base.contiguous(), threshold.contiguous()]
+    return [codecs.dynamic_map(signed), base.to(torch.int32), threshold.contiguous()]
 
 
 def _tables_of(storage: BlockQuantizedStates, key: str) -> list[torch.Tensor]:
