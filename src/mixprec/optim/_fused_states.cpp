@@ -16,9 +16,9 @@ constexpr float kFp8Max = 448.0f;
 struct Coded {
   uint8_t* codes;
   float* scale;
-  const float* values;     // the 256 decoded values of a code (the map, or the e4m3 values)
-  const int32_t* base;     // int8: the code of the smallest value of each upper-16-bit bucket
-  const float* threshold;  // int8: the rounding threshold inside each bucket (+inf if none)
+  const float* values;    // the 256 decoded values of a code (the map, or the e4m3 values)
+  const int32_t* nearest;  // int8, per upper-16-bit bucket: the nearest code (packed_code)
+  const int32_t* below;    // int8, per bucket: 1 + the code of the entry at or below y
   bool fp8, root, stochastic;
   uint32_t k1, k2;
 };
@@ -67,6 +67,15 @@ MIXPREC_INLINE float e4m3_stochastic(float y, float u) {
   rounded = pickf(rounded > kFp8Max, kFp8Max, rounded);
   rounded = pickf(y != y, y, rounded);
   return float_of((bits_of(rounded) & 0x7FFFFFFFu) | (bits_of(y) & 0x80000000u));
+}
+
+// A bucket table's answer for y (fused_codes._packed): the code of the bucket's smallest value,
+// plus one where y reaches the bound inside the bucket (the 16-bit keys order the bucket's values).
+MIXPREC_INLINE int32_t packed_code(const int32_t* table, float y) {
+  const uint32_t bits = bits_of(y);
+  const int32_t entry = table[bits >> 16];
+  const uint32_t key = (bits & 0xFFFFu) ^ ((0u - (bits >> 31)) & 0xFFFFu);
+  return (entry >> 17) + static_cast<int32_t>(key >= (static_cast<uint32_t>(entry) & 0x1FFFFu));
 }
 
 // The draw in [0, 1) of stream position `position`: the top 24 bits of its word, times 2**-24.
@@ -127,17 +136,15 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
       }
       continue;
     }
-    const int32_t* base = c.base;
-    const float* threshold = c.threshold;
+    const int32_t* nearest = c.nearest;
+    const int32_t* below_table = c.below;
     const float* values = c.values;
     if (c.stochastic) {
 #pragma GCC ivdep
       for (int64_t i = s0; i < e; ++i) {
+        // Between the entry at or below y and the next one (codecs._round_between).
         const float y = v[i] / scale;
-        const uint32_t bucket = bits_of(y) >> 16;
-        const int32_t nearest = base[bucket] + static_cast<int32_t>(y >= threshold[bucket]);
-        int32_t low = nearest - static_cast<int32_t>(values[nearest] > y);
-        low = std::min(std::max(low, 0), 255);
+        const int32_t low = std::min(std::max(packed_code(below_table, y) - 1, 0), 255);
         const int32_t high = std::min(low + 1, 255);
         const float below = values[low];
         const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
@@ -147,9 +154,7 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
     } else {
 #pragma GCC ivdep
       for (int64_t i = s0; i < e; ++i) {
-        const float y = v[i] / scale;
-        const uint32_t bucket = bits_of(y) >> 16;
-        codes[i] = static_cast<uint8_t>(base[bucket] + static_cast<int32_t>(y >= threshold[bucket]));
+        codes[i] = static_cast<uint8_t>(packed_code(nearest, v[i] / scale));
       }
     }
   }
@@ -217,22 +222,22 @@ void check_coded(const at::Tensor& codes, const at::Tensor& scale, const char* n
   check16(scale, name, at::kFloat, blocks);
 }
 
-// tables: values (256 fp32), and for int8 the bucket codes (65536 uint8) and thresholds
-// (65536 fp32). layout: fp8, block, rows, stochastic, offset; keys: k1, k2 per state.
+// tables: values (256 fp32), and for int8 the packed bucket tables of the nearest code and of
+// the code below (65536 int32 each).
 Coded coded_of(const at::Tensor& codes, const at::Tensor& scale, at::TensorList tables,
                bool fp8, bool root, bool stochastic, int64_t k1, int64_t k2) {
   TORCH_CHECK(tables.size() == (fp8 ? 1u : 3u), "bad tables");
   check16(tables[0], "values", at::kFloat, 256);
-  const int32_t* base = nullptr;
-  const float* threshold = nullptr;
+  const int32_t* nearest = nullptr;
+  const int32_t* below = nullptr;
   if (!fp8) {
-    check16(tables[1], "bucket codes", at::kInt, 65536);
-    check16(tables[2], "thresholds", at::kFloat, 65536);
-    base = tables[1].data_ptr<int32_t>();
-    threshold = tables[2].data_ptr<float>();
+    check16(tables[1], "nearest codes", at::kInt, 65536);
+    check16(tables[2], "codes below", at::kInt, 65536);
+    nearest = tables[1].data_ptr<int32_t>();
+    below = tables[2].data_ptr<int32_t>();
   }
   return Coded{reinterpret_cast<uint8_t*>(codes.data_ptr()), scale.data_ptr<float>(),
-               tables[0].data_ptr<float>(), base, threshold, fp8, root, stochastic,
+               tables[0].data_ptr<float>(), nearest, below, fp8, root, stochastic,
                static_cast<uint32_t>(k1), static_cast<uint32_t>(k2)};
 }
 

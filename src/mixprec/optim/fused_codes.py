@@ -55,10 +55,46 @@ def coded_storage(storage: object, param: torch.Tensor) -> BlockQuantizedStates 
 
 @functools.cache
 def _tables(fmt: str, signed: bool) -> list[torch.Tensor]:
+    """The kernel's tables: the 256 decoded values of a code; for int8 also the packed bucket
+    tables of the nearest code and of the code below (:func:`_packed`)."""
     if fmt == "fp8":
         return [torch.arange(256, dtype=torch.uint8).view(codecs.FP8_DTYPE).float()]
     base, threshold = codecs._code_table(signed, torch.device("cpu"))
-    return [codecs.dynamic_map(signed), base.to(torch.int32), threshold.contiguous()]
+    qmap = codecs.dynamic_map(signed)
+    first, last = _bucket_ends()
+    finite = torch.isfinite(first) & torch.isfinite(last)
+    below_first = torch.bucketize(first, qmap, right=True)  # 1 + the code of the entry below
+    below_last = torch.bucketize(last, qmap, right=True)
+    if bool(((below_last - below_first > 1) & finite).any()):  # pragma: no cover - by the map
+        raise AssertionError("two map entries in one 16-bit bucket")
+    inside = finite & (below_last > below_first)
+    entry = qmap[below_first.clamp(max=255)]
+    below = torch.where(finite, below_first, base.long() + 1)
+    return [
+        qmap,
+        _packed(base.long(), torch.where(torch.isinf(threshold), float("nan"), threshold)),
+        _packed(below, torch.where(inside, entry, float("nan"))),
+    ]
+
+
+def _bucket_ends() -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and the largest fp32 value of each upper-16-bit bucket."""
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    top = torch.where(top >= 1 << 31, top - (1 << 32), top)  # as int32 patterns
+    first = torch.where(top < 0, top | 0xFFFF, top).to(torch.int32).view(torch.float32)
+    last = torch.where(top < 0, top, top | 0xFFFF).to(torch.int32).view(torch.float32)
+    return first, last
+
+
+def _packed(code: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Per bucket ``code << 17 | key``: the kernel takes ``code + (key(y) >= key)``, with
+    ``key(y)`` the lower 16 bits of y's pattern (reversed for a negative bucket: the order of the
+    values), ``0x10000`` (never reached) where ``bound`` is NaN (no bound inside the bucket)."""
+    low = bound.view(torch.int32).long() & 0xFFFF
+    negative = torch.arange(1 << 16) >= 1 << 15
+    key = torch.where(negative, 0xFFFF - low, low)
+    key = torch.where(torch.isnan(bound), 0x10000, key)
+    return ((code << 17) | key).to(torch.int32)
 
 
 def _tables_of(storage: BlockQuantizedStates, key: str) -> list[torch.Tensor]:
