@@ -51,6 +51,8 @@ time); a one-pass 8-bit kernel is not written yet. Step times vary with the mach
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -165,12 +167,80 @@ def train(make: Make, hidden: int, steps: int) -> tuple[float, float, float, flo
     return loss_of(net, x, y), loss_of(net, vx, vy), step_ms, state
 
 
+STEP_RUNS: dict[str, tuple[Callable[[list[nn.Parameter]], torch.optim.Optimizer], str]] = {
+    "SR, fp32 states": (lambda ps: StochasticRoundingOptimizer(_adamw(ps), state="fp32"), "auto"),
+    "SR, int8 states": (lambda ps: StochasticRoundingOptimizer(_adamw(ps), state="int8"), "auto"),
+    "SR, fp8 states": (lambda ps: StochasticRoundingOptimizer(_adamw(ps), state="fp8"), "auto"),
+    "master, int8 states": (lambda ps: MasterWeightOptimizer(_adamw(ps), state="int8"), "auto"),
+    "master, fp8 states": (lambda ps: MasterWeightOptimizer(_adamw(ps), state="fp8"), "auto"),
+    "SR, int8, reference path": (
+        lambda ps: StochasticRoundingOptimizer(_adamw(ps), state="int8"),
+        "off",
+    ),
+}
+
+
+def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def _step_params(millions: float, dtype: torch.dtype, seed: int = 0) -> list[nn.Parameter]:
+    """Square 1024-wide weights, ``millions`` M elements, with fixed gradients."""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for _ in range(max(1, round(millions * 1e6 / 1024**2))):
+        p = nn.Parameter(torch.randn(1024, 1024, generator=g).to(dtype))
+        p.grad = (torch.randn(1024, 1024, generator=g) * 1e-3).to(dtype)
+        params.append(p)
+    return params
+
+
+def step_time_table(millions: float, repeats: int) -> None:
+    """Step times of AdamW with 8-bit states through the one-pass kernel (bf16 parameters)
+    against torch's bare fp32 AdamW step on fp32 parameters of the same size: one process,
+    interleaved (one step of each in turn), medians of ``repeats``."""
+    steps: dict[str, Callable[[], object]] = {
+        "torch fp32 AdamW (bare)": _adamw(_step_params(millions, torch.float32)).step
+    }
+    for name, (make, fused) in STEP_RUNS.items():
+        opt = make(_step_params(millions, torch.bfloat16))
+        opt.fused = fused  # type: ignore[attr-defined]
+        steps[name] = opt.step
+    for step in steps.values():  # build the kernel, create the states, warm the caches
+        step(), step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    load_before = os.getloadavg()
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    load_after = os.getloadavg()
+    base = statistics.median(times["torch fp32 AdamW (bare)"])
+    print(
+        f"AdamW step, {millions:g}M parameters, medians of {repeats} interleaved steps; "
+        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+        f"({os.cpu_count()} CPUs)"
+    )
+    print(f"{'run':>26} {'ms':>8} {'p10 ms':>8} {'p90 ms':>8} {'vs fp32':>8}")
+    for name, values in times.items():
+        q = statistics.quantiles(values, n=10)
+        median = statistics.median(values)
+        print(
+            f"{name:>26} {1e3 * median:>8.2f} {1e3 * q[0]:>8.2f} {1e3 * q[-1]:>8.2f} "
+            f"{median / base:>7.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-torchao", action="store_true")
+    parser.add_argument("--step-time", action="store_true", help="only part 3: the step time table")
+    parser.add_argument("--millions", type=float, default=4.0, help="part 3: M parameters")
+    parser.add_argument("--repeats", type=int, default=21, help="part 3: timed steps per run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +249,9 @@ def main() -> None:
         f"CPU: {report.name}; flags: {' '.join(sorted(report.cpu_flags)) or 'none'}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
+    if args.step_time:
+        step_time_table(args.millions, args.repeats)
+        return
     second_moment_table()
     print()
     print(f"digits MLP 64-{args.hidden}-{args.hidden}-10, bf16 params, AdamW, {args.steps} steps")
