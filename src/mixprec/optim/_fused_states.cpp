@@ -7,6 +7,10 @@
 // root; encode takes the block's absmax of the new values (NaN if one is not finite, floored at
 // 1e-12), divides by it (fp8: by absmax / 448) and picks the code as codecs.py does, with the
 // same counter-based draws where rounding is stochastic.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr float kScaleFloor = 1e-12f;
@@ -84,24 +88,95 @@ MIXPREC_INLINE float uniform_at(uint32_t position, uint32_t k1, uint32_t k2) {
          5.9604644775390625e-08f;
 }
 
+#if defined(__AVX512F__)
+// The gathers of the int8 loops written out: compilers tuned for CPUs with slow gathers emulate
+// them with scalar loads, several times slower here. Lane by lane the arithmetic of the scalar
+// loops below (which finish each block's last partial vector); the tests compare the bits.
+MIXPREC_INLINE __m512i hash16(uint32_t position, uint32_t k1, uint32_t k2) {
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i h = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(position)), lanes);
+  h = _mm512_add_epi32(_mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(kGolden))),
+                       _mm512_set1_epi32(static_cast<int32_t>(k1)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(kMul1)));
+  h = _mm512_xor_si512(h, _mm512_set1_epi32(static_cast<int32_t>(k2)));
+  h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 15));
+  h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int32_t>(kMul2)));
+  return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+}
+
+MIXPREC_INLINE int32_t decode16(const uint8_t* codes, int32_t n, float s, bool root,
+                                const float* values, float* o) {
+  const __m512 vs = _mm512_set1_ps(s);
+  int32_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512i idx =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+    __m512 r = _mm512_mul_ps(_mm512_i32gather_ps(idx, values, 4), vs);
+    if (root) r = _mm512_mul_ps(r, _mm512_abs_ps(r));
+    _mm512_storeu_ps(o + j, r);
+  }
+  return j;
+}
+
+MIXPREC_INLINE int32_t int8_stochastic16(const float* v, uint8_t* codes, int32_t n, float scale,
+                                         uint32_t position, uint32_t k1, uint32_t k2,
+                                         const int32_t* table, const float* values) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(255);
+  const __m512i low16 = _mm512_set1_epi32(0xFFFF), low17 = _mm512_set1_epi32(0x1FFFF);
+  int32_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 y = _mm512_div_ps(_mm512_loadu_ps(v + j), vs);
+    const __m512i bits = _mm512_castps_si512(y);
+    const __m512i entry = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), table, 4);
+    const __m512i key = _mm512_xor_si512(_mm512_and_si512(bits, low16),
+                                         _mm512_and_si512(_mm512_srai_epi32(bits, 31), low16));
+    const __mmask16 reach = _mm512_cmpge_epu32_mask(key, _mm512_and_si512(entry, low17));
+    __m512i code = _mm512_srai_epi32(entry, 17);
+    code = _mm512_mask_add_epi32(code, reach, code, one);
+    const __m512i low = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_sub_epi32(code, one), _mm512_setzero_si512()), last);
+    const __m512i high = _mm512_min_epi32(_mm512_add_epi32(low, one), last);
+    const __m512 below = _mm512_i32gather_ps(low, values, 4);
+    const __m512 above = _mm512_i32gather_ps(high, values, 4);
+    const __m512i h = hash16(position + static_cast<uint32_t>(j), k1, k2);
+    const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(h, 8)),
+                                   _mm512_set1_ps(5.9604644775390625e-08f));
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(above, below)),
+                                            _mm512_sub_ps(y, below), _CMP_LT_OQ);
+    const __m512i out = _mm512_mask_mov_epi32(low, up, high);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + j), _mm512_cvtepi32_epi8(out));
+  }
+  return j;
+}
+#endif
+
 // Decode elements [b, e) (blocks t0..t1) into out[0 .. e - b).
+// Decode elements [b, e) (blocks t0..t1) into out[0 .. e - b). The loops index in 32 bits
+// within a block (32-bit vector lanes: twice the width of 64-bit index arithmetic).
 void decode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, float* out) {
   const int64_t b = l.start(t0);
+  const float* values = c.values;
   for (int64_t t = t0; t < t1; ++t) {
     const float s = c.scale[t];
-    const int64_t e = l.end(t);
-    const uint8_t* codes = c.codes;
-    const float* values = c.values;
-    float* o = out - b;
+    const int64_t s0 = l.start(t);
+    const int32_t n = static_cast<int32_t>(l.end(t) - s0);
+    const uint8_t* codes = c.codes + s0;
+    float* o = out + (s0 - b);
+    int32_t done = 0;
+#if defined(__AVX512F__)
+    done = decode16(codes, n, s, c.root, values, o);
+#endif
     if (c.root) {
 #pragma GCC ivdep
-      for (int64_t i = l.start(t); i < e; ++i) {
-        const float r = values[codes[i]] * s;  // (root * root.abs(): the square where r >= 0)
-        o[i] = r * std::fabs(r);
+      for (int32_t j = done; j < n; ++j) {
+        const float r = values[codes[j]] * s;  // (root * root.abs(): the square where r >= 0)
+        o[j] = r * std::fabs(r);
       }
     } else {
 #pragma GCC ivdep
-      for (int64_t i = l.start(t); i < e; ++i) o[i] = values[codes[i]] * s;
+      for (int32_t j = done; j < n; ++j) o[j] = values[codes[j]] * s;
     }
   }
 }
@@ -109,52 +184,56 @@ void decode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, floa
 // Encode x[0 .. e - b) (blocks t0..t1, the values to store: the root for a second moment).
 void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, const float* x) {
   const int64_t b = l.start(t0);
+  const uint32_t k1 = c.k1, k2 = c.k2;
+  const int32_t* nearest = c.nearest;
+  const int32_t* below_table = c.below;
+  const float* values = c.values;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t s0 = l.start(t), e = l.end(t);
-    const float* v = x - b;
+    const int64_t s0 = l.start(t);
+    const int32_t n = static_cast<int32_t>(l.end(t) - s0);
+    const float* v = x + (s0 - b);
+    uint8_t* codes = c.codes + s0;
+    const uint32_t position = l.offset + static_cast<uint32_t>(s0);  // in the draws' stream
     // The absmax as the largest bit pattern of |x| (the same order for non-negative floats, and
     // an integer reduction vectorizes); above the largest finite float: an inf or a NaN.
     uint32_t top = 0u;
 #pragma GCC ivdep
-    for (int64_t i = s0; i < e; ++i) top = std::max(top, bits_of(v[i]) & 0x7FFFFFFFu);
+    for (int32_t j = 0; j < n; ++j) top = std::max(top, bits_of(v[j]) & 0x7FFFFFFFu);
     float scale = top <= 0x7F7FFFFFu ? std::max(float_of(top), kScaleFloor)
                                      : std::numeric_limits<float>::quiet_NaN();
     if (c.fp8) scale = scale / kFp8Max;
     c.scale[t] = scale;
-    uint8_t* codes = c.codes;
-    const uint32_t k1 = c.k1, k2 = c.k2, offset = l.offset;
     if (c.fp8) {
       if (c.stochastic) {
 #pragma GCC ivdep
-        for (int64_t i = s0; i < e; ++i) {
-          const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
-          codes[i] = e4m3_nearest(e4m3_stochastic(v[i] / scale, u));
+        for (int32_t j = 0; j < n; ++j) {
+          const float u = uniform_at(position + static_cast<uint32_t>(j), k1, k2);
+          codes[j] = e4m3_nearest(e4m3_stochastic(v[j] / scale, u));
         }
       } else {
 #pragma GCC ivdep
-        for (int64_t i = s0; i < e; ++i) codes[i] = e4m3_nearest(v[i] / scale);
+        for (int32_t j = 0; j < n; ++j) codes[j] = e4m3_nearest(v[j] / scale);
       }
-      continue;
-    }
-    const int32_t* nearest = c.nearest;
-    const int32_t* below_table = c.below;
-    const float* values = c.values;
-    if (c.stochastic) {
+    } else if (c.stochastic) {
+      int32_t done = 0;
+#if defined(__AVX512F__)
+      done = int8_stochastic16(v, codes, n, scale, position, k1, k2, below_table, values);
+#endif
 #pragma GCC ivdep
-      for (int64_t i = s0; i < e; ++i) {
+      for (int32_t j = done; j < n; ++j) {
         // Between the entry at or below y and the next one (codecs._round_between).
-        const float y = v[i] / scale;
+        const float y = v[j] / scale;
         const int32_t low = std::min(std::max(packed_code(below_table, y) - 1, 0), 255);
         const int32_t high = std::min(low + 1, 255);
         const float below = values[low];
-        const float u = uniform_at(offset + static_cast<uint32_t>(i), k1, k2);
+        const float u = uniform_at(position + static_cast<uint32_t>(j), k1, k2);
         const int32_t up = static_cast<int32_t>(u * (values[high] - below) < y - below);
-        codes[i] = static_cast<uint8_t>(low + up * (high - low));  // up ? high : low
+        codes[j] = static_cast<uint8_t>(low + up * (high - low));  // up ? high : low
       }
     } else {
 #pragma GCC ivdep
-      for (int64_t i = s0; i < e; ++i) {
-        codes[i] = static_cast<uint8_t>(packed_code(nearest, v[i] / scale));
+      for (int32_t j = 0; j < n; ++j) {
+        codes[j] = static_cast<uint8_t>(packed_code(nearest, v[j] / scale));
       }
     }
   }
