@@ -199,3 +199,57 @@ def test_sixteen_bit_states_still_decline_with_the_reason():
     assert why is not None and "stored as bfloat16" in why
     for storage in (Int8States(), Fp8States()):
         assert plan.one_pass_refusal(inner, "auto", False, opt.rule, storage) is None
+
+
+@pytest.fixture
+def one_rank():
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("state", ["int8", "fp8"])
+def test_fsdp2_shards_step_their_coded_states_in_one_pass(one_rank, state):
+    """DTensor codes and scales (FSDP2, one rank) are stepped through their local shards, and
+    stay DTensors, as on the reference path."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def run(mode):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 600)).bfloat16()
+        fully_shard(model)
+        opt = WRAPPERS["stochastic"](INNER["adamw"](list(model.parameters())), state)
+        opt.storage.min_numel = 0
+        opt.fused = mode
+        g = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            model(torch.randn(8, 300, generator=g).bfloat16()).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    (ref, ref_opt), (model, opt) = run("off"), run("auto")
+    assert opt.last_step_fused == 4
+    for a, b in zip(ref.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a.full_tensor(), b.full_tensor())
+    for a, b in zip(ref_opt.optimizer.state.values(), opt.optimizer.state.values(), strict=True):
+        assert list(a) == list(b)
+        for key in a:
+            assert type(a[key]) is type(b[key]), key
+            if isinstance(a[key], DTensor):
+                assert a[key].placements == b[key].placements
+                assert torch.equal(_bits(a[key].to_local()), _bits(b[key].to_local())), key
+            else:
+                assert torch.equal(a[key], b[key]), key
