@@ -21,6 +21,10 @@ correctly rounded for about a fifth of its inputs, so Adam's kernel works throug
 elements that stay in cache, in two loops around torch's own ``sqrt`` of the block; that costs
 about a second pass over cache, not over memory.
 
+States stored as int8 or fp8 block codes (``state="int8"``/``"fp8"``) are stepped in their
+coded form, decoded and encoded per group of blocks inside the same pass, with the reference
+path's bits (:mod:`mixprec.optim.fused_codes`).
+
 The kernel is built on first use (:mod:`mixprec.optim.fused_build`: about 35 s, then cached).
 When a whole step declines the one-pass path is one table, in :mod:`mixprec.optim.plan`; what
 :func:`step_fused` itself declines, per parameter group or parameter, and leaves to the reference
