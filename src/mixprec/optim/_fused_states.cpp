@@ -7,6 +7,8 @@
 // root; encode takes the block's absmax of the new values (NaN if one is not finite, floored at
 // 1e-12), divides by it (fp8: by absmax / 448) and picks the code as codecs.py does, with the
 // same counter-based draws where rounding is stochastic.
+#include <vector>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -239,6 +241,14 @@ void encode_blocks(const Coded& c, const Layout& l, int64_t t0, int64_t t1, cons
   }
 }
 
+// A thread's fp32 work space of at least n elements, kept between calls: a new buffer per call
+// costs page faults (its size is past malloc's threshold for fresh pages) on every step.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // How many blocks a group takes: about kBlock elements, in cache between its loops.
 int64_t group_blocks(const Layout& l) { return std::max<int64_t>(1, kBlock / l.block); }
 
@@ -246,11 +256,11 @@ template <typename F, int64_t MODE, int64_t WD>
 void adam_coded_range(const Weight<F, MODE> wt, const uint16_t* grad, const Coded& m,
                       const Coded& v, bool fresh, const Layout& l, const AdamScalars s,
                       int64_t t0, int64_t t1) {
-  const int64_t cap = std::max(kBlock, l.block);
-  at::Tensor work = at::empty({3, cap}, at::kFloat);
-  float* mb = work[0].data_ptr<float>();
-  float* vb = work[1].data_ptr<float>();
   const int64_t group = group_blocks(l);
+  const int64_t cap = std::min(group * l.block, l.end(t1 - 1) - l.start(t0));  // >= a group
+  float* mb = scratch(3 * cap);
+  float* vb = mb + cap;
+  float* rb = vb + cap;
   for (int64_t t = t0; t < t1; t += group) {
     const int64_t te = std::min(t1, t + group);
     const int64_t b = l.start(t), e = l.end(te - 1);
@@ -262,9 +272,8 @@ void adam_coded_range(const Weight<F, MODE> wt, const uint16_t* grad, const Code
       decode_blocks(v, l, t, te, vb);
     }
     adam_moments<F, MODE, WD>(wt, grad, mb, vb, s, b, e, b);
-    at::Tensor root = work[2].narrow(0, 0, e - b);
-    at::sqrt_out(root, work[1].narrow(0, 0, e - b));
-    const float* rb = root.data_ptr<float>();
+    at::Tensor root = at::from_blob(rb, {e - b}, at::kFloat);
+    at::sqrt_out(root, at::from_blob(vb, {e - b}, at::kFloat));
     adam_apply<F, MODE, WD>(wt, mb, rb, s, b, e, b);
     encode_blocks(m, l, t, te, mb);
     encode_blocks(v, l, t, te, v.root ? rb : vb);
@@ -275,10 +284,8 @@ template <typename F, int64_t MODE, int64_t MOMENTUM>
 void sgd_coded_range(const Weight<F, MODE> wt, const uint16_t* grad, const Coded& c,
                      const Layout& l, const SgdScalars s, bool weight_decay, int64_t t0,
                      int64_t t1) {
-  const int64_t cap = std::max(kBlock, l.block);
-  at::Tensor work = at::empty({cap}, at::kFloat);
-  float* bb = work.data_ptr<float>();
   const int64_t group = group_blocks(l);
+  float* bb = scratch(std::min(group * l.block, l.end(t1 - 1) - l.start(t0)));
   for (int64_t t = t0; t < t1; t += group) {
     const int64_t te = std::min(t1, t + group);
     const int64_t b = l.start(t), e = l.end(te - 1);
