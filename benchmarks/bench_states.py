@@ -55,18 +55,19 @@ what keep 8-bit states on the fp32 trajectory. (State B/p is over all parameters
 The step times above were measured on the reference path (dequantize, torch's AdamW,
 requantize, per chunk), before the one-pass kernel read coded states; part 3 has the kernel's.
 
-Part 3, measured (same machine, 1 thread, 2 cores shared with other jobs: load average 14-16,
-so single figures move by 10-20%; the ratios are of interleaved steps):
+Part 3, measured (same machine, 1 thread, 2 cores shared with other jobs: load average 13-14
+before and after, so single figures move by 10-20% between runs; the ratios are of interleaved
+steps, and were 0.93-1.02x for int8 and 0.85-0.89x for fp8 over four runs):
 
     AdamW step, 4M parameters, medians of 21 interleaved steps
-                           run       ms   vs fp32
-       torch fp32 AdamW (bare)    62.07     1.00x
-               SR, fp32 states    26.20     0.42x
-               SR, int8 states    64-71     1.00x   (1.42x before the AVX-512 gathers)
-                SR, fp8 states    53-63     0.86x
-           master, int8 states    64-73     1.02x
-            master, fp8 states    58-62     0.87x
-      SR, int8, reference path     1730    27.9x
+                           run       ms   p10 ms   p90 ms  vs fp32
+       torch fp32 AdamW (bare)    66.40    50.88    69.60    1.00x
+               SR, fp32 states    28.98    20.85    37.64    0.44x
+               SR, int8 states    62.05    53.44    70.68    0.93x
+                SR, fp8 states    56.26    47.23    70.71    0.85x
+           master, int8 states    65.59    54.83    73.10    0.99x
+            master, fp8 states    57.41    46.76    68.23    0.86x
+      SR, int8, reference path  1880.38  1753.78  2093.54   28.32x
 
 Where the time goes (perf, int8 states, stochastic rounding): encoding (absmax, the code
 lookup, the draws) 36%, decoding 10%, the Adam arithmetic 16%, torch's sqrt 3%; before the
