@@ -39,7 +39,7 @@ from mixprec.optim.quantized_states import (
     BlockQuantizedStates,
     _wrap_scale,
 )
-from mixprec.optim.shards import flat_offset, is_dtensor, local, wrap_like
+from mixprec.optim.shards import flat_offset, is_dtensor, wrap_like
 
 __all__ = ["coded_storage", "step_adam", "step_sgd"]
 
@@ -101,17 +101,20 @@ def _tables_of(storage: BlockQuantizedStates, key: str) -> list[torch.Tensor]:
     return _tables(storage.name, key not in storage.sqrt_keys)
 
 
-def _plain_local(t: object, dtype: torch.dtype, numel: int, ref: torch.Tensor) -> bool:
-    if not isinstance(t, torch.Tensor) or is_dtensor(t) != is_dtensor(ref):
-        return False
-    view = local(t)
-    return (
+def _plain_local(t: object, dtype: torch.dtype, numel: int, sharded: bool) -> torch.Tensor | None:
+    """The local tensor of ``t`` where it is a contiguous CPU tensor of ``dtype`` and ``numel``
+    elements (a DTensor exactly where the parameter is one), else None."""
+    if not isinstance(t, torch.Tensor) or is_dtensor(t) != sharded:
+        return None
+    view = t.to_local() if sharded else t  # type: ignore[attr-defined]
+    ok = (
         type(view) in _PLAIN_TYPES
         and view.device.type == "cpu"
         and view.dtype == dtype
         and view.is_contiguous()
         and view.numel() == numel
     )
+    return view if ok else None
 
 
 def _views(
@@ -132,15 +135,14 @@ def _views(
     rows = param.shape[0]
     blocks = rows * codecs.block_count(param.numel() // rows, storage.block_size)
     views = {}
+    sharded = is_dtensor(model_param)
     for key in keys:
-        codes, scale = state[key], state[key + SCALE_SUFFIX]
-        if not (
-            _plain_local(codes, storage.code_dtype, param.numel(), model_param)
-            and codes.shape == model_param.shape
-            and _plain_local(scale, torch.float32, blocks, model_param)
-        ):
+        if state[key].shape != model_param.shape:
             return None
-        codes, scale = local(codes), local(scale)
+        codes = _plain_local(state[key], storage.code_dtype, param.numel(), sharded)
+        scale = _plain_local(state[key + SCALE_SUFFIX], torch.float32, blocks, sharded)
+        if codes is None or scale is None:
+            return None
         if key in storage.sqrt_keys and storage.name == "int8" and bool((scale < 0).any()):
             return None  # signed blocks under a second moment's name: the reference path
         views[key] = (codes, scale)
