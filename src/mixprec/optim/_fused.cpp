@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -187,7 +188,12 @@ struct AdamScalars {
 // std::sqrt would change the last bits; at::sqrt_out gives the reference path's.
 template <typename F, int64_t MODE, int64_t WD>
 void adam_moments(const Weight<F, MODE> wt, const uint16_t* grad, float* exp_avg,
-                  float* exp_avg_sq, const AdamScalars s, int64_t begin, int64_t end) {
+                  float* exp_avg_sq, const AdamScalars s, int64_t begin, int64_t end,
+                  int64_t base = 0) {
+  // The states of element i are at i - base: the state tensors themselves (base 0), or a
+  // group's decoded states (the group's first element).
+  exp_avg -= base;
+  exp_avg_sq -= base;
   const bool small = s.lerp_weight < 0.5f;
   const float coeff = small ? s.lerp_weight : s.lerp_weight - 1.0f;
 #pragma GCC ivdep
@@ -206,7 +212,8 @@ void adam_moments(const Weight<F, MODE> wt, const uint16_t* grad, float* exp_avg
 
 template <typename F, int64_t MODE, int64_t WD>
 void adam_apply(const Weight<F, MODE> wt, const float* exp_avg, const float* root,
-                const AdamScalars s, int64_t begin, int64_t end) {
+                const AdamScalars s, int64_t begin, int64_t end, int64_t base = 0) {
+  exp_avg -= base;
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     float w = wt.load(i);
@@ -240,7 +247,8 @@ struct SgdScalars {
 // Templated so that each loop is branch-free and vectorizes.
 template <typename F, int64_t MODE, int64_t MOMENTUM, bool WD>
 void sgd_loop(const Weight<F, MODE> wt, const uint16_t* grad, float* buf, const SgdScalars s,
-              int64_t begin, int64_t end) {
+              int64_t begin, int64_t end, int64_t base = 0) {
+  if (buf != nullptr) buf -= base;  // as adam_moments: element i's buffer at i - base
 #pragma GCC ivdep
   for (int64_t i = begin; i < end; ++i) {
     float w = wt.load(i);

@@ -21,6 +21,10 @@ correctly rounded for about a fifth of its inputs, so Adam's kernel works throug
 elements that stay in cache, in two loops around torch's own ``sqrt`` of the block; that costs
 about a second pass over cache, not over memory.
 
+States stored as int8 or fp8 block codes (``state="int8"``/``"fp8"``) are stepped in their
+coded form, decoded and encoded per group of blocks inside the same pass, with the reference
+path's bits (:mod:`mixprec.optim.fused_codes`).
+
 The kernel is built on first use (:mod:`mixprec.optim.fused_build`: about 35 s, then cached).
 When a whole step declines the one-pass path is one table, in :mod:`mixprec.optim.plan`; what
 :func:`step_fused` itself declines, per parameter group or parameter, and leaves to the reference
@@ -41,6 +45,7 @@ from typing import Any, Literal
 
 import torch
 
+from mixprec.optim import fused_codes
 from mixprec.optim.fused_build import engine, engine_error
 from mixprec.optim.shards import is_dtensor, wrap_like
 from mixprec.stochastic import register_kernel
@@ -156,12 +161,32 @@ def _local_states(
     return views
 
 
+def _adam_scalars(group: dict[str, Any], step: float, inv: float) -> list[float]:
+    """The adam kernels' scalars for a group at step count ``step`` (torch's expressions)."""
+    lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+    weight_decay = group["weight_decay"]
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return [
+        inv,
+        1 - lr * weight_decay,
+        weight_decay,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        bias_correction2**0.5,
+        eps,
+        (lr / bias_correction1) * -1,
+    ]
+
+
 def step_fused(
     inner: torch.optim.Optimizer,
     entries: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]],
     inv_scale: torch.Tensor | float | None,
     rounding: Rounding,
     key: tuple[int, int] = (0, 0),
+    storage: object = None,
 ) -> list[torch.Tensor]:
     """Update the parameters of ``entries`` that the fused kernels support; return the others.
 
@@ -176,6 +201,8 @@ def step_fused(
         rounding: how the new weight is written: ``"nearest"`` (the master is written too),
             ``"stochastic"`` (with the bits of ``key``), ``"kahan"``.
         key: the counter key of this step's stochastic rounding.
+        storage: the wrapper's state storage; int8 and fp8 states are stepped in their coded
+            form (:mod:`mixprec.optim.fused_codes`), others must be fp32.
 
     Returns:
         The parameters left to the reference path, in order.
@@ -218,8 +245,18 @@ def step_fused(
         if not ok or group is None or grad is None or param is None:
             rest.append(model_param)
             continue
+        coded = fused_codes.coded_storage(storage, model_param)
+        tensors = (model_param, param, grad, master, compensation)
         if isinstance(inner, torch.optim.SGD):
             momentum = group["momentum"]
+            scalars = [inv, group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"]]
+            nesterov = bool(group["nesterov"]) and momentum != 0
+            if coded is not None and momentum != 0:
+                if not fused_codes.step_sgd(
+                    ops, coded, inner.state[shadow], tensors, scalars, nesterov, mode, key, offset
+                ):
+                    rest.append(model_param)
+                continue
             state = inner.state[shadow] if momentum != 0 else {}  # as SGD._init_group
             keys: tuple[str, ...] = ("momentum_buffer",) if momentum != 0 else ()
             local_states = _local_states(state, keys, model_param, param.numel())
@@ -230,15 +267,23 @@ def step_fused(
             first = momentum != 0 and buffer is None
             if first:
                 buffer = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-            scalars = [inv, group["weight_decay"], momentum, 1 - group["dampening"], -group["lr"]]
             ops.sgd_(
-                param, grad, master, compensation, buffer, scalars, first,
-                bool(group["nesterov"]) and momentum != 0, mode, k1, k2, offset,
+                param, grad, master, compensation, buffer, scalars, first, nesterov, mode, k1, k2,
+                offset,
             )  # fmt: skip
             if first and buffer is not None:
                 state["momentum_buffer"] = wrap_like(buffer, model_param)
             continue
         state = inner.state[shadow]
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        weight_decay_mode = 0 if group["weight_decay"] == 0 else (1 if decoupled else 2)
+        if coded is not None:
+            if not fused_codes.step_adam(
+                ops, coded, state, tensors, lambda step, g=group: _adam_scalars(g, step, inv),
+                weight_decay_mode, mode, key, offset,
+            ):  # fmt: skip
+                rest.append(model_param)
+            continue
         local_states = _local_states(
             state, ("step", "exp_avg", "exp_avg_sq"), model_param, param.numel()
         )
@@ -254,27 +299,10 @@ def step_fused(
             state["exp_avg"] = wrap_like(local_states["exp_avg"], model_param)
             state["exp_avg_sq"] = wrap_like(local_states["exp_avg_sq"], model_param)
         state["step"] += 1
-        step = state["step"].item()
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        weight_decay = group["weight_decay"]
-        decoupled = bool(group.get("decoupled_weight_decay", False))
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        scalars = [
-            inv,
-            1 - lr * weight_decay,
-            weight_decay,
-            1 - beta1,
-            beta2,
-            1 - beta2,
-            bias_correction2**0.5,
-            eps,
-            (lr / bias_correction1) * -1,
-        ]
-        weight_decay_mode = 0 if weight_decay == 0 else (1 if decoupled else 2)
         ops.adam_(
             param, grad, master, compensation, local_states["exp_avg"],
-            local_states["exp_avg_sq"], scalars, weight_decay_mode, mode, k1, k2, offset,
+            local_states["exp_avg_sq"], _adam_scalars(group, state["step"].item(), inv),
+            weight_decay_mode, mode, k1, k2, offset,
         )  # fmt: skip
     return rest
 

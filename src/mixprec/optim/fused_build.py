@@ -1,4 +1,5 @@
-"""Building the one-pass kernels (``_fused.cpp``) on first use, and where the build is cached.
+"""Building the one-pass kernels (``_fused.cpp`` and ``_fused_states.cpp``) on first use, and where
+the build is cached.
 
 Design note: the kernel is compiled with the machine's C++ compiler the first time a wrapper
 steps (about 35 s) and loaded as ``torch.ops.mixprec_fused``; torch caches the build under
@@ -22,7 +23,9 @@ import torch
 
 __all__ = ["FLAGS", "engine", "engine_error", "extension_name"]
 
-_SOURCE = Path(__file__).with_name("_fused.cpp")
+# Compiled as one translation unit, in this order: the second uses the first's helpers.
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("_fused.cpp", "_fused_states.cpp"))
+_OPS = ("adam_", "sgd_", "stochastic_round_", "adam_coded_", "sgd_coded_")
 FLAGS = (
     "-O3",
     "-march=native",
@@ -110,11 +113,13 @@ def engine_error() -> str | None:
 
 
 def _build() -> Any:
-    if hasattr(torch.ops, "mixprec_fused") and hasattr(torch.ops.mixprec_fused, "adam_"):
+    if hasattr(torch.ops, "mixprec_fused") and all(
+        hasattr(torch.ops.mixprec_fused, name) for name in _OPS
+    ):
         return torch.ops.mixprec_fused
     from torch.utils.cpp_extension import load_inline
 
-    source = _SOURCE.read_text()
+    source = "\n".join(path.read_text() for path in _SOURCES)
     load_inline(
         extension_name(source),
         cpp_sources=[source],
@@ -122,7 +127,7 @@ def _build() -> Any:
         is_python_module=False,
     )
     ops = torch.ops.mixprec_fused
-    for name in ("adam_", "sgd_", "stochastic_round_"):
+    for name in _OPS:
         torch.library.register_fake(f"mixprec_fused::{name}")(_returns_nothing)
     return ops
 

@@ -101,7 +101,10 @@ ONE_PASS_DECLINES: tuple[tuple[Callable[[_Step], bool], Callable[[_Step], str]],
     ),
     (
         lambda s: not s.storage.one_pass,
-        lambda s: f"optimizer states are stored as {s.storage.name}; the kernel reads fp32 states",
+        lambda s: (
+            f"optimizer states are stored as {s.storage.name}; the kernel reads fp32 states "
+            "or int8/fp8 block codes, not 16-bit states"
+        ),
     ),
     (
         lambda s: type(s.inner) not in FUSED_OPTIMIZERS,

@@ -3,9 +3,10 @@
 Design note: :class:`Int8States` and :class:`Fp8States` are state storages
 (:class:`~mixprec.optim.states.StateStorage`): around each inner step the wrapper has them decode
 the states of the chunk it steps into the fp32 tensors the torch optimizer expects and encode them
-back afterwards, so at most one chunk's states are fp32 at once. The math is
-:mod:`mixprec.optim.codecs` (block 256, one fp32 scale per block); this module decides what is
-stored where:
+back afterwards, so at most one chunk's states are fp32 at once (for SGD, Adam and AdamW the
+one-pass kernel steps the codes directly instead, with the same bits:
+:mod:`mixprec.optim.fused_codes`). The math is :mod:`mixprec.optim.codecs` (block 256, one
+fp32 scale per block); this module decides what is stored where:
 
 * **The stored form** is plain tensors under keys of the parameter's state: ``state[key]`` holds
   the codes (uint8 for int8, ``float8_e4m3fn`` for fp8, the parameter's shape) and
@@ -260,7 +261,7 @@ class BlockQuantizedStates(StateStorage):
             ``rounding``, a bad seed.
     """
 
-    one_pass = False
+    one_pass = True  # the kernels step the codes in place (mixprec.optim.fused_codes)
     code_dtype: torch.dtype = torch.uint8
 
     def __init__(

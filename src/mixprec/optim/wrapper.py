@@ -365,7 +365,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
         entries = [rule.one_pass_entry(p) for p in params if p not in repeated]
         mode = rule.one_pass_mode
         assert mode is not None  # the plan checked it
-        rest = set(step_fused(self.optimizer, entries, inv_scale, mode, rule.one_pass_key()))  # type: ignore[arg-type]
+        rest = set(
+            step_fused(
+                self.optimizer, entries, inv_scale, mode, rule.one_pass_key(), self.storage  # type: ignore[arg-type]
+            )
+        )
         left = [p for p in params if p in rest or p in repeated]
         self.last_step_fused += len(params) - len(left)
         return left
