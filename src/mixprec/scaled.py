@@ -12,12 +12,20 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from mixprec.formats import FormatLike, resolve_format
 from mixprec.recipes import Fp8Recipe, Gemm, Role, block_shape, dynamic_scale, e8m0_scale
 
-__all__ = ["Scaled", "dequantize", "fp8_quantize", "quantize_blocks", "quantize_with_scale"]
+__all__ = [
+    "Scaled",
+    "dequantize",
+    "fp8_quantize",
+    "quantize_blocks",
+    "quantize_with_scale",
+    "reduce_amax",
+]
 
 
 class Scaled(NamedTuple):
@@ -48,6 +56,7 @@ def quantize_blocks(
     fmt: FormatLike,
     scale_rule: Literal["dynamic", "pow2", "e8m0"] = "dynamic",
     scale: torch.Tensor | None = None,
+    amax_reduce: bool = False,
 ) -> Scaled:
     """Quantize a 2-D tensor in ``block = (br, bc)`` blocks, each with its own scale.
 
@@ -61,6 +70,8 @@ def quantize_blocks(
         scale_rule: ``"dynamic"`` (:func:`dynamic_scale`), ``"pow2"`` (rounded down to a power of
             two) or ``"e8m0"`` (:func:`e8m0_scale`).
         scale: use these scales (shape as :attr:`Scaled.scale`, or 0-D) instead.
+        amax_reduce: take the block amaxes over all ranks (:func:`reduce_amax`) before the
+            scales are computed from them; the blocks must be the same on every rank.
 
     Returns:
         The :class:`Scaled` tensor.
@@ -72,6 +83,8 @@ def quantize_blocks(
     view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
     if scale is None:
         amax = _block_amax(view)
+        if amax_reduce:
+            amax = reduce_amax(amax)
         if scale_rule == "e8m0":
             scale = e8m0_scale(amax, fmt)
         else:
@@ -96,6 +109,39 @@ def _block_amax(view: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.aminmax(view.reshape(view.shape[1], -1), dim=0, keepdim=True)
         return torch.maximum(-lo, hi).reshape(1, 1, n_cols, 1)
     return view.abs().amax(dim=(1, 3), keepdim=True)
+
+
+def reduce_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of ``amax`` over all ranks of the default process group (one
+    ``all_reduce``); ``amax`` itself without a process group or with one rank.
+
+    A NaN on any rank gives NaN on every rank (gloo's MAX may drop a NaN), so a step that one
+    rank would skip is skipped by all.
+
+    Example:
+        >>> reduce_amax(torch.tensor([1.0, float("nan")])).tolist()  # no process group
+        [1.0, nan]
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return amax
+    nan = torch.isnan(amax)
+    both = torch.stack([torch.where(nan, torch.zeros_like(amax), amax), nan.to(amax.dtype)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return torch.where(both[1] > 0, torch.full_like(amax, float("nan")), both[0])
+
+
+def reduces_over_batch(recipe: Fp8Recipe, role: Role, contraction_dim: int) -> bool:
+    """Whether an operand's block amaxes are taken over the whole batch dimension (dim 0), so
+    that ``amax_reduce`` must reduce them over the ranks: activations and gradients (never
+    weights, which every data-parallel rank holds whole) scaled tensorwise, or rowwise along
+    dim 0 (the weight-gradient GEMM's contraction). Rowwise blocks along dim 1 are per sample,
+    and blockwise and MX blocks along the batch are fixed-length: on a rank whose batch is a
+    multiple of the block length they are the blocks one process has, so neither is reduced."""
+    if not recipe.amax_reduce or role == "weight":
+        return False
+    return recipe.granularity == "tensorwise" or (
+        recipe.granularity == "rowwise" and contraction_dim == 0
+    )
 
 
 def dequantize(q: Scaled) -> torch.Tensor:
@@ -174,4 +220,5 @@ def fp8_quantize(
         rule = "e8m0"
     else:
         rule = "pow2" if recipe.power_of_two else "dynamic"
-    return quantize_blocks(x, block, recipe.format_of(role), rule, scale)
+    reduce = reduces_over_batch(recipe, role, contraction_dim)
+    return quantize_blocks(x, block, recipe.format_of(role), rule, scale, reduce)

@@ -32,7 +32,7 @@ from torch import nn
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
-from mixprec.scaled import Scaled, dequantize, fp8_quantize
+from mixprec.scaled import Scaled, dequantize, fp8_quantize, reduce_amax
 
 __all__ = [
     "BACKENDS",
@@ -136,6 +136,8 @@ def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -
     if scales is None or grad.numel() == 0:
         return None
     amax = grad.abs().max().float()
+    if r.amax_reduce:
+        amax = reduce_amax(amax)
     scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
     return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
@@ -383,6 +385,8 @@ class Fp8Linear(nn.Linear):
         """
         r, hist = self.recipe, self.fp8_amax_history
         amax_x, amax_w = _amax(flat), _amax(self.weight.detach())
+        if r.amax_reduce:  # the whole batch's amax, as one process would record it
+            amax_x = reduce_amax(amax_x)
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
         s_x = delayed_scale(hist[0], amax_x, r.input_format, r.margin)
         s_w = delayed_scale(hist[1], amax_w, r.weight_format, r.margin)
@@ -401,7 +405,8 @@ class Fp8Linear(nn.Linear):
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
         if grad.numel():
-            self._record(2, _amax(grad))
+            amax = _amax(grad)
+            self._record(2, reduce_amax(amax) if self.recipe.amax_reduce else amax)
 
     def _record(self, row: int, amax: torch.Tensor) -> None:
         """Push ``amax`` onto history row ``row`` provisionally (see :meth:`end_step`).
