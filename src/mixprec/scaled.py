@@ -15,12 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mixprec.formats import FormatLike, resolve_format
+from mixprec.formats import Format, FormatLike, resolve_format
 from mixprec.recipes import Fp8Recipe, Gemm, Role, block_shape, dynamic_scale, e8m0_scale
 
 __all__ = [
     "Scaled",
     "dequantize",
+    "fake_quantize_blocks",
+    "fp8_fake_quantize",
     "fp8_quantize",
     "quantize_blocks",
     "quantize_with_scale",
@@ -82,15 +84,56 @@ def quantize_blocks(
     padded = _pad_to(x.float(), br, bc)
     view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
     if scale is None:
-        amax = _block_amax(view)
-        if amax_reduce:
-            amax = reduce_amax(amax)
-        if scale_rule == "e8m0":
-            scale = e8m0_scale(amax, fmt)
-        else:
-            scale = dynamic_scale(amax, fmt, power_of_two=scale_rule == "pow2")
+        scale = _scales(view, fmt, scale_rule, amax_reduce)
     data = quantize_with_scale(view, scale, fmt).view(padded.shape)[:rows, :cols]
     return Scaled(data, scale, (br, bc))
+
+
+def _scales(
+    view: torch.Tensor, fmt: Format, rule: Literal["dynamic", "pow2", "e8m0"], amax_reduce: bool
+) -> torch.Tensor:
+    """The scale of each block of a ``(rows/br, br, cols/bc, bc)`` view (any float dtype: the
+    amax is exact in each, and is widened to fp32 before anything else reads it)."""
+    amax = _block_amax(view).float()
+    if amax_reduce:
+        amax = reduce_amax(amax)
+    if rule == "e8m0":
+        return e8m0_scale(amax, fmt)
+    return dynamic_scale(amax, fmt, power_of_two=rule == "pow2")
+
+
+def fake_quantize_blocks(
+    x: torch.Tensor,
+    block: tuple[int, int],
+    fmt: FormatLike,
+    scale_rule: Literal["dynamic", "pow2", "e8m0"] = "dynamic",
+    scale: torch.Tensor | None = None,
+    amax_reduce: bool = False,
+) -> torch.Tensor:
+    """``dequantize(quantize_blocks(x, ...))``, bit for bit, without the fp8 tensor: the fp32
+    values an emulated GEMM multiplies. One amax pass and one quantize-and-scale pass (the
+    kernel of :mod:`mixprec.compute.emulate_build`) where the kernel is built; the torch-ops path
+    otherwise. Arguments as :func:`quantize_blocks`.
+
+    Example:
+        >>> x = torch.tensor([[1.0, -3.0], [0.1, 2.0]])
+        >>> torch.equal(fake_quantize_blocks(x, (1, 2), "e4m3"),
+        ...             dequantize(quantize_blocks(x, (1, 2), "e4m3")))
+        True
+    """
+    from mixprec.compute.emulate_build import fake_quantize
+
+    fmt = resolve_format(fmt)
+    rows, cols = x.shape
+    br, bc = min(block[0], rows) or 1, min(block[1], cols) or 1
+    if scale is None:
+        padded = _pad_to(x, br, bc)
+        view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+        scale = _scales(view, fmt, scale_rule, amax_reduce)
+    out = fake_quantize(x, scale, (br, bc), fmt)
+    if out is None:
+        return dequantize(quantize_blocks(x, (br, bc), fmt, scale_rule, scale))
+    return out
 
 
 def _block_amax(view: torch.Tensor) -> torch.Tensor:
@@ -215,10 +258,36 @@ def fp8_quantize(
         ((1, 32), (4, 1, 2, 1))
     """
     block = block_shape(recipe, role, tuple(x.shape), contraction_dim, gemm)  # type: ignore[arg-type]
-    rule: Literal["dynamic", "pow2", "e8m0"]
-    if recipe.granularity == "mxfp8":
-        rule = "e8m0"
-    else:
-        rule = "pow2" if recipe.power_of_two else "dynamic"
+    rule = _rule(recipe)
     reduce = reduces_over_batch(recipe, role, contraction_dim)
     return quantize_blocks(x, block, recipe.format_of(role), rule, scale, reduce)
+
+
+def fp8_fake_quantize(
+    x: torch.Tensor,
+    recipe: Fp8Recipe,
+    role: Role,
+    contraction_dim: int,
+    gemm: Gemm,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dequantize(fp8_quantize(...))`` in fp32, bit for bit, in one pass where the kernel is
+    built (:func:`fake_quantize_blocks`): the operand of an emulated FP8 GEMM.
+
+    Example:
+        >>> from mixprec.recipes import RECIPES
+        >>> x = torch.randn(4, 64)
+        >>> q = fp8_quantize(x, RECIPES["mxfp8"], "input", 1, "output")
+        >>> torch.equal(fp8_fake_quantize(x, RECIPES["mxfp8"], "input", 1, "output"),
+        ...             dequantize(q))
+        True
+    """
+    block = block_shape(recipe, role, tuple(x.shape), contraction_dim, gemm)  # type: ignore[arg-type]
+    reduce = reduces_over_batch(recipe, role, contraction_dim)
+    return fake_quantize_blocks(x, block, recipe.format_of(role), _rule(recipe), scale, reduce)
+
+
+def _rule(recipe: Fp8Recipe) -> Literal["dynamic", "pow2", "e8m0"]:
+    if recipe.granularity == "mxfp8":
+        return "e8m0"
+    return "pow2" if recipe.power_of_two else "dynamic"

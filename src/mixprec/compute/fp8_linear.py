@@ -32,7 +32,7 @@ from torch import nn
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
-from mixprec.scaled import Scaled, dequantize, fp8_quantize, reduce_amax
+from mixprec.scaled import Scaled, dequantize, fp8_fake_quantize, fp8_quantize, reduce_amax
 
 __all__ = [
     "BACKENDS",
@@ -49,10 +49,16 @@ BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
 # -- the custom op ------------------------------------------------------------------------------
 
 
-def _operand(t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any) -> Any:
+def _operand(
+    t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any, native: bool
+) -> Any:
+    """The operand as the GEMM takes it: a :class:`Scaled` fp8 tensor for ``torch._scaled_mm``,
+    else its dequantized fp32 values in one pass (the same values; no fp8 tensor in between)."""
     if t.numel() == 0:  # an empty batch (an MoE expert without tokens): nothing to scale
         return t
-    return fp8_quantize(t, r, role, dim, gemm, scale)
+    if native:
+        return fp8_quantize(t, r, role, dim, gemm, scale)
+    return fp8_fake_quantize(t, r, role, dim, gemm, scale)
 
 
 def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
@@ -107,8 +113,8 @@ def _fp8_linear(
             a, b = x, weight
         else:
             sx, sw = (None, None) if scales is None else (scales[0], scales[1])
-            a = _operand(x, r, "input", 1, "output", sx)
-            b = _operand(weight, r, "weight", 1, "output", sw)
+            a = _operand(x, r, "input", 1, "output", sx, native)
+            b = _operand(weight, r, "weight", 1, "output", sw, native)
         out = _gemm(a, b, native, b_t=True)
         if bias is not None:
             out = out + bias.float()
@@ -157,8 +163,8 @@ def _fp8_grad_input(
         if "grad_input" in r.high_precision:
             return _gemm(grad, weight, native, b_t=False).to(out_dtype)
         s_w = None if scales is None else scales[1]
-        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales))
-        b = _operand(weight, r, "weight", 0, "grad_input", s_w)
+        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales), native)
+        b = _operand(weight, r, "weight", 0, "grad_input", s_w, native)
         return _gemm(a, b, native, b_t=False).to(out_dtype)
 
 
@@ -177,8 +183,8 @@ def _fp8_grad_weight(
         if "grad_weight" in r.high_precision:
             return _gemm_t(grad, x, native).to(out_dtype)
         s_x = None if scales is None else scales[0]
-        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales))
-        b = _operand(x, r, "input", 0, "grad_weight", s_x)
+        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales), native)
+        b = _operand(x, r, "input", 0, "grad_weight", s_x, native)
         return _gemm_t(a, b, native).to(out_dtype)
 
 

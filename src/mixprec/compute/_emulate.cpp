@@ -1,0 +1,112 @@
+// One-pass fake quantization of a GEMM operand (see mixprec/compute/emulate_build.py).
+//
+// out = round_to_format(clamp(x * scale, -max, max)) / scale, per element, in fp32, with the
+// scale of the element's block: the values of dequantize(quantize_blocks(x, ...)) without the
+// fp8 tensor, its bit-pattern decode or the widened copy of x in between. The rounding is to
+// nearest, ties to even, onto a grid of `mbits` mantissa bits whose smallest normal exponent is
+// `min_exp` (subnormals below it): the grid of torch's fp32 -> fp8 cast for every value that the
+// clamp leaves (the cast's overflow handling never applies). -ffp-contract=off keeps x * scale and
+// the division separate roundings, as torch's kernels do.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+#define MIXPREC_INLINE inline __attribute__((always_inline))
+
+MIXPREC_INLINE uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+MIXPREC_INLINE float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+MIXPREC_INLINE float widen(float x) { return x; }
+MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
+MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+
+// Round a clamped fp32 value onto the grid: its quantum is 2**(exponent - mbits), the exponent
+// no smaller than min_exp; scaling by a power of two is exact, so rint does the one rounding.
+struct Grid {
+  float fmax;
+  int32_t mbits;
+  int32_t min_biased;  // 127 + min_exp
+};
+
+MIXPREC_INLINE float fake(float x, float scale, const Grid& g) {
+  float y = x * scale;
+  y = std::min(std::max(y, -g.fmax), g.fmax);  // NaN stays NaN (torch.clamp's behaviour)
+  int32_t e = int32_t((bits_of(y) >> 23) & 0xFFu);
+  e = std::max(e, g.min_biased);
+  int32_t qe = std::min(e - g.mbits, 253);  // NaN's exponent 255: any finite quantum will do
+  float quantum = float_of(uint32_t(qe) << 23);
+  float inv = float_of(uint32_t(254 - qe) << 23);
+  float r = std::rint(y * inv) * quantum;
+  return r / scale;
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64_t br, int64_t bc,
+         const Grid& g) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t n_cols = (cols + bc - 1) / bc;
+  const T* src = x.data_ptr<T>();
+  const float* sc = scale.data_ptr<float>();
+  const bool single = scale.numel() == 1;
+  float* dst = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* in = src + i * cols;
+      float* o = dst + i * cols;
+      const float* srow = sc + (single ? 0 : (i / br) * n_cols);
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const float s = single ? sc[0] : srow[c];
+        const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
+        for (int64_t j = lo; j < hi; ++j) o[j] = fake(widen(in[j]), s, g);
+      }
+    }
+  });
+}
+
+at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t br, int64_t bc,
+                         double fmax, int64_t mbits, int64_t min_exp) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fake_quantize: a contiguous 2-D operand");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "fake_quantize: contiguous fp32 scales");
+  TORCH_CHECK(br >= 1 && bc >= 1, "fake_quantize: block lengths >= 1");
+  const int64_t blocks = ((x.size(0) + br - 1) / br) * ((x.size(1) + bc - 1) / bc);
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == blocks,
+              "fake_quantize: one scale, or one per block");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const Grid g{static_cast<float>(fmax), static_cast<int32_t>(mbits),
+               static_cast<int32_t>(127 + min_exp)};
+  switch (x.scalar_type()) {
+    case at::kFloat: run<float>(x, scale, out, br, bc, g); break;
+    case at::kBFloat16: run<c10::BFloat16>(x, scale, out, br, bc, g); break;
+    case at::kHalf: run<c10::Half>(x, scale, out, br, bc, g); break;
+    default: TORCH_CHECK(false, "fake_quantize: fp32, bf16 or fp16 operands");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixprec_emulate, m) {
+  m.def(
+      "fake_quantize(Tensor x, Tensor scale, int br, int bc, float fmax, int mbits, "
+      "int min_exp) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) { m.impl("fake_quantize", &fake_quantize); }

@@ -1,0 +1,94 @@
+"""The one-pass fake-quantize kernel of emulated low-precision GEMMs (``_emulate.cpp``).
+
+Design note: an emulated FP8 (or block-scaled) GEMM multiplies the dequantized values of its
+operands in fp32. Through torch ops each operand takes six passes (widen, scale, clamp, cast to
+fp8, widen the bit patterns, decode through a table); CPUs have no vectorized fp8 cast, so two of
+those cost more than the GEMM's own memory traffic. The kernel does all of it in one pass per
+operand (:func:`fake_quantize`), bit for bit the values of
+``dequantize(quantize_blocks(x, ...))``. It is built on first use with the machine's C++
+compiler, by the same mechanism and flags as the optimizer kernels
+(:mod:`mixprec.optim.fused_build`: cached under ``~/.cache/torch_extensions`` by a digest of
+source, flags, CPU and torch), and loaded as ``torch.ops.mixprec_emulate``. Where it cannot be
+built, callers take the torch-ops path (same values; a warning says so once).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec.formats import Format
+from mixprec.optim.fused_build import FLAGS, extension_name
+
+__all__ = ["emulate_engine", "fake_quantize"]
+
+_SOURCE = Path(__file__).with_name("_emulate.cpp")
+_lock = threading.Lock()
+_state: dict[str, Any] = {"ops": None, "tried": False}
+
+
+def emulate_engine() -> Any | None:
+    """``torch.ops.mixprec_emulate``, built on first call; None where it cannot be built."""
+    if _state["tried"]:
+        return _state["ops"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["ops"] = _build()
+            except Exception as error:  # no compiler, a compile error, no ninja...
+                warnings.warn(
+                    "mixprec: the fake-quantize kernel for emulated FP8 GEMMs could not be built "
+                    f"({type(error).__name__}: {str(error)[:300]}); emulated GEMMs take the "
+                    "torch-ops path (same results, slower). Install a C++ compiler and ninja "
+                    "to get it",
+                    stacklevel=3,
+                )
+            _state["tried"] = True
+    return _state["ops"]
+
+
+def _build() -> Any:
+    loaded = getattr(torch.ops, "mixprec_emulate", None)
+    if loaded is not None and hasattr(loaded, "fake_quantize"):
+        return loaded
+    from torch.utils.cpp_extension import load_inline
+
+    source = _SOURCE.read_text()
+    name = "mixprec_emulate_" + extension_name(source).rsplit("_", 1)[1]
+    load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
+    return torch.ops.mixprec_emulate
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], fmt: Format
+) -> torch.Tensor | None:
+    """``round(clamp(x * scale)) / scale`` blockwise in fp32 in one pass, or None where the
+    kernel does not apply (no kernel, not a CPU tensor, a format wider than 8 bits).
+
+    Args:
+        x: a 2-D fp32, bf16 or fp16 operand.
+        scale: one fp32 scale, or one per ``block`` (shaped as :attr:`Scaled.scale`).
+        block: ``(br, bc)``, partial blocks at the ends.
+        fmt: the format rounded to (its grid and its largest finite value).
+    """
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or fmt.bits > 8:
+        return None
+    ops = emulate_engine()
+    if ops is None:
+        return None
+    return ops.fake_quantize(  # type: ignore[no-any-return]
+        x.contiguous(),
+        scale.float().contiguous(),
+        block[0],
+        block[1],
+        fmt.max,
+        fmt.mantissa_bits,
+        fmt.min_exponent,
+    )
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
