@@ -121,11 +121,15 @@ def fake_quantize_blocks(
         ...             dequantize(quantize_blocks(x, (1, 2), "e4m3")))
         True
     """
-    from mixprec.compute.emulate_build import fake_quantize
+    from mixprec.compute.emulate_build import fake_quantize, fake_quantize_dynamic
 
     fmt = resolve_format(fmt)
     rows, cols = x.shape
     br, bc = min(block[0], rows) or 1, min(block[1], cols) or 1
+    if scale is None and not amax_reduce:  # amax, scale and quantization in one kernel call
+        out = fake_quantize_dynamic(x, (br, bc), fmt, scale_rule)
+        if out is not None:
+            return out
     if scale is None:
         padded = _pad_to(x, br, bc)
         view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)

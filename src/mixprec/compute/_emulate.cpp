@@ -101,12 +101,81 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t b
   return out;
 }
 
+// max |x| of each (br, bc) block (NaN if the block holds one), rows of blocks in parallel.
+template <typename T>
+void block_amax(const at::Tensor& x, float* amax, int64_t br, int64_t bc) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t n_rows = (rows + br - 1) / br, n_cols = (cols + bc - 1) / bc;
+  const T* src = x.data_ptr<T>();
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin; rb < end; ++rb) {
+      float* out = amax + rb * n_cols;
+      for (int64_t c = 0; c < n_cols; ++c) out[c] = 0.f;
+      for (int64_t i = rb * br; i < std::min(rows, (rb + 1) * br); ++i) {
+        const T* in = src + i * cols;
+        for (int64_t c = 0; c < n_cols; ++c) {
+          const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
+          float m = out[c];
+          bool has_nan = false;
+          for (int64_t j = lo; j < hi; ++j) {
+            const float v = std::fabs(widen(in[j]));
+            has_nan |= v != v;
+            m = std::max(m, v);
+          }
+          out[c] = has_nan ? NAN : m;
+        }
+      }
+    }
+  });
+}
+
+// The scale of a block from its amax, as mixprec.recipes computes it: fmax / max(amax, 1e-12)
+// in double rounded to float once (rule 0), rounded down to a power of two (rule 1), or the
+// E8M0 scale 2**-(floor(log2(amax)) - max_exp) clamped to [-127, 127] (rule 2).
+float scale_of(float amax, double fmax, int64_t rule, int64_t max_exp) {
+  if (rule == 2) {
+    if (!std::isfinite(amax)) return NAN;
+    int e = 0;
+    std::frexp(amax, &e);
+    int64_t shared = amax > 0 ? int64_t(e) - 1 - max_exp : -127;
+    shared = std::min<int64_t>(std::max<int64_t>(shared, -127), 127);
+    return std::ldexp(1.0f, int(-shared));
+  }
+  const double a = double(amax);
+  const float s = static_cast<float>(fmax / (a != a ? a : std::max(a, 1e-12)));
+  if (rule == 0 || s != s) return s;
+  return float_of(bits_of(s) & ~uint32_t((1u << 23) - 1));
+}
+
+at::Tensor fake_quantize_dynamic(const at::Tensor& x, int64_t br, int64_t bc, double fmax,
+                                 int64_t mbits, int64_t min_exp, int64_t rule, int64_t max_exp) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fake_quantize: a contiguous 2-D operand");
+  TORCH_CHECK(br >= 1 && bc >= 1, "fake_quantize: block lengths >= 1");
+  const int64_t n_rows = (x.size(0) + br - 1) / br, n_cols = (x.size(1) + bc - 1) / bc;
+  at::Tensor scale = at::empty({n_rows, 1, n_cols, 1}, x.options().dtype(at::kFloat));
+  float* sc = scale.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: block_amax<float>(x, sc, br, bc); break;
+    case at::kBFloat16: block_amax<c10::BFloat16>(x, sc, br, bc); break;
+    case at::kHalf: block_amax<c10::Half>(x, sc, br, bc); break;
+    default: TORCH_CHECK(false, "fake_quantize: fp32, bf16 or fp16 operands");
+  }
+  for (int64_t k = 0; k < n_rows * n_cols; ++k) sc[k] = scale_of(sc[k], fmax, rule, max_exp);
+  return fake_quantize(x, scale, br, bc, fmax, mbits, min_exp);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec_emulate, m) {
   m.def(
       "fake_quantize(Tensor x, Tensor scale, int br, int bc, float fmax, int mbits, "
       "int min_exp) -> Tensor");
+  m.def(
+      "fake_quantize_dynamic(Tensor x, int br, int bc, float fmax, int mbits, int min_exp, "
+      "int rule, int max_exp) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) { m.impl("fake_quantize", &fake_quantize); }
+TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize);
+  m.impl("fake_quantize_dynamic", &fake_quantize_dynamic);
+}

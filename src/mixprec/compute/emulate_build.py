@@ -24,7 +24,7 @@ import torch
 from mixprec.formats import Format
 from mixprec.optim.fused_build import FLAGS, extension_name
 
-__all__ = ["emulate_engine", "fake_quantize"]
+__all__ = ["emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
 _SOURCE = Path(__file__).with_name("_emulate.cpp")
 _lock = threading.Lock()
@@ -91,4 +91,29 @@ def fake_quantize(
     )
 
 
+def fake_quantize_dynamic(
+    x: torch.Tensor, block: tuple[int, int], fmt: Format, rule: str
+) -> torch.Tensor | None:
+    """:func:`fake_quantize` with each block's scale from its own amax by ``rule``
+    (``"dynamic"``, ``"pow2"`` or ``"e8m0"``, as :func:`mixprec.scaled.quantize_blocks`), all in
+    one kernel call: for small operands the per-op cost of the scale's several torch ops is
+    most of the time. None where the kernel does not apply."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or fmt.bits > 8:
+        return None
+    ops = emulate_engine()
+    if ops is None:
+        return None
+    return ops.fake_quantize_dynamic(  # type: ignore[no-any-return]
+        x.contiguous(),
+        block[0],
+        block[1],
+        fmt.max,
+        fmt.mantissa_bits,
+        fmt.min_exponent,
+        _RULES[rule],
+        fmt.max_exponent,
+    )
+
+
+_RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
