@@ -23,6 +23,7 @@ op itself stays a pure function. The records are provisional until the session's
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, get_args
 
 import torch
@@ -115,9 +116,9 @@ def _fp8_linear(
             sx, sw = (None, None) if scales is None else (scales[0], scales[1])
             a = _operand(x, r, "input", 1, "output", sx, native)
             b = _operand(weight, r, "weight", 1, "output", sw, native)
-        out = _gemm(a, b, native, b_t=True)
+        out = _gemm(a, b, native, b_t=True)  # a fresh fp32 tensor: the bias is added in place
         if bias is not None:
-            out = out + bias.float()
+            out.add_(bias.float())
         return out.to(out_dtype)
 
 
@@ -259,7 +260,7 @@ def fp8_linear(
     _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp8_linear(flat, weight, bias, str(r), out_dtype or x.dtype, scales, native)
+    out = _fp8_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -367,7 +368,8 @@ class Fp8Linear(nn.Linear):
         native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
-        out = _fp8_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, scales, native)
+        spec = _spec(self.recipe)
+        out = _fp8_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
         if scales is not None and self.training and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -462,6 +464,12 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
+
+
+@functools.lru_cache(maxsize=64)
+def _spec(recipe: Fp8Recipe) -> str:
+    """The recipe's string form, which the custom op is told (formatted once per recipe)."""
+    return str(recipe)
 
 
 def _push(row: torch.Tensor, amax: torch.Tensor) -> None:
