@@ -466,9 +466,16 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
 
 
-@functools.lru_cache(maxsize=64)
 def _spec(recipe: Fp8Recipe) -> str:
-    """The recipe's string form, which the custom op is told (formatted once per recipe)."""
+    """The recipe's string form, which the custom op is told: formatted once per recipe in
+    eager code (torch.compile formats it while tracing; it does not trace a cache)."""
+    if torch.compiler.is_compiling():
+        return str(recipe)
+    return _cached_spec(recipe)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_spec(recipe: Fp8Recipe) -> str:
     return str(recipe)
 
 
