@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -71,6 +72,10 @@ void run(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64_t 
       const T* in = src + i * cols;
       float* o = dst + i * cols;
       const float* srow = sc + (single ? 0 : (i / br) * n_cols);
+      if (!single && bc == 1) {  // a scale per column
+        for (int64_t j = 0; j < cols; ++j) o[j] = fake(widen(in[j]), srow[j], g);
+        continue;
+      }
       for (int64_t c = 0; c < n_cols; ++c) {
         const float s = single ? sc[0] : srow[c];
         const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
@@ -102,29 +107,34 @@ at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t b
 }
 
 // max |x| of each (br, bc) block (NaN if the block holds one), rows of blocks in parallel.
+// |x| is compared as the integer of its bits: for non-negative floats that is their order, NaN
+// above inf, and an integer max vectorizes where a NaN-propagating float max does not.
+MIXPREC_INLINE uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
+
 template <typename T>
 void block_amax(const at::Tensor& x, float* amax, int64_t br, int64_t bc) {
   const int64_t rows = x.size(0), cols = x.size(1);
   const int64_t n_rows = (rows + br - 1) / br, n_cols = (cols + bc - 1) / bc;
   const T* src = x.data_ptr<T>();
   at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> acc(n_cols == 1 ? 1 : (bc == 1 ? cols : n_cols));
     for (int64_t rb = begin; rb < end; ++rb) {
-      float* out = amax + rb * n_cols;
-      for (int64_t c = 0; c < n_cols; ++c) out[c] = 0.f;
+      std::fill(acc.begin(), acc.end(), 0u);
       for (int64_t i = rb * br; i < std::min(rows, (rb + 1) * br); ++i) {
         const T* in = src + i * cols;
+        if (bc == 1) {  // a block per column: the max runs along the row, column by column
+          uint32_t* a = acc.data();
+          for (int64_t j = 0; j < cols; ++j) a[j] = std::max(a[j], abs_bits(widen(in[j])));
+          continue;
+        }
         for (int64_t c = 0; c < n_cols; ++c) {
           const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
-          float m = out[c];
-          bool has_nan = false;
-          for (int64_t j = lo; j < hi; ++j) {
-            const float v = std::fabs(widen(in[j]));
-            has_nan |= v != v;
-            m = std::max(m, v);
-          }
-          out[c] = has_nan ? NAN : m;
+          uint32_t m = acc[c];
+          for (int64_t j = lo; j < hi; ++j) m = std::max(m, abs_bits(widen(in[j])));
+          acc[c] = m;
         }
       }
+      for (int64_t c = 0; c < n_cols; ++c) amax[rb * n_cols + c] = float_of(acc[c]);
     }
   });
 }
