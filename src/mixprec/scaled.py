@@ -9,6 +9,7 @@ operand, so one blocked quantizer (:func:`quantize_blocks`) serves all of them, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "quantize_blocks",
     "quantize_with_scale",
     "reduce_amax",
+    "use_kernels",
 ]
 
 
@@ -102,6 +104,21 @@ def _scales(
     return dynamic_scale(amax, fmt, power_of_two=rule == "pow2")
 
 
+_KERNELS: dict[str, Callable[..., torch.Tensor | None]] = {
+    "given": lambda *args: None,
+    "dynamic": lambda *args: None,
+}
+
+
+def use_kernels(
+    given: Callable[..., torch.Tensor | None], dynamic: Callable[..., torch.Tensor | None]
+) -> None:
+    """Install the one-pass kernels :func:`fake_quantize_blocks` calls (each returns None where
+    it does not apply). :mod:`mixprec.compute.emulate_build` installs its C++ kernels when it is
+    imported (``compute`` is a layer above this module); until then the torch-ops path runs."""
+    _KERNELS["given"], _KERNELS["dynamic"] = given, dynamic
+
+
 def fake_quantize_blocks(
     x: torch.Tensor,
     block: tuple[int, int],
@@ -113,7 +130,7 @@ def fake_quantize_blocks(
     """``dequantize(quantize_blocks(x, ...))``, bit for bit, without the fp8 tensor: the fp32
     values an emulated GEMM multiplies. One amax pass and one quantize-and-scale pass (the
     kernel of :mod:`mixprec.compute.emulate_build`) where the kernel is built; the torch-ops path
-    otherwise. Arguments as :func:`quantize_blocks`.
+    otherwise (see :func:`use_kernels`). Arguments as :func:`quantize_blocks`.
 
     Example:
         >>> x = torch.tensor([[1.0, -3.0], [0.1, 2.0]])
@@ -121,20 +138,18 @@ def fake_quantize_blocks(
         ...             dequantize(quantize_blocks(x, (1, 2), "e4m3")))
         True
     """
-    from mixprec.compute.emulate_build import fake_quantize, fake_quantize_dynamic
-
     fmt = resolve_format(fmt)
     rows, cols = x.shape
     br, bc = min(block[0], rows) or 1, min(block[1], cols) or 1
     if scale is None and not amax_reduce:  # amax, scale and quantization in one kernel call
-        out = fake_quantize_dynamic(x, (br, bc), fmt, scale_rule)
+        out = _KERNELS["dynamic"](x, (br, bc), fmt, scale_rule)
         if out is not None:
             return out
     if scale is None:
         padded = _pad_to(x, br, bc)
         view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
         scale = _scales(view, fmt, scale_rule, amax_reduce)
-    out = fake_quantize(x, scale, (br, bc), fmt)
+    out = _KERNELS["given"](x, scale, (br, bc), fmt)
     if out is None:
         return dequantize(quantize_blocks(x, (br, bc), fmt, scale_rule, scale))
     return out

@@ -8,12 +8,16 @@ operand (:func:`fake_quantize`), bit for bit the values of
 ``dequantize(quantize_blocks(x, ...))``. It is built on first use with the machine's C++
 compiler, by the same mechanism and flags as the optimizer kernels
 (:mod:`mixprec.optim.fused_build`: cached under ``~/.cache/torch_extensions`` by a digest of
-source, flags, CPU and torch), and loaded as ``torch.ops.mixprec_emulate``. Where it cannot be
-built, callers take the torch-ops path (same values; a warning says so once).
+source, flags, CPU and torch; the digest is written out here because ``compute`` sits below
+``optim`` in the layers), and loaded as ``torch.ops.mixprec_emulate``. Where it cannot be built,
+callers take the torch-ops path (same values; a warning says so once). :mod:`mixprec.scaled`
+sits below ``compute`` too: importing this module hands it the kernel
+(:func:`mixprec.scaled.use_kernels`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import warnings
 from pathlib import Path
@@ -21,12 +25,20 @@ from typing import Any
 
 import torch
 
+from mixprec import scaled
 from mixprec.formats import Format
-from mixprec.optim.fused_build import FLAGS, extension_name
 
 __all__ = ["emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
 _SOURCE = Path(__file__).with_name("_emulate.cpp")
+FLAGS = (  # as mixprec.optim.fused_build.FLAGS
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"ops": None, "tried": False}
 
@@ -58,9 +70,22 @@ def _build() -> Any:
     from torch.utils.cpp_extension import load_inline
 
     source = _SOURCE.read_text()
-    name = "mixprec_emulate_" + extension_name(source).rsplit("_", 1)[1]
+    name = "mixprec_emulate_" + _digest(source)
     load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
     return torch.ops.mixprec_emulate
+
+
+def _digest(source: str) -> str:
+    """What the binary depends on: source, flags, the CPU (``-march=native``) and the torch it
+    links against (as :func:`mixprec.optim.fused_build.extension_name`)."""
+    try:
+        cpu_text = Path("/proc/cpuinfo").read_text()
+        cpu = next((ln for ln in cpu_text.splitlines() if ln.startswith("flags")), "unknown")
+    except OSError:
+        cpu = "unknown"
+    torch_path = str(Path(torch.__file__).resolve().parent)
+    parts = (source, " ".join(FLAGS), cpu, str(torch.__version__), torch_path)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def fake_quantize(
@@ -117,3 +142,5 @@ def fake_quantize_dynamic(
 
 _RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+scaled.use_kernels(fake_quantize, fake_quantize_dynamic)

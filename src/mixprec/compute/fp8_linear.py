@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.compute import emulate_build  # noqa: F401  (hands mixprec.scaled its kernels)
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
