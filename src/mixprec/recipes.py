@@ -109,6 +109,12 @@ class Fp8Recipe:
             ``{"grad_weight"}``: fp32 accumulation of the un-quantized inputs, one rounding).
         weight_for_grad_input: granularity of the weight operand in the ``grad_input`` GEMM when it
             differs from ``granularity`` (torchao's ``rowwise_with_gw_hp`` scales it tensorwise).
+        amax_reduce: take every dynamic (and recorded) amax of an activation or gradient over
+            all data-parallel ranks (an ``all_reduce(MAX)`` over the default process group), so
+            the scales of 2 ranks are those of one process on the whole batch. Only amaxes of
+            blocks that span the batch dimension are reduced (tensorwise ones, and the
+            weight-gradient GEMM's blocks along the batch); weights are the same on every rank.
+            Without a process group it changes nothing. Option string ``amax_reduce=true``.
 
     Raises:
         ValueError: a name not in :data:`RECIPE_NAMES` (customize a named recipe with
@@ -139,6 +145,7 @@ class Fp8Recipe:
     block: int = _DEFAULT_BLOCK
     high_precision: frozenset[str] = field(default=frozenset())
     weight_for_grad_input: Granularity | None = None
+    amax_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in RECIPE_NAMES:
@@ -164,6 +171,8 @@ class Fp8Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"Fp8Recipe.{name} must be an int, got {value!r}")
+        if not isinstance(self.amax_reduce, bool):
+            raise TypeError(f"Fp8Recipe.amax_reduce must be a bool, got {self.amax_reduce!r}")
         if self.history < 1:
             raise ValueError(
                 f"delayed scaling needs an amax history of at least 1 step, got "
@@ -206,6 +215,7 @@ class Fp8Recipe:
     def options(self) -> tuple[str, ...]:
         """The string options (``<recipe>:key=value``) that change what this recipe does."""
         keys = ["scaling", "pow2", "hp", "input", "weight", "grad", "granularity", "w_gi"]
+        keys.append("amax_reduce")
         if self.scaling == "delayed":
             keys[1:1] = ["history", "margin"]
         if self.granularity in _BLOCKED:
@@ -241,7 +251,8 @@ class Fp8Recipe:
     def parse(cls, spec: str | Fp8Recipe) -> Fp8Recipe:
         """A recipe from its string form: a name from :data:`RECIPES`, then ``:key=value,...``.
 
-        Keys: ``scaling``, ``history``, ``margin``, ``pow2`` (``true``/``false``), ``block``,
+        Keys: ``scaling``, ``history``, ``margin``, ``pow2`` and ``amax_reduce``
+        (``true``/``false``), ``block``,
         ``hp`` (GEMM names joined by ``+``, or ``none``), ``input``/``weight``/``grad`` (formats).
 
         Raises:
@@ -289,6 +300,7 @@ _FIELD_OF_KEY = {
     "grad": "grad_format",
     "granularity": "granularity",
     "w_gi": "weight_for_grad_input",
+    "amax_reduce": "amax_reduce",
 }
 _KEY_OF_FIELD = {v: k for k, v in _FIELD_OF_KEY.items()}
 
@@ -356,9 +368,10 @@ def _parse_value(name: str, raw: str, spec: str) -> object:
             return int(raw)
         except ValueError:
             raise ValueError(f"{name}={raw!r} in {spec!r} is not an integer") from None
-    if name == "power_of_two":
+    if name in ("power_of_two", "amax_reduce"):
         if raw.lower() not in ("true", "false"):
-            raise ValueError(f"pow2={raw!r} in {spec!r}: valid values are 'true' and 'false'")
+            key = _KEY_OF_FIELD[name]
+            raise ValueError(f"{key}={raw!r} in {spec!r}: valid values are 'true' and 'false'")
         return raw.lower() == "true"
     if name == "high_precision":
         return frozenset() if raw == "none" else frozenset(raw.split("+"))

@@ -9,15 +9,27 @@ operand, so one blocked quantizer (:func:`quantize_blocks`) serves all of them, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from mixprec.formats import FormatLike, resolve_format
+from mixprec.formats import Format, FormatLike, resolve_format
 from mixprec.recipes import Fp8Recipe, Gemm, Role, block_shape, dynamic_scale, e8m0_scale
 
-__all__ = ["Scaled", "dequantize", "fp8_quantize", "quantize_blocks", "quantize_with_scale"]
+__all__ = [
+    "Scaled",
+    "dequantize",
+    "fake_quantize_blocks",
+    "fp8_fake_quantize",
+    "fp8_quantize",
+    "quantize_blocks",
+    "quantize_with_scale",
+    "reduce_amax",
+    "use_kernels",
+]
 
 
 class Scaled(NamedTuple):
@@ -48,6 +60,7 @@ def quantize_blocks(
     fmt: FormatLike,
     scale_rule: Literal["dynamic", "pow2", "e8m0"] = "dynamic",
     scale: torch.Tensor | None = None,
+    amax_reduce: bool = False,
 ) -> Scaled:
     """Quantize a 2-D tensor in ``block = (br, bc)`` blocks, each with its own scale.
 
@@ -61,6 +74,8 @@ def quantize_blocks(
         scale_rule: ``"dynamic"`` (:func:`dynamic_scale`), ``"pow2"`` (rounded down to a power of
             two) or ``"e8m0"`` (:func:`e8m0_scale`).
         scale: use these scales (shape as :attr:`Scaled.scale`, or 0-D) instead.
+        amax_reduce: take the block amaxes over all ranks (:func:`reduce_amax`) before the
+            scales are computed from them; the blocks must be the same on every rank.
 
     Returns:
         The :class:`Scaled` tensor.
@@ -71,13 +86,73 @@ def quantize_blocks(
     padded = _pad_to(x.float(), br, bc)
     view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
     if scale is None:
-        amax = _block_amax(view)
-        if scale_rule == "e8m0":
-            scale = e8m0_scale(amax, fmt)
-        else:
-            scale = dynamic_scale(amax, fmt, power_of_two=scale_rule == "pow2")
+        scale = _scales(view, fmt, scale_rule, amax_reduce)
     data = quantize_with_scale(view, scale, fmt).view(padded.shape)[:rows, :cols]
     return Scaled(data, scale, (br, bc))
+
+
+def _scales(
+    view: torch.Tensor, fmt: Format, rule: Literal["dynamic", "pow2", "e8m0"], amax_reduce: bool
+) -> torch.Tensor:
+    """The scale of each block of a ``(rows/br, br, cols/bc, bc)`` view (any float dtype: the
+    amax is exact in each, and is widened to fp32 before anything else reads it)."""
+    amax = _block_amax(view).float()
+    if amax_reduce:
+        amax = reduce_amax(amax)
+    if rule == "e8m0":
+        return e8m0_scale(amax, fmt)
+    return dynamic_scale(amax, fmt, power_of_two=rule == "pow2")
+
+
+_KERNELS: dict[str, Callable[..., torch.Tensor | None]] = {
+    "given": lambda *args: None,
+    "dynamic": lambda *args: None,
+}
+
+
+def use_kernels(
+    given: Callable[..., torch.Tensor | None], dynamic: Callable[..., torch.Tensor | None]
+) -> None:
+    """Install the one-pass kernels :func:`fake_quantize_blocks` calls (each returns None where
+    it does not apply). :mod:`mixprec.compute.emulate_build` installs its C++ kernels when it is
+    imported (``compute`` is a layer above this module); until then the torch-ops path runs."""
+    _KERNELS["given"], _KERNELS["dynamic"] = given, dynamic
+
+
+def fake_quantize_blocks(
+    x: torch.Tensor,
+    block: tuple[int, int],
+    fmt: FormatLike,
+    scale_rule: Literal["dynamic", "pow2", "e8m0"] = "dynamic",
+    scale: torch.Tensor | None = None,
+    amax_reduce: bool = False,
+) -> torch.Tensor:
+    """``dequantize(quantize_blocks(x, ...))``, bit for bit, without the fp8 tensor: the fp32
+    values an emulated GEMM multiplies. One amax pass and one quantize-and-scale pass (the
+    kernel of :mod:`mixprec.compute.emulate_build`) where the kernel is built; the torch-ops path
+    otherwise (see :func:`use_kernels`). Arguments as :func:`quantize_blocks`.
+
+    Example:
+        >>> x = torch.tensor([[1.0, -3.0], [0.1, 2.0]])
+        >>> torch.equal(fake_quantize_blocks(x, (1, 2), "e4m3"),
+        ...             dequantize(quantize_blocks(x, (1, 2), "e4m3")))
+        True
+    """
+    fmt = resolve_format(fmt)
+    rows, cols = x.shape
+    br, bc = min(block[0], rows) or 1, min(block[1], cols) or 1
+    if scale is None and not amax_reduce:  # amax, scale and quantization in one kernel call
+        out = _KERNELS["dynamic"](x, (br, bc), fmt, scale_rule)
+        if out is not None:
+            return out
+    if scale is None:
+        padded = _pad_to(x, br, bc)
+        view = padded.view(padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+        scale = _scales(view, fmt, scale_rule, amax_reduce)
+    out = _KERNELS["given"](x, scale, (br, bc), fmt)
+    if out is None:
+        return dequantize(quantize_blocks(x, (br, bc), fmt, scale_rule, scale))
+    return out
 
 
 def _block_amax(view: torch.Tensor) -> torch.Tensor:
@@ -96,6 +171,39 @@ def _block_amax(view: torch.Tensor) -> torch.Tensor:
         lo, hi = torch.aminmax(view.reshape(view.shape[1], -1), dim=0, keepdim=True)
         return torch.maximum(-lo, hi).reshape(1, 1, n_cols, 1)
     return view.abs().amax(dim=(1, 3), keepdim=True)
+
+
+def reduce_amax(amax: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of ``amax`` over all ranks of the default process group (one
+    ``all_reduce``); ``amax`` itself without a process group or with one rank.
+
+    A NaN on any rank gives NaN on every rank (gloo's MAX may drop a NaN), so a step that one
+    rank would skip is skipped by all.
+
+    Example:
+        >>> reduce_amax(torch.tensor([1.0, float("nan")])).tolist()  # no process group
+        [1.0, nan]
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return amax
+    nan = torch.isnan(amax)
+    both = torch.stack([torch.where(nan, torch.zeros_like(amax), amax), nan.to(amax.dtype)])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return torch.where(both[1] > 0, torch.full_like(amax, float("nan")), both[0])
+
+
+def reduces_over_batch(recipe: Fp8Recipe, role: Role, contraction_dim: int) -> bool:
+    """Whether an operand's block amaxes are taken over the whole batch dimension (dim 0), so
+    that ``amax_reduce`` must reduce them over the ranks: activations and gradients (never
+    weights, which every data-parallel rank holds whole) scaled tensorwise, or rowwise along
+    dim 0 (the weight-gradient GEMM's contraction). Rowwise blocks along dim 1 are per sample,
+    and blockwise and MX blocks along the batch are fixed-length: on a rank whose batch is a
+    multiple of the block length they are the blocks one process has, so neither is reduced."""
+    if not recipe.amax_reduce or role == "weight":
+        return False
+    return recipe.granularity == "tensorwise" or (
+        recipe.granularity == "rowwise" and contraction_dim == 0
+    )
 
 
 def dequantize(q: Scaled) -> torch.Tensor:
@@ -169,9 +277,36 @@ def fp8_quantize(
         ((1, 32), (4, 1, 2, 1))
     """
     block = block_shape(recipe, role, tuple(x.shape), contraction_dim, gemm)  # type: ignore[arg-type]
-    rule: Literal["dynamic", "pow2", "e8m0"]
+    rule = _rule(recipe)
+    reduce = reduces_over_batch(recipe, role, contraction_dim)
+    return quantize_blocks(x, block, recipe.format_of(role), rule, scale, reduce)
+
+
+def fp8_fake_quantize(
+    x: torch.Tensor,
+    recipe: Fp8Recipe,
+    role: Role,
+    contraction_dim: int,
+    gemm: Gemm,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dequantize(fp8_quantize(...))`` in fp32, bit for bit, in one pass where the kernel is
+    built (:func:`fake_quantize_blocks`): the operand of an emulated FP8 GEMM.
+
+    Example:
+        >>> from mixprec.recipes import RECIPES
+        >>> x = torch.randn(4, 64)
+        >>> q = fp8_quantize(x, RECIPES["mxfp8"], "input", 1, "output")
+        >>> torch.equal(fp8_fake_quantize(x, RECIPES["mxfp8"], "input", 1, "output"),
+        ...             dequantize(q))
+        True
+    """
+    block = block_shape(recipe, role, tuple(x.shape), contraction_dim, gemm)  # type: ignore[arg-type]
+    reduce = reduces_over_batch(recipe, role, contraction_dim)
+    return fake_quantize_blocks(x, block, recipe.format_of(role), _rule(recipe), scale, reduce)
+
+
+def _rule(recipe: Fp8Recipe) -> Literal["dynamic", "pow2", "e8m0"]:
     if recipe.granularity == "mxfp8":
-        rule = "e8m0"
-    else:
-        rule = "pow2" if recipe.power_of_two else "dynamic"
-    return quantize_blocks(x, block, recipe.format_of(role), rule, scale)
+        return "e8m0"
+    return "pow2" if recipe.power_of_two else "dynamic"

@@ -23,16 +23,18 @@ op itself stays a pure function. The records are provisional until the session's
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixprec.compute import emulate_build  # noqa: F401  (hands mixprec.scaled its kernels)
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
-from mixprec.scaled import Scaled, dequantize, fp8_quantize
+from mixprec.scaled import Scaled, dequantize, fp8_fake_quantize, fp8_quantize, reduce_amax
 
 __all__ = [
     "BACKENDS",
@@ -49,10 +51,16 @@ BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
 # -- the custom op ------------------------------------------------------------------------------
 
 
-def _operand(t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any) -> Any:
+def _operand(
+    t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any, native: bool
+) -> Any:
+    """The operand as the GEMM takes it: a :class:`Scaled` fp8 tensor for ``torch._scaled_mm``,
+    else its dequantized fp32 values in one pass (the same values; no fp8 tensor in between)."""
     if t.numel() == 0:  # an empty batch (an MoE expert without tokens): nothing to scale
         return t
-    return fp8_quantize(t, r, role, dim, gemm, scale)
+    if native:
+        return fp8_quantize(t, r, role, dim, gemm, scale)
+    return fp8_fake_quantize(t, r, role, dim, gemm, scale)
 
 
 def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
@@ -107,11 +115,11 @@ def _fp8_linear(
             a, b = x, weight
         else:
             sx, sw = (None, None) if scales is None else (scales[0], scales[1])
-            a = _operand(x, r, "input", 1, "output", sx)
-            b = _operand(weight, r, "weight", 1, "output", sw)
-        out = _gemm(a, b, native, b_t=True)
+            a = _operand(x, r, "input", 1, "output", sx, native)
+            b = _operand(weight, r, "weight", 1, "output", sw, native)
+        out = _gemm(a, b, native, b_t=True)  # a fresh fp32 tensor: the bias is added in place
         if bias is not None:
-            out = out + bias.float()
+            out.add_(bias.float())
         return out.to(out_dtype)
 
 
@@ -136,6 +144,8 @@ def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -
     if scales is None or grad.numel() == 0:
         return None
     amax = grad.abs().max().float()
+    if r.amax_reduce:
+        amax = reduce_amax(amax)
     scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
     return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
@@ -155,8 +165,8 @@ def _fp8_grad_input(
         if "grad_input" in r.high_precision:
             return _gemm(grad, weight, native, b_t=False).to(out_dtype)
         s_w = None if scales is None else scales[1]
-        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales))
-        b = _operand(weight, r, "weight", 0, "grad_input", s_w)
+        a = _operand(grad, r, "grad_output", 1, "grad_input", _grad_scale(grad, r, scales), native)
+        b = _operand(weight, r, "weight", 0, "grad_input", s_w, native)
         return _gemm(a, b, native, b_t=False).to(out_dtype)
 
 
@@ -175,8 +185,8 @@ def _fp8_grad_weight(
         if "grad_weight" in r.high_precision:
             return _gemm_t(grad, x, native).to(out_dtype)
         s_x = None if scales is None else scales[0]
-        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales))
-        b = _operand(x, r, "input", 0, "grad_weight", s_x)
+        a = _operand(grad, r, "grad_output", 0, "grad_weight", _grad_scale(grad, r, scales), native)
+        b = _operand(x, r, "input", 0, "grad_weight", s_x, native)
         return _gemm_t(a, b, native).to(out_dtype)
 
 
@@ -251,7 +261,7 @@ def fp8_linear(
     _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp8_linear(flat, weight, bias, str(r), out_dtype or x.dtype, scales, native)
+    out = _fp8_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -359,7 +369,8 @@ class Fp8Linear(nn.Linear):
         native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
-        out = _fp8_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, scales, native)
+        spec = _spec(self.recipe)
+        out = _fp8_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
         if scales is not None and self.training and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -383,6 +394,8 @@ class Fp8Linear(nn.Linear):
         """
         r, hist = self.recipe, self.fp8_amax_history
         amax_x, amax_w = _amax(flat), _amax(self.weight.detach())
+        if r.amax_reduce:  # the whole batch's amax, as one process would record it
+            amax_x = reduce_amax(amax_x)
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
         s_x = delayed_scale(hist[0], amax_x, r.input_format, r.margin)
         s_w = delayed_scale(hist[1], amax_w, r.weight_format, r.margin)
@@ -401,7 +414,8 @@ class Fp8Linear(nn.Linear):
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
         if grad.numel():
-            self._record(2, _amax(grad))
+            amax = _amax(grad)
+            self._record(2, reduce_amax(amax) if self.recipe.amax_reduce else amax)
 
     def _record(self, row: int, amax: torch.Tensor) -> None:
         """Push ``amax`` onto history row ``row`` provisionally (see :meth:`end_step`).
@@ -451,6 +465,19 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
+
+
+def _spec(recipe: Fp8Recipe) -> str:
+    """The recipe's string form, which the custom op is told: formatted once per recipe in
+    eager code (torch.compile formats it while tracing; it does not trace a cache)."""
+    if torch.compiler.is_compiling():
+        return str(recipe)
+    return _cached_spec(recipe)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_spec(recipe: Fp8Recipe) -> str:
+    return str(recipe)
 
 
 def _push(row: torch.Tensor, amax: torch.Tensor) -> None:

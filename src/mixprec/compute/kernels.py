@@ -174,16 +174,42 @@ def _eligible(t: torch.Tensor, device_type: str) -> bool:
 
 
 def _cast(tree: Any, dtype: torch.dtype, device_type: str) -> Any:
-    return tree_map_only(
-        torch.Tensor, lambda t: t.to(dtype) if _eligible(t, device_type) else t, tree
-    )
+    return _map_tensors(tree, lambda t: t.to(dtype) if _eligible(t, device_type) else t)
+
+
+def _map_tensors(tree: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``tree_map_only(torch.Tensor, fn, tree)`` for an op's ``(args, kwargs)``: tuples, lists
+    and dicts walked directly (pytree's generic walk costs more than a small op itself); any
+    other container goes to pytree."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        return kind(_map_tensors(item, fn) for item in tree)
+    if kind is dict:
+        return {key: _map_tensors(value, fn) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list, dict)):  # a namedtuple, an immutable_list, ...
+        return tree_map_only(torch.Tensor, fn, tree)
+    return tree
+
+
+def _tensor_leaves(tree: Any) -> list[Any]:
+    """``tree_leaves(tree)`` restricted to what :func:`_map_tensors` walks (same order)."""
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        return [leaf for item in tree for leaf in _tensor_leaves(item)]
+    if kind is dict:
+        return [leaf for value in tree.values() for leaf in _tensor_leaves(value)]
+    if isinstance(tree, (tuple, list, dict)):
+        return tree_leaves(tree)
+    return [tree]
 
 
 def _promoted(tree: Any, start: torch.dtype, device_type: str) -> torch.dtype:
     """The dtype torch's autocast ``promote`` casts to: fp32 if any eligible input is fp32, else
     the autocast dtype; fp64 inputs are left out."""
     result = start
-    for t in tree_leaves(tree):
+    for t in _tensor_leaves(tree):
         if not (isinstance(t, torch.Tensor) and _eligible(t, device_type)):
             continue
         if torch.float32 in (result, t.dtype):
@@ -265,6 +291,8 @@ def _all_low(tree: Any) -> bool:
     """Whether every floating tensor in ``tree`` has one 16-bit dtype (what the emulated GEMMs
     take)."""
     dtypes = {
-        t.dtype for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()
+        t.dtype
+        for t in _tensor_leaves(tree)
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
     }
     return len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}

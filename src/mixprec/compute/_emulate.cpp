@@ -1,0 +1,191 @@
+// One-pass fake quantization of a GEMM operand (see mixprec/compute/emulate_build.py).
+//
+// out = round_to_format(clamp(x * scale, -max, max)) / scale, per element, in fp32, with the
+// scale of the element's block: the values of dequantize(quantize_blocks(x, ...)) without the
+// fp8 tensor, its bit-pattern decode or the widened copy of x in between. The rounding is to
+// nearest, ties to even, onto a grid of `mbits` mantissa bits whose smallest normal exponent is
+// `min_exp` (subnormals below it): the grid of torch's fp32 -> fp8 cast for every value that the
+// clamp leaves (the cast's overflow handling never applies). -ffp-contract=off keeps x * scale and
+// the division separate roundings, as torch's kernels do.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+#define MIXPREC_INLINE inline __attribute__((always_inline))
+
+MIXPREC_INLINE uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+MIXPREC_INLINE float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+MIXPREC_INLINE float widen(float x) { return x; }
+MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
+MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+
+// Round a clamped fp32 value onto the grid: its quantum is 2**(exponent - mbits), the exponent
+// no smaller than min_exp; scaling by a power of two is exact, so rint does the one rounding.
+struct Grid {
+  float fmax;
+  int32_t mbits;
+  int32_t min_biased;  // 127 + min_exp
+};
+
+MIXPREC_INLINE float fake(float x, float scale, const Grid& g) {
+  float y = x * scale;
+  y = std::min(std::max(y, -g.fmax), g.fmax);  // NaN stays NaN (torch.clamp's behaviour)
+  int32_t e = int32_t((bits_of(y) >> 23) & 0xFFu);
+  e = std::max(e, g.min_biased);
+  int32_t qe = std::min(e - g.mbits, 253);  // NaN's exponent 255: any finite quantum will do
+  float quantum = float_of(uint32_t(qe) << 23);
+  float inv = float_of(uint32_t(254 - qe) << 23);
+  float r = std::rint(y * inv) * quantum;
+  return r / scale;
+}
+
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& scale, at::Tensor& out, int64_t br, int64_t bc,
+         const Grid& g) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t n_cols = (cols + bc - 1) / bc;
+  const T* src = x.data_ptr<T>();
+  const float* sc = scale.data_ptr<float>();
+  const bool single = scale.numel() == 1;
+  float* dst = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* in = src + i * cols;
+      float* o = dst + i * cols;
+      const float* srow = sc + (single ? 0 : (i / br) * n_cols);
+      if (!single && bc == 1) {  // a scale per column
+        for (int64_t j = 0; j < cols; ++j) o[j] = fake(widen(in[j]), srow[j], g);
+        continue;
+      }
+      for (int64_t c = 0; c < n_cols; ++c) {
+        const float s = single ? sc[0] : srow[c];
+        const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
+        for (int64_t j = lo; j < hi; ++j) o[j] = fake(widen(in[j]), s, g);
+      }
+    }
+  });
+}
+
+at::Tensor fake_quantize(const at::Tensor& x, const at::Tensor& scale, int64_t br, int64_t bc,
+                         double fmax, int64_t mbits, int64_t min_exp) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fake_quantize: a contiguous 2-D operand");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "fake_quantize: contiguous fp32 scales");
+  TORCH_CHECK(br >= 1 && bc >= 1, "fake_quantize: block lengths >= 1");
+  const int64_t blocks = ((x.size(0) + br - 1) / br) * ((x.size(1) + bc - 1) / bc);
+  TORCH_CHECK(scale.numel() == 1 || scale.numel() == blocks,
+              "fake_quantize: one scale, or one per block");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const Grid g{static_cast<float>(fmax), static_cast<int32_t>(mbits),
+               static_cast<int32_t>(127 + min_exp)};
+  switch (x.scalar_type()) {
+    case at::kFloat: run<float>(x, scale, out, br, bc, g); break;
+    case at::kBFloat16: run<c10::BFloat16>(x, scale, out, br, bc, g); break;
+    case at::kHalf: run<c10::Half>(x, scale, out, br, bc, g); break;
+    default: TORCH_CHECK(false, "fake_quantize: fp32, bf16 or fp16 operands");
+  }
+  return out;
+}
+
+// max |x| of each (br, bc) block (NaN if the block holds one), rows of blocks in parallel.
+// |x| is compared as the integer of its bits: for non-negative floats that is their order, NaN
+// above inf, and an integer max vectorizes where a NaN-propagating float max does not.
+MIXPREC_INLINE uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
+
+template <typename T>
+void block_amax(const at::Tensor& x, float* amax, int64_t br, int64_t bc) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const int64_t n_rows = (rows + br - 1) / br, n_cols = (cols + bc - 1) / bc;
+  const T* src = x.data_ptr<T>();
+  at::parallel_for(0, n_rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> acc(n_cols == 1 ? 1 : (bc == 1 ? cols : n_cols));
+    for (int64_t rb = begin; rb < end; ++rb) {
+      std::fill(acc.begin(), acc.end(), 0u);
+      for (int64_t i = rb * br; i < std::min(rows, (rb + 1) * br); ++i) {
+        const T* in = src + i * cols;
+        if (bc == 1) {  // a block per column: the max runs along the row, column by column
+          uint32_t* a = acc.data();
+          for (int64_t j = 0; j < cols; ++j) a[j] = std::max(a[j], abs_bits(widen(in[j])));
+          continue;
+        }
+        for (int64_t c = 0; c < n_cols; ++c) {
+          const int64_t lo = c * bc, hi = std::min(cols, lo + bc);
+          uint32_t m = acc[c];
+          for (int64_t j = lo; j < hi; ++j) m = std::max(m, abs_bits(widen(in[j])));
+          acc[c] = m;
+        }
+      }
+      for (int64_t c = 0; c < n_cols; ++c) amax[rb * n_cols + c] = float_of(acc[c]);
+    }
+  });
+}
+
+// The scale of a block from its amax, as mixprec.recipes computes it: fmax / max(amax, 1e-12)
+// in double rounded to float once (rule 0), rounded down to a power of two (rule 1), or the
+// E8M0 scale 2**-(floor(log2(amax)) - max_exp) clamped to [-127, 127] (rule 2).
+float scale_of(float amax, double fmax, int64_t rule, int64_t max_exp) {
+  if (rule == 2) {
+    if (!std::isfinite(amax)) return NAN;
+    int e = 0;
+    std::frexp(amax, &e);
+    int64_t shared = amax > 0 ? int64_t(e) - 1 - max_exp : -127;
+    shared = std::min<int64_t>(std::max<int64_t>(shared, -127), 127);
+    return std::ldexp(1.0f, int(-shared));
+  }
+  const double a = double(amax);
+  const float s = static_cast<float>(fmax / (a != a ? a : std::max(a, 1e-12)));
+  if (rule == 0 || s != s) return s;
+  return float_of(bits_of(s) & ~uint32_t((1u << 23) - 1));
+}
+
+at::Tensor fake_quantize_dynamic(const at::Tensor& x, int64_t br, int64_t bc, double fmax,
+                                 int64_t mbits, int64_t min_exp, int64_t rule, int64_t max_exp) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "fake_quantize: a contiguous 2-D operand");
+  TORCH_CHECK(br >= 1 && bc >= 1, "fake_quantize: block lengths >= 1");
+  const int64_t n_rows = (x.size(0) + br - 1) / br, n_cols = (x.size(1) + bc - 1) / bc;
+  at::Tensor scale = at::empty({n_rows, 1, n_cols, 1}, x.options().dtype(at::kFloat));
+  float* sc = scale.data_ptr<float>();
+  switch (x.scalar_type()) {
+    case at::kFloat: block_amax<float>(x, sc, br, bc); break;
+    case at::kBFloat16: block_amax<c10::BFloat16>(x, sc, br, bc); break;
+    case at::kHalf: block_amax<c10::Half>(x, sc, br, bc); break;
+    default: TORCH_CHECK(false, "fake_quantize: fp32, bf16 or fp16 operands");
+  }
+  for (int64_t k = 0; k < n_rows * n_cols; ++k) sc[k] = scale_of(sc[k], fmax, rule, max_exp);
+  return fake_quantize(x, scale, br, bc, fmax, mbits, min_exp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixprec_emulate, m) {
+  m.def(
+      "fake_quantize(Tensor x, Tensor scale, int br, int bc, float fmax, int mbits, "
+      "int min_exp) -> Tensor");
+  m.def(
+      "fake_quantize_dynamic(Tensor x, int br, int bc, float fmax, int mbits, int min_exp, "
+      "int rule, int max_exp) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize);
+  m.impl("fake_quantize_dynamic", &fake_quantize_dynamic);
+}

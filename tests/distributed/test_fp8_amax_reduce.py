@@ -1,0 +1,130 @@
+"""FP8 with ``amax_reduce=true`` on two gloo ranks equals one process on the whole batch.
+
+One spawn runs every recipe with and without the option; each rank trains on its half of the
+batch (halves of very different magnitude, so per-rank scales differ), sums the gradients over
+the ranks and steps. The parent compares with one process on the whole batch:
+
+* with the option the first forward's outputs and input gradients are bit for bit those rows of
+  one process (the fp8 operands are the same; only the fp32 sums of the weight gradient run in
+  another order), and every step's loss agrees to fp32 rounding;
+* without it the tensorwise recipes' outputs differ (so the test can fail).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_spawn import WORLD, spawn
+from torch import nn
+
+from mixprec.compute.fp8_linear import Fp8Linear
+from mixprec.recipes import Fp8Recipe
+from mixprec.scaled import reduce_amax
+
+STEPS, ROWS, LR = 3, 64, 1e-3
+# rowwise reduces the weight-gradient GEMM's column amaxes; mxfp8 needs no reduction (its
+# 32-row blocks are the same on a 32-row rank), so the option must leave it exact too.
+RECIPES = ("tensorwise", "tensorwise_delayed", "rowwise", "mxfp8")
+
+
+def _data() -> torch.Tensor:
+    x = torch.randn(ROWS, 32, generator=torch.Generator().manual_seed(1))
+    x[ROWS // 2 :] *= 100.0  # rank 1's half has a 100x larger amax
+    return x
+
+
+def _model(recipe: str) -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    first, second = nn.Linear(32, 64), nn.Linear(64, 32)
+    with torch.no_grad():
+        for p in (*first.parameters(), *second.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return nn.Sequential(
+        Fp8Linear.from_linear(first, recipe, "emulated"),
+        nn.ReLU(),
+        Fp8Linear.from_linear(second, recipe, "emulated"),
+    )
+
+
+def _train(recipe: str, x: torch.Tensor, distributed: bool) -> dict[str, Any]:
+    """``STEPS`` SGD steps on ``x``; a sum loss, so a rank's rows get one process's gradients."""
+    model = _model(recipe)
+    seen: dict[str, Any] = {"loss": []}
+    for step in range(STEPS):
+        x_in = x.clone().requires_grad_(True)
+        out = model(x_in)
+        loss = out.pow(2).sum()
+        loss.backward()
+        total = loss.detach().clone()
+        if distributed:
+            dist.all_reduce(total)
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+        seen["loss"].append(total)
+        if step == 0:
+            seen["out"], seen["grad_x"] = out.detach(), x_in.grad
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+                p.grad = None
+    return seen
+
+
+def _worker(rank: int, path: str) -> None:
+    half = _data().chunk(WORLD)[rank]
+    seen: dict[str, Any] = {}
+    for name in RECIPES:
+        for reduce in (True, False):
+            recipe = f"{name}:amax_reduce={str(reduce).lower()}"
+            seen[recipe] = _train(recipe, half, distributed=True)
+    # NaN on one rank is NaN on both (a step one rank skips, every rank skips)
+    amax = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([float("nan"), 3.0])
+    seen["nan"] = reduce_amax(amax)
+    torch.save(seen, Path(path) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    path = tmp_path_factory.mktemp("amax_reduce")
+    spawn(_worker, str(path))
+    return [torch.load(path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_the_option_parses_and_prints() -> None:
+    recipe = Fp8Recipe.parse("tensorwise:amax_reduce=true")
+    assert recipe.amax_reduce and str(recipe) == "tensorwise:amax_reduce=true"
+    with pytest.raises(ValueError, match="amax_reduce='yes'"):
+        Fp8Recipe.parse("rowwise:amax_reduce=yes")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_two_ranks_with_amax_reduce_equal_one_process(runs: list[dict[str, Any]], name: str):
+    recipe = f"{name}:amax_reduce=true"
+    one = _train(recipe, _data(), distributed=False)
+    rows = [rows for rows in one["out"].chunk(WORLD)]
+    grads = [g for g in one["grad_x"].chunk(WORLD)]
+    for rank, seen in enumerate(runs):
+        got = seen[recipe]
+        assert torch.equal(got["out"], rows[rank])
+        assert torch.equal(got["grad_x"], grads[rank])
+        torch.testing.assert_close(
+            torch.stack(got["loss"]), torch.stack(one["loss"]), rtol=1e-5, atol=0
+        )
+
+
+@pytest.mark.parametrize("name", ["tensorwise", "tensorwise_delayed"])
+def test_without_amax_reduce_each_rank_scales_its_own_half(
+    runs: list[dict[str, Any]], name: str
+) -> None:
+    one = _train(name, _data(), distributed=False)
+    local = runs[0][f"{name}:amax_reduce=false"]["out"]
+    assert not torch.equal(local, one["out"].chunk(WORLD)[0])
+
+
+def test_a_nan_amax_on_one_rank_is_nan_on_every_rank(runs: list[dict[str, Any]]) -> None:
+    for seen in runs:
+        assert torch.isnan(seen["nan"][0]) and seen["nan"][1] == 3.0
