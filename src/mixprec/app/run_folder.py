@@ -16,6 +16,7 @@ from typing import Any
 
 from mixprec.app.tasks import Task
 from mixprec.checkpoint import CheckpointError, load_checkpoint
+from mixprec.diagnostics.metrics import keep_metrics_before
 
 __all__ = [
     "RUN_FILES",
@@ -37,9 +38,7 @@ def prepare_run_folder(folder: Path, *, overwrite: bool, start: int) -> None:
     if overwrite:
         for name in RUN_FILES:
             _remove(folder / name)
-    metrics = folder / "metrics.jsonl"
-    kept = [r for r in _read_metrics(metrics) if r["step"] < start]
-    metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    keep_metrics_before(folder / "metrics.jsonl", start)
 
 
 def checkpoint_extra(task: Task, recipe: str, backend: str, step: int) -> dict[str, Any]:
@@ -105,19 +104,6 @@ def resume_step(checkpoint: Path, task: Task, recipe: str, backend: str) -> int:
             f"{extra.get('backend')!r} (--backend) or start a new run"
         )
     return int(extra["step"])
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl`` up to the first line a kill may have torn."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the checkpoint decides where the run continues anyway
-            break
-    return records
 
 
 def _remove(path: Path) -> None:

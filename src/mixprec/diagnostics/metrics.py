@@ -34,7 +34,14 @@ import torch.distributed as dist
 
 from mixprec import _dist
 
-__all__ = ["STEP_KEYS", "MetricsWriter", "group_mean", "rank_metrics_file", "read_metrics"]
+__all__ = [
+    "STEP_KEYS",
+    "MetricsWriter",
+    "group_mean",
+    "keep_metrics_before",
+    "rank_metrics_file",
+    "read_metrics",
+]
 
 STEP_KEYS = (
     "loss",
@@ -190,6 +197,34 @@ class MetricsWriter:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def keep_metrics_before(path: str | os.PathLike[str], step: int) -> None:
+    """Keep the lines of the metrics file ``path`` for steps before ``step``, byte for byte, up to
+    the first line a kill may have torn; a missing file becomes an empty one. A resumed run
+    redoes the steps from ``step`` on, so their lines are written again.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> with MetricsWriter(folder) as writer:
+        ...     for i in range(3):
+        ...         writer.log(i, {"loss": 1.0 / (i + 1)})
+        >>> keep_metrics_before(Path(folder) / "metrics.jsonl", 2)
+        >>> [row["step"] for row in read_metrics(folder)]
+        [0, 1]
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # torn by a kill: the checkpoint says where the run goes on
+            break
+        if row["step"] < step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8")
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -367,7 +367,12 @@ class WrappedOptimizer(torch.optim.Optimizer):
         assert mode is not None  # the plan checked it
         rest = set(
             step_fused(
-                self.optimizer, entries, inv_scale, mode, rule.one_pass_key(), self.storage  # type: ignore[arg-type]
+                self.optimizer,
+                entries,
+                inv_scale,
+                mode,
+                rule.one_pass_key(),
+                self.storage,  # type: ignore[arg-type]
             )
         )
         left = [p for p in params if p in rest or p in repeated]
