@@ -216,10 +216,10 @@ def quantize_int8(
         ``(codes, scale)``: uint8 codes of ``x``'s shape, fp32 absmax per block (rows, blocks);
         NaN for a block holding a non-finite value.
 
-    Example:
-        >>> codes, scale = quantize_int8(torch.tensor([[0.5, -1.0, 0.0]]))
+    Example (the signed map, as torchao's and bitsandbytes', ends at -0.99296875 and 1.0):
+        >>> codes, scale = quantize_int8(torch.tensor([[0.5, 1.0, 0.0, -1.0]]))
         >>> dequantize_int8(codes, scale).tolist()
-        [[0.5, -1.0, 0.0]]
+        [[0.500781238079071, 1.0, 0.0, -0.992968738079071]]
     """
     cols = x.shape[-1] if x.ndim == 2 else 0
     blocks = _blocks(x, block_size)
