@@ -81,4 +81,4 @@ def test_a_tiny_model_trains_under_the_4bit_presets_close_to_bf16(preset):
     assert isinstance(model[0], Fp4Linear) and isinstance(model[3], Fp4Linear)
     assert type(model.head) is nn.Linear  # the preset's rule keeps the head in bf16
     assert losses[-1] < 0.5 * losses[0]
-    assert abs(losses[-1] - bf16[-1]) < 0.25 * bf16[0]
+    assert abs(losses[-1] - bf16[-1]) < 0.05 * bf16[0]
