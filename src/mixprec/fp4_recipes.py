@@ -191,7 +191,8 @@ def _parse(spec: str) -> Fp4Recipe:
     name = name.strip().lower()
     if name not in FP4_RECIPE_NAMES:
         raise ValueError(
-            f"unknown 4-bit recipe {name!r}; valid recipes: {', '.join(map(repr, FP4_RECIPE_NAMES))}"
+            f"unknown 4-bit recipe {name!r}; valid recipes: "
+            f"{', '.join(map(repr, FP4_RECIPE_NAMES))}"
         )
     values: dict[str, object] = {}
     for item in filter(None, (s.strip() for s in options.split(","))):

@@ -1,4 +1,4 @@
-"""advise_fp8 under a 4-bit recipe: per-layer SNR of the 4-bit GEMMs, the layers it hurts in bf16."""
+"""advise_fp8 under a 4-bit recipe: per-layer SNR of the 4-bit GEMMs; the layers kept in bf16."""
 
 import math
 

@@ -14,7 +14,10 @@ from mixprec.policy import PRESETS, Policy
     "spec, fp8",
     [
         ("params=fp32,compute=nvfp4,output=fp32", "nvfp4"),
-        ("params=fp32,compute=nvfp4(rht=false,sr_grad=false),output=fp32", "nvfp4:rht=false,sr_grad=false"),
+        (
+            "params=fp32,compute=nvfp4(rht=false,sr_grad=false),output=fp32",
+            "nvfp4:rht=false,sr_grad=false",
+        ),
         ("params=fp32,compute=mxfp4(weight_blocks=32x32),output=fp32", "mxfp4:weight_blocks=32x32"),
         ("nvfp4-mixed(rht=false)", "nvfp4:rht=false"),
         ("mxfp4-mixed(sr_grad=true)", "mxfp4:sr_grad=true"),
@@ -41,12 +44,27 @@ def test_4bit_presets_keep_the_head_in_bf16_and_user_rules_come_first():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("params=fp32,compute=fp4_e2m1", r"compute=fp4_e2m1 is not applied by anything.*'compute=nvfp4'"),
+        (
+            "params=fp32,compute=fp4_e2m1",
+            r"compute=fp4_e2m1 is not applied by anything.*'compute=nvfp4'",
+        ),
         ("fp4_e2m1", r"fp4_e2m1 is not applied by anything.*presets 'nvfp4-mixed'"),
-        ("params=fp32,compute=fp8:nvfp4", r"'nvfp4' is a 4-bit recipe, not an fp8 one; write 'compute=nvfp4'"),
-        ("nvfp4-mixed(hadamard=true)", r"unknown 4-bit recipe option 'hadamard=true'.*valid options"),
-        ("bf16-mixed(rht=false)", r"options in parentheses go to a preset with a low-precision recipe"),
-        ("params=fp32,compute=mxfp4(weight_blocks=16x16)", r"unknown weight_blocks '16x16'.*'1x32'"),
+        (
+            "params=fp32,compute=fp8:nvfp4",
+            r"'nvfp4' is a 4-bit recipe, not an fp8 one; write 'compute=nvfp4'",
+        ),
+        (
+            "nvfp4-mixed(hadamard=true)",
+            r"unknown 4-bit recipe option 'hadamard=true'.*valid options",
+        ),
+        (
+            "bf16-mixed(rht=false)",
+            r"options in parentheses go to a preset with a low-precision recipe",
+        ),
+        (
+            "params=fp32,compute=mxfp4(weight_blocks=16x16)",
+            r"unknown weight_blocks '16x16'.*'1x32'",
+        ),
     ],
 )
 def test_bad_4bit_policies_are_refused_with_the_fix(spec, message):

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -242,7 +243,9 @@ def _compare(args: argparse.Namespace) -> int:
     from mixprec.app.report import comparison_rows, world_line, write_report
     from mixprec.app.runner import Recipe, RunResult, train
 
-    recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
+    # Commas inside parentheses belong to a recipe's options: nvfp4-mixed(rht=false,sr_grad=false)
+    specs = re.split(r",(?![^()]*\))", args.precisions)
+    recipes = [Recipe.parse(p) for p in specs if p.strip()]
     if not recipes:
         raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
     from mixprec.app.tasks import DEFAULT_TASKS, TASKS
@@ -551,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--precisions",
         default=",".join(DEFAULT_RECIPES),
-        help="comma-separated POLICY[/UPDATE] list (default: %(default)s)",
+        help="comma-separated POLICY[/UPDATE] list; a 4-bit preset takes recipe options for an "
+        "ablation, e.g. nvfp4-mixed,'nvfp4-mixed(rht=false)' (default: %(default)s)",
     )
     compare.add_argument(
         "--out",

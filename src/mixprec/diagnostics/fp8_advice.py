@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from mixprec.compute.emulated import emulated_linear
-from mixprec.compute.fp8_convert import Fp8Plan
 from mixprec.compute.fp4_linear import fp4_linear
+from mixprec.compute.fp8_convert import Fp8Plan
 from mixprec.compute.fp8_linear import fp8_linear
 from mixprec.diagnostics.layerwise import snr_db
-from mixprec.policy import ModuleRule, Policy
 from mixprec.fp4_recipes import Fp4Recipe, parse_recipe
+from mixprec.policy import ModuleRule, Policy
 from mixprec.recipes import Fp8Recipe
 
 __all__ = [
@@ -108,7 +108,8 @@ class Fp8Advice:
                 f"{layer.name:<32} {layer.output_db:8.1f} {layer.grad_input_db:8.1f} "
                 f"{layer.grad_weight_db:8.1f}  {verdict}"
             )
-        lines += [f"{name:<32} {'(shape does not fit the blocks)':>26}  bf16" for name in self.misfits]
+        misfit = "(shape does not fit the blocks)"
+        lines += [f"{name:<32} {misfit:>26}  bf16" for name in self.misfits]
         lines.append(f"plan: {self}")
         return "\n".join(lines)
 
