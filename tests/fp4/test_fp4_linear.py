@@ -202,3 +202,19 @@ def test_bad_recipes_and_backends_name_the_choices():
         Fp4Linear(32, 32, backend="native")
     assert str(Fp4Recipe.parse("nvfp4:rht=false")) == "nvfp4:rht=false"
     assert Fp4Recipe.parse("nvfp4:rht=true") == Fp4Recipe("nvfp4")  # defaults restated
+
+
+def test_fast_nearest_fp4_rounding_equals_the_grid_rounding_bit_for_bit():
+    from mixprec.blockscaled import _round_fp4_in_range
+    from mixprec.formats import FP4_E2M1
+    from mixprec.quantize import round_to_grid
+
+    bits = torch.randint(
+        -(2**31), 2**31 - 1, (1 << 20,), generator=torch.Generator().manual_seed(0)
+    )
+    x = bits.to(torch.int32).view(torch.float32)
+    x = x[x.abs() <= 6.0]  # within ±6, as scaled elements are (about half of all patterns)
+    ties = torch.arange(-12, 13) * 0.25  # every tie and grid point, with signed zeros
+    x = torch.cat([x, ties, -ties, torch.tensor([float("nan"), -0.0, 0.0])])
+    want = round_to_grid(x, FP4_E2M1, "nearest")
+    assert torch.equal(_round_fp4_in_range(x).view(torch.int32), want.view(torch.int32))
