@@ -19,6 +19,10 @@ owner may use their weight directly, as ``nn.MultiheadAttention`` does with ``ou
 listed in :attr:`Fp8Conversion.skipped` with a warning. A layer whose shape does not fit the
 recipe's blocks (blockwise and MX need whole 128 or 32 blocks along both weight dims) is left in
 high precision with a warning (``on_mismatch="fallback"``), or refused (``"error"``).
+
+4-bit recipes (``compute=nvfp4``, ``compute=mxfp4``, or the shorthand ``"nvfp4; lm_head -> bf16"``)
+go the same way to :class:`~mixprec.compute.fp4_linear.Fp4Linear`; their blocks need
+``in_features`` and ``out_features`` multiples of 16 (nvfp4) or 32 (mxfp4).
 """
 
 from __future__ import annotations
