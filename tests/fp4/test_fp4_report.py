@@ -39,3 +39,14 @@ def test_no_ablation_without_a_4bit_variant():
 @pytest.mark.parametrize("spec", ["nvfp4-mixed(rht=false,sr_grad=false)", "mxfp4-mixed/auto"])
 def test_ablation_precisions_parse_as_compare_recipes(spec):
     assert Recipe.parse(spec).policy == spec.partition("/")[0]
+
+
+def test_precisions_split_at_commas_outside_recipe_options():
+    from mixprec.app.cli import split_precisions
+
+    text = "bf16-mixed, nvfp4-mixed(rht=false,sr_grad=false),mxfp4-mixed,"
+    assert split_precisions(text) == [
+        "bf16-mixed",
+        "nvfp4-mixed(rht=false,sr_grad=false)",
+        "mxfp4-mixed",
+    ]

@@ -239,13 +239,17 @@ def _run_line(task: str, result: Any, seconds: float) -> str:
     )
 
 
+def split_precisions(text: str) -> list[str]:
+    """``--precisions`` split at its commas, except those inside parentheses, which belong to a
+    recipe's options: ``"bf16-mixed,nvfp4-mixed(rht=false,sr_grad=false)"`` is two runs."""
+    return [p.strip() for p in re.split(r",(?![^()]*\))", text) if p.strip()]
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mixprec.app.report import comparison_rows, world_line, write_report
     from mixprec.app.runner import Recipe, RunResult, train
 
-    # Commas inside parentheses belong to a recipe's options: nvfp4-mixed(rht=false,sr_grad=false)
-    specs = re.split(r",(?![^()]*\))", args.precisions)
-    recipes = [Recipe.parse(p) for p in specs if p.strip()]
+    recipes = [Recipe.parse(p) for p in split_precisions(args.precisions)]
     if not recipes:
         raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
     from mixprec.app.tasks import DEFAULT_TASKS, TASKS
