@@ -20,7 +20,7 @@ MAX_LINES = 600
 # Lowest first. A unit is a top-level module or subpackage of mixprec.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("formats", "checkpoint", "_dist"),
-    ("quantize", "stochastic", "blockscaled", "recipes", "scaled"),
+    ("quantize", "stochastic", "blockscaled", "recipes", "scaled", "fp4_recipes"),
     ("policy",),
     ("hardware",),
     ("scaling",),

@@ -53,6 +53,7 @@ __all__ = [
     "MIN_TENSOR_SCALE",
     "BlockQuantized",
     "fake_quantize",
+    "fake_quantize_tiles",
     "nvfp4_tensor_scale",
     "quantize_mx",
     "quantize_nvfp4",
@@ -154,8 +155,13 @@ def quantize_mx(
             f"quantize_mx needs a format with E8M0 block scales (mxfp8, mxfp4), got {fmt.name!r} "
             f"with {fmt.scale} scales; use quantize_nvfp4 for nvfp4"
         )
-    element = fmt.element
-    blocks = _as_blocks(x, fmt)
+    return _mx_blocks(_as_blocks(x, fmt), fmt.element, rounding, generator)
+
+
+def _mx_blocks(
+    blocks: torch.Tensor, element: Format, rounding: Rounding, generator: torch.Generator | None
+) -> BlockQuantized:
+    """MX quantization of ``(..., blocks, length)``: one E8M0 scale per last-dim block."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     biased_exponent = (amax.view(torch.int32) >> _FP32_MANTISSA_BITS) & 0xFF
     # amax's exponent minus the element's top exponent, in E8M0's range; 255 is E8M0's NaN.
@@ -228,7 +234,16 @@ def quantize_nvfp4(
         tensor_scale = nvfp4_tensor_scale(x.abs().amax()) if x.numel() else torch.tensor(1.0)
     else:
         tensor_scale = _checked_tensor_scale(per_tensor_scale)
-    tensor_scale = tensor_scale.to(x.device)
+    return _nvfp4_blocks(blocks, tensor_scale.to(x.device), rounding, generator)
+
+
+def _nvfp4_blocks(
+    blocks: torch.Tensor,
+    tensor_scale: torch.Tensor,
+    rounding: Rounding,
+    generator: torch.Generator | None,
+) -> BlockQuantized:
+    """NVFP4 quantization of ``(..., blocks, length)`` under ``tensor_scale``."""
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = amax / FP4_E2M1.max
     scales = (block_scale / tensor_scale).clamp(min=_E4M3_MIN_NORMAL, max=FP8_E4M3.max)
@@ -281,6 +296,60 @@ def fake_quantize(
     return quantized.dequantize()
 
 
+def fake_quantize_tiles(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    tile: int,
+    per_tensor_scale: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Quantize a 2-D ``x`` in square ``tile x tile`` blocks and back (round to nearest).
+
+    Each tile gets one scale from its amax, by the same rule :func:`fake_quantize` applies to a
+    1-D block of ``fmt`` (E8M0 for MX; e4m3 under the tensor scale for NVFP4), so a tile whose
+    every row has the tile's amax quantizes as those rows do along the last dimension. A square
+    tile does not care which dimension is the contraction: ``fake_quantize_tiles(w.T, ...)`` is
+    ``fake_quantize_tiles(w, ...).T`` bit for bit, which is why NVIDIA's NVFP4 recipe quantizes
+    weights this way (the forward and the input-gradient GEMM use the same quantized weight).
+
+    Args:
+        x: a 2-D float32 tensor, both dimensions multiples of ``tile``.
+        fmt: ``NVFP4``, ``MXFP4`` or ``MXFP8``.
+        tile: the tile's side (16 for NVFP4's recipe).
+        per_tensor_scale: NVFP4's tensor scale; by default from ``x``'s amax.
+
+    Returns:
+        A new float32 tensor of ``x``'s shape.
+
+    Raises:
+        ValueError: ``x`` is not 2-D or a dimension is not a multiple of ``tile``.
+
+    Example:
+        >>> from mixprec.formats import NVFP4
+        >>> w = torch.linspace(-1, 1, 32 * 16).reshape(32, 16)
+        >>> bool((fake_quantize_tiles(w.T, NVFP4, 16) == fake_quantize_tiles(w, NVFP4, 16).T).all())
+        True
+    """
+    if x.dim() != 2 or x.shape[0] % tile or x.shape[1] % tile:
+        raise ValueError(
+            f"{fmt.name} {tile}x{tile} tiles need a 2-D tensor with both dimensions multiples of "
+            f"{tile}, got shape {tuple(x.shape)!r}; pad it or use 1-D blocks"
+        )
+    rows, cols = x.shape
+    tiles = x.reshape(rows // tile, tile, cols // tile, tile).transpose(1, 2)
+    tiles = tiles.reshape(rows // tile, cols // tile, tile * tile)
+    if fmt.scale == "e8m0":
+        q = _mx_blocks(tiles, fmt.element, "nearest", None)
+    else:
+        if per_tensor_scale is None:
+            scale = nvfp4_tensor_scale(x.abs().amax()) if x.numel() else torch.tensor(1.0)
+        else:
+            scale = _checked_tensor_scale(per_tensor_scale)
+        q = _nvfp4_blocks(tiles, scale.to(x.device), "nearest", None)
+    scale = q.scales if q.tensor_scale is None else q.tensor_scale * q.scales
+    values = (q.elements * scale).reshape(rows // tile, cols // tile, tile, tile)
+    return values.transpose(1, 2).reshape(rows, cols)
+
+
 def _round_elements(
     scaled: torch.Tensor,
     element: Format,
@@ -290,7 +359,21 @@ def _round_elements(
     """Round scaled values (already within ±max, or NaN) to the element format."""
     if element == FP8_E4M3 and rounding == "nearest":
         return scaled.to(FP8_E4M3.dtype).to(torch.float32)  # torch's cast, as torchao's
+    if element == FP4_E2M1 and rounding == "nearest":
+        return _round_fp4_in_range(scaled)
     return round_to_grid(scaled, element, rounding, generator=generator)
+
+
+def _round_fp4_in_range(scaled: torch.Tensor) -> torch.Tensor:
+    """Nearest fp4 e2m1 of values within ±6 (or NaN), fewer passes than the general grid.
+
+    The grid's spacing is 0.5 below 2, 1 in [2, 4) and 2 in [4, 6], so each range is a
+    ``torch.round`` (half to even) of the value over its spacing; the even multiples of a
+    spacing are the even fp4 codes there, so the ties land as ``round_to_grid``'s do.
+    """
+    a = scaled.abs()
+    spacing = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
+    return torch.copysign(torch.round(a / spacing) * spacing, scaled)
 
 
 def _as_blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:

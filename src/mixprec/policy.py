@@ -41,6 +41,7 @@ from torch import nn
 
 from mixprec.formats import (
     BF16,
+    FP4_E2M1,
     FP8_E4M3,
     FP8_E5M2,
     FP16,
@@ -49,6 +50,7 @@ from mixprec.formats import (
     FormatLike,
     resolve_format,
 )
+from mixprec.fp4_recipes import ALL_RECIPE_NAMES, FP4_RECIPE_NAMES, Fp4Recipe, parse_recipe
 from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
 
 __all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
@@ -252,13 +254,15 @@ class Policy:
         base, *rule_specs = spec.split(";")
         policy = _parse_base(base, spec)
         rules = tuple(_parse_rule(r, spec) for r in rule_specs)
-        return replace(policy, rules=rules) if rules else policy
+        # A preset's own rules (nvfp4-mixed's head) stay, after the user's: the first match wins.
+        return replace(policy, rules=rules + policy.rules) if rules else policy
 
     def __str__(self) -> str:
         compute = self.compute
         if self.fp8 is not None:
             name, _, options = self.fp8.partition(":")
-            compute = f"fp8:{name}({options})" if options else f"fp8:{name}"
+            kind = "" if name in FP4_RECIPE_NAMES else "fp8:"  # 4-bit recipes: compute=nvfp4
+            compute = f"{kind}{name}({options})" if options else f"{kind}{name}"
         parts = [f"params={self.param},compute={compute},output={self.output}"]
         if self.master != self.param:
             parts[0] += f",master={self.master}"
@@ -427,10 +431,17 @@ def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: o
     """
     for name, value in (("compute", compute), ("output", output), ("master", master)):
         fmt = None if value is None else _format_field(name, value)  # type: ignore[arg-type]
-        if fmt == param:
+        if fmt == param and fmt != FP4_E2M1:
             # Everything in fp8 (``"fp8_e4m3"``): the params are the problem, refused where
             # they are cast with their own reason; a master equal to them is no separate copy.
             continue
+        if fmt == FP4_E2M1:
+            raise ValueError(
+                f"{name}={fmt} is not applied by anything: 4-bit compute needs a recipe's block "
+                f"scales, written 'compute=nvfp4' or 'compute=mxfp4' (4-bit recipes: "
+                f"{', '.join(map(repr, FP4_RECIPE_NAMES))}; presets 'nvfp4-mixed', "
+                f"'mxfp4-mixed'); outputs and master weights are kept in fp32, bf16 or fp16"
+            )
         if fmt in (FP8_E4M3, FP8_E5M2):
             raise ValueError(
                 f"{name}={fmt} is not applied by anything: fp8 compute needs a recipe's scales, "
@@ -444,19 +455,21 @@ def _check_fp8(recipe: object, compute: Format) -> str | None:
     """The canonical string of the fp8 recipe (a name, or a name with options), or None."""
     if recipe is None:
         return None
-    if isinstance(recipe, Fp8Recipe):
+    if isinstance(recipe, (Fp8Recipe, Fp4Recipe)):
         recipe = str(recipe)
     name = recipe.partition(":")[0] if isinstance(recipe, str) else recipe
-    if name not in FP8_RECIPE_NAMES:
+    if name not in ALL_RECIPE_NAMES:
         raise ValueError(
-            f"unknown fp8 recipe {_shown(name)}; valid recipes: "
-            f"{', '.join(FP8_RECIPE_NAMES)} (e.g. 'compute=fp8:rowwise')"
+            f"unknown fp8 recipe {_shown(name)}; valid recipes: {', '.join(FP8_RECIPE_NAMES)} "
+            f"(e.g. 'compute=fp8:rowwise'); 4-bit recipes: {', '.join(FP4_RECIPE_NAMES)} "
+            f"(e.g. 'compute=nvfp4')"
         )
-    canonical = str(Fp8Recipe.parse(recipe))  # type: ignore[arg-type]  # options checked
+    canonical = str(parse_recipe(recipe))  # type: ignore[arg-type]  # options checked
     if compute != BF16:
+        spelled = f"compute={name}" if name in FP4_RECIPE_NAMES else f"compute=fp8:{recipe}"
         raise ValueError(
-            f"fp8 compute runs everything but the linear layers' GEMMs in bf16, so it needs "
-            f"compute=bf16, got compute={compute}; write 'compute=fp8:{recipe}' (or drop fp8)"
+            f"{name} compute runs everything but the linear layers' GEMMs in bf16, so it needs "
+            f"compute=bf16, got compute={compute}; write '{spelled}' (or drop the recipe)"
         )
     return canonical
 
@@ -474,6 +487,8 @@ def _parse_base(text: str, whole: str) -> Policy:
         raise ValueError(
             f"empty policy in {_shown(whole)}; write a preset ({_presets()}) or key=format"
         )
+    if text.endswith(")") and "=" not in text.partition("(")[0]:
+        return _preset_with_options(text, whole)  # nvfp4-mixed(rht=false)
     if "=" not in text:
         preset = PRESETS.get(text.lower())
         if preset is not None:
@@ -510,6 +525,15 @@ def _parse_base(text: str, whole: str) -> Policy:
         kind, colon, recipe = value.partition(":")
         if canonical == "compute" and kind.strip().lower() == "fp8":
             values["fp8"] = _recipe_text(recipe) if colon else "tensorwise"
+            if values["fp8"].partition(":")[0] in FP4_RECIPE_NAMES:
+                raise ValueError(
+                    f"{recipe.strip()!r} is a 4-bit recipe, not an fp8 one; write "
+                    f"'compute={recipe.strip()}' (in policy {_shown(whole)})"
+                )
+            values["compute"] = BF16
+            continue
+        if canonical == "compute" and value.partition("(")[0].strip().lower() in FP4_RECIPE_NAMES:
+            values["fp8"] = _recipe_text(value)  # a 4-bit recipe: compute=nvfp4(rht=false)
             values["compute"] = BF16
             continue
         try:
@@ -539,6 +563,23 @@ def _recipe_text(text: str) -> str:
     if paren and rest.endswith(")"):
         return f"{name.strip()}:{rest[:-1]}"
     return text
+
+
+def _preset_with_options(text: str, whole: str) -> Policy:
+    """``nvfp4-mixed(rht=false)``: a preset whose recipe takes options (an ablation, say)."""
+    name, _, options = text[:-1].partition("(")
+    preset = PRESETS.get(name.strip().lower())
+    if preset is None or preset.fp8 is None:
+        with_recipe = ", ".join(k for k, v in PRESETS.items() if v.fp8 is not None)
+        raise ValueError(
+            f"unknown precision {_shown(text)} in {_shown(whole)}: options in parentheses go to "
+            f"a preset with a low-precision recipe ({with_recipe}), e.g. 'nvfp4-mixed(rht=false)'"
+        )
+    recipe = ",".join(filter(None, (preset.fp8.partition(":")[2], options.strip())))
+    try:
+        return replace(preset, fp8=f"{preset.fp8.partition(':')[0]}:{recipe}")
+    except ValueError as err:
+        raise ValueError(f"{err} (in policy {_shown(whole)})") from None
 
 
 def _built(whole: str, **fields: Any) -> Policy:
@@ -572,6 +613,10 @@ def _presets() -> str:
     return ", ".join(PRESETS)
 
 
+_HEAD = (ModuleRule("*head", Policy(param=FP32, compute=BF16, output=FP32)),)
+"""The 4-bit presets' rule: the output layer (``lm_head``, ``head``) keeps bf16 GEMMs, as
+NVIDIA's NVFP4 recipe keeps its last layers in high precision."""
+
 PRESETS: Mapping[str, Policy] = MappingProxyType(
     {
         "fp32": Policy(),
@@ -579,10 +624,16 @@ PRESETS: Mapping[str, Policy] = MappingProxyType(
         "fp16-mixed": Policy(param=FP32, compute=FP16, output=FP32),
         "bf16-pure": Policy(param=BF16, compute=BF16, output=BF16),
         "fp8-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="tensorwise"),
+        "nvfp4-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="nvfp4", rules=_HEAD),
+        "mxfp4-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="mxfp4", rules=_HEAD),
     }
 )
 """The named policies. ``*-mixed``: fp32 weights, 16-bit compute, fp32 outputs (torch.amp's recipe);
 ``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``fp8-mixed``:
 linear layers' GEMMs in FP8 with tensorwise dynamic scaling (e4m3 forward, e5m2 gradients), bf16
 elsewhere, fp32 weights (``compute=fp8:rowwise`` and the other recipes of
-:data:`mixprec.recipes.RECIPES` by policy string)."""
+:data:`mixprec.recipes.RECIPES` by policy string). ``nvfp4-mixed`` and ``mxfp4-mixed``: the 4-bit
+recipes of :mod:`mixprec.fp4_recipes` (``compute=nvfp4``, ``compute=mxfp4``) with the output layer
+(``*head``) in bf16; NVIDIA also keeps the last few blocks in bf16, which depends on the model: add
+rules (``nvfp4-mixed; blocks.11.* -> bf16-mixed``) or ask ``advise_fp8(model, batch, loss_fn,
+"nvfp4")``. Options go in parentheses: ``nvfp4-mixed(rht=false)`` is the preset without RHT."""

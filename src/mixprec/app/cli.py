@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -126,11 +127,17 @@ def _run_line(task: str, result: Any, seconds: float) -> str:
     )
 
 
+def split_precisions(text: str) -> list[str]:
+    """``--precisions`` split at its commas, except those inside parentheses, which belong to a
+    recipe's options: ``"bf16-mixed,nvfp4-mixed(rht=false,sr_grad=false)"`` is two runs."""
+    return [p.strip() for p in re.split(r",(?![^()]*\))", text) if p.strip()]
+
+
 def _compare(args: argparse.Namespace) -> int:
     from mixprec.app.report import comparison_rows, world_line, write_report
     from mixprec.app.runner import Recipe, RunResult, train
 
-    recipes = [Recipe.parse(p) for p in args.precisions.split(",") if p.strip()]
+    recipes = [Recipe.parse(p) for p in split_precisions(args.precisions)]
     if not recipes:
         raise ValueError("--precisions is empty; e.g. --precisions fp32,bf16-mixed")
     from mixprec.app.tasks import DEFAULT_TASKS, TASKS
@@ -443,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--precisions",
         default=",".join(DEFAULT_RECIPES),
-        help="comma-separated POLICY[/UPDATE] list (default: %(default)s)",
+        help="comma-separated POLICY[/UPDATE] list; a 4-bit preset takes recipe options for an "
+        "ablation, e.g. nvfp4-mixed,'nvfp4-mixed(rht=false)' (default: %(default)s)",
     )
     compare.add_argument(
         "--out",

@@ -15,11 +15,20 @@ import torch
 
 from mixprec.app.runner import RunResult
 from mixprec.formats import BF16, FP16
+from mixprec.fp4_recipes import FP4_RECIPES, Fp4Recipe
+from mixprec.policy import Policy
 
 if TYPE_CHECKING:
     from mixprec.diagnostics import Explanation
 
-__all__ = ["comparison_rows", "explain_section", "plot_runs", "world_line", "write_report"]
+__all__ = [
+    "ablation_section",
+    "comparison_rows",
+    "explain_section",
+    "plot_runs",
+    "world_line",
+    "write_report",
+]
 
 _COLUMNS = (
     "precision",
@@ -192,6 +201,67 @@ def markdown_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def _fp4_recipe(result: RunResult) -> Fp4Recipe | None:
+    """The 4-bit recipe a run's linear layers used, or None (not 4-bit, or not a policy)."""
+    try:
+        fp8 = Policy.parse(result.recipe.partition("/")[0]).fp8
+    except (ValueError, TypeError):
+        return None
+    if fp8 is None or fp8.partition(":")[0] not in FP4_RECIPES:
+        return None
+    return Fp4Recipe.parse(fp8)
+
+
+def ablation_section(results: Sequence[RunResult]) -> list[str]:
+    """What each 4-bit stabiliser buys: the runs of a 4-bit recipe with options switched off,
+    against the run with the recipe's defaults (and bf16-mixed), as Markdown lines.
+
+    ``Δ vs default`` is the variant's val loss minus the default recipe's, in percent: a positive
+    figure is what the switched-off stabilisers bought. Empty without a 4-bit variant.
+    """
+    by_recipe = [(r, _fp4_recipe(r)) for r in results]
+    bf16 = next((r for r in results if r.recipe == "bf16-mixed"), None)
+    lines: list[str] = []
+    for name, default in FP4_RECIPES.items():
+        runs = [(r, rec) for r, rec in by_recipe if rec is not None and rec.name == name]
+        base = next((r for r, rec in runs if rec == default), None)
+        if not any(rec != default for _, rec in runs):
+            continue
+        if not lines:
+            lines = ["### What the 4-bit stabilisers buy", ""]
+        lines += [
+            f"| {name} run | switched off / changed | val loss | Δ vs {name} default "
+            "| Δ vs bf16-mixed |",
+            "|---|---|---|---|---|",
+        ]
+        for r, rec in runs:
+            val = r.metrics.get("val_loss", math.nan)
+            changed = (
+                ", ".join(
+                    f"no {key}"
+                    if getattr(default, key) is True and not getattr(rec, key)
+                    else f"{key}={getattr(rec, key)}"
+                    for key in ("rht", "sr_grad", "weight_blocks")
+                    if getattr(rec, key) != getattr(default, key)
+                )
+                or "(defaults)"
+            )
+            ref_base = base.metrics.get("val_loss") if base else None
+            ref_bf16 = bf16.metrics.get("val_loss") if bf16 else None
+            lines.append(
+                f"| {r.recipe} | {changed} | {val:.4f} | {_relative(val, ref_base)} "
+                f"| {_relative(val, ref_bf16)} |"
+            )
+        lines.append("")
+    if lines:
+        lines += [
+            "A positive Δ vs default is what the switched-off stabilisers bought (lower loss with "
+            "them); one seed per run, so compare against the spread between runs.",
+            "",
+        ]
+    return lines
+
+
 _REDUCTION = {"ddp": "all-reduced", "fsdp2": "reduce-scattered"}
 
 
@@ -254,6 +324,7 @@ def write_report(
         task = results[0].task
         parts += [f"## {name}", "", f"Task settings: `{task}`", "", world_line(results), ""]
         parts += [markdown_table(results), ""]
+        parts += ablation_section(results)
         for path in plot_runs(results, folder, name):
             parts += [f"![{path.stem}]({path.name})", ""]
         if explanations and name in explanations:

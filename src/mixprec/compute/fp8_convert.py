@@ -19,6 +19,10 @@ owner may use their weight directly, as ``nn.MultiheadAttention`` does with ``ou
 listed in :attr:`Fp8Conversion.skipped` with a warning. A layer whose shape does not fit the
 recipe's blocks (blockwise and MX need whole 128 or 32 blocks along both weight dims) is left in
 high precision with a warning (``on_mismatch="fallback"``), or refused (``"error"``).
+
+4-bit recipes (``compute=nvfp4``, ``compute=mxfp4``, or the shorthand ``"nvfp4; lm_head -> bf16"``)
+go the same way to :class:`~mixprec.compute.fp4_linear.Fp4Linear`; their blocks need
+``in_features`` and ``out_features`` multiples of 16 (nvfp4) or 32 (mxfp4).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from typing import Literal, get_args
 
 from torch import nn
 
+from mixprec.compute.fp4_linear import Fp4Linear
 from mixprec.compute.fp8_linear import BACKENDS, Fp8Backend, Fp8Linear
 from mixprec.formats import BF16, FP32
+from mixprec.fp4_recipes import ALL_RECIPE_NAMES, Fp4Recipe, parse_recipe
 from mixprec.policy import PRESETS, Policy
-from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
+from mixprec.recipes import Fp8Recipe
 
 __all__ = ["Fp8Conversion", "Fp8Plan", "OnMismatch", "apply_fp8_policy", "convert_to_fp8"]
 
@@ -107,11 +113,11 @@ def convert_to_fp8(
     keep = module_filter_fn or module_filter
     pol, shorthand = _resolve(policy)
 
-    def recipe_for(name: str, mod: nn.Linear) -> Fp8Recipe | None:
+    def recipe_for(name: str, mod: nn.Linear) -> Fp8Recipe | Fp4Recipe | None:
         if keep is not None and not keep(mod, name):
             return None
         chosen = pol.for_module(name, mod).fp8
-        return None if chosen is None else Fp8Recipe.parse(chosen)
+        return None if chosen is None else parse_recipe(chosen)
 
     def exclusion(name: str) -> str:
         if shorthand is not None:
@@ -146,7 +152,7 @@ def _resolve(spec: object) -> tuple[Policy, str | None]:
     """``(the policy, the recipe shorthand's text or None)``."""
     if isinstance(spec, Fp8Plan):
         return spec.to_policy(), str(spec)
-    if isinstance(spec, Fp8Recipe):
+    if isinstance(spec, (Fp8Recipe, Fp4Recipe)):
         return _recipe_policy(spec, ()), str(spec)
     if isinstance(spec, Policy):
         return spec, None
@@ -157,10 +163,10 @@ def _resolve(spec: object) -> tuple[Policy, str | None]:
         )
     head, *rules = spec.split(";")
     name = head.partition(":")[0].strip().lower().replace("-", "_")
-    if name not in RECIPE_NAMES and ("=" in head or head.strip().lower() in PRESETS):
+    if name not in ALL_RECIPE_NAMES and ("=" in head or head.strip().lower() in PRESETS):
         return Policy.parse(spec), None
     try:
-        recipe = Fp8Recipe.parse(head)
+        recipe = parse_recipe(head)
     except ValueError as err:
         raise ValueError(
             f"{err}; or pass a policy, e.g. 'params=fp32,compute=fp8:rowwise,output=fp32'"
@@ -168,7 +174,7 @@ def _resolve(spec: object) -> tuple[Policy, str | None]:
     return _recipe_policy(recipe, rules), spec.strip()
 
 
-def _recipe_policy(recipe: Fp8Recipe, rules: list[str] | tuple[str, ...]) -> Policy:
+def _recipe_policy(recipe: Fp8Recipe | Fp4Recipe, rules: list[str] | tuple[str, ...]) -> Policy:
     """The policy a recipe shorthand means: fp32 weights and outputs, the recipe's GEMMs in FP8,
     ``<glob> -> bf16`` rules keeping layers in bf16 compute (their fp32 weights untouched)."""
     policy = Policy(param=FP32, compute=BF16, output=FP32, fp8=str(recipe))
@@ -252,7 +258,7 @@ def _check_settings(on_mismatch: object, backend: object) -> None:
 
 def _convert(
     model: nn.Module,
-    recipe_for: Callable[[str, nn.Linear], Fp8Recipe | None],
+    recipe_for: Callable[[str, nn.Linear], Fp8Recipe | Fp4Recipe | None],
     on_mismatch: OnMismatch,
     backend: Fp8Backend,
     exclusion: Callable[[str], str],
@@ -285,7 +291,10 @@ def _convert(
             result.fallbacks[name] = misfit
             warnings.warn(f"fp8: layer {name!r} stays in high precision: {misfit}", stacklevel=4)
             continue
-        new = Fp8Linear.from_linear(mod, recipe, backend)
+        if isinstance(recipe, Fp4Recipe):
+            new: Fp8Linear = Fp4Linear.from_linear(mod, recipe, backend)
+        else:
+            new = Fp8Linear.from_linear(mod, recipe, backend)
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
@@ -318,7 +327,7 @@ def _warn_about_what_stays(result: Fp8Conversion, has_linear: bool) -> None:
         )
 
 
-def _misfit(linear: nn.Linear, recipe: Fp8Recipe) -> str | None:
+def _misfit(linear: nn.Linear, recipe: Fp8Recipe | Fp4Recipe) -> str | None:
     rows, cols = recipe.required_multiple()
     if linear.out_features % rows or linear.in_features % cols:
         return (
@@ -326,3 +335,4 @@ def _misfit(linear: nn.Linear, recipe: Fp8Recipe) -> str | None:
             f"{recipe.block}, got {linear.out_features} and {linear.in_features}"
         )
     return None
+

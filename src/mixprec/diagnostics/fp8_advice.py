@@ -23,13 +23,16 @@ import torch
 from torch import nn
 
 from mixprec.compute.emulated import emulated_linear
+from mixprec.compute.fp4_linear import fp4_linear
 from mixprec.compute.fp8_convert import Fp8Plan
 from mixprec.compute.fp8_linear import fp8_linear
 from mixprec.diagnostics.layerwise import snr_db
+from mixprec.fp4_recipes import Fp4Recipe, parse_recipe
 from mixprec.policy import ModuleRule, Policy
 from mixprec.recipes import Fp8Recipe
 
 __all__ = [
+    "DEFAULT_FP4_THRESHOLD_DB",
     "DEFAULT_THRESHOLD_DB",
     "Fp8Advice",
     "Fp8OperandCounts",
@@ -43,6 +46,10 @@ DEFAULT_THRESHOLD_DB = 20.0
 """A layer whose worst FP8 SNR against bf16 is below this stays in bf16. On a small transformer
 e4m3 operands give about 28 dB and tensorwise e5m2 gradients about 24 dB in every layer, so 20 dB
 singles out layers that fare clearly worse than FP8's usual cost."""
+DEFAULT_FP4_THRESHOLD_DB = 12.0
+"""The same for the 4-bit recipes (nvfp4, mxfp4): fp4 operands cost far more than fp8 ones
+(on the charlm transformer NVFP4 gives roughly 15-19 dB per layer, stochastic rounding of the
+gradients a few dB less), so a layer below 12 dB fares clearly worse than 4-bit's usual cost."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +73,11 @@ class Fp8Advice:
     (the recipe shorthand ``"<recipe>; <layer> -> bf16"``), which
     :func:`~mixprec.compute.fp8_convert.convert_to_fp8` accepts as it is."""
 
-    recipe: Fp8Recipe
+    recipe: Fp8Recipe | Fp4Recipe
     layers: tuple[LayerSnr, ...]
     threshold_db: float
     keep_bf16: tuple[str, ...]
+    misfits: tuple[str, ...] = ()  # layers whose shape does not fit the recipe's blocks
 
     @property
     def plan(self) -> Fp8Plan:
@@ -91,14 +99,17 @@ class Fp8Advice:
 
     def report(self) -> str:
         """A table of the figures, one layer a line, with the verdict."""
-        lines = [f"fp8 {self.recipe} vs bf16, threshold {self.threshold_db:.1f} dB"]
+        kind = "" if isinstance(self.recipe, Fp4Recipe) else "fp8 "
+        lines = [f"{kind}{self.recipe} vs bf16, threshold {self.threshold_db:.1f} dB"]
         lines.append(f"{'layer':<32} {'out dB':>8} {'gin dB':>8} {'gw dB':>8}  verdict")
         for layer in self.layers:
-            verdict = "bf16" if layer.name in self.keep_bf16 else "fp8"
+            verdict = "bf16" if layer.name in self.keep_bf16 else (kind.strip() or "4-bit")
             lines.append(
                 f"{layer.name:<32} {layer.output_db:8.1f} {layer.grad_input_db:8.1f} "
                 f"{layer.grad_weight_db:8.1f}  {verdict}"
             )
+        misfit = "(shape does not fit the blocks)"
+        lines += [f"{name:<32} {misfit:>26}  bf16" for name in self.misfits]
         lines.append(f"plan: {self}")
         return "\n".join(lines)
 
@@ -110,9 +121,10 @@ def fp8_layer_snr(
     model: nn.Module,
     batch: Any,
     loss_fn: Callable[[Any], torch.Tensor],
-    recipe: str | Fp8Recipe = "tensorwise",
+    recipe: str | Fp8Recipe | Fp4Recipe = "tensorwise",
 ) -> tuple[LayerSnr, ...]:
-    """Each ``nn.Linear`` layer's FP8 SNR against bf16 on ``batch`` (see the module's note).
+    """Each ``nn.Linear`` layer's FP8 (or 4-bit) SNR against bf16 on ``batch`` (see the module's
+    note). Under a 4-bit recipe a layer whose shape does not fit its blocks is left out.
 
     Args:
         model: the model (unchanged; its gradients are left as they were).
@@ -126,10 +138,19 @@ def fp8_layer_snr(
     Raises:
         ValueError: an unknown recipe, or a model with no linear layer that ran on the batch.
     """
-    r = Fp8Recipe.parse(recipe)
+    r = parse_recipe(recipe)
     seen, modules = _capture(model, batch, loss_fn, "fp8_layer_snr")
     return tuple(
-        _measure(name, modules[name], io["x"], io["g"], r) for name, io in seen.items() if "g" in io
+        _measure(name, modules[name], io["x"], io["g"], r)
+        for name, io in seen.items()
+        if "g" in io and not _misfit(modules[name], r)
+    )
+
+
+def _misfit(layer: nn.Linear, recipe: Fp8Recipe | Fp4Recipe) -> bool:
+    """A 4-bit layer needs whole blocks along both feature dims (FP8 recipes measure any)."""
+    return isinstance(recipe, Fp4Recipe) and any(
+        d % recipe.block for d in (layer.in_features, layer.out_features)
     )
 
 
@@ -264,10 +285,14 @@ def advise_fp8(
     model: nn.Module,
     batch: Any,
     loss_fn: Callable[[Any], torch.Tensor],
-    recipe: str | Fp8Recipe = "tensorwise",
-    threshold_db: float = DEFAULT_THRESHOLD_DB,
+    recipe: str | Fp8Recipe | Fp4Recipe = "tensorwise",
+    threshold_db: float | None = None,
 ) -> Fp8Advice:
-    """Measure FP8's per-layer SNR and propose which layers stay in bf16.
+    """Measure FP8's (or a 4-bit recipe's) per-layer SNR and propose which layers stay in bf16.
+
+    ``threshold_db`` defaults to :data:`DEFAULT_THRESHOLD_DB` for FP8 recipes and
+    :data:`DEFAULT_FP4_THRESHOLD_DB` for ``nvfp4`` and ``mxfp4``. Under a 4-bit recipe a layer
+    whose shape does not fit the blocks is proposed to stay in bf16 too (``misfits``).
 
     Example:
         >>> with torch.random.fork_rng():  # examples leave the global generator as it was
@@ -277,11 +302,20 @@ def advise_fp8(
         >>> str(advice).startswith("tensorwise")
         True
     """
+    r = parse_recipe(recipe)
+    if threshold_db is None:
+        fp4 = isinstance(r, Fp4Recipe)
+        threshold_db = DEFAULT_FP4_THRESHOLD_DB if fp4 else DEFAULT_THRESHOLD_DB
     if not isinstance(threshold_db, (int, float)) or isinstance(threshold_db, bool):
         raise TypeError(f"threshold_db must be a number of dB, got {threshold_db!r}")
-    layers = fp8_layer_snr(model, batch, loss_fn, recipe)
-    keep = tuple(layer.name for layer in layers if layer.worst_db < threshold_db)
-    return Fp8Advice(Fp8Recipe.parse(recipe), layers, float(threshold_db), keep)
+    layers = fp8_layer_snr(model, batch, loss_fn, r)
+    misfits = tuple(
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and _misfit(mod, r)
+    )
+    keep = tuple(layer.name for layer in layers if layer.worst_db < threshold_db) + misfits
+    return Fp8Advice(r, layers, float(threshold_db), keep, misfits)
 
 
 def _keep_input(seen: dict[str, dict[str, torch.Tensor]], name: str) -> Callable[..., None]:
@@ -299,7 +333,7 @@ def _keep_grad(seen: dict[str, dict[str, torch.Tensor]], name: str) -> Callable[
 
 
 def _measure(
-    name: str, layer: nn.Linear, x: torch.Tensor, g: torch.Tensor, recipe: Fp8Recipe
+    name: str, layer: nn.Linear, x: torch.Tensor, g: torch.Tensor, recipe: Fp8Recipe | Fp4Recipe
 ) -> LayerSnr:
     bf16 = torch.bfloat16
     x16, g16 = x.to(bf16), g.to(bf16)
@@ -308,7 +342,9 @@ def _measure(
         xi = x16.clone().requires_grad_()
         w = layer.weight.detach().clone().requires_grad_()
         b = None if layer.bias is None else layer.bias.detach()
-        if fp8:
+        if fp8 and isinstance(recipe, Fp4Recipe):
+            out = fp4_linear(xi, w, b, recipe, out_dtype=bf16)
+        elif fp8:
             out = fp8_linear(xi, w, b, recipe, out_dtype=bf16)
         else:
             out = emulated_linear(xi, w.to(bf16), None if b is None else b.to(bf16))

@@ -1,0 +1,281 @@
+"""4-bit linear layers (NVFP4, MXFP4): custom-op GEMMs on block-scaled operands, and the module.
+
+Design note: the same shape as :mod:`mixprec.compute.fp8_linear` — ``mixprec::fp4_linear`` is
+one custom op (fake kernel, registered autograd) for the forward GEMM and each gradient GEMM is a
+custom op of its own, so ``torch.compile`` and activation checkpointing see opaque nodes that
+cannot fold the quantization away. Each GEMM quantizes its two operands to the recipe's format
+(:func:`mixprec.blockscaled.fake_quantize`, bit for bit torchao's ``NVFP4Tensor``/``MXTensor``)
+in blocks along the dimension it sums over, multiplies the dequantized values in fp32 — products
+of 4-bit values times their scales are exact in fp32, so this is the tensor core's arithmetic up
+to the order of the additions — and rounds once to the compute dtype (the bias added in fp32
+before that rounding). What the recipe's options change (:mod:`mixprec.fp4_recipes`):
+
+* ``weight_blocks=16x16`` (``32x32``): the weight is quantized once in square tiles and that same
+  tensor serves the forward and the input-gradient GEMM; ``1x16`` (``1x32``) quantizes it along
+  ``in_features`` for the forward and along ``out_features`` for the input gradient.
+* ``rht``: the weight-gradient GEMM's operands (output gradient and input, tokens x features) go
+  through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized.
+* ``sr_grad``: the output gradient's elements round stochastically (torch's global generator,
+  drawn first for the input-gradient GEMM, then for the weight-gradient GEMM).
+
+The token count of the weight-gradient GEMM is padded with zero rows to whole blocks. There is
+no native 4-bit GEMM here yet: every device runs the emulation (``backend="native"`` is refused).
+:class:`Fp4Linear` subclasses :class:`~mixprec.compute.fp8_linear.Fp8Linear`, so everything that
+handles a low-precision layer (FSDP2's gather in the stored dtype, the session's step, conversion)
+handles it too; it keeps no amax history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.blockscaled import fake_quantize, fake_quantize_tiles
+from mixprec.compute.emulated import no_autocast
+from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating
+from mixprec.fp4_recipes import Fp4Recipe, rht
+
+__all__ = ["Fp4Linear", "fp4_linear", "quantize_fp4_operand", "quantize_fp4_weight"]
+
+
+# -- operands (pure functions) ------------------------------------------------------------------
+
+
+def quantize_fp4_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False) -> Any:
+    """``t`` (2-D) quantized in the recipe's blocks along its last dimension and back, in fp32."""
+    if t.numel() == 0:
+        return t.float()
+    return fake_quantize(t.float(), recipe.format, "stochastic" if stochastic else "nearest")
+
+
+def quantize_fp4_weight(weight: torch.Tensor, recipe: Fp4Recipe, gemm: str) -> torch.Tensor:
+    """The weight as ``gemm`` (``"output"`` or ``"grad_input"``) uses it, ``(out, in)`` in fp32.
+
+    Square tiles give one tensor for both GEMMs; 1-D blocks run along ``in_features`` for the
+    output GEMM and along ``out_features`` for the input-gradient GEMM.
+    """
+    w = weight.float()
+    if recipe.weight_tile is not None:
+        return fake_quantize_tiles(w, recipe.format, recipe.weight_tile)
+    if gemm == "output":
+        return quantize_fp4_operand(w, recipe)
+    return quantize_fp4_operand(w.t(), recipe).t()
+
+
+def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to a multiple of ``multiple`` rows."""
+    extra = -t.shape[0] % multiple
+    return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+# -- the custom ops -----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mixprec::fp4_linear", mutates_args=())
+def _fp4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    recipe: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    r = Fp4Recipe.parse(recipe)
+    with no_autocast():
+        a = quantize_fp4_operand(x, r)
+        b = quantize_fp4_weight(weight, r, "output")
+        out = torch.mm(a, b.t())
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+
+@_fp4_linear.register_fake
+def _(x, weight, bias, recipe, out_dtype):  # type: ignore[no-untyped-def]
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixprec::fp4_linear_grad_input", mutates_args=())
+def _fp4_grad_input(
+    grad: torch.Tensor, weight: torch.Tensor, recipe: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``grad @ weight``, both quantized along ``out_features``; rounded once to ``out_dtype``."""
+    r = Fp4Recipe.parse(recipe)
+    with no_autocast():
+        a = quantize_fp4_operand(grad, r, stochastic=r.sr_grad)
+        b = quantize_fp4_weight(weight, r, "grad_input")
+        return torch.mm(a, b).to(out_dtype)
+
+
+@_fp4_grad_input.register_fake
+def _(grad, weight, recipe, out_dtype):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("mixprec::fp4_linear_grad_weight", mutates_args=())
+def _fp4_grad_weight(
+    grad: torch.Tensor, x: torch.Tensor, recipe: str, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``grad.T @ x`` summed over the tokens (RHT first if the recipe says); one rounding."""
+    r = Fp4Recipe.parse(recipe)
+    with no_autocast():
+        g, xs = _pad_tokens(grad.float(), r.block), _pad_tokens(x.float(), r.block)
+        if r.rht:
+            g, xs = rht(g), rht(xs)
+        a = quantize_fp4_operand(g.t(), r, stochastic=r.sr_grad)
+        b = quantize_fp4_operand(xs.t(), r)
+        return torch.mm(a, b.t()).to(out_dtype)
+
+
+@_fp4_grad_weight.register_fake
+def _(grad, x, recipe, out_dtype):  # type: ignore[no-untyped-def]
+    return grad.new_empty((grad.shape[1], x.shape[1]), dtype=out_dtype)
+
+
+def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, weight, bias, recipe, out_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.recipe, ctx.out_dtype = recipe, out_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    want = ctx.needs_input_grad
+    gi = gw = gb = None
+    if want[0]:
+        gi = _fp4_grad_input(grad, weight, ctx.recipe, ctx.out_dtype).to(x.dtype)
+    if want[1]:
+        gw = _fp4_grad_weight(grad, x, ctx.recipe, ctx.out_dtype).to(weight.dtype)
+    if ctx.bias_dtype is not None and want[2]:
+        gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
+    return gi, gw, gb, None, None
+
+
+_fp4_linear.register_autograd(_backward, setup_context=_setup)
+
+
+def fp4_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: str | Fp4Recipe = "nvfp4",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``F.linear`` with 4-bit GEMMs in the forward and backward, as ``recipe`` says.
+
+    Args:
+        x: input, ``(..., in_features)``; ``in_features`` a multiple of the recipe's block.
+        weight: ``(out_features, in_features)``; ``out_features`` a multiple of the block too.
+        bias: optional ``(out_features,)``.
+        recipe: an :class:`~mixprec.fp4_recipes.Fp4Recipe` or its string (``"nvfp4:rht=false"``).
+        out_dtype: the dtype the output (and each gradient GEMM) is rounded to once; default
+            ``x.dtype``.
+
+    Raises:
+        ValueError: an unknown recipe or option; a feature count that is not a multiple of the
+            recipe's block (the message names it).
+
+    Example:
+        >>> x, w = torch.linspace(-2, 2, 64).reshape(4, 16), torch.ones(16, 16)
+        >>> fp4_linear(x, w, recipe="nvfp4").shape
+        torch.Size([4, 16])
+    """
+    r = Fp4Recipe.parse(recipe)
+    _check_floating(x, weight, bias)
+    _check_fits(weight, r)
+    flat = x.reshape(-1, x.shape[-1])
+    out = _fp4_linear(flat, weight, bias, str(r), out_dtype or x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_fits(weight: torch.Tensor, r: Fp4Recipe) -> None:
+    out_f, in_f = weight.shape
+    if out_f % r.block or in_f % r.block:
+        raise ValueError(
+            f"recipe {str(r)!r} quantizes blocks of {r.block} along in_features and out_features, "
+            f"got a weight of shape {(out_f, in_f)!r}; keep this layer in bf16 (a rule "
+            f"'<name> -> bf16-mixed') or pad it to multiples of {r.block}"
+        )
+
+
+# -- the module ---------------------------------------------------------------------------------
+
+
+class Fp4Linear(Fp8Linear):
+    """``nn.Linear`` whose three GEMMs run in a 4-bit format as ``recipe`` says.
+
+    Autocast as :class:`~mixprec.compute.fp8_linear.Fp8Linear`: inside a region the input is cast
+    to the region's dtype and the output has it. Weights are quantized from what they are stored
+    in (fp32 master weights in mixed training).
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``; both feature counts
+            multiples of the recipe's block (16 for nvfp4, 32 for mxfp4).
+        recipe: an :class:`~mixprec.fp4_recipes.Fp4Recipe` or its string form.
+        backend: ``"auto"`` or ``"emulated"`` (no native 4-bit GEMM yet).
+
+    Example:
+        >>> with torch.random.fork_rng():
+        ...     layer = Fp4Linear.from_linear(nn.Linear(32, 16), "nvfp4")
+        >>> layer(torch.ones(2, 32)).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        recipe: str | Fp4Recipe = "nvfp4",
+        backend: Fp8Backend = "auto",
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = Fp4Recipe.parse(recipe)  # type: ignore[assignment]
+        _check_fits(self.weight, self.recipe)  # type: ignore[arg-type]
+        self.backend = _check_backend(backend)
+        self._fp8_committed = None
+        self._backend_for = None
+
+    @classmethod
+    def from_linear(  # type: ignore[override]
+        cls, linear: nn.Linear, recipe: str | Fp4Recipe = "nvfp4", backend: Fp8Backend = "auto"
+    ) -> Fp4Linear:
+        """An ``Fp4Linear`` holding ``linear``'s own parameter objects (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe)
+        new.backend = _check_backend(backend)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating(x, self.weight, self.bias)
+        device_type = x.device.type
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+            x = x.to(out_dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        out = _fp4_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _native(self) -> bool:
+        return False
+
+
+def _check_backend(backend: object) -> Fp8Backend:
+    if backend not in ("auto", "emulated"):
+        raise ValueError(
+            f"4-bit layers run emulated only, got backend={backend!r}; valid backends: 'auto', "
+            "'emulated' (a native NVFP4/MXFP4 GEMM path is not written yet)"
+        )
+    return backend  # type: ignore[return-value]
