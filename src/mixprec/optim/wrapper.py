@@ -362,10 +362,16 @@ class WrappedOptimizer(torch.optim.Optimizer):
         torch steps such a parameter."""
         repeated = self.mirror.repeated
         rule = self.rule
-        entries = [rule.one_pass_entry(p) for p in params if p not in repeated]
+        offered = [p for p in params if p not in repeated]
         mode = rule.one_pass_mode
         assert mode is not None  # the plan checked it
-        rest = set(step_fused(self.optimizer, entries, inv_scale, mode, rule.one_pass_key()))  # type: ignore[arg-type]
+        rule.before_one_pass(offered)  # a rule whose kernel input exists only in the step
+        rest: set[torch.Tensor] = set(offered)
+        try:
+            entries = [rule.one_pass_entry(p) for p in offered]
+            rest = set(step_fused(self.optimizer, entries, inv_scale, mode, rule.one_pass_key()))  # type: ignore[arg-type]
+        finally:
+            rule.after_one_pass([p for p in offered if p not in rest], offered)
         left = [p for p in params if p in rest or p in repeated]
         self.last_step_fused += len(params) - len(left)
         return left

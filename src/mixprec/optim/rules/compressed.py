@@ -8,9 +8,8 @@ a rounding tie, about one in ``2**17``), so training is bit for bit that of :cla
 rebuilt into chunk scratch (the rule is a :class:`WidenedRule` like Kahan), the inner optimizer
 steps it, the result is rounded to nearest into the parameter and split again.
 
-What it costs: the one-pass kernel reads an fp32 master, so steps through this rule take the
-inner optimizer's path (:data:`mixprec.optim.plan.ONE_PASS_DECLINES`), and the split is two
-more memory-bound passes. The state dict holds the compact form (``remainders`` and
+What it costs: two more memory-bound passes per step (rebuild, split); the one-pass kernel runs
+in its master mode on the masters rebuilt into chunk scratch. The state dict holds the compact form (``remainders`` and
 ``remainder_ties``), which completes the model's weights: load both halves of a checkpoint. A
 state dict of :class:`Master` (full fp32 ``masters``) loads too, converted.
 """
@@ -25,7 +24,7 @@ import torch
 from mixprec.optim.remainder import join_master, split_master
 from mixprec.optim.rules.base import check_saved_buffers
 from mixprec.optim.rules.widened import WidenedRule
-from mixprec.optim.shards import local
+from mixprec.optim.shards import empty_of_kind, local, set_tensor
 
 __all__ = ["REMAINDER_BITS", "CompressedMaster"]
 
@@ -48,11 +47,7 @@ class CompressedMaster(WidenedRule):
 
     name = "compressed master"
     kind = "master"  # loads Master's state dicts and Master loads these
-    one_pass_mode = None
-    one_pass_decline = (
-        "compressed masters are rebuilt from the parameter and its remainder; the kernel reads "
-        "an fp32 master"
-    )
+    one_pass_mode = "nearest"  # on the masters rebuilt into scratch (before_one_pass)
 
     def __init__(self, remainder_bits: int = 16) -> None:
         if isinstance(remainder_bits, bool) or remainder_bits not in REMAINDER_BITS:
@@ -76,6 +71,16 @@ class CompressedMaster(WidenedRule):
         self.remainders[param] = torch.zeros_like(local(param), dtype=self.dtype)
         self.ties[param] = _NO_TIES.to(param.device)
         return super().make_shadow(param)
+
+    def before_one_pass(self, params: list[torch.Tensor]) -> None:
+        self.widen(params)  # the shadows hold the rebuilt masters: the kernel's fp32 masters
+
+    def after_one_pass(self, done: list[torch.Tensor], offered: list[torch.Tensor]) -> None:
+        shadows = self.wrapper.shadows
+        for p in self.own(done):  # the kernel wrote the master and its rounding
+            self._store(p, local(shadows[p]), local(p))
+        for p in self.own(offered):
+            set_tensor(shadows[p], empty_of_kind(p))
 
     def add_compensation(self, params: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         for p, weight in zip(params, weights, strict=True):
