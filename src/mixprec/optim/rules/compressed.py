@@ -9,9 +9,10 @@ rebuilt into chunk scratch (the rule is a :class:`WidenedRule` like Kahan), the 
 steps it, the result is rounded to nearest into the parameter and split again.
 
 What it costs: two more memory-bound passes per step (rebuild, split); the one-pass kernel runs
-in its master mode on the masters rebuilt into chunk scratch. The state dict holds the compact form (``remainders`` and
-``remainder_ties``), which completes the model's weights: load both halves of a checkpoint. A
-state dict of :class:`Master` (full fp32 ``masters``) loads too, converted.
+in its master mode on the masters rebuilt into chunk scratch. The state dict holds the compact
+form (``remainders`` and ``remainder_ties``), which completes the model's weights: load both
+halves of a checkpoint. A state dict of :class:`Master` (full fp32 ``masters``) loads too,
+converted.
 """
 
 from __future__ import annotations
