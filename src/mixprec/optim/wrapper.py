@@ -295,6 +295,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.rule.after_step()
         return loss
 
+    @torch.no_grad()
+    def step_parameters(self, params: list[torch.Tensor]) -> None:
+        """Step only ``params`` (those with a gradient): one part of a step that comes in parts,
+        as the step inside backward makes it (one parameter per post-accumulate-grad hook).
+
+        The parts give the bits of one :meth:`step` for the optimizers whose update of a
+        parameter reads only that parameter (``plan.SEPARABLE_OPTIMIZERS``). No loss scale, no
+        clipping, no closure. End the step with :meth:`step` once no parameter has a gradient
+        left: it steps nothing then, and closes the step (the rule's step counter, and what LR
+        schedulers check).
+        """
+        self._take_inner_groups()
+        self.mirror.sync()  # hyperparameters set since (LR schedulers) reach the inner optimizer
+        self._refresh_changed()
+        try:
+            self._step_planned([p for p in params if p.grad is not None], None)
+        finally:
+            self._record_versions()
+
     def _step_closure(
         self, closure: Callable[[], Any], inv_scale: torch.Tensor | float | None
     ) -> Any:

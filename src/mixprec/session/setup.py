@@ -21,8 +21,10 @@ __all__ = [
     "check_device",
     "check_has_work",
     "check_implemented",
+    "check_master_remainder",
     "check_not_replaced",
     "check_owned",
+    "check_steppable",
     "default_device",
     "distributed",
     "fp32_attribute_rules",
@@ -293,3 +295,52 @@ def plain_loop_loses(policy: Policy, scaled: bool, update: str) -> str | None:
         if update in _UPDATE_NAMES:
             lost.append(_UPDATE_NAMES[update])
     return " and ".join(lost) or None
+
+
+def check_steppable(
+    optimizer: object, model: nn.Module | None, prepared: Sequence[torch.optim.Optimizer]
+) -> None:
+    """Refuse an optimizer whose step would not change the prepared ``model`` (``prepared``:
+    the optimizers ``prepare`` returned)."""
+    from mixprec.optim.wrapper import WrappedOptimizer
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
+        )
+    if model is None:
+        return
+    if any(optimizer is opt for opt in prepared):
+        check_not_replaced(optimizer, model)
+        return
+    for wrapper in prepared:
+        if isinstance(wrapper, WrappedOptimizer) and wrapper.optimizer is optimizer:
+            raise RuntimeError(
+                f"step got the {type(optimizer).__name__} that prepare wrapped in a "
+                f"{type(wrapper).__name__}; stepping it directly would leave the model "
+                "unchanged. Step the optimizer prepare returned: "
+                "model, optimizer = mp.prepare(model, optimizer)"
+            )
+    check_owned(optimizer, {id(p) for p in model.parameters()}, "the optimizer")
+
+
+def check_master_remainder(bits: object, update: str) -> int | None:
+    """``MixedPrecision``'s ``master_remainder``: None, 16 or 8, and only with fp32 masters.
+
+    Raises:
+        ValueError: another value, or a remainder without the ``"master"`` update.
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or bits not in (16, 8):
+        raise ValueError(
+            f"master_remainder must be None (full fp32 masters), 16 (exact, 2 B/param) or 8 "
+            f"(24-bit masters, lossy), got {bits!r}"
+        )
+    if update != "master":
+        raise ValueError(
+            f"master_remainder={bits!r} compresses fp32 master weights, but the update is "
+            f"{update!r}, which keeps none; use update='master' (or a policy with master=fp32 "
+            "and update='auto'), or drop master_remainder"
+        )
+    return bits  # type: ignore[return-value]
