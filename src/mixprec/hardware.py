@@ -34,6 +34,7 @@ __all__ = [
     "HardwareReport",
     "auto_policy",
     "choose_backend",
+    "choose_fp8_backend",
     "measure_gemm",
     "probe",
     "recommend",
@@ -317,3 +318,50 @@ def choose_backend(
     if report.has_fast_gemm(fmt):
         return "native", f"{_where(report)} runs {fmt} GEMMs on {_units(report, fmt)}"
     return "emulated", f"{_where(report)} has no {fmt} GEMM units: fp32 GEMMs rounded to {fmt}"
+
+
+_FP8_NATIVE_GRANULARITIES = ("tensorwise", "rowwise")  # the recipes torch._scaled_mm runs
+
+
+def choose_fp8_backend(
+    requested: str, device: str | torch.device, granularity: str
+) -> tuple[str, str]:
+    """Resolve an FP8 GEMM backend request to ``"native"`` (``torch._scaled_mm``) or
+    ``"emulated"``, with the reason.
+
+    Native FP8 GEMMs need a CUDA device with FP8 tensor cores (compute capability 8.9+: Ada,
+    Hopper, Blackwell) and a tensorwise or rowwise recipe; everything else is emulated.
+
+    Raises:
+        ValueError: ``"native"`` where it cannot run.
+
+    Example:
+        >>> choose_fp8_backend("auto", "cpu", "tensorwise")[0]
+        'emulated'
+    """
+    device = torch.device(device)
+    if requested == "emulated":
+        return "emulated", "requested"
+    reason = _fp8_native_missing(device, granularity)
+    if reason is None:
+        return "native", f"{device} has FP8 tensor cores and {granularity} runs on _scaled_mm"
+    if requested == "native":
+        raise ValueError(
+            f"fp8 backend 'native' cannot run here: {reason}; use backend='emulated' (the same "
+            "numerics, on fp32 kernels) or 'auto'"
+        )
+    return "emulated", reason
+
+
+def _fp8_native_missing(device: torch.device, granularity: str) -> str | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"device {str(device)!r} is not a CUDA GPU with FP8 tensor cores"
+    report = probe(device, measure=False)  # cached per device
+    if not report.has_fast_gemm("fp8_e4m3") or not hasattr(torch, "_scaled_mm"):
+        return (
+            f"CUDA compute capability {report.compute_capability} has no FP8 tensor cores "
+            "(8.9+ needed)"
+        )
+    if granularity not in _FP8_NATIVE_GRANULARITIES:
+        return f"{granularity!r} scaling has no _scaled_mm kernel here"
+    return None

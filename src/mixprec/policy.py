@@ -20,11 +20,12 @@ of the optimizer's copy of the weights; equal to params means no separate copy) 
 ``reduce``/``r`` (the format gradients are all-reduced in).
 
 FP8: ``compute=fp8:<recipe>`` (``compute=fp8`` for ``tensorwise``) runs the GEMMs of linear layers
-in FP8 under a named recipe of :mod:`mixprec.compute.fp8` and everything else in bf16, so it sets
-``compute`` to bf16 and ``fp8`` to the recipe name; a rule such as ``lm_head -> bf16-mixed`` keeps a
-layer out of FP8. The policy holds the recipe by name only (this layer does not import the
-compute layer); :data:`FP8_RECIPE_NAMES` lists the names, and a test keeps it equal to
-``mixprec.compute.fp8.RECIPES``.
+in FP8 under a recipe of :mod:`mixprec.recipes` (the data layer beside this one) and everything
+else in bf16, so it sets ``compute`` to bf16 and ``fp8`` to the recipe's string; options go in
+parentheses, ``compute=fp8:tensorwise(scaling=delayed,history=8)``. A rule such as
+``lm_head -> bf16-mixed`` keeps a layer out of FP8, so an FP8 plan is a policy. An fp8 format as
+``compute``, ``output`` or ``master`` is refused: FP8 compute needs a recipe (scales), and nothing
+stores outputs or masters in fp8.
 """
 
 from __future__ import annotations
@@ -38,7 +39,17 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from mixprec.formats import BF16, FP16, FP32, Format, FormatLike, resolve_format
+from mixprec.formats import (
+    BF16,
+    FP8_E4M3,
+    FP8_E5M2,
+    FP16,
+    FP32,
+    Format,
+    FormatLike,
+    resolve_format,
+)
+from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
 
 __all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
@@ -60,15 +71,8 @@ _KEYS: Mapping[str, str] = MappingProxyType(
 )
 _VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
 _RULE_KINDS = ("name", "class")
-FP8_RECIPE_NAMES: tuple[str, ...] = (
-    "tensorwise",
-    "tensorwise_delayed",
-    "rowwise",
-    "rowwise_with_gw_hp",
-    "blockwise",
-    "mxfp8",
-)
-"""The FP8 recipes ``compute=fp8:<name>`` accepts (the names of ``mixprec.compute.fp8.RECIPES``)."""
+FP8_RECIPE_NAMES: tuple[str, ...] = RECIPE_NAMES
+"""The FP8 recipes ``compute=fp8:<name>`` accepts: :data:`mixprec.recipes.RECIPE_NAMES`."""
 _ECHO_LIMIT = 100  # characters of user input an error message repeats, per mention
 
 
@@ -170,8 +174,11 @@ class Policy:
         master: format of the optimizer's copy of the weights (equal to ``param``: no copy).
         reduce: format gradients are reduced in across processes.
         rules: per-module exceptions, first match wins.
-        fp8: the FP8 recipe of linear layers' GEMMs (a name in :data:`FP8_RECIPE_NAMES`), or None.
-            Requires bf16 compute, the format of everything else.
+        fp8: the FP8 recipe of linear layers' GEMMs: a name in :data:`FP8_RECIPE_NAMES`, a
+            recipe string with options (``"tensorwise:scaling=delayed,history=8"``; written
+            ``compute=fp8:tensorwise(scaling=delayed,history=8)`` in a policy string) or an
+            :class:`~mixprec.recipes.Fp8Recipe`; stored as the recipe's canonical string. None:
+            no FP8. Requires bf16 compute, the format of everything else.
 
     Raises:
         ValueError: an unknown format, or 16-bit (or fp8) params with fp32/tf32 compute: nothing
@@ -202,11 +209,12 @@ class Policy:
         compute = _format_field("compute", _or(self.compute, param))
         object.__setattr__(self, "param", param)
         object.__setattr__(self, "compute", compute)
+        _check_no_bare_fp8(param, compute, self.output, self.master)  # before they cascade
         object.__setattr__(self, "output", _format_field("output", _or(self.output, compute)))
         object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
         _check_compute_not_wider(param, compute)
-        _check_fp8(self.fp8, compute)
+        object.__setattr__(self, "fp8", _check_fp8(self.fp8, compute))
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
@@ -247,7 +255,10 @@ class Policy:
         return replace(policy, rules=rules) if rules else policy
 
     def __str__(self) -> str:
-        compute = f"fp8:{self.fp8}" if self.fp8 is not None else self.compute
+        compute = self.compute
+        if self.fp8 is not None:
+            name, _, options = self.fp8.partition(":")
+            compute = f"fp8:{name}({options})" if options else f"fp8:{name}"
         parts = [f"params={self.param},compute={compute},output={self.output}"]
         if self.master != self.param:
             parts[0] += f",master={self.master}"
@@ -405,19 +416,49 @@ def _check_compute_not_wider(param: Format, compute: Format) -> None:
         )
 
 
-def _check_fp8(recipe: object, compute: Format) -> None:
+def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: object) -> None:
+    """Refuse an fp8 format as compute, output or master (as given, before the defaults
+    cascade): nothing would apply it.
+
+    A bare fp8 compute format has no scales (torch's autocast ignores it and runs fp32), outputs
+    and master weights have no fp8 storage path. FP8 compute is a recipe: ``compute=fp8:<name>``.
+    (fp8 params and gradient reduction are refused where they would be used, with their own
+    reasons.)
+    """
+    for name, value in (("compute", compute), ("output", output), ("master", master)):
+        fmt = None if value is None else _format_field(name, value)  # type: ignore[arg-type]
+        if fmt == param:
+            # Everything in fp8 (``"fp8_e4m3"``): the params are the problem, refused where
+            # they are cast with their own reason; a master equal to them is no separate copy.
+            continue
+        if fmt in (FP8_E4M3, FP8_E5M2):
+            raise ValueError(
+                f"{name}={fmt} is not applied by anything: fp8 compute needs a recipe's scales, "
+                f"written 'compute=fp8:<recipe>' (recipes: {', '.join(map(repr, RECIPE_NAMES))}, "
+                f"e.g. 'params=fp32,compute=fp8:rowwise,output=fp32'); outputs and master "
+                f"weights are kept in fp32, bf16 or fp16"
+            )
+
+
+def _check_fp8(recipe: object, compute: Format) -> str | None:
+    """The canonical string of the fp8 recipe (a name, or a name with options), or None."""
     if recipe is None:
-        return
-    if recipe not in FP8_RECIPE_NAMES:
+        return None
+    if isinstance(recipe, Fp8Recipe):
+        recipe = str(recipe)
+    name = recipe.partition(":")[0] if isinstance(recipe, str) else recipe
+    if name not in FP8_RECIPE_NAMES:
         raise ValueError(
-            f"unknown fp8 recipe {_shown(recipe)}; valid recipes: "
+            f"unknown fp8 recipe {_shown(name)}; valid recipes: "
             f"{', '.join(FP8_RECIPE_NAMES)} (e.g. 'compute=fp8:rowwise')"
         )
+    canonical = str(Fp8Recipe.parse(recipe))  # type: ignore[arg-type]  # options checked
     if compute != BF16:
         raise ValueError(
             f"fp8 compute runs everything but the linear layers' GEMMs in bf16, so it needs "
             f"compute=bf16, got compute={compute}; write 'compute=fp8:{recipe}' (or drop fp8)"
         )
+    return canonical
 
 
 def _format_field(name: str, value: FormatLike) -> Format:
@@ -452,7 +493,7 @@ def _parse_base(text: str, whole: str) -> Policy:
             ) from None
         return _built(whole, param=fmt, compute=fmt, output=fmt)
     values: dict[str, Any] = {}
-    for item in text.split(","):
+    for item in _split_items(text):
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key or not value:
             raise ValueError(
@@ -468,7 +509,7 @@ def _parse_base(text: str, whole: str) -> Policy:
             raise ValueError(f"policy key {key!r} is given twice in {_shown(whole)}")
         kind, colon, recipe = value.partition(":")
         if canonical == "compute" and kind.strip().lower() == "fp8":
-            values["fp8"] = recipe.strip().lower() if colon else "tensorwise"
+            values["fp8"] = _recipe_text(recipe) if colon else "tensorwise"
             values["compute"] = BF16
             continue
         try:
@@ -476,6 +517,28 @@ def _parse_base(text: str, whole: str) -> Policy:
         except ValueError as err:
             raise ValueError(f"{err} (in policy {_shown(whole)}, key {key!r})") from None
     return _built(whole, **values)
+
+
+def _split_items(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses: a recipe's options
+    (``compute=fp8:tensorwise(scaling=delayed,history=8)``) stay in their item."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
+def _recipe_text(text: str) -> str:
+    """``name(options)`` (the policy's spelling) as the recipe string ``name:options``."""
+    text = text.strip().lower()
+    name, paren, rest = text.partition("(")
+    if paren and rest.endswith(")"):
+        return f"{name.strip()}:{rest[:-1]}"
+    return text
 
 
 def _built(whole: str, **fields: Any) -> Policy:
@@ -522,4 +585,4 @@ PRESETS: Mapping[str, Policy] = MappingProxyType(
 ``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``fp8-mixed``:
 linear layers' GEMMs in FP8 with tensorwise dynamic scaling (e4m3 forward, e5m2 gradients), bf16
 elsewhere, fp32 weights (``compute=fp8:rowwise`` and the other recipes of
-:data:`mixprec.compute.fp8.RECIPES` by policy string)."""
+:data:`mixprec.recipes.RECIPES` by policy string)."""

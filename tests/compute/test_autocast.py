@@ -9,7 +9,7 @@ from torch import nn
 
 import mixprec
 from mixprec.app.tasks.transformer import TinyTransformer
-from mixprec.compute import autocast, current_region, op_table
+from mixprec.compute import AutocastDeviceError, autocast, current_region, op_table
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -285,3 +285,28 @@ def test_the_op_tables_name_exactly_the_ops_torch_autocasts():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("device_type", ["gpu", "not a real device", 1])
+def test_op_table_refuses_a_device_autocast_refuses(device_type):
+    with pytest.raises(AutocastDeviceError) as refused:
+        autocast(device_type)
+    with pytest.raises(AutocastDeviceError) as table:
+        op_table(device_type, torch.float16)
+    assert str(table.value) == str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, "e4m3"],
+    ids=str,
+)
+@pytest.mark.parametrize("backend", ["native", "emulated"])
+def test_an_fp8_dtype_is_refused_pointing_to_the_fp8_recipes(dtype, backend):
+    # It used to construct and run fp32 with only torch's "not supported" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before torch's warning
+        with pytest.raises(ValueError, match=r"autocast does not compute in .*fp8.*compute=fp8:"):
+            autocast("cpu", dtype=dtype, backend=backend)
+        with autocast("cpu", dtype=dtype, enabled=False):  # disabled: any dtype, as torch
+            assert not torch.is_autocast_enabled("cpu")

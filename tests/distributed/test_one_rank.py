@@ -17,7 +17,7 @@ from torch import nn
 
 from mixprec.diagnostics import nonfinite_grads
 from mixprec.scaling import GradScaler
-from mixprec.scaling._distributed import agreement_groups, mark_replicas
+from mixprec.scaling.agreement import agreement_groups, mark_replicas
 from mixprec.scaling.clip import global_norm
 
 

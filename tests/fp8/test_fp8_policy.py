@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mixprec.compute.fp8 import RECIPES
+from mixprec.compute.fp8 import RECIPES, Fp8Recipe
 from mixprec.compute.fp8_advice import advise_fp8
 from mixprec.compute.fp8_convert import apply_fp8_policy
 from mixprec.compute.fp8_linear import Fp8Linear
@@ -76,3 +76,52 @@ def test_advice_as_a_policy_string():
     done = apply_fp8_policy(model, policy)
     assert done.excluded == [worst.name]
     assert all(isinstance(model.get_submodule(n), Fp8Linear) for n in done.converted)
+
+
+def test_convert_to_fp8_takes_a_policy_like_its_recipe_shorthand():
+    import copy
+
+    from mixprec.compute.fp8_convert import convert_to_fp8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 4))
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    by_policy = convert_to_fp8(a, "params=fp32,compute=fp8:rowwise,output=fp32; 3 -> bf16-mixed")
+    by_shorthand = convert_to_fp8(b, "rowwise; 3 -> bf16")
+    assert by_policy.converted == by_shorthand.converted == ["0", "2"]
+    assert by_policy.excluded == by_shorthand.excluded == ["3"]
+    # torchao's module_filter_fn(module, fqn) narrows the policy's choice
+    c = copy.deepcopy(model)
+    done = convert_to_fp8(c, Policy.parse("fp8-mixed"), module_filter_fn=lambda m, fqn: fqn != "2")
+    assert done.converted == ["0", "3"] and done.excluded == ["2"]
+
+
+def test_fp8_plan_is_a_deprecated_alias_that_builds_a_policy():
+    from mixprec.compute.fp8_convert import Fp8Plan
+
+    with pytest.warns(DeprecationWarning, match=r"Fp8Plan is deprecated.*compute=fp8:rowwise"):
+        plan = Fp8Plan.parse("rowwise; lm_head -> bf16")
+    policy = plan.to_policy()
+    assert policy.fp8 == "rowwise" and policy.for_module("model.lm_head").fp8 is None
+    assert policy == Policy.parse(
+        "params=fp32,compute=fp8:rowwise,output=fp32; lm_head -> bf16-mixed"
+    )
+
+
+def test_a_policy_carries_a_recipe_with_options():
+    from mixprec.compute.fp8_convert import convert_to_fp8
+
+    text = (
+        "params=fp32,compute=fp8:tensorwise(scaling=delayed,history=4),output=fp32; "
+        "2 -> compute=fp8:blockwise(block=16)"
+    )
+    policy = Policy.parse(text)
+    assert Policy.parse(str(policy)) == policy
+    assert Fp8Recipe.parse(policy.fp8) == Fp8Recipe.parse("tensorwise:scaling=delayed,history=4")
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    done = convert_to_fp8(model, policy)
+    assert done.converted == ["0", "2"]
+    assert model[0].recipe == Fp8Recipe.parse("tensorwise:scaling=delayed,history=4")
+    assert model[2].recipe == Fp8Recipe.parse("blockwise:block=16")
+    with pytest.raises(ValueError, match=r"option 'history' does not apply to recipe 'rowwise'"):
+        Policy.parse("compute=fp8:rowwise(history=4)")

@@ -1,13 +1,25 @@
 """Compute precision: autocast with native and emulated backends, op tables, FP32 islands, FP8."""
 
+import importlib
+
 from mixprec.compute.autocast import AutocastDeviceError, Backend, autocast, current_region
 from mixprec.compute.emulated import emulated_linear, emulated_matmul
-from mixprec.compute.fp8 import RECIPES, Fp8Recipe
-from mixprec.compute.fp8_advice import Fp8Advice, LayerSnr, advise_fp8, fp8_layer_snr
 from mixprec.compute.fp8_convert import Fp8Conversion, Fp8Plan, apply_fp8_policy, convert_to_fp8
 from mixprec.compute.fp8_linear import Fp8Linear, fp8_backend, fp8_linear
 from mixprec.compute.islands import DEFAULT_ISLAND_RULES, IslandHandle, fp32_islands
 from mixprec.compute.ops import GEMM_OPS, OpTable, op_table
+from mixprec.recipes import RECIPES, Fp8Recipe
+
+_MOVED_TO_DIAGNOSTICS = ("Fp8Advice", "LayerSnr", "advise_fp8", "fp8_layer_snr")
+
+
+def __getattr__(name: str) -> object:
+    """The FP8 advice moved to :mod:`mixprec.diagnostics.fp8_advice` (a layer above this one);
+    its old names here resolve on first use, so importing compute never imports diagnostics."""
+    if name in _MOVED_TO_DIAGNOSTICS:
+        return getattr(importlib.import_module("mixprec.diagnostics.fp8_advice"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_ISLAND_RULES",

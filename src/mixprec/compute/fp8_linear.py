@@ -3,7 +3,7 @@
 Design note: ``mixprec::fp8_linear`` is one custom op (fake kernel, registered autograd) for the
 three GEMMs of a linear layer, so ``torch.compile`` traces it as one opaque node and cannot fold
 the quantization away. Each GEMM quantizes its two operands exactly as the recipe says
-(:func:`~mixprec.compute.fp8.fp8_quantize`, along that GEMM's contraction), multiplies the
+(:func:`~mixprec.scaled.fp8_quantize`, along that GEMM's contraction), multiplies the
 dequantized values with the fp32 kernel — products of fp8 values are exact in fp32, so this is
 the tensor core's arithmetic up to the order of the fp32 additions — and rounds once to the
 compute dtype. The output GEMM adds the bias in fp32 before that rounding; the weight gradient is
@@ -12,10 +12,13 @@ On a CUDA device with FP8 tensor cores (compute capability 8.9+) tensorwise and 
 on ``torch._scaled_mm`` instead; nothing on a CPU touches that path.
 
 :class:`Fp8Linear` is the ``nn.Linear`` subclass that calls it; :mod:`mixprec.compute.fp8_convert`
-swaps it into a model. Delayed scaling keeps its amax history in a buffer (``fp8_amax_history``,
-checkpointed): the history is read before the op runs (scales for the input, the weight and the
-output gradient) and this step's amaxes are recorded after it, the output gradient's by a hook on
-the output tensor, so the op itself stays a pure function.
+swaps it into a model. Delayed scaling keeps its amax history in a buffer
+(``fp8_amax_history``: in the layer's ``state_dict`` when used alone, in the session's state when
+a session prepared the model, so a prepared model's ``state_dict`` stays plain): the history is
+read before the op runs (scales for the input, the weight and the output gradient) and this
+step's amaxes are recorded after it, the output gradient's by a hook on the output tensor, so the
+op itself stays a pure function. The records are provisional until the session's step decides
+(:meth:`Fp8Linear.end_step`): a skipped step leaves the history as it was.
 """
 
 from __future__ import annotations
@@ -23,29 +26,32 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixprec.compute.emulated import no_autocast
-from mixprec.compute.fp8 import (
-    Fp8Recipe,
-    Scaled,
-    delayed_scale,
-    dequantize,
-    dynamic_scale,
-    fp8_quantize,
-)
+from mixprec.hardware import choose_fp8_backend
+from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
+from mixprec.scaled import Scaled, dequantize, fp8_quantize
 
-__all__ = ["BACKENDS", "Fp8Backend", "Fp8Linear", "fp8_backend", "fp8_linear"]
+__all__ = [
+    "BACKENDS",
+    "Fp8Backend",
+    "Fp8Linear",
+    "fp8_backend",
+    "fp8_linear",
+]
 
 Fp8Backend = Literal["auto", "emulated", "native"]
 BACKENDS: tuple[str, ...] = get_args(Fp8Backend)
-_NATIVE_GRANULARITIES = ("tensorwise", "rowwise")
 
 
 # -- the custom op ------------------------------------------------------------------------------
 
 
 def _operand(t: torch.Tensor, r: Fp8Recipe, role: Any, dim: int, gemm: Any, scale: Any) -> Any:
+    if t.numel() == 0:  # an empty batch (an MoE expert without tokens): nothing to scale
+        return t
     return fp8_quantize(t, r, role, dim, gemm, scale)
 
 
@@ -121,10 +127,17 @@ def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 
 
 def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -> Any:
-    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically."""
-    if scales is None:
+    """The output gradient's delayed scale; 0 means no history yet, so it is scaled dynamically.
+
+    A non-finite gradient gets a NaN scale: a delayed scale is finite, so the saturating cast
+    would turn an overflowed gradient into a finite one and the loss scaler would take a step it
+    must skip. NaN makes the gradient GEMMs non-finite, as a dynamic scale does.
+    """
+    if scales is None or grad.numel() == 0:
         return None
-    return torch.where(scales[2] > 0, scales[2], dynamic_scale(grad.abs().max(), r.grad_format))
+    amax = grad.abs().max().float()
+    scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 @torch.library.custom_op("mixprec::fp8_linear_grad_input", mutates_args=())
@@ -220,7 +233,7 @@ def fp8_linear(
         x: input, ``(..., in_features)``.
         weight: ``(out_features, in_features)``.
         bias: optional ``(out_features,)``.
-        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        recipe: an :class:`~mixprec.recipes.Fp8Recipe` or its string form.
         out_dtype: the dtype the output (and each gradient GEMM) is rounded to once; default
             ``x.dtype``.
         scales: delayed scales ``[input, weight, grad_output]`` (0 for grad_output: dynamic).
@@ -235,6 +248,7 @@ def fp8_linear(
         torch.Size([4, 8])
     """
     r = Fp8Recipe.parse(recipe)
+    _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
     out = _fp8_linear(flat, weight, bias, str(r), out_dtype or x.dtype, scales, native)
@@ -247,7 +261,8 @@ def fp8_linear(
 def fp8_backend(
     backend: Fp8Backend, device: torch.device | str, recipe: Fp8Recipe | str = "tensorwise"
 ) -> tuple[str, str]:
-    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``.
+    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``, by
+    :func:`mixprec.hardware.choose_fp8_backend`.
 
     Native FP8 GEMMs need a CUDA device of compute capability 8.9+ (Ada, Hopper, Blackwell) and a
     tensorwise or rowwise recipe; everything else is emulated.
@@ -263,30 +278,7 @@ def fp8_backend(
         raise ValueError(
             f"unknown fp8 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
         )
-    r = Fp8Recipe.parse(recipe)
-    device = torch.device(device)
-    if backend == "emulated":
-        return "emulated", "requested"
-    reason = _native_missing(device, r)
-    if reason is None:
-        return "native", f"{device} has FP8 tensor cores and {r.granularity} runs on _scaled_mm"
-    if backend == "native":
-        raise ValueError(
-            f"fp8 backend 'native' cannot run here: {reason}; use backend='emulated' (the same "
-            "numerics, on fp32 kernels) or 'auto'"
-        )
-    return "emulated", reason
-
-
-def _native_missing(device: torch.device, recipe: Fp8Recipe) -> str | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"device {str(device)!r} is not a CUDA GPU with FP8 tensor cores"
-    capability = torch.cuda.get_device_capability(device)
-    if capability < (8, 9) or not hasattr(torch, "_scaled_mm"):
-        return f"CUDA compute capability {capability} has no FP8 tensor cores (8.9+ needed)"
-    if recipe.granularity not in _NATIVE_GRANULARITIES:
-        return f"{recipe.granularity!r} scaling has no _scaled_mm kernel here"
-    return None
+    return choose_fp8_backend(backend, device, Fp8Recipe.parse(recipe).granularity)
 
 
 # -- the module ---------------------------------------------------------------------------------
@@ -302,7 +294,7 @@ class Fp8Linear(nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        recipe: an :class:`~mixprec.compute.fp8.Fp8Recipe` or its string form.
+        recipe: an :class:`~mixprec.recipes.Fp8Recipe` or its string form.
         backend: ``"auto"``, ``"emulated"`` or ``"native"``.
 
     Dynamic recipes compile (``torch.compile``) like any custom op. Delayed scaling updates its
@@ -333,6 +325,8 @@ class Fp8Linear(nn.Linear):
         self.recipe = Fp8Recipe.parse(recipe)
         fp8_backend(backend, "cpu" if device is None else device, self.recipe)  # validates
         self.backend: Fp8Backend = backend
+        self._fp8_committed: torch.Tensor | None = None  # the history before this step's records
+        self._backend_for: tuple[Any, bool] | None = None  # ((device, backend), native?)
         if self.recipe.scaling == "delayed":
             hist = torch.zeros(3, self.recipe.history, device=device)
             self.register_buffer("fp8_amax_history", hist)
@@ -356,12 +350,13 @@ class Fp8Linear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating(x, self.weight, self.bias)
         device_type = x.device.type
         out_dtype = x.dtype
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
             x = x.to(out_dtype)
-        native = fp8_backend(self.backend, self.weight.device, self.recipe)[0] == "native"
+        native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
         out = _fp8_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, scales, native)
@@ -369,27 +364,66 @@ class Fp8Linear(nn.Linear):
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _native(self) -> bool:
+        """Whether the GEMMs run on ``torch._scaled_mm``: resolved once per layer and device
+        (through :func:`mixprec.hardware.probe`), not on every forward."""
+        key = (self.weight.device, self.backend)
+        if self._backend_for is None or self._backend_for[0] != key:
+            resolved = fp8_backend(self.backend, key[0], self.recipe)[0]
+            self._backend_for = (key, resolved == "native")
+        return self._backend_for[1]
+
     @torch.no_grad()
     def _delayed_scales(self, flat: torch.Tensor) -> torch.Tensor:
-        """Scales from the history (before this step), then this step's amaxes recorded."""
+        """Scales from the history (before this step), then this step's amaxes recorded.
+
+        A non-finite input (or weight) gets a NaN scale, so the output is non-finite and the
+        step is skipped as in the 16-bit presets; a finite delayed scale would saturate an inf
+        to the format's max and the step would be taken on it.
+        """
         r, hist = self.recipe, self.fp8_amax_history
-        amax_x, amax_w = flat.abs().max().float(), self.weight.detach().abs().max().float()
+        amax_x, amax_w = _amax(flat), _amax(self.weight.detach())
         s_go = delayed_scale(hist[2], torch.zeros_like(amax_x), r.grad_format, r.margin)
+        s_x = delayed_scale(hist[0], amax_x, r.input_format, r.margin)
+        s_w = delayed_scale(hist[1], amax_w, r.weight_format, r.margin)
         scales = torch.stack(
             [
-                delayed_scale(hist[0], amax_x, r.input_format, r.margin),
-                delayed_scale(hist[1], amax_w, r.weight_format, r.margin),
+                _nan_unless_finite(s_x, amax_x),
+                _nan_unless_finite(s_w, amax_w),
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
-        if self.training:
-            _record(hist[0], amax_x)
-            _record(hist[1], amax_w)
+        if self.training and flat.numel():  # an empty batch observes nothing
+            self._record(0, amax_x)
+            self._record(1, amax_w)
         return scales
 
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
-        _record(self.fp8_amax_history[2], grad.abs().max().float())
+        if grad.numel():
+            self._record(2, _amax(grad))
+
+    def _record(self, row: int, amax: torch.Tensor) -> None:
+        """Push ``amax`` onto history row ``row`` provisionally (see :meth:`end_step`).
+
+        A non-finite amax is not recorded: its step is skipped, and in the history it would
+        spoil the scales of the next ``history`` steps.
+        """
+        if self._fp8_committed is None:  # first change since the last decision: keep a copy
+            self._fp8_committed = self.fp8_amax_history.clone()
+        _push(self.fp8_amax_history[row], amax)
+
+    @torch.no_grad()
+    def end_step(self, taken: bool) -> None:
+        """Keep the amaxes recorded since the last call if the optimizer step was ``taken``,
+        else restore the history as it was: a skipped step changes no state.
+
+        :class:`mixprec.MixedPrecision` calls it at each ``step``; without a session the
+        history keeps every finite amax, as before.
+        """
+        if self._fp8_committed is not None and not taken:
+            self.fp8_amax_history.copy_(self._fp8_committed)
+        self._fp8_committed = None
 
     @torch.no_grad()
     def delayed_scaling_state(self) -> dict[str, float]:
@@ -419,7 +453,35 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
 
 
-def _record(row: torch.Tensor, amax: torch.Tensor) -> None:
-    """Push ``amax`` onto an amax history row, newest first, in place."""
-    row.copy_(torch.roll(row, 1))
-    row[0] = amax
+def _push(row: torch.Tensor, amax: torch.Tensor) -> None:
+    """Push a finite ``amax`` onto an amax history row, newest first, in place (no host sync)."""
+    pushed = torch.roll(row, 1)
+    pushed[0] = amax
+    row.copy_(torch.where(torch.isfinite(amax), pushed, row))
+
+
+def _amax(t: torch.Tensor) -> torch.Tensor:
+    """max |t| in fp32; 0 for an empty tensor (``max`` refuses those)."""
+    return t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+
+
+def _check_floating(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Refuse a non-floating input with torch's own error for ``F.linear`` (which ``nn.Linear``
+    raises), plus what to do; the GEMM would otherwise cast it and return an integer tensor."""
+    if x.is_floating_point():
+        return
+    help_text = (
+        f"; Fp8Linear takes a floating-point input (fp32, bf16 or fp16), got {x.dtype}: "
+        "cast it first, e.g. layer(x.float())"
+    )
+    try:
+        with no_autocast():  # torch's text on two empty operands of the same dtypes
+            b = None if bias is None else bias.new_empty(1)
+            F.linear(x.new_empty((0, 1)), weight.new_empty((1, 1)), b)
+    except RuntimeError as err:
+        raise RuntimeError(f"{err}{help_text}") from None
+    raise RuntimeError(help_text[2:])
+
+
+def _nan_unless_finite(scale: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))

@@ -26,6 +26,7 @@ Example:
 from mixprec.diagnostics.advisor import Advice, advise
 from mixprec.diagnostics.explainer import Explanation, ModuleExplanation, explain
 from mixprec.diagnostics.finite import nonfinite_grads, tensor_range
+from mixprec.diagnostics.fp8_advice import Fp8Advice, LayerSnr, advise_fp8, fp8_layer_snr
 from mixprec.diagnostics.layerwise import (
     Capture,
     LayerComparison,
@@ -50,8 +51,10 @@ __all__ = [
     "Advice",
     "Capture",
     "Explanation",
+    "Fp8Advice",
     "LayerComparison",
     "LayerReport",
+    "LayerSnr",
     "MetricsWriter",
     "ModuleExplanation",
     "NonFiniteEvent",
@@ -59,10 +62,12 @@ __all__ = [
     "UnderflowCounts",
     "UnderflowReport",
     "advise",
+    "advise_fp8",
     "capture",
     "compare_layers",
     "explain",
     "exponent_histogram",
+    "fp8_layer_snr",
     "gradient_counts",
     "largest_safe_scale",
     "nonfinite_grads",

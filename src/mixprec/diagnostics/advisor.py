@@ -37,8 +37,10 @@ from torch import nn
 
 from mixprec.compute import Backend
 from mixprec.diagnostics._checks import (
+    check_batch_for_loss,
     check_loss_fn,
     check_model,
+    check_nonempty_batch,
     check_threshold,
     nonfinite_inputs,
 )
@@ -165,8 +167,10 @@ def advise(
         An :class:`Advice`; ``advice.policy`` goes straight into ``Policy.parse``.
 
     Raises:
-        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair.
+        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair; a
+            batch without a target for a ``loss_fn`` that needs one.
         ValueError: a model without parameters; a threshold out of range; a non-scalar loss;
+            an empty batch;
             a batch or parameters that already hold inf or NaN (bad data).
         Exception: the model's own error for a batch it cannot take, unchanged.
 
@@ -194,6 +198,8 @@ def advise(
         )
     if not (0 <= min_gain_db < math.inf):
         raise ValueError(f"min_gain_db={min_gain_db!r} is out of range; valid range [0, inf)")
+    check_batch_for_loss(batch, loss_fn, "advise")
+    check_nonempty_batch(batch, "advise")
     bad = nonfinite_inputs(model, batch)
     if bad:
         raise ValueError(

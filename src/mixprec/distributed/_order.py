@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mixprec.policy import Policy
-from mixprec.scaling._distributed import is_dtensor
+from mixprec.scaling.agreement import is_dtensor
 
 __all__ = ["check_prepare_order", "would_recast"]
 

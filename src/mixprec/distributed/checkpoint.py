@@ -61,6 +61,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mixprec import _dist
 from mixprec.checkpoint import CheckpointError, check_loadable, load_checkpoint, save_checkpoint
 from mixprec.distributed._dcp_io import (
     MANIFEST,
@@ -85,18 +86,6 @@ __all__ = ["is_sharded_checkpoint", "load", "read_state", "save"]
 _LATEST = "LATEST"
 
 
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 @contextlib.contextmanager
 def _one_process_is_intended() -> Iterator[None]:
     """Silence DCP's warning that it assumes one process: without a group, that is the intent."""
@@ -106,7 +95,7 @@ def _one_process_is_intended() -> Iterator[None]:
 
 
 def _barrier() -> None:
-    if _distributed():
+    if _dist.initialized():
         dist.barrier()
 
 
@@ -201,8 +190,8 @@ def save(
         )
     torch_opts, wrapped = _split(optimizers)
     record = {
-        "rank": _rank(),
-        "world_size": _world(),
+        "rank": _dist.rank(),
+        "world_size": _dist.world_size(),
         "rng": torch.get_rng_state(),
         "wrapped_in_dcp": len(wrapped),  # how many wrapper states the DCP files hold
         "state": dict(state or {}),
@@ -215,7 +204,7 @@ def save(
     _agree_or_raise(refused)
     lock = None
     token, problem = secrets.token_hex(6), None
-    if _rank() == 0:
+    if _dist.rank() == 0:
         try:
             root.mkdir(parents=True, exist_ok=True)
             lock = take_lock(root)
@@ -249,20 +238,22 @@ def _write_version(
             metadata = dcp.save(
                 _dcp_state(model, torch_opts, wrapped),
                 checkpoint_id=str(tmp),
-                no_dist=not _distributed(),
+                no_dist=not _dist.initialized(),
             )
         try:
-            save_checkpoint(tmp / f"rank{_rank()}.pt", record)
+            save_checkpoint(tmp / f"rank{_dist.rank()}.pt", record)
         except OSError as err:
-            raise CheckpointError(_cannot_write(tmp / f"rank{_rank()}.pt", err)) from None
-        own = [f.name for f in tmp.iterdir() if f.name.startswith(f"__{_rank()}_")]
+            raise CheckpointError(_cannot_write(tmp / f"rank{_dist.rank()}.pt", err)) from None
+        own = [f.name for f in tmp.iterdir() if f.name.startswith(f"__{_dist.rank()}_")]
         rows = item_checksums(tmp, metadata, own)
     except Exception as err:  # every rank must reach the gather below, or the others hang
         problem = str(err) if isinstance(err, CheckpointError) else describe(err)
     results = _gather((problem, rows))
-    problems = [f"rank {r}: {p}" if _distributed() else p for r, (p, _) in enumerate(results) if p]
+    problems = [
+        f"rank {r}: {p}" if _dist.initialized() else p for r, (p, _) in enumerate(results) if p
+    ]
     if problems:
-        if _rank() == 0:
+        if _dist.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         raise CheckpointError(
@@ -270,10 +261,10 @@ def _write_version(
             "removed and the previous checkpoint is kept"
         )
     final = root / f"v-{tmp.name[len('.tmp-') :]}"
-    if _rank() == 0:
+    if _dist.rank() == 0:
         manifest = {
-            "world_size": _world(),
-            "rank_files": [f"rank{r}.pt" for r in range(_world())],
+            "world_size": _dist.world_size(),
+            "rank_files": [f"rank{r}.pt" for r in range(_dist.world_size())],
             "metadata_crc": file_crc(tmp / METADATA),
             "items": [row for _, part in results for row in part],
         }
@@ -297,16 +288,16 @@ def _cannot_write(path: Path, err: OSError) -> str:
 def _from_rank0(*values: Any) -> list[Any]:
     """Rank 0's ``values`` on every rank."""
     box = list(values)
-    if _distributed():
+    if _dist.initialized():
         dist.broadcast_object_list(box, src=0)
     return box
 
 
 def _gather(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order, on every rank."""
-    if not _distributed():
+    if not _dist.initialized():
         return [value]
-    values: list[Any] = [None] * _world()
+    values: list[Any] = [None] * _dist.world_size()
     dist.all_gather_object(values, value)
     return values
 
@@ -325,7 +316,7 @@ def _agree(problem: str | None) -> None:
 def _agree_or_raise(refused: TypeError | None) -> None:
     """Raise on every rank if any rank's values are refused (no rank writes then)."""
     bad = torch.tensor([0.0 if refused is None else 1.0])
-    if _distributed():
+    if _dist.initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if refused is not None:
         raise refused
@@ -451,11 +442,11 @@ def _check_version(root: Path, version: Path) -> tuple[dict[str, Any], Metadata]
     problem = check_files(version, sorted(files)) or check_extents(version, metadata)
     if problem is None and manifest is not None:
         rows = manifest.get("items", [])
-        problem = verify_items(version, rows[_rank() :: _world()])
+        problem = verify_items(version, rows[_dist.rank() :: _dist.world_size()])
     if problem is not None:
         raise CheckpointError(f"{problem}; restore it from a backup or an earlier checkpoint")
-    own = version / f"rank{_rank()}.pt"
-    record = load_checkpoint(own) if _rank() < world else first
+    own = version / f"rank{_dist.rank()}.pt"
+    record = load_checkpoint(own) if _dist.rank() < world else first
     return record, metadata
 
 
@@ -522,7 +513,7 @@ def load(
     )
     for opt, saved in zip(wrapped, staged.get("wrapped", []), strict=True):
         opt.load_state_dict(saved)
-    if _rank() < record["world_size"]:
+    if _dist.rank() < record["world_size"]:
         torch.set_rng_state(record["rng"])
     return state
 
@@ -551,7 +542,7 @@ def _read_staged(
                 staged,
                 storage_reader=SafeReader(str(version)),
                 planner=SafeLoadPlanner(),
-                no_dist=not _distributed(),
+                no_dist=not _dist.initialized(),
             )
     except BaseException:
         for torch_opt in fresh_torch:  # torch's get_state_dict gave them zero state: drop it

@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mixprec import _dist
 from mixprec.formats import Format
 from mixprec.policy import Policy
-from mixprec.scaling._distributed import is_dtensor, mark_replicas
+from mixprec.scaling.agreement import is_dtensor, mark_replicas
 
 __all__ = [
     "REDUCIBLE_DTYPES",
@@ -142,7 +143,7 @@ def ddp(model: nn.Module, policy: Policy | str, **ddp_kwargs: Any) -> Distribute
             in DDP or sharded by FSDP2.
         ValueError: the backend cannot all-reduce the policy's reduce format.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist.initialized():
         raise RuntimeError(
             "ddp needs an initialised process group: call "
             "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"

@@ -31,13 +31,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.fsdp import fully_shard as _torch_fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.weak import WeakIdKeyDictionary
 
+from mixprec import _dist
 from mixprec.distributed.ddp import check_reducible
 from mixprec.optim import cast_module
 from mixprec.policy import Policy
@@ -107,7 +107,7 @@ def fully_shard(
         ValueError: the backend cannot reduce a reduce format of the policy, or ``mp_policy`` was
             passed (it is derived from ``policy``).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist.initialized():
         raise RuntimeError(
             "fully_shard needs an initialised process group: call "
             "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"

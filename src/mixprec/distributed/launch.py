@@ -19,21 +19,19 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from mixprec import _dist
+
 __all__ = ["check_divisible", "local_slice", "rank", "torchrun_group", "world_size"]
-
-
-def _initialised() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's rank in the default group (0 without one)."""
-    return dist.get_rank() if _initialised() else 0
+    return _dist.rank()
 
 
 def world_size() -> int:
     """The number of ranks in the default group (1 without one)."""
-    return dist.get_world_size() if _initialised() else 1
+    return _dist.world_size()
 
 
 def _launched_by_torchrun() -> bool:
@@ -52,7 +50,7 @@ def torchrun_group(device: str) -> Iterator[str]:
     Yields:
         ``device``, except that a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>`` under torchrun.
     """
-    if not _launched_by_torchrun() or _initialised():
+    if not _launched_by_torchrun() or _dist.initialized():
         yield device
         return
     kind = torch.device(device).type

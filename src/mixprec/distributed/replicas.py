@@ -37,8 +37,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mixprec import _dist
 from mixprec.optim.shards import local
-from mixprec.scaling._distributed import is_dtensor
+from mixprec.scaling.agreement import is_dtensor
 
 __all__ = [
     "ReplicaCheck",
@@ -236,7 +237,7 @@ def check_replicas(model: nn.Module, group: Any = None) -> ReplicaCheck:
         raise TypeError(
             f"check_replicas expects an nn.Module, got {type(model).__name__} {model!r}"
         )
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist.initialized():
         return ReplicaCheck(world=1)
     world = dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
 from mixprec.optim.rules.compressed import CompressedMaster
 from mixprec.optim.rules.master import Master
 from mixprec.optim.wrapper import WrappedOptimizer
@@ -66,6 +67,10 @@ class MasterWeightOptimizer(WrappedOptimizer):
             per 16-bit parameter, counted as grads by :func:`memory_report`) instead of the
             chunk-sized workspace. Rarely worth it now: on CPUs the chunked default already
             reuses its buffer, and GPU caching allocators make fresh buffers free.
+        state: the format the inner optimizer's per-element states are stored in between steps:
+            ``"fp32"`` (None, the default: as torch makes them), ``"bf16"``/``"fp16"`` (rounded
+            to nearest under this rule), ``"fp8"`` (e4m3, block scales) or ``"int8"``
+            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`.
         remainder_bits: store the masters of bf16 parameters compressed, as the parameter plus
             a remainder (:class:`~mixprec.optim.rules.CompressedMaster`): 16 is exact (2 bytes
             per parameter instead of 4, training bit for bit that of full masters), 8 keeps
@@ -76,9 +81,10 @@ class MasterWeightOptimizer(WrappedOptimizer):
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
             that are not fp16/bf16/fp32/complex; ``keep_grad_buffers`` is not a bool; an fp16
             parameter with ``remainder_bits``.
-        ValueError: ``remainder_bits`` is not None, 16 or 8, or comes with
+        ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive; an unknown
+            ``state`` format, or a compressed one for an optimizer whose states are not
+            elementwise (LBFGS); ``remainder_bits`` is not None, 16 or 8, or comes with
             ``keep_grad_buffers``.
-        ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive.
         RuntimeError: the optimizer has already stepped (it holds state).
 
     Example:
@@ -98,6 +104,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
+        state: StateFormat | None = None,
         remainder_bits: int | None = None,
     ) -> None:
         rule: Master | CompressedMaster
@@ -111,7 +118,9 @@ class MasterWeightOptimizer(WrappedOptimizer):
             )
         else:
             rule = CompressedMaster(remainder_bits)
-        super().__init__(optimizer, rule, max_grad_norm=max_grad_norm)
+        storage = make_storage(optimizer, state) if state is not None else None
+        super().__init__(optimizer, rule, max_grad_norm=max_grad_norm, storage=storage)
+        attach_storage(self.storage, self.optimizer)
 
     @property
     def keep_grad_buffers(self) -> bool:

@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 
 from mixprec.formats import resolve_format
+from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
 from mixprec.optim.rules.kahan import Kahan
 from mixprec.optim.rules.stochastic import Stochastic, check_seed
-from mixprec.optim.states import storage_for
 from mixprec.optim.wrapper import WrappedOptimizer
 from mixprec.quantize import quantize
 
@@ -97,6 +97,10 @@ class StochasticRoundingOptimizer(WrappedOptimizer):
             clipping).
         state_dtype: store the inner optimizer's per-element states (Adam's moments) in this dtype
             between steps, rounded stochastically too; None keeps what the optimizer makes (fp32).
+        state: the format of the per-element states between steps, by name (instead of
+            ``state_dtype``): ``"fp32"``, ``"bf16"`` (rounded stochastically), ``"fp16"``,
+            ``"fp8"`` (e4m3, block scales) or ``"int8"`` (block-wise dynamic); see
+            :mod:`mixprec.optim.quantized_states`.
 
     Raises:
         TypeError: bad optimizer, seed or dtype types.
@@ -119,10 +123,12 @@ class StochasticRoundingOptimizer(WrappedOptimizer):
         seed: int = 0,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
+        state: StateFormat | None = None,
     ) -> None:
         rule = Stochastic(check_seed(seed))
-        storage = storage_for(state_dtype)
+        storage = make_storage(optimizer, state, state_dtype)
         super().__init__(optimizer, rule, max_grad_norm=max_grad_norm, storage=storage)
+        attach_storage(self.storage, self.optimizer)
         self.state_dtype = state_dtype if state_dtype != torch.float32 else None
 
     @property
@@ -161,6 +167,8 @@ class KahanOptimizer(WrappedOptimizer):
             clipping).
         state_dtype: store the inner optimizer's per-element states in this dtype between steps
             (rounded to nearest); None keeps what the optimizer makes (fp32).
+        state: the format of the per-element states between steps, by name (instead of
+            ``state_dtype``): ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"`` or ``"int8"``.
 
     Raises:
         TypeError: bad optimizer or dtype types.
@@ -182,9 +190,11 @@ class KahanOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
+        state: StateFormat | None = None,
     ) -> None:
-        storage = storage_for(state_dtype)
+        storage = make_storage(optimizer, state, state_dtype)
         super().__init__(optimizer, Kahan(), max_grad_norm=max_grad_norm, storage=storage)
+        attach_storage(self.storage, self.optimizer)
         self.state_dtype = state_dtype if state_dtype != torch.float32 else None
 
     def compensation(self, param: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,12 @@ dimensions of a mesh) draw the same bits.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from mixprec.scaling._distributed import is_dtensor
+from mixprec._dist import flat_offset, is_dtensor, local, local_numel
 
 __all__ = [
     "empty_of_kind",
@@ -35,19 +34,6 @@ __all__ = [
     "set_tensor",
     "wrap_like",
 ]
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (an alias: writing into it writes the DTensor), else
-    ``tensor`` itself."""
-    if is_dtensor(tensor):
-        return tensor.to_local()  # type: ignore[attr-defined,no-any-return]
-    return tensor
-
-
-def local_numel(tensor: torch.Tensor) -> int:
-    """How many elements this rank holds of ``tensor``."""
-    return local(tensor).numel()
 
 
 def wrap_like(shard: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -90,33 +76,3 @@ def set_tensor(param: torch.Tensor, value: torch.Tensor) -> None:
         torch.utils.swap_tensors(param, nn.Parameter(value, requires_grad=param.requires_grad))
     else:
         param.data = value
-
-
-def flat_offset(tensor: torch.Tensor) -> int | None:
-    """Where this rank's shard of ``tensor`` starts in the global tensor's row-major order.
-
-    0 for a plain tensor. For a DTensor, the flat global index of its first local element when
-    the shard is one contiguous run of the global order (every ``Shard(0)`` layout, FSDP2's, and
-    replicated ones); None when it is not (a ``Shard(1)`` of a matrix, for example).
-    """
-    if not is_dtensor(tensor):
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    spec: Any = tensor
-    shape = tuple(tensor.shape)
-    local_shape, offset = compute_local_shape_and_global_offset(
-        shape, spec.device_mesh, spec.placements
-    )
-    if math.prod(local_shape) == 0:
-        return 0
-    # Contiguous: the dims before the first partial one hold one index, the ones after are whole.
-    partial = [d for d, (n, full) in enumerate(zip(local_shape, shape, strict=True)) if n != full]
-    if partial:
-        first = partial[0]
-        if any(local_shape[d] != 1 for d in range(first)) or any(
-            local_shape[d] != shape[d] for d in range(first + 1, len(shape))
-        ):
-            return None
-    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    return sum(o * s for o, s in zip(offset, strides, strict=True))

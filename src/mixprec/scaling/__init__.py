@@ -1,5 +1,6 @@
 """Loss scaling: pure update rules and a GradScaler that is a drop-in for torch.amp's."""
 
+from mixprec.scaling._checks import parse_state_dict
 from mixprec.scaling.clip import clip_coefficient, global_norm, unscale_and_clip_
 from mixprec.scaling.errors import (
     LossScaleAtMinimumError,
@@ -39,6 +40,7 @@ __all__ = [
     "initial_state",
     "no_scaling_update",
     "overflow_at_minimum",
+    "parse_state_dict",
     "static_update",
     "unscale_and_clip_",
     "update_scale",

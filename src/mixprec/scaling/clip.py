@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import torch
 
-from mixprec.scaling._distributed import is_dtensor
 from mixprec.scaling._grads import GradGroups, unscale_and_check_
+from mixprec.scaling.agreement import is_dtensor
 
 __all__ = ["clip_coefficient", "clip_grad_norm_", "global_norm", "unscale_and_clip_"]
 

@@ -26,16 +26,16 @@ from torch.amp.grad_scaler import OptState
 
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
-from mixprec.scaling._distributed import (
+from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
+from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
+from mixprec.scaling._state import ScalerState
+from mixprec.scaling._torch_fields import TorchFields
+from mixprec.scaling.agreement import (
     ProcessGroupArg,
     agree_found_inf_,
     agreement_groups,
     check_process_group,
 )
-from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
-from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
-from mixprec.scaling._state import ScalerState
-from mixprec.scaling._torch_fields import TorchFields
 from mixprec.scaling.clip import check_clip_args, clip_coefficient, unscale_and_clip_
 from mixprec.scaling.errors import (
     LossScaleAtMinimumError,
@@ -86,7 +86,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             ``all_reduce(MAX)`` only where ranks can disagree and are known to step together:
             over the DDP group of parameters registered by ``mixprec.distributed.ddp`` and over
             the device mesh of DTensor (FSDP2) parameters; local otherwise, so a scaler used
-            on one rank never waits (see :mod:`mixprec.scaling._distributed`). ``"world"`` or
+            on one rank never waits (see :mod:`mixprec.scaling.agreement`). ``"world"`` or
             a ``ProcessGroup``: always agree over it whenever ``torch.distributed`` is
             initialised (a single process is unaffected). None: each rank decides alone, as
             torch's scaler does.
@@ -138,6 +138,8 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         scale = _checks.check_scale(init_scale, "init_scale")
         if strategy == "dynamic":
             _checks.check_in_bounds(scale, rule)
+        else:
+            _checks.warn_ignored_rule_arguments(strategy, rule)
         if self._device == "cuda" and self._enabled and not torch.cuda.is_available():
             warnings.warn(
                 "mixprec.GradScaler is enabled for device 'cuda', but CUDA is not available; "

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
+from mixprec.compute.fp8_state import end_fp8_step, hold_fp8_state
 from mixprec.diagnostics import (
     MetricsWriter,
     NonFiniteTracer,
@@ -47,7 +48,7 @@ from mixprec.diagnostics import (
 )
 from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
 from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
-from mixprec.distributed._agree import check_same_settings
+from mixprec.distributed.agree import check_same_settings
 from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
@@ -58,7 +59,7 @@ from mixprec.optim import (
     cast_module,
 )
 from mixprec.policy import Policy
-from mixprec.scaling._distributed import agreement_groups
+from mixprec.scaling.agreement import agreement_groups
 from mixprec.session.forward import (
     Clock,
     PolicyForward,
@@ -337,6 +338,7 @@ class MixedPrecision(SessionState):
         Fp8Linear (same parameters, so optimizers keep working); nothing without an fp8 rule."""
         if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
             self.fp8 = apply_fp8_policy(model, declared)
+            hold_fp8_state(model)  # amax histories live in the session's state, not the model's
 
     def _update_mode(self) -> str:
         """The update mode of 16-bit parameters, "auto" resolved."""
@@ -423,6 +425,8 @@ class MixedPrecision(SessionState):
             self.scaler.step(optimizer)
         self.scaler.update()
         stepped = not self.scaler.step_skipped()
+        if self.fp8 is not None and self._model is not None:
+            end_fp8_step(self._model, stepped)  # a skipped step keeps no FP8 amax either
         started = self._clock.started
         report = StepReport(
             step=self._steps,

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec import _dist
 from mixprec.formats import FP32
 from mixprec.policy import ModuleRule, Policy
 from mixprec.scaling import GradScaler
@@ -38,7 +39,7 @@ __all__ = [
 
 def distributed() -> bool:
     """Whether a ``torch.distributed`` process group is up."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _dist.initialized()
 
 
 def needs_loss_scaling(policy: Policy) -> bool:

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from mixprec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from mixprec.compute.fp8_state import check_fp8_state, fp8_state, load_fp8_state
 from mixprec.policy import Policy
-from mixprec.scaling import GradScaler
-from mixprec.scaling._checks import parse_state_dict
+from mixprec.scaling import GradScaler, parse_state_dict
 from mixprec.session.setup import distributed, needs_loss_scaling
 from mixprec.session.state_checks import (
     check_model_state,
@@ -44,6 +44,7 @@ class SessionState:
     scaler: GradScaler
     _steps: int
     _optimizers: tuple[torch.optim.Optimizer, ...]
+    _model: nn.Module | None
 
     def state_dict(self) -> dict[str, Any]:
         """Everything precision-related a resumed run needs: the loss scaler, the step count and
@@ -55,13 +56,17 @@ class SessionState:
         }
 
     def _session_state(self) -> dict[str, Any]:
-        return {
+        state = {
             "version": STATE_VERSION,
             "policy": str(self.policy),
             "update": self.update,
             "steps": self._steps,
             "scaler": self.scaler.state_dict(),
         }
+        fp8 = fp8_state(self._model) if self._model is not None else {}
+        if fp8:  # delayed FP8 scaling: the amax histories (not in the model's state_dict)
+            state["fp8"] = fp8
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
@@ -124,6 +129,8 @@ class SessionState:
                 f"the state holds {count} optimizer states; this session prepared "
                 f"{len(self._optimizers)} optimizers"
             )
+        if self._model is not None and "fp8" in state:
+            check_fp8_state(self._model, state["fp8"])
         if not same_policy and needs_loss_scaling(Policy.parse(state["policy"])) != (
             needs_loss_scaling(self.policy)
         ):
@@ -139,6 +146,8 @@ class SessionState:
         if scaler:
             self.scaler.load_state_dict(state["scaler"])
         self._steps = state["steps"]
+        if self._model is not None and "fp8" in state:
+            load_fp8_state(self._model, state["fp8"])
 
     def save(
         self,
@@ -227,6 +236,7 @@ class SessionState:
         weights: Any = record.get("model")
         if isinstance(weights, Mapping):
             weights = _keys_of(model, weights)
+            _move_fp8_histories(model, weights, record.get("mixed_precision"))
         try:
             check_model_state(model, weights)
             if not isinstance(saved_optimizers, list) or len(saved_optimizers) != len(optimizers):
@@ -290,6 +300,15 @@ def _keys_of(model: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
     own = {key.replace(_COMPILE_PREFIX, ""): key for key in model.state_dict()}
     plain = _without_compile_prefix(state)
     return {own.get(key, key): value for key, value in plain.items()}
+
+
+def _move_fp8_histories(model: nn.Module, weights: dict[str, Any], session: Any) -> None:
+    """Checkpoints written before the session kept the FP8 amax histories hold them in the
+    model's entries: move them to the session state, where they are loaded from now."""
+    suffix = ".fp8_amax_history"
+    legacy = [k for k in weights if k.endswith(suffix) and k not in model.state_dict()]
+    if legacy and isinstance(session, dict) and "fp8" not in session:
+        session["fp8"] = {k[: -len(suffix)]: weights.pop(k) for k in legacy}
 
 
 def _saves_sharded(path: str | os.PathLike[str]) -> bool:

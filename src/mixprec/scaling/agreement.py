@@ -24,13 +24,14 @@ None never agrees (torch's behaviour).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
+
+from mixprec._dist import initialized, is_dtensor
 
 __all__ = [
     "agree_found_inf_",
@@ -99,7 +100,7 @@ def agreement_groups(params: Iterable[torch.Tensor], setting: ProcessGroupArg) -
         ``setting`` is None, ``torch.distributed`` is not initialised, or ``"auto"`` found
         neither registered replicas nor DTensor parameters.
     """
-    if setting is None or not (dist.is_available() and dist.is_initialized()):
+    if setting is None or not initialized():
         return []
     if setting == "world":
         return [None]
@@ -132,10 +133,3 @@ def agree_found_inf_(found_inf: torch.Tensor, groups: Iterable[Any]) -> torch.Te
     for group in groups:
         dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=group)
     return found_inf
-
-
-def is_dtensor(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (False without distributed)."""
-    # No tensor is a DTensor before its module is imported, and importing it costs seconds.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(tensor, module.DTensor)

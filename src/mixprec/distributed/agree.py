@@ -6,6 +6,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from mixprec import _dist
+
 __all__ = ["check_same_seed", "check_same_settings"]
 
 
@@ -30,7 +32,7 @@ def check_same_settings(
     Raises:
         ValueError: the ranks differ (every rank raises, naming each rank's value).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist.initialized():
         return
     settings: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(settings, (policy, update, seed), group=group)
