@@ -182,3 +182,15 @@ def test_bad_settings_are_refused():
         r"torch.float16",
     ):
         MasterWeightOptimizer(torch.optim.SGD(fp16, lr=0.1), remainder_bits=16)
+
+
+def test_with_int8_states_it_is_still_bit_for_bit_full_masters():
+    full_params, params = _params(), _params()
+    full = MasterWeightOptimizer(torch.optim.AdamW(full_params, lr=1e-3), state="int8")
+    compressed = MasterWeightOptimizer(
+        torch.optim.AdamW(params, lr=1e-3), state="int8", remainder_bits=16
+    )
+    _run(full, full_params, 10)
+    _run(compressed, params, 10)
+    for m, n in zip(full.master_params(), compressed.master_params(), strict=True):
+        assert torch.equal(m.view(torch.int32), n.view(torch.int32))

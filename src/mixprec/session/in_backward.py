@@ -48,9 +48,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mixprec._dist import is_dtensor
 from mixprec.optim.plan import SEPARABLE_OPTIMIZERS
 from mixprec.optim.wrapper import WrappedOptimizer
-from mixprec.scaling._distributed import is_dtensor
 from mixprec.session.setup import check_has_work, params_of
 
 if TYPE_CHECKING:
