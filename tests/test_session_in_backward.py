@@ -175,3 +175,11 @@ def test_master_remainder_is_checked():
                        master_remainder=12)  # fmt: skip
     with pytest.raises(ValueError, match=r"the update is 'stochastic'"):
         MixedPrecision("bf16-pure", "cpu", backend="emulated", master_remainder=16)
+
+
+def test_a_backward_that_reaches_no_parameter_reports_no_step():
+    _, optimizer, mp, _ = setup("bf16-pure", "stochastic", None, "adamw", True)
+    x, _ = batches(1)[0]
+    mp.backward(torch.zeros((), requires_grad=True) + x.sum() * 0)  # no model parameter in it
+    report = mp.step(optimizer)
+    assert not report.stepped and report.grad_norm is None and report.nonfinite_params == ()

@@ -99,6 +99,7 @@ class InBackward:
         self._armed = False
         self._handles: list[Any] = []
         self._skipped: list[str] = []
+        self._stepped = 0
         self._norm_sq = 0.0
 
     # -- setup ----------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class InBackward:
             self._skipped.append(name)
         else:
             self._norm_sq += norm * norm
+            self._stepped += 1
             if isinstance(optimizer, WrappedOptimizer):
                 optimizer.step_parameters([param])
             else:
@@ -223,16 +225,18 @@ class InBackward:
 
     def finish(self, report: StepReport) -> StepReport:
         """The step's report with what the hooks did: parameters not stepped (non-finite
-        gradients) and the gradient norm; then ready for the next step."""
+        gradients) and the gradient norm; then ready for the next step. A backward that stepped
+        no parameter (its loss did not reach the optimizers' parameters) reports
+        ``stepped=False`` and no norm."""
         if not self.enabled:
             return report
-        skipped, norm_sq = tuple(self._skipped), self._norm_sq
-        self._skipped, self._norm_sq = [], 0.0
+        skipped, stepped, norm_sq = tuple(self._skipped), self._stepped, self._norm_sq
+        self._skipped, self._stepped, self._norm_sq = [], 0, 0.0
         return replace(
             report,
-            stepped=report.stepped and not skipped,
+            stepped=report.stepped and stepped > 0 and not skipped,
             nonfinite_params=skipped,
-            grad_norm=math.sqrt(norm_sq),
+            grad_norm=math.sqrt(norm_sq) if stepped else None,
         )
 
     def detach(self) -> None:

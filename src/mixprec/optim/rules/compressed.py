@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mixprec._dist import is_dtensor
 from mixprec.optim.remainder import join_master, split_master
 from mixprec.optim.rules.base import check_saved_buffers
 from mixprec.optim.rules.widened import WidenedRule
@@ -69,7 +70,13 @@ class CompressedMaster(WidenedRule):
                 "master has no bit-slice remainder. Use full fp32 masters for fp16 models "
                 "(update='master' without master_remainder, or MasterWeightOptimizer)"
             )
-        self.remainders[param] = torch.zeros_like(local(param), dtype=self.dtype)
+        if is_dtensor(param):
+            raise NotImplementedError(
+                f"compressed masters of DTensor (FSDP2) parameters are not supported: a "
+                f"{tuple(param.shape)!r} parameter placed as {param.placements!r}; use full fp32 "
+                "masters (remainder_bits=None) with fully_shard"
+            )
+        self.remainders[param] = torch.zeros_like(param, dtype=self.dtype)
         self.ties[param] = _NO_TIES.to(param.device)
         return super().make_shadow(param)
 
