@@ -183,3 +183,17 @@ def test_a_backward_that_reaches_no_parameter_reports_no_step():
     mp.backward(torch.zeros((), requires_grad=True) + x.sum() * 0)  # no model parameter in it
     report = mp.step(optimizer)
     assert not report.stepped and report.grad_norm is None and report.nonfinite_params == ()
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_session_compressed_masters_equal_full_ones_and_resume(tmp_path, in_backward):
+    full = setup("p=bf16,master=fp32", "auto", None, "adamw", in_backward)
+    train(*full[:3], batches(5))
+    first = setup("p=bf16,master=fp32", "auto", 16, "adamw", in_backward)
+    train(*first[:3], batches(2))
+    first[2].save(tmp_path / "ckpt.pt", first[0], first[1])
+    resumed = setup("p=bf16,master=fp32", "auto", 16, "adamw", in_backward)
+    resumed[2].load(tmp_path / "ckpt.pt", resumed[0], resumed[1])
+    train(*resumed[:3], batches(3, start=2))
+    assert_same(full[0], resumed[0])
+    assert "remainders" in resumed[1].state_dict() and resumed[1].remainder_bits == 16

@@ -115,6 +115,16 @@ def test_ties_happen_in_training_and_stay_exact():
     compressed.load_state_dict(state)  # a full-master state dict, converted
     assert compressed.rule.ties[params[0]].numel() == params[0].numel()
     assert torch.equal(compressed.master_params()[0].view(torch.int32), tie.view(torch.int32))
+    saved = roundtrip(compressed.state_dict())
+    assert set(saved["remainder_ties"]) == {0}  # only the parameter that has ties
+    again = MasterWeightOptimizer(torch.optim.SGD(_params(), lr=0.0), remainder_bits=16)
+    with torch.no_grad():
+        for p, q in zip(again.param_groups[0]["params"], params, strict=True):
+            p.copy_(q)
+    again.load_state_dict(saved)
+    assert torch.equal(again.master_params()[0].view(torch.int32), tie.view(torch.int32))
+    with pytest.raises(ValueError, match="'remainder_ties' is not a dict of parameter index"):
+        again.load_state_dict({**saved, "remainder_ties": [None] * 5})
     full.param_groups[0]["lr"] = compressed.param_groups[0]["lr"] = 1e-3
     _run(full, full_params, 5)
     _run(compressed, params, 5)

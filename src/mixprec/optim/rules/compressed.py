@@ -28,10 +28,32 @@ from mixprec.optim.rules.base import check_saved_buffers
 from mixprec.optim.rules.widened import WidenedRule
 from mixprec.optim.shards import empty_of_kind, local, set_tensor
 
-__all__ = ["REMAINDER_BITS", "CompressedMaster"]
+__all__ = ["REMAINDER_BITS", "CompressedMaster", "saved_ties"]
 
 REMAINDER_BITS = (16, 8)
 _NO_TIES = torch.empty(0, dtype=torch.int64)
+
+
+def saved_ties(state_dict: Mapping[str, Any], count: int) -> list[torch.Tensor | None]:
+    """The tie lists of a compressed-master state dict, one per parameter (None: no ties).
+
+    They are saved as ``{parameter index: int64 flat indices}`` for the parameters that have
+    ties (not as a list beside the parameters: they are not shaped like them).
+
+    Raises:
+        ValueError: not such a dict.
+    """
+    saved = state_dict.get("remainder_ties")
+    if not isinstance(saved, Mapping) or not all(
+        isinstance(k, int) and 0 <= k < count and isinstance(v, torch.Tensor)
+        and v.dtype == torch.int64 and v.ndim == 1
+        for k, v in saved.items()
+    ):  # fmt: skip
+        raise ValueError(
+            "the state dict's 'remainder_ties' is not a dict of parameter index -> 1-D int64 "
+            "indices; save it with a wrapper with compressed masters"
+        )
+    return [saved.get(i) for i in range(count)]
 
 
 class CompressedMaster(WidenedRule):
@@ -134,7 +156,11 @@ class CompressedMaster(WidenedRule):
         return {
             "remainder_bits": self.remainder_bits,
             "remainders": [None if r is None else r.clone() for _, r in pairs],
-            "remainder_ties": [None if r is None else self.ties[p].clone() for p, r in pairs],
+            "remainder_ties": {
+                i: self.ties[p].clone()
+                for i, (p, r) in enumerate(pairs)
+                if r is not None and self.ties[p].numel()
+            },
         }
 
     def check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
@@ -151,25 +177,29 @@ class CompressedMaster(WidenedRule):
         dtype = torch.int16 if bits == 16 else torch.int8
         check_saved_buffers(state_dict["remainders"], self._pairs(), "remainder", lambda _: dtype,
                             saver)  # fmt: skip
-        ties = state_dict.get("remainder_ties")
-        check_saved_buffers(ties, self._pairs(), "remainder tie list", lambda _: torch.int64, saver)
+        saved_ties(state_dict, len(self._pairs()))
 
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         pairs = self._pairs()
         with torch.no_grad():
             if state_dict.get("remainder_bits") == self.remainder_bits:
                 # Relative to the weights, whichever half of the checkpoint loads first.
-                saved = zip(state_dict["remainders"], state_dict["remainder_ties"], strict=True)
-                for (param, own), (remainder, ties) in zip(pairs, saved, strict=True):
+                ties = saved_ties(state_dict, len(pairs))
+                saved = zip(state_dict["remainders"], ties, strict=True)
+                for (param, own), (remainder, tie) in zip(pairs, saved, strict=True):
                     if own is not None:
                         own.copy_(remainder)
-                        self.ties[param] = ties.to(own.device)
+                        self.ties[param] = _NO_TIES if tie is None else tie
+                        self.ties[param] = self.ties[param].to(own.device)
                 return
             if "remainders" in state_dict:  # the other width: through the masters it encodes
                 masters = [
                     None if r is None else join_master(local(p), r, t)
                     for (p, _), r, t in zip(
-                        pairs, state_dict["remainders"], state_dict["remainder_ties"], strict=True
+                        pairs,
+                        state_dict["remainders"],
+                        saved_ties(state_dict, len(pairs)),
+                        strict=True,
                     )
                 ]
             else:

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.optim.remainder import join_master
 from mixprec.optim.rules.base import UpdateRule, check_saved_buffers, unscale_in_place
+from mixprec.optim.rules.compressed import saved_ties
 from mixprec.optim.shards import local, wrap_like
 
 __all__ = ["Master"]
@@ -126,20 +128,15 @@ class Master(UpdateRule):
                 )
         saver = "MasterWeightOptimizer"
         check_saved_buffers(state_dict["remainders"], owned, "remainder", lambda _: dtype, saver)
-        check_saved_buffers(
-            state_dict.get("remainder_ties"), owned, "remainder tie list",
-            lambda _: torch.int64, saver,
-        )  # fmt: skip
+        saved_ties(state_dict, len(owned))
 
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         masters = state_dict.get("masters")
         if masters is None:  # compressed: the remainders beside the weights as they are now
-            from mixprec.optim.remainder import join_master
-
-            saved_ties = state_dict["remainder_ties"]
+            ties = saved_ties(state_dict, len(self._pairs()))
             masters = [
                 None if r is None else join_master(local(p), r, t)
-                for (p, _), r, t in zip(self._pairs(), state_dict["remainders"], saved_ties,
+                for (p, _), r, t in zip(self._pairs(), state_dict["remainders"], ties,
                                         strict=True)
             ]  # fmt: skip
         with torch.no_grad():
