@@ -136,10 +136,11 @@ class InBackward:
                     f"else; {type(inner).__name__} may couple its parameters. Use one of "
                     f"{valid} (exact types), or step_in_backward=False"
                 )
-            if getattr(optimizer, "max_grad_norm", None) is not None:
+            clip = getattr(optimizer, "max_grad_norm", None)
+            if clip is not None:
                 raise ValueError(
                     f"step_in_backward=True cannot clip by a global norm (the wrapper's "
-                    f"max_grad_norm={optimizer.max_grad_norm!r}): the norm needs every gradient "
+                    f"max_grad_norm={clip!r}): the norm needs every gradient "
                     "before the first parameter steps. Drop max_grad_norm, or use "
                     "step_in_backward=False"
                 )
@@ -150,7 +151,7 @@ class InBackward:
         if not self.enabled:
             return
         self.check(model, optimizers)
-        names = {p: name for name, p in model.named_parameters()}
+        names: dict[torch.Tensor, str] = {p: name for name, p in model.named_parameters()}
         for optimizer in optimizers:
             for p in dict.fromkeys(params_of(optimizer)):
                 if p.requires_grad:

@@ -93,9 +93,10 @@ class CompressedMaster(WidenedRule):
                 "(update='master' without master_remainder, or MasterWeightOptimizer)"
             )
         if is_dtensor(param):
+            placed = getattr(param, "placements", None)
             raise NotImplementedError(
                 f"compressed masters of DTensor (FSDP2) parameters are not supported: a "
-                f"{tuple(param.shape)!r} parameter placed as {param.placements!r}; use full fp32 "
+                f"{tuple(param.shape)!r} parameter placed as {placed!r}; use full fp32 "
                 "masters (remainder_bits=None) with fully_shard"
             )
         self.remainders[param] = torch.zeros_like(param, dtype=self.dtype)
