@@ -178,6 +178,19 @@ def test_an_update_mode_on_fp32_parameters_is_refused(spec, capsys, tmp_path):
             "argument --overwrite: not allowed with argument --resume",
         ),
         (["advise", "--task", "digits", "--threshold-db", "nan"], "must be a finite number"),
+        (
+            [
+                "train",
+                "--task",
+                "digits",
+                "--out",
+                "{tmp}/o",
+                "--precision",
+                "fp16-mixed",
+                "--step-in-backward",
+            ],
+            "step_in_backward=True cannot run with dynamic loss scaling",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
@@ -220,6 +233,17 @@ def test_the_short_data_error_names_only_real_flags(tmp_path, capsys):
 
 def _run_files(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_step_in_backward_trains_the_same_run(tmp_path):
+    runs = {}
+    for flag in ([], ["--step-in-backward"]):
+        out = tmp_path / ("inside" if flag else "ordinary")
+        args = ["train", "--task", "digits", "--precision", "bf16-pure/stochastic"]
+        assert main([*args, "--out", str(out), *TINY, *flag]) == 0
+        runs[bool(flag)] = json.loads((out / "result.json").read_text())
+    assert runs[True]["final_train_loss"] == runs[False]["final_train_loss"]
+    assert runs[True]["metrics"] == runs[False]["metrics"]
 
 
 def test_train_refuses_to_overwrite_a_run_unless_asked(tmp_path, capsys):

@@ -163,6 +163,7 @@ def _compare(args: argparse.Namespace) -> int:
                     backend=args.backend,
                     overwrite=True,  # a comparison is recomputed from scratch every time
                     strategy=args.strategy,
+                    step_in_backward=args.step_in_backward,
                     on_step=functools.partial(_advance, progress, bar),
                 )
                 results.append(result)
@@ -230,6 +231,7 @@ def _train(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             checkpoint_every=args.checkpoint_every,
             strategy=args.strategy,
+            step_in_backward=args.step_in_backward,
             on_step=lambda done: progress.update(bar, completed=done),
         )
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
@@ -413,6 +415,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "native", "emulated"),
         help="autocast backend: torch's kernels or emulated 16-bit numerics (%(default)s)",
+    )
+    parser.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="step each parameter inside backward and free its gradient (no gradient buffer; "
+        "not with fp16 loss scaling)",
     )
     from mixprec.app.runner import STRATEGIES
 

@@ -210,6 +210,7 @@ def train(
     checkpoint_every: int | None = None,
     on_step: Callable[[int], None] | None = None,
     strategy: str | None = None,
+    step_in_backward: bool = False,
 ) -> RunResult:
     """Train ``task`` under ``recipe``, writing metrics, checkpoints and the result to ``out``.
 
@@ -225,6 +226,8 @@ def train(
         on_step: called after every step with the step number (progress bars).
         strategy: under a process group, ``"ddp"`` (replicas, the default) or ``"fsdp2"``
             (shards); None picks ``"ddp"`` there and one process without a group.
+        step_in_backward: step each parameter inside backward (no gradient buffer); refused
+            with loss scaling (fp16) and under a process group.
 
     Raises:
         ValueError: ``out`` is empty or a file, or holds a run and neither ``resume`` nor
@@ -252,6 +255,8 @@ def train(
         )
     # Everything is checked before a file is touched: a refused run loses nothing.
     per_rank = task.config.batch_size // world
+    if step_in_backward:  # what the session refuses (fp16 scaling), before a file is touched
+        MixedPrecision(recipe.policy, device, backend=backend, step_in_backward=True)
     run_backend = dry_run(task, recipe.policy, recipe.update, device, backend, per_rank)
     gc.collect()  # the dry run's model (in reference cycles with its hooks) is gone before ours
     start = resume_step(checkpoint, task, recipe.name, run_backend) if resuming else 0
@@ -276,6 +281,7 @@ def train(
         update=recipe.update,  # type: ignore[arg-type]
         seed=task.config.seed,  # the stochastic-rounding stream follows the run's seed
         metrics=folder,
+        step_in_backward=step_in_backward,
     )
     if optimizer is None:
         model = mp.fully_shard(model.to(mp.device))

@@ -335,4 +335,3 @@ def _misfit(linear: nn.Linear, recipe: Fp8Recipe | Fp4Recipe) -> str | None:
             f"{recipe.block}, got {linear.out_features} and {linear.in_features}"
         )
     return None
-

@@ -39,11 +39,12 @@ from mixprec.optim.pure16 import (
     kahan_round,
     stochastic_round,
 )
-from mixprec.optim.rules import Kahan, Master, Nearest, Stochastic, UpdateRule
+from mixprec.optim.rules import CompressedMaster, Kahan, Master, Nearest, Stochastic, UpdateRule
 from mixprec.optim.states import Float16States, Fp32States, StateStorage
 from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = [
+    "CompressedMaster",
     "Float16States",
     "Fp32States",
     "Kahan",

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
+from mixprec.optim.rules.compressed import CompressedMaster
 from mixprec.optim.rules.master import Master
 from mixprec.optim.wrapper import WrappedOptimizer
 
@@ -70,13 +71,20 @@ class MasterWeightOptimizer(WrappedOptimizer):
             ``"fp32"`` (None, the default: as torch makes them), ``"bf16"``/``"fp16"`` (rounded
             to nearest under this rule), ``"fp8"`` (e4m3, block scales) or ``"int8"``
             (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`.
+        remainder_bits: store the masters of bf16 parameters compressed, as the parameter plus
+            a remainder (:class:`~mixprec.optim.rules.CompressedMaster`): 16 is exact (2 bytes
+            per parameter instead of 4, training bit for bit that of full masters), 8 keeps
+            24-bit masters (1 byte, lossy). None (default): full fp32 masters. Not with fp16
+            parameters, nor with ``keep_grad_buffers``.
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
-            that are not fp16/bf16/fp32/complex; ``keep_grad_buffers`` is not a bool.
+            that are not fp16/bf16/fp32/complex; ``keep_grad_buffers`` is not a bool; an fp16
+            parameter with ``remainder_bits``.
         ValueError: a param group mixes devices, or ``max_grad_norm`` is not positive; an unknown
             ``state`` format, or a compressed one for an optimizer whose states are not
-            elementwise (LBFGS).
+            elementwise (LBFGS); ``remainder_bits`` is not None, 16 or 8, or comes with
+            ``keep_grad_buffers``.
         RuntimeError: the optimizer has already stepped (it holds state).
 
     Example:
@@ -97,20 +105,37 @@ class MasterWeightOptimizer(WrappedOptimizer):
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
         state: StateFormat | None = None,
+        remainder_bits: int | None = None,
     ) -> None:
+        rule: Master | CompressedMaster
+        if remainder_bits is None:
+            rule = Master(keep_grad_buffers)
+        elif keep_grad_buffers is not False:
+            raise ValueError(
+                f"keep_grad_buffers={keep_grad_buffers!r} keeps the fp32 gradients of full "
+                f"masters; remainder_bits={remainder_bits!r} stores compressed ones, stepped in "
+                "chunk scratch. Drop one of them"
+            )
+        else:
+            rule = CompressedMaster(remainder_bits)
         storage = make_storage(optimizer, state) if state is not None else None
-        super().__init__(
-            optimizer, Master(keep_grad_buffers), max_grad_norm=max_grad_norm, storage=storage
-        )
+        super().__init__(optimizer, rule, max_grad_norm=max_grad_norm, storage=storage)
         attach_storage(self.storage, self.optimizer)
 
     @property
     def keep_grad_buffers(self) -> bool:
         """Whether whole-model fp32 gradient buffers are kept between steps."""
-        return self.rule.keep_grad_buffers  # type: ignore[attr-defined,no-any-return]
+        return getattr(self.rule, "keep_grad_buffers", False)
+
+    @property
+    def remainder_bits(self) -> int | None:
+        """16 or 8 where the masters are stored compressed, else None."""
+        return getattr(self.rule, "remainder_bits", None)
 
     def master_params(self) -> list[torch.Tensor]:
         """The tensors the inner optimizer steps, in ``param_groups`` order: the fp32 master of
         each 16-bit parameter, the parameter itself where it is fp32 or complex."""
         self._take_inner_groups()
+        if isinstance(self.rule, CompressedMaster):
+            return self.rule.masters()  # rebuilt: writing into them changes nothing
         return [self.shadows[p] for p in self.mirror.params()]

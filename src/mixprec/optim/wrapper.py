@@ -295,6 +295,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self.rule.after_step()
         return loss
 
+    @torch.no_grad()
+    def step_parameters(self, params: list[torch.Tensor]) -> None:
+        """Step only ``params`` (those with a gradient): one part of a step that comes in parts,
+        as the step inside backward makes it (one parameter per post-accumulate-grad hook).
+
+        The parts give the bits of one :meth:`step` for the optimizers whose update of a
+        parameter reads only that parameter (``plan.SEPARABLE_OPTIMIZERS``). No loss scale, no
+        clipping, no closure. End the step with :meth:`step` once no parameter has a gradient
+        left: it steps nothing then, and closes the step (the rule's step counter, and what LR
+        schedulers check).
+        """
+        self._take_inner_groups()
+        self.mirror.sync()  # hyperparameters set since (LR schedulers) reach the inner optimizer
+        self._refresh_changed()
+        try:
+            self._step_planned([p for p in params if p.grad is not None], None)
+        finally:
+            self._record_versions()
+
     def _step_closure(
         self, closure: Callable[[], Any], inv_scale: torch.Tensor | float | None
     ) -> Any:
@@ -362,19 +381,25 @@ class WrappedOptimizer(torch.optim.Optimizer):
         torch steps such a parameter."""
         repeated = self.mirror.repeated
         rule = self.rule
-        entries = [rule.one_pass_entry(p) for p in params if p not in repeated]
+        offered = [p for p in params if p not in repeated]
         mode = rule.one_pass_mode
         assert mode is not None  # the plan checked it
-        rest = set(
-            step_fused(
-                self.optimizer,
-                entries,
-                inv_scale,
-                mode,
-                rule.one_pass_key(),
-                self.storage,  # type: ignore[arg-type]
+        rule.before_one_pass(offered)  # a rule whose kernel input exists only in the step
+        rest: set[torch.Tensor] = set(offered)
+        try:
+            entries = [rule.one_pass_entry(p) for p in offered]
+            rest = set(
+                step_fused(
+                    self.optimizer,
+                    entries,
+                    inv_scale,
+                    mode,
+                    rule.one_pass_key(),
+                    self.storage,  # type: ignore[arg-type]
+                )
             )
-        )
+        finally:
+            rule.after_one_pass([p for p in offered if p not in rest], offered)
         left = [p for p in params if p in rest or p in repeated]
         self.last_step_fused += len(params) - len(left)
         return left

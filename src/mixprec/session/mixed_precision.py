@@ -53,12 +53,13 @@ from mixprec.session.forward import (
     hook_forward,
     mark_prepared,
 )
+from mixprec.session.in_backward import InBackward
 from mixprec.session.materialize import Initializer, materialize
 from mixprec.session.setup import (
     check_ddp_order,
     check_device,
-    check_has_work,
     check_implemented,
+    check_master_remainder,
     check_owned,
     check_ranks_agree,
     check_shard_order,
@@ -122,6 +123,12 @@ class MixedPrecision:
             model's replicated parameters across the ranks (:meth:`check_replicas`: one
             all-gather of two hash numbers per parameter) and raises when they differ. None
             (the default) never checks; outside a process group there is nothing to compare.
+        step_in_backward: step each parameter in backward as soon as its gradient exists and
+            free the gradient (no gradient buffer); :mod:`mixprec.session.in_backward` says
+            what it refuses (loss scaling, global clipping, accumulation).
+        master_remainder: store the fp32 masters of bf16 parameters as the parameter plus a
+            remainder of 16 bits (exact: bit for bit full masters, 2 B/param instead of 4) or
+            8 (24-bit masters, 1 B/param, lossy); None (default): full fp32 masters.
 
     Raises:
         ValueError: an unknown update mode or policy; a policy the session does not implement
@@ -160,6 +167,8 @@ class MixedPrecision:
         cast_buffers: bool = False,
         fp32_attributes: Sequence[str] = ("_keep_in_fp32_modules",),
         check_replicas_every: int | None = None,
+        step_in_backward: bool = False,
+        master_remainder: int | None = None,
     ) -> None:
         self.device = check_device(device if device is not None else default_device())
         if update not in UPDATE_MODES:
@@ -207,6 +216,8 @@ class MixedPrecision:
                 "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
             )
         self._check_every = check_replicas_every_arg(check_replicas_every)
+        self._in_backward = InBackward(step_in_backward, self.scaler, str(self.policy))
+        self._master_remainder = check_master_remainder(master_remainder, self._update_mode())
         self._wrap_forward = wrap_forward
         self._cast_buffers = cast_buffers
         self._fp32_attributes = tuple(fp32_attributes)
@@ -271,6 +282,7 @@ class MixedPrecision:
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
+        self._in_backward.check(model, optimizers)
         # raises for a keep-in-fp32 name matching none
         declared = declared_policy(self.policy, model, self._fp32_attributes)
         warn_unmatched_rules(model, self.policy)
@@ -289,6 +301,7 @@ class MixedPrecision:
         if self._trace:
             self._tracer = NonFiniteTracer(model).attach()
         wrapped = tuple(self.wrap(opt) for opt in optimizers)
+        self._in_backward.attach(model, wrapped)
         self._optimizers = wrapped
         return (model, *wrapped) if wrapped else model
 
@@ -309,7 +322,7 @@ class MixedPrecision:
             return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself
         mode = self._update_mode()
         if mode == "master":
-            return MasterWeightOptimizer(optimizer)
+            return MasterWeightOptimizer(optimizer, remainder_bits=self._master_remainder)
         if mode == "stochastic":
             return StochasticRoundingOptimizer(optimizer, seed=self.seed)
         if mode == "kahan":
@@ -347,7 +360,8 @@ class MixedPrecision:
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
-        self.scaler.scale(loss).backward()
+        with self._in_backward.backward(self._micro_batches):  # steps there if step_in_backward
+            self.scaler.scale(loss).backward()
         value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro_batches += 1
@@ -380,7 +394,7 @@ class MixedPrecision:
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
         for opt in optimizers:
             check_steppable(opt, self._model, self._optimizers)
-        check_has_work(optimizers, self._micro_batches)
+        self._in_backward.check_step(optimizers, self._micro_batches, max_grad_norm)
         scaling = self.scaler.scales_loss
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
@@ -413,6 +427,7 @@ class MixedPrecision:
             origin=self._tracer.summary() if self._tracer and self._tracer.first else None,
             underflow=underflow,
         )
+        report = self._in_backward.finish(report)  # what the steps inside backward did
         self._steps += 1
         self._loss_sum, self._micro_batches, self._clock.started = None, 0, None
         if self._tracer is not None:

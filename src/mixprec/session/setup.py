@@ -20,7 +20,12 @@ from mixprec.compute import DEFAULT_ISLAND_RULES
 from mixprec.distributed import would_recast
 from mixprec.distributed.agree import check_same_settings
 from mixprec.formats import FP32
-from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    StochasticRoundingOptimizer,
+    WrappedOptimizer,
+)
 from mixprec.policy import ModuleRule, Policy
 from mixprec.scaling import GradScaler
 
@@ -33,6 +38,7 @@ __all__ = [
     "check_device",
     "check_has_work",
     "check_implemented",
+    "check_master_remainder",
     "check_not_replaced",
     "check_owned",
     "check_ranks_agree",
@@ -328,7 +334,7 @@ def check_steppable(
         check_not_replaced(optimizer, model)
         return
     for wrapper in prepared:
-        if isinstance(wrapper, WRAPPERS) and wrapper.optimizer is optimizer:
+        if isinstance(wrapper, WrappedOptimizer) and wrapper.optimizer is optimizer:
             raise RuntimeError(
                 f"step got the {type(optimizer).__name__} that prepare wrapped in a "
                 f"{type(wrapper).__name__}; stepping it directly would leave the model "
@@ -391,3 +397,25 @@ def check_ranks_agree(policy: Policy, update: str, seed: int) -> None:
     policies = (policy, *(rule.policy for rule in policy.rules))
     stochastic = update == "stochastic" and any(p.param.bits <= 16 for p in policies)
     check_same_settings(str(policy), update, seed if stochastic else None)
+
+
+def check_master_remainder(bits: object, update: str) -> int | None:
+    """``MixedPrecision``'s ``master_remainder``: None, 16 or 8, and only with fp32 masters.
+
+    Raises:
+        ValueError: another value, or a remainder without the ``"master"`` update.
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or bits not in (16, 8):
+        raise ValueError(
+            f"master_remainder must be None (full fp32 masters), 16 (exact, 2 B/param) or 8 "
+            f"(24-bit masters, lossy), got {bits!r}"
+        )
+    if update != "master":
+        raise ValueError(
+            f"master_remainder={bits!r} compresses fp32 master weights, but the update is "
+            f"{update!r}, which keeps none; use update='master' (or a policy with master=fp32 "
+            "and update='auto'), or drop master_remainder"
+        )
+    return bits  # type: ignore[return-value]

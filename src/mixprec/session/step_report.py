@@ -25,14 +25,18 @@ class StepReport:
 
     Attributes:
         step: the index of this step (0 for the first; continues after a resume).
-        stepped: False if the step was skipped because gradients were not finite.
+        stepped: False if the step was skipped because gradients were not finite (with
+            ``step_in_backward``: if any parameter was not stepped for a non-finite gradient;
+            the others were).
         scale: the loss scale the gradients were computed with (1.0 without scaling).
-        grad_norm: the unscaled global gradient norm when clipping was asked for, else None.
+        grad_norm: the unscaled global gradient norm when clipping was asked for, or with
+            ``step_in_backward`` (measured in the hooks), else None.
         loss: the (unscaled) losses passed to :meth:`MixedPrecision.backward` since the previous
             step, summed: under gradient accumulation, the loss of the whole step as the user
             wrote it (with each micro-batch's loss divided by their number, the mean).
         seconds: wall time from the iteration's first ``autocast()`` to the end of ``step``.
-        nonfinite_params: on a skipped step, the parameters whose gradients were inf/NaN.
+        nonfinite_params: on a skipped step, the parameters whose gradients were inf/NaN
+            (with ``step_in_backward``: the parameters that were not stepped).
         origin: with ``trace=True``, where the first inf/NaN appeared (module and phase).
         underflow: with ``track_underflow=True``, the fp16 underflow account of the gradients.
         micro_batches: how many :meth:`MixedPrecision.backward` calls this step applied.

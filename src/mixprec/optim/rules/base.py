@@ -134,6 +134,13 @@ class UpdateRule:
         """``(param, shadow, compensation, stream offset)`` for the one-pass kernel."""
         return (param, self.wrapper.shadows[param], None, 0)
 
+    def before_one_pass(self, params: list[torch.Tensor]) -> None:
+        """Ready what the kernel reads for ``params`` (offered to it in one call)."""
+
+    def after_one_pass(self, done: list[torch.Tensor], offered: list[torch.Tensor]) -> None:
+        """After the kernel updated ``done`` (of the ``offered``): keep what it wrote, free
+        what :meth:`before_one_pass` made (the rest goes through the inner optimizer)."""
+
     def one_pass_key(self) -> tuple[int, int]:
         """The counter key of this step's stochastic rounding (unused by the other modes)."""
         return (0, 0)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.optim.remainder import join_master
 from mixprec.optim.rules.base import UpdateRule, check_saved_buffers, unscale_in_place
+from mixprec.optim.rules.compressed import saved_ties
 from mixprec.optim.shards import local, wrap_like
 
 __all__ = ["Master"]
@@ -100,14 +102,45 @@ class Master(UpdateRule):
 
     def check_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         owned = [(p, None if m is p else m) for p, m in self._pairs()]
+        if "masters" not in state_dict and "remainders" in state_dict:
+            self._check_remainders(state_dict, owned)  # compressed masters, rebuilt on load
+            return
         check_saved_buffers(
             state_dict.get("masters"), owned, "master", lambda _: torch.float32,
             "MasterWeightOptimizer",
         )  # fmt: skip
 
+    @staticmethod
+    def _check_remainders(
+        state_dict: Mapping[str, Any], owned: list[tuple[torch.Tensor, torch.Tensor | None]]
+    ) -> None:
+        dtype = {16: torch.int16, 8: torch.int8}.get(state_dict.get("remainder_bits"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise ValueError(
+                f"the state dict's remainder_bits {state_dict.get('remainder_bits')!r} is not 16 "
+                "or 8"
+            )
+        for p, own in owned:
+            if own is not None and p.dtype != torch.bfloat16:
+                raise ValueError(
+                    f"the state dict holds compressed masters, which only bf16 parameters have; "
+                    f"got a {p.dtype} parameter of shape {tuple(p.shape)!r}"
+                )
+        saver = "MasterWeightOptimizer"
+        check_saved_buffers(state_dict["remainders"], owned, "remainder", lambda _: dtype, saver)
+        saved_ties(state_dict, len(owned))
+
     def load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        masters = state_dict.get("masters")
+        if masters is None:  # compressed: the remainders beside the weights as they are now
+            ties = saved_ties(state_dict, len(self._pairs()))
+            masters = [
+                None if r is None else join_master(local(p), r, t)
+                for (p, _), r, t in zip(self._pairs(), state_dict["remainders"], ties,
+                                        strict=True)
+            ]  # fmt: skip
         with torch.no_grad():
-            for saved, (param, master) in zip(state_dict["masters"], self._pairs(), strict=True):
+            for saved, (param, master) in zip(masters, self._pairs(), strict=True):
                 if saved is not None:
                     master.copy_(saved)
                     param.copy_(master)
