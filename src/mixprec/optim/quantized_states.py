@@ -56,6 +56,7 @@ from typing import Any, Literal
 import torch
 
 from mixprec._dist import is_dtensor
+from mixprec.formats import STATE_FORMATS
 from mixprec.optim import codecs
 from mixprec.optim.shards import flat_offset, local, wrap_like
 from mixprec.optim.states import (
@@ -85,7 +86,6 @@ __all__ = [
 ]
 
 StateFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
-STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8")
 SCALE_SUFFIX = ".scale"
 ROUNDING_KEY = "state_rounding"  # int64 [salt, rounds]: a parameter's stochastic draws
 # Non-negative per-element states of torch's optimizers (second moments and their kin).
