@@ -34,6 +34,8 @@ parameters, which mixed precision leaves alone as torch's autocast does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
@@ -69,7 +71,9 @@ class MasterWeightOptimizer(WrappedOptimizer):
         state: the format the inner optimizer's per-element states are stored in between steps:
             ``"fp32"`` (None, the default: as torch makes them), ``"bf16"``/``"fp16"`` (rounded
             to nearest under this rule), ``"fp8"`` (e4m3, block scales) or ``"int8"``
-            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`.
+            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`. A mapping of
+            parameter -> format gives each parameter its own (fp32 for those it omits, fp32
+            parameters included: :class:`~mixprec.optim.per_param_states.PerParameterStates`).
 
     Raises:
         TypeError: ``optimizer`` is not a torch optimizer, is already wrapped, or has parameters
@@ -96,7 +100,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
-        state: StateFormat | None = None,
+        state: StateFormat | Mapping[torch.Tensor, StateFormat] | None = None,
     ) -> None:
         storage = make_storage(optimizer, state) if state is not None else None
         super().__init__(

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -486,14 +487,16 @@ def check_elementwise(optimizer: torch.optim.Optimizer, state: object) -> None:
 
 def make_storage(
     optimizer: torch.optim.Optimizer,
-    state: str | torch.dtype | None = None,
+    state: str | torch.dtype | Mapping[torch.Tensor, str] | None = None,
     state_dtype: torch.dtype | None = None,
 ) -> StateStorage:
     """The storage of a wrapper's ``state`` option (or its older ``state_dtype``), checked
-    against ``optimizer`` (the wrapper then calls :func:`attach_storage`).
+    against ``optimizer`` (the wrapper then calls :func:`attach_storage`). A mapping of
+    parameter -> format name gives each parameter its own format
+    (:class:`~mixprec.optim.per_param_states.PerParameterStates`; fp32 for those it omits).
 
     Raises:
-        TypeError: ``state`` is neither a format name, a torch.dtype nor None.
+        TypeError: ``state`` is neither a format name, a torch.dtype, a mapping nor None.
         ValueError: both options given; an unknown format; an optimizer whose states are not
             elementwise with a compressed format.
     """
@@ -502,11 +505,19 @@ def make_storage(
             f"give state={state!r} or state_dtype={state_dtype!r}, not both; state is the "
             "newer name (state='bf16' is state_dtype=torch.bfloat16)"
         )
-    if state is not None and not isinstance(state, (str, torch.dtype)):
+    if state is not None and not isinstance(state, (str, torch.dtype, Mapping)):
         raise TypeError(
             f"state must be one of {', '.join(map(repr, STATE_FORMATS))} (or a torch.dtype), "
             f"got {type(state).__name__} {state!r}"
         )
+    if isinstance(state, Mapping):  # parameter -> format: each parameter in its own
+        from mixprec.optim.per_param_states import PerParameterStates
+
+        per_param = PerParameterStates(state)
+        compressed = sorted(set(per_param.formats.values()) - {"fp32"})
+        if compressed:
+            check_elementwise(optimizer, compressed[0])
+        return per_param
     if isinstance(state, str):
         storage = storage_named(state)
     else:  # a dtype, by either name: torch.float32, bfloat16 or float16
@@ -519,5 +530,6 @@ def make_storage(
 def attach_storage(storage: StateStorage, inner: torch.optim.Optimizer) -> None:
     """Let ``storage`` see ``inner``'s loads (:meth:`BlockQuantizedStates.attach`); a wrapper
     calls it once it has accepted ``inner``."""
-    if isinstance(storage, BlockQuantizedStates):
-        storage.attach(inner)
+    attach = getattr(storage, "attach", None)
+    if callable(attach):
+        attach(inner)

@@ -56,6 +56,7 @@ from mixprec.optim import (
     KahanOptimizer,
     MasterWeightOptimizer,
     StochasticRoundingOptimizer,
+    WrappedOptimizer,
     cast_module,
 )
 from mixprec.policy import Policy
@@ -67,6 +68,7 @@ from mixprec.session.forward import (
     hook_forward,
     mark_prepared,
 )
+from mixprec.session.optimizer_states import check_state_formats, formats_for, states_only
 from mixprec.session.setup import (
     check_device,
     check_has_work,
@@ -88,7 +90,6 @@ __all__ = ["UPDATE_MODES", "MixedPrecision", "UpdateMode"]
 
 UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
-_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
 
 
 class MixedPrecision(SessionState):
@@ -281,6 +282,7 @@ class MixedPrecision(SessionState):
         warn_unmatched_rules(model, self.policy)
         storage = _with_default_islands(declared)
         check_prepare_order(model, storage)
+        check_state_formats(optimizers, model, declared)
         model.to(self.device)
         cast_module(model, storage, buffers=self._cast_buffers)
         if self.fp8 is None:  # mp.fully_shard converts before it shards
@@ -308,18 +310,21 @@ class MixedPrecision(SessionState):
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer wrapped where the policy's update happens (what ``prepare`` returns for
         it): fp32 master weights, stochastic rounding, Kahan, or itself for fp32 parameters and
-        round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs."""
+        round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs.
+        States go in each module's ``state`` format (:mod:`mixprec.session.optimizer_states`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
-            return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself
+        model = self._model
+        policy = self.policy if model is None else self._declared_policy(model)
+        states = formats_for(optimizer, model, policy)
         mode = self._update_mode()
+        if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params) or mode == "nearest":
+            # the optimizer updates fp32 parameters (and nearest-rounded 16-bit ones) itself
+            return optimizer if states is None else states_only(optimizer, states)
         if mode == "master":
-            return MasterWeightOptimizer(optimizer)
+            return MasterWeightOptimizer(optimizer, state=states)
         if mode == "stochastic":
-            return StochasticRoundingOptimizer(optimizer, seed=self.seed)
-        if mode == "kahan":
-            return KahanOptimizer(optimizer)
-        return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
+            return StochasticRoundingOptimizer(optimizer, seed=self.seed, state=states)
+        return KahanOptimizer(optimizer, state=states)
 
     def _convert_fp8(self, model: nn.Module, declared: Policy) -> None:
         """Swap the linear layers ``declared`` (:meth:`_declared_policy`) puts in FP8 for
@@ -476,7 +481,7 @@ class MixedPrecision(SessionState):
             check_not_replaced(optimizer, self._model)
             return
         for wrapper in self._optimizers:
-            if isinstance(wrapper, _WRAPPERS) and wrapper.optimizer is optimizer:
+            if isinstance(wrapper, WrappedOptimizer) and wrapper.optimizer is optimizer:
                 raise RuntimeError(
                     f"step got the {type(optimizer).__name__} that prepare wrapped in a "
                     f"{type(wrapper).__name__}; stepping it directly would leave the model "
