@@ -71,6 +71,7 @@ from mixprec.optim.states import (
 from mixprec.stochastic import SEED_LIMIT, counter_key, random_bits, stochastic_round_
 
 __all__ = [
+    "MIN_NUMEL",
     "ROUNDING_KEY",
     "SCALE_SUFFIX",
     "SQRT_KEYS",
@@ -89,6 +90,7 @@ __all__ = [
 StateFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
 SCALE_SUFFIX = ".scale"
 ROUNDING_KEY = "state_rounding"  # int64 [salt, rounds]: a parameter's stochastic draws
+MIN_NUMEL = 4096  # smaller parameters keep fp32 states (bitsandbytes' min_8bit_size)
 # Non-negative per-element states of torch's optimizers (second moments and their kin).
 SQRT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf"})
 # Optimizers whose states are not per element, with what they keep instead.
@@ -267,7 +269,7 @@ class BlockQuantizedStates(StateStorage):
     def __init__(
         self,
         block_size: int = codecs.BLOCK_SIZE,
-        min_numel: int = 4096,
+        min_numel: int = MIN_NUMEL,
         rounding: Literal["stochastic", "nearest"] = "stochastic",
         seed: int = 0,
         sqrt_second_moment: bool = True,
