@@ -11,7 +11,7 @@ when the number of tensors is given. FSDP2's all-gathered 16-bit copies of the l
 computed are transient and left out. The optimizer's states are counted in the format each
 preset's ``state`` gives them (``state=`` plans every preset with another), compressed masters
 (``master_remainder``) and the step inside backward (``step_in_backward``: no gradient outlives
-its parameter's step) as :mod:`mixprec.distributed.plan_states` says.
+its parameter's step) as :mod:`mixprec.optim.state_bytes` says.
 
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
 Transformer Models": per layer and token ``hidden * 34`` bytes with 16-bit activations (the
@@ -32,8 +32,8 @@ from typing import Literal, get_args
 
 import torch
 
-from mixprec.distributed.plan_states import master_bytes, state_bytes
 from mixprec.formats import resolve_state_format
+from mixprec.optim.state_bytes import master_bytes, state_bytes
 from mixprec.policy import PRESETS
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The plan's bytes for the optimizer's states in each storage format, and for compressed masters.
+"""Bytes of the optimizer's states in each storage format, and of compressed masters: the arithmetic
+the memory plan (:mod:`mixprec.distributed.plan`) and `mixprec.explain` share.
 
 Design note: the same tensors :func:`mixprec.optim.memory_report` counts after a step, from the
 storages of :mod:`mixprec.optim.quantized_states`, as pure arithmetic:
@@ -27,7 +28,13 @@ from collections.abc import Sequence
 from mixprec.optim.codecs import BLOCK_SIZE
 from mixprec.optim.quantized_states import MIN_NUMEL
 
-__all__ = ["ROUNDING_BYTES", "master_bytes", "state_bytes", "state_bytes_per_element"]
+__all__ = [
+    "ROUNDING_BYTES",
+    "master_bytes",
+    "state_bytes",
+    "state_bytes_per_element",
+    "stored_format",
+]
 
 MOMENTS = 2  # AdamW's exp_avg and exp_avg_sq
 ROUNDING_BYTES = 16  # int64 [salt, rounds] per tensor whose states are rounded stochastically
@@ -51,6 +58,20 @@ def state_bytes_per_element(state: str, fp32_bytes: int = 4) -> float:
 
 def _quantized(shape: Sequence[int]) -> bool:
     return len(shape) >= 2 and math.prod(shape) >= MIN_NUMEL
+
+
+def stored_format(state: str, shapes: Sequence[Sequence[int]]) -> str:
+    """The format the states of parameters of ``shapes`` are really kept in under ``state``:
+    an 8-bit format where at least one of them is quantized, else fp32 (``"fp32 (small)"``:
+    every one below 2 dimensions or :data:`MIN_NUMEL` elements).
+
+    Example:
+        >>> stored_format("int8", [(512, 128), (512,)]), stored_format("int8", [(512,)])
+        ('int8', 'fp32 (small)')
+    """
+    if state in ("int8", "fp8") and not any(_quantized(shape) for shape in shapes):
+        return "fp32 (small)"
+    return state
 
 
 def state_bytes(
