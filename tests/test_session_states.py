@@ -158,3 +158,16 @@ def test_resume_is_bit_for_bit_with_int8_states(tmp_path):
     for key in a:
         for name, value in a[key].items():
             assert torch.equal(b[key][name].to(value.dtype), value), name
+
+
+def test_memory_report_splits_the_states_by_stored_kind():
+    _, model, opt = train_session("bf16-lean; class:Embedding -> state=fp32", steps=1)
+    report = memory_report(model, opt)
+    parts = dict(report.state_parts)
+    assert sum(parts.values()) == report.optimizer_state
+    fc = model.fc.weight  # the one quantized matrix: a code per moment element, a scale per row
+    assert parts["int8 codes"] == 2 * fc.numel()
+    assert parts["block scales"] == 2 * fc.shape[0] * 4
+    assert parts["draw counters"] == 16
+    assert parts["fp32"] == 2 * 4 * (report.num_params - fc.numel())
+    assert "int8 codes" in str(report)
