@@ -97,7 +97,8 @@ class MixedPrecision(SessionState):
 
     Args:
         policy: ``"auto"`` (chosen from the device's hardware, see :attr:`reason`), a preset
-            (``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-pure"``), a policy string,
+            (``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-pure"``, ``"bf16-lean"``:
+            int8 optimizer states, per module by the policy's ``state``), a policy string,
             or a :class:`~mixprec.Policy`.
         device: where the model trains (default: cuda if available, else cpu).
         backend: autocast backend, ``"auto"``, ``"native"`` or ``"emulated"``.
