@@ -92,6 +92,25 @@ def test_recipes_parse_and_reject():
 
 
 @pytest.mark.parametrize(
+    "spec", ["fp32/stochastic", "bf16-mixed/kahan", "fp8-mixed/master", "fp16-mixed/nearest"]
+)
+def test_an_update_mode_on_fp32_parameters_is_refused(spec, capsys, tmp_path):
+    policy, _, update = spec.partition("/")
+    with pytest.raises(
+        ValueError,
+        match=rf"update mode {update!r} in precision {spec!r} does not apply: {policy!r} keeps "
+        r"parameters in fp32.*bf16-pure/" + update,
+    ):
+        Recipe.parse(spec)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--task", "digits", "--precision", spec, "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    assert f"update mode {update!r} in precision {spec!r} does not apply" in capsys.readouterr().err
+    assert Recipe.parse(policy).update == "auto"  # the policy alone stays valid
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["compare", "--task", "mnist"], "invalid choice: 'mnist'"),

@@ -1,16 +1,26 @@
 """mixprec: mixed precision training for PyTorch.
 
-Number formats and exact rounding (:mod:`mixprec.formats`, :func:`quantize`), precision policies
-(:class:`Policy`), autocast with native and emulated backends (:func:`autocast`,
-:func:`fp32_islands`, :func:`op_table`), the hardware probe (:mod:`mixprec.hardware`), and the
-``mixprec`` command.
+Start with :class:`MixedPrecision`: one object applies a precision policy to a model, its
+optimizers and its training loop, with the same five lines for every precision (fp32, bf16,
+fp16, fp8, pure bf16 with stochastic rounding or fp32 masters).
+
+Below it, each layer is usable on its own: number formats and exact rounding
+(:mod:`mixprec.formats`, :func:`quantize`), precision policies (:class:`Policy`), a
+``torch.amp``-compatible :class:`GradScaler` and :func:`autocast` (native and emulated backends),
+optimizer wrappers (:mod:`mixprec.optim`), diagnostics (:func:`advise`, :func:`explain`...), the
+hardware probe (:mod:`mixprec.hardware`), and the ``mixprec`` command.
 
 Example:
     >>> import torch, mixprec
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    >>> mp = mixprec.MixedPrecision("bf16-pure", device="cpu", backend="emulated")
+    >>> model, optimizer = mp.prepare(model, optimizer)
+    >>> mp.backward(model(torch.randn(4, 8)).float().pow(2).mean())
+    >>> mp.step(optimizer).stepped
+    True
     >>> mixprec.quantize(torch.tensor([1.0 + 2.0**-9]), "bf16").tolist()
     [1.0]
-    >>> str(mixprec.Policy.parse("bf16-mixed"))
-    'params=fp32,compute=bf16,output=fp32'
 """
 
 from mixprec import formats, hardware, optim

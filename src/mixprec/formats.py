@@ -415,6 +415,4 @@ def resolve_state_format(state: object) -> str:
     if name in STATE_FORMATS:
         return name
     why = _STATE_REFUSED.get(name, "not an optimizer-state format")
-    raise ValueError(
-        f"state={state!r}: {why}; choose one of {', '.join(map(repr, STATE_FORMATS))}"
-    )
+    raise ValueError(f"state={state!r}: {why}; choose one of {', '.join(map(repr, STATE_FORMATS))}")

@@ -2,8 +2,9 @@
 
 Design note: probing is split from deciding. :func:`probe` reads facts (CUDA compute capability,
 CPU flags, a short measured GEMM throughput per dtype) into a frozen :class:`HardwareReport`;
-:func:`recommend` and :func:`choose_backend` are pure functions of such a report, so every branch,
-CUDA ones included, is testable on a machine without that hardware by building the report by hand.
+:func:`recommend` is a pure function of such a report, and so is :func:`choose_backend` when it is
+given one (without one it probes the device first), so every branch, CUDA ones included, is
+testable on a machine without that hardware by building the report by hand.
 Policies never probe: :func:`auto_policy` is where a device's hardware becomes a policy, and
 :func:`choose_backend` resolves an autocast ``backend="auto"`` once, when a region is built.
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import mixprec
 from mixprec.app.tasks.transformer import TinyTransformer
-from mixprec.compute import autocast, current_region, op_table
+from mixprec.compute import AutocastDeviceError, autocast, current_region, op_table
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -247,8 +247,8 @@ def test_bad_arguments(kwargs, error, message):
         autocast(**kwargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.float32])
-def test_an_unsupported_dtype_warns_and_disables_as_torch_does(dtype):
+def test_float32_warns_and_disables_as_torch_does():
+    dtype = torch.float32
     with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
         torch_region = torch.autocast("cpu", dtype=dtype)
     with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
@@ -259,6 +259,23 @@ def test_an_unsupported_dtype_warns_and_disables_as_torch_does(dtype):
     with region:
         got = (torch.is_autocast_enabled("cpu"), torch.mm(x, w.t()).dtype)
     assert got == want == (False, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, torch.bool, "int8"], ids=str)
+def test_a_dtype_autocast_cannot_compute_in_is_refused_as_a_dtype_or_a_name(dtype):
+    # torch warns and runs fp32 for these: a region that silently computes nothing in low
+    # precision is refused instead, the dtype and the name alike (issue 19, item 25).
+    with pytest.warns(UserWarning, match="not supported. Disabling autocast"):
+        torch.autocast("cpu", dtype=torch.int8 if dtype == "int8" else dtype)
+    with pytest.raises(ValueError, match=r"int8|float64|bool") as refused:
+        autocast("cpu", dtype=dtype)
+    if isinstance(dtype, str):
+        return
+    assert "not supported" in str(refused.value) and "torch.bfloat16" in str(refused.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with autocast("cpu", dtype=dtype, enabled=False):  # off takes any dtype, as torch's
+            assert not torch.is_autocast_enabled("cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, "bf16"])
@@ -285,3 +302,28 @@ def test_the_op_tables_name_exactly_the_ops_torch_autocasts():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("device_type", ["gpu", "not a real device", 1])
+def test_op_table_refuses_a_device_autocast_refuses(device_type):
+    with pytest.raises(AutocastDeviceError) as refused:
+        autocast(device_type)
+    with pytest.raises(AutocastDeviceError) as table:
+        op_table(device_type, torch.float16)
+    assert str(table.value) == str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, "e4m3"],
+    ids=str,
+)
+@pytest.mark.parametrize("backend", ["native", "emulated"])
+def test_an_fp8_dtype_is_refused_pointing_to_the_fp8_recipes(dtype, backend):
+    # It used to construct and run fp32 with only torch's "not supported" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before torch's warning
+        with pytest.raises(ValueError, match=r"autocast does not compute in .*fp8.*compute=fp8:"):
+            autocast("cpu", dtype=dtype, backend=backend)
+        with autocast("cpu", dtype=dtype, enabled=False):  # disabled: any dtype, as torch
+            assert not torch.is_autocast_enabled("cpu")

@@ -92,12 +92,16 @@ def _ops(dtype):
     ]
 
 
-# torch has no fp32 derivative for the fused op: its reference is the unfused pair
-_FP32_REFERENCES = {
-    "addmm_activation": lambda b, m1, m2, use_gelu, alpha: F.gelu(
-        torch.addmm(b, m1, m2, alpha=alpha)
-    )
-}
+def _fp32_reference(name, op, dtype):
+    """The fp32 op whose result, rounded to ``dtype``, is the emulated one (and whose gradient is
+    the emulated backward's). torch has no derivative for ``_addmm_activation``: its reference is
+    the unfused pair as torch's CPU kernel computes it, the GEMM rounded to 16 bits before GELU
+    (rounding's gradient is the identity)."""
+    if name == "addmm_activation":
+        return lambda b, m1, m2, use_gelu, alpha: F.gelu(
+            torch.addmm(b, m1, m2, alpha=alpha).to(dtype).float()
+        )
+    return op
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,7 +112,7 @@ def test_every_gemm_class_op_runs_emulated_forward_and_backward(dtype):
             out = op(*leaves, **kwargs)
         assert out.dtype == dtype, name
         rounded = [t.detach().to(dtype).float().requires_grad_() for t in inputs]
-        want = _FP32_REFERENCES.get(name, op)(*rounded, **kwargs)
+        want = _fp32_reference(name, op, dtype)(*rounded, **kwargs)
         assert torch.equal(out, want.to(dtype)), name
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
         out.backward(grad)
@@ -161,3 +165,21 @@ def test_activations_are_saved_in_16_bits():
         with autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
             F.linear(x, w).sum()
     assert saved and all(d == torch.bfloat16 for d in saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("use_gelu", [True, False])
+@pytest.mark.parametrize(("beta", "alpha"), [(1.0, 1.0), (0.5, 2.0), (0.0, -1.5)])
+def test_addmm_activation_matches_torchs_cpu_kernel(dtype, use_gelu, beta, alpha):
+    # torch's CPU kernel rounds the GEMM to 16 bits, then applies erf GELU (or ReLU) to that
+    # value; the emulated kernel used to apply GELU before its one rounding (1 ulp off).
+    g = torch.Generator().manual_seed(1)
+    bias, a, b = (torch.randn(24, 24, generator=g) * 3 for _ in range(3))
+    with torch.autocast("cpu", enabled=False):
+        want = torch._addmm_activation(
+            bias.to(dtype), a.to(dtype), b.to(dtype), beta=beta, alpha=alpha, use_gelu=use_gelu
+        )
+    with autocast("cpu", dtype=dtype, backend="emulated"):
+        got = torch._addmm_activation(bias, a, b, beta=beta, alpha=alpha, use_gelu=use_gelu)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)

@@ -129,3 +129,50 @@ def test_wrong_shape_batch_raises_the_models_own_error_unchanged():
     with pytest.raises(type(direct.value)) as advised:
         advise(model, (bad, bad), lm_loss, hardware=V100)
     assert str(advised.value) == str(direct.value)
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [nn.functional.cross_entropy, nn.CrossEntropyLoss(), lambda out, target: out.sum()]
+)
+def test_a_tensor_batch_with_a_two_argument_loss_says_what_advise_expects(loss_fn):
+    # advise(model, tensor, loss) used to fail inside cross_entropy ("missing target").
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match=r"batch is a Tensor without a target.*\(inputs, target\)"):
+        advise(model, x, loss_fn, hardware=V100)
+
+
+def test_a_tensor_batch_with_a_one_argument_loss_still_runs():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    advice = advise(model, torch.randn(4, 8), lambda out: out.pow(2).mean(), hardware=V100)
+    assert Policy.parse(advice.policy) == Policy.parse("fp16-mixed")
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        (torch.randn(0, 8), torch.zeros(0, dtype=torch.long)),
+        {"input": torch.randn(0, 8)},
+        ((torch.randn(0, 8),), torch.zeros(0, dtype=torch.long)),
+    ],
+    ids=["pair", "dict", "positional"],
+)
+def test_an_empty_batch_is_refused(batch):
+    # advise() on an empty batch used to measure nothing (a NaN loss) and return a policy.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, input):
+            return self.body(input)
+
+    def loss_fn(out, target=None):
+        return (
+            out.float().pow(2).mean()
+            if target is None
+            else nn.functional.cross_entropy(out, target)
+        )
+
+    with pytest.raises(ValueError, match=r"batch is empty: .* has 0 elements"):
+        advise(Net(), batch, loss_fn, hardware=V100)

@@ -126,3 +126,18 @@ def test_bad_values(tmp_path):
     with pytest.raises(RuntimeError, match="is closed"):
         writer.log(0, loss=1.0)
     assert read_metrics(tmp_path) == []
+
+
+def test_a_nan_metric_is_written_as_json_null_and_read_back_as_nan(tmp_path):
+    # A NaN used to be written as the string "nan": a string in a numeric column.
+    with MetricsWriter(tmp_path) as writer:
+        writer.log(0, loss=float("nan"), grad_norm=torch.tensor(float("nan")), seconds=None)
+    raw = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert raw["loss"] is None and raw["grad_norm"] is None and raw["seconds"] is None
+    assert "nan" not in (tmp_path / "metrics.jsonl").read_text().replace("nan_metrics", "")
+    (row,) = read_metrics(tmp_path)
+    assert math.isnan(row["loss"]) and math.isnan(row["grad_norm"])
+    assert row["seconds"] is None  # a metric that is absent stays None, not NaN
+    assert set(row) == {"step", "loss", "grad_norm", "seconds"}
+    with MetricsWriter(tmp_path) as writer, pytest.raises(ValueError, match="nan_metrics"):
+        writer.log(1, nan_metrics=["loss"])  # reserved: it says which nulls are NaN

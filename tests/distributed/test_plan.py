@@ -122,3 +122,63 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["plan", "--params", "7e9", "--device-memory", "lots"])
     assert exit_info.value.code == 2
     assert "device memory 'lots' is not a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_params": float("nan")}, r"num_params must be a number > 0 and finite .*got nan"),
+        ({"num_params": float("inf")}, r"num_params must be a number > 0 and finite .*got inf"),
+        ({"num_params": -1}, r"num_params must be a number > 0 and finite .*got -1"),
+        ({"num_tensors": -5}, r"num_tensors must be an int >= 0 .*got -5"),
+        ({"batch": 0}, r"batch must be an int >= 1 .*got 0"),
+        ({"heads": 0}, r"heads must be an int >= 1 .*got 0"),
+        ({"device_memory": 1e400}, r"device memory must be a finite size > 0, got inf"),
+        ({"device_memory": "1e400"}, r"device memory must be a finite size > 0, got '1e400'"),
+        ({"presets": []}, r"presets is empty"),
+        ({"presets": ""}, r"presets is empty"),
+        ({"presets": ["bf16-mixed", ""]}, r"empty preset name"),
+    ],
+)
+def test_plan_refuses_values_that_print_nan_or_negative_bytes(kwargs: dict, match: str) -> None:
+    shape = {"layers": 2, "hidden": 64, "seq": 16}
+    with pytest.raises(ValueError, match=match):
+        memory_plan(**{"num_params": 1e9, "world": 8, **shape, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--params", "nan"],
+        ["--params", "inf"],
+        ["--params", "-1"],
+        ["--tensors", "-5"],
+        ["--batch", "0"],
+        ["--heads", "0"],
+        ["--device-memory", "1e400"],
+        ["--presets", ""],
+    ],
+)
+def test_plan_command_refuses_bad_values(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    base = ["plan", "--params", "7e9", "--layers", "2", "--hidden", "64", "--seq", "16"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, *argv])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err
+    assert repr(argv[1]) in err or argv[1] in err, err
+
+
+def test_parse_bytes_accepts_a_capital_exponent() -> None:
+    assert parse_bytes("1E9") == parse_bytes("1e9") == 1e9
+    assert parse_bytes("8E10B") == 8e10
+    plan = memory_plan(7e9, 64, "fsdp2", device_memory="1E9", presets=["bf16-mixed"])
+    assert plan.device_memory == 1e9
+
+
+def test_plan_takes_one_preset_as_a_string() -> None:
+    one = memory_plan(7e9, 64, "fsdp2", presets="bf16-mixed")
+    assert one.rows == memory_plan(7e9, 64, "fsdp2", presets=["bf16-mixed"]).rows
+    with pytest.raises(TypeError, match=r"presets must be a preset name or a sequence of them"):
+        memory_plan(7e9, 64, "fsdp2", presets=3)  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -166,3 +167,17 @@ def test_cuda_without_cuda_disables_with_a_warning_like_torch() -> None:
     assert not scaler.is_enabled()
     with pytest.warns(UserWarning):
         assert not torch.amp.GradScaler().is_enabled()
+
+
+@pytest.mark.parametrize("strategy", ["static", "none"])
+def test_dynamic_only_arguments_with_a_fixed_strategy_warn(strategy: str) -> None:
+    # GradScaler(strategy="static", init_scale=1, min_scale=2) used to accept bounds it ignores.
+    with pytest.warns(UserWarning, match=rf"strategy={strategy!r}.*min_scale=2.*ignored"):
+        scaler = GradScaler("cpu", init_scale=1.0, min_scale=2.0, strategy=strategy)
+    assert scaler.state_dict()["strategy"] == strategy  # still built: a warning, not a refusal
+    with pytest.warns(UserWarning, match=r"growth_interval=1, hysteresis=2 .*ignored"):
+        GradScaler("cpu", growth_interval=1, hysteresis=2, strategy=strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GradScaler("cpu", init_scale=8.0, strategy=strategy)  # torch's defaults: nothing to say
+        GradScaler("cpu", init_scale=2.0, min_scale=2.0, max_scale=4.0)  # dynamic uses them

@@ -26,7 +26,8 @@ def _plan(args: argparse.Namespace) -> int:
         args.params,
         args.world,
         args.strategy,
-        presets=args.presets.split(",") if args.presets else _all_presets(),
+        # An empty --presets is refused by memory_plan, not read as "all".
+        presets=_all_presets() if args.presets is None else args.presets,
         num_tensors=args.tensors,
         layers=args.layers,
         hidden=args.hidden,

@@ -58,7 +58,7 @@ from mixprec.checkpoint import CheckpointError
 from mixprec.diagnostics import read_metrics
 from mixprec.distributed import ReduceState, launch
 from mixprec.optim import memory_report
-from mixprec.policy import Policy
+from mixprec.policy import PRESETS, Policy
 from mixprec.session import UPDATE_MODES, MixedPrecision
 from mixprec.session.setup import check_device
 
@@ -98,16 +98,34 @@ class Recipe:
 
     @classmethod
     def parse(cls, spec: str) -> Recipe:
-        """Parse ``POLICY[/UPDATE]``; raises ``ValueError`` naming the bad part and the choices."""
+        """Parse ``POLICY[/UPDATE]``; raises ``ValueError`` naming the bad part and the choices.
+
+        An update mode other than ``auto`` needs a policy with 16-bit parameters: on fp32
+        parameters it would change nothing but the run's label, so it is refused.
+        """
         policy, _, update = spec.strip().partition("/")
-        Policy.parse(policy)  # validates, with the presets in its message
+        parsed = Policy.parse(policy)  # validates, with the presets in its message
         update = update or "auto"
         if update not in UPDATE_MODES:
             raise ValueError(
                 f"unknown update mode {update!r} in precision {spec!r}; valid modes: "
                 f"{', '.join(UPDATE_MODES)} (e.g. 'bf16-pure/stochastic')"
             )
+        if update != "auto" and not _has_16_bit_params(parsed):
+            applies = [name for name, preset in PRESETS.items() if _has_16_bit_params(preset)]
+            raise ValueError(
+                f"update mode {update!r} in precision {spec!r} does not apply: {policy!r} keeps "
+                f"parameters in fp32, and the optimizer updates fp32 parameters itself. An update "
+                f"mode chooses how 16-bit parameters are updated; use it with a preset that "
+                f"stores them in 16 bits ({', '.join(applies)}), e.g. "
+                f"'{applies[0]}/{update}', or drop '/{update}'"
+            )
         return cls(spec.strip(), policy, update)
+
+
+def _has_16_bit_params(policy: Policy) -> bool:
+    """Whether ``policy`` (or one of its module rules) stores parameters in 16 bits or fewer."""
+    return policy.param.bits <= 16 or any(_has_16_bit_params(r.policy) for r in policy.rules)
 
 
 DEFAULT_RECIPES = (

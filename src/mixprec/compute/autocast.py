@@ -34,7 +34,7 @@ from typing import Any, Literal, TypeVar, get_args
 import torch
 
 from mixprec.compute.kernels import RegionConfig, depth, ensure_kernels, pop_config, push_config
-from mixprec.compute.ops import OpTable, op_table
+from mixprec.compute.ops import AutocastDeviceError, OpTable, check_device_type, op_table
 from mixprec.formats import resolve_format
 
 __all__ = ["AutocastDeviceError", "Backend", "autocast", "current_region"]
@@ -44,11 +44,6 @@ _BACKENDS: tuple[str, ...] = get_args(Backend)
 _TARGETS = ("cpu", "cuda")
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class AutocastDeviceError(ValueError, RuntimeError, TypeError):
-    """A device type autocast cannot run on: catchable as the ``RuntimeError`` (unknown name) or
-    ``ValueError`` (not a string) torch raises, and as ``TypeError``."""
 
 
 class _Open(threading.local):
@@ -62,25 +57,6 @@ _open = _Open()
 def current_region() -> autocast | None:
     """The innermost mixprec autocast region this thread has open, or None."""
     return _open.regions[-1] if _open.regions else None
-
-
-def _check_device_type(device_type: object) -> str:
-    if not isinstance(device_type, str):
-        raise AutocastDeviceError(
-            f"device_type must be a string such as 'cpu' or 'cuda', got "
-            f"{type(device_type).__name__} {device_type!r}"
-        )
-    try:
-        available = torch._C._is_autocast_available(device_type)
-    except RuntimeError:  # not even a torch device type
-        available = False
-    if not available:
-        valid = [d for d in ("cpu", "cuda", "mps", "xpu") if torch._C._is_autocast_available(d)]
-        raise AutocastDeviceError(
-            f"autocast is not available for device type {device_type!r}; valid device types: "
-            f"{', '.join(map(repr, valid))}"
-        )
-    return device_type
 
 
 def _check_bool(name: str, value: object, allow_none: bool = False) -> None:
@@ -102,6 +78,10 @@ def _check_dtype(dtype: object, device_type: str) -> torch.dtype:
     return dtype
 
 
+def _is_sub_16_bit_float(dtype: torch.dtype) -> bool:
+    return str(dtype).startswith(("torch.float8", "torch.float4"))
+
+
 def _check_target(target: object, device_type: str, requested_backend: str) -> str:
     if target is None:
         return device_type if device_type in _TARGETS else "cuda"
@@ -116,6 +96,22 @@ def _check_target(target: object, device_type: str, requested_backend: str) -> s
             "list is emulated; use backend='emulated' (or 'auto', which then emulates)"
         )
     return target  # type: ignore[return-value]
+
+
+def _keep_16_bit_casts_compiled() -> None:
+    """Make inductor round where a 16-bit cast is, as eager does, from the first region on.
+
+    By default inductor keeps a fused chain of elementwise ops in fp32 and drops the
+    ``x.to(fp16).to(fp32)`` pairs between them, so a compiled fp16 backward can hold 141600 where
+    eager holds inf, and the step that should be skipped is taken. ``emulate_precision_casts``
+    makes it round at each cast. It is set, not patched for the region: the backward graph is
+    compiled at the first ``backward()``, after the region has exited. Plain ``torch.autocast``
+    code compiled later in the process gets eager's roundings too (what eager computes).
+    """
+    import torch._inductor.config as config  # light; the first region pays for it once
+
+    if getattr(config, "emulate_precision_casts", True) is False:
+        config.emulate_precision_casts = True
 
 
 class autocast:  # lower case: named as torch.autocast, which it replaces
@@ -140,7 +136,10 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
 
     Raises:
         AutocastDeviceError: unknown device type (a ``RuntimeError`` and a ``ValueError``).
-        ValueError: unknown backend, target or op name, or a target with ``backend="native"``.
+        ValueError: unknown backend, target or op name, or a target with ``backend="native"``;
+            an fp8/fp4 dtype in an enabled region (FP8 compute is a recipe, not a region); a
+            dtype that is no float (``torch.int8``) or ``torch.float64`` in an enabled region
+            (torch would warn and run fp32; ``torch.float32`` still does that, as in torch).
         TypeError: wrong argument types.
 
     Example:
@@ -165,7 +164,7 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         ops: Mapping[str, str] | None = None,
         target: str | None = None,
     ) -> None:
-        self.device_type = _check_device_type(device_type)
+        self.device_type = check_device_type(device_type)
         _check_bool("enabled", enabled)
         _check_bool("cache_enabled", cache_enabled, allow_none=True)
         if backend not in _BACKENDS:
@@ -174,6 +173,23 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
                 f"{', '.join(map(repr, _BACKENDS))}"
             )
         self.dtype = _check_dtype(dtype, self.device_type)
+        if enabled and (not self.dtype.is_floating_point or self.dtype == torch.float64):
+            # torch would warn and run fp32 (issue: accepted and not applied), so refuse, as a
+            # format name that is no autocast dtype is refused.
+            raise ValueError(
+                f"In {self.device_type} autocast, but the target dtype {self.dtype} is not "
+                "supported: an autocast region computes in torch.bfloat16 or torch.float16 "
+                "(torch.float32 disables it, as torch's autocast does). Pass one of those, or "
+                "enabled=False for a region that changes nothing"
+            )
+        if enabled and _is_sub_16_bit_float(self.dtype):
+            # torch would warn and run fp32; a user asking for FP8 numerics gets none, so refuse.
+            raise ValueError(
+                f"autocast does not compute in {self.dtype} (fp8/fp4): its regions compute in "
+                "fp16 or bf16. FP8 compute is a recipe on the linear layers: "
+                "MixedPrecision('fp8-mixed') or a policy with compute=fp8:<recipe> (e.g. "
+                "'compute=fp8:tensorwise'); or pass dtype=torch.bfloat16/torch.float16 here"
+            )
         self.cache_enabled = cache_enabled
         self.target = _check_target(target, self.device_type, backend)
         torch_table = op_table(self.device_type, self.dtype)
@@ -205,6 +221,7 @@ class autocast:  # lower case: named as torch.autocast, which it replaces
         )
         if self.enabled:  # a disabled region turns autocast off: no kernel of ours runs inside
             ensure_kernels(self._config)
+            _keep_16_bit_casts_compiled()
         native.__enter__()
         self._entered.setdefault(threading.get_ident(), []).append(
             (native, depth(self.device_type))

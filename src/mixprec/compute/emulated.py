@@ -16,6 +16,10 @@ activation memory is that of real 16-bit training, and each gradient is one fp32
 16-bit values rounded once to the input's dtype: fp16 overflow to inf and underflow to zero happen
 in that rounding, exactly where hardware produces them.
 
+``_addmm_activation`` (a GEMM with a GELU or ReLU after it) follows torch's own CPU kernel, the
+reference torch's autocast tests compare with: the GEMM rounded to 16 bits, then the activation of
+that 16-bit value (erf GELU) rounded again; bit for bit torch's native result.
+
 Every fp32 kernel here runs with torch's autocast excluded: a custom op may be called inside an
 autocast region (eagerly, or from a compiled graph), and autocast would otherwise lower the fp32
 GEMM that *is* the emulation.
@@ -27,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch._C import DispatchKey, DispatchKeySet
 
 __all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
@@ -46,8 +51,32 @@ def _wide(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+@torch.library.custom_op("mixprec::round_to", mutates_args=())
+def _round_to_op(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype``, as an opaque node: inductor cannot fuse it away."""
+    return x.to(dtype, copy=True)
+
+
+_round_to_op.register_fake(lambda x, dtype: x.to(dtype, copy=True))
+
+
+def _round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A backward's 16-bit rounding, kept under ``torch.compile``.
+
+    A custom op's forward is one opaque node, but its registered backward is traced into the
+    compiled graph, where inductor fuses ``x.to(fp16)`` with the widening that follows (the
+    cast's backward) and keeps the fp32 value: an fp16 gradient overflow eager produces (inf)
+    came out finite compiled. Compiled, the rounding is an opaque op; eager, a plain cast.
+    """
+    if x.dtype == dtype:
+        return x
+    if torch.compiler.is_compiling():
+        return torch.ops.mixprec.round_to(x, dtype)
+    return x.to(dtype)
+
+
 def _unbroadcast(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return grad.sum_to_size(like.shape).to(like.dtype)
+    return _round(grad.sum_to_size(like.shape), like.dtype)
 
 
 # -- mm / bmm ---------------------------------------------------------------------------------
@@ -73,8 +102,8 @@ def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...
     a, b = ctx.saved_tensors
     with no_autocast():
         g = grad.float()
-        ga = (g @ b.float().mT).to(a.dtype) if ctx.needs_input_grad[0] else None
-        gb = (a.float().mT @ g).to(b.dtype) if ctx.needs_input_grad[1] else None
+        ga = _round(g @ b.float().mT, a.dtype) if ctx.needs_input_grad[0] else None
+        gb = _round(a.float().mT @ g, b.dtype) if ctx.needs_input_grad[1] else None
     return ga, gb
 
 
@@ -123,8 +152,8 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
             g = g.expand(a.shape[0], *g.shape)
         if ctx.alpha != 1:
             g = g * ctx.alpha
-        ga = (g @ b.float().mT).to(a.dtype) if want[1] else None
-        gb = (a.float().mT @ g).to(b.dtype) if want[2] else None
+        ga = _round(g @ b.float().mT, a.dtype) if want[1] else None
+        gb = _round(a.float().mT @ g, b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None
 
 
@@ -132,13 +161,20 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
 def _addmm_activation(
     bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float, use_gelu: bool
 ) -> torch.Tensor:
-    """``act(beta * bias + alpha * a @ b)`` with the activation in the GEMM's epilogue: one
-    rounding, as a fused GEMM kernel has."""
+    """``act(beta * bias + alpha * a @ b)`` as torch's own CPU kernel computes it: the GEMM in
+    fp32, rounded once to 16 bits, then the activation (erf GELU or ReLU) of that 16-bit value,
+    rounded again. Bit for bit torch's native 16-bit result (its ``test_autocast_torch_16``)."""
     with no_autocast():
-        out = torch._addmm_activation(
-            bias.float(), a.float(), b.float(), beta=beta, alpha=alpha, use_gelu=use_gelu
-        )
+        z = _preactivation(bias, a, b, beta, alpha)
+        out = F.gelu(z.float()) if use_gelu else torch.relu(z)
         return out.to(a.dtype)
+
+
+def _preactivation(
+    bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    """``beta * bias + alpha * a @ b`` in fp32, rounded once to the 16-bit dtype of ``a``."""
+    return _round(torch.addmm(bias.float(), a.float(), b.float(), beta=beta, alpha=alpha), a.dtype)
 
 
 def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -148,14 +184,15 @@ def _save_addmm_activation(ctx: Any, inputs: tuple[Any, ...], output: Any) -> No
 
 def _addmm_activation_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     bias, a, b = ctx.saved_tensors
-    with no_autocast():  # the pre-activation, recomputed in fp32 from the saved 16-bit inputs
-        z = torch.addmm(bias.float(), a.float(), b.float(), beta=ctx.beta, alpha=ctx.alpha)
+    with no_autocast():  # the 16-bit pre-activation the forward applied the activation to
+        z = _preactivation(bias, a, b, ctx.beta, ctx.alpha).float()
         g = grad.float()
         g = torch.ops.aten.gelu_backward(g, z) if ctx.use_gelu else g * (z > 0)
+        g = _round(g, a.dtype).float()  # the gradient of a 16-bit pre-activation is 16-bit
         want = ctx.needs_input_grad
         g_bias = _unbroadcast(g * ctx.beta, bias) if want[0] else None
-        ga = (g @ b.float().mT * ctx.alpha).to(a.dtype) if want[1] else None
-        gb = (a.float().mT @ g * ctx.alpha).to(b.dtype) if want[2] else None
+        ga = _round(g @ b.float().mT * ctx.alpha, a.dtype) if want[1] else None
+        gb = _round(a.float().mT @ g * ctx.alpha, b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None, None
 
 
@@ -177,7 +214,7 @@ def _conv_tbc_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | Non
         gx, gw, gb = torch.ops.aten.conv_tbc_backward.default(
             grad.float(), x.float(), weight.float(), bias.float(), ctx.pad
         )
-    return gx.to(x.dtype), gw.to(weight.dtype), gb.to(bias.dtype), None
+    return _round(gx, x.dtype), _round(gw, weight.dtype), _round(gb, bias.dtype), None
 
 
 # -- convolution ------------------------------------------------------------------------------
@@ -219,9 +256,9 @@ def _convolution_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
             grad.float(), x.float(), weight.float(), ctx.bias_sizes, *ctx.geometry, mask
         )
     return (
-        gx.to(x.dtype) if mask[0] else None,
-        gw.to(weight.dtype) if mask[1] else None,
-        gb.to(ctx.bias_dtype) if mask[2] else None,
+        _round(gx, x.dtype) if mask[0] else None,
+        _round(gw, weight.dtype) if mask[1] else None,
+        _round(gb, ctx.bias_dtype) if mask[2] else None,
         *([None] * 6),
     )
 
@@ -262,7 +299,7 @@ def _flash_backward(
             grad.float(), q.float(), k.float(), v.float(), out.float(), lse, ctx.dropout_p,
             ctx.is_causal, attn_mask=_wide(mask), scale=ctx.scale,
         )  # fmt: skip
-    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None, None
+    return _round(gq, q.dtype), _round(gk, k.dtype), _round(gv, v.dtype), None, None, None, None
 
 
 # The fake kernels are the real ones: they are shape-polymorphic tensor code, run on fake tensors.

@@ -32,10 +32,12 @@ import torch
 __all__ = [
     "COMPOSITE_GEMMS",
     "GEMM_OPS",
+    "AutocastDeviceError",
     "Category",
     "OpTable",
     "aten_op",
     "autocast_key",
+    "check_device_type",
     "op_table",
     "resolve_op_names",
 ]
@@ -300,9 +302,41 @@ def _table_entries(kind: str) -> Mapping[str, Category]:
     return MappingProxyType(entries)
 
 
-@functools.cache  # immutable and consulted for every autocast region
+class AutocastDeviceError(ValueError, RuntimeError, TypeError):
+    """A device type autocast cannot run on: catchable as the ``RuntimeError`` (unknown name) or
+    ``ValueError`` (not a string) torch raises, and as ``TypeError``."""
+
+
+def check_device_type(device_type: object) -> str:
+    """Return ``device_type`` if torch's autocast runs on it (what autocast and op_table take).
+
+    Raises:
+        AutocastDeviceError: not a string, or not a device type torch's autocast supports.
+    """
+    # Each message starts with torch's own text for the same mistake, so code (and torch's tests)
+    # matching torch's message keeps working; mixprec's help follows.
+    if not isinstance(device_type, str):
+        raise AutocastDeviceError(
+            f"Expected `device_type` of type `str`, got: `{type(device_type)}`: device_type must "
+            f"be a string such as 'cpu' or 'cuda', got {type(device_type).__name__} "
+            f"{device_type!r}"
+        )
+    try:
+        available = torch._C._is_autocast_available(device_type)
+        torch_text = f"User specified an unsupported autocast device_type '{device_type}'"
+    except RuntimeError as err:  # not even a torch device type: "Invalid device string: ..."
+        available, torch_text = False, str(err)
+    if not available:
+        valid = [d for d in ("cpu", "cuda", "mps", "xpu") if torch._C._is_autocast_available(d)]
+        raise AutocastDeviceError(
+            f"{torch_text}: autocast is not available for device type {device_type!r}; valid "
+            f"device types: {', '.join(map(repr, valid))}"
+        )
+    return device_type
+
+
 def op_table(device_type: str, dtype: torch.dtype) -> OpTable:
-    """The default op table of ``torch.autocast`` for a device type and dtype.
+    """The default op table of ``torch.autocast`` for a device type and dtype (checked).
 
     Device types other than ``"cpu"`` use the CUDA table (torch's accelerators share it).
 
@@ -311,5 +345,15 @@ def op_table(device_type: str, dtype: torch.dtype) -> OpTable:
         'fp32'
         >>> op_table("cpu", torch.bfloat16)["softmax"]
         'keep'
+
+    Raises:
+        AutocastDeviceError: a device type ``autocast`` refuses (``"gpu"``), with the same
+            message.
     """
+    check_device_type(device_type)
+    return _op_table(device_type, dtype)
+
+
+@functools.cache  # immutable and consulted for every autocast region
+def _op_table(device_type: str, dtype: torch.dtype) -> OpTable:
     return OpTable(device_type, dtype, _table_entries("cpu" if device_type == "cpu" else "cuda"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -77,6 +78,69 @@ def split_batch(batch: object) -> tuple[Any, Any]:
             "loss_fn (None: loss_fn(output)), e.g. ((input_ids, mask), None)"
         )
     return batch[0], batch[1]
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` needs (None where its signature cannot be read)."""
+    if isinstance(fn, nn.Module):  # its __call__ takes *args; forward says what it needs
+        fn = fn.forward
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def check_batch_for_loss(batch: object, loss_fn: Callable[..., Any], caller: str) -> None:
+    """Refuse a batch without a target given to a loss that needs one, before any forward.
+
+    A bare tensor or dict batch is the model's input alone, so the loss is called as
+    ``loss_fn(output)``; ``cross_entropy`` then fails deep inside with "missing target".
+
+    Raises:
+        TypeError: ``batch`` has no target and ``loss_fn`` needs two arguments.
+    """
+    inputs, target = split_batch(batch)
+    if target is not None or (_required_positional(loss_fn) or 0) < 2:
+        return
+    kind = "Tensor" if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    raise TypeError(
+        f"{caller}: batch is a {kind} without a target, so the loss would be called as "
+        f"loss_fn(output), but {name} needs (output, target); pass the batch as a pair "
+        f"(inputs, target), e.g. {caller}(model, (x, y), loss_fn), or a loss_fn taking only "
+        "the output (e.g. lambda out: out.loss for a Hugging Face batch with labels)"
+    )
+
+
+def check_nonempty_batch(batch: object, caller: str) -> None:
+    """Refuse a batch whose inputs hold an empty tensor: nothing would be measured.
+
+    Raises:
+        ValueError: a tensor of the inputs has no elements (the message names it).
+    """
+    inputs, _ = split_batch(batch)
+    empty: list[str] = []
+
+    def walk(tree: object, path: str) -> None:
+        if isinstance(tree, torch.Tensor):
+            if tree.dim() > 0 and tree.numel() == 0:
+                empty.append(f"inputs{path} {tuple(tree.shape)}")
+        elif isinstance(tree, (tuple, list)):
+            for i, item in enumerate(tree):
+                walk(item, f"{path}[{i}]")
+        elif isinstance(tree, Mapping):
+            for key, item in tree.items():
+                walk(item, f"{path}[{key!r}]")
+
+    walk(inputs, "")
+    if empty:
+        raise ValueError(
+            f"{caller}: batch is empty: {', '.join(empty)} has 0 elements, so the forward "
+            "measures nothing (the loss is NaN) and no advice could rest on it; pass one "
+            "representative batch with at least one sample"
+        )
 
 
 def run_batch(model: nn.Module, batch: object, loss_fn: Callable[..., Any]) -> torch.Tensor:

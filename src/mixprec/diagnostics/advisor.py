@@ -37,8 +37,10 @@ from torch import nn
 
 from mixprec.compute import Backend
 from mixprec.diagnostics._checks import (
+    check_batch_for_loss,
     check_loss_fn,
     check_model,
+    check_nonempty_batch,
     check_threshold,
     nonfinite_inputs,
 )
@@ -52,7 +54,7 @@ from mixprec.diagnostics.layerwise import (
 from mixprec.diagnostics.underflow import UnderflowReport, underflow_report
 from mixprec.formats import BF16, FP16
 from mixprec.hardware import AutoChoice, HardwareReport, probe, recommend
-from mixprec.policy import PRESETS, Policy
+from mixprec.policy import PRESETS, ModuleRule, Policy
 
 __all__ = ["Advice", "advise"]
 
@@ -125,8 +127,141 @@ def _preset_name(policy: Policy) -> str:
     return str(policy)
 
 
-def _policy_string(base: str, rules: list[str]) -> str:
-    return "; ".join([base, *rules])
+_FP32 = Policy.parse("fp32")
+
+
+def _island(name: str) -> ModuleRule:
+    """The rule that keeps module ``name`` in fp32."""
+    return ModuleRule(name, _FP32)
+
+
+def _rule_text(rule: ModuleRule) -> str:
+    """A rule as the advice writes it: the policy by its preset name (``"fc -> fp32"``)."""
+    prefix = "class:" if rule.kind == "class" else ""
+    return f"{prefix}{rule.pattern} -> {_preset_name(rule.policy)}"
+
+
+def _policy_string(base: str, rules: list[ModuleRule]) -> str:
+    return "; ".join([base, *map(_rule_text, rules)])
+
+
+@dataclass(frozen=True)
+class _Ranges:
+    """Evidence of step 2: every module's largest fp32 activation, and the innermost modules
+    above fp16's max (``""``: the model's own code)."""
+
+    absmax: Mapping[str, float]
+    over: tuple[str, ...]
+
+
+def _activation_ranges(reference: Capture) -> _Ranges:
+    absmax = {name: max(reference.absmax(name)) for name in reference.classes}
+    over = innermost([name for name, value in absmax.items() if value > FP16.max])
+    if not over and absmax.get("", 0.0) > FP16.max:
+        over = [""]  # the model's own code (no submodule) exceeds the range
+    return _Ranges(absmax, tuple(over))
+
+
+def _fp16_fits(choice: AutoChoice, ranges: _Ranges) -> bool:
+    """Whether the advice keeps the hardware's (fp16) choice with loss scaling: not bf16, and
+    no activation of the model's own code beyond fp16's range."""
+    compute = choice.policy.compute
+    return not (compute == BF16 or (compute == FP16 and "" in ranges.over))
+
+
+def _range_evidence(choice: AutoChoice, ranges: _Ranges) -> tuple[str, list[ModuleRule], list[str]]:
+    """Step 2: the base policy and the fp32 islands activation ranges call for, with reasons."""
+    absmax, over = ranges.absmax, ranges.over
+    if _fp16_fits(choice, ranges):
+        rules = [_island(name) for name in over]
+        reasons = [
+            f"{name}: fp32 activations reach {absmax[name]:.3g} > fp16 max {FP16.max:g}: "
+            "fp32 island"
+            for name in over
+        ]
+        return _preset_name(choice.policy), rules, reasons
+    if choice.policy.compute == FP16:
+        return (
+            "fp32",
+            [],
+            [
+                f"fp16 is ruled out: the model's own code reaches {absmax['']:.3g} > fp16 max "
+                f"{FP16.max:g}, which no module island can contain; this device has no fast "
+                "bf16, so fp32 it is"
+            ],
+        )
+    if over:
+        ruled_out = ", ".join(f"{n or '<model>'} ({absmax[n]:.3g})" for n in over)
+        return (
+            "bf16-mixed",
+            [],
+            [
+                f"fp16 is ruled out for {ruled_out}: fp32 activations above fp16 max "
+                f"{FP16.max:g}; bf16 reaches {BF16.max:.3g}, so bf16-mixed needs no island there"
+            ],
+        )
+    return (
+        "bf16-mixed",
+        [],
+        [
+            f"activations stay within fp16's range (abs-max {max(absmax.values()):.3g}); "
+            "bf16 keeps fp32's range and needs no loss scaling"
+        ],
+    )
+
+
+def _underflow_evidence(
+    choice: AutoChoice, ranges: _Ranges, reference: Capture
+) -> tuple[float | None, UnderflowReport, list[str]]:
+    """Step 3: the loss scale to start from (None: no scaling) and what the gradients lose."""
+    grads = reference.param_grads
+    if not _fp16_fits(choice, ranges):
+        fmt = "bf16" if choice.policy.compute == BF16 else "fp32"
+        underflow = underflow_report(grads, 1.0, fmt)
+        as_fp16 = underflow_report(grads, _FP16_START_SCALE, "fp16")
+        return (
+            None,
+            underflow,
+            [
+                f"underflow: {fmt} at scale 1 flushes {underflow.total.flushed_fraction:.2%} of "
+                f"the non-zero gradient elements (fp16 at {_FP16_START_SCALE:g} would flush "
+                f"{as_fp16.total.flushed_fraction:.2%} and overflow "
+                f"{as_fp16.total.overflow_fraction:.2%})"
+            ],
+        )
+    fmt = choice.policy.compute.name
+    safe = underflow_report(grads, _FP16_START_SCALE, fmt).largest_safe_scale
+    init_scale = min(_FP16_START_SCALE, safe)
+    underflow = underflow_report(grads, init_scale, fmt)
+    reasons = [
+        f"loss scale: start at {init_scale:g} (largest scale at which no gradient overflows "
+        f"{fmt}: {underflow.largest_safe_scale:g}); there {underflow}"
+    ]
+    if underflow.total.flushed_fraction > 0.01:
+        reasons.append(
+            f"{underflow.total.flushed_fraction:.1%} of gradient elements flush even at the "
+            "largest safe scale: bf16 would keep them, where the hardware has it"
+        )
+    return init_scale, underflow, reasons
+
+
+def _check_advise_args(
+    hardware: object, device: object, max_rounds: object, min_gain_db: object
+) -> None:
+    if hardware is not None and not isinstance(hardware, HardwareReport):
+        raise TypeError(
+            f"hardware must be a mixprec.hardware.HardwareReport, got "
+            f"{type(hardware).__name__} {hardware!r}; or leave it None to probe {device!r}"
+        )
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    if isinstance(min_gain_db, bool) or not isinstance(min_gain_db, (int, float)):
+        raise TypeError(
+            f"min_gain_db must be a number of dB, got {type(min_gain_db).__name__} "
+            f"{min_gain_db!r}; e.g. 1.0"
+        )
+    if not (0 <= min_gain_db < math.inf):
+        raise ValueError(f"min_gain_db={min_gain_db!r} is out of range; valid range [0, inf)")
 
 
 def advise(
@@ -165,8 +300,10 @@ def advise(
         An :class:`Advice`; ``advice.policy`` goes straight into ``Policy.parse``.
 
     Raises:
-        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair.
+        TypeError: bad argument types; a batch that is not a tensor, a dict or a pair; a
+            batch without a target for a ``loss_fn`` that needs one.
         ValueError: a model without parameters; a threshold out of range; a non-scalar loss;
+            an empty batch;
             a batch or parameters that already hold inf or NaN (bad data).
         Exception: the model's own error for a batch it cannot take, unchanged.
 
@@ -180,20 +317,9 @@ def advise(
     check_model(model, "advise")
     check_loss_fn(loss_fn)
     threshold = check_threshold(threshold_db)
-    if hardware is not None and not isinstance(hardware, HardwareReport):
-        raise TypeError(
-            f"hardware must be a mixprec.hardware.HardwareReport, got "
-            f"{type(hardware).__name__} {hardware!r}; or leave it None to probe {device!r}"
-        )
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
-    if isinstance(min_gain_db, bool) or not isinstance(min_gain_db, (int, float)):
-        raise TypeError(
-            f"min_gain_db must be a number of dB, got {type(min_gain_db).__name__} "
-            f"{min_gain_db!r}; e.g. 1.0"
-        )
-    if not (0 <= min_gain_db < math.inf):
-        raise ValueError(f"min_gain_db={min_gain_db!r} is out of range; valid range [0, inf)")
+    _check_advise_args(hardware, device, max_rounds, min_gain_db)
+    check_batch_for_loss(batch, loss_fn, "advise")
+    check_nonempty_batch(batch, "advise")
     bad = nonfinite_inputs(model, batch)
     if bad:
         raise ValueError(
@@ -201,75 +327,18 @@ def advise(
             "any 16-bit rounding; no precision policy can fix that. Fix the data pipeline or the "
             "weights (a NaN embedding row comes from the checkpoint or a diverged update)"
         )
+    # 1. hardware; 2. activation ranges; 3. underflow; 4. per-layer comparison (design note).
     choice = recommend(hardware if hardware is not None else probe(device))
-    reasons = [f"hardware: {choice.reason}"]
-
     reference = capture(model, batch, loss_fn, "fp32")
-    absmax = {name: max(reference.absmax(name)) for name in reference.classes}
-    over = innermost([name for name, value in absmax.items() if value > FP16.max])
-    if not over and absmax.get("", 0.0) > FP16.max:
-        over = [""]  # the model's own code (no submodule) exceeds the range
-    ruled_out = ", ".join(f"{n or '<model>'} ({absmax[n]:.3g})" for n in over)
-
-    rules: list[str] = []
-    init_scale: float | None = None
-    compute = choice.policy.compute
-    if compute == BF16 or (compute == FP16 and "" in over):
-        base = "bf16-mixed" if compute == BF16 else "fp32"
-        if compute == FP16:
-            reasons.append(
-                f"fp16 is ruled out: the model's own code reaches {absmax['']:.3g} > fp16 max "
-                f"{FP16.max:g}, which no module island can contain; this device has no fast "
-                "bf16, so fp32 it is"
-            )
-        elif over:
-            reasons.append(
-                f"fp16 is ruled out for {ruled_out}: fp32 activations above fp16 max "
-                f"{FP16.max:g}; bf16 reaches {BF16.max:.3g}, so bf16-mixed needs no island there"
-            )
-        else:
-            reasons.append(
-                f"activations stay within fp16's range (abs-max {max(absmax.values()):.3g}); "
-                "bf16 keeps fp32's range and needs no loss scaling"
-            )
-        fmt = "bf16" if compute == BF16 else "fp32"
-        underflow = underflow_report(reference.param_grads, 1.0, fmt)
-        as_fp16 = underflow_report(reference.param_grads, _FP16_START_SCALE, "fp16")
-        reasons.append(
-            f"underflow: {fmt} at scale 1 flushes {underflow.total.flushed_fraction:.2%} of the "
-            f"non-zero gradient elements (fp16 at {_FP16_START_SCALE:g} would flush "
-            f"{as_fp16.total.flushed_fraction:.2%} and overflow "
-            f"{as_fp16.total.overflow_fraction:.2%})"
-        )
-    else:
-        base = _preset_name(choice.policy)
-        for name in over:
-            rules.append(f"{name} -> fp32")
-            reasons.append(
-                f"{name}: fp32 activations reach {absmax[name]:.3g} > fp16 max {FP16.max:g}: "
-                "fp32 island"
-            )
-        fmt = compute.name
-        probe_report = underflow_report(reference.param_grads, _FP16_START_SCALE, fmt)
-        init_scale = min(_FP16_START_SCALE, probe_report.largest_safe_scale)
-        underflow = underflow_report(reference.param_grads, init_scale, fmt)
-        reasons.append(
-            f"loss scale: start at {init_scale:g} (largest scale at which no gradient overflows "
-            f"{fmt}: {underflow.largest_safe_scale:g}); there {underflow}"
-        )
-        if underflow.total.flushed_fraction > 0.01:
-            reasons.append(
-                f"{underflow.total.flushed_fraction:.1%} of gradient elements flush even at the "
-                "largest safe scale: bf16 would keep them, where the hardware has it"
-            )
-
-    comparison, kept, rejected = _justified_islands(
+    ranges = _activation_ranges(reference)
+    base, rules, range_reasons = _range_evidence(choice, ranges)
+    init_scale, underflow, underflow_reasons = _underflow_evidence(choice, ranges, reference)
+    comparison, kept, rejected, island_reasons = _justified_islands(
         model,
         batch,
         loss_fn,
         base,
         rules,
-        reasons,
         threshold=threshold,
         loss_scale=init_scale if init_scale is not None else 1.0,
         backend=backend,
@@ -277,7 +346,7 @@ def advise(
         max_rounds=max_rounds,
         min_gain_db=min_gain_db,
     )
-    rules = rules + kept
+    reasons = [f"hardware: {choice.reason}", *range_reasons, *underflow_reasons, *island_reasons]
     scored = [
         v
         for layer in comparison.layers
@@ -291,16 +360,16 @@ def advise(
             f"{comparison.reference_loss:.4g}"
         )
     return Advice(
-        policy=_policy_string(base, rules),
+        policy=_policy_string(base, rules + kept),
         reasons=tuple(reasons),
         backend=choice.backend,
         init_scale=init_scale,
-        fp16_ruled_out=tuple(over),
-        activation_absmax=absmax,
+        fp16_ruled_out=ranges.over,
+        activation_absmax=ranges.absmax,
         underflow=underflow,
         comparison=comparison,
         hardware=choice,
-        rejected=tuple(rejected),
+        rejected=tuple(map(_rule_text, rejected)),
     )
 
 
@@ -319,8 +388,7 @@ def _justified_islands(
     batch: Any,
     loss_fn: Callable[..., torch.Tensor],
     base: str,
-    rules: list[str],
-    reasons: list[str],
+    rules: list[ModuleRule],
     *,
     threshold: float,
     loss_scale: float,
@@ -328,18 +396,18 @@ def _justified_islands(
     reference: Capture,
     max_rounds: int,
     min_gain_db: float,
-) -> tuple[LayerComparison, list[str], list[str]]:
-    """Add the islands the comparison proposes, keeping only those that measurably help.
+) -> tuple[LayerComparison, list[ModuleRule], list[ModuleRule], list[str]]:
+    """Step 4: add the islands the comparison proposes, keeping only those that measurably help.
 
     Each round compares the current policy against fp32, then re-measures with the proposed
     islands applied; an island stays only if its module's SNR (the worst of output and gradient)
     rises by more than ``min_gain_db``. A module whose error is rounding noise on a gradient that
     is zero in exact arithmetic (an attention key's bias) keeps the same SNR in fp32 and is
-    dropped. Appends a reason per decision; returns the final comparison, the kept and the
-    dropped rules.
+    dropped. Returns the final comparison, the kept and the dropped rules, and a reason per
+    decision.
     """
 
-    def compare(extra: list[str]) -> LayerComparison:
+    def compare(extra: list[ModuleRule]) -> LayerComparison:
         return compare_layers(
             model,
             batch,
@@ -351,23 +419,25 @@ def _justified_islands(
             reference=reference,
         )
 
-    kept: list[str] = []
-    rejected: list[str] = []
+    kept: list[ModuleRule] = []
+    rejected: list[ModuleRule] = []
+    reasons: list[str] = []
     comparison = compare(kept)
     for round_ in range(max_rounds + 1):
-        new = [r for r in comparison.proposed_rules if r not in kept and r not in rejected]
+        proposed = [_island(rule.split(" ->")[0]) for rule in comparison.proposed_rules]
+        new = [r for r in proposed if r not in kept and r not in rejected]
         if not new:
             break
         if round_ == max_rounds:
             reasons.append(
                 f"after {max_rounds} rounds these modules still fall below {threshold:g} dB: "
-                f"{', '.join(r.split(' ->')[0] for r in new)}"
+                f"{', '.join(r.pattern for r in new)}"
             )
             break
         trial = compare(kept + new)
         helped = []
         for rule in new:
-            name = rule.split(" ->")[0]
+            name = rule.pattern
             before, after = _module_snr(comparison, name), _module_snr(trial, name)
             change = f"SNR {before:.1f} dB without the island, {after:.1f} dB with it"
             if before is not None and after is not None and after > before + min_gain_db:
@@ -386,4 +456,4 @@ def _justified_islands(
             break
         kept.extend(helped)
         comparison = trial if len(helped) == len(new) else compare(kept)
-    return comparison, kept, rejected
+    return comparison, kept, rejected, reasons

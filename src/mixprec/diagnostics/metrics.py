@@ -1,9 +1,11 @@
 """Per-step run metrics: one JSON object per line in ``metrics.jsonl``, optionally TensorBoard.
 
 Each line is ``{"step": <int>, <key>: <value>, ...}`` with numbers, booleans, strings or null.
-JSON has no inf or NaN, and a NaN loss is exactly what this file must be able to show, so
-non-finite floats are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"``;
-:func:`read_metrics` turns them back into floats. The file is opened for appending and every line
+JSON has no inf or NaN, and a NaN loss is exactly what this file must be able to show, so a
+NaN is written as ``null`` (what JSON readers take for "no number") and its key is listed under
+``"nan_metrics"``, which tells it from a metric that is absent (``None``, also ``null``);
+infinities are written as the strings ``"inf"`` and ``"-inf"``. :func:`read_metrics` turns both
+back into floats. The file is opened for appending and every line
 is flushed as it is written, so a resumed run continues the same file and a crash loses no step.
 
 The session records, per step, the keys in :data:`STEP_KEYS`; :meth:`UnderflowReport.metrics
@@ -46,6 +48,8 @@ STEP_KEYS = (
 """The keys a training session writes per step (any other key is allowed too)."""
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+NAN_KEY = "nan_metrics"
+"""The reserved key of a line that lists which of its ``null`` values are NaN."""
 
 
 def _encode(key: str, value: Any) -> Any:
@@ -59,6 +63,7 @@ def _encode(key: str, value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
+        # NaN is written as null by log() (listed under NAN_KEY); infinities keep their sign.
         return value if math.isfinite(value) else str(value)  # "nan", "inf", "-inf"
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)  # e.g. the names of parameters with non-finite gradients
@@ -129,7 +134,8 @@ class MetricsWriter:
 
         Raises:
             RuntimeError: the writer is closed.
-            ValueError: a negative step; a multi-element tensor.
+            ValueError: a negative step; a multi-element tensor; the reserved key
+                ``"nan_metrics"``.
             TypeError: a non-integer step, a non-string key or an unsupported value.
         """
         if self._file is None:
@@ -143,12 +149,24 @@ class MetricsWriter:
         for key, value in merged.items():
             if not isinstance(key, str) or key == "step":
                 raise TypeError(f"metric names are strings other than 'step', got {key!r}")
+            if key == NAN_KEY:
+                raise ValueError(
+                    f"metric name {key!r} is reserved: it lists which null values of a line are "
+                    "NaN; log the NaN values themselves (e.g. loss=float('nan'))"
+                )
             row[key] = _encode(key, value)
+        nan = [key for key, value in row.items() if value == "nan"]
+        for key in nan:
+            row[key] = None
+        if nan:
+            row[NAN_KEY] = nan
         self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         if self._tensorboard is not None:
             for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)):  # bools are ints
+                if key in nan:
+                    self._tensorboard.add_scalar(key, math.nan, step)
+                elif key != "step" and isinstance(value, (int, float)):  # bools are ints
                     self._tensorboard.add_scalar(key, float(value), step)
                 elif isinstance(value, str) and value in _NONFINITE:
                     self._tensorboard.add_scalar(key, _NONFINITE[value], step)
@@ -191,8 +209,14 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         for line in file:
             if line.strip():
                 row = json.loads(line)
+                nan = row.pop(NAN_KEY, ())
                 rows.append(
-                    {k: _NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in row.items()}
+                    {
+                        k: math.nan
+                        if k in nan
+                        else (_NONFINITE.get(v, v) if isinstance(v, str) else v)
+                        for k, v in row.items()
+                    }
                 )
     return rows
 

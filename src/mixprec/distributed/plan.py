@@ -178,6 +178,37 @@ def _element_bytes(
     }
 
 
+def _check_int(name: str, value: object, low: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low} ({what}), got {value!r}")
+
+
+def _preset_names(presets: object) -> tuple[str, ...]:
+    """Preset names from a sequence or from one string (``"bf16-mixed"``, ``"fp32,bf16-mixed"``)."""
+    if isinstance(presets, str):
+        names = tuple(presets.split(",")) if presets else ()
+    elif isinstance(presets, Iterable) and not isinstance(presets, (bytes, dict)):
+        names = tuple(presets)
+    else:
+        raise TypeError(
+            f"presets must be a preset name or a sequence of them, got {presets!r}; "
+            f"e.g. presets=['bf16-mixed', 'fp32']"
+        )
+    if not names:
+        raise ValueError(
+            f"presets is empty ({presets!r}); name at least one of: {', '.join(PRESETS)}, "
+            "or leave it out to plan all of them"
+        )
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"preset names are strings, got {name!r} in presets={presets!r}")
+        if not name.strip():
+            raise ValueError(
+                f"empty preset name in presets={presets!r}; valid presets: {', '.join(PRESETS)}"
+            )
+    return names
+
+
 def _rows_wanted(presets: Iterable[str]) -> list[tuple[str, str]]:
     rows = []
     for preset in presets:
@@ -228,7 +259,7 @@ def memory_plan(
     world: int = 1,
     strategy: Strategy = "fsdp2",
     *,
-    presets: Sequence[str] = tuple(PRESETS),
+    presets: Sequence[str] | str = tuple(PRESETS),
     num_tensors: int = 0,
     layers: int | None = None,
     hidden: int | None = None,
@@ -248,7 +279,8 @@ def memory_plan(
         num_params: parameter elements of the model (``7e9``).
         world: ranks.
         strategy: ``"single"`` (one process), ``"ddp"`` (replicas) or ``"fsdp2"`` (ZeRO-3).
-        presets: the presets to plan (default: all).
+        presets: the presets to plan (default: all): a sequence of names, or one string
+            (``"bf16-mixed"``, or comma-separated names).
         num_tensors: parameter tensors (adds AdamW's 4-byte step counter each, on every rank).
         layers, hidden, seq: a transformer shape for the activation estimate (all or none).
         batch: sequences per rank per micro-batch.
@@ -269,20 +301,33 @@ def memory_plan(
 
     Raises:
         ValueError: a bad count, world, strategy, preset, shape or memory size.
+        TypeError: ``presets`` is neither a string nor a sequence of strings.
 
     Example:
         >>> plan = memory_plan(7e9, world=64, strategy="fsdp2", presets=["bf16-mixed"])
         >>> plan.row("bf16-mixed").state_per_param == 16 / 64
         True
     """
-    if isinstance(num_params, bool) or not isinstance(num_params, (int, float)) or num_params <= 0:
-        raise ValueError(f"num_params must be a number > 0 (e.g. 7e9), got {num_params!r}")
+    if (
+        isinstance(num_params, bool)
+        or not isinstance(num_params, (int, float))
+        or not math.isfinite(num_params)
+        or num_params <= 0
+    ):
+        raise ValueError(
+            f"num_params must be a number > 0 and finite (e.g. 7e9), got {num_params!r}"
+        )
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be an int >= 1 (the number of ranks), got {world!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies: {STRATEGIES}")
     if strategy == "single" and world != 1:
         raise ValueError(f"strategy 'single' runs one process, got world={world!r}; use 'ddp'")
+    _check_int("num_tensors", num_tensors, 0, "parameter tensors; 0 leaves out AdamW's step")
+    _check_int("batch", batch, 1, "sequences per rank per micro-batch")
+    if heads is not None:
+        _check_int("heads", heads, 1, "attention heads; None means hidden // 64")
+    presets = _preset_names(presets)
     shape = (layers, hidden, seq)
     if any(v is not None for v in shape) and any(v is None for v in shape):
         raise ValueError(
@@ -360,13 +405,18 @@ def parse_bytes(value: float | str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number, unit = float(value), ""
     else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        # The exponent is matched before the unit so that "1E9" is 1e9 bytes, not "1" of unit "E9".
+        match = re.fullmatch(
+            r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value)
+        )
         if match is None or match.group(2).lower() not in _UNITS:
             raise ValueError(
                 f"device memory {value!r} is not a size; write e.g. '80GB', '80GiB' or a number "
                 f"of bytes (units: {', '.join(u for u in _UNITS if u)})"
             )
         number, unit = float(match.group(1)), match.group(2).lower()
-    if number <= 0:
-        raise ValueError(f"device memory must be > 0, got {value!r}")
+    if not math.isfinite(number * _UNITS[unit]) or number <= 0:
+        raise ValueError(
+            f"device memory must be a finite size > 0, got {value!r}; write e.g. '80GB' or 8e10"
+        )
     return number * _UNITS[unit]

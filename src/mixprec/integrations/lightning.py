@@ -202,7 +202,7 @@ class MixprecPrecision(SessionFigures, Precision):
             RuntimeError: the optimizer unscales inside its step while the loss is scaled, so its
                 gradients are still scaled here; clip by norm instead.
         """
-        scaling = self.mixed_precision.scaler.strategy != "none"
+        scaling = self.mixed_precision.scaler.scales_loss
         if scaling and getattr(optimizer, "_step_supports_amp_scaling", False):
             raise RuntimeError(
                 f"gradient_clip_algorithm='value' with {type(optimizer).__name__}, which unscales "

@@ -314,7 +314,7 @@ class MixprecTrainer(SessionFigures, Trainer):
             )
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:
-            self.mixed_precision._check_session_state(state)
+            self.mixed_precision.check_state_dict(state)
         except ValueError as err:
             raise ValueError(f"checkpoint {checkpoint!r}: {err}") from None
         return state  # type: ignore[no-any-return]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -202,3 +203,29 @@ def parse_state_dict(
     if fields["strategy"] == "dynamic":
         check_in_bounds(scale, rule, "state_dict['scale']")
     return fields
+
+
+def warn_ignored_rule_arguments(strategy: str, rule: DynamicScaling) -> None:
+    """Warn about dynamic-rule arguments a fixed strategy accepts but never uses.
+
+    A warning, not a refusal: torch's ``GradScaler`` signature takes these arguments, so a loop
+    that passes its usual ones and switches the strategy keeps running, but is told.
+    """
+    default = DynamicScaling()
+    names = (
+        "growth_factor", "backoff_factor", "growth_interval", "hysteresis",
+        "consecutive_hysteresis", "min_scale", "max_scale",
+    )  # fmt: skip
+    given = [
+        f"{name}={getattr(rule, name)!r}"
+        for name in names
+        if getattr(rule, name) != getattr(default, name)
+    ]
+    if given:
+        what = "keeps the scale at init_scale" if strategy == "static" else "does not scale"
+        warnings.warn(
+            f"strategy={strategy!r} {what}: {', '.join(given)} apply only to "
+            f"strategy='dynamic' and are ignored; drop them, or use strategy='dynamic'",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -55,6 +55,11 @@ class ScalerState:
         self._tensors: dict[str, torch.Tensor] = {}
         self._low = float(self._init["scale"])  # a lower bound of the scale; see the module note
 
+    @property
+    def scales(self) -> bool:
+        """Whether this strategy multiplies losses by a scale (not ``"none"``)."""
+        return self.strategy != "none"
+
     def materialize(self, device: torch.device) -> torch.Tensor:
         """Create the tensors on ``device`` if not yet done; return the scale tensor."""
         if not self._tensors:
@@ -193,7 +198,7 @@ class ScalerState:
             self.on_min_scale = fields["on_min_scale"]
         self.total_steps = fields["total_steps"]
         self._init = {
-            "scale": 1.0 if self.strategy == "none" else fields["scale"],
+            "scale": fields["scale"] if self.scales else 1.0,
             "growth_tracker": fields["growth_tracker"],
             "hysteresis_left": fields["hysteresis_left"],
             "skipped_steps": fields["skipped_steps"],

@@ -24,10 +24,46 @@ __all__ = ["TorchFields"]
 
 
 class TorchFields:
-    """Mixin: torch's field names over ``self._state`` and ``self._iteration``."""
+    """Mixin: torch's field names, getters and setters over ``self._state`` and
+    ``self._iteration``."""
 
     _state: ScalerState
     _iteration: Iteration
+    _enabled: bool
+    _process_group: object
+
+    def _get_scale_async(self) -> torch.Tensor | None:
+        return self._state.scale
+
+    def get_scale(self) -> float:
+        """The current scale as a Python float (1.0 when disabled); a host sync."""
+        if not self._enabled:
+            return 1.0
+        return float(self._state.value("scale"))
+
+    def get_growth_factor(self) -> float:
+        """The factor the scale grows by."""
+        return self._state.rule.growth_factor
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        """Set the growth factor (> 1)."""
+        self._growth_factor = new_factor
+
+    def get_backoff_factor(self) -> float:
+        """The factor the scale backs off by."""
+        return self._state.rule.backoff_factor
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        """Set the backoff factor (in (0, 1))."""
+        self._backoff_factor = new_factor
+
+    def get_growth_interval(self) -> int:
+        """Clean steps in a row before the scale grows."""
+        return self._state.rule.growth_interval
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        """Set the growth interval (>= 1)."""
+        self._growth_interval = new_interval
 
     @property
     def _scale(self) -> torch.Tensor | None:
@@ -94,3 +130,18 @@ class TorchFields:
         records = new_records()  # keep torch's defaultdict, whatever mapping is assigned
         records.update(value)
         self._iteration.records = records
+
+    def is_enabled(self) -> bool:
+        """Whether the scaler is enabled (False: every method is a pass-through)."""
+        return self._enabled
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._process_group not in (None, "auto", "world"):
+            raise TypeError(
+                "A GradScaler holding a ProcessGroup cannot be pickled; pickle "
+                "scaler.state_dict() and pass the group to the new scaler."
+            )
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)

@@ -3,7 +3,8 @@
 The per-iteration protocol is torch's: ``scale`` the loss, ``backward``, optionally ``unscale_``
 (or :meth:`GradScaler.clip_grad_norm_`), ``step`` every optimizer, ``update`` once. The rule
 that moves the scale lives in :mod:`mixprec.scaling.rules`; gradient plumbing in ``_grads``,
-clipping in :mod:`mixprec.scaling.clip`, the distributed hook in ``_distributed``.
+clipping in :mod:`mixprec.scaling.clip`, the distributed hook in :mod:`mixprec.scaling.agreement`;
+torch's field names, getters and setters in ``_torch_fields``.
 
 Design note: the class subclasses ``torch.amp.GradScaler``, so ``isinstance`` checks in user and
 library code hold, and torch's private fields (``_scale``, ``_growth_tracker``,
@@ -138,6 +139,8 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         scale = _checks.check_scale(init_scale, "init_scale")
         if strategy == "dynamic":
             _checks.check_in_bounds(scale, rule)
+        else:
+            _checks.warn_ignored_rule_arguments(strategy, rule)
         if self._device == "cuda" and self._enabled and not torch.cuda.is_available():
             warnings.warn(
                 "mixprec.GradScaler is enabled for device 'cuda', but CUDA is not available; "
@@ -167,7 +170,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         """
         if not self._enabled:
             return outputs
-        multiply = self._state.strategy != "none"
+        multiply = self._state.scales
         copies: dict[torch.device, torch.Tensor] = {}
 
         def apply(value: Any) -> Any:
@@ -244,7 +247,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         scale = self._started("unscale_()")
         record = self._iteration.begin_unscale(optimizer, "unscale_()")
         grads = group_grads(optimizer)
-        if self._state.strategy != "none":
+        if self._state.scales:
             check_unscalable(optimizer, grads)
         found_inf = unscale_and_check_(grads, self._inv_scale(scale), self._new_flag(scale))
         self._record_found_inf(record, found_inf, optimizer)
@@ -306,7 +309,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             norm, clip_coef = clip_coefficient(grads, inv_scale, max_norm, norm_type, found_inf)
             self._iteration.folded_scales[id(optimizer)] = held_at / clip_coef
         else:
-            if held_at is scale and self._state.strategy != "none":
+            if held_at is scale and self._state.scales:
                 check_unscalable(optimizer, grads)
             norm = unscale_and_clip_(grads, inv_scale, max_norm, norm_type, found_inf)
         self._record_found_inf(record, found_inf, optimizer)
@@ -403,7 +406,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
                 group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
             )
             self._record_found_inf(record, found_inf, optimizer)
-            if self._state.strategy != "none":  # step hands it the scale (see _fused_step)
+            if self._state.scales:  # step hands it the scale (see _fused_step)
                 self._iteration.folded_scales[id(optimizer)] = scale
         records = [self._iteration.record(optimizer) for optimizer in optimizers]
         flags = [flag for record in records if (flag := found_inf_of(record)) is not None]
@@ -432,7 +435,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             )
             self._record_found_inf(record, found_inf, optimizer)
             grad_scale = None
-            if self._state.strategy != "none":
+            if self._state.scales:
                 grad_scale = scale * getattr(optimizer, "grad_scale", 1)
         else:  # unscaled in place by unscale_
             grad_scale = getattr(optimizer, "grad_scale", None)
@@ -485,7 +488,7 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         self._iteration.close(found_inf)
 
     def _check_new_scale(self, new_scale: object) -> float:
-        if self._state.strategy == "none":
+        if not self._state.scales:
             raise ValueError(
                 f"update(new_scale={new_scale!r}) with strategy='none': the scale is fixed at "
                 "1. Use strategy='static' or 'dynamic' to set a scale."
@@ -535,49 +538,22 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         """Of :attr:`total_steps`, those whose gradients were not finite (a host sync)."""
         return int(self._state.value("skipped_steps"))
 
-    # -- getters and setters, as torch ------------------------------------------------------
-
-    def _get_scale_async(self) -> torch.Tensor | None:
-        return self._state.scale
-
-    def get_scale(self) -> float:
-        """The current scale as a Python float (1.0 when disabled); a host sync."""
-        if not self._enabled:
-            return 1.0
-        return float(self._state.value("scale"))
-
-    def get_growth_factor(self) -> float:
-        """The factor the scale grows by."""
-        return self._state.rule.growth_factor
-
-    def set_growth_factor(self, new_factor: float) -> None:
-        """Set the growth factor (> 1)."""
-        self._growth_factor = new_factor
-
-    def get_backoff_factor(self) -> float:
-        """The factor the scale backs off by."""
-        return self._state.rule.backoff_factor
-
-    def set_backoff_factor(self, new_factor: float) -> None:
-        """Set the backoff factor (in (0, 1))."""
-        self._backoff_factor = new_factor
-
-    def get_growth_interval(self) -> int:
-        """Clean steps in a row before the scale grows."""
-        return self._state.rule.growth_interval
-
-    def set_growth_interval(self, new_interval: int) -> None:
-        """Set the growth interval (>= 1)."""
-        self._growth_interval = new_interval
-
-    def is_enabled(self) -> bool:
-        """Whether the scaler is enabled (False: every method is a pass-through)."""
-        return self._enabled
-
     @property
     def strategy(self) -> Strategy:
         """``"dynamic"``, ``"static"`` or ``"none"``."""
         return self._state.strategy
+
+    @property
+    def scales_loss(self) -> bool:
+        """Whether losses are multiplied by a scale: False when disabled and under the
+        ``"none"`` strategy (bf16, fp32), whose scale is always 1. Callers read this instead of
+        comparing the strategy.
+
+        Example:
+            >>> GradScaler("cpu").scales_loss, GradScaler("cpu", strategy="none").scales_loss
+            (True, False)
+        """
+        return self._enabled and self._state.scales
 
     @property
     def rule(self) -> DynamicScaling:
@@ -620,14 +596,3 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         if not self._enabled:
             return
         self._state.load(state_dict)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if self._process_group not in (None, "auto", "world"):
-            raise TypeError(
-                "A GradScaler holding a ProcessGroup cannot be pickled; pickle "
-                "scaler.state_dict() and pass the group to the new scaler."
-            )
-        return self.__dict__.copy()
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)

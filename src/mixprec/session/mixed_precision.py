@@ -1,19 +1,11 @@
 """``MixedPrecision``: the one object a training loop needs, the same five lines for every policy.
 
-Design note: the session owns no math. ``prepare`` applies the policy with the lower layers —
-:func:`~mixprec.optim.cast_module` (params in the policy's format, FP32 islands kept fp32),
-:func:`~mixprec.compute.fp32_islands` (norms and losses computed in fp32), an optimizer wrapper
-chosen by where the update happens (fp32 master weights, stochastic rounding, Kahan, or plain
-round-to-nearest), and a :class:`~mixprec.scaling.GradScaler` whose strategy follows every format
-the policy and its rules use (:func:`needs_loss_scaling`: dynamic when any is fp16 or fp8, none
-for bf16/fp32; the off mode has the same interface). After ``prepare`` every call of the model
-runs under the policy's autocast region and returns its outputs in the policy's ``output`` format:
-a forward pre-hook enters the region and an always-called forward hook leaves it, so eval loops,
-``no_grad`` and ``generate`` need no ``with`` block (``wrap_forward=False`` opts out; an explicit
-``mp.autocast()`` around the call stays harmless). ``step`` then runs
-unscale -> clip -> skip-or-step -> master write-back -> scale update and reports what happened.
-Floating buffers keep their dtype (``cast_buffers=True`` casts them), and the modules a model
-declares fp32 (Hugging Face's ``_keep_in_fp32_modules``) are stored and computed in fp32.
+Design note: the session owns no math; it applies the policy with the lower layers (casts, FP32
+islands, an optimizer wrapper chosen by where the update happens, a loss scaler whose mode follows
+the policy's formats) and keeps the order of a training step (unscale, clip, one skip-or-step
+decision, write-back, scale update) in one place. After ``prepare`` every call of the model runs
+under the policy (forward hooks, :mod:`mixprec.session.forward`), so eval loops and ``generate``
+need no ``with`` block. Its checkpoint state is a collaborator (:mod:`mixprec.session.state`).
 
     mp = MixedPrecision("bf16-mixed")
     model, optimizer = mp.prepare(model, optimizer)
@@ -30,25 +22,20 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from mixprec.compute import DEFAULT_ISLAND_RULES, apply_fp8_policy, autocast, fp32_islands
+from mixprec.compute import apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.compute.fp8_state import end_fp8_step, hold_fp8_state
 from mixprec.diagnostics import (
-    MetricsWriter,
     NonFiniteTracer,
     nonfinite_grads,
     underflow_report,
 )
-from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
-from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp, would_recast
-from mixprec.distributed.agree import check_same_settings
+from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp
 from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
 from mixprec.hardware import auto_policy
@@ -56,11 +43,9 @@ from mixprec.optim import (
     KahanOptimizer,
     MasterWeightOptimizer,
     StochasticRoundingOptimizer,
-    WrappedOptimizer,
     cast_module,
 )
 from mixprec.policy import Policy
-from mixprec.scaling.agreement import agreement_groups
 from mixprec.session.forward import (
     Clock,
     PolicyForward,
@@ -70,21 +55,24 @@ from mixprec.session.forward import (
 )
 from mixprec.session.optimizer_states import check_state_formats, formats_for, states_only
 from mixprec.session.setup import (
+    check_ddp_order,
     check_device,
     check_has_work,
     check_implemented,
-    check_not_replaced,
     check_owned,
+    check_ranks_agree,
+    check_shard_order,
+    check_steppable,
+    declared_policy,
     default_device,
-    distributed,
-    fp32_attribute_rules,
     make_scaler,
     params_of,
     plain_loop_loses,
     warn_unmatched_rules,
+    with_default_islands,
 )
-from mixprec.session.state import SessionState
-from mixprec.session.step_report import StepReport, delayed_fp8_state
+from mixprec.session.state import SessionCheckpoint
+from mixprec.session.step_report import StepLog, StepReport, delayed_fp8_state
 
 __all__ = ["UPDATE_MODES", "MixedPrecision", "UpdateMode"]
 
@@ -92,7 +80,7 @@ UpdateMode = Literal["auto", "master", "stochastic", "kahan", "nearest"]
 UPDATE_MODES: tuple[str, ...] = get_args(UpdateMode)
 
 
-class MixedPrecision(SessionState):
+class MixedPrecision:
     """Apply a precision policy to a model, its optimizers and its training loop.
 
     Args:
@@ -234,8 +222,7 @@ class MixedPrecision(SessionState):
                 f"metrics={metrics!r} names no folder, so no metrics would be written; give a "
                 "folder, e.g. metrics='runs/exp1', or metrics=None to write none"
             )
-        self._metrics = (metrics, tensorboard) if metrics is not None else None
-        self._writer = None if not metrics or distributed() else self._open_metrics(metrics)
+        self._log = StepLog(metrics, tensorboard, self.device) if metrics is not None else None
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
         self._steps = 0
@@ -244,8 +231,9 @@ class MixedPrecision(SessionState):
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
-        scaled = self.scaler.strategy != "none"
+        scaled = self.scaler.scales_loss
         self._clock = Clock(plain_loop_loses(self.policy, scaled, self._update_mode()))
+        self._checkpoint = SessionCheckpoint(self.policy, self.update, self.scaler)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -279,9 +267,11 @@ class MixedPrecision(SessionState):
         owned = {id(p) for p in model.parameters()}
         for index, opt in enumerate(optimizers):
             check_owned(opt, owned, f"optimizer {index} given to prepare")
-        declared = self._declared_policy(model)  # raises for a keep-in-fp32 name matching none
+        declared = declared_policy(
+            self.policy, model, self._fp32_attributes
+        )  # raises for a keep-in-fp32 name matching none
         warn_unmatched_rules(model, self.policy)
-        storage = _with_default_islands(declared)
+        storage = with_default_islands(declared)
         check_prepare_order(model, storage)
         check_state_formats(optimizers, model, declared)
         model.to(self.device)
@@ -314,8 +304,9 @@ class MixedPrecision(SessionState):
         round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs.
         States go in each module's ``state`` format (:mod:`mixprec.session.optimizer_states`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        model = self._model
-        policy = self.policy if model is None else self._declared_policy(model)
+        model, policy = self._model, self.policy
+        if model is not None:
+            policy = declared_policy(policy, model, self._fp32_attributes)
         states = formats_for(optimizer, model, policy)
         mode = self._update_mode()
         if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params) or mode == "nearest":
@@ -328,8 +319,8 @@ class MixedPrecision(SessionState):
         return KahanOptimizer(optimizer, state=states)
 
     def _convert_fp8(self, model: nn.Module, declared: Policy) -> None:
-        """Swap the linear layers ``declared`` (:meth:`_declared_policy`) puts in FP8 for
-        Fp8Linear (same parameters, so optimizers keep working); nothing without an fp8 rule."""
+        """Swap the linear layers ``declared`` puts in FP8 for Fp8Linear (same parameters, so
+        optimizers keep working); nothing without an fp8 rule."""
         if any(p.fp8 for p in (self.policy, *(rule.policy for rule in self.policy.rules))):
             self.fp8 = apply_fp8_policy(model, declared)
             hold_fp8_state(model)  # amax histories live in the session's state, not the model's
@@ -339,17 +330,6 @@ class MixedPrecision(SessionState):
         if self.update == "auto":
             return "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
         return self.update
-
-    def _check_seed_agrees(self) -> None:
-        """Under data parallelism every rank needs one policy and update mode, and stochastic
-        rounding one seed (one collective)."""
-        policies = (self.policy, *(rule.policy for rule in self.policy.rules))
-        stochastic = self._update_mode() == "stochastic" and any(
-            p.param.bits <= 16 for p in policies
-        )
-        check_same_settings(
-            str(self.policy), self._update_mode(), self.seed if stochastic else None
-        )
 
     def _fp8_metrics(self) -> dict[str, float]:
         return delayed_fp8_state(self._model) if self.fp8 is not None else {}
@@ -401,9 +381,9 @@ class MixedPrecision(SessionState):
         ):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
         for opt in optimizers:
-            self._check_steppable(opt)
+            check_steppable(opt, self._model, self._optimizers)
         check_has_work(optimizers, self._micro_batches)
-        scaling = self.scaler.is_enabled() and self.scaler.strategy != "none"
+        scaling = self.scaler.scales_loss
         scale = self.scaler.get_scale() if scaling else 1.0
         underflow = None
         if self._track_underflow and self._model is not None:
@@ -439,67 +419,25 @@ class MixedPrecision(SessionState):
         self._loss_sum, self._micro_batches, self._clock.started = None, 0, None
         if self._tracer is not None:
             self._tracer.reset()
-        if self._metrics is not None:
-            self._log(report, optimizers)
-        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
-            self.check_replicas(self._model).raise_if_differ()  # after the step is logged
-        return report
-
-    def _open_metrics(self, folder: Any, filename: str = "metrics.jsonl") -> MetricsWriter:
-        tensorboard = self._metrics is not None and self._metrics[1]
-        return MetricsWriter(folder, tensorboard=tensorboard, filename=filename)
-
-    def _log(self, report: StepReport, optimizers: tuple[torch.optim.Optimizer, ...]) -> None:
-        """One metrics line; under a process group, the loss averaged over the model's ranks,
-        written by the first of them (see :func:`mixprec.diagnostics.metrics.rank_metrics_file`)."""
-        values = {**report.metrics(), **self._fp8_metrics()}
-        if distributed():
+        if self._log is not None:
             params = (
                 self._model.parameters()
                 if self._model is not None
                 else (p for opt in optimizers for p in params_of(opt))
             )
-            groups = agreement_groups(params, "auto")
-            if report.loss is not None:
-                values["loss"] = group_mean(report.loss, groups, self.device)
-            if self._writer is None and self._metrics is not None:
-                filename = rank_metrics_file(groups)
-                if filename is None:
-                    return
-                self._writer = self._open_metrics(self._metrics[0], filename)
-        if self._writer is not None:
-            self._writer.log(report.step, values)
-
-    def _check_steppable(self, optimizer: object) -> None:
-        """Refuse an optimizer whose step would not change the prepared model."""
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
-            )
-        if self._model is None:
-            return
-        if any(optimizer is opt for opt in self._optimizers):
-            check_not_replaced(optimizer, self._model)
-            return
-        for wrapper in self._optimizers:
-            if isinstance(wrapper, WrappedOptimizer) and wrapper.optimizer is optimizer:
-                raise RuntimeError(
-                    f"step got the {type(optimizer).__name__} that prepare wrapped in a "
-                    f"{type(wrapper).__name__}; stepping it directly would leave the model "
-                    "unchanged. Step the optimizer prepare returned: "
-                    "model, optimizer = mp.prepare(model, optimizer)"
-                )
-        check_owned(optimizer, {id(p) for p in self._model.parameters()}, "the optimizer")
+            self._log.log(report, self._fp8_metrics(), params)
+        if self._check_every and self._model is not None and self._steps % self._check_every == 0:
+            self.check_replicas(self._model).raise_if_differ()  # after the step is logged
+        return report
 
     def close(self) -> None:
         """Detach the tracer, close the metrics file (also the end of a ``with`` block)."""
         if self._tracer is not None:
             self._tracer.detach()
             self._tracer = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._metrics = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> MixedPrecision:
         return self
@@ -508,17 +446,6 @@ class MixedPrecision(SessionState):
         self.close()
 
     # -- distributed ------------------------------------------------------------------------
-
-    def _declared_policy(self, model: nn.Module) -> Policy:
-        """The policy with the user's rules, then the modules ``model`` declares fp32
-        (:func:`fp32_attribute_rules`)."""
-        kept = fp32_attribute_rules(model, self._fp32_attributes)
-        return replace(self.policy, rules=self.policy.rules + kept)
-
-    def _storage_policy(self, model: nn.Module) -> Policy:
-        """The policy parameters are stored by: :meth:`_declared_policy`, then the default FP32
-        islands."""
-        return _with_default_islands(self._declared_policy(model))
 
     def ddp(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         """Wrap the prepared ``model`` in DDP, all-reducing gradients in the policy's reduce format.
@@ -532,14 +459,9 @@ class MixedPrecision(SessionState):
                 :meth:`prepare` first), or see :func:`mixprec.distributed.ddp`.
             ValueError: the session rounds stochastically and the ranks' seeds differ.
         """
-        pending = would_recast(model, self._storage_policy(model))
-        if pending:
-            raise RuntimeError(
-                f"ddp was called before prepare: the policy still recasts {pending[:3]!r}, which "
-                "would detach DDP's gradient hooks later. Call model, opt = mp.prepare(model, "
-                "opt) first, then model = mp.ddp(model)"
-            )
-        self._check_seed_agrees()
+        storage = with_default_islands(declared_policy(self.policy, model, self._fp32_attributes))
+        check_ddp_order(model, storage)
+        check_ranks_agree(self.policy, self._update_mode(), self.seed)
         return ddp(model, self.policy, **ddp_kwargs)
 
     def fully_shard(self, model: nn.Module, mesh: Any = None, **kwargs: Any) -> nn.Module:
@@ -556,20 +478,13 @@ class MixedPrecision(SessionState):
         """
         from mixprec.distributed.fsdp import fully_shard
 
-        if self._model is not None and not isinstance(model, DistributedDataParallel):
-            # (a DDP model gets fully_shard's own error: it does not stack on DDP)
-            raise RuntimeError(
-                "fully_shard was called after prepare: sharding replaces the parameters, so the "
-                "optimizers prepare wrapped would step the old ones. Shard first, then build the "
-                "optimizer: model = mp.fully_shard(model); opt = AdamW(model.parameters()); "
-                "model, opt = mp.prepare(model, opt)"
-            )
-        self._check_seed_agrees()
-        declared = self._declared_policy(model)
+        check_shard_order(self._model, model)
+        check_ranks_agree(self.policy, self._update_mode(), self.seed)
+        declared = declared_policy(self.policy, model, self._fp32_attributes)
         # FSDP2 gathers the parameters of the modules it shards: an FP8 layer swapped in later
         # would see its DTensor shards.
         self._convert_fp8(model, declared)
-        return fully_shard(model, _with_default_islands(declared), mesh=mesh, **kwargs)
+        return fully_shard(model, with_default_islands(declared), mesh=mesh, **kwargs)
 
     def check_replicas(self, model: nn.Module | None = None, group: Any = None) -> ReplicaCheck:
         """Compare ``model``'s replicated parameters across the ranks (every rank calls it).
@@ -595,13 +510,94 @@ class MixedPrecision(SessionState):
             model = self._model
         return check_replicas(model, group)
 
+    # -- state and checkpoints (SessionCheckpoint) -----------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything precision-related a resumed run needs: the loss scaler, the step count and
+        the state of the optimizers :meth:`prepare` returned (their fp32 masters, compensation
+        buffers or stochastic-rounding generators, with the inner optimizer's state)."""
+        return self._checkpoint.state_dict(self._steps, self._model, self._optimizers)
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` (naming the mismatch) unless :meth:`load_state_dict` would take
+        ``state``; changes nothing."""
+        self._checkpoint.check(state, self._model, len(self._optimizers))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
+
+        Raises:
+            ValueError: the state comes from another policy or update mode, holds another number
+                of optimizers than :meth:`prepare` was given, a bad scaler state, step count or
+                optimizer state, or is not a session state at all. Nothing was loaded then.
+        """
+        self._steps = self._checkpoint.load_state_dict(state, self._model, self._optimizers)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        **extra: Any,
+    ) -> None:
+        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
+
+        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
+        re-shardable checkpoint folder instead, each rank its own shards and RNG state
+        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
+        reads either kind, a folder as sharded.
+
+        Args:
+            path: the checkpoint file.
+            model: the prepared model.
+            optimizers: the optimizers :meth:`prepare` returned.
+            extra: plain values to keep beside (step, config...): numbers, strings, tensors and
+                lists/dicts of them, anything ``torch.load(weights_only=True)`` reads back.
+
+        Raises:
+            TypeError: an ``extra`` value (or a state entry) that ``weights_only`` loading
+                refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
+                previous checkpoint at ``path`` stays as it was.
+        """
+        self._checkpoint.save(path, model, optimizers, self._steps, self._model, extra)
+
+    def load(
+        self,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        strict: bool = False,
+    ) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
+
+        Everything is checked before anything is loaded — the file's checksums, the model's
+        entries, shapes and dtypes, the optimizer count and states, the session and scaler state
+        and the RNG state — so a checkpoint that is refused changes neither the model, the
+        optimizers, the scaler, the step count nor the RNG.
+
+        A model compiled with ``torch.compile`` saves and loads like the model it wraps: the
+        ``_orig_mod.`` part its state dict adds to every key is not stored, and is accepted in
+        checkpoints that hold it, so a checkpoint moves between a compiled and a plain model.
+
+        Args:
+            path: the checkpoint file (or sharded checkpoint folder).
+            model: the prepared model (plain or compiled).
+            optimizers: the optimizers :meth:`prepare` returned.
+            strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
+                loads one whose stored weights and optimizer states have this session's formats
+                (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
+                between fp16 policies, and a session that scales where the saved run did not
+                starts from its initial scale. The update mode must still be the same.
+
+        Raises:
+            CheckpointError: the file is unreadable or damaged, or does not match this model,
+                policy or optimizers, or holds a malformed entry (named in the message).
+        """
+        extra, self._steps = self._checkpoint.load(path, model, optimizers, self._model, strict)
+        return extra
+
     def explain(self, model: nn.Module, example: Any = None) -> Any:
         """Per module, the formats and bytes this session's policy gives; see `mixprec.explain`."""
         from mixprec.diagnostics.explainer import explain
 
         return explain(model, self.policy, example, backend=self._region_args["backend"])
-
-
-def _with_default_islands(policy: Policy) -> Policy:
-    """``policy`` with the default FP32 islands (norms) after its rules: how params are stored."""
-    return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)

@@ -8,22 +8,43 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mixprec import _dist
+from mixprec.compute import DEFAULT_ISLAND_RULES
+from mixprec.distributed import would_recast
+from mixprec.distributed.agree import check_same_settings
 from mixprec.formats import FP32
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    StochasticRoundingOptimizer,
+    WrappedOptimizer,
+)
 from mixprec.policy import ModuleRule, Policy
 from mixprec.scaling import GradScaler
 
+# (WrappedOptimizer itself: the states-only wrapper of mixprec.session.optimizer_states)
+WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer, WrappedOptimizer)
+"""The optimizer wrappers :meth:`~mixprec.MixedPrecision.prepare` may return."""
+
 __all__ = [
+    "WRAPPERS",
+    "check_ddp_order",
     "check_device",
     "check_has_work",
     "check_implemented",
     "check_not_replaced",
     "check_owned",
+    "check_ranks_agree",
+    "check_shard_order",
+    "check_steppable",
+    "declared_policy",
     "default_device",
     "distributed",
     "fp32_attribute_rules",
@@ -32,6 +53,7 @@ __all__ = [
     "params_of",
     "plain_loop_loses",
     "warn_unmatched_rules",
+    "with_default_islands",
 ]
 
 
@@ -294,3 +316,84 @@ def plain_loop_loses(policy: Policy, scaled: bool, update: str) -> str | None:
         if update in _UPDATE_NAMES:
             lost.append(_UPDATE_NAMES[update])
     return " and ".join(lost) or None
+
+
+def check_steppable(
+    optimizer: object,
+    model: nn.Module | None,
+    prepared: tuple[torch.optim.Optimizer, ...],
+) -> None:
+    """Refuse an optimizer whose step would not change the prepared model."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
+        )
+    if model is None:
+        return
+    if any(optimizer is opt for opt in prepared):
+        check_not_replaced(optimizer, model)
+        return
+    for wrapper in prepared:
+        if isinstance(wrapper, WRAPPERS) and wrapper.optimizer is optimizer:
+            raise RuntimeError(
+                f"step got the {type(optimizer).__name__} that prepare wrapped in a "
+                f"{type(wrapper).__name__}; stepping it directly would leave the model "
+                "unchanged. Step the optimizer prepare returned: "
+                "model, optimizer = mp.prepare(model, optimizer)"
+            )
+    check_owned(optimizer, {id(p) for p in model.parameters()}, "the optimizer")
+
+
+def declared_policy(policy: Policy, model: nn.Module, fp32_attributes: Sequence[str]) -> Policy:
+    """``policy`` with the user's rules, then the modules ``model`` declares fp32
+    (:func:`fp32_attribute_rules`)."""
+    kept = fp32_attribute_rules(model, fp32_attributes)
+    return replace(policy, rules=policy.rules + kept)
+
+
+def with_default_islands(policy: Policy) -> Policy:
+    """``policy`` with the default FP32 islands (norms) after its rules: how params are stored."""
+    return replace(policy, rules=policy.rules + DEFAULT_ISLAND_RULES)
+
+
+def check_ddp_order(model: nn.Module, storage: Policy) -> None:
+    """Refuse DDP before ``prepare``: a later recast would detach DDP's gradient hooks.
+
+    Raises:
+        RuntimeError: ``storage`` (how the policy stores parameters) still recasts some.
+    """
+    pending = would_recast(model, storage)
+    if pending:
+        raise RuntimeError(
+            f"ddp was called before prepare: the policy still recasts {pending[:3]!r}, which "
+            "would detach DDP's gradient hooks later. Call model, opt = mp.prepare(model, "
+            "opt) first, then model = mp.ddp(model)"
+        )
+
+
+def check_shard_order(prepared: nn.Module | None, model: nn.Module) -> None:
+    """Refuse sharding after ``prepare`` (``prepared``: the model prepare was given, if any).
+
+    Raises:
+        RuntimeError: sharding would replace the parameters the prepared optimizers hold.
+    """
+    if prepared is not None and not isinstance(model, DistributedDataParallel):
+        # (a DDP model gets fully_shard's own error: it does not stack on DDP)
+        raise RuntimeError(
+            "fully_shard was called after prepare: sharding replaces the parameters, so the "
+            "optimizers prepare wrapped would step the old ones. Shard first, then build the "
+            "optimizer: model = mp.fully_shard(model); opt = AdamW(model.parameters()); "
+            "model, opt = mp.prepare(model, opt)"
+        )
+
+
+def check_ranks_agree(policy: Policy, update: str, seed: int) -> None:
+    """Under data parallelism every rank needs one policy and update mode (``update``, resolved),
+    and stochastic rounding one seed (one collective; nothing outside a process group).
+
+    Raises:
+        ValueError: the ranks differ (naming the setting and the ranks).
+    """
+    policies = (policy, *(rule.policy for rule in policy.rules))
+    stochastic = update == "stochastic" and any(p.param.bits <= 16 for p in policies)
+    check_same_settings(str(policy), update, seed if stochastic else None)

@@ -6,7 +6,10 @@ session and scaler state, the RNG state — before it loads any of it. One file 
 (:func:`mixprec.checkpoint.save_checkpoint`: temp file, fsync, atomic rename) in one process;
 under a process group a sharded, re-shardable folder (:mod:`mixprec.distributed.checkpoint`).
 The session's own part is small: its policy and update mode (checked on load), the step count
-and the loss scaler.
+and the loss scaler. :class:`SessionCheckpoint` is a collaborator of
+:class:`~mixprec.MixedPrecision`: it is given the policy, update mode and scaler it checks and
+loads, and each call is given what changes (the step count, the model, the optimizers), so it
+holds no copy of the session's state.
 """
 
 from __future__ import annotations
@@ -31,59 +34,67 @@ from mixprec.session.state_checks import (
     load_optimizers,
 )
 
-__all__ = ["SessionState"]
+__all__ = ["STATE_VERSION", "SessionCheckpoint"]
 
 STATE_VERSION = 1
 
 
-class SessionState:
-    """The state half of :class:`mixprec.MixedPrecision` (a base class of it)."""
+class SessionCheckpoint:
+    """The session's state dict and its checkpoint files, for :class:`~mixprec.MixedPrecision`.
 
-    policy: Policy
-    update: str
-    scaler: GradScaler
-    _steps: int
-    _optimizers: tuple[torch.optim.Optimizer, ...]
-    _model: nn.Module | None
+    Args:
+        policy: the session's policy (a state of another policy is refused or, with
+            ``strict=False``, accepted where the stored formats are the same).
+        update: the session's update mode (a state of another mode is refused).
+        scaler: the session's loss scaler, whose state is checked and loaded.
+    """
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything precision-related a resumed run needs: the loss scaler, the step count and
-        the state of the optimizers :meth:`prepare` returned (their fp32 masters, compensation
-        buffers or stochastic-rounding generators, with the inner optimizer's state)."""
+    def __init__(self, policy: Policy, update: str, scaler: GradScaler) -> None:
+        self.policy = policy
+        self.update = update
+        self.scaler = scaler
+
+    def state_dict(
+        self, steps: int, model: nn.Module | None, optimizers: tuple[torch.optim.Optimizer, ...]
+    ) -> dict[str, Any]:
+        """The session's own state with the state of its ``optimizers``."""
         return {
-            **self._session_state(),
-            "optimizers": [opt.state_dict() for opt in self._optimizers],
+            **self.session_state(steps, model),
+            "optimizers": [opt.state_dict() for opt in optimizers],
         }
 
-    def _session_state(self) -> dict[str, Any]:
+    def session_state(self, steps: int, model: nn.Module | None) -> dict[str, Any]:
+        """The session's own part: version, policy, update mode, step count, scaler, and the
+        FP8 amax histories of ``model`` under delayed scaling."""
         state = {
             "version": STATE_VERSION,
             "policy": str(self.policy),
             "update": self.update,
-            "steps": self._steps,
+            "steps": steps,
             "scaler": self.scaler.state_dict(),
         }
-        fp8 = fp8_state(self._model) if self._model is not None else {}
+        fp8 = fp8_state(model) if model is not None else {}
         if fp8:  # delayed FP8 scaling: the amax histories (not in the model's state_dict)
             state["fp8"] = fp8
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; all of it is checked before anything is loaded.
-
-        Raises:
-            ValueError: the state comes from another policy or update mode, holds another number
-                of optimizers than :meth:`prepare` was given, a bad scaler state, step count or
-                optimizer state, or is not a session state at all. Nothing was loaded then.
-        """
-        self._check_session_state(state)
+    def load_state_dict(
+        self,
+        state: Mapping[str, Any],
+        model: nn.Module | None,
+        optimizers: tuple[torch.optim.Optimizer, ...],
+    ) -> int:
+        """Load :meth:`state_dict` after checking all of it; returns its step count."""
+        self.check(state, model, len(optimizers))
         optimizer_states = state.get("optimizers")
         if optimizer_states is not None:  # absent in checkpoints, which store them beside
-            check_optimizer_states(self._optimizers, optimizer_states)
-            load_optimizers(self._optimizers, optimizer_states)
-        self._load_session_state(state)
+            check_optimizer_states(optimizers, optimizer_states)
+            load_optimizers(optimizers, optimizer_states)
+        return self.load_session_state(state, model)
 
-    def _check_session_state(self, state: object, strict: bool = True) -> bool:
+    def check(
+        self, state: object, model: nn.Module | None, n_optimizers: int, strict: bool = True
+    ) -> bool:
         """Raise ValueError unless ``state`` is a session state this session can load.
 
         Returns whether its loss-scaler state is loaded: with ``strict=False`` a state of
@@ -122,15 +133,15 @@ class SessionState:
             raise ValueError(f"the state's step count must be an int >= 0, got {steps!r}")
         optimizer_states = state.get("optimizers")
         if optimizer_states is not None and (
-            not isinstance(optimizer_states, list) or len(optimizer_states) != len(self._optimizers)
+            not isinstance(optimizer_states, list) or len(optimizer_states) != n_optimizers
         ):
             count = len(optimizer_states) if isinstance(optimizer_states, list) else "no list of"
             raise ValueError(
                 f"the state holds {count} optimizer states; this session prepared "
-                f"{len(self._optimizers)} optimizers"
+                f"{n_optimizers} optimizers"
             )
-        if self._model is not None and "fp8" in state:
-            check_fp8_state(self._model, state["fp8"])
+        if model is not None and "fp8" in state:
+            check_fp8_state(model, state["fp8"])
         if not same_policy and needs_loss_scaling(Policy.parse(state["policy"])) != (
             needs_loss_scaling(self.policy)
         ):
@@ -142,42 +153,30 @@ class SessionState:
                 raise ValueError(f"the state's loss scaler state is refused: {err}") from None
         return True
 
-    def _load_session_state(self, state: Mapping[str, Any], scaler: bool = True) -> None:
+    def load_session_state(
+        self, state: Mapping[str, Any], model: nn.Module | None, scaler: bool = True
+    ) -> int:
+        """Load a checked session state (the scaler's part too unless ``scaler`` is False);
+        returns its step count."""
         if scaler:
             self.scaler.load_state_dict(state["scaler"])
-        self._steps = state["steps"]
-        if self._model is not None and "fp8" in state:
-            load_fp8_state(self._model, state["fp8"])
+        if model is not None and "fp8" in state:
+            load_fp8_state(model, state["fp8"])
+        return int(state["steps"])
 
     def save(
         self,
         path: str | os.PathLike[str],
         model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
-        **extra: Any,
+        optimizers: tuple[torch.optim.Optimizer, ...],
+        steps: int,
+        session_model: nn.Module | None,
+        extra: dict[str, Any],
     ) -> None:
-        """Write model, optimizers, session and RNG state and ``extra`` to ``path`` atomically.
-
-        Under a process group (or when ``path`` is an existing folder) this writes a sharded,
-        re-shardable checkpoint folder instead, each rank its own shards and RNG state
-        (:mod:`mixprec.distributed.checkpoint`; a collective: every rank calls it); :meth:`load`
-        reads either kind, a folder as sharded.
-
-        Args:
-            path: the checkpoint file.
-            model: the prepared model.
-            optimizers: the optimizers :meth:`prepare` returned.
-            extra: plain values to keep beside (step, config...): numbers, strings, tensors and
-                lists/dicts of them, anything ``torch.load(weights_only=True)`` reads back.
-
-        Raises:
-            TypeError: an ``extra`` value (or a state entry) that ``weights_only`` loading
-                refuses, such as a numpy scalar or a ``Path``: nothing is written, and a
-                previous checkpoint at ``path`` stays as it was.
-        """
+        """Write a checkpoint: see :meth:`mixprec.MixedPrecision.save`."""
         model = _uncompiled(model)
         if _saves_sharded(path):
-            state = {"mixed_precision": self._session_state(), "extra": extra}
+            state = {"mixed_precision": self.session_state(steps, session_model), "extra": extra}
             from mixprec.distributed import checkpoint as sharded_checkpoint
 
             sharded_checkpoint.save(path, model, optimizers, state=state)
@@ -187,7 +186,7 @@ class SessionState:
             {
                 "model": _without_compile_prefix(model.state_dict()),
                 "optimizers": [opt.state_dict() for opt in optimizers],
-                "mixed_precision": self._session_state(),
+                "mixed_precision": self.session_state(steps, session_model),
                 "rng": torch.get_rng_state(),
                 "extra": extra,
             },
@@ -197,39 +196,17 @@ class SessionState:
         self,
         path: str | os.PathLike[str],
         model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
+        optimizers: tuple[torch.optim.Optimizer, ...],
+        session_model: nn.Module | None,
         strict: bool = False,
-    ) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save`; returns its ``extra`` values.
-
-        Everything is checked before anything is loaded — the file's checksums, the model's
-        entries, shapes and dtypes, the optimizer count and states, the session and scaler state
-        and the RNG state — so a checkpoint that is refused changes neither the model, the
-        optimizers, the scaler, the step count nor the RNG.
-
-        A model compiled with ``torch.compile`` saves and loads like the model it wraps: the
-        ``_orig_mod.`` part its state dict adds to every key is not stored, and is accepted in
-        checkpoints that hold it, so a checkpoint moves between a compiled and a plain model.
-
-        Args:
-            path: the checkpoint file (or sharded checkpoint folder).
-            model: the prepared model (plain or compiled).
-            optimizers: the optimizers :meth:`prepare` returned.
-            strict: ``True`` refuses a checkpoint of another policy. ``False`` (the default)
-                loads one whose stored weights and optimizer states have this session's formats
-                (bf16-mixed <-> fp16-mixed: both keep fp32 weights); the loss scale carries over
-                between fp16 policies, and a session that scales where the saved run did not
-                starts from its initial scale. The update mode must still be the same.
-
-        Raises:
-            CheckpointError: the file is unreadable or damaged, or does not match this model,
-                policy or optimizers, or holds a malformed entry (named in the message).
-        """
+    ) -> tuple[dict[str, Any], int]:
+        """Read a checkpoint, checked whole before anything changes; returns its ``extra``
+        values and step count. See :meth:`mixprec.MixedPrecision.load`."""
         if not isinstance(strict, bool):
             raise TypeError(f"strict must be True or False, got {type(strict).__name__} {strict!r}")
         model = _uncompiled(model)
         if Path(path).is_dir():  # a sharded checkpoint folder
-            return self._load_sharded(path, model, *optimizers, strict=strict)
+            return self._load_sharded(path, model, optimizers, session_model, strict)
         record = load_checkpoint(path)
         saved_optimizers = record.get("optimizers")
         extra = record.get("extra", {})
@@ -248,36 +225,40 @@ class SessionState:
                 )
             if not isinstance(extra, Mapping):
                 raise ValueError(f"its 'extra' is a {type(extra).__name__}, not a dict")
-            scaler = self._check_session_state(record.get("mixed_precision"), strict)
+            scaler = self.check(
+                record.get("mixed_precision"), session_model, len(optimizers), strict
+            )
             check_optimizer_states(optimizers, saved_optimizers)
             check_rng_state(record.get("rng"))
             load_optimizers(optimizers, saved_optimizers)  # each checks its own fields first
         except ValueError as err:
             raise CheckpointError(f"checkpoint {str(path)!r}: {err}") from None
         model.load_state_dict(weights)
-        self._load_session_state(record["mixed_precision"], scaler)
+        steps = self.load_session_state(record["mixed_precision"], session_model, scaler)
         torch.set_rng_state(record["rng"])
-        return dict(extra)
+        return dict(extra), steps
 
     def _load_sharded(
         self,
         path: str | os.PathLike[str],
         model: nn.Module,
-        *optimizers: torch.optim.Optimizer,
-        strict: bool = True,
-    ) -> dict[str, Any]:
+        optimizers: tuple[torch.optim.Optimizer, ...],
+        session_model: nn.Module | None,
+        strict: bool,
+    ) -> tuple[dict[str, Any], int]:
         scaler: list[bool] = []
 
         def check(state: Mapping[str, Any]) -> None:
-            scaler.append(self._check_session_state(state.get("mixed_precision"), strict))
+            session = state.get("mixed_precision")
+            scaler.append(self.check(session, session_model, len(optimizers), strict))
             if not isinstance(state.get("extra", {}), Mapping):
                 raise ValueError("its 'extra' is not a dict")
 
         from mixprec.distributed import checkpoint as sharded_checkpoint
 
         state = sharded_checkpoint.load(path, model, optimizers, check_state=check)
-        self._load_session_state(state["mixed_precision"], all(scaler))
-        return dict(state.get("extra", {}))
+        steps = self.load_session_state(state["mixed_precision"], session_model, all(scaler))
+        return dict(state.get("extra", {})), steps
 
 
 _COMPILE_PREFIX = "_orig_mod."

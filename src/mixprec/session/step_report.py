@@ -1,15 +1,22 @@
-"""What one ``MixedPrecision.step`` did: :class:`StepReport`, and its metrics line."""
+"""What one ``MixedPrecision.step`` did: :class:`StepReport`, and where its metrics line goes
+(:class:`StepLog`)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from mixprec.diagnostics import UnderflowReport
+from mixprec import _dist
+from mixprec.diagnostics import MetricsWriter, UnderflowReport
+from mixprec.diagnostics.metrics import group_mean, rank_metrics_file
+from mixprec.scaling.agreement import agreement_groups
 
-__all__ = ["StepReport", "delayed_fp8_state"]
+__all__ = ["StepLog", "StepReport", "delayed_fp8_state"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,51 @@ def delayed_fp8_state(model: nn.Module | None) -> dict[str, float]:
             for key, value in module.delayed_scaling_state().items():
                 values[f"fp8/{name}/{key}"] = value
     return values
+
+
+class StepLog:
+    """One metrics line per step in ``folder`` (``metrics.jsonl``, and TensorBoard scalars).
+
+    Under a process group the file depends on the model's ranks, so it is opened at the first
+    step: the first rank of the model's data-parallel group writes it, with the loss averaged over
+    the group (:func:`mixprec.diagnostics.metrics.rank_metrics_file`); a model local to its rank
+    writes ``metrics.rank<r>.jsonl``.
+
+    Args:
+        folder: where the metrics go.
+        tensorboard: also write TensorBoard scalars.
+        device: the session's device (where the loss is averaged).
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], tensorboard: bool, device: torch.device
+    ) -> None:
+        self.folder, self.tensorboard, self.device = folder, tensorboard, device
+        self.writer = None if _dist.initialized() else self._open("metrics.jsonl")
+
+    def _open(self, filename: str) -> MetricsWriter:
+        return MetricsWriter(self.folder, tensorboard=self.tensorboard, filename=filename)
+
+    def log(
+        self, report: StepReport, extra: Mapping[str, float], params: Iterable[torch.Tensor]
+    ) -> None:
+        """Write ``report``'s line, with ``extra`` values; ``params`` are the model's (they say
+        which ranks the model is data-parallel over)."""
+        values = {**report.metrics(), **extra}
+        if _dist.initialized():
+            groups = agreement_groups(params, "auto")
+            if report.loss is not None:
+                values["loss"] = group_mean(report.loss, groups, self.device)
+            if self.writer is None:
+                filename = rank_metrics_file(groups)
+                if filename is None:
+                    return
+                self.writer = self._open(filename)
+        if self.writer is not None:
+            self.writer.log(report.step, values)
+
+    def close(self) -> None:
+        """Close the metrics file."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
