@@ -171,3 +171,17 @@ def test_memory_report_splits_the_states_by_stored_kind():
     assert parts["draw counters"] == 16
     assert parts["fp32"] == 2 * 4 * (report.num_params - fc.numel())
     assert "int8 codes" in str(report)
+
+
+def test_modules_a_model_keeps_in_fp32_keep_fp32_states():
+    class Kept(Net):
+        _keep_in_fp32_modules = ("fc",)  # as Hugging Face models declare it
+
+    torch.manual_seed(0)
+    model = Kept()
+    mp = MixedPrecision("bf16-lean", "cpu", backend="emulated")
+    model, opt = mp.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    run(mp, model, opt, batches(1))
+    assert model.fc.weight.dtype == torch.float32
+    assert opt.optimizer.state[opt.shadows[model.fc.weight]]["exp_avg"].dtype == torch.float32
+    assert opt.optimizer.state[opt.shadows[model.emb.weight]]["exp_avg"].dtype == torch.uint8

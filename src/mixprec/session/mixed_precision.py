@@ -304,10 +304,7 @@ class MixedPrecision:
         round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs.
         States go in each module's ``state`` format (:mod:`mixprec.session.optimizer_states`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        model, policy = self._model, self.policy
-        if model is not None:
-            policy = declared_policy(policy, model, self._fp32_attributes)
-        states = formats_for(optimizer, model, policy)
+        states = formats_for(optimizer, self._model, self.policy, self._fp32_attributes)
         mode = self._update_mode()
         if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params) or mode == "nearest":
             # the optimizer updates fp32 parameters (and nearest-rounded 16-bit ones) itself

@@ -27,6 +27,7 @@ from mixprec.optim.quantized_states import attach_storage, check_elementwise, ma
 from mixprec.optim.rules import Nearest
 from mixprec.optim.wrapper import WrappedOptimizer
 from mixprec.policy import Policy
+from mixprec.session.setup import declared_policy
 
 __all__ = [
     "check_state_formats",
@@ -61,10 +62,16 @@ def optimizer_formats(
 
 
 def formats_for(
-    optimizer: torch.optim.Optimizer, model: nn.Module | None, policy: Policy
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None,
+    policy: Policy,
+    fp32_attributes: Sequence[str] = (),
 ) -> dict[torch.Tensor, str] | None:
     """:func:`optimizer_formats` of ``optimizer`` under ``policy``'s rules for ``model``'s
-    modules (None: all fp32)."""
+    modules, with the modules ``model`` declares fp32 by ``fp32_attributes``
+    (:func:`~mixprec.session.setup.declared_policy`) (None: all fp32)."""
+    if model is not None and fp32_attributes:
+        policy = declared_policy(policy, model, fp32_attributes)
     return optimizer_formats(optimizer, state_formats(model, policy), policy.state)
 
 
