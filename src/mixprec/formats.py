@@ -43,12 +43,14 @@ __all__ = [
     "MXFP4",
     "MXFP8",
     "NVFP4",
+    "STATE_FORMATS",
     "TF32",
     "BlockFormat",
     "Format",
     "FormatLike",
     "resolve_block_format",
     "resolve_format",
+    "resolve_state_format",
 ]
 
 
@@ -374,3 +376,43 @@ def resolve_block_format(fmt: str | BlockFormat) -> BlockFormat:
             f"{', '.join(BLOCK_FORMATS)} (aliases: "
             f"{', '.join(a for a in _BLOCK_ALIASES if a not in BLOCK_FORMATS)})"
         ) from None
+
+
+STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8")
+"""The formats an optimizer's per-element states can be stored in between steps (a policy's
+``state``): fp32 as torch makes them, bf16 (rounded stochastically) and fp16 (rounded by the
+update rule), and the block-scaled 8-bit ones, ``fp8`` (e4m3 codes, an fp32 scale per block of
+256) and ``int8`` (block-wise dynamic codes, an fp32 absmax per block of 256); see
+:mod:`mixprec.optim.quantized_states`."""
+_STATE_ALIASES = {"fp8_e4m3": "fp8", "e4m3": "fp8", "float32": "fp32", "bfloat16": "bf16"}
+_STATE_REFUSED = {
+    "tf32": "tf32 is a matmul mode, not a storage format (its tensors are fp32)",
+    "fp8_e5m2": "e5m2 keeps 2 fraction bits, too few for moments under block scales",
+    "e5m2": "e5m2 keeps 2 fraction bits, too few for moments under block scales",
+}
+
+
+def resolve_state_format(state: object) -> str:
+    """The canonical name in :data:`STATE_FORMATS` of an optimizer-state format.
+
+    Names are case-insensitive; ``"fp8_e4m3"`` is ``"fp8"``.
+
+    Raises:
+        TypeError: ``state`` is not a string.
+        ValueError: another name (``tf32`` and ``fp8_e5m2`` are refused with the reason).
+
+    Example:
+        >>> resolve_state_format("FP8_E4M3")
+        'fp8'
+    """
+    if not isinstance(state, str):
+        raise TypeError(
+            f"an optimizer-state format is a name, one of "
+            f"{', '.join(map(repr, STATE_FORMATS))}; got {type(state).__name__} {state!r}"
+        )
+    name = state.strip().lower().replace("-", "_")
+    name = _STATE_ALIASES.get(name, name)
+    if name in STATE_FORMATS:
+        return name
+    why = _STATE_REFUSED.get(name, "not an optimizer-state format")
+    raise ValueError(f"state={state!r}: {why}; choose one of {', '.join(map(repr, STATE_FORMATS))}")

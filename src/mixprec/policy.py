@@ -16,8 +16,10 @@ String grammar::
     rule   := ["name:" | "class:"] glob "->" base
 
 Keys: ``params``/``param``/``p``, ``compute``/``c``, ``output``/``o``, ``master``/``m`` (the format
-of the optimizer's copy of the weights; equal to params means no separate copy) and
-``reduce``/``r`` (the format gradients are all-reduced in).
+of the optimizer's copy of the weights; equal to params means no separate copy),
+``reduce``/``r`` (the format gradients are all-reduced in) and ``state``/``s`` (the optimizer's
+states: :data:`~mixprec.formats.STATE_FORMATS`; a rule setting only ``state`` keeps the rest of
+the base, ``bf16-lean; class:Embedding -> state=fp32``; other rules are whole policies).
 
 FP8: ``compute=fp8:<recipe>`` (``compute=fp8`` for ``tensorwise``) runs the GEMMs of linear layers
 in FP8 under a recipe of :mod:`mixprec.recipes` (the data layer beside this one) and everything
@@ -49,6 +51,7 @@ from mixprec.formats import (
     Format,
     FormatLike,
     resolve_format,
+    resolve_state_format,
 )
 from mixprec.fp4_recipes import ALL_RECIPE_NAMES, FP4_RECIPE_NAMES, Fp4Recipe, parse_recipe
 from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
@@ -69,9 +72,11 @@ _KEYS: Mapping[str, str] = MappingProxyType(
         "m": "master",
         "reduce": "reduce",
         "r": "reduce",
+        "state": "state",
+        "s": "state",
     }
 )
-_VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r)"
+_VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r), state (s)"
 _RULE_KINDS = ("name", "class")
 FP8_RECIPE_NAMES: tuple[str, ...] = RECIPE_NAMES
 """The FP8 recipes ``compute=fp8:<name>`` accepts: :data:`mixprec.recipes.RECIPE_NAMES`."""
@@ -181,6 +186,8 @@ class Policy:
             ``compute=fp8:tensorwise(scaling=delayed,history=8)`` in a policy string) or an
             :class:`~mixprec.recipes.Fp8Recipe`; stored as the recipe's canonical string. None:
             no FP8. Requires bf16 compute, the format of everything else.
+        state: the optimizer's per-element states between steps, in
+            :data:`~mixprec.formats.STATE_FORMATS` (``"fp32"``; fp16 as ``state_dtype`` allows).
 
     Raises:
         ValueError: an unknown format, or 16-bit (or fp8) params with fp32/tf32 compute: nothing
@@ -204,6 +211,7 @@ class Policy:
     reduce: Format = None  # type: ignore[assignment]
     rules: tuple[ModuleRule, ...] = field(default=())
     fp8: str | None = None
+    state: str = "fp32"
 
     def __post_init__(self) -> None:
         # Normalising a frozen instance while it is being built; it never changes afterwards.
@@ -217,6 +225,7 @@ class Policy:
         object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
         _check_compute_not_wider(param, compute)
         object.__setattr__(self, "fp8", _check_fp8(self.fp8, compute))
+        object.__setattr__(self, "state", _format_field("state", self.state, resolve_state_format))
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
@@ -234,14 +243,12 @@ class Policy:
         """Build a policy from its string form, a preset name, or a bare format.
 
         Args:
-            spec: e.g. ``"bf16-mixed"``, ``"bf16"`` (everything bf16),
-                ``"p=fp32,c=fp16,o=fp32"``, ``"bf16-pure; class:*Norm* -> fp32"``. A ``Policy`` is
-                returned unchanged.
+            spec: e.g. ``"bf16-mixed"``, ``"bf16"`` (everything bf16), ``"p=fp32,c=fp16"``,
+                ``"bf16-pure; class:*Norm* -> fp32"``. A ``Policy`` is returned unchanged.
 
         Raises:
             ValueError: unknown preset, format or key; a repeated key; a malformed rule; 16-bit
-                params with fp32 compute. Messages echo at most a couple of hundred characters of
-                ``spec``.
+                params with fp32 compute (messages echo a couple of hundred characters at most).
             TypeError: ``spec`` is not a string or a Policy.
         """
         if isinstance(spec, Policy):
@@ -253,7 +260,7 @@ class Policy:
             )
         base, *rule_specs = spec.split(";")
         policy = _parse_base(base, spec)
-        rules = tuple(_parse_rule(r, spec) for r in rule_specs)
+        rules = tuple(_parse_rule(r, spec, policy) for r in rule_specs)
         # A preset's own rules (nvfp4-mixed's head) stay, after the user's: the first match wins.
         return replace(policy, rules=rules + policy.rules) if rules else policy
 
@@ -268,6 +275,8 @@ class Policy:
             parts[0] += f",master={self.master}"
         if self.reduce != self.param:
             parts[0] += f",reduce={self.reduce}"
+        if self.state != "fp32":
+            parts[0] += f",state={self.state}"
         parts.extend(str(rule) for rule in self.rules)
         return "; ".join(parts)
 
@@ -318,7 +327,7 @@ class Policy:
                     f"'*norm* -> fp32' or 'class:LayerNorm -> fp32', got {type(rule).__name__} "
                     f"{_shown(rule)}"
                 )
-        parsed = tuple(r if isinstance(r, ModuleRule) else _parse_rule(r, r) for r in rules)
+        parsed = tuple(r if isinstance(r, ModuleRule) else _parse_rule(r, r, self) for r in rules)
         return replace(self, rules=self.rules + parsed)
 
     # -- casting ----------------------------------------------------------------------------
@@ -343,9 +352,8 @@ class Policy:
 def cast_floating(
     tree: Any, dtype: torch.dtype, sources: Collection[torch.dtype] | None = None
 ) -> Any:
-    """Cast every floating-point tensor in a nested list/tuple/namedtuple/dict to ``dtype``.
-
-    Containers are rebuilt with their own type; other leaves pass through untouched.
+    """Cast every floating tensor in nested lists/tuples/namedtuples/dicts (rebuilt with their
+    own types) to ``dtype``; other leaves pass through untouched.
 
     Args:
         tree: a tensor or nested containers of them.
@@ -369,11 +377,8 @@ def _or(value: FormatLike | None, default: Format) -> FormatLike:
 
 
 def _shown(value: object) -> str:
-    """``repr(value)`` cut to its first :data:`_ECHO_LIMIT` characters, for error messages.
-
-    Messages repeat the offending input so the user sees what was wrong; a megabyte of policy
-    text must not become a megabyte of message.
-    """
+    """``repr(value)`` cut to :data:`_ECHO_LIMIT` characters: messages repeat the offending
+    input, but a megabyte of policy text must not become a megabyte of message."""
     text = repr(value)
     if len(text) <= _ECHO_LIMIT:
         return text
@@ -402,13 +407,9 @@ def _check_module_args(where: str, name: object, module: object) -> None:
 
 
 def _check_compute_not_wider(param: Format, compute: Format) -> None:
-    """Refuse 16-bit (or fp8) params with fp32/tf32 compute.
-
-    An fp32 compute format means no autocast region, and torch's kernels refuse to mix a 16-bit
-    weight with an fp32 activation, so such a policy could only fail at the first forward. The
-    recipes people mean by it exist: fp32 weights with 16-bit compute (the ``*-mixed`` presets),
-    or fp32 storage and compute for chosen modules by a rule.
-    """
+    """Refuse 16-bit (or fp8) params with fp32/tf32 compute: no autocast region would widen
+    the weights, so the first forward would fail on mixed dtypes. What people mean by it exists:
+    fp32 weights with 16-bit compute (``*-mixed``), or fp32 modules by a rule."""
     if compute.dtype == torch.float32 and param.dtype != torch.float32:
         raise ValueError(
             f"params={param} with compute={compute} is not supported: {compute} compute runs "
@@ -474,9 +475,9 @@ def _check_fp8(recipe: object, compute: Format) -> str | None:
     return canonical
 
 
-def _format_field(name: str, value: FormatLike) -> Format:
+def _format_field(name: str, value: Any, resolve: Any = None) -> Any:
     try:
-        return _resolve(value)
+        return (resolve or _resolve)(value)
     except (ValueError, TypeError) as err:
         raise type(err)(f"Policy.{name}: {err}") from None
 
@@ -536,6 +537,9 @@ def _parse_base(text: str, whole: str) -> Policy:
             values["fp8"] = _recipe_text(value)  # a 4-bit recipe: compute=nvfp4(rht=false)
             values["compute"] = BF16
             continue
+        if canonical == "state":  # a storage format name, checked by Policy
+            values["state"] = value
+            continue
         try:
             values[canonical] = _resolve(value)
         except ValueError as err:
@@ -590,7 +594,7 @@ def _built(whole: str, **fields: Any) -> Policy:
         raise ValueError(f"{err} (in policy {_shown(whole)})") from None
 
 
-def _parse_rule(text: str, whole: str) -> ModuleRule:
+def _parse_rule(text: str, whole: str, base: Policy) -> ModuleRule:
     target, arrow, policy_text = text.partition("->")
     target = target.strip()
     if not arrow or not target or not policy_text.strip():
@@ -606,7 +610,11 @@ def _parse_rule(text: str, whole: str) -> ModuleRule:
             f"unknown module rule kind {_shown(kind.strip())} in {_shown(whole)}; valid kinds: "
             f"{', '.join(_RULE_KINDS)} (e.g. 'class:LayerNorm -> fp32')"
         )
-    return ModuleRule(pattern.strip(), _parse_base(policy_text, whole), kind=kind.strip())  # type: ignore[arg-type]
+    policy = _parse_base(policy_text, whole)
+    keys = {_KEYS.get(i.partition("=")[0].strip().lower()) for i in _split_items(policy_text)}
+    if keys == {"state"} and "=" in policy_text:  # only the state format: the rest is the base's
+        policy = replace(base, rules=(), state=policy.state)
+    return ModuleRule(pattern.strip(), policy, kind=kind.strip())  # type: ignore[arg-type]
 
 
 def _presets() -> str:
@@ -623,13 +631,16 @@ PRESETS: Mapping[str, Policy] = MappingProxyType(
         "bf16-mixed": Policy(param=FP32, compute=BF16, output=FP32),
         "fp16-mixed": Policy(param=FP32, compute=FP16, output=FP32),
         "bf16-pure": Policy(param=BF16, compute=BF16, output=BF16),
+        "bf16-lean": Policy(param=BF16, compute=BF16, output=BF16, state="int8"),
         "fp8-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="tensorwise"),
         "nvfp4-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="nvfp4", rules=_HEAD),
         "mxfp4-mixed": Policy(param=FP32, compute=BF16, output=FP32, fp8="mxfp4", rules=_HEAD),
     }
 )
 """The named policies. ``*-mixed``: fp32 weights, 16-bit compute, fp32 outputs (torch.amp's recipe);
-``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``fp8-mixed``:
+``bf16-pure``: everything in bf16, no master copy (pair with stochastic rounding); ``bf16-lean``:
+``bf16-pure`` with the optimizer's states in block-wise int8 (the session's default update for
+it is stochastic rounding); ``fp8-mixed``:
 linear layers' GEMMs in FP8 with tensorwise dynamic scaling (e4m3 forward, e5m2 gradients), bf16
 elsewhere, fp32 weights (``compute=fp8:rowwise`` and the other recipes of
 :data:`mixprec.recipes.RECIPES` by policy string). ``nvfp4-mixed`` and ``mxfp4-mixed``: the 4-bit

@@ -41,7 +41,10 @@ def test_single_process_plan_equals_memory_report(preset: str, update: str) -> N
     mp.step(opt)
     measured = memory_report(model, opt)
     tensors = len(list(model.parameters()))
-    plan = memory_plan(measured.num_params, 1, "single", presets=[preset], num_tensors=tensors)
+    shapes = [p.shape for p in model.parameters()]  # which states are quantized (bf16-lean)
+    plan = memory_plan(
+        measured.num_params, 1, "single", presets=[preset], num_tensors=tensors, shapes=shapes
+    )
     row = plan.row(preset, update)
     n = measured.num_params
     assert measured.params == row.params * n

@@ -3,9 +3,10 @@
     mixprec plan --params 7e9 --world 64 --strategy fsdp2 --layers 32 --hidden 4096 \\
         --seq 4096 --batch 1 --device-memory 80GB
 
-prints bytes per parameter per rank for params, grads, master weights, optimizer state (AdamW)
-and compensation, for each preset and update mode, the activation estimate and whether it fits
-(see :mod:`mixprec.distributed.plan`).
+prints bytes per parameter per rank for params, grads, master weights, optimizer state (AdamW,
+in each preset's ``state`` format or ``--state``'s) and compensation, for each preset and update
+mode, the activation estimate and whether it fits; ``--master-remainder 16|8`` plans compressed
+masters, ``--step-in-backward`` no gradient buffer (see :mod:`mixprec.distributed.plan`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def _plan(args: argparse.Namespace) -> int:
         heads=args.heads,
         attention_scores=args.attention_scores,
         device_memory=args.device_memory,
+        state=args.state,
+        master_remainder=args.master_remainder,
+        step_in_backward=args.step_in_backward,
     )
     if args.json:
         record = {k: v for k, v in asdict(plan).items() if k != "rows"}
@@ -73,5 +77,21 @@ def add_plan_parser(sub: Any) -> None:
         "--attention-scores", action="store_true", help="eager attention stores its scores"
     )
     plan.add_argument("--device-memory", default=None, help="e.g. 80GB or 80GiB")
+    plan.add_argument(
+        "--state",
+        default=None,
+        choices=("fp32", "bf16", "fp16", "fp8", "int8"),
+        help="optimizer states in this format for every preset (default: each preset's own)",
+    )
+    plan.add_argument(
+        "--master-remainder",
+        type=int,
+        default=None,
+        choices=(16, 8),
+        help="masters of bf16 params as the param plus a 16-bit (exact) or 8-bit remainder",
+    )
+    plan.add_argument(
+        "--step-in-backward", action="store_true", help="each parameter steps in backward"
+    )
     plan.add_argument("--json", action="store_true", help="print JSON")
     plan.set_defaults(run=_plan)

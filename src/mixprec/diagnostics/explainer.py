@@ -14,6 +14,10 @@ one measured forward of an example batch. The parts of each module:
 * *gradients*: one per parameter, in the parameter's format;
 * *master*: the fp32 copy an optimizer wrapper keeps of 16-bit parameters (when the policy's
   master format is wider than the parameters);
+* *optimizer states*: AdamW's two moments in the module's ``state`` format, as the session
+  stores them (by the policy's own rules, not the FP32 islands'), at their stored bytes: codes
+  and block scales for int8/fp8, fp32 where a parameter is too small to quantize
+  (:mod:`mixprec.optim.state_bytes`, the arithmetic the memory plan uses);
 * *reduce*: the format gradients are all-reduced in across processes.
 
 Loss scaling multiplies every gradient of the backward (activations and parameters); it is on
@@ -41,6 +45,7 @@ from mixprec.diagnostics.finite import floating_tensors
 from mixprec.diagnostics.layerwise import session_storage
 from mixprec.formats import FP32, Format
 from mixprec.optim.cast import cast_module
+from mixprec.optim.state_bytes import state_bytes, stored_format
 from mixprec.policy import Policy
 
 __all__ = ["Explanation", "ModuleExplanation", "explain"]
@@ -62,6 +67,8 @@ class ModuleExplanation:
         weights, compute, gradients, master, reduce: format names (``"-"``: no such part).
         saved: the formats of the activations it saves for backward (``"-"``: none).
         weight_bytes, gradient_bytes, master_bytes, saved_bytes: bytes of each part.
+        states, state_bytes: the format of its parameters' optimizer states (AdamW's two
+            moments) and their stored bytes.
         casts: the casts between the parts, in words.
         loss_scaled: its gradients are computed on the scaled loss.
     """
@@ -81,6 +88,8 @@ class ModuleExplanation:
     master_bytes: int
     casts: str
     loss_scaled: bool
+    states: str = "-"
+    state_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,19 +107,21 @@ class Explanation:
     modules: tuple[ModuleExplanation, ...]
 
     def totals(self) -> dict[str, int]:
-        """Bytes per part over all modules: weights, saved, gradients, master."""
+        """Bytes per part over all modules: weights, saved, gradients, master, states."""
         return {
             "weights": sum(m.weight_bytes for m in self.modules),
             "saved": sum(m.saved_bytes for m in self.modules),
             "gradients": sum(m.gradient_bytes for m in self.modules),
             "master": sum(m.master_bytes for m in self.modules),
+            "states": sum(m.state_bytes for m in self.modules),
         }
 
     def markdown(self) -> str:
         """A markdown table, one row per module, with a totals row and the loss-scaling note."""
         head = (
             "| module | class | params | weights | compute | saved activations | gradients "
-            "| master | reduce | casts |\n|---|---|---:|---|---|---|---|---|---|---|"
+            "| master | optimizer states | reduce | casts |\n"
+            "|---|---|---:|---|---|---|---|---|---|---|---|"
         )
         rows = [head]
         for m in self.modules:
@@ -119,13 +130,13 @@ class Explanation:
                 f"| {m.weights} {_size(m.weight_bytes)} | {m.compute} "
                 f"| {m.saved} {_size(m.saved_bytes)} | {m.gradients} {_size(m.gradient_bytes)}"
                 f"{' (scaled)' if m.loss_scaled else ''} | {m.master} {_size(m.master_bytes)} "
-                f"| {m.reduce} | {m.casts} |"
+                f"| {m.states} {_size(m.state_bytes)} | {m.reduce} | {m.casts} |"
             )
         t = self.totals()
         rows.append(
             f"| **total** | | {sum(m.num_params for m in self.modules)} "
             f"| {_size(t['weights'])} | | {_size(t['saved'])} | {_size(t['gradients'])} "
-            f"| {_size(t['master'])} | | |"
+            f"| {_size(t['master'])} | {_size(t['states'])} | | |"
         )
         note = (
             "loss scaling: on; the loss is multiplied by the scale before backward, so every "
@@ -160,6 +171,7 @@ class Explanation:
             ("weights", "weight_bytes", "weights", "#4c72b0"),
             ("gradients", "gradient_bytes", "gradients", "#dd8452"),
             ("master", "master_bytes", "master", "#55a868"),
+            ("optimizer states", "state_bytes", "states", "#8172b3"),
             ("saved activations", "saved_bytes", "saved", "#c44e52"),
         ]
         fig, ax = plt.subplots(figsize=(10, 0.45 * len(mods) + 1.8))
@@ -348,6 +360,7 @@ def explain(
         owner.update((id(p), name) for p in own)
         stored = rule.param
         numel = sum(p.numel() for p in own)
+        states = policy.for_module(name, module).state  # the session's choice: no islands
         tensors = saved.get(name, {})
         if not held and not tensors:
             continue
@@ -381,6 +394,8 @@ def explain(
                 master_bytes=numel * _bytes_of(policy.master) if has_master else 0,
                 casts="; ".join(casts) or "-",
                 loss_scaled=scaled and bool(held),
+                states=stored_format(states, [p.shape for p in own]) if held else "-",
+                state_bytes=int(state_bytes(states, numel, shapes=[p.shape for p in own])),
             )
         )
     return Explanation(str(policy), scaled, tuple(rows))

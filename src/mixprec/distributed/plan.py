@@ -8,7 +8,10 @@ ranks share them: nothing under DDP (every rank holds a full replica), everythin
 (ZeRO-3: params, grads, masters and optimizer state are all sharded), so bf16-mixed AdamW costs
 16/N B/param per rank. AdamW's step counter (4 bytes per parameter tensor, on every rank) is counted
 when the number of tensors is given. FSDP2's all-gathered 16-bit copies of the layer being
-computed are transient and left out.
+computed are transient and left out. The optimizer's states are counted in the format each
+preset's ``state`` gives them (``state=`` plans every preset with another), compressed masters
+(``master_remainder``) and the step inside backward (``step_in_backward``: no gradient outlives
+its parameter's step) as :mod:`mixprec.optim.state_bytes` says.
 
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
 Transformer Models": per layer and token ``hidden * 34`` bytes with 16-bit activations (the
@@ -29,6 +32,8 @@ from typing import Literal, get_args
 
 import torch
 
+from mixprec.formats import resolve_state_format
+from mixprec.optim.state_bytes import master_bytes, state_bytes
 from mixprec.policy import PRESETS
 
 __all__ = [
@@ -56,6 +61,10 @@ class PlanRow:
         activations: activation bytes per rank for the transformer shape (0 if none given).
         total_bytes: everything per rank, in bytes.
         fits: whether ``total_bytes`` fits the device memory (None if none given).
+        state: the format the optimizer's states are stored in.
+        master_format: how 16-bit parameters' masters are kept (``"fp32"``, ``"bf16+16"`` or
+            ``"bf16+8"``: the parameter plus a remainder; ``"-"`` where there is none).
+        step_in_backward: whether gradients are freed by a step inside backward.
     """
 
     preset: str
@@ -68,6 +77,9 @@ class PlanRow:
     activations: float
     total_bytes: float
     fits: bool | None
+    state: str = "fp32"
+    master_format: str = "-"
+    step_in_backward: bool = False
 
     @property
     def state_per_param(self) -> float:
@@ -112,32 +124,55 @@ class MemoryPlan:
             )
         lines = [
             head,
-            f"{'preset':<12}{'update':<12}{'params':>8}{'grads':>8}{'master':>8}{'optim':>8}"
-            f"{'comp':>8}{'B/param':>9}{'activ. GB':>11}{'total GB':>10}  fits",
+            f"{'preset':<12}{'update':<12}{'state':<6}{'params':>8}{'grads':>8}{'master':>8}"
+            f"{'optim':>8}{'comp':>8}{'B/param':>9}{'activ. GB':>11}{'total GB':>10}  fits",
         ]
         for r in self.rows:
             fits = "-" if r.fits is None else ("yes" if r.fits else "NO")
             lines.append(
-                f"{r.preset:<12}{r.update:<12}{r.params:>8.3g}{r.grads:>8.3g}{r.master:>8.3g}"
-                f"{r.optimizer_state:>8.3g}{r.compensation:>8.3g}{r.state_per_param:>9.3g}"
-                f"{r.activations / 1e9:>11.3g}{r.total_bytes / 1e9:>10.3g}  {fits}"
+                f"{r.preset:<12}{r.update:<12}{r.state:<6}{r.params:>8.3g}{r.grads:>8.3g}"
+                f"{r.master:>8.3g}{r.optimizer_state:>8.3g}{r.compensation:>8.3g}"
+                f"{r.state_per_param:>9.3g}{r.activations / 1e9:>11.3g}"
+                f"{r.total_bytes / 1e9:>10.3g}  {fits}"
             )
+        notes = [f"masters {r.master_format}" for r in self.rows[:1] if r.master_format != "-"]
+        notes += ["step inside backward (no gradient buffer)"] * any(
+            r.step_in_backward for r in self.rows[:1]
+        )
+        if notes:
+            lines.append("; ".join(notes))
         if self.device_memory is not None:
             lines.append(f"device memory: {self.device_memory / 1e9:.3g} GB")
         return "\n".join(lines)
 
 
-def _element_bytes(preset: str, update: str) -> dict[str, float]:
-    """Bytes per parameter element, unsharded, of each part: the dtypes the session gives."""
+def _element_bytes(
+    preset: str,
+    update: str,
+    size: tuple[float, int, Sequence[Sequence[int]] | None],
+    state: str | None = None,
+    master_remainder: int | None = None,
+    step_in_backward: bool = False,
+) -> dict[str, float]:
+    """Bytes per parameter element, unsharded, of each part: the dtypes and storages the
+    session gives (``size``: parameter elements, tensors, shapes or None)."""
     policy = PRESETS[preset]
+    state = policy.state if state is None else state
+    num_params, num_tensors, shapes = size
     param = policy.param.dtype.itemsize
-    if policy.param.dtype == torch.float32:  # fp32 params: a plain torch optimizer
-        return {"params": 4, "grads": 4, "master": 0, "optimizer_state": 8, "compensation": 0}
-    states = 2 * (param if update == "nearest" else 4)
+    grads = 0 if step_in_backward else param
+    if policy.param.dtype == torch.float32:  # fp32 params: the optimizer steps them itself
+        states = state_bytes(state, num_params, num_tensors, shapes) / num_params
+        return {"params": 4, "grads": grads, "master": 0, "optimizer_state": states,
+                "compensation": 0}  # fmt: skip
+    # a plain round-to-nearest update with fp32 states: torch's optimizer on the 16-bit params
+    fp32_bytes = param if update == "nearest" and state == "fp32" else 4
+    states = state_bytes(state, num_params, num_tensors, shapes, fp32_bytes) / num_params
+    bf16 = policy.param.dtype == torch.bfloat16
     return {
         "params": param,
-        "grads": param,
-        "master": 4 if update == "master" else 0,
+        "grads": grads,
+        "master": (master_bytes(master_remainder) if bf16 else 4) if update == "master" else 0,
         "optimizer_state": states,
         "compensation": param if update == "kahan" else 0,
     }
@@ -233,6 +268,10 @@ def memory_plan(
     heads: int | None = None,
     attention_scores: bool = False,
     device_memory: float | str | None = None,
+    state: str | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    master_remainder: int | None = None,
+    step_in_backward: bool = False,
 ) -> MemoryPlan:
     """Bytes per parameter per rank for each preset and update mode, and whether it fits.
 
@@ -248,6 +287,14 @@ def memory_plan(
         heads: attention heads (None: ``hidden // 64``).
         attention_scores: count stored attention scores (eager attention, not SDPA/flash).
         device_memory: bytes per device, or a string such as ``"80GB"`` or ``"80GiB"``.
+        state: plan every preset with its optimizer states in this format (None: each
+            preset's own ``state``; ``bf16-lean``'s is int8).
+        shapes: the parameters' shapes, for exact state bytes (which tensors are quantized,
+            their block scales); their element count must be ``num_params``.
+        master_remainder: 16 or 8: masters of bf16 parameters kept as the parameter plus a
+            remainder of that many bits (None: full fp32 masters).
+        step_in_backward: each parameter steps in backward and its gradient is freed at once:
+            no gradient buffer is counted.
 
     Returns:
         A :class:`MemoryPlan`.
@@ -288,6 +335,18 @@ def memory_plan(
             f"hidden={hidden!r}, seq={seq!r}"
         )
     memory = parse_bytes(device_memory) if device_memory is not None else None
+    state = None if state is None else resolve_state_format(state)
+    master_bytes(master_remainder)  # checked before any row
+    if shapes is not None:
+        shapes = [tuple(int(n) for n in shape) for shape in shapes]
+        counted = sum(math.prod(shape) for shape in shapes)
+        if counted != num_params:
+            raise ValueError(
+                f"shapes hold {counted} parameter elements but num_params={num_params!r}; "
+                "give the shapes of every parameter (or none)"
+            )
+    size = (float(num_params), num_tensors, shapes)
+    remainder_name = "fp32" if master_remainder is None else f"bf16+{master_remainder}"
     per_token = 0.0
     tokens = 0
     if layers is not None and hidden is not None and seq is not None:
@@ -298,7 +357,8 @@ def memory_plan(
     shards = world if strategy == "fsdp2" else 1
     rows = []
     for preset, update in _rows_wanted(presets):
-        parts = {k: v / shards for k, v in _element_bytes(preset, update).items()}
+        element = _element_bytes(preset, update, size, state, master_remainder, step_in_backward)
+        parts = {k: v / shards for k, v in element.items()}
         compute_bytes = PRESETS[preset].compute.dtype.itemsize
         activations = per_token * tokens * compute_bytes / 2
         steps = _STEP_BYTES * num_tensors
@@ -311,6 +371,9 @@ def memory_plan(
                 activations=activations,
                 total_bytes=total,
                 fits=None if memory is None else total <= memory,
+                state=PRESETS[preset].state if state is None else state,
+                master_format=remainder_name if update == "master" else "-",
+                step_in_backward=step_in_backward,
             )
         )
     return MemoryPlan(

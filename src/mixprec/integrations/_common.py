@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 
-from mixprec.optim import KahanOptimizer, MasterWeightOptimizer, StochasticRoundingOptimizer
+from mixprec.optim import (
+    KahanOptimizer,
+    MasterWeightOptimizer,
+    StochasticRoundingOptimizer,
+    WrappedOptimizer,
+)
 from mixprec.policy import Policy
 from mixprec.session import MixedPrecision, UpdateMode
 
@@ -85,7 +90,7 @@ def managed(session: MixedPrecision) -> None:
     session._clock.managed = True
 
 
-_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
+_WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer, WrappedOptimizer)
 
 
 def is_wrapped(optimizer: torch.optim.Optimizer) -> bool:

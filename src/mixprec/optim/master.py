@@ -34,6 +34,8 @@ parameters, which mixed precision leaves alone as torch's autocast does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from mixprec.optim.quantized_states import StateFormat, attach_storage, make_storage
@@ -70,7 +72,9 @@ class MasterWeightOptimizer(WrappedOptimizer):
         state: the format the inner optimizer's per-element states are stored in between steps:
             ``"fp32"`` (None, the default: as torch makes them), ``"bf16"``/``"fp16"`` (rounded
             to nearest under this rule), ``"fp8"`` (e4m3, block scales) or ``"int8"``
-            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`.
+            (block-wise dynamic); see :mod:`mixprec.optim.quantized_states`. A mapping of
+            parameter -> format gives each parameter its own (fp32 for those it omits, fp32
+            parameters included: :class:`~mixprec.optim.per_param_states.PerParameterStates`).
         remainder_bits: store the masters of bf16 parameters compressed, as the parameter plus
             a remainder (:class:`~mixprec.optim.rules.CompressedMaster`): 16 is exact (2 bytes
             per parameter instead of 4, training bit for bit that of full masters), 8 keeps
@@ -104,7 +108,7 @@ class MasterWeightOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         keep_grad_buffers: bool = False,
-        state: StateFormat | None = None,
+        state: StateFormat | Mapping[torch.Tensor, StateFormat] | None = None,
         remainder_bits: int | None = None,
     ) -> None:
         rule: Master | CompressedMaster

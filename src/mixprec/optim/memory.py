@@ -19,6 +19,12 @@ be made on one rank alone (``if rank == 0: print(memory_report(model, opt))``). 
 shard without being a DTensor itself. ``num_params`` is the global count in both, so
 ``per_param`` gives bytes per parameter per rank (16/N for bf16-mixed AdamW over N FSDP2 ranks).
 
+The optimizer state is also split by what its tensors are (:attr:`MemoryReport.state_parts`):
+per-element states by their stored format (``fp32``, ``bf16``, ``fp16``, ``int8 codes``,
+``fp8 codes``), the ``block scales`` of the 8-bit formats, the ``draw counters`` of stochastic
+state rounding and the ``step counters``, so a policy's ``state=int8`` shows as 1 byte per
+moment element plus 4 per block of 256.
+
 The gradient reduction a data-parallel step makes is shown too: each rank hands the backend one
 gradient per trainable parameter element, all-reduced (DDP) or reduce-scattered (FSDP2) in the
 policy's reduce format, so the bytes per step and rank are that count times the format's size
@@ -29,11 +35,12 @@ hook counts the same figure as it runs, ``ReduceState.bytes_reduced``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mixprec.optim.quantized_states import ROUNDING_KEY, SCALE_SUFFIX
 from mixprec.optim.shards import local
 from mixprec.optim.wrapper import WrappedOptimizer
 
@@ -65,6 +72,8 @@ class MemoryReport:
             data-parallel step reduces.
         global_: the same figures counted by global shapes (one unsharded copy); None in the
             global report itself.
+        state_parts: ``optimizer_state`` bytes by kind, in order of size: per-element states
+            by stored format, block scales, draw counters, step counters.
     """
 
     num_params: int
@@ -77,6 +86,7 @@ class MemoryReport:
     local_params: int | None = None
     grad_elements: int = 0
     global_: MemoryReport | None = None
+    state_parts: tuple[tuple[str, int], ...] = field(default=())
 
     @property
     def total(self) -> int:
@@ -116,6 +126,9 @@ class MemoryReport:
             if glob is not None:
                 line += f"{glob.total if part == 'total' else getattr(glob, part):>16,}"
             lines.append(line)
+        if self.state_parts:
+            kinds = ", ".join(f"{kind} {size:,}" for kind, size in self.state_parts)
+            lines.append(f"optimizer_state by kind, bytes: {kinds}")
         lines.append(f"{'workspace':16}{self.workspace:>16,}  (fixed, not in total)")
         if self.grad_elements:
             moved = ", ".join(f"{k} {v:,}" for k, v in self.reduce_bytes_per_step.items())
@@ -188,6 +201,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 local_params=sum(local(p).numel() for p in params) if scope == "local" else None,
                 grad_elements=grad_elements,
                 global_=reports[0] if reports else None,
+                state_parts=_state_parts(optimizer, scope),
             )
         )
     return reports[-1]
@@ -203,3 +217,39 @@ def _bytes(tensors: Iterable[torch.Tensor], seen: set[int], scope: str) -> int:
             counted = local(t) if scope == "local" else t
             total += counted.numel() * counted.element_size()
     return total
+
+
+_STORED = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.uint8: "int8 codes",
+    torch.float8_e4m3fn: "fp8 codes",
+}
+
+
+def _state_parts(
+    optimizer: torch.optim.Optimizer | None, scope: str
+) -> tuple[tuple[str, int], ...]:
+    """Bytes of the optimizer's state tensors by kind (see the module), largest first."""
+    if optimizer is None:
+        return ()
+    inner = optimizer.optimizer if isinstance(optimizer, WrappedOptimizer) else optimizer
+    sizes: dict[str, int] = {}
+    seen: set[int] = set()
+    for state in inner.state.values():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or id(value) in seen:
+                continue
+            seen.add(id(value))
+            if str(key).endswith(SCALE_SUFFIX):
+                kind = "block scales"
+            elif key == ROUNDING_KEY:
+                kind = "draw counters"
+            elif key == "step":
+                kind = "step counters"
+            else:
+                kind = _STORED.get(value.dtype, str(value.dtype).removeprefix("torch."))
+            counted = local(value) if scope == "local" else value
+            sizes[kind] = sizes.get(kind, 0) + counted.numel() * counted.element_size()
+    return tuple(sorted(sizes.items(), key=lambda item: -item[1]))

@@ -155,16 +155,19 @@ def chunk_limit(
     return chunk_numel
 
 
-def chunks(params: list[torch.Tensor], limit: int | None) -> list[list[torch.Tensor]]:
+def chunks(
+    params: list[torch.Tensor], limit: int | None, counted: bool = False
+) -> list[list[torch.Tensor]]:
     """``params`` cut, in order, into runs of at most ``limit`` 16-bit elements (a larger
-    parameter is a run of its own)."""
+    parameter is a run of its own); ``counted``: fp32 elements count too (their states are
+    decoded per run)."""
     if limit is None:
         return [params]
     runs: list[list[torch.Tensor]] = []
     current: list[torch.Tensor] = []
     size = 0
     for p in params:
-        numel = local_numel(p) if p.dtype in SIXTEEN_BIT else 0
+        numel = local_numel(p) if counted or p.dtype in SIXTEEN_BIT else 0
         if current and size + numel > limit:
             runs.append(current)
             current, size = [], 0

@@ -30,6 +30,8 @@ weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from mixprec.formats import resolve_format
@@ -100,7 +102,8 @@ class StochasticRoundingOptimizer(WrappedOptimizer):
         state: the format of the per-element states between steps, by name (instead of
             ``state_dtype``): ``"fp32"``, ``"bf16"`` (rounded stochastically), ``"fp16"``,
             ``"fp8"`` (e4m3, block scales) or ``"int8"`` (block-wise dynamic); see
-            :mod:`mixprec.optim.quantized_states`.
+            :mod:`mixprec.optim.quantized_states`. A mapping of parameter -> format gives each
+            parameter its own (:class:`~mixprec.optim.per_param_states.PerParameterStates`).
 
     Raises:
         TypeError: bad optimizer, seed or dtype types.
@@ -123,7 +126,7 @@ class StochasticRoundingOptimizer(WrappedOptimizer):
         seed: int = 0,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
-        state: StateFormat | None = None,
+        state: StateFormat | Mapping[torch.Tensor, StateFormat] | None = None,
     ) -> None:
         rule = Stochastic(check_seed(seed))
         storage = make_storage(optimizer, state, state_dtype)
@@ -168,7 +171,8 @@ class KahanOptimizer(WrappedOptimizer):
         state_dtype: store the inner optimizer's per-element states in this dtype between steps
             (rounded to nearest); None keeps what the optimizer makes (fp32).
         state: the format of the per-element states between steps, by name (instead of
-            ``state_dtype``): ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"`` or ``"int8"``.
+            ``state_dtype``): ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"fp8"`` or ``"int8"``, or a
+            mapping of parameter -> format.
 
     Raises:
         TypeError: bad optimizer or dtype types.
@@ -190,7 +194,7 @@ class KahanOptimizer(WrappedOptimizer):
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
         state_dtype: torch.dtype | None = None,
-        state: StateFormat | None = None,
+        state: StateFormat | Mapping[torch.Tensor, StateFormat] | None = None,
     ) -> None:
         storage = make_storage(optimizer, state, state_dtype)
         super().__init__(optimizer, Kahan(), max_grad_norm=max_grad_norm, storage=storage)

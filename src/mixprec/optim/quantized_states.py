@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
 from mixprec._dist import is_dtensor
+from mixprec.formats import STATE_FORMATS
 from mixprec.optim import codecs
 from mixprec.optim.shards import flat_offset, local, wrap_like
 from mixprec.optim.states import (
@@ -70,6 +72,7 @@ from mixprec.optim.states import (
 from mixprec.stochastic import SEED_LIMIT, counter_key, random_bits, stochastic_round_
 
 __all__ = [
+    "MIN_NUMEL",
     "ROUNDING_KEY",
     "SCALE_SUFFIX",
     "SQRT_KEYS",
@@ -86,9 +89,9 @@ __all__ = [
 ]
 
 StateFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
-STATE_FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8")
 SCALE_SUFFIX = ".scale"
 ROUNDING_KEY = "state_rounding"  # int64 [salt, rounds]: a parameter's stochastic draws
+MIN_NUMEL = 4096  # smaller parameters keep fp32 states (bitsandbytes' min_8bit_size)
 # Non-negative per-element states of torch's optimizers (second moments and their kin).
 SQRT_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf"})
 # Optimizers whose states are not per element, with what they keep instead.
@@ -267,7 +270,7 @@ class BlockQuantizedStates(StateStorage):
     def __init__(
         self,
         block_size: int = codecs.BLOCK_SIZE,
-        min_numel: int = 4096,
+        min_numel: int = MIN_NUMEL,
         rounding: Literal["stochastic", "nearest"] = "stochastic",
         seed: int = 0,
         sqrt_second_moment: bool = True,
@@ -487,14 +490,16 @@ def check_elementwise(optimizer: torch.optim.Optimizer, state: object) -> None:
 
 def make_storage(
     optimizer: torch.optim.Optimizer,
-    state: str | torch.dtype | None = None,
+    state: str | torch.dtype | Mapping[torch.Tensor, str] | None = None,
     state_dtype: torch.dtype | None = None,
 ) -> StateStorage:
     """The storage of a wrapper's ``state`` option (or its older ``state_dtype``), checked
-    against ``optimizer`` (the wrapper then calls :func:`attach_storage`).
+    against ``optimizer`` (the wrapper then calls :func:`attach_storage`). A mapping of
+    parameter -> format name gives each parameter its own format
+    (:class:`~mixprec.optim.per_param_states.PerParameterStates`; fp32 for those it omits).
 
     Raises:
-        TypeError: ``state`` is neither a format name, a torch.dtype nor None.
+        TypeError: ``state`` is neither a format name, a torch.dtype, a mapping nor None.
         ValueError: both options given; an unknown format; an optimizer whose states are not
             elementwise with a compressed format.
     """
@@ -503,11 +508,19 @@ def make_storage(
             f"give state={state!r} or state_dtype={state_dtype!r}, not both; state is the "
             "newer name (state='bf16' is state_dtype=torch.bfloat16)"
         )
-    if state is not None and not isinstance(state, (str, torch.dtype)):
+    if state is not None and not isinstance(state, (str, torch.dtype, Mapping)):
         raise TypeError(
             f"state must be one of {', '.join(map(repr, STATE_FORMATS))} (or a torch.dtype), "
             f"got {type(state).__name__} {state!r}"
         )
+    if isinstance(state, Mapping):  # parameter -> format: each parameter in its own
+        from mixprec.optim.per_param_states import PerParameterStates
+
+        per_param = PerParameterStates(state)
+        compressed = sorted(set(per_param.formats.values()) - {"fp32"})
+        if compressed:
+            check_elementwise(optimizer, compressed[0])
+        return per_param
     if isinstance(state, str):
         storage = storage_named(state)
     else:  # a dtype, by either name: torch.float32, bfloat16 or float16
@@ -520,5 +533,6 @@ def make_storage(
 def attach_storage(storage: StateStorage, inner: torch.optim.Optimizer) -> None:
     """Let ``storage`` see ``inner``'s loads (:meth:`BlockQuantizedStates.attach`); a wrapper
     calls it once it has accepted ``inner``."""
-    if isinstance(storage, BlockQuantizedStates):
-        storage.attach(inner)
+    attach = getattr(storage, "attach", None)
+    if callable(attach):
+        attach(inner)

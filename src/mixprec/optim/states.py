@@ -47,10 +47,13 @@ class StateStorage:
     Attributes:
         name: how the states are stored, for messages (``"fp32"``).
         one_pass: whether the one-pass kernels may step states stored this way in place.
+        own_shadows: whether it also stores the states of parameters that are their own shadow
+            (fp32 ones); the wrapper hands it only the 16-bit parameters' states otherwise.
     """
 
     name = "fp32"
     one_pass = True
+    own_shadows = False
 
     def decode(self, entries: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
         """Make the states of ``entries`` (parameter, its inner state dict) fp32 for a step."""

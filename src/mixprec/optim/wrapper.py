@@ -141,7 +141,9 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self._shadows = self.mirror.shadows  # the name the tests and older callers know
         self.state = StateView(self.mirror)  # type: ignore[assignment]
         self._record_versions()
-        if not any(p.dtype in plan.SIXTEEN_BIT for p in self.mirror.params()):
+        if not self.storage.own_shadows and not any(
+            p.dtype in plan.SIXTEEN_BIT for p in self.mirror.params()
+        ):
             warnings.warn(
                 f"{name}: every parameter is already float32 (or complex, which is left as it "
                 "is), so the wrapper is the identity (no copies, same steps as the plain "
@@ -368,7 +370,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                 order_states(self.optimizer)  # new states in parameter order, as one step makes
 
         try:
-            runs = plan.chunks(params, self._active_limit)
+            runs = plan.chunks(params, self._active_limit, counted=self.storage.own_shadows)
             plan.run_in_chunks(runs, lambda p: shadows[p] is p, step_chunk)
         finally:
             self._active_limit = None
@@ -408,8 +410,11 @@ class WrappedOptimizer(torch.optim.Optimizer):
         self, params: list[torch.Tensor]
     ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
         inner_state = self.optimizer.state
+        every = self.storage.own_shadows  # fp32 parameters' states too (PerParameterStates)
         return [
-            (p, inner_state.get(s, {})) for p in params if (s := self.mirror.shadows[p]) is not p
+            (p, inner_state.get(s, {}))
+            for p in params
+            if (s := self.mirror.shadows[p]) is not p or every
         ]
 
     def _load(self, params: list[torch.Tensor]) -> None:

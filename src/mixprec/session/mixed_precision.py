@@ -55,6 +55,7 @@ from mixprec.session.forward import (
 )
 from mixprec.session.in_backward import InBackward
 from mixprec.session.materialize import Initializer, materialize
+from mixprec.session.optimizer_states import check_state_formats, formats_for, states_only
 from mixprec.session.setup import (
     check_ddp_order,
     check_device,
@@ -86,7 +87,8 @@ class MixedPrecision:
 
     Args:
         policy: ``"auto"`` (chosen from the device's hardware, see :attr:`reason`), a preset
-            (``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-pure"``), a policy string,
+            (``"fp32"``, ``"bf16-mixed"``, ``"fp16-mixed"``, ``"bf16-pure"``, ``"bf16-lean"``:
+            int8 optimizer states, per module by the policy's ``state``), a policy string,
             or a :class:`~mixprec.Policy`.
         device: where the model trains (default: cuda if available, else cpu).
         backend: autocast backend, ``"auto"``, ``"native"`` or ``"emulated"``.
@@ -288,6 +290,7 @@ class MixedPrecision:
         warn_unmatched_rules(model, self.policy)
         storage = with_default_islands(declared)
         check_prepare_order(model, storage)
+        check_state_formats(optimizers, model, declared)
         materialize(model, storage, self.device, init=init)  # a meta model: nothing else to do
         model.to(self.device)
         cast_module(model, storage, buffers=self._cast_buffers)
@@ -316,18 +319,21 @@ class MixedPrecision:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """The optimizer wrapped where the policy's update happens (what ``prepare`` returns for
         it): fp32 master weights, stochastic rounding, Kahan, or itself for fp32 parameters and
-        round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs."""
+        round-to-nearest; for optimizers built after ``prepare``, as frameworks build theirs.
+        States go in each module's ``state`` format (:mod:`mixprec.session.optimizer_states`)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params):
-            return optimizer  # fp32 (and complex) parameters: the optimizer updates them itself
+        states = formats_for(optimizer, self._model, self.policy, self._fp32_attributes)
         mode = self._update_mode()
+        if not any(p.dtype in (torch.float16, torch.bfloat16) for p in params) or mode == "nearest":
+            # the optimizer updates fp32 parameters (and nearest-rounded 16-bit ones) itself
+            return optimizer if states is None else states_only(optimizer, states)
         if mode == "master":
-            return MasterWeightOptimizer(optimizer, remainder_bits=self._master_remainder)
+            return MasterWeightOptimizer(
+                optimizer, state=states, remainder_bits=self._master_remainder
+            )
         if mode == "stochastic":
-            return StochasticRoundingOptimizer(optimizer, seed=self.seed)
-        if mode == "kahan":
-            return KahanOptimizer(optimizer)
-        return optimizer  # nearest: the optimizer updates the 16-bit parameters itself
+            return StochasticRoundingOptimizer(optimizer, seed=self.seed, state=states)
+        return KahanOptimizer(optimizer, state=states)
 
     def _convert_fp8(self, model: nn.Module, declared: Policy) -> None:
         """Swap the linear layers ``declared`` puts in FP8 for Fp8Linear (same parameters, so

@@ -29,7 +29,8 @@ from mixprec.optim import (
 from mixprec.policy import ModuleRule, Policy
 from mixprec.scaling import GradScaler
 
-WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer)
+# (WrappedOptimizer itself: the states-only wrapper of mixprec.session.optimizer_states)
+WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer, WrappedOptimizer)
 """The optimizer wrappers :meth:`~mixprec.MixedPrecision.prepare` may return."""
 
 __all__ = [

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mixprec.optim.quantized_states import ROUNDING_KEY, SCALE_SUFFIX
 from mixprec.optim.wrapper import WrappedOptimizer
 
 __all__ = ["check_model_state", "check_optimizer_states", "check_rng_state", "load_optimizers"]
@@ -155,6 +156,11 @@ def _check_torch_optimizer_state(groups: list[dict[str, Any]], state: Any, what:
             )
         shape = tuple(params[key].shape)
         for name, value in entries.items():
+            if name == ROUNDING_KEY or str(name).endswith(SCALE_SUFFIX):
+                # compressed states' draw counter [salt, rounds] and block scales (rows, blocks)
+                value_shape = tuple(getattr(value, "shape", ()))
+                if name == ROUNDING_KEY or value_shape[:1] == (shape[:1] if shape else (1,)):
+                    continue
             if isinstance(value, torch.Tensor) and not _fits(tuple(value.shape), shape):
                 raise ValueError(
                     f"the state of {what}: {name!r} of parameter {key!r} has shape "
