@@ -254,3 +254,26 @@ def test_fsdp2_shards_step_their_coded_states_in_one_pass(one_rank, state):
                 assert torch.equal(_bits(a[key].to_local()), _bits(b[key].to_local())), key
             else:
                 assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("wrapper", ["stochastic", "master"])
+def test_per_parameter_formats_step_in_one_pass_with_the_reference_bits(wrapper):
+    # A policy's per-module state formats (PerParameterStates): the kernel must find each
+    # parameter's own storage, store int8/fp8 codes where they are named and fp32 elsewhere.
+    def run(mode):
+        params = _params(((64, 128), (96, 64), (64,)))
+        formats = {params[0]: "int8", params[1]: "fp8"}
+        opt = WRAPPERS[wrapper](INNER["adamw"](params), formats)
+        opt.fused = mode
+        g = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        return params, opt, opt.last_step_fused
+
+    ref, got = run("off"), run("auto")
+    assert got[2] > 0  # the kernel ran
+    _assert_same(ref[:2] + (None,), got[:2] + (None,))
+    kinds = [s["exp_avg"].dtype for s in got[1].optimizer.state.values()]
+    assert kinds == [torch.uint8, torch.float8_e4m3fn, torch.float32]

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mixprec.optim import codecs
+from mixprec.optim.per_param_states import PerParameterStates
 from mixprec.optim.quantized_states import (
     ROUNDING_KEY,
     SCALE_SUFFIX,
@@ -47,7 +48,10 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def coded_storage(storage: object, param: torch.Tensor) -> BlockQuantizedStates | None:
-    """``storage`` where it stores ``param``'s states as codes, else None."""
+    """``storage`` (or, per parameter, the one of its formats that keeps ``param``'s states)
+    where it stores ``param``'s states as codes, else None."""
+    if isinstance(storage, PerParameterStates):
+        storage = storage.storage_of(param)
     if isinstance(storage, BlockQuantizedStates) and storage.quantizes(param):
         return storage
     return None
