@@ -21,7 +21,7 @@ MAX_LINES = 600
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("formats", "checkpoint", "_dist"),
     ("quantize", "stochastic", "blockscaled", "recipes", "scaled", "fp4_recipes"),
-    ("policy",),
+    ("policy", "_policy_checks"),
     ("hardware",),
     ("scaling",),
     ("compute",),

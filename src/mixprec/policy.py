@@ -41,11 +41,17 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
+from mixprec._policy_checks import (
+    check_compute_not_wider,
+    check_fp8,
+    check_module_args,
+    check_no_bare_fp8,
+    format_field,
+    resolve_format_shown,
+    shown,
+)
 from mixprec.formats import (
     BF16,
-    FP4_E2M1,
-    FP8_E4M3,
-    FP8_E5M2,
     FP16,
     FP32,
     Format,
@@ -53,8 +59,8 @@ from mixprec.formats import (
     resolve_format,
     resolve_state_format,
 )
-from mixprec.fp4_recipes import ALL_RECIPE_NAMES, FP4_RECIPE_NAMES, Fp4Recipe, parse_recipe
-from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
+from mixprec.fp4_recipes import FP4_RECIPE_NAMES
+from mixprec.recipes import RECIPE_NAMES
 
 __all__ = ["FP8_RECIPE_NAMES", "PRESETS", "ModuleRule", "Policy", "cast_floating"]
 
@@ -80,7 +86,6 @@ _VALID_KEYS = "params (p), compute (c), output (o), master (m), reduce (r), stat
 _RULE_KINDS = ("name", "class")
 FP8_RECIPE_NAMES: tuple[str, ...] = RECIPE_NAMES
 """The FP8 recipes ``compute=fp8:<name>`` accepts: :data:`mixprec.recipes.RECIPE_NAMES`."""
-_ECHO_LIMIT = 100  # characters of user input an error message repeats, per mention
 
 
 @dataclass(frozen=True)
@@ -108,16 +113,16 @@ class ModuleRule:
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern.strip():
-            raise ValueError(f"a module rule needs a non-empty pattern, got {_shown(self.pattern)}")
+            raise ValueError(f"a module rule needs a non-empty pattern, got {shown(self.pattern)}")
         if any(c in self.pattern for c in ";,=") or "->" in self.pattern or ":" in self.pattern:
             raise ValueError(
-                f"module rule pattern {_shown(self.pattern)} may not contain ';', ',', '=', ':' "
+                f"module rule pattern {shown(self.pattern)} may not contain ';', ',', '=', ':' "
                 "or '->'"
             )
         object.__setattr__(self, "pattern", self.pattern.strip())
         if self.kind not in _RULE_KINDS:
             raise ValueError(
-                f"unknown module rule kind {_shown(self.kind)}; valid kinds: "
+                f"unknown module rule kind {shown(self.kind)}; valid kinds: "
                 f"{', '.join(_RULE_KINDS)}"
             )
         if isinstance(self.policy, str):
@@ -125,12 +130,12 @@ class ModuleRule:
         if not isinstance(self.policy, Policy):
             raise TypeError(
                 f"a module rule's policy must be a Policy or a policy string, "
-                f"got {type(self.policy).__name__} {_shown(self.policy)}"
+                f"got {type(self.policy).__name__} {shown(self.policy)}"
             )
         if self.policy.rules:
             raise ValueError(
-                f"the policy of rule {_shown(self.pattern)} carries rules of its own "
-                f"({_shown(str(self.policy))}); "
+                f"the policy of rule {shown(self.pattern)} carries rules of its own "
+                f"({shown(str(self.policy))}); "
                 "rules do not nest: list every rule on the top-level policy"
             )
 
@@ -144,7 +149,7 @@ class ModuleRule:
         Raises:
             TypeError: ``name`` is not a string, or ``module`` is none of the above.
         """
-        _check_module_args("ModuleRule.matches", name, module)
+        check_module_args("ModuleRule.matches", name, module)
         if self.kind == "name":
             parts = name.split(".")
             return any(
@@ -215,25 +220,25 @@ class Policy:
 
     def __post_init__(self) -> None:
         # Normalising a frozen instance while it is being built; it never changes afterwards.
-        param = _format_field("param", self.param if self.param is not None else FP32)
-        compute = _format_field("compute", _or(self.compute, param))
+        param = format_field("param", self.param if self.param is not None else FP32)
+        compute = format_field("compute", _or(self.compute, param))
         object.__setattr__(self, "param", param)
         object.__setattr__(self, "compute", compute)
-        _check_no_bare_fp8(param, compute, self.output, self.master)  # before they cascade
-        object.__setattr__(self, "output", _format_field("output", _or(self.output, compute)))
-        object.__setattr__(self, "master", _format_field("master", _or(self.master, param)))
-        object.__setattr__(self, "reduce", _format_field("reduce", _or(self.reduce, param)))
-        _check_compute_not_wider(param, compute)
-        object.__setattr__(self, "fp8", _check_fp8(self.fp8, compute))
-        object.__setattr__(self, "state", _format_field("state", self.state, resolve_state_format))
+        check_no_bare_fp8(param, compute, self.output, self.master)  # before they cascade
+        object.__setattr__(self, "output", format_field("output", _or(self.output, compute)))
+        object.__setattr__(self, "master", format_field("master", _or(self.master, param)))
+        object.__setattr__(self, "reduce", format_field("reduce", _or(self.reduce, param)))
+        check_compute_not_wider(param, compute)
+        object.__setattr__(self, "fp8", check_fp8(self.fp8, compute))
+        object.__setattr__(self, "state", format_field("state", self.state, resolve_state_format))
         if not isinstance(self.rules, (tuple, list)):
             raise TypeError(
                 f"rules must be a tuple of ModuleRule, got {type(self.rules).__name__} "
-                f"{_shown(self.rules)}"
+                f"{shown(self.rules)}"
             )
         for rule in self.rules:
             if not isinstance(rule, ModuleRule):
-                raise TypeError(f"rules must hold ModuleRule objects, got {_shown(rule)}")
+                raise TypeError(f"rules must hold ModuleRule objects, got {shown(rule)}")
         object.__setattr__(self, "rules", tuple(self.rules))
 
     # -- strings ----------------------------------------------------------------------------
@@ -256,7 +261,7 @@ class Policy:
         if not isinstance(spec, str):
             raise TypeError(
                 f"a policy is given as a string or a Policy, got {type(spec).__name__} "
-                f"{_shown(spec)}"
+                f"{shown(spec)}"
             )
         base, *rule_specs = spec.split(";")
         policy = _parse_base(base, spec)
@@ -303,7 +308,7 @@ class Policy:
             TypeError: ``name`` is not a string, or ``module`` is not a module, class, class name
                 or None.
         """
-        _check_module_args("Policy.for_module", name, module)
+        check_module_args("Policy.for_module", name, module)
         for rule in self.rules:
             if rule.matches(name, module):
                 return rule.policy
@@ -325,7 +330,7 @@ class Policy:
                 raise TypeError(
                     f"with_rules takes ModuleRule objects or rule strings such as "
                     f"'*norm* -> fp32' or 'class:LayerNorm -> fp32', got {type(rule).__name__} "
-                    f"{_shown(rule)}"
+                    f"{shown(rule)}"
                 )
         parsed = tuple(r if isinstance(r, ModuleRule) else _parse_rule(r, r, self) for r in rules)
         return replace(self, rules=self.rules + parsed)
@@ -376,117 +381,11 @@ def _or(value: FormatLike | None, default: Format) -> FormatLike:
     return default if value is None else value
 
 
-def _shown(value: object) -> str:
-    """``repr(value)`` cut to :data:`_ECHO_LIMIT` characters: messages repeat the offending
-    input, but a megabyte of policy text must not become a megabyte of message."""
-    text = repr(value)
-    if len(text) <= _ECHO_LIMIT:
-        return text
-    return f"{text[:_ECHO_LIMIT]}... ({len(text)} characters in all)"
-
-
-def _resolve(value: FormatLike) -> Format:
-    """``resolve_format``, with the offending value cut short in its error message."""
-    try:
-        return resolve_format(value)
-    except (ValueError, TypeError) as err:
-        raise type(err)(str(err).replace(repr(value), _shown(value))) from None
-
-
-def _check_module_args(where: str, name: object, module: object) -> None:
-    if not isinstance(name, str):
-        raise TypeError(
-            f"{where} expects the module's dotted name as a str (as in model.named_modules(), "
-            f"e.g. 'blocks.3.ln1'), got {type(name).__name__} {_shown(name)}"
-        )
-    if module is not None and not isinstance(module, (nn.Module, type, str)):
-        raise TypeError(
-            f"{where}: module must be an nn.Module, a module class, a class name or None, got "
-            f"{type(module).__name__} {_shown(module)}"
-        )
-
-
-def _check_compute_not_wider(param: Format, compute: Format) -> None:
-    """Refuse 16-bit (or fp8) params with fp32/tf32 compute: no autocast region would widen
-    the weights, so the first forward would fail on mixed dtypes. What people mean by it exists:
-    fp32 weights with 16-bit compute (``*-mixed``), or fp32 modules by a rule."""
-    if compute.dtype == torch.float32 and param.dtype != torch.float32:
-        raise ValueError(
-            f"params={param} with compute={compute} is not supported: {compute} compute runs "
-            f"without an autocast region, so nothing would widen the {param} weights at each use "
-            f"and the first forward would fail on mixed dtypes. For fp32 weights and {param} "
-            f"compute write 'params=fp32,compute={param}'; for everything in {param}, "
-            f"'params={param}'; to keep chosen modules in fp32, add a rule, e.g. "
-            f"'{param}; *norm* -> fp32'"
-        )
-
-
-def _check_no_bare_fp8(param: Format, compute: Format, output: object, master: object) -> None:
-    """Refuse an fp8 format as compute, output or master (as given, before the defaults
-    cascade): nothing would apply it.
-
-    A bare fp8 compute format has no scales (torch's autocast ignores it and runs fp32), outputs
-    and master weights have no fp8 storage path. FP8 compute is a recipe: ``compute=fp8:<name>``.
-    (fp8 params and gradient reduction are refused where they would be used, with their own
-    reasons.)
-    """
-    for name, value in (("compute", compute), ("output", output), ("master", master)):
-        fmt = None if value is None else _format_field(name, value)  # type: ignore[arg-type]
-        if fmt == param and fmt != FP4_E2M1:
-            # Everything in fp8 (``"fp8_e4m3"``): the params are the problem, refused where
-            # they are cast with their own reason; a master equal to them is no separate copy.
-            continue
-        if fmt == FP4_E2M1:
-            raise ValueError(
-                f"{name}={fmt} is not applied by anything: 4-bit compute needs a recipe's block "
-                f"scales, written 'compute=nvfp4' or 'compute=mxfp4' (4-bit recipes: "
-                f"{', '.join(map(repr, FP4_RECIPE_NAMES))}; presets 'nvfp4-mixed', "
-                f"'mxfp4-mixed'); outputs and master weights are kept in fp32, bf16 or fp16"
-            )
-        if fmt in (FP8_E4M3, FP8_E5M2):
-            raise ValueError(
-                f"{name}={fmt} is not applied by anything: fp8 compute needs a recipe's scales, "
-                f"written 'compute=fp8:<recipe>' (recipes: {', '.join(map(repr, RECIPE_NAMES))}, "
-                f"e.g. 'params=fp32,compute=fp8:rowwise,output=fp32'); outputs and master "
-                f"weights are kept in fp32, bf16 or fp16"
-            )
-
-
-def _check_fp8(recipe: object, compute: Format) -> str | None:
-    """The canonical string of the fp8 recipe (a name, or a name with options), or None."""
-    if recipe is None:
-        return None
-    if isinstance(recipe, (Fp8Recipe, Fp4Recipe)):
-        recipe = str(recipe)
-    name = recipe.partition(":")[0] if isinstance(recipe, str) else recipe
-    if name not in ALL_RECIPE_NAMES:
-        raise ValueError(
-            f"unknown fp8 recipe {_shown(name)}; valid recipes: {', '.join(FP8_RECIPE_NAMES)} "
-            f"(e.g. 'compute=fp8:rowwise'); 4-bit recipes: {', '.join(FP4_RECIPE_NAMES)} "
-            f"(e.g. 'compute=nvfp4')"
-        )
-    canonical = str(parse_recipe(recipe))  # type: ignore[arg-type]  # options checked
-    if compute != BF16:
-        spelled = f"compute={name}" if name in FP4_RECIPE_NAMES else f"compute=fp8:{recipe}"
-        raise ValueError(
-            f"{name} compute runs everything but the linear layers' GEMMs in bf16, so it needs "
-            f"compute=bf16, got compute={compute}; write '{spelled}' (or drop the recipe)"
-        )
-    return canonical
-
-
-def _format_field(name: str, value: Any, resolve: Any = None) -> Any:
-    try:
-        return (resolve or _resolve)(value)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"Policy.{name}: {err}") from None
-
-
 def _parse_base(text: str, whole: str) -> Policy:
     text = text.strip()
     if not text:
         raise ValueError(
-            f"empty policy in {_shown(whole)}; write a preset ({_presets()}) or key=format"
+            f"empty policy in {shown(whole)}; write a preset ({_presets()}) or key=format"
         )
     if text.endswith(")") and "=" not in text.partition("(")[0]:
         return _preset_with_options(text, whole)  # nvfp4-mixed(rht=false)
@@ -503,7 +402,7 @@ def _parse_base(text: str, whole: str) -> Policy:
             fmt = resolve_format(text)
         except ValueError:
             raise ValueError(
-                f"unknown precision {_shown(text)} in {_shown(whole)}; valid presets: "
+                f"unknown precision {shown(text)} in {shown(whole)}; valid presets: "
                 f"{_presets()}; valid formats: fp32, tf32, fp16, bf16, fp8_e4m3, fp8_e5m2; or "
                 f"key=format pairs with keys {_VALID_KEYS}"
             ) from None
@@ -513,23 +412,23 @@ def _parse_base(text: str, whole: str) -> Policy:
         key, sep, value = (s.strip() for s in item.partition("="))
         if not sep or not key or not value:
             raise ValueError(
-                f"malformed item {_shown(item.strip())} in policy {_shown(whole)}; write "
+                f"malformed item {shown(item.strip())} in policy {shown(whole)}; write "
                 "key=format, e.g. 'params=fp32,compute=bf16'"
             )
         if key.lower() not in _KEYS:
             raise ValueError(
-                f"unknown policy key {_shown(key)} in {_shown(whole)}; valid keys: {_VALID_KEYS}"
+                f"unknown policy key {shown(key)} in {shown(whole)}; valid keys: {_VALID_KEYS}"
             )
         canonical = _KEYS[key.lower()]
         if canonical in values:
-            raise ValueError(f"policy key {key!r} is given twice in {_shown(whole)}")
+            raise ValueError(f"policy key {key!r} is given twice in {shown(whole)}")
         kind, colon, recipe = value.partition(":")
         if canonical == "compute" and kind.strip().lower() == "fp8":
             values["fp8"] = _recipe_text(recipe) if colon else "tensorwise"
             if values["fp8"].partition(":")[0] in FP4_RECIPE_NAMES:
                 raise ValueError(
                     f"{recipe.strip()!r} is a 4-bit recipe, not an fp8 one; write "
-                    f"'compute={recipe.strip()}' (in policy {_shown(whole)})"
+                    f"'compute={recipe.strip()}' (in policy {shown(whole)})"
                 )
             values["compute"] = BF16
             continue
@@ -541,9 +440,9 @@ def _parse_base(text: str, whole: str) -> Policy:
             values["state"] = value
             continue
         try:
-            values[canonical] = _resolve(value)
+            values[canonical] = resolve_format_shown(value)
         except ValueError as err:
-            raise ValueError(f"{err} (in policy {_shown(whole)}, key {key!r})") from None
+            raise ValueError(f"{err} (in policy {shown(whole)}, key {key!r})") from None
     return _built(whole, **values)
 
 
@@ -576,14 +475,14 @@ def _preset_with_options(text: str, whole: str) -> Policy:
     if preset is None or preset.fp8 is None:
         with_recipe = ", ".join(k for k, v in PRESETS.items() if v.fp8 is not None)
         raise ValueError(
-            f"unknown precision {_shown(text)} in {_shown(whole)}: options in parentheses go to "
+            f"unknown precision {shown(text)} in {shown(whole)}: options in parentheses go to "
             f"a preset with a low-precision recipe ({with_recipe}), e.g. 'nvfp4-mixed(rht=false)'"
         )
     recipe = ",".join(filter(None, (preset.fp8.partition(":")[2], options.strip())))
     try:
         return replace(preset, fp8=f"{preset.fp8.partition(':')[0]}:{recipe}")
     except ValueError as err:
-        raise ValueError(f"{err} (in policy {_shown(whole)})") from None
+        raise ValueError(f"{err} (in policy {shown(whole)})") from None
 
 
 def _built(whole: str, **fields: Any) -> Policy:
@@ -591,7 +490,7 @@ def _built(whole: str, **fields: Any) -> Policy:
     try:
         return Policy(**fields)
     except ValueError as err:
-        raise ValueError(f"{err} (in policy {_shown(whole)})") from None
+        raise ValueError(f"{err} (in policy {shown(whole)})") from None
 
 
 def _parse_rule(text: str, whole: str, base: Policy) -> ModuleRule:
@@ -599,7 +498,7 @@ def _parse_rule(text: str, whole: str, base: Policy) -> ModuleRule:
     target = target.strip()
     if not arrow or not target or not policy_text.strip():
         raise ValueError(
-            f"malformed module rule {_shown(text.strip())} in {_shown(whole)}; write "
+            f"malformed module rule {shown(text.strip())} in {shown(whole)}; write "
             "'<name glob> -> <policy>' or 'class:<class glob> -> <policy>', e.g. '*norm* -> fp32'"
         )
     kind, colon, pattern = target.partition(":")
@@ -607,7 +506,7 @@ def _parse_rule(text: str, whole: str, base: Policy) -> ModuleRule:
         kind, pattern = "name", target
     if kind.strip() not in _RULE_KINDS:
         raise ValueError(
-            f"unknown module rule kind {_shown(kind.strip())} in {_shown(whole)}; valid kinds: "
+            f"unknown module rule kind {shown(kind.strip())} in {shown(whole)}; valid kinds: "
             f"{', '.join(_RULE_KINDS)} (e.g. 'class:LayerNorm -> fp32')"
         )
     policy = _parse_base(policy_text, whole)

@@ -63,8 +63,10 @@ from mixprec.session.setup import (
     check_master_remainder,
     check_owned,
     check_ranks_agree,
+    check_session_args,
     check_shard_order,
     check_steppable,
+    check_update_mode,
     declared_policy,
     default_device,
     make_scaler,
@@ -173,10 +175,7 @@ class MixedPrecision:
         master_remainder: int | None = None,
     ) -> None:
         self.device = check_device(device if device is not None else default_device())
-        if update not in UPDATE_MODES:
-            raise ValueError(
-                f"unknown update mode {update!r}; valid modes: {', '.join(map(repr, UPDATE_MODES))}"
-            )
+        check_update_mode(update, UPDATE_MODES)
         if isinstance(policy, str) and policy.strip().lower() == "auto":
             choice = auto_policy(self.device)
             self.policy, self.reason = choice.policy, choice.reason
@@ -203,20 +202,9 @@ class MixedPrecision:
             "backend": region.backend,  # resolved once: "auto" probes only here
         }
         self.scaler = make_scaler(self.policy, self.device, scaler_options)
-        flags = {
-            "trace": trace,
-            "track_underflow": track_underflow,
-            "wrap_forward": wrap_forward,
-            "cast_buffers": cast_buffers,
-        }
-        for name, flag in flags.items():
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be True or False, got {flag!r}")
-        if isinstance(fp32_attributes, str) or not all(isinstance(a, str) for a in fp32_attributes):
-            raise TypeError(
-                f"fp32_attributes must be a sequence of attribute names, got {fp32_attributes!r}; "
-                "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
-            )
+        flags = {"trace": trace, "track_underflow": track_underflow}
+        flags.update(wrap_forward=wrap_forward, cast_buffers=cast_buffers)
+        check_session_args(flags, fp32_attributes, metrics)
         self._check_every = check_replicas_every_arg(check_replicas_every)
         self._in_backward = InBackward(step_in_backward, self.scaler, str(self.policy))
         self._master_remainder = check_master_remainder(master_remainder, self._update_mode())
@@ -226,14 +214,6 @@ class MixedPrecision:
         self._forward_hooks: list[Any] = []
         self._trace = trace
         self._track_underflow = track_underflow
-        # Under a process group the file depends on the model's ranks: opened at the first step.
-        if metrics is not None and not isinstance(metrics, (str, os.PathLike)):
-            raise TypeError(f"metrics must be a folder path or None, got {metrics!r}")
-        if metrics is not None and not os.fspath(metrics).strip():
-            raise ValueError(
-                f"metrics={metrics!r} names no folder, so no metrics would be written; give a "
-                "folder, e.g. metrics='runs/exp1', or metrics=None to write none"
-            )
         self._log = StepLog(metrics, tensorboard, self.device) if metrics is not None else None
         self._tracer: NonFiniteTracer | None = None
         self._model: nn.Module | None = None
@@ -348,9 +328,6 @@ class MixedPrecision:
             return "master" if self.policy.master == FP32 != self.policy.param else "stochastic"
         return self.update
 
-    def _fp8_metrics(self) -> dict[str, float]:
-        return delayed_fp8_state(self._model) if self.fp8 is not None else {}
-
     def autocast(self) -> autocast:
         """The autocast region for the forward pass (disabled when the policy computes in fp32)."""
         self._clock.start()  # the iteration's clock starts at its first forward
@@ -444,7 +421,8 @@ class MixedPrecision:
                 if self._model is not None
                 else (p for opt in optimizers for p in params_of(opt))
             )
-            self._log.log(report, self._fp8_metrics(), params)
+            fp8 = delayed_fp8_state(self._model) if self.fp8 is not None else {}
+            self._log.log(report, fp8, params)
         if self._check_every and self._model is not None and self._steps % self._check_every == 0:
             self.check_replicas(self._model).raise_if_differ()  # after the step is logged
         return report

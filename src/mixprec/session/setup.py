@@ -6,6 +6,7 @@ session's constructor only strings them together.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -43,8 +44,10 @@ __all__ = [
     "check_not_replaced",
     "check_owned",
     "check_ranks_agree",
+    "check_session_args",
     "check_shard_order",
     "check_steppable",
+    "check_update_mode",
     "declared_policy",
     "default_device",
     "distributed",
@@ -420,3 +423,42 @@ def check_master_remainder(bits: object, update: str) -> int | None:
             "and update='auto'), or drop master_remainder"
         )
     return bits  # type: ignore[return-value]
+
+
+def check_update_mode(update: object, modes: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``update`` is one of ``modes``."""
+    if update not in modes:
+        raise ValueError(
+            f"unknown update mode {update!r}; valid modes: {', '.join(map(repr, modes))}"
+        )
+
+
+def check_session_args(
+    flags: Mapping[str, object], fp32_attributes: object, metrics: object
+) -> None:
+    """Check the session's flags (bools), ``fp32_attributes`` (attribute names) and ``metrics``
+    (a folder, or None).
+
+    Raises:
+        TypeError: a flag that is not a bool, names that are not a sequence of strings, a
+            ``metrics`` that is no path.
+        ValueError: a ``metrics`` path that names no folder (it would write nothing).
+    """
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(fp32_attributes, str) or not all(
+        isinstance(a, str)
+        for a in fp32_attributes  # type: ignore[attr-defined]
+    ):
+        raise TypeError(
+            f"fp32_attributes must be a sequence of attribute names, got {fp32_attributes!r}; "
+            "e.g. fp32_attributes=('_keep_in_fp32_modules',)"
+        )
+    if metrics is not None and not isinstance(metrics, (str, os.PathLike)):
+        raise TypeError(f"metrics must be a folder path or None, got {metrics!r}")
+    if metrics is not None and not os.fspath(metrics).strip():
+        raise ValueError(
+            f"metrics={metrics!r} names no folder, so no metrics would be written; give a "
+            "folder, e.g. metrics='runs/exp1', or metrics=None to write none"
+        )
