@@ -270,7 +270,7 @@ class Policy:
         return replace(policy, rules=rules + policy.rules) if rules else policy
 
     def __str__(self) -> str:
-        compute = self.compute
+        compute: object = self.compute
         if self.fp8 is not None:
             name, _, options = self.fp8.partition(":")
             kind = "" if name in FP4_RECIPE_NAMES else "fp8:"  # 4-bit recipes: compute=nvfp4

@@ -104,7 +104,7 @@ def _fp4_grad_input(
     """``grad @ weight``, both quantized along ``out_features``; rounded once to ``out_dtype``."""
     r = Fp4Recipe.parse(recipe)
     with no_autocast():
-        a = quantize_fp4_operand(grad, r, stochastic=r.sr_grad)
+        a = quantize_fp4_operand(grad, r, stochastic=bool(r.sr_grad))
         b = quantize_fp4_weight(weight, r, "grad_input")
         return torch.mm(a, b).to(out_dtype)
 
@@ -124,7 +124,7 @@ def _fp4_grad_weight(
         g, xs = _pad_tokens(grad.float(), r.block), _pad_tokens(x.float(), r.block)
         if r.rht:
             g, xs = rht(g), rht(xs)
-        a = quantize_fp4_operand(g.t(), r, stochastic=r.sr_grad)
+        a = quantize_fp4_operand(g.t(), r, stochastic=bool(r.sr_grad))
         b = quantize_fp4_operand(xs.t(), r)
         return torch.mm(a, b.t()).to(out_dtype)
 

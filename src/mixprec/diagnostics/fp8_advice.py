@@ -83,7 +83,7 @@ class Fp8Advice:
     def plan(self) -> Fp8Plan:
         """Deprecated (warns): the recipe with the layers that stay in bf16 as an ``Fp8Plan``;
         pass ``str(advice)`` or :meth:`policy` to ``convert_to_fp8`` instead."""
-        return Fp8Plan(self.recipe, self.keep_bf16)
+        return Fp8Plan(self.recipe, self.keep_bf16)  # type: ignore[arg-type]  # an FP8 recipe
 
     def policy(self, base: str | Policy = "bf16-mixed") -> str:
         """The proposal as a policy string: ``base`` with ``compute=fp8:<recipe>``, and a rule
@@ -345,7 +345,7 @@ def _measure(
         if fp8 and isinstance(recipe, Fp4Recipe):
             out = fp4_linear(xi, w, b, recipe, out_dtype=bf16)
         elif fp8:
-            out = fp8_linear(xi, w, b, recipe, out_dtype=bf16)
+            out = fp8_linear(xi, w, b, recipe, out_dtype=bf16)  # type: ignore[arg-type]
         else:
             out = emulated_linear(xi, w.to(bf16), None if b is None else b.to(bf16))
         out.backward(g16)

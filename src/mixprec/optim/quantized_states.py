@@ -126,7 +126,7 @@ def _wrap_scale(scale: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     spec: Any = ref
-    shape = (ref.shape[0], scale.shape[1])
+    shape = torch.Size((ref.shape[0], scale.shape[1]))
     stride = (scale.shape[1], 1)
     return DTensor.from_local(
         scale, spec.device_mesh, spec.placements, run_check=False, shape=shape, stride=stride

@@ -395,7 +395,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
                     self.optimizer,
                     entries,
                     inv_scale,
-                    mode,
+                    mode,  # type: ignore[arg-type]  # a rule's one-pass mode (plan checks it)
                     rule.one_pass_key(),
                     self.storage,  # type: ignore[arg-type]
                 )

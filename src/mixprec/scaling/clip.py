@@ -19,8 +19,9 @@ from typing import Any, cast
 
 import torch
 
+from mixprec import _dist
+from mixprec._dist import is_dtensor
 from mixprec.scaling._grads import GradGroups, unscale_and_check_
-from mixprec.scaling.agreement import is_dtensor
 
 __all__ = ["clip_coefficient", "clip_grad_norm_", "global_norm", "unscale_and_clip_"]
 
@@ -115,7 +116,7 @@ def clip_grad_norm_(tensors: list[torch.Tensor], max_norm: float) -> torch.Tenso
         groups.setdefault((g.device, g.dtype), []).append(g)
     norm = global_norm(groups, 2.0, grads[0].device)
     coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    torch._foreach_mul_([g.to_local() if is_dtensor(g) else g for g in grads], coefficient)
+    torch._foreach_mul_([_dist.local(g) for g in grads], coefficient)
     return norm
 
 

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mixprec.compute import autocast
-from mixprec.compute.autocast import current_region
+from mixprec.compute.autocast import autocast, current_region
 from mixprec.compute.islands import cast_outputs
 
 __all__ = [

@@ -19,6 +19,7 @@ inner step: :func:`states_only` wraps the optimizer with the round-to-nearest ru
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,7 +67,7 @@ def formats_for(
     model: nn.Module | None,
     policy: Policy,
     fp32_attributes: Sequence[str] = (),
-) -> dict[torch.Tensor, str] | None:
+) -> dict[torch.Tensor, Any] | None:
     """:func:`optimizer_formats` of ``optimizer`` under ``policy``'s rules for ``model``'s
     modules, with the modules ``model`` declares fp32 by ``fp32_attributes``
     (:func:`~mixprec.session.setup.declared_policy`) (None: all fp32)."""
