@@ -6,10 +6,9 @@ fp8, widen the bit patterns, decode through a table); CPUs have no vectorized fp
 those cost more than the GEMM's own memory traffic. The kernel does all of it in one pass per
 operand (:func:`fake_quantize`), bit for bit the values of
 ``dequantize(quantize_blocks(x, ...))``. It is built on first use with the machine's C++
-compiler, by the same mechanism and flags as the optimizer kernels
-(:mod:`mixprec.optim.fused_build`: cached under ``~/.cache/torch_extensions`` by a digest of
-source, flags, CPU and torch; the digest is written out here because ``compute`` sits below
-``optim`` in the layers), and loaded as ``torch.ops.mixprec_emulate``. Where it cannot be built,
+compiler, by the same mechanism and flags as the optimizer kernels (:mod:`mixprec._cpp`: cached
+under ``~/.cache/torch_extensions`` by a digest of source, flags, CPU and torch), and loaded as
+``torch.ops.mixprec_emulate``. Where it cannot be built,
 callers take the torch-ops path (same values; a warning says so once). :mod:`mixprec.scaled`
 sits below ``compute`` too: importing this module hands it the kernel
 (:func:`mixprec.scaled.use_kernels`).
@@ -17,75 +16,38 @@ sits below ``compute`` too: importing this module hands it the kernel
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mixprec import scaled
+from mixprec import _cpp, scaled
 from mixprec.formats import Format
 
 __all__ = ["emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
 _SOURCE = Path(__file__).with_name("_emulate.cpp")
-FLAGS = (  # as mixprec.optim.fused_build.FLAGS
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffp-contract=off",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-)
-_lock = threading.Lock()
-_state: dict[str, Any] = {"ops": None, "tried": False}
 
 
 def emulate_engine() -> Any | None:
     """``torch.ops.mixprec_emulate``, built on first call; None where it cannot be built."""
-    if _state["tried"]:
-        return _state["ops"]
-    with _lock:
-        if not _state["tried"]:
-            try:
-                _state["ops"] = _build()
-            except Exception as error:  # no compiler, a compile error, no ninja...
-                warnings.warn(
-                    "mixprec: the fake-quantize kernel for emulated FP8 GEMMs could not be built "
-                    f"({type(error).__name__}: {str(error)[:300]}); emulated GEMMs take the "
-                    "torch-ops path (same results, slower). Install a C++ compiler and ninja "
-                    "to get it",
-                    stacklevel=3,
-                )
-            _state["tried"] = True
-    return _state["ops"]
+    return _BUILD.get()
 
 
 def _build() -> Any:
     loaded = getattr(torch.ops, "mixprec_emulate", None)
     if loaded is not None and hasattr(loaded, "fake_quantize"):
         return loaded
-    from torch.utils.cpp_extension import load_inline
-
-    source = _SOURCE.read_text()
-    name = "mixprec_emulate_" + _digest(source)
-    load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
+    _cpp.load("mixprec_emulate", _SOURCE.read_text())
     return torch.ops.mixprec_emulate
 
 
-def _digest(source: str) -> str:
-    """What the binary depends on: source, flags, the CPU (``-march=native``) and the torch it
-    links against (as :func:`mixprec.optim.fused_build.extension_name`)."""
-    try:
-        cpu_text = Path("/proc/cpuinfo").read_text()
-        cpu = next((ln for ln in cpu_text.splitlines() if ln.startswith("flags")), "unknown")
-    except OSError:
-        cpu = "unknown"
-    torch_path = str(Path(torch.__file__).resolve().parent)
-    parts = (source, " ".join(FLAGS), cpu, str(torch.__version__), torch_path)
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+_BUILD = _cpp.LazyBuild(
+    _build,
+    "mixprec: the fake-quantize kernel for emulated FP8 GEMMs",
+    "emulated GEMMs take the torch-ops path (same results, slower). Install a C++ compiler and "
+    "ninja to get it",
+)
 
 
 def fake_quantize(

@@ -13,39 +13,19 @@ instead of loading each other's.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mixprec import _cpp
+from mixprec._cpp import FLAGS
 
 __all__ = ["FLAGS", "engine", "engine_error", "extension_name"]
 
 # Compiled as one translation unit, in this order: the second uses the first's helpers.
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("_fused.cpp", "_fused_states.cpp"))
 _OPS = ("adam_", "sgd_", "stochastic_round_", "adam_coded_", "sgd_coded_")
-FLAGS = (
-    "-O3",
-    "-march=native",
-    "-mprefer-vector-width=512",
-    "-ffp-contract=off",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-)
-
-_lock = threading.Lock()
-_state: dict[str, Any] = {"ops": None, "error": None, "tried": False}
-
-
-def _cpu_signature() -> str:
-    """The CPU's flags: a build with ``-march=native`` must not be reused on another CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    return next((line for line in text.splitlines() if line.startswith("flags")), "unknown")
 
 
 def extension_name(
@@ -55,29 +35,15 @@ def extension_name(
     torch_version: str | None = None,
     torch_path: str | None = None,
 ) -> str:
-    """The name the kernel is built and cached under: a digest of all the build depends on.
-
-    Args:
-        source: the C++ source.
-        flags: the compiler flags.
-        cpu: the CPU's flags line (default: this machine's).
-        torch_version: default ``torch.__version__``.
-        torch_path: the torch installation's folder (default: this one's).
+    """The name the kernel is built and cached under: a digest of all the build depends on
+    (:func:`mixprec._cpp.extension_name`).
 
     Example:
         >>> a = extension_name("int x;", torch_version="2.5.0")
         >>> a == extension_name("int x;", torch_version="2.6.0")
         False
     """
-    parts = (
-        source,
-        " ".join(flags),
-        _cpu_signature() if cpu is None else cpu,
-        str(torch.__version__) if torch_version is None else torch_version,
-        str(Path(torch.__file__).resolve().parent) if torch_path is None else torch_path,
-    )
-    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
-    return f"mixprec_fused_{digest[:16]}"
+    return _cpp.extension_name("mixprec_fused", source, flags, cpu, torch_version, torch_path)
 
 
 def engine() -> Any | None:
@@ -89,27 +55,12 @@ def engine() -> Any | None:
         >>> ops is None or hasattr(ops, "adam_")
         True
     """
-    if _state["tried"]:
-        return _state["ops"]
-    with _lock:
-        if not _state["tried"]:
-            try:
-                _state["ops"] = _build()
-            except Exception as error:  # no compiler, a compile error, no ninja...
-                _state["error"] = f"{type(error).__name__}: {error}"
-                warnings.warn(
-                    "mixprec.optim.fused: the fused update kernels could not be built "
-                    f"({_state['error'][:300]}); the optimizer wrappers take their reference "
-                    "path (same results, slower). Install a C++ compiler and ninja to get them",
-                    stacklevel=3,
-                )
-            _state["tried"] = True
-    return _state["ops"]
+    return _BUILD.get()
 
 
 def engine_error() -> str | None:
     """Why :func:`engine` returned None (None if it was built or not tried yet)."""
-    return _state["error"]
+    return _BUILD.error
 
 
 def _build() -> Any:
@@ -117,15 +68,7 @@ def _build() -> Any:
         hasattr(torch.ops.mixprec_fused, name) for name in _OPS
     ):
         return torch.ops.mixprec_fused
-    from torch.utils.cpp_extension import load_inline
-
-    source = "\n".join(path.read_text() for path in _SOURCES)
-    load_inline(
-        extension_name(source),
-        cpp_sources=[source],
-        extra_cflags=list(FLAGS),
-        is_python_module=False,
-    )
+    _cpp.load("mixprec_fused", "\n".join(path.read_text() for path in _SOURCES))
     ops = torch.ops.mixprec_fused
     for name in _OPS:
         torch.library.register_fake(f"mixprec_fused::{name}")(_returns_nothing)
@@ -134,3 +77,11 @@ def _build() -> Any:
 
 def _returns_nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+_BUILD = _cpp.LazyBuild(
+    _build,
+    "mixprec.optim.fused: the fused update kernels",
+    "the optimizer wrappers take their reference path (same results, slower). Install a C++ "
+    "compiler and ninja to get them",
+)

@@ -1,0 +1,121 @@
+"""Building mixprec's C++ kernels on first use, and the name each build is cached under.
+
+Design note: the kernels (the one-pass optimizer updates, the fake-quantize of emulated GEMM
+operands) are compiled with the machine's C++ compiler the first time they are needed and loaded
+as ``torch.ops`` libraries; torch caches a build under ``~/.cache/torch_extensions`` by the
+extension's name. The name is therefore a digest of everything the binary depends on
+(:func:`extension_name`): the source, the compiler flags, the CPU (``-march=native``) and the
+torch installation it links against (its version and install path: an extension built against
+one torch does not load, or misbehaves, in another). :class:`LazyBuild` builds once per process,
+under a lock, and where a build fails remembers why and warns once, so callers take their
+torch-ops path. A leaf: every layer that has a kernel uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["FLAGS", "LazyBuild", "extension_name"]
+
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-mprefer-vector-width=512",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
+
+
+def _cpu_signature() -> str:
+    """The CPU's flags: a build with ``-march=native`` must not be reused on another CPU."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return next((line for line in text.splitlines() if line.startswith("flags")), "unknown")
+
+
+def extension_name(
+    prefix: str,
+    source: str,
+    flags: tuple[str, ...] | list[str] = FLAGS,
+    cpu: str | None = None,
+    torch_version: str | None = None,
+    torch_path: str | None = None,
+) -> str:
+    """``prefix`` and a digest of all a build depends on: the name it is built and cached under.
+
+    Args:
+        prefix: the kernel's name, e.g. ``"mixprec_fused"``.
+        source: the C++ source.
+        flags: the compiler flags.
+        cpu: the CPU's flags line (default: this machine's).
+        torch_version: default ``torch.__version__``.
+        torch_path: the torch installation's folder (default: this one's).
+
+    Example:
+        >>> a = extension_name("k", "int x;", torch_version="2.5.0")
+        >>> a == extension_name("k", "int x;", torch_version="2.6.0"), a.startswith("k_")
+        (False, True)
+    """
+    parts = (
+        source,
+        " ".join(flags),
+        _cpu_signature() if cpu is None else cpu,
+        str(torch.__version__) if torch_version is None else torch_version,
+        str(Path(torch.__file__).resolve().parent) if torch_path is None else torch_path,
+    )
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+    return f"{prefix}_{digest[:16]}"
+
+
+def load(prefix: str, source: str) -> None:
+    """Compile (or load from torch's cache) ``source`` as the library ``prefix`` registers."""
+    from torch.utils.cpp_extension import load_inline
+
+    name = extension_name(prefix, source)
+    load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
+
+
+class LazyBuild:
+    """A kernel built on the first :meth:`get`, once per process; None where it cannot be built.
+
+    Args:
+        build: builds and returns the ops (raises where it cannot).
+        failure: what the warning says after ``"(<error>); "`` — what callers do instead and how
+            to get the kernel; the warning starts with ``what``.
+        what: the kernel, for the warning (e.g. ``"mixprec.optim.fused: the fused update
+            kernels"``).
+    """
+
+    def __init__(self, build: Callable[[], Any], what: str, failure: str) -> None:
+        self._build, self._what, self._failure = build, what, failure
+        self._lock = threading.Lock()
+        self.ops: Any = None
+        self.error: str | None = None
+        self.tried = False
+
+    def get(self) -> Any | None:
+        """The built ops, or None (:attr:`error` says why; a warning said so once)."""
+        if self.tried:
+            return self.ops
+        with self._lock:
+            if not self.tried:
+                try:
+                    self.ops = self._build()
+                except Exception as error:  # no compiler, a compile error, no ninja...
+                    self.error = f"{type(error).__name__}: {error}"
+                    warnings.warn(
+                        f"{self._what} could not be built ({self.error[:300]}); {self._failure}",
+                        stacklevel=4,
+                    )
+                self.tried = True
+        return self.ops
