@@ -274,6 +274,6 @@ def test_per_parameter_formats_step_in_one_pass_with_the_reference_bits(wrapper)
 
     ref, got = run("off"), run("auto")
     assert got[2] > 0  # the kernel ran
-    _assert_same(ref[:2] + (None,), got[:2] + (None,))
+    _assert_same(ref, got)  # (params, optimizer, count): the count is not compared
     kinds = [s["exp_avg"].dtype for s in got[1].optimizer.state.values()]
     assert kinds == [torch.uint8, torch.float8_e4m3fn, torch.float32]
