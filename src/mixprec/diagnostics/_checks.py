@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -114,6 +114,18 @@ def check_batch_for_loss(batch: object, loss_fn: Callable[..., Any], caller: str
     )
 
 
+def _tensors(tree: object, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in nested tuples, lists and mappings, with its index path (``[0]['ids']``)."""
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, (tuple, list)):
+        for i, item in enumerate(tree):
+            yield from _tensors(item, f"{path}[{i}]")
+    elif isinstance(tree, Mapping):
+        for key, item in tree.items():
+            yield from _tensors(item, f"{path}[{key!r}]")
+
+
 def check_nonempty_batch(batch: object, caller: str) -> None:
     """Refuse a batch whose inputs hold an empty tensor: nothing would be measured.
 
@@ -121,20 +133,11 @@ def check_nonempty_batch(batch: object, caller: str) -> None:
         ValueError: a tensor of the inputs has no elements (the message names it).
     """
     inputs, _ = split_batch(batch)
-    empty: list[str] = []
-
-    def walk(tree: object, path: str) -> None:
-        if isinstance(tree, torch.Tensor):
-            if tree.dim() > 0 and tree.numel() == 0:
-                empty.append(f"inputs{path} {tuple(tree.shape)}")
-        elif isinstance(tree, (tuple, list)):
-            for i, item in enumerate(tree):
-                walk(item, f"{path}[{i}]")
-        elif isinstance(tree, Mapping):
-            for key, item in tree.items():
-                walk(item, f"{path}[{key!r}]")
-
-    walk(inputs, "")
+    empty = [
+        f"inputs{path} {tuple(t.shape)}"
+        for path, t in _tensors(inputs)
+        if t.dim() > 0 and t.numel() == 0
+    ]
     if empty:
         raise ValueError(
             f"{caller}: batch is empty: {', '.join(empty)} has 0 elements, so the forward "
@@ -180,20 +183,11 @@ def nonfinite_inputs(model: nn.Module, batch: object) -> list[str]:
     Returns:
         Descriptions such as ``"batch['input_embeds']"`` or ``"parameter 'emb.weight' (3 rows)"``.
     """
-    found: list[str] = []
-
-    def walk(tree: object, path: str) -> None:
-        if isinstance(tree, torch.Tensor):
-            if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
-                found.append(f"batch{path}")
-        elif isinstance(tree, (tuple, list)):
-            for i, item in enumerate(tree):
-                walk(item, f"{path}[{i}]")
-        elif isinstance(tree, Mapping):
-            for key, item in tree.items():
-                walk(item, f"{path}[{key!r}]")
-
-    walk(batch, "")
+    found = [
+        f"batch{path}"
+        for path, t in _tensors(batch)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     for name, param in model.named_parameters():
         bad = ~torch.isfinite(param.detach())
         if bool(bad.any()):
