@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import faulthandler
+import gc
 import os
 import socket
 from collections.abc import Callable
@@ -22,6 +24,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    # A rank killed by a signal (an abort in a C++ thread) prints every thread's Python stack,
+    # so the failure report says where it was, not only "terminated with signal SIGABRT".
+    faulthandler.enable(all_threads=True)
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -33,6 +38,10 @@ def _entry(rank: int, port: int, fn: Callable[..., None], args: tuple[Any, ...])
     )
     try:
         fn(rank, *args)
+        # Both ranks are done with their collectives, and what holds tensors of pending gloo
+        # work (FSDP2 states, sessions) is gone, before the group's threads are torn down.
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
