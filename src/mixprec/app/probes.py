@@ -50,7 +50,9 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
         storage = t.untyped_storage()
         if storage.data_ptr() not in params and not is_weight_copy(t):
             seen[storage.data_ptr()] = storage.nbytes()
-        return t
+        # Detached: a saved output that held itself (tensor -> grad_fn -> saved tensor) would be
+        # a reference cycle through C++ that outlives the probe, activations and all.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward()

@@ -282,7 +282,7 @@ def _saved_per_module(
         if ptr not in params and ptr not in seen and not is_weight_copy(t):
             seen.add(ptr)
             saved.setdefault(stack[-1], {})[ptr] = (storage.nbytes(), t.dtype)
-        return t
+        return t.detach()  # not t: a saved output would hold itself in a cycle through C++
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
