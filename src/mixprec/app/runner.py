@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mixprec import _dist
-from mixprec.app.memory_figures import memory_figures, resident_bytes
+from mixprec.app.memory_figures import memory_figures, resident_bytes, unmap_large_frees
 from mixprec.app.probes import (
     activation_bytes,
     available_memory,
@@ -238,6 +238,7 @@ def train(
         RuntimeError: ``device`` does not exist on this machine.
     """
     folder = _check_args(out, checkpoint_every)
+    unmap_large_frees()  # the peak resident set is what the run needed, not glibc's hoard
     start_rss = resident_bytes()
     rank, world = launch.rank(), launch.world_size()
     parallel = _dist.initialized()
@@ -304,7 +305,13 @@ def train(
         dist.barrier()  # rank 0 has closed metrics.jsonl
     result = _result(task, recipe, run_backend, folder, start, net, mp, saved, grad_log2)
     figures = memory_figures(
-        net, task.describe(), recipe.policy, mp._update_mode(), mp.device, start_rss
+        net,
+        task.describe(),
+        recipe.policy,
+        mp._update_mode(),
+        mp.device,
+        start_rss,
+        step_in_backward=step_in_backward,
     )
     result = replace(result, state_bytes_per_param=state_bytes, memory=figures)
     if parallel:
