@@ -10,6 +10,7 @@ import torch
 from mixprec.app.cli import main
 from mixprec.app.memory_figures import memory_line, resident_bytes
 from mixprec.app.model_size import (
+    charlm_lr,
     charlm_params,
     charlm_shape,
     parse_model_size,
@@ -107,3 +108,44 @@ def test_model_size_for_a_fixed_task_is_refused_on_the_command_line(tmp_path, ca
     assert exit_.value.code == 2
     assert "task 'digits' has a fixed model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sized_learning_rate_follows_gpt3_and_the_command_line_uses_it(tmp_path):
+    assert charlm_lr(2_000_000, 2e-3) == 2e-3  # the small task's own rate
+    for params, lr in [(125e6, 6e-4), (350e6, 3e-4), (2.7e9, 1.6e-4), (175e9, 0.6e-4)]:
+        assert charlm_lr(int(params), 2e-3) == pytest.approx(lr)  # GPT-3's table
+    assert 1.6e-4 < charlm_lr(2_000_000_000, 2e-3) < 2e-4  # between 1.3B and 2.7B
+    assert charlm_lr(10**9, 1e-4) == 1e-4  # never above the task's default
+    out = tmp_path / "run"
+    args = ["train", "--task", "charlm", "--model-size", "2e5", "--steps", "1", "--batch-size"]
+    assert main([*args, "2", "--out", str(out)]) == 0
+    assert json.loads((out / "result.json").read_text())["task"]["lr"] == 2e-3
+    # a stated --lr wins over the size's rate
+    assert main([*args, "2", "--lr", "1e-4", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "result.json").read_text())["task"]["lr"] == 1e-4
+
+
+def test_step_in_backward_run_plans_no_gradient_buffer(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--task", "charlm", "--model-size", "2e5", "--precision", "bf16-lean"]
+    assert (
+        main([*args, "--step-in-backward", "--steps", "1", "--batch-size", "2", "--out", str(out)])
+        == 0
+    )
+    memory = json.loads((out / "result.json").read_text())["memory"]
+    shape = charlm_shape(200_000)
+    with torch.device("meta"):
+        model = TinyTransformer(256, shape.d_model, shape.n_layers, shape.n_heads, 64)
+    sizes = {
+        "num_tensors": len(list(model.parameters())),
+        "shapes": [tuple(p.shape) for p in model.parameters()],
+        "layers": shape.n_layers, "hidden": shape.d_model, "seq": 64, "heads": shape.n_heads,
+        "batch": 2,
+    }  # fmt: skip
+    lean = memory_plan(
+        shape.params, 1, "single", presets="bf16-lean", step_in_backward=True, **sizes
+    )
+    fp32 = memory_plan(shape.params, 1, "single", presets="fp32", **sizes)
+    assert memory["plan_policy_bytes"] == lean.row("bf16-lean", "stochastic").total_bytes
+    assert memory["plan_fp32_bytes"] == fp32.row("fp32").total_bytes  # plain fp32 AdamW
+    assert lean.row("bf16-lean", "stochastic").grads == 0

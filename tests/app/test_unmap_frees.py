@@ -33,7 +33,8 @@ def _retained(mode: str) -> int:
 
 
 @pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+    platform.system() != "Linux"
+    or platform.libc_ver()[0] != "glibc"
     or ctypes.util.find_library("c") is None,
     reason="glibc's allocator only",
 )

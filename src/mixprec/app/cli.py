@@ -26,6 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from mixprec.app.cli_plan import add_plan_parser
 
 
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
-    from mixprec.app.model_size import sized_task_options
+    from mixprec.app.model_size import charlm_lr, charlm_shape, parse_model_size, sized_task_options
     from mixprec.app.tasks import TASKS, TaskConfig, make_task
 
     text_task = task_name in _TEXT_TASKS
@@ -58,6 +59,9 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
     options: dict[str, Any] = {"data": args.data} if text_task and args.data is not None else {}
     if args.model_size is not None:
         options.update(sized_task_options(task_name, args.model_size))
+        if args.lr is None:  # a size's own rate: the small task's diverges a billion-param model
+            size = charlm_shape(parse_model_size(args.model_size)).params
+            config = replace(config, lr=charlm_lr(size, defaults.lr))
     task = make_task(task_name, config, **options)
     if args.model_size is not None:
         task.meta = True  # type: ignore[attr-defined]  # built on meta, materialized by prepare
@@ -392,7 +396,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=_learning_rate,
         default=None,
-        help=f"AdamW learning rate in (0, {_MAX_LR:g}] (task default)",
+        help=f"AdamW learning rate in (0, {_MAX_LR:g}] (task default; with --model-size, "
+        "GPT-3's rate for the size from 125M parameters on)",
     )
     parser.add_argument(
         "--seed",
@@ -405,7 +410,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--model-size",
         default=None,
         help="charlm only: scale the transformer to this many parameters (3e9, 3B, 350M), "
-        "width and depth chosen for it, built on the meta device",
+        "width and depth chosen for it, built on the meta device (learning rate: see --lr)",
     )
     parser.add_argument(
         "--device", default="cpu", help="where to train: cpu, cuda, cuda:1 ... (%(default)s)"

@@ -7,8 +7,9 @@ activations, and the allocator's slack. The plan (:func:`mixprec.distributed.pla
 is the model state the policy's dtypes imply (AdamW, from the parameters' shapes, without a
 gradient buffer where the run stepped inside backward) plus its activation estimate for the
 task's transformer shape and batch; it is computed for plain fp32 AdamW and for the run's policy
-when the policy is a preset (a policy string with rules has no plan row: its figure is None). On CUDA the peak is
-the device's (``torch.cuda.max_memory_allocated``) and the host figures are left out.
+when the policy is a preset (a policy string with rules has no plan row: its figure is None).
+On CUDA the peak is the device's (``torch.cuda.max_memory_allocated``) and the host figures are
+left out.
 """
 
 from __future__ import annotations

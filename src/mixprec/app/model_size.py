@@ -13,6 +13,7 @@ the count reached is within half a block of the request (:func:`charlm_shape` re
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "ModelShape",
+    "charlm_lr",
     "charlm_params",
     "charlm_shape",
     "eager_model",
@@ -104,6 +106,29 @@ def charlm_shape(params: int, vocab: int = 256, seq_len: int = 64) -> ModelShape
     return ModelShape(
         d_model, n_layers, d_model // _HEAD_DIM, charlm_params(d_model, n_layers, vocab, seq_len)
     )
+
+
+# GPT-3's learning rates by model size (Brown et al. 2020, table 2.1): parameters -> Adam lr.
+_GPT3_LR = ((125e6, 6.0e-4), (350e6, 3.0e-4), (760e6, 2.5e-4), (1.3e9, 2.0e-4),
+            (2.7e9, 1.6e-4), (6.7e9, 1.2e-4), (13e9, 1.0e-4), (175e9, 0.6e-4))  # fmt: skip
+
+
+def charlm_lr(params: int, default: float) -> float:
+    """The AdamW learning rate of a sized charlm model: GPT-3's rate for its size (interpolated
+    in log-log between the sizes of its table, the first segment's slope below 125M parameters,
+    the last rate beyond 175B), never above the task's ``default``, which the small models keep.
+    A billion-parameter model at the small task's rate (2e-3) diverges within two steps.
+
+    Example:
+        >>> charlm_lr(2_000_000, 2e-3), charlm_lr(1_300_000_000, 2e-3), charlm_lr(10**12, 2e-3)
+        (0.002, 0.0002, 6e-05)
+    """
+    segments = list(itertools.pairwise(_GPT3_LR))
+    (n0, lr0), (n1, lr1) = next(((a, b) for a, b in segments if params <= b[0]), segments[-1])
+    if params > _GPT3_LR[-1][0]:
+        return min(default, _GPT3_LR[-1][1])
+    rate = lr0 * (lr1 / lr0) ** (math.log(params / n0) / math.log(n1 / n0))
+    return min(default, float(rate))
 
 
 def sized_task_options(task: str, size: str | float) -> dict[str, object]:
