@@ -77,6 +77,7 @@ encode was vectorized it was 53% of a step 2.6x the fp32 AdamW step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -258,6 +259,67 @@ def step_time_table(millions: float, repeats: int) -> None:
         )
 
 
+def charlm_run(
+    make: Callable[[nn.Module, int], torch.optim.Optimizer], steps: int, seed: int
+) -> float:
+    """The charlm task's transformer (d 128, 2 blocks) in bf16, ``steps`` AdamW steps on the
+    built-in text, the same batches every run; ``seed`` seeds the stochastic-rounding draws
+    (mixprec's counter-based stream, torch's global generator for torchao). Val loss."""
+    from mixprec.app.tasks import CharLMTask
+
+    task = CharLMTask()
+    net = task.build_model().to(torch.bfloat16)
+    torch.manual_seed(seed)
+    opt = make(net, seed)
+    for step in range(steps):
+        x, y = task.batch(step)
+        loss = task.loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return task.evaluate(net, contextlib.nullcontext)["val_loss"]
+
+
+CHARLM_RUNS: dict[str, Callable[[nn.Module, int], torch.optim.Optimizer]] = {
+    "SR, fp32 states": lambda n, s: StochasticRoundingOptimizer(
+        _charlm_adamw(n), seed=s, state="fp32"
+    ),
+    "SR, int8 states": lambda n, s: StochasticRoundingOptimizer(
+        _charlm_adamw(n), seed=s, state="int8"
+    ),
+    "torchao AdamW8bit (SR)": lambda n, s: _charlm_torchao(n),
+}
+
+
+def _charlm_adamw(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.0)
+
+
+def _charlm_torchao(net: nn.Module) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(net.parameters(), lr=2e-3, weight_decay=0.0, bf16_stochastic_round=True)
+
+
+def charlm_table(steps: int, seeds: int) -> None:
+    """Part 4: val loss of each run over ``seeds`` seeds of the rounding draws; the spread
+    between seeds says how far apart two runs of one recipe land."""
+    print(f"charlm transformer (d 128, 2 blocks), bf16 params, AdamW lr 2e-3, {steps} steps")
+    print(f"{'run':>24} " + " ".join(f"{'seed ' + str(s):>8}" for s in range(seeds)) + "    mean")
+    means: dict[str, float] = {}
+    for name, make in CHARLM_RUNS.items():
+        losses = [charlm_run(make, steps, seed) for seed in range(seeds)]
+        means[name] = statistics.fmean(losses)
+        print(f"{name:>24} " + " ".join(f"{v:>8.4f}" for v in losses) + f" {means[name]:>7.4f}")
+    ours, theirs = means["SR, int8 states"], means["torchao AdamW8bit (SR)"]
+    fp32 = means["SR, fp32 states"]
+    print(
+        f"mixprec int8 vs torchao AdamW8bit (mean val loss): {100 * (ours / theirs - 1):+.2f}%; "
+        f"vs fp32 states: mixprec {100 * (ours / fp32 - 1):+.2f}%, "
+        f"torchao {100 * (theirs / fp32 - 1):+.2f}%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
@@ -267,6 +329,10 @@ def main() -> None:
     parser.add_argument("--step-time", action="store_true", help="only part 3: the step time table")
     parser.add_argument("--millions", type=float, default=4.0, help="part 3: M parameters")
     parser.add_argument("--repeats", type=int, default=21, help="part 3: timed steps per run")
+    parser.add_argument(
+        "--charlm", action="store_true", help="only part 4: int8 states vs torchao on charlm"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="part 4: seeds of the draws")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,6 +343,9 @@ def main() -> None:
     )
     if args.step_time:
         step_time_table(args.millions, args.repeats)
+        return
+    if args.charlm:
+        charlm_table(args.steps, args.seeds)
         return
     second_moment_table()
     print()
