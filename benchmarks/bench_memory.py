@@ -43,10 +43,14 @@ states) for bf16-pure, 8 with the step inside backward; 2 + 2 (remainder) + 8 fo
 transient and does not grow with the model: the int8 encode of one chunk of states makes about
 60 B of temporaries per element of the chunk (int64 bucket indices and stochastic-rounding
 intermediates in ``mixprec.optim.codecs``; 1M-element layers here: about 68 MB), which is
-2.7 B/param at 25M parameters and about 0.3 at 201M. At 201M parameters (192 layers), run once
-for the issue's target (``--millions 201 --modes lean+inbw``; 882 s under the same load):
+2.7 B/param at 25M parameters and about 0.3 at 201M. At 201M parameters (192 layers), the
+issue's targets (``--millions 201 --modes lean+inbw,master16+int8+inbw,master16+int8``; the same
+Xeon, load average about 1.5):
 
-    lean+inbw            201,523,200      4.49         881.8
+    mode                      params   B/param   s (3 steps)
+    lean+inbw            201,523,200      4.21          22.4
+    master16+int8+inbw   201,523,200      6.23          21.8
+    master16+int8        201,523,200      8.19          62.6
 
     python benchmarks/bench_memory.py [--millions 201] [--modes torch-fp32,bf16-pure,...]
 """
