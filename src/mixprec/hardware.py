@@ -9,7 +9,8 @@ Policies never probe: :func:`auto_policy` is where a device's hardware becomes a
 :func:`choose_backend` resolves an autocast ``backend="auto"`` once, when a region is built.
 
 Tensor-core formats on CUDA: fp16 from compute capability 7.0, bf16 and tf32 from 8.0, fp8 from
-8.9, block-scaled fp4 (NVFP4, MXFP4 on ``torch._scaled_mm``) from 10.0. On CPUs: bf16 with AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16.
+8.9, block-scaled fp4 (NVFP4, MXFP4 on ``torch._scaled_mm``) from 10.0. On CPUs: bf16 with
+AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16.
 """
 
 from __future__ import annotations
