@@ -254,8 +254,37 @@ def test_a_misfit_shape_on_a_native_device_runs_emulated_with_a_warning(monkeypa
     with pytest.warns(UserWarning, match=r"Fp4Linear \(32x48\) runs its 4-bit GEMMs emulated.*"
                       r"in_features 48 is not a multiple of 32"):  # fmt: skip
         assert layer._native() is False
-    fitting = Fp4Linear.from_linear(nn.Linear(64, 32), "nvfp4", backend="emulated")
-    assert fitting._native() is True  # (then the op would run the packed GEMM)
+    base = nn.Linear(64, 32)
+    fitting = Fp4Linear.from_linear(base, "nvfp4", backend="emulated")
+    assert fitting._native() is True  # on a CPU the packed path runs the GEMM's CPU model
+    monkeypatch.undo()
+    emulated = Fp4Linear.from_linear(base, "nvfp4", backend="emulated")
+    x = data(24, 64)
+    assert bits_equal(fitting(x), emulated(x))
+
+
+def test_native_op_compiles_and_checkpoints_as_the_emulated_one():
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(8)
+    x, w, b = data(24, 64), torch.randn(32, 64, generator=g) / 8, torch.randn(32, generator=g)
+
+    def run(fn):
+        wr = w.clone().requires_grad_()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            out = fn(x, wr)
+            out.square().sum().backward()
+        return out.detach(), wr.grad
+
+    def native(xi, wi):
+        return _fp4_linear(xi, wi, b, "nvfp4", torch.float32, True)
+
+    eager = run(native)
+    compiled = run(torch.compile(native, backend="aot_eager", fullgraph=True))
+    checkpointed = run(lambda xi, wi: checkpoint(native, xi, wi, use_reentrant=False))
+    for other in (compiled, checkpointed):
+        assert all(bits_equal(a, e) for a, e in zip(other, eager, strict=True))
 
 
 # -- on a Blackwell GPU -------------------------------------------------------------------------
