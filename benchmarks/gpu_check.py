@@ -1,10 +1,15 @@
 """mixprec against torch.amp on a CUDA GPU: autocast op lists, GradScaler lock-step, presets.
 
-Four sections, each with a time budget (the whole script stays under 5 minutes on one H200):
+Five sections, each with a time budget (the whole script stays under 5 minutes on one H200):
 
 - ``fp8``: on GPUs with FP8 units (sm_89+), the native ``torch._scaled_mm`` FP8 linear against
   the emulated one on the same inputs (tensorwise, rowwise), and FP8 vs bf16 GEMM time at
   8192^3; elsewhere it checks that ``auto`` picks the emulated path.
+- ``fp4``: on GPUs with block-scaled FP4 units (sm_100+, Blackwell), the native 4-bit linear
+  (NVFP4 and MXFP4 on block-scaled ``torch._scaled_mm``) against the emulated one on the same
+  inputs and random draws (output, input and weight gradients), and NVFP4 vs bf16 GEMM time at
+  8192^3; elsewhere it prints that the section was skipped and why, and checks that ``auto``
+  picks the emulated path and that ``native`` is refused with that reason.
 - ``autocast``: every case of torch's CUDA autocast op lists
   (``torch.testing._internal.autocast_test_lists.AutocastTestLists``), in fp16 and bf16.
   ``mixprec.autocast(backend="native")`` must give exactly what ``torch.autocast`` gives (dtype
@@ -59,8 +64,8 @@ import mixprec
 from mixprec.app.tasks.charlm import stdlib_corpus
 from mixprec.app.tasks.transformer import TinyTransformer
 
-SECTIONS = ("autocast", "scaler", "presets", "fp8")
-BUDGET_S = {"autocast": 60.0, "scaler": 60.0, "presets": 150.0, "fp8": 40.0}
+SECTIONS = ("autocast", "scaler", "presets", "fp8", "fp4")
+BUDGET_S = {"autocast": 60.0, "scaler": 60.0, "presets": 150.0, "fp8": 40.0, "fp4": 40.0}
 SKIP_MESSAGE = "no CUDA device: gpu_check skipped"
 
 
@@ -634,24 +639,96 @@ def check_fp8(section: Section, device: torch.device, quick: bool) -> None:
     one = torch.ones((), device=device)
     a16, b16 = a.bfloat16(), b.bfloat16()
 
-    def timed(fn: Callable[[], Any]) -> float:
-        fn()
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            fn()
-        _synchronize(device)
-        return (time.perf_counter() - start) / 10
-
     section.check_time("fp8 GEMM timing")
-    fp8 = timed(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
-    bf16 = timed(lambda: a16 @ b16)
+    fp8 = _timed(device, lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16))
+    bf16 = _timed(device, lambda: a16 @ b16)
     flops = 2 * size**3
     print(
         f"  GEMM {size}x{size}: fp8 {flops / fp8 / 1e12:.0f} TFLOP/s, bf16 "
         f"{flops / bf16 / 1e12:.0f} TFLOP/s, fp8 / bf16 time = {fp8 / bf16:.2f}"
     )
     section.record(fp8 < bf16, f"fp8 GEMM faster than bf16 at {size}^3")
+
+
+def _timed(device: torch.device, fn: Callable[[], Any]) -> float:
+    """Seconds per call of ``fn``: one warm-up call, then the mean of ten."""
+    fn()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) / 10
+
+
+# -- section fp4 --------------------------------------------------------------------------------
+
+FP4_RECIPES = ("nvfp4", "nvfp4:rht=false,sr_grad=false,weight_blocks=1x16", "mxfp4")
+
+
+def check_fp4(section: Section, device: torch.device, quick: bool) -> None:
+    """The native 4-bit path (block-scaled ``torch._scaled_mm``) against the emulated one on the
+    same inputs and random draws, and NVFP4 vs bf16 GEMM time. Needs compute capability 10.0+;
+    elsewhere it says the section was skipped and why, and checks the backend choice."""
+    from mixprec.compute.fp4_linear import Fp4Linear, fp4_backend
+    from mixprec.compute.fp4_native import gemm_args, native_gemm, prepare_operand
+    from mixprec.fp4_recipes import Fp4Recipe
+
+    backend, reason = fp4_backend("auto", device)
+    print(f"  fp4 auto backend: {backend} ({reason})")
+    if backend != "native":
+        print(f"  fp4 native checks skipped: {reason}")
+        section.record(backend == "emulated", "fp4 auto backend is emulated without FP4 units")
+        try:
+            fp4_backend("native", device)
+        except ValueError as err:
+            section.record(reason in str(err), f"fp4 native refused with the reason ({err})")
+        else:
+            section.record(False, "fp4 backend 'native' was not refused without FP4 units")
+        return
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(1024, 512).to(device)
+    x = (torch.randn(200, 1024, generator=g) * 3).to(device)  # 200 tokens: padded to 224
+    for recipe in FP4_RECIPES:
+        section.check_time(f"fp4 {recipe}")
+        got: dict[str, dict[str, torch.Tensor]] = {}
+        for kind in ("native", "emulated"):
+            layer = Fp4Linear.from_linear(base, recipe, backend=kind)
+            xr = x.clone().requires_grad_()
+            base.weight.grad = None
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(1)  # the same stochastic-rounding draws for both
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    out = layer(xr)
+                out.float().square().mean().backward()
+            got[kind] = {
+                "output": out.detach().float(),
+                "input grad": xr.grad.detach().float(),
+                "weight grad": base.weight.grad.detach().float(),
+            }
+        print(f"  {recipe}")
+        for what in ("output", "input grad", "weight grad"):
+            native, emulated = got["native"][what], got["emulated"][what]
+            scale = emulated.abs().max().item() or 1.0
+            diff = (native - emulated).abs().max().item() / scale
+            print(f"    {what:<11} native vs emulated max rel diff {diff:.2e}")
+            # the same 4-bit operands; the fp32 additions in another order, and NVFP4's tensor
+            # scales applied to the sum: a bf16 ulp or so
+            section.record(diff < 1e-2, f"fp4 {recipe} {what} native vs emulated ({diff:.2e})")
+    size = 4096 if quick else 8192
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    args = gemm_args(prepare_operand(a, Fp4Recipe("nvfp4")), prepare_operand(b, Fp4Recipe("nvfp4")))
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    section.check_time("fp4 GEMM timing")
+    fp4 = _timed(device, lambda: native_gemm(args))
+    bf16 = _timed(device, lambda: a16 @ b16.t())
+    flops = 2 * size**3
+    print(
+        f"  GEMM {size}x{size}: nvfp4 {flops / fp4 / 1e12:.0f} TFLOP/s, bf16 "
+        f"{flops / bf16 / 1e12:.0f} TFLOP/s, nvfp4 / bf16 time = {fp4 / bf16:.2f}"
+    )
+    section.record(fp4 < bf16, f"nvfp4 GEMM faster than bf16 at {size}^3")
 
 
 def _parse_sections(text: str) -> list[str]:
@@ -704,6 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaler": lambda s: check_scaler(s, device, args.quick),
         "presets": lambda s: check_presets(s, device, args.quick, steps),
         "fp8": lambda s: check_fp8(s, device, args.quick),
+        "fp4": lambda s: check_fp4(s, device, args.quick),
     }
     failed = False
     started = time.perf_counter()

@@ -105,6 +105,14 @@ def test_gpu_check_without_cuda_skips_and_exits_zero():
     assert result.stdout.strip() == "no CUDA device: gpu_check skipped"
 
 
+def test_gpu_check_fp4_section_says_why_it_skipped_without_blackwell(script, capsys):
+    code = script("gpu_check").main(["--device", "cpu", "--sections", "fp4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "fp4 native checks skipped: device 'cpu' is not a CUDA GPU" in out
+    assert "== fp4: ok, 2 checks passed, 0 failed" in out
+
+
 @pytest.mark.slow
 def test_gpu_check_on_cpu_matches_torch_amp(script, capsys):
     code = script("gpu_check").main(["--device", "cpu", "--quick", "--sections", "autocast,scaler"])

@@ -57,6 +57,7 @@ __all__ = [
     "nvfp4_tensor_scale",
     "quantize_mx",
     "quantize_nvfp4",
+    "quantize_tiles",
     "round_fp4_e2m1",
 ]
 
@@ -329,6 +330,38 @@ def fake_quantize_tiles(
         >>> bool((fake_quantize_tiles(w.T, NVFP4, 16) == fake_quantize_tiles(w, NVFP4, 16).T).all())
         True
     """
+    q = quantize_tiles(x, fmt, tile, per_tensor_scale)
+    rows, cols = x.shape
+    scale = q.scales if q.tensor_scale is None else q.tensor_scale * q.scales
+    values = (q.elements * scale).reshape(rows // tile, cols // tile, tile, tile)
+    return values.transpose(1, 2).reshape(rows, cols)
+
+
+def quantize_tiles(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    tile: int,
+    per_tensor_scale: torch.Tensor | float | None = None,
+) -> BlockQuantized:
+    """Quantize a 2-D ``x`` in square ``tile x tile`` blocks (round to nearest), unpacked.
+
+    The quantization :func:`fake_quantize_tiles` dequantizes; a GEMM that takes the elements and
+    scales themselves (a block-scaled tensor core) needs them as they are.
+
+    Args:
+        x: a 2-D float32 tensor, both dimensions multiples of ``tile``.
+        fmt: ``NVFP4``, ``MXFP4`` or ``MXFP8``.
+        tile: the tile's side.
+        per_tensor_scale: NVFP4's tensor scale; by default from ``x``'s amax.
+
+    Returns:
+        Elements of shape ``(rows // tile, cols // tile, tile * tile)`` (each tile's rows one
+        after the other), scales of shape ``(rows // tile, cols // tile, 1)``, and NVFP4's tensor
+        scale.
+
+    Raises:
+        ValueError: ``x`` is not 2-D or a dimension is not a multiple of ``tile``.
+    """
     if x.dim() != 2 or x.shape[0] % tile or x.shape[1] % tile:
         raise ValueError(
             f"{fmt.name} {tile}x{tile} tiles need a 2-D tensor with both dimensions multiples of "
@@ -338,16 +371,12 @@ def fake_quantize_tiles(
     tiles = x.reshape(rows // tile, tile, cols // tile, tile).transpose(1, 2)
     tiles = tiles.reshape(rows // tile, cols // tile, tile * tile)
     if fmt.scale == "e8m0":
-        q = _mx_blocks(tiles, fmt.element, "nearest", None)
+        return _mx_blocks(tiles, fmt.element, "nearest", None)
+    if per_tensor_scale is None:
+        scale = nvfp4_tensor_scale(x.abs().amax()) if x.numel() else torch.tensor(1.0)
     else:
-        if per_tensor_scale is None:
-            scale = nvfp4_tensor_scale(x.abs().amax()) if x.numel() else torch.tensor(1.0)
-        else:
-            scale = _checked_tensor_scale(per_tensor_scale)
-        q = _nvfp4_blocks(tiles, scale.to(x.device), "nearest", None)
-    scale = q.scales if q.tensor_scale is None else q.tensor_scale * q.scales
-    values = (q.elements * scale).reshape(rows // tile, cols // tile, tile, tile)
-    return values.transpose(1, 2).reshape(rows, cols)
+        scale = _checked_tensor_scale(per_tensor_scale)
+    return _nvfp4_blocks(tiles, scale.to(x.device), "nearest", None)
 
 
 def _round_elements(

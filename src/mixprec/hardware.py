@@ -9,7 +9,8 @@ Policies never probe: :func:`auto_policy` is where a device's hardware becomes a
 :func:`choose_backend` resolves an autocast ``backend="auto"`` once, when a region is built.
 
 Tensor-core formats on CUDA: fp16 from compute capability 7.0, bf16 and tf32 from 8.0, fp8 from
-8.9. On CPUs: bf16 with AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16.
+8.9, block-scaled fp4 (NVFP4, MXFP4 on ``torch._scaled_mm``) from 10.0. On CPUs: bf16 with
+AVX512-BF16 or AMX-BF16, fp16 with AVX512-FP16 or AMX-FP16.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
     from mixprec.policy import Policy
 
 __all__ = [
+    "FP4_NATIVE_CAPABILITY",
     "AutoChoice",
     "HardwareReport",
     "auto_policy",
     "choose_backend",
+    "choose_fp4_backend",
     "choose_fp8_backend",
     "measure_gemm",
     "probe",
@@ -365,4 +368,54 @@ def _fp8_native_missing(device: torch.device, granularity: str) -> str | None:
         )
     if granularity not in _FP8_NATIVE_GRANULARITIES:
         return f"{granularity!r} scaling has no _scaled_mm kernel here"
+    return None
+
+
+FP4_NATIVE_CAPABILITY = (10, 0)
+"""The CUDA compute capability from which block-scaled fp4 GEMMs run on tensor cores."""
+
+
+def choose_fp4_backend(requested: str, device: str | torch.device) -> tuple[str, str]:
+    """Resolve a 4-bit (NVFP4, MXFP4) GEMM backend request to ``"native"`` (block-scaled
+    ``torch._scaled_mm``) or ``"emulated"``, with the reason.
+
+    Native 4-bit GEMMs need a CUDA device of compute capability 10.0+ (Blackwell) and a torch
+    with ``float4_e2m1fn_x2``; everything else is emulated.
+
+    Raises:
+        ValueError: ``"native"`` where it cannot run (the message names the device and its
+            compute capability).
+
+    Example:
+        >>> choose_fp4_backend("auto", "cpu")[0]
+        'emulated'
+    """
+    device = torch.device(device)
+    if requested == "emulated":
+        return "emulated", "requested"
+    reason = _fp4_native_missing(device)
+    if reason is None:
+        return "native", f"{device} has block-scaled FP4 tensor cores: GEMMs run on _scaled_mm"
+    if requested == "native":
+        raise ValueError(
+            f"fp4 backend 'native' cannot run here: {reason}; use backend='emulated' (the same "
+            "numerics, on fp32 kernels) or 'auto'"
+        )
+    return "emulated", reason
+
+
+def _fp4_native_missing(device: torch.device) -> str | None:
+    major, minor = FP4_NATIVE_CAPABILITY
+    needed = f"compute capability {major}.{minor}+ (Blackwell) needed"
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"device {str(device)!r} is not a CUDA GPU with FP4 tensor cores ({needed})"
+    report = probe(device, measure=False)  # cached per device
+    capability = report.compute_capability or (0, 0)
+    if capability < FP4_NATIVE_CAPABILITY:
+        return (
+            f"{report.name} ({str(device)!r}) has CUDA compute capability "
+            f"{capability[0]}.{capability[1]}, without block-scaled FP4 tensor cores ({needed})"
+        )
+    if not hasattr(torch, "float4_e2m1fn_x2") or not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no float4_e2m1fn_x2 / _scaled_mm (2.8+ needed)"
     return None

@@ -198,8 +198,10 @@ def test_bad_recipes_and_backends_name_the_choices():
         Fp4Recipe.parse("mxfp4:weight_blocks=16x16")
     with pytest.raises(ValueError, match=r"rht='yes'.*'true' and 'false'"):
         Fp4Recipe.parse("nvfp4:rht=yes")
-    with pytest.raises(ValueError, match="4-bit layers run emulated only, got backend='native'"):
-        Fp4Linear(32, 32, backend="native")
+    with pytest.raises(ValueError, match=r"fp4 backend 'native' cannot run here: device 'cpu'"):
+        Fp4Linear(32, 32, backend="native")  # a CPU has no block-scaled fp4 GEMM
+    with pytest.raises(ValueError, match=r"unknown fp4 backend 'gpu'; valid backends: 'auto'"):
+        Fp4Linear(32, 32, backend="gpu")  # type: ignore[arg-type]
     assert str(Fp4Recipe.parse("nvfp4:rht=false")) == "nvfp4:rht=false"
     assert Fp4Recipe.parse("nvfp4:rht=true") == Fp4Recipe("nvfp4")  # defaults restated
 

@@ -5,7 +5,7 @@ import importlib
 
 from mixprec.compute.autocast import AutocastDeviceError, Backend, autocast, current_region
 from mixprec.compute.emulated import emulated_linear, emulated_matmul
-from mixprec.compute.fp4_linear import Fp4Linear, fp4_linear
+from mixprec.compute.fp4_linear import Fp4Linear, fp4_backend, fp4_linear
 from mixprec.compute.fp8_convert import Fp8Conversion, Fp8Plan, apply_fp8_policy, convert_to_fp8
 from mixprec.compute.fp8_linear import Fp8Linear, fp8_backend, fp8_linear
 from mixprec.compute.islands import DEFAULT_ISLAND_RULES, IslandHandle, fp32_islands
@@ -48,6 +48,7 @@ __all__ = [
     "current_region",
     "emulated_linear",
     "emulated_matmul",
+    "fp4_backend",
     "fp4_linear",
     "fp8_backend",
     "fp8_layer_snr",

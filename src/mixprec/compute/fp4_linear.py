@@ -18,8 +18,21 @@ before that rounding). What the recipe's options change (:mod:`mixprec.fp4_recip
 * ``sr_grad``: the output gradient's elements round stochastically (torch's global generator,
   drawn first for the input-gradient GEMM, then for the weight-gradient GEMM).
 
-The token count of the weight-gradient GEMM is padded with zero rows to whole blocks. There is
-no native 4-bit GEMM here yet: every device runs the emulation (``backend="native"`` is refused).
+The token count of the weight-gradient GEMM is padded with zero rows to whole blocks.
+
+On a CUDA device of compute capability 10.0+ (Blackwell; :func:`fp4_backend`, ``"auto"`` picks
+it there and only there, ``"native"`` elsewhere is refused) each GEMM runs on block-scaled
+``torch._scaled_mm`` instead: the same elements and scales, packed by
+:mod:`mixprec.compute.fp4_native` (two e2m1 codes per byte, e4m3/E8M0 scales in cuBLAS's swizzled
+layout), accumulated in fp32 and written in fp32, NVFP4's two tensor scales multiplied in after,
+then the same bias and rounding. It differs from the emulation only in the order of the fp32
+additions and in applying NVFP4's tensor scales to the sum rather than to each operand; on a
+CPU the same packed arguments decode to the emulation bit for bit
+(:func:`~mixprec.compute.fp4_native.emulate_gemm`), and the GPU tests (skipped without a
+Blackwell GPU) hold the native layer to the emulated one within that tolerance. The custom
+ops are the same ops with a ``native`` flag, so compile and checkpointing see no difference.
+A layer whose ``in_features`` or ``out_features`` is not a multiple of 32
+(the packed GEMM's alignment; nvfp4 allows 16) runs emulated there, with a warning.
 :class:`Fp4Linear` subclasses :class:`~mixprec.compute.fp8_linear.Fp8Linear`, so everything that
 handles a low-precision layer (FSDP2's gather in the stored dtype, the session's step, conversion)
 handles it too; it keeps no amax history.
@@ -27,6 +40,7 @@ handles it too; it keeps no amax history.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -35,10 +49,23 @@ from torch import nn
 
 from mixprec.blockscaled import fake_quantize, fake_quantize_tiles
 from mixprec.compute.emulated import no_autocast
-from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating
+from mixprec.compute.fp4_native import (
+    native_misfit,
+    prepare_operand,
+    prepare_weight,
+    run_gemm,
+)
+from mixprec.compute.fp8_linear import BACKENDS, Fp8Backend, Fp8Linear, _check_floating
 from mixprec.fp4_recipes import Fp4Recipe, rht
+from mixprec.hardware import choose_fp4_backend
 
-__all__ = ["Fp4Linear", "fp4_linear", "quantize_fp4_operand", "quantize_fp4_weight"]
+__all__ = [
+    "Fp4Linear",
+    "fp4_backend",
+    "fp4_linear",
+    "quantize_fp4_operand",
+    "quantize_fp4_weight",
+]
 
 
 # -- operands (pure functions) ------------------------------------------------------------------
@@ -74,6 +101,11 @@ def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
 # -- the custom ops -----------------------------------------------------------------------------
 
 
+def _on_tensor_cores(native: bool, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a GEMM runs on the packed operands (an empty one has nothing to pack)."""
+    return native and a.numel() > 0 and b.numel() > 0
+
+
 @torch.library.custom_op("mixprec::fp4_linear", mutates_args=())
 def _fp4_linear(
     x: torch.Tensor,
@@ -81,63 +113,75 @@ def _fp4_linear(
     bias: torch.Tensor | None,
     recipe: str,
     out_dtype: torch.dtype,
+    native: bool,
 ) -> torch.Tensor:
     r = Fp4Recipe.parse(recipe)
     with no_autocast():
-        a = quantize_fp4_operand(x, r)
-        b = quantize_fp4_weight(weight, r, "output")
-        out = torch.mm(a, b.t())
+        if _on_tensor_cores(native, x, weight):
+            out = run_gemm(prepare_operand(x, r), prepare_weight(weight, r, "output"))
+        else:
+            a = quantize_fp4_operand(x, r)
+            b = quantize_fp4_weight(weight, r, "output")
+            out = torch.mm(a, b.t())
         if bias is not None:
             out = out + bias.float()
         return out.to(out_dtype)
 
 
 @_fp4_linear.register_fake
-def _(x, weight, bias, recipe, out_dtype):  # type: ignore[no-untyped-def]
+def _(x, weight, bias, recipe, out_dtype, native):  # type: ignore[no-untyped-def]
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("mixprec::fp4_linear_grad_input", mutates_args=())
 def _fp4_grad_input(
-    grad: torch.Tensor, weight: torch.Tensor, recipe: str, out_dtype: torch.dtype
+    grad: torch.Tensor, weight: torch.Tensor, recipe: str, out_dtype: torch.dtype, native: bool
 ) -> torch.Tensor:
     """``grad @ weight``, both quantized along ``out_features``; rounded once to ``out_dtype``."""
     r = Fp4Recipe.parse(recipe)
+    sr = bool(r.sr_grad)
     with no_autocast():
-        a = quantize_fp4_operand(grad, r, stochastic=bool(r.sr_grad))
+        if _on_tensor_cores(native, grad, weight):
+            a_op = prepare_operand(grad, r, stochastic=sr)
+            return run_gemm(a_op, prepare_weight(weight, r, "grad_input")).to(out_dtype)
+        a = quantize_fp4_operand(grad, r, stochastic=sr)
         b = quantize_fp4_weight(weight, r, "grad_input")
         return torch.mm(a, b).to(out_dtype)
 
 
 @_fp4_grad_input.register_fake
-def _(grad, weight, recipe, out_dtype):  # type: ignore[no-untyped-def]
+def _(grad, weight, recipe, out_dtype, native):  # type: ignore[no-untyped-def]
     return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=out_dtype)
 
 
 @torch.library.custom_op("mixprec::fp4_linear_grad_weight", mutates_args=())
 def _fp4_grad_weight(
-    grad: torch.Tensor, x: torch.Tensor, recipe: str, out_dtype: torch.dtype
+    grad: torch.Tensor, x: torch.Tensor, recipe: str, out_dtype: torch.dtype, native: bool
 ) -> torch.Tensor:
     """``grad.T @ x`` summed over the tokens (RHT first if the recipe says); one rounding."""
     r = Fp4Recipe.parse(recipe)
+    sr = bool(r.sr_grad)
     with no_autocast():
         g, xs = _pad_tokens(grad.float(), r.block), _pad_tokens(x.float(), r.block)
         if r.rht:
             g, xs = rht(g), rht(xs)
-        a = quantize_fp4_operand(g.t(), r, stochastic=bool(r.sr_grad))
+        if _on_tensor_cores(native, g, xs):  # the tokens are padded to 32 on the packed operands
+            a_op = prepare_operand(g.t(), r, stochastic=sr)
+            return run_gemm(a_op, prepare_operand(xs.t(), r)).to(out_dtype)
+        a = quantize_fp4_operand(g.t(), r, stochastic=sr)
         b = quantize_fp4_operand(xs.t(), r)
         return torch.mm(a, b.t()).to(out_dtype)
 
 
 @_fp4_grad_weight.register_fake
-def _(grad, x, recipe, out_dtype):  # type: ignore[no-untyped-def]
+def _(grad, x, recipe, out_dtype, native):  # type: ignore[no-untyped-def]
     return grad.new_empty((grad.shape[1], x.shape[1]), dtype=out_dtype)
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-    x, weight, bias, recipe, out_dtype = inputs
+    x, weight, bias, recipe, out_dtype, native = inputs
     ctx.save_for_backward(x, weight)
-    ctx.recipe, ctx.out_dtype = recipe, out_dtype
+    ctx.recipe, ctx.out_dtype, ctx.native = recipe, out_dtype, native
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -145,13 +189,14 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight = ctx.saved_tensors
     want = ctx.needs_input_grad
     gi = gw = gb = None
+    args = (ctx.recipe, ctx.out_dtype, ctx.native)
     if want[0]:
-        gi = _fp4_grad_input(grad, weight, ctx.recipe, ctx.out_dtype).to(x.dtype)
+        gi = _fp4_grad_input(grad, weight, *args).to(x.dtype)
     if want[1]:
-        gw = _fp4_grad_weight(grad, x, ctx.recipe, ctx.out_dtype).to(weight.dtype)
+        gw = _fp4_grad_weight(grad, x, *args).to(weight.dtype)
     if ctx.bias_dtype is not None and want[2]:
         gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
-    return gi, gw, gb, None, None
+    return gi, gw, gb, None, None, None
 
 
 _fp4_linear.register_autograd(_backward, setup_context=_setup)
@@ -163,6 +208,7 @@ def fp4_linear(
     bias: torch.Tensor | None = None,
     recipe: str | Fp4Recipe = "nvfp4",
     out_dtype: torch.dtype | None = None,
+    backend: Fp8Backend = "emulated",
 ) -> torch.Tensor:
     """``F.linear`` with 4-bit GEMMs in the forward and backward, as ``recipe`` says.
 
@@ -173,10 +219,12 @@ def fp4_linear(
         recipe: an :class:`~mixprec.fp4_recipes.Fp4Recipe` or its string (``"nvfp4:rht=false"``).
         out_dtype: the dtype the output (and each gradient GEMM) is rounded to once; default
             ``x.dtype``.
+        backend: ``"emulated"``, ``"native"`` (block-scaled ``torch._scaled_mm``, CUDA compute
+            capability 10.0+) or ``"auto"``; see :func:`fp4_backend`.
 
     Raises:
-        ValueError: an unknown recipe or option; a feature count that is not a multiple of the
-            recipe's block (the message names it).
+        ValueError: an unknown recipe, option or backend; ``"native"`` where it cannot run; a
+            feature count that is not a multiple of the recipe's block (the message names it).
 
     Example:
         >>> x, w = torch.linspace(-2, 2, 64).reshape(4, 16), torch.ones(16, 16)
@@ -186,9 +234,53 @@ def fp4_linear(
     r = Fp4Recipe.parse(recipe)
     _check_floating(x, weight, bias)
     _check_fits(weight, r)
+    native = _resolve(backend, weight, "fp4_linear")
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp4_linear(flat, weight, bias, str(r), out_dtype or x.dtype)
+    out = _fp4_linear(flat, weight, bias, str(r), out_dtype or x.dtype, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+# -- which backend ------------------------------------------------------------------------------
+
+
+def fp4_backend(backend: Fp8Backend, device: torch.device | str) -> tuple[str, str]:
+    """Resolve ``backend`` for ``device``: ``("native" or "emulated", the reason)``, by
+    :func:`mixprec.hardware.choose_fp4_backend`.
+
+    Native 4-bit GEMMs need a CUDA device of compute capability 10.0+ (Blackwell); everything
+    else is emulated, with the same quantized operands.
+
+    Raises:
+        ValueError: an unknown backend, or ``"native"`` where it cannot run (naming the device
+            and its compute capability).
+
+    Example:
+        >>> fp4_backend("auto", "cpu")[0]
+        'emulated'
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown fp4 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
+        )
+    return choose_fp4_backend(backend, device)
+
+
+def _resolve(backend: Fp8Backend, weight: torch.Tensor, what: str) -> bool:
+    """Whether ``weight``'s GEMMs run native; a shape the native GEMM cannot take runs
+    emulated, with a warning saying so (the device could run it, the layer cannot)."""
+    if fp4_backend(backend, weight.device)[0] != "native":
+        return False
+    out_f, in_f = weight.shape
+    misfit = native_misfit(out_f, in_f)
+    if misfit is None:
+        return True
+    warnings.warn(
+        f"{what} ({out_f}x{in_f}) runs its 4-bit GEMMs emulated on {str(weight.device)!r}: "
+        f"{misfit}, which the native block-scaled GEMM needs; pad the features to multiples of "
+        "32 or keep the layer in bf16 to silence this",
+        stacklevel=4,
+    )
+    return False
 
 
 def _check_fits(weight: torch.Tensor, r: Fp4Recipe) -> None:
@@ -215,7 +307,9 @@ class Fp4Linear(Fp8Linear):
         in_features, out_features, bias, device, dtype: as ``nn.Linear``; both feature counts
             multiples of the recipe's block (16 for nvfp4, 32 for mxfp4).
         recipe: an :class:`~mixprec.fp4_recipes.Fp4Recipe` or its string form.
-        backend: ``"auto"`` or ``"emulated"`` (no native 4-bit GEMM yet).
+        backend: ``"auto"`` (native on a CUDA device of compute capability 10.0+, else
+            emulated), ``"emulated"`` or ``"native"`` (refused where it cannot run). A layer
+            whose features are not multiples of 32 runs emulated there, with a warning.
 
     Example:
         >>> with torch.random.fork_rng():
@@ -238,7 +332,8 @@ class Fp4Linear(Fp8Linear):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = Fp4Recipe.parse(recipe)  # type: ignore[assignment]
         _check_fits(self.weight, self.recipe)  # type: ignore[arg-type]
-        self.backend = _check_backend(backend)
+        fp4_backend(backend, "cpu" if device is None else device)  # validates
+        self.backend: Fp8Backend = backend
         self._fp8_committed = None
         self._backend_for = None
 
@@ -251,7 +346,8 @@ class Fp4Linear(Fp8Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe)
-        new.backend = _check_backend(backend)
+        fp4_backend(backend, linear.weight.device)  # validates
+        new.backend = backend
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
@@ -264,18 +360,15 @@ class Fp4Linear(Fp8Linear):
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
             x = x.to(out_dtype)
+        native = self._native()
         flat = x.reshape(-1, x.shape[-1])
-        out = _fp4_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype)
+        out = _fp4_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, native)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _native(self) -> bool:
-        return False
-
-
-def _check_backend(backend: object) -> Fp8Backend:
-    if backend not in ("auto", "emulated"):
-        raise ValueError(
-            f"4-bit layers run emulated only, got backend={backend!r}; valid backends: 'auto', "
-            "'emulated' (a native NVFP4/MXFP4 GEMM path is not written yet)"
-        )
-    return backend  # type: ignore[return-value]
+        """Whether the GEMMs run on block-scaled ``torch._scaled_mm``: resolved once per layer
+        and device (a shape that does not fit warns then), not on every forward."""
+        key = (self.weight.device, self.backend)
+        if self._backend_for is None or self._backend_for[0] != key:
+            self._backend_for = (key, _resolve(self.backend, self.weight, "Fp4Linear"))
+        return self._backend_for[1]
