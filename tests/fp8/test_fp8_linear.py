@@ -158,6 +158,7 @@ def test_misfit_layer_falls_back_visibly_or_is_refused():
         r"on_mismatch='fallback'.*'mxfp8; 2 -> bf16'",
     ):
         convert_to_fp8(model, "mxfp8", on_mismatch="error")
+    assert type(model[0]) is nn.Linear  # the refused conversion swapped no layer, not even '0'
 
 
 def test_bad_settings_name_the_choices():

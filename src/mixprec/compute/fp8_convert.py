@@ -269,6 +269,7 @@ def _convert(
         for name, mod in model.named_modules()
         if isinstance(mod, nn.Linear) and not isinstance(mod, Fp8Linear)
     ]
+    swaps: list[tuple[str, Fp8Linear]] = []
     for name, mod in linears:
         recipe = recipe_for(name, mod)
         if recipe is None:
@@ -295,6 +296,9 @@ def _convert(
             new: Fp8Linear = Fp4Linear.from_linear(mod, recipe, backend)
         else:
             new = Fp8Linear.from_linear(mod, recipe, backend)
+        swaps.append((name, new))
+    # Every layer is decided (a refusal above leaves the model as it was) before one is swapped.
+    for name, new in swaps:
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, new)
