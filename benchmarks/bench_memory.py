@@ -24,28 +24,27 @@ B/param more for every mode at 17M parameters). Modes:
   ``bf16-lean`` preset where the policy has it; otherwise the same wrapper, built here), and with
   the step inside backward (issue 21's target: <= 5 B/param).
 
-Measured (25.2M parameters: 24 x Linear(1024, 1024); 2 cores shared with other jobs, load
-average 13-16, so the seconds are not comparable; torch 2.13 CPU), ``--millions 25``:
+Measured (25.2M parameters: 24 x Linear(1024, 1024); Intel Xeon with AVX512-BF16, 2 cores shared
+with other jobs at load average 3-6, so the seconds are not comparable; torch 2.13 CPU),
+``--millions 25``:
 
     mode                      params   B/param   s (3 steps)
-    torch-fp32            25,190,400     16.38          30.2
-    bf16-mixed            25,190,400     16.41          68.8
-    bf16-pure             25,190,400     12.28          97.7
-    bf16-pure+inbw        25,190,400     10.36         127.5
-    master16              25,190,400     14.66         182.4
-    master16+int8         25,190,400     11.01         345.5
-    lean                  25,190,400      9.06         203.4
-    lean+inbw             25,190,400      7.13         196.8
+    torch-fp32            25,190,400     16.39           6.7
+    bf16-mixed            25,190,400     16.41          21.1
+    bf16-pure             25,190,400     12.28           4.3
+    bf16-pure+inbw        25,190,400     10.37          22.8
+    master16              25,190,400     14.67          46.8
+    master16+int8         25,190,400      8.68          64.3
+    master16+int8+inbw    25,190,400      6.74          53.5
+    lean                  25,190,400      6.27          23.8
+    lean+inbw             25,190,400      4.40          48.8
 
 The model state alone (``memory_report``) is 2 B/param of weights plus: 2 (grads) + 8 (fp32
 states) for bf16-pure, 8 with the step inside backward; 2 + 2 (remainder) + 8 for master16;
-2 + 2 + 2.04 (int8 states) for master16+int8; 2 + 2.04 for lean, 2.04 in backward. The rest is
-transient and does not grow with the model: the int8 encode of one chunk of states makes about
-60 B of temporaries per element of the chunk (int64 bucket indices and stochastic-rounding
-intermediates in ``mixprec.optim.codecs``; 1M-element layers here: about 68 MB), which is
-2.7 B/param at 25M parameters and about 0.3 at 201M. At 201M parameters (192 layers), the
-issue's targets (``--millions 201 --modes lean+inbw,master16+int8+inbw,master16+int8``; the same
-Xeon, load average about 1.5):
+2 + 2 + 2.04 (int8 states) for master16+int8, 2 + 2.04 in backward; 2 + 2.04 for lean, 2.04 in
+backward. The rest is transient (a layer's gradient, the one-pass kernel's per-chunk scratch)
+and does not grow with the model. At 201M parameters (192 layers), the issue's targets
+(``--millions 201 --modes lean+inbw,master16+int8+inbw,master16+int8``; load average about 1.5):
 
     mode                      params   B/param   s (3 steps)
     lean+inbw            201,523,200      4.21          22.4
