@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch._C import DispatchKey, DispatchKeySet
 
+from mixprec.compute._eager import EagerOp
+
 __all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
 
 _NO_AUTOCAST = DispatchKeySet(DispatchKey.AutocastCPU) | DispatchKeySet(DispatchKey.AutocastCUDA)
@@ -307,16 +309,22 @@ for _op in (
     _mm, _bmm, _addmm, _baddbmm, _addbmm, _addmm_activation, _conv_tbc, _convolution, _flash_cpu
 ):  # fmt: skip
     _op.register_fake(_op._init_fn)  # type: ignore[attr-defined]
-_mm.register_autograd(_mm_backward, setup_context=_save_all)
-_bmm.register_autograd(_mm_backward, setup_context=_save_all)
-for _op in (_addmm, _baddbmm, _addbmm):
-    _op.register_autograd(_addmm_backward, setup_context=_save_addmm)
-_addmm_activation.register_autograd(
-    _addmm_activation_backward, setup_context=_save_addmm_activation
-)
-_conv_tbc.register_autograd(_conv_tbc_backward, setup_context=_save_conv_tbc)
-_convolution.register_autograd(_convolution_backward, setup_context=_save_convolution)
-_flash_cpu.register_autograd(_flash_backward, setup_context=_save_flash)
+_AUTOGRAD: list[tuple[Any, Any, Any]] = [
+    (_mm, _save_all, _mm_backward),
+    (_bmm, _save_all, _mm_backward),
+    (_addmm, _save_addmm, _addmm_backward),
+    (_baddbmm, _save_addmm, _addmm_backward),
+    (_addbmm, _save_addmm, _addmm_backward),
+    (_addmm_activation, _save_addmm_activation, _addmm_activation_backward),
+    (_conv_tbc, _save_conv_tbc, _conv_tbc_backward),
+    (_convolution, _save_convolution, _convolution_backward),
+    (_flash_cpu, _save_flash, _flash_backward),
+]
+for _op, _setup, _backward in _AUTOGRAD:
+    _op.register_autograd(_backward, setup_context=_setup)
+# Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager)
+_eager_mm, _eager_bmm, _eager_addmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, \
+    _eager_conv_tbc, _eager_convolution, _eager_flash_cpu = (EagerOp(*row) for row in _AUTOGRAD)
 
 
 def _scalar(value: Any) -> float:
@@ -337,20 +345,20 @@ def _call_flash(
     attn_mask: Any = None,
     scale: float | None = None,
 ) -> Any:
-    return _flash_cpu(q, k, v, dropout_p, is_causal, attn_mask, scale)
+    return _eager_flash_cpu(q, k, v, dropout_p, is_causal, attn_mask, scale)
 
 
 EMULATED_OPS: dict[str, Any] = {
-    "mm": _mm,
-    "bmm": _bmm,
-    "addmm": lambda *a, **k: _call_addmm(_addmm, *a, **k),
-    "baddbmm": lambda *a, **k: _call_addmm(_baddbmm, *a, **k),
-    "addbmm": lambda *a, **k: _call_addmm(_addbmm, *a, **k),
-    "_addmm_activation": lambda bias, a, b, *, beta=1, alpha=1, use_gelu=False: _addmm_activation(
-        bias, a, b, _scalar(beta), _scalar(alpha), use_gelu
+    "mm": _eager_mm,
+    "bmm": _eager_bmm,
+    "addmm": lambda *a, **k: _call_addmm(_eager_addmm, *a, **k),
+    "baddbmm": lambda *a, **k: _call_addmm(_eager_baddbmm, *a, **k),
+    "addbmm": lambda *a, **k: _call_addmm(_eager_addbmm, *a, **k),
+    "_addmm_activation": lambda bias, a, b, *, beta=1, alpha=1, use_gelu=False: (
+        _eager_addmm_activation(bias, a, b, _scalar(beta), _scalar(alpha), use_gelu)
     ),
-    "conv_tbc": lambda x, weight, bias, pad=0: _conv_tbc(x, weight, bias, pad),
-    "convolution": _convolution,
+    "conv_tbc": lambda x, weight, bias, pad=0: _eager_conv_tbc(x, weight, bias, pad),
+    "convolution": _eager_convolution,
     "_scaled_dot_product_flash_attention_for_cpu": _call_flash,
 }
 """aten primitive (overload name) -> its emulated version, called with aten's arguments on
@@ -372,9 +380,9 @@ def emulated_linear(
     """
     flat = x.reshape(-1, x.shape[-1])
     if bias is None:
-        out = _mm(flat, weight.t())
+        out = _eager_mm(flat, weight.t())
     else:
-        out = _addmm(bias, flat, weight.t(), 1.0, 1.0)
+        out = _eager_addmm(bias, flat, weight.t(), 1.0, 1.0)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -392,8 +400,8 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"{tuple(a.shape)} and {tuple(b.shape)}; use torch.matmul inside an emulated region"
         )
     if b.dim() == 2:  # folded into one GEMM, as torch.matmul does: one rounding per gradient
-        return _mm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+        return _eager_mm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    return _bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])
+    return _eager_bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])
