@@ -24,9 +24,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def plain_eager(args: tuple[Any, ...]) -> bool:
     """Whether a call on ``args`` is unobservable as an op: eager, plain tensors, no modes."""
+    if torch.compiler.is_compiling():  # first: dynamo traces this function (Fp8Linear.forward)
+        return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active():
         return False
     return all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor))
 
@@ -39,6 +41,8 @@ class EagerOp:
         setup_context: the op's registered ``setup_context(ctx, inputs, output)``, or None for
             an op without autograd (its backward GEMMs).
         backward: the op's registered ``backward(ctx, *grads)``.
+        impl: what runs instead of ``op._init_fn`` on the fast path (the same values: e.g. the
+            same ATen ops called from C++ in one call); ``backward`` likewise.
     """
 
     def __init__(
@@ -46,9 +50,10 @@ class EagerOp:
         op: Any,
         setup_context: Callable[..., None] | None = None,
         backward: Callable[..., Any] | None = None,
+        impl: Callable[..., Any] | None = None,
     ) -> None:
         self.op = op
-        self.impl = op._init_fn
+        self.impl = op._init_fn if impl is None else impl
         self.function: Any = None
         if setup_context is not None and backward is not None:
             impl = self.impl

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -174,6 +175,50 @@ at::Tensor fake_quantize_dynamic(const at::Tensor& x, int64_t br, int64_t bc, do
   return fake_quantize(x, scale, br, bc, fmax, mbits, min_exp);
 }
 
+// The 16-bit GEMMs of the emulated backend (mixprec/compute/emulated.py), each one call: the
+// widenings, the fp32 GEMM and the rounding that its Python function runs as separate torch ops,
+// the same ATen ops in the same order (so the same bits), without a trip through Python for each.
+// Autocast stays out: these run inside mixprec's autocast kernels, and an fp32 GEMM reaching
+// autocast again would be lowered.
+c10::DispatchKeySet autocast_keys() {
+  return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
+}
+
+at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : x.to(dtype);
+}
+
+// addmm(bias, a, b, beta, alpha) in fp32 on 16-bit operands, one rounding; mm without a bias.
+at::Tensor gemm16(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                  double beta, double alpha) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  at::Tensor wa = a.to(at::kFloat);
+  at::Tensor wb = b.to(at::kFloat);
+  at::Tensor out = bias.has_value()
+                       ? at::addmm(bias->to(at::kFloat), wa, wb, beta, alpha)
+                       : at::mm(wa, wb);
+  return out.to(a.scalar_type());
+}
+
+// The gradients of gemm16 (emulated.py's _addmm_backward and _mm_backward on 2-D operands): the
+// wanted ones, in the order bias, a, b.
+std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& a, const at::Tensor& b, double beta,
+                                        double alpha, bool want_bias, bool want_a, bool want_b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  std::vector<at::Tensor> out;
+  at::Tensor g = grad.to(at::kFloat);
+  if (bias.has_value() && want_bias) {
+    at::Tensor gb = beta == 1 ? g : g * beta;
+    out.push_back(round_to(gb.sum_to_size(bias->sizes()), bias->scalar_type()));
+  }
+  if (alpha != 1) g = g * alpha;
+  if (want_a) out.push_back(round_to(at::matmul(g, b.to(at::kFloat).mT()), a.scalar_type()));
+  if (want_b) out.push_back(round_to(at::matmul(a.to(at::kFloat).mT(), g), b.scalar_type()));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec_emulate, m) {
@@ -183,9 +228,15 @@ TORCH_LIBRARY(mixprec_emulate, m) {
   m.def(
       "fake_quantize_dynamic(Tensor x, int br, int bc, float fmax, int mbits, int min_exp, "
       "int rule, int max_exp) -> Tensor");
+  m.def("gemm16(Tensor? bias, Tensor a, Tensor b, float beta, float alpha) -> Tensor");
+  m.def(
+      "gemm16_backward(Tensor grad, Tensor? bias, Tensor a, Tensor b, float beta, float alpha, "
+      "bool want_bias, bool want_a, bool want_b) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_dynamic", &fake_quantize_dynamic);
+  m.impl("gemm16", &gemm16);
+  m.impl("gemm16_backward", &gemm16_backward);
 }

@@ -311,8 +311,8 @@ for _op in (
     _op.register_fake(_op._init_fn)  # type: ignore[attr-defined]
 _AUTOGRAD: list[tuple[Any, Any, Any]] = [
     (_mm, _save_all, _mm_backward),
-    (_bmm, _save_all, _mm_backward),
     (_addmm, _save_addmm, _addmm_backward),
+    (_bmm, _save_all, _mm_backward),
     (_baddbmm, _save_addmm, _addmm_backward),
     (_addbmm, _save_addmm, _addmm_backward),
     (_addmm_activation, _save_addmm_activation, _addmm_activation_backward),
@@ -322,9 +322,75 @@ _AUTOGRAD: list[tuple[Any, Any, Any]] = [
 ]
 for _op, _setup, _backward in _AUTOGRAD:
     _op.register_autograd(_backward, setup_context=_setup)
-# Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager)
-_eager_mm, _eager_bmm, _eager_addmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, \
-    _eager_conv_tbc, _eager_convolution, _eager_flash_cpu = (EagerOp(*row) for row in _AUTOGRAD)
+
+
+_ENGINE: list[Any] = []  # emulate_build.emulate_engine, imported on first use (it imports scaled)
+
+
+def _engine() -> Any:
+    """The C++ 16-bit GEMMs (``torch.ops.mixprec_emulate``), or None where they cannot be built."""
+    if not _ENGINE:
+        from mixprec.compute.emulate_build import emulate_engine  # builds on first call
+
+        _ENGINE.append(emulate_engine)
+    return _ENGINE[0]()
+
+
+def _eager_gemm(
+    bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    """``_addmm`` (or ``_mm`` without a bias) on the eager fast path: one C++ call running the
+    same ATen ops on CPU tensors."""
+    engine = _engine() if a.device.type == "cpu" else None
+    if engine is None:
+        if bias is None:
+            return _mm._init_fn(a, b)  # type: ignore[attr-defined, no-any-return]
+        return _addmm._init_fn(bias, a, b, beta, alpha)  # type: ignore[attr-defined, no-any-return]
+    return engine.gemm16(bias, a, b, beta, alpha)  # type: ignore[no-any-return]
+
+
+def _eager_gemm_backward(
+    ctx: Any, grad: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The gradients of :func:`_eager_gemm` (bias, a, b) from one C++ call, or None where the
+    Python backward runs (no kernel, not on the CPU, batched operands)."""
+    if a.device.type != "cpu" or a.dim() != 2 or grad.dim() != 2:
+        return None
+    engine = _engine()
+    if engine is None:
+        return None
+    beta, alpha = getattr(ctx, "beta", 1.0), getattr(ctx, "alpha", 1.0)
+    want = ctx.needs_input_grad
+    want_bias, want_a, want_b = (
+        (want[0], want[1], want[2]) if bias is not None else (False, want[0], want[1])
+    )
+    found = iter(engine.gemm16_backward(grad, bias, a, b, beta, alpha, want_bias, want_a, want_b))
+    g_bias = next(found) if bias is not None and want_bias else None
+    ga = next(found) if want_a else None
+    gb = next(found) if want_b else None
+    return g_bias, ga, gb
+
+
+def _eager_mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    a, b = ctx.saved_tensors
+    found = _eager_gemm_backward(ctx, grad, None, a, b)
+    return _mm_backward(ctx, grad) if found is None else found[1:]
+
+
+def _eager_addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    bias, a, b = ctx.saved_tensors
+    found = _eager_gemm_backward(ctx, grad, bias, a, b)
+    return _addmm_backward(ctx, grad) if found is None else (*found, None, None)
+
+
+# Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager);
+# mm and addmm, the GEMMs of linear layers, run as one C++ call each way.
+_eager_bmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, _eager_conv_tbc, \
+    _eager_convolution, _eager_flash_cpu = (EagerOp(*row) for row in _AUTOGRAD[2:])  # fmt: skip
+_eager_mm = EagerOp(
+    _mm, _save_all, _eager_mm_backward, impl=lambda a, b: _eager_gemm(None, a, b, 1.0, 1.0)
+)
+_eager_addmm = EagerOp(_addmm, _save_addmm, _eager_addmm_backward, impl=_eager_gemm)
 
 
 def _scalar(value: Any) -> float:

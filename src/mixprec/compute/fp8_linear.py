@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.compute import emulate_build  # noqa: F401  (hands mixprec.scaled its kernels)
+from mixprec.compute._eager import EagerOp
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
 from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
@@ -207,9 +208,9 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     gi = gw = gb = None
     args = (ctx.recipe, ctx.out_dtype, scales, ctx.native)
     if want[0]:
-        gi = _fp8_grad_input(grad, weight, *args).to(x.dtype)
+        gi = _eager_grad_input(grad, weight, *args).to(x.dtype)
     if want[1]:
-        gw = _fp8_grad_weight(grad, x, *args).to(weight.dtype)
+        gw = _eager_grad_weight(grad, x, *args).to(weight.dtype)
     if ctx.bias_dtype is not None and want[2]:
         gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
     return gi, gw, gb, None, None, None, None
@@ -226,6 +227,10 @@ def _gemm_t(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool) ->
 
 _fp8_linear.register_fake(_fake)
 _fp8_linear.register_autograd(_backward, setup_context=_setup)
+# Eager calls on plain tensors skip torch.library's per-call machinery (mixprec.compute._eager)
+_eager_linear = EagerOp(_fp8_linear, _setup, _backward)
+_eager_grad_input = EagerOp(_fp8_grad_input)
+_eager_grad_weight = EagerOp(_fp8_grad_weight)
 
 
 def fp8_linear(
@@ -261,7 +266,7 @@ def fp8_linear(
     _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp8_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
+    out = _eager_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -370,7 +375,7 @@ class Fp8Linear(nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
         spec = _spec(self.recipe)
-        out = _fp8_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
+        out = _eager_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
         if scales is not None and self.training and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)
