@@ -188,6 +188,10 @@ at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
   return x.scalar_type() == dtype ? x : x.to(dtype);
 }
 
+bool column_major(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
 // addmm(bias, a, b, beta, alpha) in fp32 on 16-bit operands, one rounding; mm without a bias.
 at::Tensor gemm16(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                   double beta, double alpha) {
@@ -214,8 +218,17 @@ std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
     out.push_back(round_to(gb.sum_to_size(bias->sizes()), bias->scalar_type()));
   }
   if (alpha != 1) g = g * alpha;
-  if (want_a) out.push_back(round_to(at::matmul(g, b.to(at::kFloat).mT()), a.scalar_type()));
-  if (want_b) out.push_back(round_to(at::matmul(a.to(at::kFloat).mT(), g), b.scalar_type()));
+  // Laid out as torch's fp32 backward (mm_mat1_backward, mm_mat2_backward) lays them out.
+  if (want_a) {
+    at::Tensor ga = column_major(a) ? at::matmul(b.to(at::kFloat), g.mT()).mT()
+                                    : at::matmul(g, b.to(at::kFloat).mT());
+    out.push_back(round_to(ga, a.scalar_type()));
+  }
+  if (want_b) {
+    at::Tensor gb = column_major(b) ? at::matmul(g.mT(), a.to(at::kFloat)).mT()
+                                    : at::matmul(a.to(at::kFloat).mT(), g);
+    out.push_back(round_to(gb, b.scalar_type()));
+  }
   return out;
 }
 

@@ -96,6 +96,28 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a.float(), b.float()).to(a.dtype)
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    """torch's test for a column-major matrix (``mm_mat1_backward``/``mm_mat2_backward``)."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.size(0)
+
+
+def _grad_a(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``g @ b.T`` in fp32, laid out as torch's fp32 backward lays it out: column-major for a
+    column-major ``a``, so the gradient needs no transposing copy on its way to ``a``."""
+    if _column_major(a):
+        return (b.float() @ g.mT).mT
+    return g @ b.float().mT
+
+
+def _grad_b(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a.T @ g`` in fp32, laid out as torch's fp32 backward lays it out: a linear layer's
+    ``weight.t()`` is column-major, so its gradient reaches the weight (and its ``.grad``, which
+    autograd keeps in the parameter's layout) without a transposing copy."""
+    if _column_major(b):
+        return (g.mT @ a.float()).mT
+    return a.float().mT @ g
+
+
 def _save_all(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
@@ -104,8 +126,8 @@ def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...
     a, b = ctx.saved_tensors
     with no_autocast():
         g = grad.float()
-        ga = _round(g @ b.float().mT, a.dtype) if ctx.needs_input_grad[0] else None
-        gb = _round(a.float().mT @ g, b.dtype) if ctx.needs_input_grad[1] else None
+        ga = _round(_grad_a(g, a, b), a.dtype) if ctx.needs_input_grad[0] else None
+        gb = _round(_grad_b(g, a, b), b.dtype) if ctx.needs_input_grad[1] else None
     return ga, gb
 
 
@@ -154,8 +176,8 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
             g = g.expand(a.shape[0], *g.shape)
         if ctx.alpha != 1:
             g = g * ctx.alpha
-        ga = _round(g @ b.float().mT, a.dtype) if want[1] else None
-        gb = _round(a.float().mT @ g, b.dtype) if want[2] else None
+        ga = _round(_grad_a(g, a, b), a.dtype) if want[1] else None
+        gb = _round(_grad_b(g, a, b), b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None
 
 
