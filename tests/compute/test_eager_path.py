@@ -63,6 +63,13 @@ CASES = {
         [(16, 8), (16, 24), (24, 8)],
     ),
     "conv2d": (lambda x, w, b: F.conv2d(x, w, b, padding=1), [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
+    "conv2d strided": (
+        lambda x, w: F.conv2d(x, w, None, (2, 1), 1, 2, 2),
+        [(2, 4, 7, 7), (6, 2, 3, 3)],
+    ),
+    "conv2d unbatched": (lambda x, w, b: F.conv2d(x, w, b), [(3, 6, 6), (4, 3, 3, 3), (4,)]),
+    "conv1d": (lambda x, w, b: F.conv1d(x, w, b, 2), [(2, 3, 9), (4, 3, 3), (4,)]),
+    "conv3d": (lambda x, w: F.conv3d(x, w, padding=1), [(1, 2, 4, 4, 4), (3, 2, 3, 3, 3)]),
 }
 
 

@@ -232,6 +232,39 @@ std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
   return out;
 }
 
+// The emulated convolution (emulated.py's _convolution and its backward): fp32 on widened
+// 16-bit operands, each result rounded once.
+at::Tensor conv16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  bool transposed, at::IntArrayRef output_padding, int64_t groups) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  std::optional<at::Tensor> wide_bias;
+  if (bias.has_value()) wide_bias = bias->to(at::kFloat);
+  at::Tensor out = at::convolution(x.to(at::kFloat), weight.to(at::kFloat), wide_bias, stride,
+                                   padding, dilation, transposed, output_padding, groups);
+  return out.to(x.scalar_type());
+}
+
+// The wanted gradients (input, weight, bias by `mask`), in that order, each rounded to its
+// operand's dtype (the bias's is `bias_dtype`).
+std::vector<at::Tensor> conv16_backward(const at::Tensor& grad, const at::Tensor& x,
+                                        const at::Tensor& weight, at::OptionalIntArrayRef bias_sizes,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, bool transposed,
+                                        at::IntArrayRef output_padding, int64_t groups,
+                                        bool want_x, bool want_weight, bool want_bias,
+                                        std::optional<c10::ScalarType> bias_dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  auto [gx, gw, gb] = at::convolution_backward(
+      grad.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), bias_sizes, stride, padding,
+      dilation, transposed, output_padding, groups, {want_x, want_weight, want_bias});
+  std::vector<at::Tensor> out;
+  if (want_x) out.push_back(round_to(gx, x.scalar_type()));
+  if (want_weight) out.push_back(round_to(gw, weight.scalar_type()));
+  if (want_bias) out.push_back(round_to(gb, *bias_dtype));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec_emulate, m) {
@@ -245,6 +278,13 @@ TORCH_LIBRARY(mixprec_emulate, m) {
   m.def(
       "gemm16_backward(Tensor grad, Tensor? bias, Tensor a, Tensor b, float beta, float alpha, "
       "bool want_bias, bool want_a, bool want_b) -> Tensor[]");
+  m.def(
+      "conv16(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "bool transposed, int[] output_padding, int groups) -> Tensor");
+  m.def(
+      "conv16_backward(Tensor grad, Tensor x, Tensor weight, int[]? bias_sizes, int[] stride, "
+      "int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, "
+      "bool want_x, bool want_weight, bool want_bias, ScalarType? bias_dtype) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
@@ -252,4 +292,6 @@ TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
   m.impl("fake_quantize_dynamic", &fake_quantize_dynamic);
   m.impl("gemm16", &gemm16);
   m.impl("gemm16_backward", &gemm16_backward);
+  m.impl("conv16", &conv16);
+  m.impl("conv16_backward", &conv16_backward);
 }

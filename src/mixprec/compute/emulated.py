@@ -405,10 +405,39 @@ def _eager_addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | 
     return _addmm_backward(ctx, grad) if found is None else (*found, None, None)
 
 
+def _eager_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *geometry: Any
+) -> Any:
+    """``_convolution`` on the eager fast path: one C++ call on CPU tensors."""
+    engine = _engine() if x.device.type == "cpu" else None
+    if engine is None:
+        return _convolution._init_fn(x, weight, bias, *geometry)  # type: ignore[attr-defined]
+    return engine.conv16(x, weight, bias, *geometry)
+
+
+def _eager_conv_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    engine = _engine() if x.device.type == "cpu" else None
+    if engine is None:
+        return _convolution_backward(ctx, grad)
+    want = ctx.needs_input_grad
+    mask = [want[0], want[1], ctx.bias_sizes is not None and want[2]]
+    found = iter(
+        engine.conv16_backward(
+            grad, x, weight, ctx.bias_sizes, *ctx.geometry, *mask, ctx.bias_dtype
+        )
+    )
+    return (*(next(found) if wanted else None for wanted in mask), *([None] * 6))
+
+
 # Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager);
-# mm and addmm, the GEMMs of linear layers, run as one C++ call each way.
+# mm, addmm and convolution (linear and conv layers) run as one C++ call each way.
+_OTHERS = (row for row in _AUTOGRAD[2:] if row[0] is not _convolution)
 _eager_bmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, _eager_conv_tbc, \
-    _eager_convolution, _eager_flash_cpu = (EagerOp(*row) for row in _AUTOGRAD[2:])  # fmt: skip
+    _eager_flash_cpu = (EagerOp(*row) for row in _OTHERS)  # fmt: skip
+_eager_convolution = EagerOp(
+    _convolution, _save_convolution, _eager_conv_backward, impl=_eager_conv
+)
 _eager_mm = EagerOp(
     _mm, _save_all, _eager_mm_backward, impl=lambda a, b: _eager_gemm(None, a, b, 1.0, 1.0)
 )

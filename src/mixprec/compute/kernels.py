@@ -346,10 +346,37 @@ def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str
     return EMULATED_OPS["addmm"](bias, x, weight.t())
 
 
+def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
+    """``conv1d``/``conv2d``/``conv3d`` on a batched input, as torch's kernel decomposes it (one
+    ``convolution``, not transposed, no output padding) straight onto the emulated convolution;
+    NotImplemented where :func:`_linear_shortcut` would give up, or on an unbatched input."""
+    if not 2 <= len(args) <= 7 or not plain_eager(args):
+        return NotImplemented
+    x = _lowered(args[0], dtype, device_type)
+    weight = _lowered(args[1], dtype, device_type)
+    if x is None or weight is None or x.dim() != weight.dim() or x.dim() < 3:
+        return NotImplemented
+    spatial = x.dim() - 2
+    # the dispatcher leaves out trailing arguments equal to the schema's defaults
+    defaults = (None, [1] * spatial, [0] * spatial, [1] * spatial, 1)
+    bias, stride, padding, dilation, groups = (*args[2:], *defaults[len(args) - 2 :])
+    if bias is not None:
+        bias = _lowered(bias, dtype, device_type)
+        if bias is None:
+            return NotImplemented
+    if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
+        return NotImplemented
+    convolution = EMULATED_OPS["convolution"]
+    return convolution(x, weight, bias, stride, padding, dilation, False, [0] * spatial, groups)
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _WIDTHS = (torch.float32, torch.float16, torch.bfloat16)
 _SHORTCUTS: dict[str, Callable[[tuple[Any, ...], torch.dtype, str], Any]] = {
-    "linear": _linear_shortcut
+    "linear": _linear_shortcut,
+    "conv1d": _conv_shortcut,
+    "conv2d": _conv_shortcut,
+    "conv3d": _conv_shortcut,
 }
 
 
