@@ -8,6 +8,9 @@ only passes ops through.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +115,28 @@ def test_no_grad_fast_path_equals_the_custom_op():
         with _PassThrough():
             ref = F.linear(x, w, b)
     assert torch.equal(fast, ref)
+
+
+@pytest.mark.filterwarnings("error")  # torch warns when it backprops through an op without autograd
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_double_backward_equals_the_custom_ops(layer):
+    """A gradient penalty (create_graph=True) differentiates the emulated backward again."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        module, x = torch.nn.Linear(12, 6), torch.randn(8, 12)
+    else:
+        module, x = torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 5, 5)
+
+    def penalty(observed: bool) -> list[torch.Tensor]:
+        net = copy.deepcopy(module)
+        inp = x.clone().requires_grad_()
+        mode = _PassThrough() if observed else contextlib.nullcontext()
+        with mode:
+            with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
+                out = torch.tanh(net(inp).float())
+            (g,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
+            g.square().sum().backward()
+        return [inp.grad, *(p.grad for p in net.parameters())]
+
+    for got, want in zip(penalty(False), penalty(True), strict=True):
+        assert want is not None and torch.equal(got, want)

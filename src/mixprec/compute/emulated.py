@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch._C import DispatchKey, DispatchKeySet
 
+from mixprec.compute import emulated_cpp
 from mixprec.compute._eager import EagerOp
 
 __all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
@@ -346,88 +347,47 @@ for _op, _setup, _backward in _AUTOGRAD:
     _op.register_autograd(_backward, setup_context=_setup)
 
 
-_ENGINE: list[Any] = []  # emulate_build.emulate_engine, imported on first use (it imports scaled)
-
-
-def _engine() -> Any:
-    """The C++ 16-bit GEMMs (``torch.ops.mixprec_emulate``), or None where they cannot be built."""
-    if not _ENGINE:
-        from mixprec.compute.emulate_build import emulate_engine  # builds on first call
-
-        _ENGINE.append(emulate_engine)
-    return _ENGINE[0]()
-
-
 def _eager_gemm(
     bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
 ) -> torch.Tensor:
-    """``_addmm`` (or ``_mm`` without a bias) on the eager fast path: one C++ call running the
-    same ATen ops on CPU tensors."""
-    engine = _engine() if a.device.type == "cpu" else None
-    if engine is None:
-        if bias is None:
-            return _mm._init_fn(a, b)  # type: ignore[attr-defined, no-any-return]
-        return _addmm._init_fn(bias, a, b, beta, alpha)  # type: ignore[attr-defined, no-any-return]
-    return engine.gemm16(bias, a, b, beta, alpha)  # type: ignore[no-any-return]
-
-
-def _eager_gemm_backward(
-    ctx: Any, grad: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor
-) -> tuple[torch.Tensor | None, ...] | None:
-    """The gradients of :func:`_eager_gemm` (bias, a, b) from one C++ call, or None where the
-    Python backward runs (no kernel, not on the CPU, batched operands)."""
-    if a.device.type != "cpu" or a.dim() != 2 or grad.dim() != 2:
-        return None
-    engine = _engine()
-    if engine is None:
-        return None
-    beta, alpha = getattr(ctx, "beta", 1.0), getattr(ctx, "alpha", 1.0)
-    want = ctx.needs_input_grad
-    want_bias, want_a, want_b = (
-        (want[0], want[1], want[2]) if bias is not None else (False, want[0], want[1])
-    )
-    found = iter(engine.gemm16_backward(grad, bias, a, b, beta, alpha, want_bias, want_a, want_b))
-    g_bias = next(found) if bias is not None and want_bias else None
-    ga = next(found) if want_a else None
-    gb = next(found) if want_b else None
-    return g_bias, ga, gb
+    """``_addmm`` (``_mm`` without a bias) on the eager fast path: one C++ call where it can."""
+    out = emulated_cpp.gemm(bias, a, b, beta, alpha)
+    if out is not None:
+        return out
+    if bias is None:
+        return _mm._init_fn(a, b)  # type: ignore[attr-defined, no-any-return]
+    return _addmm._init_fn(bias, a, b, beta, alpha)  # type: ignore[attr-defined, no-any-return]
 
 
 def _eager_mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     a, b = ctx.saved_tensors
-    found = _eager_gemm_backward(ctx, grad, None, a, b)
+    want = (False, *ctx.needs_input_grad)
+    found = emulated_cpp.gemm_backward(grad, None, a, b, 1.0, 1.0, want)
     return _mm_backward(ctx, grad) if found is None else found[1:]
 
 
 def _eager_addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     bias, a, b = ctx.saved_tensors
-    found = _eager_gemm_backward(ctx, grad, bias, a, b)
+    found = emulated_cpp.gemm_backward(grad, bias, a, b, ctx.beta, ctx.alpha, ctx.needs_input_grad)
     return _addmm_backward(ctx, grad) if found is None else (*found, None, None)
 
 
 def _eager_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *geometry: Any
 ) -> Any:
-    """``_convolution`` on the eager fast path: one C++ call on CPU tensors."""
-    engine = _engine() if x.device.type == "cpu" else None
-    if engine is None:
+    """``_convolution`` on the eager fast path: one C++ call where it can."""
+    out = emulated_cpp.conv(x, weight, bias, *geometry)
+    if out is None:
         return _convolution._init_fn(x, weight, bias, *geometry)  # type: ignore[attr-defined]
-    return engine.conv16(x, weight, bias, *geometry)
+    return out
 
 
 def _eager_conv_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     x, weight = ctx.saved_tensors
-    engine = _engine() if x.device.type == "cpu" else None
-    if engine is None:
-        return _convolution_backward(ctx, grad)
-    want = ctx.needs_input_grad
-    mask = [want[0], want[1], ctx.bias_sizes is not None and want[2]]
-    found = iter(
-        engine.conv16_backward(
-            grad, x, weight, ctx.bias_sizes, *ctx.geometry, *mask, ctx.bias_dtype
-        )
+    found = emulated_cpp.conv_backward(
+        grad, x, weight, ctx.bias_sizes, ctx.bias_dtype, ctx.geometry, ctx.needs_input_grad
     )
-    return (*(next(found) if wanted else None for wanted in mask), *([None] * 6))
+    return _convolution_backward(ctx, grad) if found is None else (*found, *([None] * 6))
 
 
 # Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager);
