@@ -73,6 +73,10 @@ class EagerOp:
     def __call__(self, *args: Any) -> Any:
         if not plain_eager(args):
             return self.op(*args)
+        return self.call_plain(*args)
+
+    def call_plain(self, *args: Any) -> Any:
+        """The fast path, for a caller that has checked :func:`plain_eager` itself."""
         if (
             self.function is not None
             and torch.is_grad_enabled()

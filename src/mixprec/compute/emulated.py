@@ -37,7 +37,7 @@ from torch._C import DispatchKey, DispatchKeySet
 from mixprec.compute import emulated_cpp
 from mixprec.compute._eager import EagerOp
 
-__all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
+__all__ = ["EAGER_GEMMS", "EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
 
 _NO_AUTOCAST = DispatchKeySet(DispatchKey.AutocastCPU) | DispatchKeySet(DispatchKey.AutocastCUDA)
 for _key in ("AutocastXPU", "AutocastMPS"):
@@ -440,6 +440,14 @@ EMULATED_OPS: dict[str, Any] = {
 }
 """aten primitive (overload name) -> its emulated version, called with aten's arguments on
 16-bit tensors of one dtype."""
+
+EAGER_GEMMS: dict[str, EagerOp] = {
+    "mm": _eager_mm,
+    "addmm": _eager_addmm,
+    "convolution": _eager_convolution,
+}
+"""The emulated ops of linear and conv layers, for kernels that decompose those layers themselves
+(on plain eager tensors: :meth:`EagerOp.call_plain`)."""
 
 
 def emulated_linear(

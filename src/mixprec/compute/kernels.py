@@ -41,7 +41,7 @@ from torch._C import DispatchKey, DispatchKeySet
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from mixprec.compute._eager import plain_eager
-from mixprec.compute.emulated import EMULATED_OPS
+from mixprec.compute.emulated import EAGER_GEMMS, EMULATED_OPS
 from mixprec.compute.ops import (
     BANNED_CUDA,
     COMPOSITE_GEMMS,
@@ -339,11 +339,11 @@ def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str
     if x is None or weight is None or x.dim() != 2 or weight.dim() != 2:
         return NotImplemented
     if bias is None:
-        return EMULATED_OPS["mm"](x, weight.t())
+        return EAGER_GEMMS["mm"].call_plain(x, weight.t())
     bias = _lowered(bias, dtype, device_type)
     if bias is None:
         return NotImplemented
-    return EMULATED_OPS["addmm"](bias, x, weight.t())
+    return EAGER_GEMMS["addmm"].call_plain(bias, x, weight.t(), 1.0, 1.0)
 
 
 def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
@@ -366,7 +366,7 @@ def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) 
             return NotImplemented
     if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
         return NotImplemented
-    convolution = EMULATED_OPS["convolution"]
+    convolution = EAGER_GEMMS["convolution"].call_plain
     return convolution(x, weight, bias, stride, padding, dilation, False, [0] * spatial, groups)
 
 
