@@ -43,6 +43,9 @@ class EagerOp:
         backward: the op's registered ``backward(ctx, *grads)``.
         impl: what runs instead of ``op._init_fn`` on the fast path (the same values: e.g. the
             same ATen ops called from C++ in one call); ``backward`` likewise.
+        autograd_impl: what runs instead of the ``autograd.Function`` where autograd records the
+            call (e.g. a C++ autograd node with the same forward and backward), or returns None
+            where it does not apply.
     """
 
     def __init__(
@@ -51,9 +54,11 @@ class EagerOp:
         setup_context: Callable[..., None] | None = None,
         backward: Callable[..., Any] | None = None,
         impl: Callable[..., Any] | None = None,
+        autograd_impl: Callable[..., Any] | None = None,
     ) -> None:
         self.op = op
         self.impl = op._init_fn if impl is None else impl
+        self.autograd_impl = autograd_impl
         self.function: Any = None
         if setup_context is not None and backward is not None:
             impl = self.impl
@@ -82,5 +87,9 @@ class EagerOp:
             and torch.is_grad_enabled()
             and torch._C._any_requires_grad(*args)
         ):
+            if self.autograd_impl is not None:
+                out = self.autograd_impl(*args)
+                if out is not None:
+                    return out
             return self.function.apply(*args)
         return self.impl(*args)

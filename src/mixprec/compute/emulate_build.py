@@ -36,7 +36,7 @@ def emulate_engine() -> Any | None:
 
 def _build() -> Any:
     loaded = getattr(torch.ops, "mixprec_emulate", None)
-    if loaded is not None and hasattr(loaded, "conv16"):
+    if loaded is not None and hasattr(loaded, "conv16_autograd"):
         return loaded
     _cpp.load("mixprec_emulate", _SOURCE.read_text())
     return torch.ops.mixprec_emulate

@@ -396,12 +396,26 @@ _OTHERS = (row for row in _AUTOGRAD[2:] if row[0] is not _convolution)
 _eager_bmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, _eager_conv_tbc, \
     _eager_flash_cpu = (EagerOp(*row) for row in _OTHERS)  # fmt: skip
 _eager_convolution = EagerOp(
-    _convolution, _save_convolution, _eager_conv_backward, impl=_eager_conv
+    _convolution,
+    _save_convolution,
+    _eager_conv_backward,
+    impl=_eager_conv,
+    autograd_impl=emulated_cpp.conv_node,
 )
 _eager_mm = EagerOp(
-    _mm, _save_all, _eager_mm_backward, impl=lambda a, b: _eager_gemm(None, a, b, 1.0, 1.0)
+    _mm,
+    _save_all,
+    _eager_mm_backward,
+    impl=lambda a, b: _eager_gemm(None, a, b, 1.0, 1.0),
+    autograd_impl=lambda a, b: emulated_cpp.gemm_node(None, a, b, 1.0, 1.0),
 )
-_eager_addmm = EagerOp(_addmm, _save_addmm, _eager_addmm_backward, impl=_eager_gemm)
+_eager_addmm = EagerOp(
+    _addmm,
+    _save_addmm,
+    _eager_addmm_backward,
+    impl=_eager_gemm,
+    autograd_impl=emulated_cpp.gemm_node,
+)
 
 
 def _scalar(value: Any) -> float:

@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["conv", "conv_backward", "engine", "gemm", "gemm_backward"]
+__all__ = [
+    "conv",
+    "conv_backward",
+    "conv_node",
+    "engine",
+    "gemm",
+    "gemm_backward",
+    "gemm_node",
+]
 
 _ENGINE: list[Any] = []  # emulate_build.emulate_engine, imported on first use (it imports scaled)
 
@@ -52,6 +60,15 @@ def gemm(
     once to ``a.dtype``; None where the kernel does not apply."""
     ops = engine(a.device.type)
     return None if ops is None else ops.gemm16(bias, a, b, beta, alpha)
+
+
+def gemm_node(
+    bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor | None:
+    """:func:`gemm` as one C++ autograd node whose backward is :func:`gemm_backward`'s ATen ops
+    (recorded by autograd in a double backward); None where the kernel does not apply."""
+    ops = engine(a.device.type)
+    return None if ops is None else ops.gemm16_autograd(bias, a, b, beta, alpha)
 
 
 def gemm_backward(
@@ -83,6 +100,15 @@ def conv(
     output_padding, groups."""
     ops = engine(x.device.type)
     return None if ops is None else ops.conv16(x, weight, bias, *geometry)
+
+
+def conv_node(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *geometry: Any
+) -> torch.Tensor | None:
+    """:func:`conv` as one C++ autograd node whose backward is :func:`conv_backward`'s ATen ops
+    (recorded by autograd in a double backward); None where the kernel does not apply."""
+    ops = engine(x.device.type)
+    return None if ops is None else ops.conv16_autograd(x, weight, bias, *geometry)
 
 
 def conv_backward(
