@@ -33,18 +33,21 @@ __all__ = [
     "gemm_node",
 ]
 
-_ENGINE: list[Any] = []  # emulate_build.emulate_engine, imported on first use (it imports scaled)
+_ENGINE: list[Any] = []  # the built ops, once built (emulate_build imports scaled: imported late)
 
 
 def engine(device_type: str = "cpu") -> Any:
     """``torch.ops.mixprec_emulate`` for CPU tensors (built on first call), else None."""
     if device_type != "cpu":
         return None
-    if not _ENGINE:
-        from mixprec.compute.emulate_build import emulate_engine
+    if _ENGINE:
+        return _ENGINE[0]
+    from mixprec.compute.emulate_build import emulate_engine
 
-        _ENGINE.append(emulate_engine)
-    return _ENGINE[0]()
+    ops = emulate_engine()
+    if ops is not None:
+        _ENGINE.append(ops)
+    return ops
 
 
 def _backward_engine(device_type: str) -> Any:
