@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
-from mixprec.compute.fp8_linear import fp8_linear
+from mixprec.compute.fp8_linear import _operand, fp8_linear
+from mixprec.recipes import RECIPES
+from mixprec.scaled import fp8_fake_quantize
 
 DTYPES = (torch.bfloat16, torch.float16)
 
@@ -140,3 +142,25 @@ def test_double_backward_equals_the_custom_ops(layer):
 
     for got, want in zip(penalty(False), penalty(True), strict=True):
         assert want is not None and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fp8_operands_equal_fp8_fake_quantize(name):
+    """The fp8 GEMM's operands, from the kernel arguments worked out once per shape, equal
+    ``fp8_fake_quantize``'s (which works them out on every call)."""
+    recipe = RECIPES[name]
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * 5
+    x[3, 7] = 1e-30  # far below the block's amax: rounds to zero or a subnormal
+    for role, dim, gemm in [
+        ("input", 1, "output"),
+        ("weight", 1, "output"),
+        ("grad_output", 1, "grad_input"),
+        ("weight", 0, "grad_input"),
+        ("grad_output", 0, "grad_weight"),
+        ("input", 0, "grad_weight"),
+    ]:
+        for t in (x, x.bfloat16()):
+            got = _operand(t, recipe, role, dim, gemm, None, False)
+            want = fp8_fake_quantize(t, recipe, role, dim, gemm)
+            assert torch.equal(got, want), (role, dim, gemm, t.dtype)

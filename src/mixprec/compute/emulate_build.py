@@ -24,7 +24,7 @@ import torch
 from mixprec import _cpp, scaled
 from mixprec.formats import Format
 
-__all__ = ["emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
+__all__ = ["SCALE_RULES", "emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
 _SOURCE = Path(__file__).with_name("_emulate.cpp")
 
@@ -97,12 +97,13 @@ def fake_quantize_dynamic(
         fmt.max,
         fmt.mantissa_bits,
         fmt.min_exponent,
-        _RULES[rule],
+        SCALE_RULES[rule],
         fmt.max_exponent,
     )
 
 
-_RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
+SCALE_RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
+"""The kernel's code for each scale rule of :func:`mixprec.scaled.quantize_blocks`."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 scaled.use_kernels(fake_quantize, fake_quantize_dynamic)

@@ -30,12 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.compute import emulate_build  # noqa: F401  (hands mixprec.scaled its kernels)
+from mixprec.compute import emulate_build  # (also hands mixprec.scaled its kernels)
 from mixprec.compute._eager import EagerOp
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
-from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
-from mixprec.scaled import Scaled, dequantize, fp8_fake_quantize, fp8_quantize, reduce_amax
+from mixprec.recipes import Fp8Recipe, block_shape, delayed_scale, dynamic_scale
+from mixprec.scaled import (
+    Scaled,
+    dequantize,
+    fp8_fake_quantize,
+    fp8_quantize,
+    reduce_amax,
+    reduces_over_batch,
+)
 
 __all__ = [
     "BACKENDS",
@@ -61,7 +68,35 @@ def _operand(
         return t
     if native:
         return fp8_quantize(t, r, role, dim, gemm, scale)
+    if scale is None and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES:
+        plan = _dynamic_plan(r, role, dim, gemm, tuple(t.shape))
+        ops = None if plan is None else emulate_build.emulate_engine()
+        if ops is not None:
+            return ops.fake_quantize_dynamic(t.contiguous(), *plan)
     return fp8_fake_quantize(t, r, role, dim, gemm, scale)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=1024)
+def _dynamic_plan(
+    r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]
+) -> tuple[Any, ...] | None:
+    """The arguments :func:`~mixprec.scaled.fp8_fake_quantize` hands the one-call C++ kernel for a
+    dynamically scaled operand (block, format, scale rule), worked out once per recipe, role and
+    shape: on a small model that Python costs more than the kernel. None where it takes another
+    path (an amax all-reduced over ranks, a format wider than 8 bits)."""
+    fmt = r.format_of(role)
+    if reduces_over_batch(r, role, dim) or fmt.bits > 8 or len(shape) != 2:
+        return None
+    block = block_shape(r, role, shape, dim, gemm)  # type: ignore[arg-type]
+    br, bc = min(block[0], shape[0]) or 1, min(block[1], shape[1]) or 1  # as fake_quantize_blocks
+    rule = "e8m0" if r.granularity == "mxfp8" else "pow2" if r.power_of_two else "dynamic"
+    return (
+        br, bc, fmt.max, fmt.mantissa_bits, fmt.min_exponent,
+        emulate_build.SCALE_RULES[rule], fmt.max_exponent,
+    )  # fmt: skip
 
 
 def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
