@@ -68,8 +68,8 @@ def _operand(
         return t
     if native:
         return fp8_quantize(t, r, role, dim, gemm, scale)
-    if scale is None and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES:
-        plan = _dynamic_plan(r, role, dim, gemm, tuple(t.shape))
+    if scale is None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
+        plan = _plan_for(r, role, dim, gemm, tuple(t.shape))
         ops = None if plan is None else emulate_build.emulate_engine()
         if ops is not None:
             return ops.fake_quantize_dynamic(t.contiguous(), *plan)
@@ -77,9 +77,26 @@ def _operand(
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLANS: dict[int, tuple[Fp8Recipe, dict[tuple[Any, ...], Any]]] = {}
 
 
-@functools.lru_cache(maxsize=1024)
+def _plan_for(r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]) -> Any:
+    """:func:`_dynamic_plan`, looked up by the recipe's identity (a layer keeps its recipe):
+    hashing the recipe dataclass on every call costs more than the look-up."""
+    entry = _PLANS.get(id(r))
+    if entry is None or entry[0] is not r:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        entry = _PLANS[id(r)] = (r, {})
+    key = (role, dim, gemm, shape)
+    plans = entry[1]
+    if key not in plans:
+        if len(plans) > 1024:  # shapes that vary from call to call: keep a bounded few
+            plans.clear()
+        plans[key] = _dynamic_plan(r, role, dim, gemm, shape)
+    return plans[key]
+
+
 def _dynamic_plan(
     r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]
 ) -> tuple[Any, ...] | None:
