@@ -1,4 +1,5 @@
-// One-pass fake quantization of a GEMM operand (see mixprec/compute/emulate_build.py).
+// One-pass fake quantization of a GEMM operand, and the emulated 16-bit GEMMs as one call (and
+// one autograd node) each way (see mixprec/compute/emulate_build.py and emulated_cpp.py).
 //
 // out = round_to_format(clamp(x * scale, -max, max)) / scale, per element, in fp32, with the
 // scale of the element's block: the values of dequantize(quantize_blocks(x, ...)) without the

@@ -1,4 +1,5 @@
-"""The one-pass fake-quantize kernel of emulated low-precision GEMMs (``_emulate.cpp``).
+"""The C++ kernels of emulated GEMMs (``_emulate.cpp``): one-pass fake quantization, and the
+16-bit GEMMs' eager fast path (:mod:`mixprec.compute.emulated_cpp`).
 
 Design note: an emulated FP8 (or block-scaled) GEMM multiplies the dequantized values of its
 operands in fp32. Through torch ops each operand takes six passes (widen, scale, clamp, cast to
@@ -11,7 +12,9 @@ under ``~/.cache/torch_extensions`` by a digest of source, flags, CPU and torch)
 ``torch.ops.mixprec_emulate``. Where it cannot be built,
 callers take the torch-ops path (same values; a warning says so once). :mod:`mixprec.scaled`
 sits below ``compute`` too: importing this module hands it the kernel
-(:func:`mixprec.scaled.use_kernels`).
+(:func:`mixprec.scaled.use_kernels`). The same library holds the emulated 16-bit ``mm``,
+``addmm`` and ``convolution`` as one call (and one autograd node) each way, which
+:mod:`mixprec.compute.emulated_cpp` uses.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _build() -> Any:
 
 _BUILD = _cpp.LazyBuild(
     _build,
-    "mixprec: the fake-quantize kernel for emulated FP8 GEMMs",
+    "mixprec: the C++ kernels of emulated GEMMs (16-bit and FP8)",
     "emulated GEMMs take the torch-ops path (same results, slower). Install a C++ compiler and "
     "ninja to get it",
 )
