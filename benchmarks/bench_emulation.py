@@ -29,6 +29,48 @@ AMX, shared machine at load 5-15; share of self CPU time):
   backward run ~10 small torch ops (widen, GEMM, round) where fp32 runs 3, plus the session's
   per-step work (loss scaler, found-inf check). The autocast kernels walked every op's arguments
   with pytree (now directly); digits fp8-mixed 3.4x -> 2.5x, bf16-mixed ~2.0x (unchanged).
+
+Small models, the fixed cost per op (same Xeon, 2 cores shared with two other jobs: load average
+3.0-4.4 during these runs; ``--models cnn,digits --clock cpu --threads 1 --rounds 21``, the old
+and the new tree alternated). Per step, digits bf16-mixed (cnn in brackets), from torch.profiler
+and cProfile (which inflates Python time):
+
+* before: 533 ATen ops (720); 0.49 ms (0.75) of Python in ``mixprec.compute``. An emulated linear
+  ran: the autocast kernel for ``linear`` (casts), a redispatch, torch's decomposition, the
+  ``addmm`` kernel again, then the ``torch.library`` custom op's per-call machinery (wrapper,
+  generated autograd kernel, redispatch, backend wrapper: about 40 us a call, more than a
+  64x256x256 GEMM) around five small ops; its backward a Python function of eight ops, whose
+  weight gradient came out row-major, so autograd copied it transposed into ``.grad`` (40-150 us
+  for 256x256 on this loaded machine). fp8-mixed: the fake-quantize kernel 0.17 ms/step on digits
+  (0.03 on cnn), and about 10 us of Python per operand working out its block, format and rule.
+* after: on plain eager tensors (no dispatch or function mode, no functorch, not compiling;
+  elsewhere the custom ops run as before) ``mm``, ``addmm`` and ``convolution`` are one C++
+  autograd node each (``compute/emulated_cpp.py``, ``_emulate.cpp``: the same ATen ops, so the
+  same bits; a double backward records them), the other emulated ops and the fp8 GEMMs run their
+  op's own forward and backward under a plain ``autograd.Function`` (``compute/_eager.py``);
+  ``linear`` and ``conv1d/2d/3d`` go straight from their autocast kernel to that node (torch's own
+  decomposition, no redispatch); each kernel works out its plan once per region configuration;
+  gradients are laid out as torch's fp32 backward lays them out (no transposing copy); an fp8
+  operand's kernel arguments are worked out once per recipe, role and shape. Same 529 ATen ops
+  (718); 0.11 ms (0.17) of Python in ``mixprec.compute``; the fake-quantize kernel unchanged.
+* step / fp32, before -> after (two alternated pairs; two earlier pairs, before the last fp8 and
+  C++-node changes, agree): cnn bf16-mixed 1.75, 1.80 -> 1.45, 1.43; fp16-mixed 1.83, 1.89 ->
+  1.51, 1.55; fp8-mixed 1.80, 1.88 -> 1.51, 1.52. digits bf16-mixed 2.02, 2.07 -> 1.52, 1.58;
+  fp16-mixed 2.06, 2.09 -> 1.61, 1.66; fp8-mixed 2.29, 2.22 -> 1.81, 1.93. transformer (7 rounds,
+  once each): bf16 1.23 -> 1.19, fp16 1.19 -> 1.14, fp8 1.33 -> 1.23. The 1.3x target is not met.
+* where the rest goes: digits bf16-mixed, 300 interleaved steps against fp32 (ratios): the same
+  casts, widenings and roundings as plain torch ops in the model (autograd keeps the widened
+  copies, so its backward widens nothing again), no region, no session ("the floor": about what
+  the passes themselves cost) 1.20; the model in a ``mixprec.autocast`` emulated
+  region with a plain optimizer 1.75 before, 1.40 after; through the session (``prepare``,
+  ``backward``, ``step``) 2.01 before, 1.64 after. So of the 0.64 left, about 0.20 are the passes
+  (seven elementwise passes per linear forward, about eight backward), 0.20 the region (autocast
+  kernels in Python, region entry, an autograd node per cast) and 0.24 the session: its step
+  (unscale and found-inf check, scale update, per-step checks; more for fp16's dynamic scale)
+  and the prepared model's forward hooks (cnn: also its BatchNorm islands). Tried and dropped:
+  the casts of weight and bias folded into the GEMM's autograd node (no measurable gain, and a
+  double backward would add the weight's two second-order contributions in fp32 where autocast
+  adds them in 16 bits).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-// One-pass fake quantization of a GEMM operand (see mixprec/compute/emulate_build.py).
+// One-pass fake quantization of a GEMM operand, and the emulated 16-bit GEMMs as one call (and
+// one autograd node) each way (see mixprec/compute/emulate_build.py and emulated_cpp.py).
 //
 // out = round_to_format(clamp(x * scale, -max, max)) / scale, per element, in fp32, with the
 // scale of the element's block: the values of dequantize(quantize_blocks(x, ...)) without the
@@ -8,8 +9,10 @@
 // clamp leaves (the cast's overflow handling never applies). -ffp-contract=off keeps x * scale and
 // the division separate roundings, as torch's kernels do.
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
@@ -174,6 +177,250 @@ at::Tensor fake_quantize_dynamic(const at::Tensor& x, int64_t br, int64_t bc, do
   return fake_quantize(x, scale, br, bc, fmax, mbits, min_exp);
 }
 
+// The 16-bit GEMMs of the emulated backend (mixprec/compute/emulated.py), each one call: the
+// widenings, the fp32 GEMM and the rounding that its Python function runs as separate torch ops,
+// the same ATen ops in the same order (so the same bits), without a trip through Python for each.
+// Autocast stays out: these run inside mixprec's autocast kernels, and an fp32 GEMM reaching
+// autocast again would be lowered.
+c10::DispatchKeySet autocast_keys() {
+  return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
+}
+
+at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : x.to(dtype);
+}
+
+bool column_major(const at::Tensor& t) {
+  return t.dim() == 2 && t.stride(0) == 1 && t.stride(1) == t.size(0);
+}
+
+// addmm(bias, a, b, beta, alpha) in fp32 on 16-bit operands, one rounding; mm without a bias.
+at::Tensor gemm16(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                  double beta, double alpha) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  at::Tensor wa = a.to(at::kFloat);
+  at::Tensor wb = b.to(at::kFloat);
+  at::Tensor out = bias.has_value()
+                       ? at::addmm(bias->to(at::kFloat), wa, wb, beta, alpha)
+                       : at::mm(wa, wb);
+  return out.to(a.scalar_type());
+}
+
+// The gradients of gemm16 (emulated.py's _addmm_backward and _mm_backward on 2-D operands): the
+// wanted ones, in the order bias, a, b.
+std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
+                                        const std::optional<at::Tensor>& bias,
+                                        const at::Tensor& a, const at::Tensor& b, double beta,
+                                        double alpha, bool want_bias, bool want_a, bool want_b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  std::vector<at::Tensor> out;
+  at::Tensor g = grad.to(at::kFloat);
+  if (bias.has_value() && want_bias) {
+    at::Tensor gb = beta == 1 ? g : g * beta;
+    out.push_back(round_to(gb.sum_to_size(bias->sizes()), bias->scalar_type()));
+  }
+  if (alpha != 1) g = g * alpha;
+  // Laid out as torch's fp32 backward (mm_mat1_backward, mm_mat2_backward) lays them out.
+  if (want_a) {
+    at::Tensor ga = column_major(a) ? at::matmul(b.to(at::kFloat), g.mT()).mT()
+                                    : at::matmul(g, b.to(at::kFloat).mT());
+    out.push_back(round_to(ga, a.scalar_type()));
+  }
+  if (want_b) {
+    at::Tensor gb = column_major(b) ? at::matmul(g.mT(), a.to(at::kFloat)).mT()
+                                    : at::matmul(a.to(at::kFloat).mT(), g);
+    out.push_back(round_to(gb, b.scalar_type()));
+  }
+  return out;
+}
+
+// The emulated convolution (emulated.py's _convolution and its backward): fp32 on widened
+// 16-bit operands, each result rounded once.
+at::Tensor conv16(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                  bool transposed, at::IntArrayRef output_padding, int64_t groups) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  std::optional<at::Tensor> wide_bias;
+  if (bias.has_value()) wide_bias = bias->to(at::kFloat);
+  at::Tensor out = at::convolution(x.to(at::kFloat), weight.to(at::kFloat), wide_bias, stride,
+                                   padding, dilation, transposed, output_padding, groups);
+  return out.to(x.scalar_type());
+}
+
+// The wanted gradients (input, weight, bias by `mask`), in that order, each rounded to its
+// operand's dtype (the bias's is `bias_dtype`).
+std::vector<at::Tensor> conv16_backward(const at::Tensor& grad, const at::Tensor& x,
+                                        const at::Tensor& weight, at::OptionalIntArrayRef bias_sizes,
+                                        at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, bool transposed,
+                                        at::IntArrayRef output_padding, int64_t groups,
+                                        bool want_x, bool want_weight, bool want_bias,
+                                        std::optional<c10::ScalarType> bias_dtype) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+  auto [gx, gw, gb] = at::convolution_backward(
+      grad.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), bias_sizes, stride, padding,
+      dilation, transposed, output_padding, groups, {want_x, want_weight, want_bias});
+  std::vector<at::Tensor> out;
+  if (want_x) out.push_back(round_to(gx, x.scalar_type()));
+  if (want_weight) out.push_back(round_to(gw, weight.scalar_type()));
+  if (want_bias) out.push_back(round_to(gb, *bias_dtype));
+  return out;
+}
+
+// gemm16 and its backward as one C++ autograd node (no Python on either side). The backward runs
+// the ATen ops of gemm16_backward; in a double backward (grad mode on) they record autograd.
+// Without a bias the node has two inputs (autograd takes no undefined input).
+at::Tensor gemm16_node_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                                const at::Tensor& b, bool want_bias, bool want_a, bool want_b,
+                                at::Tensor* g_bias, at::Tensor* ga) {
+  double beta = ctx->saved_data["beta"].toDouble();
+  double alpha = ctx->saved_data["alpha"].toDouble();
+  auto found = gemm16_backward(grad, bias, a, b, beta, alpha, want_bias, want_a, want_b);
+  size_t i = 0;
+  if (want_bias) *g_bias = found[i++];
+  if (want_a) *ga = found[i++];
+  return want_b ? found[i] : at::Tensor();
+}
+
+struct Addmm16Function : public torch::autograd::Function<Addmm16Function> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& bias,
+                            const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+    ctx->save_for_backward({bias, a, b});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["alpha"] = alpha;
+    return gemm16(bias, a, b, beta, alpha);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    at::Tensor g_bias, ga;
+    at::Tensor gb = gemm16_node_backward(ctx, grads[0], saved[0], saved[1], saved[2],
+                                         ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                         ctx->needs_input_grad(2), &g_bias, &ga);
+    return {g_bias, ga, gb, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct Mm16Function : public torch::autograd::Function<Mm16Function> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a,
+                            const at::Tensor& b) {
+    ctx->save_for_backward({a, b});
+    ctx->saved_data["beta"] = 1.0;
+    ctx->saved_data["alpha"] = 1.0;
+    return gemm16(std::nullopt, a, b, 1.0, 1.0);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    at::Tensor ga;
+    at::Tensor gb = gemm16_node_backward(ctx, grads[0], std::nullopt, saved[0], saved[1], false,
+                                         ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                         nullptr, &ga);
+    return {ga, gb};
+  }
+};
+
+// gemm16 as an autograd node: addmm with a bias, mm without.
+at::Tensor gemm16_autograd(const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                           const at::Tensor& b, double beta, double alpha) {
+  if (bias.has_value()) return Addmm16Function::apply(*bias, a, b, beta, alpha);
+  return Mm16Function::apply(a, b);
+}
+
+// conv16 and its backward as one C++ autograd node, as gemm16_autograd (with and without a bias).
+void save_geometry(torch::autograd::AutogradContext* ctx, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                   at::IntArrayRef output_padding, int64_t groups) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+  ctx->saved_data["transposed"] = transposed;
+  ctx->saved_data["output_padding"] = output_padding.vec();
+  ctx->saved_data["groups"] = groups;
+}
+
+std::vector<at::Tensor> conv16_node_backward(torch::autograd::AutogradContext* ctx,
+                                             const at::Tensor& grad, const at::Tensor& x,
+                                             const at::Tensor& weight,
+                                             at::OptionalIntArrayRef bias_sizes, bool want_x,
+                                             bool want_weight, bool want_bias,
+                                             std::optional<c10::ScalarType> bias_dtype) {
+  auto& d = ctx->saved_data;
+  auto found = conv16_backward(grad, x, weight, bias_sizes, d["stride"].toIntVector(),
+                               d["padding"].toIntVector(), d["dilation"].toIntVector(),
+                               d["transposed"].toBool(), d["output_padding"].toIntVector(),
+                               d["groups"].toInt(), want_x, want_weight, want_bias, bias_dtype);
+  std::vector<at::Tensor> out(3);
+  size_t i = 0;
+  if (want_x) out[0] = found[i++];
+  if (want_weight) out[1] = found[i++];
+  if (want_bias) out[2] = found[i++];
+  return out;
+}
+
+struct ConvBias16Function : public torch::autograd::Function<ConvBias16Function> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const at::Tensor& bias,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool transposed,
+                            at::IntArrayRef output_padding, int64_t groups) {
+    ctx->save_for_backward({x, weight});
+    save_geometry(ctx, stride, padding, dilation, transposed, output_padding, groups);
+    ctx->saved_data["bias_sizes"] = bias.sizes().vec();
+    ctx->saved_data["bias_dtype"] = bias.scalar_type();
+    return conv16(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    std::vector<int64_t> bias_sizes = ctx->saved_data["bias_sizes"].toIntVector();
+    auto g = conv16_node_backward(ctx, grads[0], saved[0], saved[1], bias_sizes,
+                                  ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                  ctx->needs_input_grad(2),
+                                  ctx->saved_data["bias_dtype"].toScalarType());
+    return {g[0], g[1], g[2], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+struct Conv16Function : public torch::autograd::Function<Conv16Function> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, at::IntArrayRef stride,
+                            at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                            at::IntArrayRef output_padding, int64_t groups) {
+    ctx->save_for_backward({x, weight});
+    save_geometry(ctx, stride, padding, dilation, transposed, output_padding, groups);
+    return conv16(x, weight, std::nullopt, stride, padding, dilation, transposed,
+                  output_padding, groups);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto g = conv16_node_backward(ctx, grads[0], saved[0], saved[1], std::nullopt,
+                                  ctx->needs_input_grad(0), ctx->needs_input_grad(1), false,
+                                  std::nullopt);
+    return {g[0], g[1], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor conv16_autograd(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                           at::IntArrayRef output_padding, int64_t groups) {
+  if (bias.has_value()) {
+    return ConvBias16Function::apply(x, weight, *bias, stride, padding, dilation, transposed,
+                                     output_padding, groups);
+  }
+  return Conv16Function::apply(x, weight, stride, padding, dilation, transposed, output_padding,
+                               groups);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mixprec_emulate, m) {
@@ -183,9 +430,33 @@ TORCH_LIBRARY(mixprec_emulate, m) {
   m.def(
       "fake_quantize_dynamic(Tensor x, int br, int bc, float fmax, int mbits, int min_exp, "
       "int rule, int max_exp) -> Tensor");
+  m.def("gemm16(Tensor? bias, Tensor a, Tensor b, float beta, float alpha) -> Tensor");
+  m.def(
+      "gemm16_backward(Tensor grad, Tensor? bias, Tensor a, Tensor b, float beta, float alpha, "
+      "bool want_bias, bool want_a, bool want_b) -> Tensor[]");
+  m.def("gemm16_autograd(Tensor? bias, Tensor a, Tensor b, float beta, float alpha) -> Tensor");
+  m.def(
+      "conv16_autograd(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "int[] dilation, bool transposed, int[] output_padding, int groups) -> Tensor");
+  m.def(
+      "conv16(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+      "bool transposed, int[] output_padding, int groups) -> Tensor");
+  m.def(
+      "conv16_backward(Tensor grad, Tensor x, Tensor weight, int[]? bias_sizes, int[] stride, "
+      "int[] padding, int[] dilation, bool transposed, int[] output_padding, int groups, "
+      "bool want_x, bool want_weight, bool want_bias, ScalarType? bias_dtype) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(mixprec_emulate, CompositeImplicitAutograd, m) {
+  m.impl("gemm16_autograd", &gemm16_autograd);
+  m.impl("conv16_autograd", &conv16_autograd);
 }
 
 TORCH_LIBRARY_IMPL(mixprec_emulate, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_dynamic", &fake_quantize_dynamic);
+  m.impl("gemm16", &gemm16);
+  m.impl("gemm16_backward", &gemm16_backward);
+  m.impl("conv16", &conv16);
+  m.impl("conv16_backward", &conv16_backward);
 }

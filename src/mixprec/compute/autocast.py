@@ -108,10 +108,16 @@ def _keep_16_bit_casts_compiled() -> None:
     compiled at the first ``backward()``, after the region has exited. Plain ``torch.autocast``
     code compiled later in the process gets eager's roundings too (what eager computes).
     """
-    import torch._inductor.config as config  # light; the first region pays for it once
+    if not _INDUCTOR_CONFIG:  # imported once: an import statement per region costs ~10 us
+        import torch._inductor.config as config
 
+        _INDUCTOR_CONFIG.append(config)
+    config = _INDUCTOR_CONFIG[0]
     if getattr(config, "emulate_precision_casts", True) is False:
         config.emulate_precision_casts = True
+
+
+_INDUCTOR_CONFIG: list[Any] = []
 
 
 class autocast:  # lower case: named as torch.autocast, which it replaces

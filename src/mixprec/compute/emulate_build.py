@@ -1,4 +1,5 @@
-"""The one-pass fake-quantize kernel of emulated low-precision GEMMs (``_emulate.cpp``).
+"""The C++ kernels of emulated GEMMs (``_emulate.cpp``): one-pass fake quantization, and the
+16-bit GEMMs' eager fast path (:mod:`mixprec.compute.emulated_cpp`).
 
 Design note: an emulated FP8 (or block-scaled) GEMM multiplies the dequantized values of its
 operands in fp32. Through torch ops each operand takes six passes (widen, scale, clamp, cast to
@@ -11,7 +12,9 @@ under ``~/.cache/torch_extensions`` by a digest of source, flags, CPU and torch)
 ``torch.ops.mixprec_emulate``. Where it cannot be built,
 callers take the torch-ops path (same values; a warning says so once). :mod:`mixprec.scaled`
 sits below ``compute`` too: importing this module hands it the kernel
-(:func:`mixprec.scaled.use_kernels`).
+(:func:`mixprec.scaled.use_kernels`). The same library holds the emulated 16-bit ``mm``,
+``addmm`` and ``convolution`` as one call (and one autograd node) each way, which
+:mod:`mixprec.compute.emulated_cpp` uses.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from mixprec import _cpp, scaled
 from mixprec.formats import Format
 
-__all__ = ["emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
+__all__ = ["SCALE_RULES", "emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
 _SOURCE = Path(__file__).with_name("_emulate.cpp")
 
@@ -36,7 +39,7 @@ def emulate_engine() -> Any | None:
 
 def _build() -> Any:
     loaded = getattr(torch.ops, "mixprec_emulate", None)
-    if loaded is not None and hasattr(loaded, "fake_quantize"):
+    if loaded is not None and hasattr(loaded, "conv16_autograd"):
         return loaded
     _cpp.load("mixprec_emulate", _SOURCE.read_text())
     return torch.ops.mixprec_emulate
@@ -44,7 +47,7 @@ def _build() -> Any:
 
 _BUILD = _cpp.LazyBuild(
     _build,
-    "mixprec: the fake-quantize kernel for emulated FP8 GEMMs",
+    "mixprec: the C++ kernels of emulated GEMMs (16-bit and FP8)",
     "emulated GEMMs take the torch-ops path (same results, slower). Install a C++ compiler and "
     "ninja to get it",
 )
@@ -97,12 +100,13 @@ def fake_quantize_dynamic(
         fmt.max,
         fmt.mantissa_bits,
         fmt.min_exponent,
-        _RULES[rule],
+        SCALE_RULES[rule],
         fmt.max_exponent,
     )
 
 
-_RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
+SCALE_RULES = {"dynamic": 0, "pow2": 1, "e8m0": 2}
+"""The kernel's code for each scale rule of :func:`mixprec.scaled.quantize_blocks`."""
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 scaled.use_kernels(fake_quantize, fake_quantize_dynamic)

@@ -34,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch._C import DispatchKey, DispatchKeySet
 
-__all__ = ["EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
+from mixprec.compute import emulated_cpp
+from mixprec.compute._eager import EagerOp
+
+__all__ = ["EAGER_GEMMS", "EMULATED_OPS", "emulated_linear", "emulated_matmul", "no_autocast"]
 
 _NO_AUTOCAST = DispatchKeySet(DispatchKey.AutocastCPU) | DispatchKeySet(DispatchKey.AutocastCUDA)
 for _key in ("AutocastXPU", "AutocastMPS"):
@@ -94,6 +97,28 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a.float(), b.float()).to(a.dtype)
 
 
+def _column_major(t: torch.Tensor) -> bool:
+    """torch's test for a column-major matrix (``mm_mat1_backward``/``mm_mat2_backward``)."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.size(0)
+
+
+def _grad_a(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``g @ b.T`` in fp32, laid out as torch's fp32 backward lays it out: column-major for a
+    column-major ``a``, so the gradient needs no transposing copy on its way to ``a``."""
+    if _column_major(a):
+        return (b.float() @ g.mT).mT
+    return g @ b.float().mT
+
+
+def _grad_b(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a.T @ g`` in fp32, laid out as torch's fp32 backward lays it out: a linear layer's
+    ``weight.t()`` is column-major, so its gradient reaches the weight (and its ``.grad``, which
+    autograd keeps in the parameter's layout) without a transposing copy."""
+    if _column_major(b):
+        return (g.mT @ a.float()).mT
+    return a.float().mT @ g
+
+
 def _save_all(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
 
@@ -102,8 +127,8 @@ def _mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...
     a, b = ctx.saved_tensors
     with no_autocast():
         g = grad.float()
-        ga = _round(g @ b.float().mT, a.dtype) if ctx.needs_input_grad[0] else None
-        gb = _round(a.float().mT @ g, b.dtype) if ctx.needs_input_grad[1] else None
+        ga = _round(_grad_a(g, a, b), a.dtype) if ctx.needs_input_grad[0] else None
+        gb = _round(_grad_b(g, a, b), b.dtype) if ctx.needs_input_grad[1] else None
     return ga, gb
 
 
@@ -152,8 +177,8 @@ def _addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, 
             g = g.expand(a.shape[0], *g.shape)
         if ctx.alpha != 1:
             g = g * ctx.alpha
-        ga = _round(g @ b.float().mT, a.dtype) if want[1] else None
-        gb = _round(a.float().mT @ g, b.dtype) if want[2] else None
+        ga = _round(_grad_a(g, a, b), a.dtype) if want[1] else None
+        gb = _round(_grad_b(g, a, b), b.dtype) if want[2] else None
     return g_bias, ga, gb, None, None
 
 
@@ -307,16 +332,90 @@ for _op in (
     _mm, _bmm, _addmm, _baddbmm, _addbmm, _addmm_activation, _conv_tbc, _convolution, _flash_cpu
 ):  # fmt: skip
     _op.register_fake(_op._init_fn)  # type: ignore[attr-defined]
-_mm.register_autograd(_mm_backward, setup_context=_save_all)
-_bmm.register_autograd(_mm_backward, setup_context=_save_all)
-for _op in (_addmm, _baddbmm, _addbmm):
-    _op.register_autograd(_addmm_backward, setup_context=_save_addmm)
-_addmm_activation.register_autograd(
-    _addmm_activation_backward, setup_context=_save_addmm_activation
+_AUTOGRAD: list[tuple[Any, Any, Any]] = [
+    (_mm, _save_all, _mm_backward),
+    (_addmm, _save_addmm, _addmm_backward),
+    (_bmm, _save_all, _mm_backward),
+    (_baddbmm, _save_addmm, _addmm_backward),
+    (_addbmm, _save_addmm, _addmm_backward),
+    (_addmm_activation, _save_addmm_activation, _addmm_activation_backward),
+    (_conv_tbc, _save_conv_tbc, _conv_tbc_backward),
+    (_convolution, _save_convolution, _convolution_backward),
+    (_flash_cpu, _save_flash, _flash_backward),
+]
+for _op, _setup, _backward in _AUTOGRAD:
+    _op.register_autograd(_backward, setup_context=_setup)
+
+
+def _eager_gemm(
+    bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
+    """``_addmm`` (``_mm`` without a bias) on the eager fast path: one C++ call where it can."""
+    out = emulated_cpp.gemm(bias, a, b, beta, alpha)
+    if out is not None:
+        return out
+    if bias is None:
+        return _mm._init_fn(a, b)  # type: ignore[attr-defined, no-any-return]
+    return _addmm._init_fn(bias, a, b, beta, alpha)  # type: ignore[attr-defined, no-any-return]
+
+
+def _eager_mm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    a, b = ctx.saved_tensors
+    want = (False, *ctx.needs_input_grad)
+    found = emulated_cpp.gemm_backward(grad, None, a, b, 1.0, 1.0, want)
+    return _mm_backward(ctx, grad) if found is None else found[1:]
+
+
+def _eager_addmm_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    bias, a, b = ctx.saved_tensors
+    found = emulated_cpp.gemm_backward(grad, bias, a, b, ctx.beta, ctx.alpha, ctx.needs_input_grad)
+    return _addmm_backward(ctx, grad) if found is None else (*found, None, None)
+
+
+def _eager_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *geometry: Any
+) -> Any:
+    """``_convolution`` on the eager fast path: one C++ call where it can."""
+    out = emulated_cpp.conv(x, weight, bias, *geometry)
+    if out is None:
+        return _convolution._init_fn(x, weight, bias, *geometry)  # type: ignore[attr-defined]
+    return out
+
+
+def _eager_conv_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    found = emulated_cpp.conv_backward(
+        grad, x, weight, ctx.bias_sizes, ctx.bias_dtype, ctx.geometry, ctx.needs_input_grad
+    )
+    return _convolution_backward(ctx, grad) if found is None else (*found, *([None] * 6))
+
+
+# Eager calls on plain tensors skip torch.library's per-call machinery (see mixprec.compute._eager);
+# mm, addmm and convolution (linear and conv layers) run as one C++ call each way.
+_OTHERS = (row for row in _AUTOGRAD[2:] if row[0] is not _convolution)
+_eager_bmm, _eager_baddbmm, _eager_addbmm, _eager_addmm_activation, _eager_conv_tbc, \
+    _eager_flash_cpu = (EagerOp(*row) for row in _OTHERS)  # fmt: skip
+_eager_convolution = EagerOp(
+    _convolution,
+    _save_convolution,
+    _eager_conv_backward,
+    impl=_eager_conv,
+    autograd_impl=emulated_cpp.conv_node,
 )
-_conv_tbc.register_autograd(_conv_tbc_backward, setup_context=_save_conv_tbc)
-_convolution.register_autograd(_convolution_backward, setup_context=_save_convolution)
-_flash_cpu.register_autograd(_flash_backward, setup_context=_save_flash)
+_eager_mm = EagerOp(
+    _mm,
+    _save_all,
+    _eager_mm_backward,
+    impl=lambda a, b: _eager_gemm(None, a, b, 1.0, 1.0),
+    autograd_impl=lambda a, b: emulated_cpp.gemm_node(None, a, b, 1.0, 1.0),
+)
+_eager_addmm = EagerOp(
+    _addmm,
+    _save_addmm,
+    _eager_addmm_backward,
+    impl=_eager_gemm,
+    autograd_impl=emulated_cpp.gemm_node,
+)
 
 
 def _scalar(value: Any) -> float:
@@ -337,24 +436,32 @@ def _call_flash(
     attn_mask: Any = None,
     scale: float | None = None,
 ) -> Any:
-    return _flash_cpu(q, k, v, dropout_p, is_causal, attn_mask, scale)
+    return _eager_flash_cpu(q, k, v, dropout_p, is_causal, attn_mask, scale)
 
 
 EMULATED_OPS: dict[str, Any] = {
-    "mm": _mm,
-    "bmm": _bmm,
-    "addmm": lambda *a, **k: _call_addmm(_addmm, *a, **k),
-    "baddbmm": lambda *a, **k: _call_addmm(_baddbmm, *a, **k),
-    "addbmm": lambda *a, **k: _call_addmm(_addbmm, *a, **k),
-    "_addmm_activation": lambda bias, a, b, *, beta=1, alpha=1, use_gelu=False: _addmm_activation(
-        bias, a, b, _scalar(beta), _scalar(alpha), use_gelu
+    "mm": _eager_mm,
+    "bmm": _eager_bmm,
+    "addmm": lambda *a, **k: _call_addmm(_eager_addmm, *a, **k),
+    "baddbmm": lambda *a, **k: _call_addmm(_eager_baddbmm, *a, **k),
+    "addbmm": lambda *a, **k: _call_addmm(_eager_addbmm, *a, **k),
+    "_addmm_activation": lambda bias, a, b, *, beta=1, alpha=1, use_gelu=False: (
+        _eager_addmm_activation(bias, a, b, _scalar(beta), _scalar(alpha), use_gelu)
     ),
-    "conv_tbc": lambda x, weight, bias, pad=0: _conv_tbc(x, weight, bias, pad),
-    "convolution": _convolution,
+    "conv_tbc": lambda x, weight, bias, pad=0: _eager_conv_tbc(x, weight, bias, pad),
+    "convolution": _eager_convolution,
     "_scaled_dot_product_flash_attention_for_cpu": _call_flash,
 }
 """aten primitive (overload name) -> its emulated version, called with aten's arguments on
 16-bit tensors of one dtype."""
+
+EAGER_GEMMS: dict[str, EagerOp] = {
+    "mm": _eager_mm,
+    "addmm": _eager_addmm,
+    "convolution": _eager_convolution,
+}
+"""The emulated ops of linear and conv layers, for kernels that decompose those layers themselves
+(on plain eager tensors: :meth:`EagerOp.call_plain`)."""
 
 
 def emulated_linear(
@@ -372,9 +479,9 @@ def emulated_linear(
     """
     flat = x.reshape(-1, x.shape[-1])
     if bias is None:
-        out = _mm(flat, weight.t())
+        out = _eager_mm(flat, weight.t())
     else:
-        out = _addmm(bias, flat, weight.t(), 1.0, 1.0)
+        out = _eager_addmm(bias, flat, weight.t(), 1.0, 1.0)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -392,8 +499,8 @@ def emulated_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             f"{tuple(a.shape)} and {tuple(b.shape)}; use torch.matmul inside an emulated region"
         )
     if b.dim() == 2:  # folded into one GEMM, as torch.matmul does: one rounding per gradient
-        return _mm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
+        return _eager_mm(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    return _bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])
+    return _eager_bmm(a3, b3).reshape(*batch, a.shape[-2], b.shape[-1])

@@ -30,11 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.compute import emulate_build  # noqa: F401  (hands mixprec.scaled its kernels)
+from mixprec.compute import emulate_build  # (also hands mixprec.scaled its kernels)
+from mixprec.compute._eager import EagerOp
 from mixprec.compute.emulated import no_autocast
 from mixprec.hardware import choose_fp8_backend
-from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
-from mixprec.scaled import Scaled, dequantize, fp8_fake_quantize, fp8_quantize, reduce_amax
+from mixprec.recipes import Fp8Recipe, block_shape, delayed_scale, dynamic_scale
+from mixprec.scaled import (
+    Scaled,
+    dequantize,
+    fp8_fake_quantize,
+    fp8_quantize,
+    reduce_amax,
+    reduces_over_batch,
+)
 
 __all__ = [
     "BACKENDS",
@@ -60,7 +68,52 @@ def _operand(
         return t
     if native:
         return fp8_quantize(t, r, role, dim, gemm, scale)
+    if scale is None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
+        plan = _plan_for(r, role, dim, gemm, tuple(t.shape))
+        ops = None if plan is None else emulate_build.emulate_engine()
+        if ops is not None:
+            return ops.fake_quantize_dynamic(t.contiguous(), *plan)
     return fp8_fake_quantize(t, r, role, dim, gemm, scale)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLANS: dict[int, tuple[Fp8Recipe, dict[tuple[Any, ...], Any]]] = {}
+
+
+def _plan_for(r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]) -> Any:
+    """:func:`_dynamic_plan`, looked up by the recipe's identity (a layer keeps its recipe):
+    hashing the recipe dataclass on every call costs more than the look-up."""
+    entry = _PLANS.get(id(r))
+    if entry is None or entry[0] is not r:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        entry = _PLANS[id(r)] = (r, {})
+    key = (role, dim, gemm, shape)
+    plans = entry[1]
+    if key not in plans:
+        if len(plans) > 1024:  # shapes that vary from call to call: keep a bounded few
+            plans.clear()
+        plans[key] = _dynamic_plan(r, role, dim, gemm, shape)
+    return plans[key]
+
+
+def _dynamic_plan(
+    r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]
+) -> tuple[Any, ...] | None:
+    """The arguments :func:`~mixprec.scaled.fp8_fake_quantize` hands the one-call C++ kernel for a
+    dynamically scaled operand (block, format, scale rule), worked out once per recipe, role and
+    shape: on a small model that Python costs more than the kernel. None where it takes another
+    path (an amax all-reduced over ranks, a format wider than 8 bits)."""
+    fmt = r.format_of(role)
+    if reduces_over_batch(r, role, dim) or fmt.bits > 8 or len(shape) != 2:
+        return None
+    block = block_shape(r, role, shape, dim, gemm)  # type: ignore[arg-type]
+    br, bc = min(block[0], shape[0]) or 1, min(block[1], shape[1]) or 1  # as fake_quantize_blocks
+    rule = "e8m0" if r.granularity == "mxfp8" else "pow2" if r.power_of_two else "dynamic"
+    return (
+        br, bc, fmt.max, fmt.mantissa_bits, fmt.min_exponent,
+        emulate_build.SCALE_RULES[rule], fmt.max_exponent,
+    )  # fmt: skip
 
 
 def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
@@ -207,9 +260,9 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     gi = gw = gb = None
     args = (ctx.recipe, ctx.out_dtype, scales, ctx.native)
     if want[0]:
-        gi = _fp8_grad_input(grad, weight, *args).to(x.dtype)
+        gi = _eager_grad_input(grad, weight, *args).to(x.dtype)
     if want[1]:
-        gw = _fp8_grad_weight(grad, x, *args).to(weight.dtype)
+        gw = _eager_grad_weight(grad, x, *args).to(weight.dtype)
     if ctx.bias_dtype is not None and want[2]:
         gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
     return gi, gw, gb, None, None, None, None
@@ -226,6 +279,10 @@ def _gemm_t(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool) ->
 
 _fp8_linear.register_fake(_fake)
 _fp8_linear.register_autograd(_backward, setup_context=_setup)
+# Eager calls on plain tensors skip torch.library's per-call machinery (mixprec.compute._eager)
+_eager_linear = EagerOp(_fp8_linear, _setup, _backward)
+_eager_grad_input = EagerOp(_fp8_grad_input)
+_eager_grad_weight = EagerOp(_fp8_grad_weight)
 
 
 def fp8_linear(
@@ -261,7 +318,7 @@ def fp8_linear(
     _check_floating(x, weight, bias)
     native = fp8_backend(backend, weight.device, r)[0] == "native"
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp8_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
+    out = _eager_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, scales, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -370,7 +427,7 @@ class Fp8Linear(nn.Linear):
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
         spec = _spec(self.recipe)
-        out = _fp8_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
+        out = _eager_linear(flat, self.weight, self.bias, spec, out_dtype, scales, native)
         if scales is not None and self.training and out.requires_grad:
             out.register_hook(self._record_grad_amax)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -40,7 +40,8 @@ import torch
 from torch._C import DispatchKey, DispatchKeySet
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from mixprec.compute.emulated import EMULATED_OPS
+from mixprec.compute._eager import plain_eager
+from mixprec.compute.emulated import EAGER_GEMMS, EMULATED_OPS
 from mixprec.compute.ops import (
     BANNED_CUDA,
     COMPOSITE_GEMMS,
@@ -232,6 +233,20 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
     excluded = DispatchKeySet(getattr(DispatchKey, key))
     emulated = EMULATED_OPS.get(name)
     composite = name in COMPOSITE_GEMMS
+    shortcut = _SHORTCUTS.get(name)
+    # What a configuration makes this op do, worked out once per configuration: a prepared model
+    # enters the same region for every forward, and the table look-ups cost more than small ops.
+    plans: dict[int, tuple[RegionConfig, str]] = {}
+
+    def plan_for(config: RegionConfig) -> str:
+        found = plans.get(id(config))
+        if found is not None and found[0] is config:
+            return found[1]
+        plan = _plan(name, config, emulated is not None, composite)
+        if len(plans) > 64:  # configurations come and go (a region per call): keep a few
+            plans.clear()
+        plans[id(config)] = (config, plan)
+        return plan
 
     def without_autocast(args: Any, kwargs: Any) -> Any:
         with torch._C._ExcludeDispatchKeyGuard(excluded):
@@ -251,17 +266,21 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
             if emulate and emulated is not None and _all_low((args, kwargs)):
                 return emulated(*args, **kwargs)
             return op.redispatch(keyset & below, *args, **kwargs)
-        category = config.table.category(name)
-        if name in BANNED_CUDA and config.target == "cuda":
+        plan = plan_for(config)
+        if plan == "torch":
+            return as_torch(keyset, args, kwargs)
+        if plan == "banned":
             raise RuntimeError(
                 f"torch.nn.functional.{name} is unsafe to autocast on CUDA, which target='cuda' "
                 "emulates; use binary_cross_entropy_with_logits (or BCEWithLogitsLoss), which is "
                 "safe, or leave the op out of the region"
             )
-        if category == config.torch_table.category(name) and not (emulate and category == "lower"):
-            return as_torch(keyset, args, kwargs)
         dtype = torch.get_autocast_dtype(device_type)
-        if category == "lower":
+        if plan == "lower":
+            if shortcut is not None and emulate and not kwargs:
+                out = shortcut(args, dtype, device_type)
+                if out is not NotImplemented:
+                    return out
             args, kwargs = _cast((args, kwargs), dtype, device_type)
             if emulate and not _all_low((args, kwargs)):
                 return without_autocast(args, kwargs)  # fp64 stays fp64, as under torch
@@ -274,9 +293,9 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
                 finally:
                     _tls.inside_lowered -= 1
             return without_autocast(args, kwargs)
-        if category == "fp32":
+        if plan == "fp32":
             return without_autocast(*_cast((args, kwargs), torch.float32, device_type))
-        if category == "promote":
+        if plan == "promote":
             widest = _promoted((args, kwargs), dtype, device_type)
             return without_autocast(*_cast((args, kwargs), widest, device_type))
         if emulate and emulated is not None and _all_low((args, kwargs)):
@@ -285,6 +304,80 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
 
     kernel.__name__ = f"mixprec_{name.replace('.', '_')}"
     return kernel
+
+
+def _plan(name: str, config: RegionConfig, has_emulated: bool, composite: bool) -> str:
+    """What ``config`` makes op ``name`` do outside an emulated composite GEMM: ``"torch"``
+    (torch's own kernel), ``"banned"`` (refused), or its category in the region's table."""
+    if name in BANNED_CUDA and config.target == "cuda":
+        return "banned"
+    category = config.table.category(name)
+    emulate = config.backend == "emulated"
+    if category == config.torch_table.category(name) and not (emulate and category == "lower"):
+        return "torch"
+    return category
+
+
+def _lowered(t: Any, dtype: torch.dtype, device_type: str) -> torch.Tensor | None:
+    """``t`` cast to the 16-bit ``dtype`` as autocast casts a GEMM's input, or None where the
+    shortcut does not apply (a non-tensor, fp64, another device, a tensor subclass)."""
+    if type(t) not in _PLAIN or t.dtype not in _WIDTHS or t.device.type != device_type:
+        return None
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
+    """``linear`` on a 2-D input, decomposed as torch's own kernel decomposes it (``addmm`` with a
+    bias, else ``mm``, on ``weight.t()``) straight onto the emulated GEMMs: the same ops on the
+    same values, without the redispatch through the dispatcher and a second kernel call. Only
+    where nobody can observe the decomposition (:func:`plain_eager`); NotImplemented elsewhere."""
+    if len(args) not in (2, 3) or not plain_eager(args):
+        return NotImplemented
+    x = _lowered(args[0], dtype, device_type)
+    weight = _lowered(args[1], dtype, device_type)
+    bias = args[2] if len(args) == 3 else None
+    if x is None or weight is None or x.dim() != 2 or weight.dim() != 2:
+        return NotImplemented
+    if bias is None:
+        return EAGER_GEMMS["mm"].call_plain(x, weight.t())
+    bias = _lowered(bias, dtype, device_type)
+    if bias is None:
+        return NotImplemented
+    return EAGER_GEMMS["addmm"].call_plain(bias, x, weight.t(), 1.0, 1.0)
+
+
+def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
+    """``conv1d``/``conv2d``/``conv3d`` on a batched input, as torch's kernel decomposes it (one
+    ``convolution``, not transposed, no output padding) straight onto the emulated convolution;
+    NotImplemented where :func:`_linear_shortcut` would give up, or on an unbatched input."""
+    if not 2 <= len(args) <= 7 or not plain_eager(args):
+        return NotImplemented
+    x = _lowered(args[0], dtype, device_type)
+    weight = _lowered(args[1], dtype, device_type)
+    if x is None or weight is None or x.dim() != weight.dim() or x.dim() < 3:
+        return NotImplemented
+    spatial = x.dim() - 2
+    # the dispatcher leaves out trailing arguments equal to the schema's defaults
+    defaults = (None, [1] * spatial, [0] * spatial, [1] * spatial, 1)
+    bias, stride, padding, dilation, groups = (*args[2:], *defaults[len(args) - 2 :])
+    if bias is not None:
+        bias = _lowered(bias, dtype, device_type)
+        if bias is None:
+            return NotImplemented
+    if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
+        return NotImplemented
+    convolution = EAGER_GEMMS["convolution"].call_plain
+    return convolution(x, weight, bias, stride, padding, dilation, False, [0] * spatial, groups)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_WIDTHS = (torch.float32, torch.float16, torch.bfloat16)
+_SHORTCUTS: dict[str, Callable[[tuple[Any, ...], torch.dtype, str], Any]] = {
+    "linear": _linear_shortcut,
+    "conv1d": _conv_shortcut,
+    "conv2d": _conv_shortcut,
+    "conv3d": _conv_shortcut,
+}
 
 
 def _all_low(tree: Any) -> bool:

@@ -1,0 +1,166 @@
+"""The eager fast path of the emulated GEMMs equals their custom ops, bit for bit.
+
+Plain eager calls skip torch.library's per-call machinery (``mixprec.compute._eager``) and run
+``mm``/``addmm`` as one C++ call each way; under a dispatch mode the custom ops run as before. The
+reference is the custom-op path itself: the same model, inputs and gradients under a mode that
+only passes ops through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mixprec
+from mixprec.compute.fp8_linear import _operand, fp8_linear
+from mixprec.recipes import RECIPES
+from mixprec.scaled import fp8_fake_quantize
+
+DTYPES = (torch.bfloat16, torch.float16)
+
+
+class _PassThrough(TorchDispatchMode):
+    """Observes every op (so the custom ops run as ops) and changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _run(fn, inputs, observed: bool):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    if observed:
+        with _PassThrough() as mode:
+            out = fn(*leaves)
+            out.float().square().sum().backward()
+        assert any(op.startswith("mixprec.") for op in mode.ops)  # the custom ops ran
+    else:
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _emulated(dtype, fn):
+    def run(*args):
+        with mixprec.autocast("cpu", dtype=dtype, backend="emulated"):
+            return fn(*args)
+
+    return run
+
+
+CASES = {
+    "linear+bias": (lambda x, w, b: F.linear(x, w, b), [(16, 24), (8, 24), (8,)]),
+    "linear": (lambda x, w: F.linear(x, w), [(16, 24), (8, 24)]),
+    "linear 3-d": (lambda x, w, b: F.linear(x, w, b), [(2, 5, 24), (8, 24), (8,)]),
+    "matmul": (lambda a, b: a @ b, [(3, 16, 24), (24, 8)]),
+    "bmm": (lambda a, b: torch.bmm(a, b), [(3, 16, 24), (3, 24, 8)]),
+    "addmm scaled": (
+        lambda c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0),
+        [(16, 8), (16, 24), (24, 8)],
+    ),
+    "conv2d": (lambda x, w, b: F.conv2d(x, w, b, padding=1), [(2, 3, 6, 6), (4, 3, 3, 3), (4,)]),
+    "conv2d strided": (
+        lambda x, w: F.conv2d(x, w, None, (2, 1), 1, 2, 2),
+        [(2, 4, 7, 7), (6, 2, 3, 3)],
+    ),
+    "conv2d unbatched": (lambda x, w, b: F.conv2d(x, w, b), [(3, 6, 6), (4, 3, 3, 3), (4,)]),
+    "conv1d": (lambda x, w, b: F.conv1d(x, w, b, 2), [(2, 3, 9), (4, 3, 3), (4,)]),
+    "conv3d": (lambda x, w: F.conv3d(x, w, padding=1), [(1, 2, 4, 4, 4), (3, 2, 3, 3, 3)]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_path_equals_the_custom_ops(case, dtype):
+    fn, shapes = CASES[case]
+    torch.manual_seed(0)
+    inputs = [torch.randn(s) * 3 for s in shapes]
+    fast, fast_grads = _run(_emulated(dtype, fn), inputs, observed=False)
+    ref, ref_grads = _run(_emulated(dtype, fn), inputs, observed=True)
+    assert fast.dtype == ref.dtype == dtype
+    assert torch.equal(fast, ref)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        assert got is not None and want is not None
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_linear_fast_path_equals_the_custom_op(recipe):
+    torch.manual_seed(0)
+    inputs = [torch.randn(16, 32) * 3, torch.randn(8, 32), torch.randn(8)]
+
+    def fn(x, w, b):
+        return fp8_linear(x, w, b, recipe=recipe, out_dtype=torch.bfloat16)
+
+    fast, fast_grads = _run(fn, inputs, observed=False)
+    ref, ref_grads = _run(fn, inputs, observed=True)
+    assert torch.equal(fast, ref)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_no_grad_fast_path_equals_the_custom_op():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(16, 24), torch.randn(8, 24), torch.randn(8)
+    region = mixprec.autocast("cpu", dtype=torch.float16, backend="emulated")
+    with torch.no_grad(), region:
+        fast = F.linear(x, w, b)
+        with _PassThrough():
+            ref = F.linear(x, w, b)
+    assert torch.equal(fast, ref)
+
+
+@pytest.mark.filterwarnings("error")  # torch warns when it backprops through an op without autograd
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_double_backward_equals_the_custom_ops(layer):
+    """A gradient penalty (create_graph=True) differentiates the emulated backward again."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        module, x = torch.nn.Linear(12, 6), torch.randn(8, 12)
+    else:
+        module, x = torch.nn.Conv2d(2, 3, 3, padding=1), torch.randn(2, 2, 5, 5)
+
+    def penalty(observed: bool) -> list[torch.Tensor]:
+        net = copy.deepcopy(module)
+        inp = x.clone().requires_grad_()
+        mode = _PassThrough() if observed else contextlib.nullcontext()
+        with mode:
+            with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
+                out = torch.tanh(net(inp).float())
+            (g,) = torch.autograd.grad(out.sum(), inp, create_graph=True)
+            g.square().sum().backward()
+        return [inp.grad, *(p.grad for p in net.parameters())]
+
+    for got, want in zip(penalty(False), penalty(True), strict=True):
+        assert want is not None and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_fp8_operands_equal_fp8_fake_quantize(name):
+    """The fp8 GEMM's operands, from the kernel arguments worked out once per shape, equal
+    ``fp8_fake_quantize``'s (which works them out on every call)."""
+    recipe = RECIPES[name]
+    torch.manual_seed(0)
+    x = torch.randn(64, 96) * 5
+    x[3, 7] = 1e-30  # far below the block's amax: rounds to zero or a subnormal
+    for role, dim, gemm in [
+        ("input", 1, "output"),
+        ("weight", 1, "output"),
+        ("grad_output", 1, "grad_input"),
+        ("weight", 0, "grad_input"),
+        ("grad_output", 0, "grad_weight"),
+        ("input", 0, "grad_weight"),
+    ]:
+        for t in (x, x.bfloat16()):
+            got = _operand(t, recipe, role, dim, gemm, None, False)
+            want = fp8_fake_quantize(t, recipe, role, dim, gemm)
+            assert torch.equal(got, want), (role, dim, gemm, t.dtype)
