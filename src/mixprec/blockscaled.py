@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 
+from mixprec.blockscaled_build import fake_quantize_blocks
 from mixprec.formats import FP4_E2M1, FP8_E4M3, NVFP4, BlockFormat, Format
 from mixprec.quantize import Rounding, round_to_grid
 
@@ -290,6 +291,11 @@ def fake_quantize(
     if x.numel() == 0:
         _as_blocks(x, fmt)  # a ragged shape is refused even when empty
         return x.clone()
+    _as_blocks(x, fmt)  # refuses a ragged shape
+    block = (1, fmt.block_size)
+    fast = _kernel(x.reshape(-1, fmt.block_size), fmt, block, rounding, generator, per_tensor_scale)
+    if fast is not None:
+        return fast.reshape(x.shape)
     if fmt.scale == "e8m0":
         quantized = quantize_mx(x, fmt, rounding, generator)
     else:
@@ -330,6 +336,10 @@ def fake_quantize_tiles(
         >>> bool((fake_quantize_tiles(w.T, NVFP4, 16) == fake_quantize_tiles(w, NVFP4, 16).T).all())
         True
     """
+    _check_tiles(x, fmt, tile)
+    fast = _kernel(x, fmt, (tile, tile), "nearest", None, per_tensor_scale)
+    if fast is not None:
+        return fast
     q = quantize_tiles(x, fmt, tile, per_tensor_scale)
     rows, cols = x.shape
     scale = q.scales if q.tensor_scale is None else q.tensor_scale * q.scales
@@ -362,11 +372,7 @@ def quantize_tiles(
     Raises:
         ValueError: ``x`` is not 2-D or a dimension is not a multiple of ``tile``.
     """
-    if x.dim() != 2 or x.shape[0] % tile or x.shape[1] % tile:
-        raise ValueError(
-            f"{fmt.name} {tile}x{tile} tiles need a 2-D tensor with both dimensions multiples of "
-            f"{tile}, got shape {tuple(x.shape)!r}; pad it or use 1-D blocks"
-        )
+    _check_tiles(x, fmt, tile)
     rows, cols = x.shape
     tiles = x.reshape(rows // tile, tile, cols // tile, tile).transpose(1, 2)
     tiles = tiles.reshape(rows // tile, cols // tile, tile * tile)
@@ -377,6 +383,30 @@ def quantize_tiles(
     else:
         scale = _checked_tensor_scale(per_tensor_scale)
     return _nvfp4_blocks(tiles, scale.to(x.device), "nearest", None)
+
+
+def _check_tiles(x: torch.Tensor, fmt: BlockFormat, tile: int) -> None:
+    if x.dim() != 2 or x.shape[0] % tile or x.shape[1] % tile:
+        raise ValueError(
+            f"{fmt.name} {tile}x{tile} tiles need a 2-D tensor with both dimensions multiples of "
+            f"{tile}, got shape {tuple(x.shape)!r}; pad it or use 1-D blocks"
+        )
+
+
+def _kernel(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    block: tuple[int, int],
+    rounding: Rounding,
+    generator: torch.Generator | None,
+    per_tensor_scale: torch.Tensor | float | None,
+) -> torch.Tensor | None:
+    """The one-pass kernel's fake quantization of a validated 2-D ``x`` in ``block`` blocks
+    (:mod:`mixprec.blockscaled_build`), or None where it does not apply: the torch path runs."""
+    scale = None
+    if fmt.tensor_scale is not None and per_tensor_scale is not None:
+        scale = _checked_tensor_scale(per_tensor_scale)
+    return fake_quantize_blocks(x, fmt, block, rounding, generator, scale)
 
 
 def _round_elements(
