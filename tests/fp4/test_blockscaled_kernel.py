@@ -52,10 +52,8 @@ def _specimen(seed: int, shape: tuple[int, ...], block: int) -> torch.Tensor:
     use_wide = torch.rand(flat.shape[0], 1, generator=g) < 0.5
     flat.mul_(torch.exp2(torch.where(use_wide, exponents, common)))
     n = flat.numel()
-    specials = torch.tensor(
-        [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-40]
-        + [6.0, 448.0, 3e38]
-    )
+    nan, inf = float("nan"), float("inf")
+    specials = torch.tensor([nan, -nan, inf, -inf, 0.0, -0.0, 1e-45, -1e-40, 6.0, 448.0, 3e38])
     picks = torch.randint(0, n, (max(1, n // 50),), generator=g)
     flat.view(-1)[picks] = specials[torch.randint(0, len(specials), picks.shape, generator=g)]
     rows = torch.randperm(flat.shape[0], generator=g)
