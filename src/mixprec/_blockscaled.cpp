@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -78,14 +79,16 @@ MIXPREC_INLINE float e4m3_scale(float s) {
   return std::isnan(s) ? float_of((bits_of(s) & 0x80000000u) | 0x7FF00000u) : e4m3_nearest(s);
 }
 
-// The element rounding of blockscaled._round_elements on a clamped value `y`.
+// The element rounding of blockscaled._round_elements on a clamped value `y`. Dividing by a
+// power of two is multiplying by its reciprocal, bit for bit, so the kernel multiplies.
 template <bool FP4, bool STOCH>
 MIXPREC_INLINE float round_elem(float y, float u) {
   if constexpr (!STOCH) {
-    if constexpr (FP4) {  // _round_fp4_in_range
+    if constexpr (FP4) {  // _round_fp4_in_range: rint(|y| / spacing) * spacing
       const float a = std::fabs(y);
       const float spacing = a < 2.0f ? 0.5f : (a < 4.0f ? 1.0f : 2.0f);
-      return std::copysign(std::rint(a / spacing) * spacing, y);
+      const float inv = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
+      return std::copysign(std::rint(a * inv) * spacing, y);
     } else {
       return e4m3_nearest(y);
     }
@@ -93,9 +96,9 @@ MIXPREC_INLINE float round_elem(float y, float u) {
     using E = Elem<FP4>;
     const float mag = std::fabs(y);
     int32_t e = int32_t(bits_of(mag) >> 23) - 127;
-    e = std::min(std::max(e, E::min_exp), E::max_exp);
-    const float step = float_of(uint32_t(e - E::mbits + 127) << 23);
-    const float q = mag / step;  // exact
+    e = std::min(std::max(e, E::min_exp), E::max_exp) - E::mbits;
+    const float step = float_of(uint32_t(e + 127) << 23);
+    const float q = mag * float_of(uint32_t(127 - e) << 23);  // mag / step, exact
     const float fl = std::floor(q);
     const float units = fl + (u < q - fl ? 1.0f : 0.0f);
     float rounded = units * step;
@@ -105,13 +108,42 @@ MIXPREC_INLINE float round_elem(float y, float u) {
   }
 }
 
-// The largest |x| of a block as fp32 bits (NaN above inf: an integer max of the sign-cleared
-// bits orders non-negative floats and vectorizes).
-MIXPREC_INLINE uint32_t block_amax_bits(const float* p, int64_t br, int64_t bc, int64_t cols) {
-  uint32_t m = 0;
-  for (int64_t r = 0; r < br; ++r, p += cols)
-    for (int64_t j = 0; j < bc; ++j) m = std::max(m, bits_of(p[j]) & 0x7FFFFFFFu);
-  return m;
+// One element: scale (MX divides by a power of two: a product with its reciprocal, exact;
+// NVFP4 multiplies), clamp, round, dequantize. A NaN block (NaN decode) is all NaN; which NaN
+// torch returns where two NaNs meet depends on its vector width, the kernel returns the scale's.
+template <bool FP4, bool STOCH>
+MIXPREC_INLINE float element(float x, float factor, float decode, float u) {
+  const float y = clamp(x * factor, -Elem<FP4>::max, Elem<FP4>::max);
+  const float r = round_elem<FP4, STOCH>(y, u) * decode;
+  return std::isnan(decode) ? decode : r;
+}
+
+MIXPREC_INLINE uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
+
+// The scales of n blocks from their amax bits (NaN above inf: an integer max of the
+// sign-cleared bits orders non-negative floats, and vectorizes): the factor the elements are
+// multiplied by and the decode scale the rounded elements are multiplied by.
+template <bool NV, bool FP4>
+MIXPREC_INLINE void block_scales(const uint32_t* amax, float* factor, float* decode, int64_t n,
+                                 float tensor_scale, float inv_tensor_scale) {
+  for (int64_t k = 0; k < n; ++k) {
+    if constexpr (NV) {
+      float s = float_of(amax[k]) / 6.0f / tensor_scale;
+      s = e4m3_scale(clamp(s, 0x1p-6f, 448.0f));
+      factor[k] = inv_tensor_scale / s;
+      decode[k] = tensor_scale * s;
+    } else {
+      constexpr int32_t emax = Elem<FP4>::max_exp;
+      const uint32_t a = amax[k];
+      const int32_t code =
+          a > 0x7F800000u ? 255 : std::min(std::max(int32_t(a >> 23) - emax, 0), 255);
+      // Encoding divides by at least 2**-126 (torchao's clamp); finite codes stop at 253, so
+      // the reciprocal is exact. Code 255 (NaN) encodes with inf, decodes NaN.
+      const float encode = std::max(float_of(uint32_t(code) << 23), 0x1p-126f);
+      factor[k] = 1.0f / encode;
+      decode[k] = code == 0 ? 0x1p-127f : (code == 255 ? NAN : float_of(uint32_t(code) << 23));
+    }
+  }
 }
 
 struct Blocks {
@@ -119,72 +151,87 @@ struct Blocks {
   float* out;
   const float* uniform;  // null for nearest rounding
   int64_t rows, cols, br, bc;
+  bool uniform_transposed;  // uniform laid out as x.t() (x read as it lies under a .t() view)
 };
 
-// Visit every block in parallel: f(offset of its first element, amax bits).
-template <typename F>
-void for_blocks(const Blocks& b, F&& f) {
-  const int64_t n_cols = b.cols / b.bc, blocks = (b.rows / b.br) * n_cols;
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / (b.br * b.bc));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t base = (k / n_cols) * b.br * b.cols + (k % n_cols) * b.bc;
-      f(base, block_amax_bits(b.x + base, b.br, b.bc, b.cols));
+constexpr int64_t kChunk = 256;  // blocks whose scales are computed together
+
+// Every block of `b`, in bands of br rows cut into chunks of up to kChunk blocks, chunks in
+// parallel: the chunk's amaxes, then its scales (a loop over blocks), then its elements. BC is
+// the block's width when known at compile time (1: a block down a column; 0: b.bc).
+template <bool NV, bool FP4, bool STOCH, int BC>
+void run(const Blocks& b, float tensor_scale) {
+  const int64_t bc = BC ? BC : b.bc, br = b.br, cols = b.cols;
+  const int64_t per_band = cols / bc, chunks = (per_band + kChunk - 1) / kChunk;
+  const int64_t items = (b.rows / br) * chunks;
+  const int64_t item_size = br * std::min(per_band, kChunk) * bc;
+  const float inv_tensor_scale = 1.0f / tensor_scale;
+  at::parallel_for(0, items, std::max<int64_t>(1, (1 << 15) / item_size), [&](int64_t i0,
+                                                                            int64_t i1) {
+    uint32_t amax[kChunk];
+    float factor[kChunk], decode[kChunk];
+    // Draws of a transposed x, gathered per chunk: each block's br draws are consecutive there.
+    std::vector<float> draws(STOCH && b.uniform_transposed ? br * kChunk : 0);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t k0 = (item % chunks) * kChunk, n = std::min(kChunk, per_band - k0);
+      const int64_t base = (item / chunks) * br * cols + k0 * bc;
+      std::fill_n(amax, n, 0u);
+      for (int64_t r = 0; r < br; ++r) {
+        const float* in = b.x + base + r * cols;
+        if constexpr (BC == 1) {
+          for (int64_t k = 0; k < n; ++k) amax[k] = std::max(amax[k], abs_bits(in[k]));
+        } else {
+          for (int64_t k = 0; k < n; ++k) {
+            uint32_t m = amax[k];
+            for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(in[k * bc + j]));
+            amax[k] = m;
+          }
+        }
+      }
+      block_scales<NV, FP4>(amax, factor, decode, n, tensor_scale, inv_tensor_scale);
+      if (STOCH && b.uniform_transposed) {
+        const int64_t r0 = (item / chunks) * br;
+        for (int64_t k = 0; k < n * bc; ++k) {
+          const float* src = b.uniform + (k0 * bc + k) * b.rows + r0;
+          for (int64_t r = 0; r < br; ++r) draws[r * kChunk * bc + k] = src[r];
+        }
+      }
+      for (int64_t r = 0; r < br; ++r) {
+        const int64_t row = base + r * cols;
+        const float* in = b.x + row;
+        float* o = b.out + row;
+        const float* u = !STOCH ? nullptr
+                         : b.uniform_transposed ? draws.data() + r * kChunk * bc
+                                                : b.uniform + row;
+        if constexpr (BC == 1) {
+          for (int64_t k = 0; k < n; ++k)
+            o[k] = element<FP4, STOCH>(in[k], factor[k], decode[k], STOCH ? u[k] : 0.0f);
+        } else {
+          for (int64_t k = 0; k < n; ++k) {
+            const float f = factor[k], d = decode[k];
+            for (int64_t j = 0; j < bc; ++j) {
+              const int64_t at = k * bc + j;
+              o[at] = element<FP4, STOCH>(in[at], f, d, STOCH ? u[at] : 0.0f);
+            }
+          }
+        }
+      }
     }
   });
 }
 
-// out = round(clamp(x op factor, +-max)) * decode over one block; op is / (MX) or * (NVFP4).
-template <bool FP4, bool STOCH, bool DIVIDE>
-MIXPREC_INLINE void fake_block(const Blocks& b, int64_t base, float factor, float decode) {
-  constexpr float fmax = Elem<FP4>::max;
-  for (int64_t r = 0; r < b.br; ++r) {
-    const int64_t row = base + r * b.cols;
-    const float* in = b.x + row;
-    float* o = b.out + row;
-    const float* u = STOCH ? b.uniform + row : nullptr;
-    for (int64_t j = 0; j < b.bc; ++j) {
-      const float y = clamp(DIVIDE ? in[j] / factor : in[j] * factor, -fmax, fmax);
-      o[j] = round_elem<FP4, STOCH>(y, STOCH ? u[j] : 0.0f) * decode;
-    }
+template <bool NV, bool FP4, bool STOCH>
+void run_width(const Blocks& b, float tensor_scale) {
+  switch (b.bc) {
+    case 1: return run<NV, FP4, STOCH, 1>(b, tensor_scale);
+    case 16: return run<NV, FP4, STOCH, 16>(b, tensor_scale);
+    case 32: return run<NV, FP4, STOCH, 32>(b, tensor_scale);
+    default: return run<NV, FP4, STOCH, 0>(b, tensor_scale);
   }
 }
 
-template <bool FP4, bool STOCH>
-void run_mx(const Blocks& b) {
-  constexpr int emax = Elem<FP4>::max_exp;
-  for_blocks(b, [&](int64_t base, uint32_t amax) {
-    const int32_t code =
-        amax > 0x7F800000u ? 255 : std::min(std::max(int32_t(amax >> 23) - emax, 0), 255);
-    const float power = float_of(uint32_t(code) << 23);  // code 255: inf
-    const float encode = std::max(power, 0x1p-126f);  // torchao clamps to the smallest normal
-    // A NaN block is all NaN. Which NaN (sign, payload) torch returns where two meet depends on
-    // its vector width and the tensor's size; the kernel writes the scale's, as torch mostly does.
-    if (code == 255) {
-      for (int64_t r = 0; r < b.br; ++r) std::fill_n(b.out + base + r * b.cols, b.bc, NAN);
-      return;
-    }
-    fake_block<FP4, STOCH, true>(b, base, encode, code == 0 ? 0x1p-127f : power);
-  });
-}
-
-template <bool STOCH>
-void run_nvfp4(const Blocks& b, float tensor_scale) {
-  const float inv = 1.0f / tensor_scale;
-  for_blocks(b, [&](int64_t base, uint32_t amax) {
-    float s = float_of(amax) / 6.0f / tensor_scale;
-    s = e4m3_scale(clamp(s, 0x1p-6f, 448.0f));
-    const float decode = tensor_scale * s;
-    if (std::isnan(decode)) {  // a NaN block, as in MX
-      for (int64_t r = 0; r < b.br; ++r) std::fill_n(b.out + base + r * b.cols, b.bc, decode);
-      return;
-    }
-    fake_block<true, STOCH, false>(b, base, inv / s, decode);
-  });
-}
-
 at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc,
-                 const std::optional<at::Tensor>& uniform) {
+                 const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "blockscaled: a contiguous 2-D fp32 tensor");
   TORCH_CHECK(br >= 1 && bc >= 1 && x.size(0) % br == 0 && x.size(1) % bc == 0,
@@ -193,26 +240,29 @@ at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc,
     TORCH_CHECK(uniform->is_contiguous() && uniform->scalar_type() == at::kFloat &&
                     uniform->numel() == x.numel(),
                 "blockscaled: one contiguous fp32 draw per element");
+    TORCH_CHECK(!uniform_transposed || (bc == 1 || br == 1),
+                "blockscaled: transposed draws need 1-D blocks");
   }
   return at::empty(x.sizes(), x.options());
 }
 
 Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const std::optional<at::Tensor>& uniform,
-                 int64_t br, int64_t bc) {
+                 int64_t br, int64_t bc, bool uniform_transposed) {
   return Blocks{x.data_ptr<float>(), out.data_ptr<float>(),
                 uniform.has_value() ? uniform->data_ptr<float>() : nullptr,
-                x.size(0), x.size(1), br, bc};
+                x.size(0), x.size(1), br, bc, uniform_transposed};
 }
 
 at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4,
-              const std::optional<at::Tensor>& uniform) {
-  at::Tensor out = check(x, br, bc, uniform);
-  const Blocks b = blocks_of(x, out, uniform, br, bc);
-  const bool stoch = uniform.has_value();
+              const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
+  at::Tensor out = check(x, br, bc, uniform, uniform_transposed);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, uniform_transposed);
   if (fp4) {
-    stoch ? run_mx<true, true>(b) : run_mx<true, false>(b);
+    uniform.has_value() ? run_width<false, true, true>(b, 1.0f)
+                        : run_width<false, true, false>(b, 1.0f);
   } else {
-    stoch ? run_mx<false, true>(b) : run_mx<false, false>(b);
+    uniform.has_value() ? run_width<false, false, true>(b, 1.0f)
+                        : run_width<false, false, false>(b, 1.0f);
   }
   return out;
 }
@@ -232,8 +282,8 @@ float default_tensor_scale(const at::Tensor& x) {
 }
 
 at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
-                 int64_t bc, const std::optional<at::Tensor>& uniform) {
-  at::Tensor out = check(x, br, bc, uniform);
+                 int64_t bc, const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
+  at::Tensor out = check(x, br, bc, uniform, uniform_transposed);
   float scale;
   if (tensor_scale.has_value()) {
     TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
@@ -242,26 +292,31 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
   } else {
     scale = x.numel() ? default_tensor_scale(x) : 1.0f;
   }
-  const Blocks b = blocks_of(x, out, uniform, br, bc);
-  uniform.has_value() ? run_nvfp4<true>(b, scale) : run_nvfp4<false>(b, scale);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, uniform_transposed);
+  uniform.has_value() ? run_width<true, true, true>(b, scale)
+                      : run_width<true, true, false>(b, scale);
   return out;
 }
 
 at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool,
-                   const std::optional<at::Tensor>&) {
+                   const std::optional<at::Tensor>&, bool) {
   return at::empty_like(x);
 }
 
 at::Tensor nvfp4_meta(const at::Tensor& x, const std::optional<at::Tensor>&, int64_t, int64_t,
-                      const std::optional<at::Tensor>&) {
+                      const std::optional<at::Tensor>&, bool) {
   return at::empty_like(x);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mixprec_blockscaled, m) {
-  m.def("mx(Tensor x, int br, int bc, bool fp4, Tensor? uniform) -> Tensor");
-  m.def("nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, Tensor? uniform) -> Tensor");
+  m.def(
+      "mx(Tensor x, int br, int bc, bool fp4, Tensor? uniform, bool uniform_transposed) -> "
+      "Tensor");
+  m.def(
+      "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, Tensor? uniform, "
+      "bool uniform_transposed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, CPU, m) {

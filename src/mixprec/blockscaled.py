@@ -288,12 +288,12 @@ def fake_quantize(
             f"per_tensor_scale={per_tensor_scale!r} was given for {fmt.name!r}, which has no "
             f"tensor scale (only nvfp4 has one); drop per_tensor_scale"
         )
+    _check_blocks(x, fmt)  # a ragged shape is refused even when empty
     if x.numel() == 0:
-        _as_blocks(x, fmt)  # a ragged shape is refused even when empty
         return x.clone()
-    _as_blocks(x, fmt)  # refuses a ragged shape
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a 2-D x may lie transposed
     block = (1, fmt.block_size)
-    fast = _kernel(x.reshape(-1, fmt.block_size), fmt, block, rounding, generator, per_tensor_scale)
+    fast = _kernel(rows, fmt, block, rounding, generator, per_tensor_scale)
     if fast is not None:
         return fast.reshape(x.shape)
     if fmt.scale == "e8m0":
@@ -437,6 +437,13 @@ def _round_fp4_in_range(scaled: torch.Tensor) -> torch.Tensor:
 
 def _as_blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """``x`` viewed as ``(..., blocks, block_size)``; refuses a shape that does not split."""
+    _check_blocks(x, fmt)
+    *outer, last = x.shape
+    return x.reshape(*outer, last // fmt.block_size, fmt.block_size)
+
+
+def _check_blocks(x: torch.Tensor, fmt: BlockFormat) -> None:
+    """Refuse a shape whose last dimension does not split into blocks (without a copy)."""
     if x.dim() == 0:
         raise ValueError(
             f"{fmt.name} quantizes blocks of {fmt.block_size} along the last dimension, but x is "
@@ -451,7 +458,6 @@ def _as_blocks(x: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
             f"{fmt.block_size}; pad the last dimension (to {padded}) or choose a format without "
             f"blocks"
         )
-    return x.reshape(*outer, last // fmt.block_size, fmt.block_size)
 
 
 def _checked_tensor_scale(scale: object) -> torch.Tensor:

@@ -71,8 +71,10 @@ def fake_quantize_blocks(
         tensor_scale: NVFP4's checked fp32 tensor scale (0-d); None for the default from amax.
 
     Returns:
-        A new fp32 tensor of ``x``'s shape, or None: no kernel, not a contiguous-able CPU fp32
-        tensor, a tensor that needs gradients, or an element format without a kernel.
+        A new fp32 tensor of ``x``'s shape (transposed in memory where ``x`` is, as ``w.t()``:
+        the kernel reads such an ``x`` as it lies instead of copying it), or None: no kernel,
+        not a CPU fp32 tensor, a tensor that needs gradients, or an element format without a
+        kernel.
     """
     if (
         x.device.type != "cpu"
@@ -88,9 +90,19 @@ def fake_quantize_blocks(
     if ops is None:
         return None
     uniform = None
-    if rounding == "stochastic":
+    if rounding == "stochastic":  # drawn in x's logical order, as the torch path draws them
         uniform = torch.rand(x.shape, generator=generator, dtype=torch.float32)
-    x = x.contiguous()
+    shape = x.shape
+    transposed = not x.is_contiguous() and x.t().is_contiguous()
+    if transposed:  # e.g. w.t(): the kernel walks blocks down the columns of the contiguous x.t()
+        x, block = x.t(), (block[1], block[0])
+    else:
+        x = x.contiguous()
+        if block[0] == 1:  # blocks along rows: one long row, cut into chunks of blocks
+            x = x.view(1, -1)
+            uniform = None if uniform is None else uniform.view(1, -1)
     if fmt.scale == "e8m0":
-        return ops.mx(x, block[0], block[1], fmt.element == FP4_E2M1, uniform)  # type: ignore[no-any-return]
-    return ops.nvfp4(x, tensor_scale, block[0], block[1], uniform)  # type: ignore[no-any-return]
+        out = ops.mx(x, block[0], block[1], fmt.element == FP4_E2M1, uniform, transposed)
+    else:
+        out = ops.nvfp4(x, tensor_scale, block[0], block[1], uniform, transposed)
+    return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]
