@@ -17,7 +17,9 @@
 // separate rounding, as torch's kernels do.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/MT19937RNGEngine.h>
 
 #include <algorithm>
 #include <cmath>
@@ -230,39 +232,92 @@ void run_width(const Blocks& b, float tensor_scale) {
   }
 }
 
-at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc,
-                 const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
+// torch.rand(n) from `gen` (torch's default CPU generator when absent) into `out`: the same
+// numbers, leaving the generator in the same state. torch draws them one call at a time
+// (at::mt19937's operator(), then uniform_real: the low 24 bits times 2**-24); this is that
+// engine's code on its own state, the tempering of a run of outputs in one loop.
+MIXPREC_INLINE float draw_of(uint32_t y) {
+  y ^= (y >> 11);
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  y ^= (y >> 18);
+  return float(y & 0xFFFFFFu) * 0x1p-24f;
+}
+
+MIXPREC_INLINE uint32_t twist(uint32_t u, uint32_t v) {
+  return (((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ (v & 1 ? at::MATRIX_A : 0);
+}
+
+void next_state(at::mt19937_data_pod& d) {  // at::mt19937::next_state
+  constexpr int N = at::MERSENNE_STATE_N, M = at::MERSENNE_STATE_M;
+  uint32_t* p = d.state_.data();
+  d.left_ = N;
+  d.next_ = 0;
+  for (int j = N - M + 1; --j; p++) *p = p[M] ^ twist(p[0], p[1]);
+  for (int j = M; --j; p++) *p = p[M - N] ^ twist(p[0], p[1]);
+  *p = p[M - N] ^ twist(p[0], d.state_[0]);
+}
+
+void draw_uniform(const std::optional<at::Generator>& generator, float* out, int64_t n) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  at::mt19937 engine = gen->engine();
+  at::mt19937_data_pod d = engine.data();
+  int64_t i = 0;
+  while (i < n) {
+    // each draw first decrements left_; the one that reaches 0 regenerates the state
+    const int64_t take = std::min<int64_t>(d.left_ - 1, n - i);
+    const uint32_t* state = d.state_.data() + d.next_;
+    for (int64_t k = 0; k < take; ++k) out[i + k] = draw_of(state[k]);
+    d.next_ += uint32_t(take);
+    d.left_ -= int(take);
+    i += take;
+    if (i < n) {
+      next_state(d);
+      out[i++] = draw_of(d.state_[d.next_++]);
+    }
+  }
+  engine.set_data(d);
+  gen->set_engine(engine);
+}
+
+at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
               "blockscaled: a contiguous 2-D fp32 tensor");
   TORCH_CHECK(br >= 1 && bc >= 1 && x.size(0) % br == 0 && x.size(1) % bc == 0,
               "blockscaled: blocks must tile the tensor");
-  if (uniform.has_value()) {
-    TORCH_CHECK(uniform->is_contiguous() && uniform->scalar_type() == at::kFloat &&
-                    uniform->numel() == x.numel(),
-                "blockscaled: one contiguous fp32 draw per element");
-    TORCH_CHECK(!uniform_transposed || (bc == 1 || br == 1),
-                "blockscaled: transposed draws need 1-D blocks");
-  }
+  TORCH_CHECK(!uniform_transposed || bc == 1 || br == 1,
+              "blockscaled: transposed draws need 1-D blocks");
   return at::empty(x.sizes(), x.options());
 }
 
-Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const std::optional<at::Tensor>& uniform,
-                 int64_t br, int64_t bc, bool uniform_transposed) {
+// The draws of stochastic rounding (empty for nearest), in the logical order of x, or of x.t()
+// where `transposed`.
+at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen) {
+  if (!stochastic) return at::Tensor();
+  at::Tensor u = at::empty({x.numel()}, x.options());
+  draw_uniform(gen, u.data_ptr<float>(), x.numel());
+  return u;
+}
+
+Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const at::Tensor& uniform, int64_t br,
+                 int64_t bc, bool uniform_transposed) {
   return Blocks{x.data_ptr<float>(), out.data_ptr<float>(),
-                uniform.has_value() ? uniform->data_ptr<float>() : nullptr,
+                uniform.defined() ? uniform.data_ptr<float>() : nullptr,
                 x.size(0), x.size(1), br, bc, uniform_transposed};
 }
 
-at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4,
-              const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
-  at::Tensor out = check(x, br, bc, uniform, uniform_transposed);
-  const Blocks b = blocks_of(x, out, uniform, br, bc, uniform_transposed);
+at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
+              std::optional<at::Generator> generator, bool transposed) {
+  at::Tensor out = check(x, br, bc, transposed && stochastic);
+  const at::Tensor uniform = draws(x, stochastic, generator);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
   if (fp4) {
-    uniform.has_value() ? run_width<false, true, true>(b, 1.0f)
-                        : run_width<false, true, false>(b, 1.0f);
+    stochastic ? run_width<false, true, true>(b, 1.0f) : run_width<false, true, false>(b, 1.0f);
   } else {
-    uniform.has_value() ? run_width<false, false, true>(b, 1.0f)
-                        : run_width<false, false, false>(b, 1.0f);
+    stochastic ? run_width<false, false, true>(b, 1.0f)
+               : run_width<false, false, false>(b, 1.0f);
   }
   return out;
 }
@@ -282,8 +337,9 @@ float default_tensor_scale(const at::Tensor& x) {
 }
 
 at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
-                 int64_t bc, const std::optional<at::Tensor>& uniform, bool uniform_transposed) {
-  at::Tensor out = check(x, br, bc, uniform, uniform_transposed);
+                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
+                 bool transposed) {
+  at::Tensor out = check(x, br, bc, transposed && stochastic);
   float scale;
   if (tensor_scale.has_value()) {
     TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
@@ -292,19 +348,19 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
   } else {
     scale = x.numel() ? default_tensor_scale(x) : 1.0f;
   }
-  const Blocks b = blocks_of(x, out, uniform, br, bc, uniform_transposed);
-  uniform.has_value() ? run_width<true, true, true>(b, scale)
-                      : run_width<true, true, false>(b, scale);
+  const at::Tensor uniform = draws(x, stochastic, generator);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
+  stochastic ? run_width<true, true, true>(b, scale) : run_width<true, true, false>(b, scale);
   return out;
 }
 
-at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool,
-                   const std::optional<at::Tensor>&, bool) {
+at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool, bool,
+                   std::optional<at::Generator>, bool) {
   return at::empty_like(x);
 }
 
 at::Tensor nvfp4_meta(const at::Tensor& x, const std::optional<at::Tensor>&, int64_t, int64_t,
-                      const std::optional<at::Tensor>&, bool) {
+                      bool, std::optional<at::Generator>, bool) {
   return at::empty_like(x);
 }
 
@@ -312,11 +368,11 @@ at::Tensor nvfp4_meta(const at::Tensor& x, const std::optional<at::Tensor>&, int
 
 TORCH_LIBRARY(mixprec_blockscaled, m) {
   m.def(
-      "mx(Tensor x, int br, int bc, bool fp4, Tensor? uniform, bool uniform_transposed) -> "
-      "Tensor");
+      "mx(Tensor x, int br, int bc, bool fp4, bool stochastic, Generator? generator, "
+      "bool transposed) -> Tensor");
   m.def(
-      "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, Tensor? uniform, "
-      "bool uniform_transposed) -> Tensor");
+      "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
+      "Generator? generator, bool transposed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, CPU, m) {

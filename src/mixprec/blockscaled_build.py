@@ -6,9 +6,13 @@ the element rounding's comparisons, rounds and copysign, a multiply), each a new
 emulated NVFP4 step spent some ten times the fp32 step on them. The kernel reads each block
 twice from cache (its amax, then scale, round and dequantize each element) and writes the result
 once, doing the same fp32 operations in the same order as the torch path, so the results are the
-same bits. Stochastic rounding keeps its draws where they were: one ``torch.rand`` of the
-input's shape from the caller's generator (torch's global one by default), passed to the kernel,
-so a seed gives the values it gave before. The kernel is built on first use by the same
+same bits. Stochastic rounding keeps its draws: the numbers ``torch.rand(x.shape,
+generator=...)`` returns (torch's global generator by default), one per element in ``x``'s
+logical order, leaving the generator in the same state, so a seed gives the values it gave
+before. The kernel draws them itself, running ``at::mt19937``'s own steps on the generator's
+state: ``torch.rand`` calls the engine once per number and cost more than the rest of the
+quantization. A transposed operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is
+read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel is built on first use by the same
 mechanism and flags as the other kernels (:mod:`mixprec._cpp`) and loaded as
 ``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a CPU fp32
 tensor, the functions here return None and the caller takes the torch path (same values).
@@ -65,8 +69,8 @@ def fake_quantize_blocks(
         x: a 2-D tensor whose dimensions are multiples of ``block``.
         fmt: ``NVFP4``, ``MXFP4`` or ``MXFP8``.
         block: ``(rows, cols)`` of a block: ``(1, fmt.block_size)`` or a square tile.
-        rounding: ``"nearest"`` or ``"stochastic"`` (the draws: ``torch.rand`` of ``x``'s
-            shape from ``generator``, as the torch path draws them).
+        rounding: ``"nearest"`` or ``"stochastic"`` (the draws: those of ``torch.rand`` of
+            ``x``'s shape from ``generator``, as the torch path draws them).
         generator: random source for stochastic rounding.
         tensor_scale: NVFP4's checked fp32 tensor scale (0-d); None for the default from amax.
 
@@ -89,9 +93,7 @@ def fake_quantize_blocks(
     ops = blockscaled_engine()
     if ops is None:
         return None
-    uniform = None
-    if rounding == "stochastic":  # drawn in x's logical order, as the torch path draws them
-        uniform = torch.rand(x.shape, generator=generator, dtype=torch.float32)
+    stochastic = rounding == "stochastic"
     shape = x.shape
     transposed = not x.is_contiguous() and x.t().is_contiguous()
     if transposed:  # e.g. w.t(): the kernel walks blocks down the columns of the contiguous x.t()
@@ -100,9 +102,9 @@ def fake_quantize_blocks(
         x = x.contiguous()
         if block[0] == 1:  # blocks along rows: one long row, cut into chunks of blocks
             x = x.view(1, -1)
-            uniform = None if uniform is None else uniform.view(1, -1)
     if fmt.scale == "e8m0":
-        out = ops.mx(x, block[0], block[1], fmt.element == FP4_E2M1, uniform, transposed)
+        fp4 = fmt.element == FP4_E2M1
+        out = ops.mx(x, block[0], block[1], fp4, stochastic, generator, transposed)
     else:
-        out = ops.nvfp4(x, tensor_scale, block[0], block[1], uniform, transposed)
+        out = ops.nvfp4(x, tensor_scale, block[0], block[1], stochastic, generator, transposed)
     return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]

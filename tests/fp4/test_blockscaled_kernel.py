@@ -186,22 +186,69 @@ def test_nvfp4_block_scales_over_many_amaxes_equal_torch_path(scale):
     )
 
 
+def _untemper(y: int) -> int:
+    """The mt19937 state word whose tempered output is ``y``."""
+    y ^= y >> 18
+    y ^= (y << 15) & 0xEFC60000
+    t = y
+    for _ in range(5):
+        t = y ^ ((t << 7) & 0x9D2C5680)
+    y = t & 0xFFFFFFFF
+    t = y
+    for _ in range(3):
+        t = y ^ (t >> 11)
+    return t & 0xFFFFFFFF
+
+
+def _generator_drawing(draws: torch.Tensor) -> torch.Generator:
+    """A CPU generator whose next ``torch.rand`` values are ``draws`` (multiples of 2**-24, at
+    most 623 of them): mt19937 state words chosen so that no regeneration comes first."""
+    g = torch.Generator()
+    state = g.get_state().clone()
+    words = state[24 : 24 + 8 * 624].view(torch.int64)  # legacy layout: uint64 words
+    for k, d in enumerate((draws.flatten() * 2**24).long().tolist()):
+        words[k] = _untemper(d)
+    state[8:12].view(torch.int32)[0] = 624  # left
+    state[16:24].view(torch.int64)[0] = 0  # next
+    g.set_state(state)
+    return g
+
+
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
-def test_stochastic_draws_equal_to_the_fraction_equal_torch_path(fmt, monkeypatch):
+def test_stochastic_draws_equal_to_the_fraction_equal_torch_path(fmt):
     # Elements a quarter or an eighth of a step off the grid under a scale of 1, and draws
     # that are multiples of 1/8: many draws equal an element's fraction, where "below the
     # fraction" must hold strictly, as in round_to_grid.
     g = torch.Generator().manual_seed(8)
     top = 6.0 if fmt.element.max == 6.0 else 256.0  # MX: a block scale of 1; NVFP4: s = 1
-    x = torch.randint(-48, 49, (64, 64), generator=g).float() / (8 if top == 6.0 else 32)
+    x = torch.randint(-48, 49, (16, 32), generator=g).float() / (8 if top == 6.0 else 32)
     x[:, :: fmt.block_size] = top
     draws = torch.randint(0, 8, x.shape, generator=g).float() / 8
-    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: draws.reshape(shape).clone())
+    assert torch.equal(torch.rand(x.shape, generator=_generator_drawing(draws)), draws)
     scale = 1.0 if fmt is NVFP4 else None
-    got = fake_quantize(x, fmt, "stochastic", per_tensor_scale=scale)
-    want = _torch_path(fake_quantize, x, fmt, "stochastic", per_tensor_scale=scale)
+    got = fake_quantize(x, fmt, "stochastic", _generator_drawing(draws), scale)
+    want = _torch_path(fake_quantize, x, fmt, "stochastic", _generator_drawing(draws), scale)
     _assert_same_bits(got, want)
     assert not torch.equal(got, fake_quantize(x, fmt, per_tensor_scale=scale))  # draws matter
+
+
+def test_stochastic_leaves_the_generators_as_torch_rand_does():
+    x = _specimen(0, (40, 96), 32)
+    for fmt in FORMATS:
+        for layout in (x, x.t().contiguous().t()):
+            torch.manual_seed(3)
+            fake_quantize(layout, fmt, "stochastic")
+            after_kernel = torch.get_rng_state()
+            torch.manual_seed(3)
+            _torch_path(fake_quantize, layout, fmt, "stochastic")
+            assert torch.equal(after_kernel, torch.get_rng_state())
+    # several regenerations of the state, from a generator part-way through one
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    torch.rand(5, generator=g1), torch.rand(5, generator=g2)
+    y = _specimen(1, (100, 64), 16)
+    got = fake_quantize(y, NVFP4, "stochastic", g1)
+    _assert_same_bits(got, _torch_path(fake_quantize, y, NVFP4, "stochastic", g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
 
 
 @pytest.mark.parametrize("scale", [0.3, 7.1e-3])
