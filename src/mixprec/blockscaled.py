@@ -449,7 +449,7 @@ def _check_blocks(x: torch.Tensor, fmt: BlockFormat) -> None:
             f"{fmt.name} quantizes blocks of {fmt.block_size} along the last dimension, but x is "
             f"a 0-d tensor; give it a last dimension that is a multiple of {fmt.block_size}"
         )
-    *outer, last = x.shape
+    last = x.shape[-1]
     if last % fmt.block_size:
         padded = -(-last // fmt.block_size) * fmt.block_size
         raise ValueError(

@@ -12,10 +12,10 @@ logical order, leaving the generator in the same state, so a seed gives the valu
 before. The kernel draws them itself, running ``at::mt19937``'s own steps on the generator's
 state: ``torch.rand`` calls the engine once per number and cost more than the rest of the
 quantization. A transposed operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is
-read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel is built on first use by the same
-mechanism and flags as the other kernels (:mod:`mixprec._cpp`) and loaded as
-``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a CPU fp32
-tensor, the functions here return None and the caller takes the torch path (same values).
+read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel
+is built on first use by the same mechanism and flags as the other kernels (:mod:`mixprec._cpp`)
+and loaded as ``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a
+CPU fp32 tensor, the functions here return None and the caller takes the torch path (same values).
 """
 
 from __future__ import annotations
