@@ -158,41 +158,82 @@ struct Blocks {
 
 constexpr int64_t kChunk = 256;  // blocks whose scales are computed together
 
-// Every block of `b`, in bands of br rows cut into chunks of up to kChunk blocks, chunks in
-// parallel: the chunk's amaxes, then its scales (a loop over blocks), then its elements. BC is
-// the block's width when known at compile time (1: a block down a column; 0: b.bc).
+// The blocks of `b` in bands of br rows, each band cut into chunks of up to kChunk blocks: the
+// work items, run in parallel. BC is the block's width when known at compile time (1: a block
+// down a column; 0: b.bc).
+template <int BC>
+struct Items {
+  explicit Items(const Blocks& b)
+      : bc(BC ? BC : b.bc),
+        cols(b.cols),
+        br(b.br),
+        per_band(cols / bc),
+        chunks((per_band + kChunk - 1) / kChunk),
+        count((b.rows / br) * chunks),
+        grain(std::max<int64_t>(1, (1 << 15) / (br * std::min(per_band, kChunk) * bc))) {}
+  int64_t k0(int64_t item) const { return (item % chunks) * kChunk; }
+  int64_t n(int64_t item) const { return std::min(kChunk, per_band - k0(item)); }
+  int64_t base(int64_t item) const { return (item / chunks) * br * cols + k0(item) * bc; }
+
+  // The amax bits of the item's blocks.
+  void amax(const Blocks& b, int64_t item, uint32_t* out) const {
+    const int64_t n_ = n(item), base_ = base(item);
+    std::fill_n(out, n_, 0u);
+    for (int64_t r = 0; r < br; ++r) {
+      const float* in = b.x + base_ + r * cols;
+      if constexpr (BC == 1) {
+        for (int64_t k = 0; k < n_; ++k) out[k] = std::max(out[k], abs_bits(in[k]));
+      } else {
+        for (int64_t k = 0; k < n_; ++k) {
+          uint32_t m = out[k];
+          for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(in[k * bc + j]));
+          out[k] = m;
+        }
+      }
+    }
+  }
+
+  const int64_t bc, cols, br, per_band, chunks, count, grain;
+};
+
+// NVFP4's default tensor scale, nvfp4_tensor_scale(x.abs().amax()): amax / 2688 floored at
+// 2**-121 (NaN stays NaN, as torch.clamp leaves it), from the blocks' amaxes, which are kept
+// (kChunk per item) so that the elements' pass does not read each block twice more.
+template <int BC>
+float tensor_scale_of(const Blocks& b, const Items<BC>& items, std::vector<uint32_t>& amaxes) {
+  amaxes.assign(items.count * kChunk, 0u);
+  at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) items.amax(b, item, amaxes.data() + item * kChunk);
+  });
+  const uint32_t m = *std::max_element(amaxes.begin(), amaxes.end());
+  return std::max(float_of(m) / 2688.0f, 0x1p-121f);  // std::max(NaN, lo) is NaN
+}
+
+// Every block of `b`, items in parallel: the item's amaxes (or the kept ones), its scales (a
+// loop over blocks), then its elements. With NV and default_scale, the tensor scale is the default one.
 template <bool NV, bool FP4, bool STOCH, int BC>
-void run(const Blocks& b, float tensor_scale) {
-  const int64_t bc = BC ? BC : b.bc, br = b.br, cols = b.cols;
-  const int64_t per_band = cols / bc, chunks = (per_band + kChunk - 1) / kChunk;
-  const int64_t items = (b.rows / br) * chunks;
-  const int64_t item_size = br * std::min(per_band, kChunk) * bc;
+void run(const Blocks& b, float tensor_scale, bool default_scale) {
+  const Items<BC> items(b);
+  const int64_t bc = items.bc, br = b.br, cols = b.cols;
+  std::vector<uint32_t> kept;
+  if (NV && default_scale) tensor_scale = tensor_scale_of(b, items, kept);
   const float inv_tensor_scale = 1.0f / tensor_scale;
-  at::parallel_for(0, items, std::max<int64_t>(1, (1 << 15) / item_size), [&](int64_t i0,
-                                                                            int64_t i1) {
-    uint32_t amax[kChunk];
+  at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
+    uint32_t own[kChunk];
     float factor[kChunk], decode[kChunk];
     // Draws of a transposed x, gathered per chunk: each block's br draws are consecutive there.
     std::vector<float> draws(STOCH && b.uniform_transposed ? br * kChunk : 0);
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t k0 = (item % chunks) * kChunk, n = std::min(kChunk, per_band - k0);
-      const int64_t base = (item / chunks) * br * cols + k0 * bc;
-      std::fill_n(amax, n, 0u);
-      for (int64_t r = 0; r < br; ++r) {
-        const float* in = b.x + base + r * cols;
-        if constexpr (BC == 1) {
-          for (int64_t k = 0; k < n; ++k) amax[k] = std::max(amax[k], abs_bits(in[k]));
-        } else {
-          for (int64_t k = 0; k < n; ++k) {
-            uint32_t m = amax[k];
-            for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(in[k * bc + j]));
-            amax[k] = m;
-          }
-        }
+      const int64_t k0 = items.k0(item), n = items.n(item), base = items.base(item);
+      const uint32_t* amax = own;
+      if (kept.empty()) {
+        items.amax(b, item, own);
+      } else {
+        amax = kept.data() + item * kChunk;
       }
       block_scales<NV, FP4>(amax, factor, decode, n, tensor_scale, inv_tensor_scale);
       if (STOCH && b.uniform_transposed) {
-        const int64_t r0 = (item / chunks) * br;
+        const int64_t r0 = (item / items.chunks) * br;
         for (int64_t k = 0; k < n * bc; ++k) {
           const float* src = b.uniform + (k0 * bc + k) * b.rows + r0;
           for (int64_t r = 0; r < br; ++r) draws[r * kChunk * bc + k] = src[r];
@@ -223,12 +264,12 @@ void run(const Blocks& b, float tensor_scale) {
 }
 
 template <bool NV, bool FP4, bool STOCH>
-void run_width(const Blocks& b, float tensor_scale) {
+void run_width(const Blocks& b, float tensor_scale, bool default_scale = false) {
   switch (b.bc) {
-    case 1: return run<NV, FP4, STOCH, 1>(b, tensor_scale);
-    case 16: return run<NV, FP4, STOCH, 16>(b, tensor_scale);
-    case 32: return run<NV, FP4, STOCH, 32>(b, tensor_scale);
-    default: return run<NV, FP4, STOCH, 0>(b, tensor_scale);
+    case 1: return run<NV, FP4, STOCH, 1>(b, tensor_scale, default_scale);
+    case 16: return run<NV, FP4, STOCH, 16>(b, tensor_scale, default_scale);
+    case 32: return run<NV, FP4, STOCH, 32>(b, tensor_scale, default_scale);
+    default: return run<NV, FP4, STOCH, 0>(b, tensor_scale, default_scale);
   }
 }
 
@@ -322,35 +363,21 @@ at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stocha
   return out;
 }
 
-// nvfp4_tensor_scale(x.abs().amax()): amax / 2688 floored at 2**-121 (NaN stays NaN).
-float default_tensor_scale(const at::Tensor& x) {
-  const float* p = x.data_ptr<float>();
-  const uint32_t m = at::parallel_reduce(
-      int64_t(0), x.numel(), int64_t(1) << 16, uint32_t(0),
-      [&](int64_t begin, int64_t end, uint32_t acc) {
-        for (int64_t i = begin; i < end; ++i) acc = std::max(acc, bits_of(p[i]) & 0x7FFFFFFFu);
-        return acc;
-      },
-      [](uint32_t a, uint32_t c) { return std::max(a, c); });
-  const float scale = float_of(m) / 2688.0f;
-  return std::max(scale, 0x1p-121f);  // std::max(NaN, lo) is NaN, as torch.clamp
-}
-
 at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
                  int64_t bc, bool stochastic, std::optional<at::Generator> generator,
                  bool transposed) {
   at::Tensor out = check(x, br, bc, transposed && stochastic);
-  float scale;
+  float scale = 1.0f;
   if (tensor_scale.has_value()) {
     TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
                 "blockscaled: one fp32 tensor scale");
     scale = tensor_scale->item<float>();
-  } else {
-    scale = x.numel() ? default_tensor_scale(x) : 1.0f;
   }
+  const bool by_default = !tensor_scale.has_value() && x.numel() > 0;
   const at::Tensor uniform = draws(x, stochastic, generator);
   const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
-  stochastic ? run_width<true, true, true>(b, scale) : run_width<true, true, false>(b, scale);
+  stochastic ? run_width<true, true, true>(b, scale, by_default)
+             : run_width<true, true, false>(b, scale, by_default);
   return out;
 }
 
