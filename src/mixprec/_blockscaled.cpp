@@ -44,6 +44,10 @@ MIXPREC_INLINE float float_of(uint32_t u) {
   return x;
 }
 
+MIXPREC_INLINE float widen(float x) { return x; }
+MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
+MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+
 // torch.clamp: NaN stays NaN (std::max(NaN, lo) and std::min(NaN, hi) return their first
 // argument).
 MIXPREC_INLINE float clamp(float x, float lo, float hi) {
@@ -149,7 +153,7 @@ MIXPREC_INLINE void block_scales(const uint32_t* amax, float* factor, float* dec
 }
 
 struct Blocks {
-  const float* x;
+  const void* x;  // float, c10::BFloat16 or c10::Half: widened exactly on reading
   float* out;
   const float* uniform;  // null for nearest rounding
   int64_t rows, cols, br, bc;
@@ -176,17 +180,18 @@ struct Items {
   int64_t base(int64_t item) const { return (item / chunks) * br * cols + k0(item) * bc; }
 
   // The amax bits of the item's blocks.
+  template <typename T>
   void amax(const Blocks& b, int64_t item, uint32_t* out) const {
     const int64_t n_ = n(item), base_ = base(item);
     std::fill_n(out, n_, 0u);
     for (int64_t r = 0; r < br; ++r) {
-      const float* in = b.x + base_ + r * cols;
+      const T* in = static_cast<const T*>(b.x) + base_ + r * cols;
       if constexpr (BC == 1) {
-        for (int64_t k = 0; k < n_; ++k) out[k] = std::max(out[k], abs_bits(in[k]));
+        for (int64_t k = 0; k < n_; ++k) out[k] = std::max(out[k], abs_bits(widen(in[k])));
       } else {
         for (int64_t k = 0; k < n_; ++k) {
           uint32_t m = out[k];
-          for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(in[k * bc + j]));
+          for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(widen(in[k * bc + j])));
           out[k] = m;
         }
       }
@@ -199,11 +204,12 @@ struct Items {
 // NVFP4's default tensor scale, nvfp4_tensor_scale(x.abs().amax()): amax / 2688 floored at
 // 2**-121 (NaN stays NaN, as torch.clamp leaves it), from the blocks' amaxes, which are kept
 // (kChunk per item) so that the elements' pass does not read each block twice more.
-template <int BC>
+template <typename T, int BC>
 float tensor_scale_of(const Blocks& b, const Items<BC>& items, std::vector<uint32_t>& amaxes) {
   amaxes.assign(items.count * kChunk, 0u);
   at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
-    for (int64_t item = i0; item < i1; ++item) items.amax(b, item, amaxes.data() + item * kChunk);
+    for (int64_t item = i0; item < i1; ++item)
+      items.template amax<T>(b, item, amaxes.data() + item * kChunk);
   });
   const uint32_t m = *std::max_element(amaxes.begin(), amaxes.end());
   return std::max(float_of(m) / 2688.0f, 0x1p-121f);  // std::max(NaN, lo) is NaN
@@ -211,12 +217,12 @@ float tensor_scale_of(const Blocks& b, const Items<BC>& items, std::vector<uint3
 
 // Every block of `b`, items in parallel: the item's amaxes (or the kept ones), its scales (a
 // loop over blocks), then its elements. With NV and default_scale, the tensor scale is the default one.
-template <bool NV, bool FP4, bool STOCH, int BC>
+template <typename T, bool NV, bool FP4, bool STOCH, int BC>
 void run(const Blocks& b, float tensor_scale, bool default_scale) {
   const Items<BC> items(b);
   const int64_t bc = items.bc, br = b.br, cols = b.cols;
   std::vector<uint32_t> kept;
-  if (NV && default_scale) tensor_scale = tensor_scale_of(b, items, kept);
+  if (NV && default_scale) tensor_scale = tensor_scale_of<T>(b, items, kept);
   const float inv_tensor_scale = 1.0f / tensor_scale;
   at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
     uint32_t own[kChunk];
@@ -227,7 +233,7 @@ void run(const Blocks& b, float tensor_scale, bool default_scale) {
       const int64_t k0 = items.k0(item), n = items.n(item), base = items.base(item);
       const uint32_t* amax = own;
       if (kept.empty()) {
-        items.amax(b, item, own);
+        items.template amax<T>(b, item, own);
       } else {
         amax = kept.data() + item * kChunk;
       }
@@ -241,20 +247,20 @@ void run(const Blocks& b, float tensor_scale, bool default_scale) {
       }
       for (int64_t r = 0; r < br; ++r) {
         const int64_t row = base + r * cols;
-        const float* in = b.x + row;
+        const T* in = static_cast<const T*>(b.x) + row;
         float* o = b.out + row;
         const float* u = !STOCH ? nullptr
                          : b.uniform_transposed ? draws.data() + r * kChunk * bc
                                                 : b.uniform + row;
         if constexpr (BC == 1) {
           for (int64_t k = 0; k < n; ++k)
-            o[k] = element<FP4, STOCH>(in[k], factor[k], decode[k], STOCH ? u[k] : 0.0f);
+            o[k] = element<FP4, STOCH>(widen(in[k]), factor[k], decode[k], STOCH ? u[k] : 0.0f);
         } else {
           for (int64_t k = 0; k < n; ++k) {
             const float f = factor[k], d = decode[k];
             for (int64_t j = 0; j < bc; ++j) {
               const int64_t at = k * bc + j;
-              o[at] = element<FP4, STOCH>(in[at], f, d, STOCH ? u[at] : 0.0f);
+              o[at] = element<FP4, STOCH>(widen(in[at]), f, d, STOCH ? u[at] : 0.0f);
             }
           }
         }
@@ -263,13 +269,24 @@ void run(const Blocks& b, float tensor_scale, bool default_scale) {
   });
 }
 
-template <bool NV, bool FP4, bool STOCH>
-void run_width(const Blocks& b, float tensor_scale, bool default_scale = false) {
+template <typename T, bool NV, bool FP4, bool STOCH>
+void run_width(const Blocks& b, float tensor_scale, bool default_scale) {
   switch (b.bc) {
-    case 1: return run<NV, FP4, STOCH, 1>(b, tensor_scale, default_scale);
-    case 16: return run<NV, FP4, STOCH, 16>(b, tensor_scale, default_scale);
-    case 32: return run<NV, FP4, STOCH, 32>(b, tensor_scale, default_scale);
-    default: return run<NV, FP4, STOCH, 0>(b, tensor_scale, default_scale);
+    case 1: return run<T, NV, FP4, STOCH, 1>(b, tensor_scale, default_scale);
+    case 16: return run<T, NV, FP4, STOCH, 16>(b, tensor_scale, default_scale);
+    case 32: return run<T, NV, FP4, STOCH, 32>(b, tensor_scale, default_scale);
+    default: return run<T, NV, FP4, STOCH, 0>(b, tensor_scale, default_scale);
+  }
+}
+
+template <bool NV, bool FP4, bool STOCH>
+void run_typed(const at::ScalarType dtype, const Blocks& b, float tensor_scale,
+               bool default_scale = false) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return run_width<c10::BFloat16, NV, FP4, STOCH>(b, tensor_scale, default_scale);
+    case at::kHalf: return run_width<c10::Half, NV, FP4, STOCH>(b, tensor_scale, default_scale);
+    default: return run_width<float, NV, FP4, STOCH>(b, tensor_scale, default_scale);
   }
 }
 
@@ -324,27 +341,29 @@ void draw_uniform(const std::optional<at::Generator>& generator, float* out, int
 }
 
 at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "blockscaled: a contiguous 2-D fp32 tensor");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "blockscaled: a contiguous 2-D tensor");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "blockscaled: an fp32, bf16 or fp16 tensor");
   TORCH_CHECK(br >= 1 && bc >= 1 && x.size(0) % br == 0 && x.size(1) % bc == 0,
               "blockscaled: blocks must tile the tensor");
   TORCH_CHECK(!uniform_transposed || bc == 1 || br == 1,
               "blockscaled: transposed draws need 1-D blocks");
-  return at::empty(x.sizes(), x.options());
+  return at::empty(x.sizes(), x.options().dtype(at::kFloat));
 }
 
 // The draws of stochastic rounding (empty for nearest), in the logical order of x, or of x.t()
 // where `transposed`.
 at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen) {
   if (!stochastic) return at::Tensor();
-  at::Tensor u = at::empty({x.numel()}, x.options());
+  at::Tensor u = at::empty({x.numel()}, x.options().dtype(at::kFloat));
   draw_uniform(gen, u.data_ptr<float>(), x.numel());
   return u;
 }
 
 Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const at::Tensor& uniform, int64_t br,
                  int64_t bc, bool uniform_transposed) {
-  return Blocks{x.data_ptr<float>(), out.data_ptr<float>(),
+  return Blocks{x.data_ptr(), out.data_ptr<float>(),
                 uniform.defined() ? uniform.data_ptr<float>() : nullptr,
                 x.size(0), x.size(1), br, bc, uniform_transposed};
 }
@@ -355,10 +374,11 @@ at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stocha
   const at::Tensor uniform = draws(x, stochastic, generator);
   const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
   if (fp4) {
-    stochastic ? run_width<false, true, true>(b, 1.0f) : run_width<false, true, false>(b, 1.0f);
+    stochastic ? run_typed<false, true, true>(x.scalar_type(), b, 1.0f)
+               : run_typed<false, true, false>(x.scalar_type(), b, 1.0f);
   } else {
-    stochastic ? run_width<false, false, true>(b, 1.0f)
-               : run_width<false, false, false>(b, 1.0f);
+    stochastic ? run_typed<false, false, true>(x.scalar_type(), b, 1.0f)
+               : run_typed<false, false, false>(x.scalar_type(), b, 1.0f);
   }
   return out;
 }
@@ -376,19 +396,19 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
   const bool by_default = !tensor_scale.has_value() && x.numel() > 0;
   const at::Tensor uniform = draws(x, stochastic, generator);
   const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
-  stochastic ? run_width<true, true, true>(b, scale, by_default)
-             : run_width<true, true, false>(b, scale, by_default);
+  stochastic ? run_typed<true, true, true>(x.scalar_type(), b, scale, by_default)
+             : run_typed<true, true, false>(x.scalar_type(), b, scale, by_default);
   return out;
 }
 
 at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool, bool,
                    std::optional<at::Generator>, bool) {
-  return at::empty_like(x);
+  return at::empty_like(x, x.options().dtype(at::kFloat));
 }
 
 at::Tensor nvfp4_meta(const at::Tensor& x, const std::optional<at::Tensor>&, int64_t, int64_t,
                       bool, std::optional<at::Generator>, bool) {
-  return at::empty_like(x);
+  return at::empty_like(x, x.options().dtype(at::kFloat));
 }
 
 }  // namespace

@@ -266,7 +266,8 @@ def fake_quantize(
     """Quantize ``x`` to a block-scaled format and back: what ``mixprec.quantize`` returns.
 
     Args:
-        x: a float32 tensor whose last dimension is a multiple of ``fmt.block_size``.
+        x: a float32 tensor whose last dimension is a multiple of ``fmt.block_size`` (bfloat16
+            and float16 are taken as their exact float32 values).
         fmt: the block-scaled format.
         rounding: rounding of the elements.
         generator: random source for stochastic rounding.
@@ -296,6 +297,8 @@ def fake_quantize(
     fast = _kernel(rows, fmt, block, rounding, generator, per_tensor_scale)
     if fast is not None:
         return fast.reshape(x.shape)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()  # exact
     if fmt.scale == "e8m0":
         quantized = quantize_mx(x, fmt, rounding, generator)
     else:

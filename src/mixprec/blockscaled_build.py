@@ -31,6 +31,7 @@ from mixprec.formats import FP4_E2M1, FP8_E4M3, BlockFormat
 __all__ = ["blockscaled_engine", "fake_quantize_blocks"]
 
 _SOURCE = Path(__file__).with_name("_blockscaled.cpp")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel widens 16-bit exactly
 
 
 def blockscaled_engine() -> Any | None:
@@ -66,7 +67,8 @@ def fake_quantize_blocks(
     None where the kernel does not apply.
 
     Args:
-        x: a 2-D tensor whose dimensions are multiples of ``block``.
+        x: a 2-D tensor whose dimensions are multiples of ``block``: fp32, or bf16 or fp16
+            (read as their exact fp32 values, without an fp32 copy).
         fmt: ``NVFP4``, ``MXFP4`` or ``MXFP8``.
         block: ``(rows, cols)`` of a block: ``(1, fmt.block_size)`` or a square tile.
         rounding: ``"nearest"`` or ``"stochastic"`` (the draws: those of ``torch.rand`` of
@@ -77,12 +79,12 @@ def fake_quantize_blocks(
     Returns:
         A new fp32 tensor of ``x``'s shape (transposed in memory where ``x`` is, as ``w.t()``:
         the kernel reads such an ``x`` as it lies instead of copying it), or None: no kernel,
-        not a CPU fp32 tensor, a tensor that needs gradients, or an element format without a
-        kernel.
+        not a CPU fp32, bf16 or fp16 tensor, a tensor that needs gradients, or an element
+        format without a kernel.
     """
     if (
         x.device.type != "cpu"
-        or x.dtype != torch.float32
+        or x.dtype not in _DTYPES
         or x.dim() != 2
         or rounding not in ("nearest", "stochastic")
         or fmt.element not in (FP4_E2M1, FP8_E4M3)

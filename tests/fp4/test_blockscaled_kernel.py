@@ -282,3 +282,19 @@ def test_1d_blocks_of_a_transposed_tensor_equal_torch_path(fmt, rounding, seed):
     _assert_same_bits(got, want)
     torch.manual_seed(seed)  # and as a contiguous copy: the same draws land on the same elements
     _assert_same_bits(fake_quantize(x.contiguous(), fmt, rounding), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_16_bit_input_equals_the_torch_path_on_its_fp32_values(dtype, fmt, rounding):
+    x = _specimen(4, (32, 64), fmt.block_size).to(dtype)
+    for t in (x, x.t().contiguous().t()):
+        torch.manual_seed(2)
+        got = fake_quantize(t, fmt, rounding)
+        torch.manual_seed(2)
+        want = _torch_path(fake_quantize, t.float(), fmt, rounding)
+        assert got.dtype == torch.float32
+        _assert_same_bits(got, want)
+        torch.manual_seed(2)  # and the torch path widens a 16-bit x itself
+        _assert_same_bits(_torch_path(fake_quantize, t, fmt, rounding), want)
