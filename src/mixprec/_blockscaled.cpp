@@ -152,12 +152,18 @@ MIXPREC_INLINE void block_scales(const uint32_t* amax, float* factor, float* dec
   }
 }
 
+// The row stride of a transposed x's draws: padded off a multiple of 4 KiB, where the rows of a
+// chunk's draws, read down a column, would all fall in the same cache sets.
+inline int64_t transposed_stride(int64_t rows) { return rows + 16; }
+
 struct Blocks {
   const void* x;  // float, c10::BFloat16 or c10::Half: widened exactly on reading
   float* out;
   const float* uniform;  // null for nearest rounding
   int64_t rows, cols, br, bc;
-  bool uniform_transposed;  // uniform laid out as x.t() (x read as it lies under a .t() view)
+  // Where x is read as it lies under a .t() view, the draws are in the order of x.t(), a row of
+  // it (a column of x) every transposed_stride(rows) floats.
+  bool uniform_transposed;
 };
 
 constexpr int64_t kChunk = 256;  // blocks whose scales are computed together
@@ -241,7 +247,7 @@ void run(const Blocks& b, float tensor_scale, bool default_scale) {
       if (STOCH && b.uniform_transposed) {
         const int64_t r0 = (item / items.chunks) * br;
         for (int64_t k = 0; k < n * bc; ++k) {
-          const float* src = b.uniform + (k0 * bc + k) * b.rows + r0;
+          const float* src = b.uniform + (k0 * bc + k) * transposed_stride(b.rows) + r0;
           for (int64_t r = 0; r < br; ++r) draws[r * kChunk * bc + k] = src[r];
         }
       }
@@ -316,24 +322,28 @@ void next_state(at::mt19937_data_pod& d) {  // at::mt19937::next_state
   *p = p[M - N] ^ twist(p[0], d.state_[0]);
 }
 
-void draw_uniform(const std::optional<at::Generator>& generator, float* out, int64_t n) {
+// `rows` runs of `len` draws, run i at out + i * stride.
+void draw_uniform(const std::optional<at::Generator>& generator, float* out, int64_t rows,
+                  int64_t len, int64_t stride) {
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
       generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   at::mt19937 engine = gen->engine();
   at::mt19937_data_pod d = engine.data();
-  int64_t i = 0;
-  while (i < n) {
-    // each draw first decrements left_; the one that reaches 0 regenerates the state
-    const int64_t take = std::min<int64_t>(d.left_ - 1, n - i);
-    const uint32_t* state = d.state_.data() + d.next_;
-    for (int64_t k = 0; k < take; ++k) out[i + k] = draw_of(state[k]);
-    d.next_ += uint32_t(take);
-    d.left_ -= int(take);
-    i += take;
-    if (i < n) {
-      next_state(d);
-      out[i++] = draw_of(d.state_[d.next_++]);
+  for (int64_t row = 0; row < rows; ++row, out += stride) {
+    int64_t i = 0;
+    while (i < len) {
+      // each draw first decrements left_; the one that reaches 0 regenerates the state
+      const int64_t take = std::min<int64_t>(d.left_ - 1, len - i);
+      const uint32_t* state = d.state_.data() + d.next_;
+      for (int64_t k = 0; k < take; ++k) out[i + k] = draw_of(state[k]);
+      d.next_ += uint32_t(take);
+      d.left_ -= int(take);
+      i += take;
+      if (i < len) {
+        next_state(d);
+        out[i++] = draw_of(d.state_[d.next_++]);
+      }
     }
   }
   engine.set_data(d);
@@ -354,10 +364,17 @@ at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_trans
 
 // The draws of stochastic rounding (empty for nearest), in the logical order of x, or of x.t()
 // where `transposed`.
-at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen) {
+at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen,
+                 bool transposed) {
   if (!stochastic) return at::Tensor();
-  at::Tensor u = at::empty({x.numel()}, x.options().dtype(at::kFloat));
-  draw_uniform(gen, u.data_ptr<float>(), x.numel());
+  if (!transposed) {
+    at::Tensor u = at::empty({x.numel()}, x.options().dtype(at::kFloat));
+    draw_uniform(gen, u.data_ptr<float>(), 1, x.numel(), 0);
+    return u;
+  }
+  const int64_t rows = x.size(0), cols = x.size(1), stride = transposed_stride(rows);
+  at::Tensor u = at::empty({cols * stride}, x.options().dtype(at::kFloat));
+  draw_uniform(gen, u.data_ptr<float>(), cols, rows, stride);
   return u;
 }
 
@@ -371,7 +388,7 @@ Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const at::Tensor& uniform
 at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
               std::optional<at::Generator> generator, bool transposed) {
   at::Tensor out = check(x, br, bc, transposed && stochastic);
-  const at::Tensor uniform = draws(x, stochastic, generator);
+  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
   const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
   if (fp4) {
     stochastic ? run_typed<false, true, true>(x.scalar_type(), b, 1.0f)
@@ -394,7 +411,7 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
     scale = tensor_scale->item<float>();
   }
   const bool by_default = !tensor_scale.has_value() && x.numel() > 0;
-  const at::Tensor uniform = draws(x, stochastic, generator);
+  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
   const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
   stochastic ? run_typed<true, true, true>(x.scalar_type(), b, scale, by_default)
              : run_typed<true, true, false>(x.scalar_type(), b, scale, by_default);
