@@ -13,8 +13,9 @@
 // `round` is fp4 e2m1 (nearest: a rint over the grid's spacing, as _round_fp4_in_range) or
 // e4m3 (nearest: torch's fp32 -> float8_e4m3fn cast, which on in-range values is rint on the
 // grid), or stochastic (round_to_grid: floor on the grid plus one step where the caller's
-// uniform draw is below the fraction). -ffp-contract=off keeps every product and quotient a
-// separate rounding, as torch's kernels do.
+// uniform draw is below the fraction; the draws are torch.rand's, made here from the same
+// generator). -ffp-contract=off keeps every product and quotient a separate rounding, as
+// torch's kernels do. NaNs land where torch's do; their sign and payload are not promised.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>

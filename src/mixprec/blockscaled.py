@@ -38,6 +38,12 @@ Stochastic rounding applies to the elements only (scales are always rounded to n
 NVIDIA's recipe): each element rounds to one of its two neighbours on the element grid with
 probability by distance, so it is unbiased for elements within ±max; saturated elements stay at
 ±max.
+
+The functions below are the reference, in torch ops. :func:`fake_quantize` and
+:func:`fake_quantize_tiles` run a C++ kernel instead for CPU tensors
+(:mod:`mixprec.blockscaled_build`): the same values bit for bit, the same stochastic draws from
+the same generator, one pass per operand instead of about fifteen. NaNs come out in the same
+places; which NaN (sign, payload) is not promised, as torch's own differs with its vector width.
 """
 
 from __future__ import annotations

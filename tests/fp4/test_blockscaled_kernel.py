@@ -298,3 +298,24 @@ def test_16_bit_input_equals_the_torch_path_on_its_fp32_values(dtype, fmt, round
         _assert_same_bits(got, want)
         torch.manual_seed(2)  # and the torch path widens a 16-bit x itself
         _assert_same_bits(_torch_path(fake_quantize, t, fmt, rounding), want)
+
+
+def test_threads_do_not_change_the_values():
+    x = _specimen(6, (512, 256), 16)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            results.append(
+                [
+                    fake_quantize(x, NVFP4, "stochastic"),
+                    fake_quantize(x.t(), MXFP4, "stochastic"),
+                    fake_quantize_tiles(x, NVFP4, 16),
+                ]
+            )
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        _assert_same_bits(two, one)
