@@ -20,7 +20,15 @@ MAX_LINES = 600
 # Lowest first. A unit is a top-level module or subpackage of mixprec.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("formats", "checkpoint", "_dist", "_cpp"),
-    ("quantize", "stochastic", "blockscaled", "recipes", "scaled", "fp4_recipes"),
+    (
+        "quantize",
+        "stochastic",
+        "blockscaled",
+        "blockscaled_build",
+        "recipes",
+        "scaled",
+        "fp4_recipes",
+    ),
     ("policy", "_policy_checks"),
     ("hardware",),
     ("scaling",),

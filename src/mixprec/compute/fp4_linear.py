@@ -75,7 +75,9 @@ def quantize_fp4_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = 
     """``t`` (2-D) quantized in the recipe's blocks along its last dimension and back, in fp32."""
     if t.numel() == 0:
         return t.float()
-    return fake_quantize(t.float(), recipe.format, "stochastic" if stochastic else "nearest")
+    if t.dtype not in (torch.bfloat16, torch.float16):  # 16-bit ones widen exactly, in the kernel
+        t = t.float()
+    return fake_quantize(t, recipe.format, "stochastic" if stochastic else "nearest")
 
 
 def quantize_fp4_weight(weight: torch.Tensor, recipe: Fp4Recipe, gemm: str) -> torch.Tensor:

@@ -1,0 +1,451 @@
+// One-pass block-scaled fake quantization (see mixprec/blockscaled_build.py).
+//
+// Each block (a run of `bc` elements of a row, or a `br` x `bc` tile of a 2-D operand) is read
+// twice from cache: once for its amax, once to scale, round and dequantize each element. Every
+// step is the fp32 operation mixprec.blockscaled's torch path performs, in the same order (a
+// division stays a division, x * multiplier stays a product), so the results are the same bits:
+//
+//   MX:    code  = clamp(exponent(amax) - emax_elem, 0, 255), 255 for a NaN amax
+//          value = round(clamp(x / max(2**(code-127), 2**-126), +-max)) * decode(code)
+//   NVFP4: s     = e4m3(clamp(amax / 6 / tensor_scale, 2**-6, 448))
+//          value = round(clamp(x * ((1 / tensor_scale) / s), +-6)) * (tensor_scale * s)
+//
+// `round` is fp4 e2m1 (nearest: a rint over the grid's spacing, as _round_fp4_in_range) or
+// e4m3 (nearest: torch's fp32 -> float8_e4m3fn cast, which on in-range values is rint on the
+// grid), or stochastic (round_to_grid: floor on the grid plus one step where the caller's
+// uniform draw is below the fraction; the draws are torch.rand's, made here from the same
+// generator). -ffp-contract=off keeps every product and quotient a separate rounding, as
+// torch's kernels do. NaNs land where torch's do; their sign and payload are not promised.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/MT19937RNGEngine.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+#define MIXPREC_INLINE inline __attribute__((always_inline))
+
+MIXPREC_INLINE uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+MIXPREC_INLINE float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+MIXPREC_INLINE float widen(float x) { return x; }
+MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
+MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+
+// torch.clamp: NaN stays NaN (std::max(NaN, lo) and std::min(NaN, hi) return their first
+// argument).
+MIXPREC_INLINE float clamp(float x, float lo, float hi) {
+  return std::min(std::max(x, lo), hi);
+}
+
+// An element format's grid: `mbits` mantissa bits, exponents in [min_exp, max_exp].
+template <bool FP4>
+struct Elem;
+template <>
+struct Elem<true> {  // fp4 e2m1
+  static constexpr float max = 6.0f;
+  static constexpr int mbits = 1, min_exp = 0, max_exp = 2;
+};
+template <>
+struct Elem<false> {  // fp8 e4m3fn
+  static constexpr float max = 448.0f;
+  static constexpr int mbits = 3, min_exp = -6, max_exp = 8;
+};
+
+// Nearest e4m3 (ties to even, subnormals below 2**-6) of a value within +-448 or NaN: the
+// quantum is 2**(exponent - 3), exact to scale by, so rint does the one rounding.
+MIXPREC_INLINE float e4m3_nearest(float y) {
+  int32_t e = int32_t((bits_of(y) >> 23) & 0xFFu);
+  e = std::max(e, 127 - 6);
+  const int32_t qe = std::min(e - 3, 253);  // NaN's exponent 255: any finite quantum will do
+  const float quantum = float_of(uint32_t(qe) << 23);
+  const float inv = float_of(uint32_t(254 - qe) << 23);
+  return std::rint(y * inv) * quantum;
+}
+
+// torch's fp32 -> float8_e4m3fn -> fp32 round trip of a block scale: nearest on the grid, and a
+// NaN comes back as the NaN its decode builds (exponent and mantissa all ones, the sign kept).
+MIXPREC_INLINE float e4m3_scale(float s) {
+  return std::isnan(s) ? float_of((bits_of(s) & 0x80000000u) | 0x7FF00000u) : e4m3_nearest(s);
+}
+
+// The element rounding of blockscaled._round_elements on a clamped value `y`. Dividing by a
+// power of two is multiplying by its reciprocal, bit for bit, so the kernel multiplies.
+template <bool FP4, bool STOCH>
+MIXPREC_INLINE float round_elem(float y, float u) {
+  if constexpr (!STOCH) {
+    if constexpr (FP4) {  // _round_fp4_in_range: rint(|y| / spacing) * spacing
+      const float a = std::fabs(y);
+      const float spacing = a < 2.0f ? 0.5f : (a < 4.0f ? 1.0f : 2.0f);
+      const float inv = a < 2.0f ? 2.0f : (a < 4.0f ? 1.0f : 0.5f);
+      return std::copysign(std::rint(a * inv) * spacing, y);
+    } else {
+      return e4m3_nearest(y);
+    }
+  } else {  // quantize.round_to_grid, rounding="stochastic", saturating
+    using E = Elem<FP4>;
+    const float mag = std::fabs(y);
+    int32_t e = int32_t(bits_of(mag) >> 23) - 127;
+    e = std::min(std::max(e, E::min_exp), E::max_exp) - E::mbits;
+    const float step = float_of(uint32_t(e + 127) << 23);
+    const float q = mag * float_of(uint32_t(127 - e) << 23);  // mag / step, exact
+    const float fl = std::floor(q);
+    const float units = fl + (u < q - fl ? 1.0f : 0.0f);
+    float rounded = units * step;
+    rounded = rounded > E::max ? E::max : rounded;
+    rounded = std::isnan(y) ? y : rounded;
+    return std::copysign(rounded, y);
+  }
+}
+
+// One element: scale (MX divides by a power of two: a product with its reciprocal, exact;
+// NVFP4 multiplies), clamp, round, dequantize. A NaN block (NaN decode) is all NaN; which NaN
+// torch returns where two NaNs meet depends on its vector width, the kernel returns the scale's.
+template <bool FP4, bool STOCH>
+MIXPREC_INLINE float element(float x, float factor, float decode, float u) {
+  const float y = clamp(x * factor, -Elem<FP4>::max, Elem<FP4>::max);
+  const float r = round_elem<FP4, STOCH>(y, u) * decode;
+  return std::isnan(decode) ? decode : r;
+}
+
+MIXPREC_INLINE uint32_t abs_bits(float x) { return bits_of(x) & 0x7FFFFFFFu; }
+
+// The scales of n blocks from their amax bits (NaN above inf: an integer max of the
+// sign-cleared bits orders non-negative floats, and vectorizes): the factor the elements are
+// multiplied by and the decode scale the rounded elements are multiplied by.
+template <bool NV, bool FP4>
+MIXPREC_INLINE void block_scales(const uint32_t* amax, float* factor, float* decode, int64_t n,
+                                 float tensor_scale, float inv_tensor_scale) {
+  for (int64_t k = 0; k < n; ++k) {
+    if constexpr (NV) {
+      float s = float_of(amax[k]) / 6.0f / tensor_scale;
+      s = e4m3_scale(clamp(s, 0x1p-6f, 448.0f));
+      factor[k] = inv_tensor_scale / s;
+      decode[k] = tensor_scale * s;
+    } else {
+      constexpr int32_t emax = Elem<FP4>::max_exp;
+      const uint32_t a = amax[k];
+      const int32_t code =
+          a > 0x7F800000u ? 255 : std::min(std::max(int32_t(a >> 23) - emax, 0), 255);
+      // Encoding divides by at least 2**-126 (torchao's clamp); finite codes stop at 253, so
+      // the reciprocal is exact. Code 255 (NaN) encodes with inf, decodes NaN.
+      const float encode = std::max(float_of(uint32_t(code) << 23), 0x1p-126f);
+      factor[k] = 1.0f / encode;
+      decode[k] = code == 0 ? 0x1p-127f : (code == 255 ? NAN : float_of(uint32_t(code) << 23));
+    }
+  }
+}
+
+// The row stride of a transposed x's draws: padded off a multiple of 4 KiB, where the rows of a
+// chunk's draws, read down a column, would all fall in the same cache sets.
+inline int64_t transposed_stride(int64_t rows) { return rows + 16; }
+
+struct Blocks {
+  const void* x;  // float, c10::BFloat16 or c10::Half: widened exactly on reading
+  float* out;
+  const float* uniform;  // null for nearest rounding
+  int64_t rows, cols, br, bc;
+  // Where x is read as it lies under a .t() view, the draws are in the order of x.t(), a row of
+  // it (a column of x) every transposed_stride(rows) floats.
+  bool uniform_transposed;
+};
+
+constexpr int64_t kChunk = 256;  // blocks whose scales are computed together
+
+// The blocks of `b` in bands of br rows, each band cut into chunks of up to kChunk blocks: the
+// work items, run in parallel. BC is the block's width when known at compile time (1: a block
+// down a column; 0: b.bc).
+template <int BC>
+struct Items {
+  explicit Items(const Blocks& b)
+      : bc(BC ? BC : b.bc),
+        cols(b.cols),
+        br(b.br),
+        per_band(cols / bc),
+        chunks((per_band + kChunk - 1) / kChunk),
+        count((b.rows / br) * chunks),
+        grain(std::max<int64_t>(1, (1 << 15) / (br * std::min(per_band, kChunk) * bc))) {}
+  int64_t k0(int64_t item) const { return (item % chunks) * kChunk; }
+  int64_t n(int64_t item) const { return std::min(kChunk, per_band - k0(item)); }
+  int64_t base(int64_t item) const { return (item / chunks) * br * cols + k0(item) * bc; }
+
+  // The amax bits of the item's blocks.
+  template <typename T>
+  void amax(const Blocks& b, int64_t item, uint32_t* out) const {
+    const int64_t n_ = n(item), base_ = base(item);
+    std::fill_n(out, n_, 0u);
+    for (int64_t r = 0; r < br; ++r) {
+      const T* in = static_cast<const T*>(b.x) + base_ + r * cols;
+      if constexpr (BC == 1) {
+        for (int64_t k = 0; k < n_; ++k) out[k] = std::max(out[k], abs_bits(widen(in[k])));
+      } else {
+        for (int64_t k = 0; k < n_; ++k) {
+          uint32_t m = out[k];
+          for (int64_t j = 0; j < bc; ++j) m = std::max(m, abs_bits(widen(in[k * bc + j])));
+          out[k] = m;
+        }
+      }
+    }
+  }
+
+  const int64_t bc, cols, br, per_band, chunks, count, grain;
+};
+
+// NVFP4's default tensor scale, nvfp4_tensor_scale(x.abs().amax()): amax / 2688 floored at
+// 2**-121 (NaN stays NaN, as torch.clamp leaves it), from the blocks' amaxes, which are kept
+// (kChunk per item) so that the elements' pass does not read each block twice more.
+template <typename T, int BC>
+float tensor_scale_of(const Blocks& b, const Items<BC>& items, std::vector<uint32_t>& amaxes) {
+  amaxes.assign(items.count * kChunk, 0u);
+  at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item)
+      items.template amax<T>(b, item, amaxes.data() + item * kChunk);
+  });
+  const uint32_t m = *std::max_element(amaxes.begin(), amaxes.end());
+  return std::max(float_of(m) / 2688.0f, 0x1p-121f);  // std::max(NaN, lo) is NaN
+}
+
+// Every block of `b`, items in parallel: the item's amaxes (or the kept ones), its scales (a
+// loop over blocks), then its elements. With NV and default_scale, the tensor scale is the default one.
+template <typename T, bool NV, bool FP4, bool STOCH, int BC>
+void run(const Blocks& b, float tensor_scale, bool default_scale) {
+  const Items<BC> items(b);
+  const int64_t bc = items.bc, br = b.br, cols = b.cols;
+  std::vector<uint32_t> kept;
+  if (NV && default_scale) tensor_scale = tensor_scale_of<T>(b, items, kept);
+  const float inv_tensor_scale = 1.0f / tensor_scale;
+  at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
+    uint32_t own[kChunk];
+    float factor[kChunk], decode[kChunk];
+    // Draws of a transposed x, gathered per chunk: each block's br draws are consecutive there.
+    std::vector<float> draws(STOCH && b.uniform_transposed ? br * kChunk : 0);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t k0 = items.k0(item), n = items.n(item), base = items.base(item);
+      const uint32_t* amax = own;
+      if (kept.empty()) {
+        items.template amax<T>(b, item, own);
+      } else {
+        amax = kept.data() + item * kChunk;
+      }
+      block_scales<NV, FP4>(amax, factor, decode, n, tensor_scale, inv_tensor_scale);
+      if (STOCH && b.uniform_transposed) {
+        const int64_t r0 = (item / items.chunks) * br;
+        for (int64_t k = 0; k < n * bc; ++k) {
+          const float* src = b.uniform + (k0 * bc + k) * transposed_stride(b.rows) + r0;
+          for (int64_t r = 0; r < br; ++r) draws[r * kChunk * bc + k] = src[r];
+        }
+      }
+      for (int64_t r = 0; r < br; ++r) {
+        const int64_t row = base + r * cols;
+        const T* in = static_cast<const T*>(b.x) + row;
+        float* o = b.out + row;
+        const float* u = !STOCH ? nullptr
+                         : b.uniform_transposed ? draws.data() + r * kChunk * bc
+                                                : b.uniform + row;
+        if constexpr (BC == 1) {
+          for (int64_t k = 0; k < n; ++k)
+            o[k] = element<FP4, STOCH>(widen(in[k]), factor[k], decode[k], STOCH ? u[k] : 0.0f);
+        } else {
+          for (int64_t k = 0; k < n; ++k) {
+            const float f = factor[k], d = decode[k];
+            for (int64_t j = 0; j < bc; ++j) {
+              const int64_t at = k * bc + j;
+              o[at] = element<FP4, STOCH>(widen(in[at]), f, d, STOCH ? u[at] : 0.0f);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, bool NV, bool FP4, bool STOCH>
+void run_width(const Blocks& b, float tensor_scale, bool default_scale) {
+  switch (b.bc) {
+    case 1: return run<T, NV, FP4, STOCH, 1>(b, tensor_scale, default_scale);
+    case 16: return run<T, NV, FP4, STOCH, 16>(b, tensor_scale, default_scale);
+    case 32: return run<T, NV, FP4, STOCH, 32>(b, tensor_scale, default_scale);
+    default: return run<T, NV, FP4, STOCH, 0>(b, tensor_scale, default_scale);
+  }
+}
+
+template <bool NV, bool FP4, bool STOCH>
+void run_typed(const at::ScalarType dtype, const Blocks& b, float tensor_scale,
+               bool default_scale = false) {
+  switch (dtype) {
+    case at::kBFloat16:
+      return run_width<c10::BFloat16, NV, FP4, STOCH>(b, tensor_scale, default_scale);
+    case at::kHalf: return run_width<c10::Half, NV, FP4, STOCH>(b, tensor_scale, default_scale);
+    default: return run_width<float, NV, FP4, STOCH>(b, tensor_scale, default_scale);
+  }
+}
+
+// torch.rand(n) from `gen` (torch's default CPU generator when absent) into `out`: the same
+// numbers, leaving the generator in the same state. torch draws them one call at a time
+// (at::mt19937's operator(), then uniform_real: the low 24 bits times 2**-24); this is that
+// engine's code on its own state, the tempering of a run of outputs in one loop.
+MIXPREC_INLINE float draw_of(uint32_t y) {
+  y ^= (y >> 11);
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  y ^= (y >> 18);
+  return float(y & 0xFFFFFFu) * 0x1p-24f;
+}
+
+MIXPREC_INLINE uint32_t twist(uint32_t u, uint32_t v) {
+  return (((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ (v & 1 ? at::MATRIX_A : 0);
+}
+
+void next_state(at::mt19937_data_pod& d) {  // at::mt19937::next_state
+  constexpr int N = at::MERSENNE_STATE_N, M = at::MERSENNE_STATE_M;
+  uint32_t* p = d.state_.data();
+  d.left_ = N;
+  d.next_ = 0;
+  for (int j = N - M + 1; --j; p++) *p = p[M] ^ twist(p[0], p[1]);
+  for (int j = M; --j; p++) *p = p[M - N] ^ twist(p[0], p[1]);
+  *p = p[M - N] ^ twist(p[0], d.state_[0]);
+}
+
+// `rows` runs of `len` draws, run i at out + i * stride.
+void draw_uniform(const std::optional<at::Generator>& generator, float* out, int64_t rows,
+                  int64_t len, int64_t stride) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  at::mt19937 engine = gen->engine();
+  at::mt19937_data_pod d = engine.data();
+  for (int64_t row = 0; row < rows; ++row, out += stride) {
+    int64_t i = 0;
+    while (i < len) {
+      // each draw first decrements left_; the one that reaches 0 regenerates the state
+      const int64_t take = std::min<int64_t>(d.left_ - 1, len - i);
+      const uint32_t* state = d.state_.data() + d.next_;
+      for (int64_t k = 0; k < take; ++k) out[i + k] = draw_of(state[k]);
+      d.next_ += uint32_t(take);
+      d.left_ -= int(take);
+      i += take;
+      if (i < len) {
+        next_state(d);
+        out[i++] = draw_of(d.state_[d.next_++]);
+      }
+    }
+  }
+  engine.set_data(d);
+  gen->set_engine(engine);
+}
+
+at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "blockscaled: a contiguous 2-D tensor");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "blockscaled: an fp32, bf16 or fp16 tensor");
+  TORCH_CHECK(br >= 1 && bc >= 1 && x.size(0) % br == 0 && x.size(1) % bc == 0,
+              "blockscaled: blocks must tile the tensor");
+  TORCH_CHECK(!uniform_transposed || bc == 1 || br == 1,
+              "blockscaled: transposed draws need 1-D blocks");
+  return at::empty(x.sizes(), x.options().dtype(at::kFloat));
+}
+
+// The draws of stochastic rounding (empty for nearest), in the logical order of x, or of x.t()
+// where `transposed`.
+at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen,
+                 bool transposed) {
+  if (!stochastic) return at::Tensor();
+  if (!transposed) {
+    at::Tensor u = at::empty({x.numel()}, x.options().dtype(at::kFloat));
+    draw_uniform(gen, u.data_ptr<float>(), 1, x.numel(), 0);
+    return u;
+  }
+  const int64_t rows = x.size(0), cols = x.size(1), stride = transposed_stride(rows);
+  at::Tensor u = at::empty({cols * stride}, x.options().dtype(at::kFloat));
+  draw_uniform(gen, u.data_ptr<float>(), cols, rows, stride);
+  return u;
+}
+
+Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const at::Tensor& uniform, int64_t br,
+                 int64_t bc, bool uniform_transposed) {
+  return Blocks{x.data_ptr(), out.data_ptr<float>(),
+                uniform.defined() ? uniform.data_ptr<float>() : nullptr,
+                x.size(0), x.size(1), br, bc, uniform_transposed};
+}
+
+at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
+              std::optional<at::Generator> generator, bool transposed) {
+  at::Tensor out = check(x, br, bc, transposed && stochastic);
+  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
+  if (fp4) {
+    stochastic ? run_typed<false, true, true>(x.scalar_type(), b, 1.0f)
+               : run_typed<false, true, false>(x.scalar_type(), b, 1.0f);
+  } else {
+    stochastic ? run_typed<false, false, true>(x.scalar_type(), b, 1.0f)
+               : run_typed<false, false, false>(x.scalar_type(), b, 1.0f);
+  }
+  return out;
+}
+
+at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
+                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
+                 bool transposed) {
+  at::Tensor out = check(x, br, bc, transposed && stochastic);
+  float scale = 1.0f;
+  if (tensor_scale.has_value()) {
+    TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
+                "blockscaled: one fp32 tensor scale");
+    scale = tensor_scale->item<float>();
+  }
+  const bool by_default = !tensor_scale.has_value() && x.numel() > 0;
+  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
+  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
+  stochastic ? run_typed<true, true, true>(x.scalar_type(), b, scale, by_default)
+             : run_typed<true, true, false>(x.scalar_type(), b, scale, by_default);
+  return out;
+}
+
+at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool, bool,
+                   std::optional<at::Generator>, bool) {
+  return at::empty_like(x, x.options().dtype(at::kFloat));
+}
+
+at::Tensor nvfp4_meta(const at::Tensor& x, const std::optional<at::Tensor>&, int64_t, int64_t,
+                      bool, std::optional<at::Generator>, bool) {
+  return at::empty_like(x, x.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mixprec_blockscaled, m) {
+  m.def(
+      "mx(Tensor x, int br, int bc, bool fp4, bool stochastic, Generator? generator, "
+      "bool transposed) -> Tensor");
+  m.def(
+      "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
+      "Generator? generator, bool transposed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mixprec_blockscaled, CPU, m) {
+  m.impl("mx", &mx);
+  m.impl("nvfp4", &nvfp4);
+}
+
+TORCH_LIBRARY_IMPL(mixprec_blockscaled, Meta, m) {
+  m.impl("mx", &mx_meta);
+  m.impl("nvfp4", &nvfp4_meta);
+}

@@ -1,0 +1,112 @@
+"""The one-pass block-scaled fake-quantize kernel (``_blockscaled.cpp``) and when it applies.
+
+Design note: :func:`mixprec.blockscaled.fake_quantize` through torch ops takes about fifteen
+elementwise passes per operand (abs, amax, the scale's shifts and clamps, a division, a clamp,
+the element rounding's comparisons, rounds and copysign, a multiply), each a new tensor: an
+emulated NVFP4 step spent some ten times the fp32 step on them. The kernel reads each block
+twice from cache (its amax, then scale, round and dequantize each element) and writes the result
+once, doing the same fp32 operations in the same order as the torch path, so the results are the
+same bits. Stochastic rounding keeps its draws: the numbers ``torch.rand(x.shape,
+generator=...)`` returns (torch's global generator by default), one per element in ``x``'s
+logical order, leaving the generator in the same state, so a seed gives the values it gave
+before. The kernel draws them itself, running ``at::mt19937``'s own steps on the generator's
+state: ``torch.rand`` calls the engine once per number and cost more than the rest of the
+quantization. A transposed operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is
+read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel
+is built on first use by the same mechanism and flags as the other kernels (:mod:`mixprec._cpp`)
+and loaded as ``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a
+CPU fp32 tensor, the functions here return None and the caller takes the torch path (same values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixprec import _cpp
+from mixprec.formats import FP4_E2M1, FP8_E4M3, BlockFormat
+
+__all__ = ["blockscaled_engine", "fake_quantize_blocks"]
+
+_SOURCE = Path(__file__).with_name("_blockscaled.cpp")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel widens 16-bit exactly
+
+
+def blockscaled_engine() -> Any | None:
+    """``torch.ops.mixprec_blockscaled``, built on first call; None where it cannot be built."""
+    return _BUILD.get()
+
+
+def _build() -> Any:
+    loaded = getattr(torch.ops, "mixprec_blockscaled", None)
+    if loaded is not None and hasattr(loaded, "nvfp4"):
+        return loaded
+    _cpp.load("mixprec_blockscaled", _SOURCE.read_text())
+    return torch.ops.mixprec_blockscaled
+
+
+_BUILD = _cpp.LazyBuild(
+    _build,
+    "mixprec: the block-scaled fake-quantize kernel",
+    "block-scaled formats take the torch-ops path (same results, slower). Install a C++ "
+    "compiler and ninja to get it",
+)
+
+
+def fake_quantize_blocks(
+    x: torch.Tensor,
+    fmt: BlockFormat,
+    block: tuple[int, int],
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+    tensor_scale: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``x`` (2-D, validated by the caller) quantized in ``block`` blocks and back, in one pass;
+    None where the kernel does not apply.
+
+    Args:
+        x: a 2-D tensor whose dimensions are multiples of ``block``: fp32, or bf16 or fp16
+            (read as their exact fp32 values, without an fp32 copy).
+        fmt: ``NVFP4``, ``MXFP4`` or ``MXFP8``.
+        block: ``(rows, cols)`` of a block: ``(1, fmt.block_size)`` or a square tile.
+        rounding: ``"nearest"`` or ``"stochastic"`` (the draws: those of ``torch.rand`` of
+            ``x``'s shape from ``generator``, as the torch path draws them).
+        generator: random source for stochastic rounding.
+        tensor_scale: NVFP4's checked fp32 tensor scale (0-d); None for the default from amax.
+
+    Returns:
+        A new fp32 tensor of ``x``'s shape (transposed in memory where ``x`` is, as ``w.t()``:
+        the kernel reads such an ``x`` as it lies instead of copying it), or None: no kernel,
+        not a CPU fp32, bf16 or fp16 tensor, a tensor that needs gradients, or an element
+        format without a kernel.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in _DTYPES
+        or x.dim() != 2
+        or rounding not in ("nearest", "stochastic")
+        or fmt.element not in (FP4_E2M1, FP8_E4M3)
+        or (x.requires_grad and torch.is_grad_enabled())
+        or (generator is not None and generator.device.type != "cpu")
+    ):
+        return None
+    ops = blockscaled_engine()
+    if ops is None:
+        return None
+    stochastic = rounding == "stochastic"
+    shape = x.shape
+    transposed = not x.is_contiguous() and x.t().is_contiguous()
+    if transposed:  # e.g. w.t(): the kernel walks blocks down the columns of the contiguous x.t()
+        x, block = x.t(), (block[1], block[0])
+    else:
+        x = x.contiguous()
+        if block[0] == 1:  # blocks along rows: one long row, cut into chunks of blocks
+            x = x.view(1, -1)
+    if fmt.scale == "e8m0":
+        fp4 = fmt.element == FP4_E2M1
+        out = ops.mx(x, block[0], block[1], fp4, stochastic, generator, transposed)
+    else:
+        out = ops.nvfp4(x, tensor_scale, block[0], block[1], stochastic, generator, transposed)
+    return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]
