@@ -122,6 +122,10 @@ class ScalerState:
         """
         tensors = self._tensors
         rule = self.rule
+        if self.strategy == "none":  # no_scaling_update's new state, written in one op
+            tensors["scale"].fill_(1.0)
+            self.count(found_inf)
+            return
         if self._torch_rule_applies(found_inf):
             # One kernel instead of the rule's ~15 small ops (a fixed cost of every fp16 step).
             # Where the tracker is past the interval (a loaded or assigned state), the rule
