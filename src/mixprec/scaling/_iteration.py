@@ -40,6 +40,13 @@ def found_inf_of(record: Record) -> torch.Tensor | None:
     return torch.stack([f.to(device) for f in flags]).amax()
 
 
+def one_flag_on(records: list[Record], device: torch.device) -> bool:
+    """Whether ``records`` are one record holding one flag, on ``device``."""
+    if len(records) != 1 or len(flags := records[0]["found_inf_per_device"]) != 1:
+        return False
+    return next(iter(flags.values())).device == device
+
+
 def set_found_inf(record: Record, found_inf: torch.Tensor) -> None:
     record["found_inf_per_device"] = {found_inf.device: found_inf}
 

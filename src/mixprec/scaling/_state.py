@@ -121,8 +121,25 @@ class ScalerState:
         ``"raise"``, in both cases after the iteration was counted and the rule applied.
         """
         tensors = self._tensors
-        state = ScaleState(tensors["scale"], tensors["growth_tracker"], tensors["hysteresis_left"])
         rule = self.rule
+        if self.strategy == "none":  # no_scaling_update's new state, written in one op
+            tensors["scale"].fill_(1.0)
+            self.count(found_inf)
+            return
+        if self._torch_rule_applies(found_inf):
+            # One kernel instead of the rule's ~15 small ops (a fixed cost of every fp16 step).
+            # Where the tracker is past the interval (a loaded or assigned state), the rule
+            # grows (or backs off) and restarts it; clamped to interval - 1, torch's kernel
+            # does the same.
+            tracker = tensors["growth_tracker"].clamp_(max=rule.growth_interval - 1)
+            torch._amp_update_scale_(
+                tensors["scale"], tracker, found_inf,
+                rule.growth_factor, rule.backoff_factor, rule.growth_interval,
+            )  # fmt: skip
+            self.count(found_inf)
+            self._low = max(rule.floor, to_float32(self._low * rule.backoff_factor))
+            return
+        state = ScaleState(tensors["scale"], tensors["growth_tracker"], tensors["hysteresis_left"])
         check = self.strategy == "dynamic" and self._low <= rule.floor
         at_minimum = overflow_at_minimum(state, found_inf, rule) if check else None
         new = update_scale(self.strategy, state, found_inf, rule)
@@ -141,6 +158,27 @@ class ScalerState:
         hit, self._low = torch.stack([at_minimum.float(), tensors["scale"]]).tolist()
         if hit:
             self._at_minimum()
+
+    def _torch_rule_applies(self, found_inf: torch.Tensor) -> bool:
+        """Whether ``torch._amp_update_scale_`` computes exactly what the dynamic rule does.
+
+        It does for the default rule (no hysteresis, no ``max_scale``) while the scale's lower
+        bound keeps a back-off clear of the floor (no clamp, no overflow at the minimum), on
+        the kernel's dtypes, and while the tracker cannot overflow int32 in the rule's ``+ 1``.
+        """
+        rule = self.rule
+        if self.strategy != "dynamic" or rule.hysteresis != 1 or rule.max_scale is not None:
+            return False
+        if to_float32(self._low * rule.backoff_factor) < rule.floor:
+            return False
+        scale, tracker = self._tensors["scale"], self._tensors["growth_tracker"]
+        return (
+            scale.dtype == found_inf.dtype == torch.float32
+            and tracker.dtype == torch.int32
+            and scale.device == tracker.device == found_inf.device
+            and scale.dim() == tracker.dim() == found_inf.dim() == 0
+            and 1 <= rule.growth_interval < 2**31 - 1
+        )
 
     def _at_minimum(self) -> None:
         message = (

@@ -28,7 +28,7 @@ from torch.amp.grad_scaler import OptState
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
 from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
-from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
+from mixprec.scaling._iteration import Iteration, Record, found_inf_of, one_flag_on, set_found_inf
 from mixprec.scaling._state import ScalerState
 from mixprec.scaling._torch_fields import TorchFields
 from mixprec.scaling.agreement import (
@@ -412,6 +412,8 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         flags = [flag for record in records if (flag := found_inf_of(record)) is not None]
         if not flags:
             return
+        if one_flag_on(records, scale.device):
+            return  # already the combined flag
         combined = torch.stack([flag.to(scale.device) for flag in flags]).amax()
         for record in records:
             set_found_inf(record, combined)

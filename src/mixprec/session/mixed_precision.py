@@ -30,11 +30,7 @@ from torch import nn
 from mixprec.compute import apply_fp8_policy, autocast, fp32_islands
 from mixprec.compute.fp8_convert import Fp8Conversion
 from mixprec.compute.fp8_state import end_fp8_step, hold_fp8_state
-from mixprec.diagnostics import (
-    NonFiniteTracer,
-    nonfinite_grads,
-    underflow_report,
-)
+from mixprec.diagnostics import NonFiniteTracer, nonfinite_grads, underflow_report
 from mixprec.distributed import ReplicaCheck, check_prepare_order, check_replicas, ddp
 from mixprec.distributed.replicas import check_replicas_every_arg
 from mixprec.formats import FP32
@@ -56,6 +52,7 @@ from mixprec.session.forward import (
 from mixprec.session.in_backward import InBackward
 from mixprec.session.materialize import Initializer, materialize
 from mixprec.session.optimizer_states import check_state_formats, formats_for, states_only
+from mixprec.session.owned import OwnedParams
 from mixprec.session.setup import (
     check_ddp_order,
     check_device,
@@ -223,6 +220,7 @@ class MixedPrecision:
         self._loss_sum: torch.Tensor | None = None  # what backward was given since the last step
         self._micro_batches = 0
         self._optimizers: tuple[torch.optim.Optimizer, ...] = ()
+        self._owned = OwnedParams()  # what the model holds, checked each step without a walk
         scaled = self.scaler.scales_loss
         self._clock = Clock(plain_loop_loses(self.policy, scaled, self._update_mode()))
         self._checkpoint = SessionCheckpoint(self.policy, self.update, self.scaler)
@@ -376,7 +374,7 @@ class MixedPrecision:
         ):
             raise ValueError(f"max_grad_norm must be a positive number, got {max_grad_norm!r}")
         for opt in optimizers:
-            check_steppable(opt, self._model, self._optimizers)
+            check_steppable(opt, self._model, self._optimizers, self._owned)
         self._in_backward.check_step(optimizers, self._micro_batches, max_grad_norm)
         scaling = self.scaler.scales_loss
         scale = self.scaler.get_scale() if scaling else 1.0

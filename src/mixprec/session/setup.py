@@ -29,6 +29,7 @@ from mixprec.optim import (
 )
 from mixprec.policy import ModuleRule, Policy
 from mixprec.scaling import GradScaler
+from mixprec.session.owned import OwnedParams
 
 # (WrappedOptimizer itself: the states-only wrapper of mixprec.session.optimizer_states)
 WRAPPERS = (MasterWeightOptimizer, StochasticRoundingOptimizer, KahanOptimizer, WrappedOptimizer)
@@ -326,8 +327,10 @@ def check_steppable(
     optimizer: object,
     model: nn.Module | None,
     prepared: tuple[torch.optim.Optimizer, ...],
+    owned: OwnedParams | None = None,
 ) -> None:
-    """Refuse an optimizer whose step would not change the prepared model."""
+    """Refuse an optimizer whose step would not change the prepared model (``owned``: what
+    the model was last seen to hold, which spares the walk over it while nothing changed)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"step takes torch.optim optimizers, got {type(optimizer).__name__} {optimizer!r}"
@@ -335,7 +338,8 @@ def check_steppable(
     if model is None:
         return
     if any(optimizer is opt for opt in prepared):
-        check_not_replaced(optimizer, model)
+        if owned is None or not owned.holds_all(model, params_of(optimizer)):
+            check_not_replaced(optimizer, model)
         return
     for wrapper in prepared:
         if isinstance(wrapper, WrappedOptimizer) and wrapper.optimizer is optimizer:
@@ -345,7 +349,8 @@ def check_steppable(
                 "unchanged. Step the optimizer prepare returned: "
                 "model, optimizer = mp.prepare(model, optimizer)"
             )
-    check_owned(optimizer, {id(p) for p in model.parameters()}, "the optimizer")
+    if owned is None or not owned.holds_all(model, params_of(optimizer)):
+        check_owned(optimizer, {id(p) for p in model.parameters()}, "the optimizer")
 
 
 def declared_policy(policy: Policy, model: nn.Module, fp32_attributes: Sequence[str]) -> Policy:
