@@ -33,6 +33,7 @@ import torch
 
 from mixprec.blockscaled import BlockQuantized, quantize_mx, quantize_nvfp4, quantize_tiles
 from mixprec.fp4_recipes import Fp4Recipe
+from mixprec.quantize import Rounding
 
 __all__ = [
     "FP4_PACKED_DTYPE",
@@ -232,7 +233,8 @@ def prepare_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False
         >>> tuple(op.data.shape), tuple(op.scales.shape)
         ((2, 8), (2, 1))
     """
-    fmt, rounding = recipe.format, "stochastic" if stochastic else "nearest"
+    fmt = recipe.format
+    rounding: Rounding = "stochastic" if stochastic else "nearest"
     x = t.float()
     if fmt.scale == "e8m0":
         q = quantize_mx(x, fmt, rounding)

@@ -358,8 +358,9 @@ def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) 
         return NotImplemented
     spatial = x.dim() - 2
     # the dispatcher leaves out trailing arguments equal to the schema's defaults
-    defaults = (None, [1] * spatial, [0] * spatial, [1] * spatial, 1)
-    bias, stride, padding, dilation, groups = (*args[2:], *defaults[len(args) - 2 :])
+    defaults: tuple[Any, ...] = (None, [1] * spatial, [0] * spatial, [1] * spatial, 1)
+    given: tuple[Any, ...] = tuple(args[2:])
+    bias, stride, padding, dilation, groups = (*given, *defaults[len(args) - 2 :])
     if bias is not None:
         bias = _lowered(bias, dtype, device_type)
         if bias is None:
