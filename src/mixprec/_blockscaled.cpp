@@ -31,23 +31,7 @@
 
 namespace {
 
-#define MIXPREC_INLINE inline __attribute__((always_inline))
-
-MIXPREC_INLINE uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
-MIXPREC_INLINE float float_of(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-MIXPREC_INLINE float widen(float x) { return x; }
-MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
-MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }
+#include "_bits.h"
 
 // torch.clamp: NaN stays NaN (std::max(NaN, lo) and std::min(NaN, hi) return their first
 // argument).

@@ -14,6 +14,7 @@ torch-ops path. A leaf: every layer that has a kernel uses it.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLAGS", "LazyBuild", "extension_name"]
+__all__ = ["FLAGS", "LazyBuild", "expand_includes", "extension_name"]
 
 FLAGS = (
     "-O3",
@@ -77,10 +78,28 @@ def extension_name(
     return f"{prefix}_{digest[:16]}"
 
 
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.h)"$', re.MULTILINE)
+
+
+def expand_includes(source: str) -> str:
+    """``source`` with each ``#include "<name>.h"`` line replaced by that header of mixprec's
+    (``src/mixprec/<name>.h``): the kernels share their bit helpers, and the extension's name,
+    a digest of the text, changes when a header does.
+
+    Raises:
+        FileNotFoundError: a header mixprec does not have.
+    """
+    return _INCLUDE.sub(lambda m: (_HERE / m.group(1)).read_text(), source)
+
+
+_HERE = Path(__file__).resolve().parent
+
+
 def load(prefix: str, source: str) -> None:
     """Compile (or load from torch's cache) ``source`` as the library ``prefix`` registers."""
     from torch.utils.cpp_extension import load_inline
 
+    source = expand_includes(source)
     name = extension_name(prefix, source)
     load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
 

@@ -17,8 +17,7 @@
 
 namespace {
 
-// Inlined into the loops: a call inside a loop stops it from vectorizing.
-#define MIXPREC_INLINE inline __attribute__((always_inline))
+#include "_bits.h"
 
 constexpr int64_t kGrain = 1 << 14;
 constexpr int64_t kBlock = 1 << 14;  // 64 KiB of fp32: stays in L2 between two loops
@@ -28,17 +27,6 @@ constexpr uint32_t kMul2 = 0x846CA68Bu;
 
 enum Mode : int64_t { kMaster = 0, kStochastic = 1, kKahan = 2 };
 
-MIXPREC_INLINE uint32_t bits_of(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
-MIXPREC_INLINE float float_of(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
 
 // Branch-free choices (bit masks), so that loops over them vectorize.
 MIXPREC_INLINE uint32_t pick(bool condition, uint32_t a, uint32_t b) {

@@ -1,0 +1,22 @@
+// The bit-level helpers every mixprec kernel uses, included textually (mixprec._cpp.load) inside
+// each kernel's anonymous namespace, after the torch headers.
+
+// Inlined into the loops: a call inside a loop stops it from vectorizing.
+#define MIXPREC_INLINE inline __attribute__((always_inline))
+
+MIXPREC_INLINE uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+MIXPREC_INLINE float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// A 16-bit or fp32 value as the fp32 number it is exactly.
+MIXPREC_INLINE float widen(float x) { return x; }
+MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
+MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }

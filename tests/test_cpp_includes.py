@@ -1,0 +1,32 @@
+"""The C++ kernels share their bit helpers through ``_bits.h``, included textually before the
+source is hashed into the extension's name, so a change to the header rebuilds every kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mixprec
+from mixprec import _cpp
+
+SOURCES = sorted(Path(mixprec.__file__).parent.rglob("*.cpp"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_every_kernel_expands_to_one_text_with_the_shared_helpers(path):
+    source = path.read_text()
+    expanded = _cpp.expand_includes(source)
+    assert '#include "' not in expanded  # every mixprec header was found and inlined
+    if '#include "_bits.h"' in source:
+        assert "MIXPREC_INLINE uint32_t bits_of(float x)" in expanded
+
+
+def test_the_header_is_part_of_the_name_and_a_missing_one_is_refused(tmp_path, monkeypatch):
+    source = 'namespace {\n#include "_bits.h"\n}\n'
+    before = _cpp.extension_name("k", _cpp.expand_includes(source))
+    (tmp_path / "_bits.h").write_text("// another header\n")
+    monkeypatch.setattr(_cpp, "_HERE", tmp_path)
+    assert _cpp.extension_name("k", _cpp.expand_includes(source)) != before
+    with pytest.raises(FileNotFoundError):
+        _cpp.expand_includes('#include "_missing.h"\n')
