@@ -54,6 +54,9 @@ def test_cpu_formats_by_flags():
     assert fake_cpu("avx2").tensor_core_formats == set()
     assert fake_cpu("avx512f", "avx512_bf16").tensor_core_formats == {"bf16"}
     assert fake_cpu("amx_bf16", "amx_fp16").tensor_core_formats == {"bf16", "fp16"}
+    # AVX512-FP16 without AMX-FP16: torch's fp16 GEMMs are no faster than fp32 there
+    sapphire = fake_cpu("avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    assert sapphire.tensor_core_formats == {"bf16"}
 
 
 def test_recommendations_and_reasons():

@@ -359,6 +359,8 @@ def test_dcp_round_trip_single_process(tmp_path) -> None:
 
 def _fsdp_rank(rank: int, port: int, out: str) -> None:
     import datetime
+    import faulthandler
+    import gc
     import os
 
     import torch.distributed as dist
@@ -368,6 +370,7 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where it was
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -403,6 +406,11 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
             "resumed": [p.full_tensor() for p in resumed.parameters()],
         }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        # Both ranks are done with their collectives and nothing holds tensors of pending gloo
+        # work before the group's threads are torn down (as tests/distributed/dist_spawn.py).
+        del model, opt, resumed, resumed_opt
+        dist.barrier()
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
