@@ -331,46 +331,41 @@ class Fp4Linear(Fp8Linear):
         recipe: str | Fp4Recipe = "nvfp4",
         backend: Fp8Backend = "auto",
     ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self.recipe = Fp4Recipe.parse(recipe)  # type: ignore[assignment]
-        _check_fits(self.weight, self.recipe)  # type: ignore[arg-type]
-        fp4_backend(backend, "cpu" if device is None else device)  # validates
-        self.backend: Fp8Backend = backend
-        self._fp8_committed = None
-        self._backend_for = None
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            device,
+            dtype,
+            recipe=recipe,  # type: ignore[arg-type]  # parsed by _adopt_recipe below
+            backend=backend,
+        )
+
+    def _adopt_recipe(self, recipe: Any) -> Fp4Recipe:
+        parsed = Fp4Recipe.parse(recipe)
+        _check_fits(self.weight, parsed)
+        return parsed
+
+    def _check_backend(self, backend: Fp8Backend, device: Any) -> None:
+        fp4_backend(backend, device)
+
+    def _resolve_native(self) -> bool:
+        # a shape the packed GEMM cannot take warns here, once per device
+        return _resolve(self.backend, self.weight, "Fp4Linear")
+
+    def _keeps_history(self) -> bool:
+        return False  # 4-bit recipes scale every block from its own amax
 
     @classmethod
     def from_linear(  # type: ignore[override]
         cls, linear: nn.Linear, recipe: str | Fp4Recipe = "nvfp4", backend: Fp8Backend = "auto"
     ) -> Fp4Linear:
         """An ``Fp4Linear`` holding ``linear``'s own parameter objects (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe)
-        fp4_backend(backend, linear.weight.device)  # validates
-        new.backend = backend
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.train(linear.training)
-        return new
+        return super().from_linear(linear, recipe, backend)  # type: ignore[arg-type,return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_floating(x, self.weight, self.bias)
-        device_type = x.device.type
-        out_dtype = x.dtype
-        if torch.is_autocast_enabled(device_type):
-            out_dtype = torch.get_autocast_dtype(device_type)
-            x = x.to(out_dtype)
+        x, out_dtype = self._autocast_input(x)
         native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         out = _fp4_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, native)
         return out.reshape(*x.shape[:-1], self.out_features)
-
-    def _native(self) -> bool:
-        """Whether the GEMMs run on block-scaled ``torch._scaled_mm``: resolved once per layer
-        and device (a shape that does not fit warns then), not on every forward."""
-        key = (self.weight.device, self.backend)
-        if self._backend_for is None or self._backend_for[0] != key:
-            self._backend_for = (key, _resolve(self.backend, self.weight, "Fp4Linear"))
-        return self._backend_for[1]

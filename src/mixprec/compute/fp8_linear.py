@@ -389,14 +389,31 @@ class Fp8Linear(nn.Linear):
         backend: Fp8Backend = "auto",
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.recipe = Fp8Recipe.parse(recipe)
-        fp8_backend(backend, "cpu" if device is None else device, self.recipe)  # validates
+        self.recipe = self._adopt_recipe(recipe)
+        self._check_backend(backend, "cpu" if device is None else device)
         self.backend: Fp8Backend = backend
         self._fp8_committed: torch.Tensor | None = None  # the history before this step's records
         self._backend_for: tuple[Any, bool] | None = None  # ((device, backend), native?)
-        if self.recipe.scaling == "delayed":
+        if self._keeps_history():
             hist = torch.zeros(3, self.recipe.history, device=device)
             self.register_buffer("fp8_amax_history", hist)
+
+    # What a subclass with other recipes (Fp4Linear) overrides: its recipe, backend rule, history.
+
+    def _adopt_recipe(self, recipe: Any) -> Any:
+        """The parsed recipe (checked against the layer's shape where the format needs it)."""
+        return Fp8Recipe.parse(recipe)
+
+    def _check_backend(self, backend: Fp8Backend, device: Any) -> None:
+        """Refuse an unknown ``backend``, or ``"native"`` where it cannot run on ``device``."""
+        fp8_backend(backend, device, self.recipe)
+
+    def _resolve_native(self) -> bool:
+        """Whether the GEMMs run native on the weight's device (called once per device)."""
+        return fp8_backend(self.backend, self.weight.device, self.recipe)[0] == "native"
+
+    def _keeps_history(self) -> bool:
+        return self.recipe.scaling == "delayed"
 
     @classmethod
     def from_linear(
@@ -407,22 +424,26 @@ class Fp8Linear(nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False, recipe=recipe)
+        new._check_backend(backend, linear.weight.device)
         new.backend = backend
-        fp8_backend(backend, linear.weight.device, new.recipe)
         new.weight = linear.weight
         new.bias = linear.bias
-        if new.recipe.scaling == "delayed":
+        if new._keeps_history():
             new.fp8_amax_history = torch.zeros(3, new.recipe.history, device=linear.weight.device)
         new.train(linear.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _autocast_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``x`` checked, and cast to the autocast region's dtype inside one; the output dtype."""
         _check_floating(x, self.weight, self.bias)
         device_type = x.device.type
-        out_dtype = x.dtype
         if torch.is_autocast_enabled(device_type):
             out_dtype = torch.get_autocast_dtype(device_type)
-            x = x.to(out_dtype)
+            return x.to(out_dtype), out_dtype
+        return x, x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, out_dtype = self._autocast_input(x)
         native = self._native()
         flat = x.reshape(-1, x.shape[-1])
         scales = self._delayed_scales(flat) if self.recipe.scaling == "delayed" else None
@@ -433,12 +454,11 @@ class Fp8Linear(nn.Linear):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _native(self) -> bool:
-        """Whether the GEMMs run on ``torch._scaled_mm``: resolved once per layer and device
-        (through :func:`mixprec.hardware.probe`), not on every forward."""
+        """Whether the GEMMs run native (``torch._scaled_mm``): resolved once per layer, device
+        and backend (through :func:`mixprec.hardware.probe`), not on every forward."""
         key = (self.weight.device, self.backend)
         if self._backend_for is None or self._backend_for[0] != key:
-            resolved = fp8_backend(self.backend, key[0], self.recipe)[0]
-            self._backend_for = (key, resolved == "native")
+            self._backend_for = (key, self._resolve_native())
         return self._backend_for[1]
 
     @torch.no_grad()
