@@ -17,13 +17,13 @@ import hashlib
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FLAGS", "LazyBuild", "expand_includes", "extension_name"]
+__all__ = ["FLAGS", "LazyBuild", "expand_includes", "extension_name", "library"]
 
 FLAGS = (
     "-O3",
@@ -102,6 +102,16 @@ def load(prefix: str, source: str) -> None:
     source = expand_includes(source)
     name = extension_name(prefix, source)
     load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
+
+
+def library(namespace: str, sources: Sequence[Path], marker: str) -> Any:
+    """``torch.ops.<namespace>``: the library already loaded in this process (its op ``marker``
+    is registered), or built from ``sources`` (concatenated) and loaded now."""
+    loaded = getattr(torch.ops, namespace, None)
+    if loaded is not None and hasattr(loaded, marker):
+        return loaded
+    load(namespace, "\n".join(path.read_text() for path in sources))
+    return getattr(torch.ops, namespace)
 
 
 class LazyBuild:

@@ -20,6 +20,7 @@ CPU fp32 tensor, the functions here return None and the caller takes the torch p
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,8 @@ def blockscaled_engine() -> Any | None:
     return _BUILD.get()
 
 
-def _build() -> Any:
-    loaded = getattr(torch.ops, "mixprec_blockscaled", None)
-    if loaded is not None and hasattr(loaded, "nvfp4"):
-        return loaded
-    _cpp.load("mixprec_blockscaled", _SOURCE.read_text())
-    return torch.ops.mixprec_blockscaled
-
-
 _BUILD = _cpp.LazyBuild(
-    _build,
+    functools.partial(_cpp.library, "mixprec_blockscaled", [_SOURCE], "nvfp4"),
     "mixprec: the block-scaled fake-quantize kernel",
     "block-scaled formats take the torch-ops path (same results, slower). Install a C++ "
     "compiler and ninja to get it",

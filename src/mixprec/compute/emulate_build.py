@@ -19,6 +19,7 @@ sits below ``compute`` too: importing this module hands it the kernel
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,8 @@ def emulate_engine() -> Any | None:
     return _BUILD.get()
 
 
-def _build() -> Any:
-    loaded = getattr(torch.ops, "mixprec_emulate", None)
-    if loaded is not None and hasattr(loaded, "conv16_autograd"):
-        return loaded
-    _cpp.load("mixprec_emulate", _SOURCE.read_text())
-    return torch.ops.mixprec_emulate
-
-
 _BUILD = _cpp.LazyBuild(
-    _build,
+    functools.partial(_cpp.library, "mixprec_emulate", [_SOURCE], "conv16_autograd"),
     "mixprec: the C++ kernels of emulated GEMMs (16-bit and FP8)",
     "emulated GEMMs take the torch-ops path (same results, slower). Install a C++ compiler and "
     "ninja to get it",
