@@ -35,14 +35,7 @@ def _formats(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     scalar = [f for f in ALL_FORMATS.values() if isinstance(f, Format)]
-    table = Table(
-        title="Number formats (bits: sign.exponent.mantissa)",
-        title_justify="left",
-        box=None,
-        show_edge=False,
-        padding=(0, 1),
-        pad_edge=False,
-    )
+    table = _plain_table("Number formats (bits: sign.exponent.mantissa)")
     for header in ("format", "bits", "max", "min normal", "subnormal", "eps", "inf"):
         table.add_column(header, justify="left" if header == "format" else "right", no_wrap=True)
     table.add_column("torch dtype", no_wrap=True)
@@ -58,14 +51,7 @@ def _formats(args: argparse.Namespace) -> int:
             "yes" if fmt.has_inf else "no",
             dtype,
         )
-    blocks = Table(
-        title="Block-scaled formats (blocks along the last dimension)",
-        title_justify="left",
-        box=None,
-        show_edge=False,
-        padding=(0, 1),
-        pad_edge=False,
-    )
+    blocks = _plain_table("Block-scaled formats (blocks along the last dimension)")
     for header in ("format", "element", "block", "block scale", "tensor scale", "bits/value"):
         blocks.add_column(header, no_wrap=True)
     for block in BLOCK_FORMATS.values():
@@ -145,3 +131,10 @@ def _doctor(args: argparse.Namespace) -> int:
         for category, names in table.items():
             console.print(f"  [bold]{category}[/bold]: {', '.join(names)}")
     return 0
+
+
+def _plain_table(title: str) -> Table:
+    """A borderless rich table with its title on the left (the ``formats`` listing's style)."""
+    return Table(
+        title=title, title_justify="left", box=None, show_edge=False, padding=(0, 1), pad_edge=False
+    )
