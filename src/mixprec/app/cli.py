@@ -39,7 +39,7 @@ from mixprec.app.cli_plan import add_plan_parser
 
 
 def _task_options(args: argparse.Namespace, task_name: str) -> Any:
-    from mixprec.app.model_size import charlm_lr, charlm_shape, parse_model_size, sized_task_options
+    from mixprec.app.model_size import charlm_lr, charlm_params, sized_task_options
     from mixprec.app.tasks import TASKS, TaskConfig, make_task
 
     text_task = task_name in _TEXT_TASKS
@@ -60,7 +60,7 @@ def _task_options(args: argparse.Namespace, task_name: str) -> Any:
     if args.model_size is not None:
         options.update(sized_task_options(task_name, args.model_size))
         if args.lr is None:  # a size's own rate: the small task's diverges a billion-param model
-            size = charlm_shape(parse_model_size(args.model_size)).params
+            size = charlm_params(options["d_model"], options["n_layers"])  # the shape's count
             config = replace(config, lr=charlm_lr(size, defaults.lr))
     task = make_task(task_name, config, **options)
     if args.model_size is not None:
