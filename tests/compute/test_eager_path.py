@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
+from mixprec.compute import kernels
 from mixprec.compute.fp8_linear import _operand, fp8_linear
 from mixprec.recipes import RECIPES
 from mixprec.scaled import fp8_fake_quantize
@@ -164,3 +166,45 @@ def test_fp8_operands_equal_fp8_fake_quantize(name):
             got = _operand(t, recipe, role, dim, gemm, None, False)
             want = fp8_fake_quantize(t, recipe, role, dim, gemm)
             assert torch.equal(got, want), (role, dim, gemm, t.dtype)
+
+
+def _mixprec_python_calls(fn) -> list[str]:
+    """The mixprec Python functions that run while ``fn()`` runs."""
+    calls: list[str] = []
+
+    def profiler(frame, event, arg):
+        if event == "call" and "mixprec" in frame.f_code.co_filename:
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profiler)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_and_conv_layers_run_no_python_in_an_emulated_region(dtype):
+    """On the CPU, an emulated region's linear and conv layers go from torch's dispatcher to the
+    C++ autocast kernels (_emulate_autocast.cpp): no mixprec Python runs, forward or backward. A plain
+    torch.autocast region (its cast cache off, as a mixprec region's) still reaches mixprec's
+    Python kernel, which hands the call to torch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(48, 5, bias=False)
+    )
+    x = torch.randn(4, 2, 6, 6)
+    region = mixprec.autocast("cpu", dtype=dtype, backend="emulated")
+    with region:
+        model(x)  # registers the kernels
+    if not kernels._installed_engine:
+        pytest.skip("the C++ kernels did not build here")
+
+    def step() -> None:
+        model(x).float().sum().backward()
+
+    with region:
+        assert _mixprec_python_calls(step) == []
+    with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
+        assert "kernel" in _mixprec_python_calls(lambda: model(x))

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -170,9 +172,101 @@ c10::DispatchKeySet autocast_keys() {
   return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
 }
 
-at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
-  return x.scalar_type() == dtype ? x : x.to(dtype);
+// Widening and rounding between fp32 and 16 bits: x.to(dtype) (same layout, same values), as one
+// loop instead of four dispatcher ops; on a small model the ops cost more than the pass. Where
+// autograd records (a double backward) or the layout is not dense, torch's cast runs instead.
+// Rounding to bf16 is torch's (to nearest even); its NaNs are quiet NaNs, as torch's, whose
+// payload bits torch itself sets differently in its vector loop and its scalar tail.
+MIXPREC_INLINE void convert(const c10::BFloat16* s, float* d, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = widen(s[i]);
 }
+
+MIXPREC_INLINE void convert(const float* s, c10::BFloat16* d, int64_t n) {
+  auto* out = reinterpret_cast<uint16_t*>(d);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u = bits_of(s[i]);
+    uint32_t even = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
+    out[i] = s[i] != s[i] ? UINT16_C(0x7FC0) : static_cast<uint16_t>(even);
+  }
+}
+
+MIXPREC_INLINE void convert(const c10::Half* s, float* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
+    _mm512_storeu_ps(d + i, _mm512_cvtph_ps(h));
+  }
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+MIXPREC_INLINE void convert(const float* s, c10::Half* d, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    __m256i h = _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), h);
+  }
+#elif defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), h);
+  }
+#endif
+  for (; i < n; ++i) d[i] = c10::Half(s[i]);
+}
+
+// The keys of tensors that are not plain dense CPU tensors: subclasses, functorch wrappers, ...
+const c10::DispatchKeySet& not_plain_keys() {
+  static const c10::DispatchKeySet keys({
+      c10::DispatchKey::Python,
+      c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::Functionalize,
+      c10::DispatchKey::FuncTorchGradWrapper,
+      c10::DispatchKey::FuncTorchBatched,
+      c10::DispatchKey::BatchedNestedTensor,
+      c10::DispatchKey::Conjugate,
+      c10::DispatchKey::Negative,
+      c10::DispatchKey::ZeroTensor,
+  });
+  return keys;
+}
+
+template <typename From, typename To>
+at::Tensor converted(const at::Tensor& x, c10::ScalarType dtype) {
+  at::Tensor out = at::empty_strided(x.sizes(), x.strides(), x.options().dtype(dtype));
+  const From* s = x.const_data_ptr<From>();
+  To* d = out.mutable_data_ptr<To>();
+  at::parallel_for(0, x.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    convert(s + begin, d + begin, end - begin);
+  });
+  return out;
+}
+
+at::Tensor round_to(const at::Tensor& x, c10::ScalarType dtype) {
+  auto from = x.scalar_type();
+  if (from == dtype) return x;
+  bool plain = x.device().is_cpu() && x.layout() == at::kStrided &&
+               !(x.requires_grad() && at::GradMode::is_enabled()) &&
+               !x.key_set().has_any(not_plain_keys()) && x.is_non_overlapping_and_dense();
+  if (plain && from == at::kFloat && dtype == at::kBFloat16) {
+    return converted<float, c10::BFloat16>(x, dtype);
+  }
+  if (plain && from == at::kFloat && dtype == at::kHalf) return converted<float, c10::Half>(x, dtype);
+  if (plain && from == at::kBFloat16 && dtype == at::kFloat) {
+    return converted<c10::BFloat16, float>(x, dtype);
+  }
+  if (plain && from == at::kHalf && dtype == at::kFloat) return converted<c10::Half, float>(x, dtype);
+  return x.to(dtype);
+}
+
+at::Tensor wide(const at::Tensor& x) { return round_to(x, at::kFloat); }
 
 bool column_major(const at::Tensor& t) {
   return t.dim() == 2 && t.stride(0) == 1 && t.stride(1) == t.size(0);
@@ -182,12 +276,12 @@ bool column_major(const at::Tensor& t) {
 at::Tensor gemm16(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                   double beta, double alpha) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
-  at::Tensor wa = a.to(at::kFloat);
-  at::Tensor wb = b.to(at::kFloat);
+  at::Tensor wa = wide(a);
+  at::Tensor wb = wide(b);
   at::Tensor out = bias.has_value()
-                       ? at::addmm(bias->to(at::kFloat), wa, wb, beta, alpha)
+                       ? at::addmm(wide(*bias), wa, wb, beta, alpha)
                        : at::mm(wa, wb);
-  return out.to(a.scalar_type());
+  return round_to(out, a.scalar_type());
 }
 
 // The gradients of gemm16 (emulated.py's _addmm_backward and _mm_backward on 2-D operands): the
@@ -198,7 +292,7 @@ std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
                                         double alpha, bool want_bias, bool want_a, bool want_b) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
   std::vector<at::Tensor> out;
-  at::Tensor g = grad.to(at::kFloat);
+  at::Tensor g = wide(grad);
   if (bias.has_value() && want_bias) {
     at::Tensor gb = beta == 1 ? g : g * beta;
     out.push_back(round_to(gb.sum_to_size(bias->sizes()), bias->scalar_type()));
@@ -206,13 +300,13 @@ std::vector<at::Tensor> gemm16_backward(const at::Tensor& grad,
   if (alpha != 1) g = g * alpha;
   // Laid out as torch's fp32 backward (mm_mat1_backward, mm_mat2_backward) lays them out.
   if (want_a) {
-    at::Tensor ga = column_major(a) ? at::matmul(b.to(at::kFloat), g.mT()).mT()
-                                    : at::matmul(g, b.to(at::kFloat).mT());
+    at::Tensor ga = column_major(a) ? at::matmul(wide(b), g.mT()).mT()
+                                    : at::matmul(g, wide(b).mT());
     out.push_back(round_to(ga, a.scalar_type()));
   }
   if (want_b) {
-    at::Tensor gb = column_major(b) ? at::matmul(g.mT(), a.to(at::kFloat)).mT()
-                                    : at::matmul(a.to(at::kFloat).mT(), g);
+    at::Tensor gb = column_major(b) ? at::matmul(g.mT(), wide(a)).mT()
+                                    : at::matmul(wide(a).mT(), g);
     out.push_back(round_to(gb, b.scalar_type()));
   }
   return out;
@@ -225,8 +319,8 @@ at::Tensor conv16(const at::Tensor& x, const at::Tensor& weight, const std::opti
                   bool transposed, at::IntArrayRef output_padding, int64_t groups) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
   std::optional<at::Tensor> wide_bias;
-  if (bias.has_value()) wide_bias = bias->to(at::kFloat);
-  at::Tensor out = at::convolution(x.to(at::kFloat), weight.to(at::kFloat), wide_bias, stride,
+  if (bias.has_value()) wide_bias = wide(*bias);
+  at::Tensor out = at::convolution(wide(x), wide(weight), wide_bias, stride,
                                    padding, dilation, transposed, output_padding, groups);
   return out.to(x.scalar_type());
 }
@@ -242,7 +336,7 @@ std::vector<at::Tensor> conv16_backward(const at::Tensor& grad, const at::Tensor
                                         std::optional<c10::ScalarType> bias_dtype) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
   auto [gx, gw, gb] = at::convolution_backward(
-      grad.to(at::kFloat), x.to(at::kFloat), weight.to(at::kFloat), bias_sizes, stride, padding,
+      wide(grad), wide(x), wide(weight), bias_sizes, stride, padding,
       dilation, transposed, output_padding, groups, {want_x, want_weight, want_bias});
   std::vector<at::Tensor> out;
   if (want_x) out.push_back(round_to(gx, x.scalar_type()));

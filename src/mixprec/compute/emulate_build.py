@@ -30,7 +30,7 @@ from mixprec.formats import Format
 
 __all__ = ["SCALE_RULES", "emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
-_SOURCE = Path(__file__).with_name("_emulate.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("_emulate.cpp", "_emulate_autocast.cpp")]
 
 
 def emulate_engine() -> Any | None:
@@ -39,7 +39,7 @@ def emulate_engine() -> Any | None:
 
 
 _BUILD = _cpp.LazyBuild(
-    functools.partial(_cpp.library, "mixprec_emulate", [_SOURCE], "conv16_autograd"),
+    functools.partial(_cpp.library, "mixprec_emulate", _SOURCES, "install_autocast"),
     "mixprec: the C++ kernels of emulated GEMMs (16-bit and FP8)",
     "emulated GEMMs take the torch-ops path (same results, slower). Install a C++ compiler and "
     "ninja to get it",

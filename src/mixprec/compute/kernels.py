@@ -87,6 +87,7 @@ class _Stack(threading.local):
     def __init__(self) -> None:
         self.configs: dict[str, list[RegionConfig]] = {}
         self.inside_lowered = 0
+        self.fast_ops = 0  # what this thread last told the C++ autocast kernels
 
 
 _tls = _Stack()
@@ -95,6 +96,12 @@ _registered: dict[str, set[str]] = {}
 _ensured: dict[str, RegionConfig] = {}  # per device type: the last configuration ensured
 _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
+# The ops with a C++ autocast kernel on the CPU (_emulate_autocast.cpp: linear_autocast, conv_autocast),
+# and their bits in its mask; per device type, those installed in this process.
+_CPP_KERNELS = {"linear": 1, "conv1d": 2, "conv2d": 4, "conv3d": 8}
+_installed: dict[str, set[str]] = {}
+_installed_engine: list[Any] = []
+_masks: dict[int, tuple[RegionConfig, int]] = {}
 
 
 def _same_kernels(a: RegionConfig, b: RegionConfig) -> bool:
@@ -102,6 +109,33 @@ def _same_kernels(a: RegionConfig, b: RegionConfig) -> bool:
     if (a.backend, a.target) != (b.backend, b.target):
         return False
     return a.table is b.table or dict(a.table.entries) == dict(b.table.entries)
+
+
+def _fast_ops(config: RegionConfig) -> int:
+    """The C++ autocast kernels' bit mask of the ops ``config`` lets take their shortcut (an
+    emulated region lowering them), among those installed; 0 for none."""
+    found = _masks.get(id(config))
+    if found is not None and found[0] is config:
+        return found[1]
+    mask = 0
+    if config.backend == "emulated":
+        for name in _installed.get(config.device_type, ()):
+            if _plan(name, config, False, True) == "lower":
+                mask |= _CPP_KERNELS[name]
+    if len(_masks) > 64:
+        _masks.clear()
+    _masks[id(config)] = (config, mask)
+    return mask
+
+
+def _set_fast_ops(stack: list[RegionConfig]) -> None:
+    """Tell the C++ autocast kernels (when installed) what this thread's innermost region allows."""
+    if not _installed:
+        return
+    mask = _fast_ops(stack[-1]) if stack else 0
+    if mask != _tls.fast_ops:
+        _tls.fast_ops = mask
+        _installed_engine[0].set_fast_autocast(mask)
 
 
 def push_config(config: RegionConfig) -> None:
@@ -115,13 +149,19 @@ def push_config(config: RegionConfig) -> None:
     previous = _last.get(config.device_type)
     if previous is not None and not _same_kernels(previous, config):
         torch.compiler.reset()
-    _tls.configs.setdefault(config.device_type, []).append(config)
+    stack = _tls.configs.setdefault(config.device_type, [])
+    stack.append(config)
     _last[config.device_type] = config
+    if config.device_type == "cpu":
+        _set_fast_ops(stack)
 
 
 def pop_config(config: RegionConfig, depth: int) -> None:
     """Drop ``config`` and anything above it from this thread's stack (a region's exit)."""
-    del _tls.configs.get(config.device_type, [])[depth:]
+    stack = _tls.configs.get(config.device_type, [])
+    del stack[depth:]
+    if config.device_type == "cpu":
+        _set_fast_ops(stack)
 
 
 def depth(device_type: str) -> int:
@@ -160,14 +200,46 @@ def ensure_kernels(config: RegionConfig) -> None:
             op_table(kind, torch.float16)
         key = autocast_key(config.device_type)
         library = torch.library.Library("aten", "IMPL")
+        engine = _cpp_engine(config)
         for name in sorted(needed - done):
             kernel = _make_kernel(name, config.device_type, key)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
-                library.impl(name, kernel, key, with_keyset=True)
+                if engine is not None and name in _CPP_KERNELS:
+                    _install_cpp_kernel(engine, name, kernel)
+                else:
+                    library.impl(name, kernel, key, with_keyset=True)
             done.add(name)
         _libraries.append(library)  # registrations live as long as their library object
     _ensured[config.device_type] = config
+
+
+def _cpp_engine(config: RegionConfig) -> Any:
+    """The C++ library whose autocast kernels take linear and conv layers' shortcut in C++, where
+    ``config`` is an emulated CPU region and it builds (or was built already); else None."""
+    if config.device_type != "cpu":
+        return None
+    if _installed_engine:
+        return _installed_engine[0]
+    if config.backend != "emulated":
+        return None  # a native region with edited op lists does not build the C++ kernels
+    from mixprec.compute.emulated_cpp import engine
+
+    found = engine("cpu")
+    if found is not None:
+        _installed_engine.append(found)
+    return found
+
+
+def _install_cpp_kernel(engine: Any, name: str, kernel: Callable[..., Any]) -> None:
+    """Put ``name``'s C++ autocast kernel in front of ``kernel`` (the Python one): ``kernel`` is
+    registered for the op's twin ``mixprec_emulate::autocast_<name>``, which the C++ kernel
+    redispatches to wherever its shortcut does not apply (``_emulate_autocast.cpp``)."""
+    library = torch.library.Library("mixprec_emulate", "IMPL")
+    library.impl(f"autocast_{name}", kernel, "AutocastCPU", with_keyset=True)
+    _libraries.append(library)
+    engine.install_autocast(name)
+    _installed.setdefault("cpu", set()).add(name)
 
 
 def _eligible(t: torch.Tensor, device_type: str) -> bool:
