@@ -187,9 +187,9 @@ def _mixprec_python_calls(fn) -> list[str]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_and_conv_layers_run_no_python_in_an_emulated_region(dtype):
     """On the CPU, an emulated region's linear and conv layers go from torch's dispatcher to the
-    C++ autocast kernels (_emulate_autocast.cpp): no mixprec Python runs, forward or backward. A plain
-    torch.autocast region (its cast cache off, as a mixprec region's) still reaches mixprec's
-    Python kernel, which hands the call to torch."""
+    C++ autocast kernels (_emulate_autocast.cpp): no mixprec Python runs, forward or backward. A
+    plain torch.autocast region (its cast cache off, as a mixprec region's) still reaches
+    mixprec's Python kernel, which hands the call to torch."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(48, 5, bias=False)
@@ -208,3 +208,24 @@ def test_linear_and_conv_layers_run_no_python_in_an_emulated_region(dtype):
         assert _mixprec_python_calls(step) == []
     with torch.autocast("cpu", dtype=dtype, cache_enabled=False):
         assert "kernel" in _mixprec_python_calls(lambda: model(x))
+
+
+def test_the_c_plus_plus_kernels_cast_parameters_as_torch_autocast_does():
+    """The weight and bias casts are torch's own (``ToCopyBackward0`` in the graph, what
+    torch.autocast records and what tools take for a weight copy), not a node of mixprec's."""
+    layer = torch.nn.Linear(8, 4)
+
+    def cast_nodes(region) -> list[str]:
+        with region:
+            out = layer(torch.randn(3, 8))
+        names, todo = [], [out.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is not None:
+                names.append(type(fn).__name__)
+                todo.extend(f for f, _ in fn.next_functions)
+        return sorted(n for n in names if "ToCopy" in n)
+
+    emulated = mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated")
+    native = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert cast_nodes(emulated) == cast_nodes(native) == ["ToCopyBackward0"] * 2

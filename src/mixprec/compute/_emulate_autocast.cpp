@@ -33,34 +33,13 @@ bool fast_region(FastOp op) {
   return !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
-// kernels.py's _lowered: a plain strided CPU fp32/bf16/fp16 tensor (then cast to `dtype`).
+// kernels.py's _lowered: a plain strided CPU fp32/bf16/fp16 tensor, then cast by round_to (torch's
+// own cast where autograd records it: its ToCopyBackward0 is what tools recognize as a weight copy).
 bool lowerable(const at::Tensor& t) {
   if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu()) return false;
   if (t.key_set().has_any(not_plain_keys())) return false;
   auto dtype = t.scalar_type();
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
-// autocast's cast of an operand, t.to(dtype), as one C++ autograd node whose backward is that of
-// torch's cast (ToCopyBackward0: the gradient cast back to t's dtype), with round_to's loops
-// instead of the dispatcher's four ops each way.
-struct Lower16Function : public torch::autograd::Function<Lower16Function> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& t,
-                            c10::ScalarType dtype) {
-    ctx->saved_data["dtype"] = t.scalar_type();
-    return round_to(t, dtype);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    return {round_to(grads[0], ctx->saved_data["dtype"].toScalarType()), at::Tensor()};
-  }
-};
-
-at::Tensor lowered(const at::Tensor& t, c10::ScalarType dtype) {
-  if (t.scalar_type() == dtype) return t;
-  if (t.requires_grad() && at::GradMode::is_enabled()) return Lower16Function::apply(t, dtype);
-  return round_to(t, dtype);
 }
 
 bool records_grad(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c) {
@@ -80,10 +59,10 @@ at::Tensor linear_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at
   bool has_bias = bias.has_value() && bias->defined();
   if (dtype != c10::ScalarType::Undefined && fast_region(kLinear) && lowerable(x) &&
       lowerable(weight) && x.dim() == 2 && weight.dim() == 2 && (!has_bias || lowerable(*bias))) {
-    at::Tensor a = lowered(x, dtype);
-    at::Tensor w = lowered(weight, dtype).t();
+    at::Tensor a = round_to(x, dtype);
+    at::Tensor w = round_to(weight, dtype).t();
     std::optional<at::Tensor> b;
-    if (has_bias) b = lowered(*bias, dtype);
+    if (has_bias) b = round_to(*bias, dtype);
     if (records_grad(a, w, b)) return gemm16_autograd(b, a, w, 1.0, 1.0);
     return gemm16(b, a, w, 1.0, 1.0);
   }
@@ -113,10 +92,10 @@ at::Tensor conv_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at::
       lowerable(weight) && x.dim() == Spatial + 2 && weight.dim() == Spatial + 2 &&
       (!has_bias || lowerable(*bias)) && concrete(stride) && concrete(padding) &&
       concrete(dilation) && !groups.is_symbolic()) {
-    at::Tensor a = lowered(x, dtype);
-    at::Tensor w = lowered(weight, dtype);
+    at::Tensor a = round_to(x, dtype);
+    at::Tensor w = round_to(weight, dtype);
     std::optional<at::Tensor> b;
-    if (has_bias) b = lowered(*bias, dtype);
+    if (has_bias) b = round_to(*bias, dtype);
     auto s = C10_AS_INTARRAYREF_SLOW(stride);
     auto p = C10_AS_INTARRAYREF_SLOW(padding);
     auto d = C10_AS_INTARRAYREF_SLOW(dilation);

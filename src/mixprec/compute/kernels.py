@@ -96,8 +96,8 @@ _registered: dict[str, set[str]] = {}
 _ensured: dict[str, RegionConfig] = {}  # per device type: the last configuration ensured
 _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
-# The ops with a C++ autocast kernel on the CPU (_emulate_autocast.cpp: linear_autocast, conv_autocast),
-# and their bits in its mask; per device type, those installed in this process.
+# The ops with a C++ autocast kernel on the CPU (_emulate_autocast.cpp: linear_autocast,
+# conv_autocast), and their bits in its mask; per device type, those installed in this process.
 _CPP_KERNELS = {"linear": 1, "conv1d": 2, "conv2d": 4, "conv3d": 8}
 _installed: dict[str, set[str]] = {}
 _installed_engine: list[Any] = []
