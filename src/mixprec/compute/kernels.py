@@ -93,6 +93,7 @@ class _Stack(threading.local):
 _tls = _Stack()
 _last: dict[str, RegionConfig] = {}  # per device type: the last configuration entered anywhere
 _registered: dict[str, set[str]] = {}
+_kernels: dict[tuple[str, str], Callable[..., Any]] = {}  # (device type, op): its Python kernel
 _ensured: dict[str, RegionConfig] = {}  # per device type: the last configuration ensured
 _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
@@ -192,7 +193,12 @@ def ensure_kernels(config: RegionConfig) -> None:
         return
     needed = config.kernel_ops()
     done = _registered.setdefault(config.device_type, set())
-    if needed <= done:
+    engine = _cpp_engine(config)
+    # ops whose Python kernel an earlier region (native, or before the build) registered alone
+    to_install = set()
+    if engine is not None:
+        to_install = (needed & _CPP_KERNELS.keys()) - _installed.get(config.device_type, set())
+    if needed <= done and not to_install:
         _ensured[config.device_type] = config
         return
     with _lock:
@@ -200,16 +206,16 @@ def ensure_kernels(config: RegionConfig) -> None:
             op_table(kind, torch.float16)
         key = autocast_key(config.device_type)
         library = torch.library.Library("aten", "IMPL")
-        engine = _cpp_engine(config)
-        for name in sorted(needed - done):
-            kernel = _make_kernel(name, config.device_type, key)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
-                if engine is not None and name in _CPP_KERNELS:
-                    _install_cpp_kernel(engine, name, kernel)
-                else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "(?s).*Overriding a previously registered kernel")
+            for name in sorted(needed - done):
+                kernel = _make_kernel(name, config.device_type, key)
+                _kernels[config.device_type, name] = kernel
+                if name not in to_install:
                     library.impl(name, kernel, key, with_keyset=True)
-            done.add(name)
+                done.add(name)
+            for name in sorted(to_install):
+                _install_cpp_kernel(engine, name, _kernels[config.device_type, name])
         _libraries.append(library)  # registrations live as long as their library object
     _ensured[config.device_type] = config
 
