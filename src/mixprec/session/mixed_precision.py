@@ -386,11 +386,7 @@ class MixedPrecision:
             norms = [self.scaler.clip_grad_norm_(opt, max_grad_norm) for opt in optimizers]
         # One decision for all, before any steps: an inf in one optimizer's gradients must not
         # leave the other optimizers' half of the model updated.
-        self.scaler.decide_together_(optimizers)
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        stepped = not self.scaler.step_skipped()
+        stepped = self.scaler.step_and_update(*optimizers)
         if self.fp8 is not None and self._model is not None:
             end_fp8_step(self._model, stepped)  # a skipped step keeps no FP8 amax either
         started = self._clock.started
