@@ -173,6 +173,11 @@ class GradScaler(TorchFields, Together, torch.amp.GradScaler):
         if not self._enabled:
             return outputs
         multiply = self._state.scales
+        if isinstance(outputs, torch.Tensor):  # the loss: what apply() below does to a tensor
+            scale = self._state.materialize(outputs.device)
+            if not multiply:
+                return outputs
+            return outputs * scale.to(outputs.device, non_blocking=True)  # type: ignore[return-value]
         copies: dict[torch.device, torch.Tensor] = {}
 
         def apply(value: Any) -> Any:

@@ -341,8 +341,11 @@ class MixedPrecision:
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
-        with self._in_backward.backward(self._micro_batches):  # steps there if step_in_backward
+        self._in_backward.arm(self._micro_batches)  # steps in there if step_in_backward
+        try:
             self.scaler.scale(loss).backward()
+        finally:
+            self._in_backward.disarm()
         value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro_batches += 1
