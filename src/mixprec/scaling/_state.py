@@ -54,6 +54,7 @@ class ScalerState:
         }
         self._tensors: dict[str, torch.Tensor] = {}
         self._low = float(self._init["scale"])  # a lower bound of the scale; see the module note
+        self._inverse: tuple[float, torch.Tensor] | None = None  # see inverse()
 
     @property
     def scales(self) -> bool:
@@ -113,18 +114,39 @@ class ScalerState:
         tensor = self._tensors.get(name)
         return self._init[name] if tensor is None else tensor.item()
 
-    def apply_rule(self, found_inf: torch.Tensor) -> None:
+    def inverse(self, scale: torch.Tensor) -> torch.Tensor:
+        """``1 / scale`` as a float32 tensor, the reciprocal taken in float64 as torch does
+        (float32 division may be inexact).
+
+        A 0-dim float32 scale on the CPU is read (no device sync there) and the inverse of the
+        last value is reused while the value is the same: three small ops fewer per unscale,
+        the same bits. Elsewhere reading the scale would sync, so it is computed every time.
+        (``unscale_`` uses it, whose step reads its found-inf flag anyway; the fused path and
+        the clip read nothing back.)
+        """
+        if scale.device.type != "cpu" or scale.dim() or scale.dtype != torch.float32:
+            return scale.double().reciprocal().float()
+        value = scale.item()
+        memo = self._inverse
+        # value == 0.0 is also -0.0 (whose inverse is -inf); a NaN never equals: no reuse
+        if memo is None or memo[0] != value or value == 0.0 or scale.requires_grad:
+            memo = (value, scale.double().reciprocal().float())
+            self._inverse = memo
+        return memo[1]
+
+    def apply_rule(self, found_inf: torch.Tensor, skipped: bool | None = None) -> None:
         """Move the state by the strategy's rule in place and count the iteration.
 
         An overflow at the floor (see :func:`~mixprec.scaling.rules.overflow_at_minimum`) warns
         with ``on_min_scale="continue"`` and raises :class:`LossScaleAtMinimumError` with
         ``"raise"``, in both cases after the iteration was counted and the rule applied.
+        ``skipped``: ``found_inf`` as already read on the host, if it was (see :meth:`count`).
         """
         tensors = self._tensors
         rule = self.rule
         if self.strategy == "none":  # no_scaling_update's new state, written in one op
             tensors["scale"].fill_(1.0)
-            self.count(found_inf)
+            self.count(found_inf, skipped)
             return
         if self._torch_rule_applies(found_inf):
             # One kernel instead of the rule's ~15 small ops (a fixed cost of every fp16 step).
@@ -136,7 +158,7 @@ class ScalerState:
                 tensors["scale"], tracker, found_inf,
                 rule.growth_factor, rule.backoff_factor, rule.growth_interval,
             )  # fmt: skip
-            self.count(found_inf)
+            self.count(found_inf, skipped)
             self._low = max(rule.floor, to_float32(self._low * rule.backoff_factor))
             return
         state = ScaleState(tensors["scale"], tensors["growth_tracker"], tensors["hysteresis_left"])
@@ -148,7 +170,7 @@ class ScalerState:
                 # Internal invariant: a tensor state yields tensors.
                 assert isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor)
                 current.copy_(value)
-        self.count(found_inf)
+        self.count(found_inf, skipped)
         if self.strategy != "dynamic":
             return
         if at_minimum is None:
@@ -197,10 +219,17 @@ class ScalerState:
             stacklevel=4,
         )  # fmt: skip
 
-    def count(self, found_inf: torch.Tensor) -> None:
-        """Count one iteration, skipped if ``found_inf`` is non-zero."""
+    def count(self, found_inf: torch.Tensor, skipped: bool | None = None) -> None:
+        """Count one iteration, skipped if ``found_inf`` is non-zero.
+
+        ``skipped``: ``bool(found_inf)``, when the caller already read it; the counter then
+        moves without the two tensor ops of the comparison (none at all on a clean step).
+        """
         self.total_steps += 1
-        self._tensors["skipped_steps"].add_(found_inf != 0)
+        if skipped is None:
+            self._tensors["skipped_steps"].add_(found_inf != 0)
+        elif skipped:
+            self._tensors["skipped_steps"].add_(1)
 
     def set_scale(self, value: float) -> None:
         self._tensors["scale"].fill_(value)
@@ -251,4 +280,5 @@ class ScalerState:
         state["_init"] = {name: self.value(name) for name in _TENSORS}
         state["_tensors"] = {}
         state["_low"] = float(state["_init"]["scale"])
+        state["_inverse"] = None
         return state

@@ -4,7 +4,8 @@ The per-iteration protocol is torch's: ``scale`` the loss, ``backward``, optiona
 (or :meth:`GradScaler.clip_grad_norm_`), ``step`` every optimizer, ``update`` once. The rule
 that moves the scale lives in :mod:`mixprec.scaling.rules`; gradient plumbing in ``_grads``,
 clipping in :mod:`mixprec.scaling.clip`, the distributed hook in :mod:`mixprec.scaling.agreement`;
-torch's field names, getters and setters in ``_torch_fields``.
+torch's field names, getters and setters in ``_torch_fields``; one decision for several optimizers
+and the end of an iteration (``decide_together_``, ``step_and_update``) in ``_together``.
 
 Design note: the class subclasses ``torch.amp.GradScaler``, so ``isinstance`` checks in user and
 library code hold, and torch's private fields (``_scale``, ``_growth_tracker``,
@@ -28,8 +29,9 @@ from torch.amp.grad_scaler import OptState
 from mixprec.scaling import _checks
 from mixprec.scaling._checks import OnMinScale
 from mixprec.scaling._grads import check_unscalable, group_grads, unscale_and_check_
-from mixprec.scaling._iteration import Iteration, Record, found_inf_of, one_flag_on, set_found_inf
+from mixprec.scaling._iteration import Iteration, Record, found_inf_of, set_found_inf
 from mixprec.scaling._state import ScalerState
+from mixprec.scaling._together import Together
 from mixprec.scaling._torch_fields import TorchFields
 from mixprec.scaling.agreement import (
     ProcessGroupArg,
@@ -51,7 +53,7 @@ __all__ = ["GradScaler", "LossScaleAtMinimumError"]
 _T = TypeVar("_T")
 
 
-class GradScaler(TorchFields, torch.amp.GradScaler):
+class GradScaler(TorchFields, Together, torch.amp.GradScaler):
     """Loss scaling for fp16 training; a drop-in for ``torch.amp.GradScaler``.
 
     Default construction behaves as ``torch.amp.GradScaler``: the same scale, growth tracker and
@@ -171,6 +173,11 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
         if not self._enabled:
             return outputs
         multiply = self._state.scales
+        if isinstance(outputs, torch.Tensor):  # the loss: what apply() below does to a tensor
+            scale = self._state.materialize(outputs.device)
+            if not multiply:
+                return outputs
+            return outputs * scale.to(outputs.device, non_blocking=True)  # type: ignore[return-value]
         copies: dict[torch.device, torch.Tensor] = {}
 
         def apply(value: Any) -> Any:
@@ -217,14 +224,18 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
 
     def _record_found_inf(
         self, record: Record, found_inf: torch.Tensor, optimizer: torch.optim.Optimizer
-    ) -> None:
-        previous = found_inf_of(record)
-        if previous is not None:  # a clip after unscale_: either check may have seen inf/NaN
-            found_inf = torch.maximum(found_inf, previous)
+    ) -> torch.Tensor:
+        """Record the optimizer's check (combined with an earlier one, agreed over the ranks);
+        returns the flag recorded."""
+        if record["found_inf_per_device"]:
+            # a clip after unscale_: either check may have seen inf/NaN
+            found_inf = torch.maximum(found_inf, found_inf_of(record))  # type: ignore[arg-type]
         params = (p for group in optimizer.param_groups for p in group["params"])
         groups = agreement_groups(params, self._process_group)
-        set_found_inf(record, agree_found_inf_(found_inf, groups))
+        found_inf = agree_found_inf_(found_inf, groups)
+        set_found_inf(record, found_inf)
         record["stage"] = OptState.UNSCALED
+        return found_inf
 
     # -- unscale, clip, step ---------------------------------------------------------------
 
@@ -246,11 +257,18 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             return
         scale = self._started("unscale_()")
         record = self._iteration.begin_unscale(optimizer, "unscale_()")
+        self._unscale(optimizer, record, scale)
+
+    def _unscale(
+        self, optimizer: torch.optim.Optimizer, record: Record, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`unscale_` after its call-order checks; returns the flag recorded."""
         grads = group_grads(optimizer)
         if self._state.scales:
             check_unscalable(optimizer, grads)
-        found_inf = unscale_and_check_(grads, self._inv_scale(scale), self._new_flag(scale))
-        self._record_found_inf(record, found_inf, optimizer)
+        # the inverse of the loss scale: remembered on a CPU (see ScalerState.inverse)
+        found_inf = unscale_and_check_(grads, self._state.inverse(scale), self._new_flag(scale))
+        return self._record_found_inf(record, found_inf, optimizer)
 
     def clip_grad_norm_(
         self, optimizer: torch.optim.Optimizer, max_norm: float, norm_type: float = 2.0
@@ -376,47 +394,6 @@ class GradScaler(TorchFields, torch.amp.GradScaler):
             retval = optimizer.step(*args, **kwargs)
         record["stage"] = OptState.STEPPED
         return retval
-
-    def decide_together_(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Take one skip-or-step decision for ``optimizers`` before any of them steps.
-
-        torch's scaler decides per optimizer: an inf in one optimizer's gradients skips that
-        optimizer alone, and the others update their half of the model. Called between the
-        clips and the first :meth:`step` of an iteration, this checks every optimizer not yet
-        checked (unscaling in place those that do not unscale inside their step; the others
-        keep their gradients and get the scale at :meth:`step`) and gives each the combined
-        flag, so a non-finite gradient anywhere skips every one of them.
-
-        Raises:
-            RuntimeError: If called before :meth:`scale` or after one of them stepped.
-            ValueError: If an optimizer that unscales in place has fp16 gradients.
-        """
-        if not self._enabled:
-            return
-        scale = self._started("step()")
-        optimizers = list(optimizers)
-        for optimizer in optimizers:
-            record = self._iteration.begin_step(optimizer)  # refuses one that already stepped
-            if record["stage"] is not OptState.READY:
-                continue
-            if not self._unscales_in_step(optimizer):
-                self.unscale_(optimizer)
-                continue
-            found_inf = unscale_and_check_(
-                group_grads(optimizer), torch.ones_like(scale), self._new_flag(scale)
-            )
-            self._record_found_inf(record, found_inf, optimizer)
-            if self._state.scales:  # step hands it the scale (see _fused_step)
-                self._iteration.folded_scales[id(optimizer)] = scale
-        records = [self._iteration.record(optimizer) for optimizer in optimizers]
-        flags = [flag for record in records if (flag := found_inf_of(record)) is not None]
-        if not flags:
-            return
-        if one_flag_on(records, scale.device):
-            return  # already the combined flag
-        combined = torch.stack([flag.to(scale.device) for flag in flags]).amax()
-        for record in records:
-            set_found_inf(record, combined)
 
     def _fused_step(
         self,

@@ -109,15 +109,17 @@ class PolicyForward:
         self.policy = policy
         self.clock = clock
         self._region: autocast | None = None
+        self._same: autocast | None = None  # _region, if it has region_args' settings
         self._entered: list[bool] = []  # per call not yet left: did this hook enter the region?
 
     def __getstate__(self) -> dict[str, Any]:
         # The region holds thread state; a pickled model is never in the middle of a call.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_region", "_entered")}
+        skip = ("_region", "_same", "_entered")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._region, self._entered = None, []
+        self._region, self._same, self._entered = None, None, []
 
     def is_open(self) -> bool:
         """Whether a region with this one's settings is the innermost open one."""
@@ -130,7 +132,12 @@ class PolicyForward:
             # dynamo guards on torch's autocast state, not on mixprec's thread-local region:
             # torch's cache is off in mixprec's regions and on in a plain torch.autocast.
             return not torch.is_autocast_cache_enabled()
-        return _same_region(current_region(), self.region_args)
+        region = current_region()
+        # The common case, a part called inside the call whose hook entered the region: the
+        # innermost region is the one these hooks enter, whose settings were compared once.
+        if region is not None and region is self._same:
+            return True
+        return _same_region(region, self.region_args)
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if self.is_open():
@@ -165,6 +172,7 @@ def _enter(hooks: PolicyForward, training: bool) -> None:
         hooks.clock.training_forward(hooks.policy)
     if hooks._region is None:
         hooks._region = autocast(**hooks.region_args)
+        hooks._same = hooks._region if _same_region(hooks._region, hooks.region_args) else None
     hooks._region.__enter__()
 
 

@@ -40,8 +40,7 @@ cost of one host sync per parameter.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -160,9 +159,10 @@ class InBackward:
 
     # -- the loop -------------------------------------------------------------------------
 
-    @contextmanager
-    def backward(self, micro_batches: int) -> Iterator[None]:
-        """Around the session's ``loss.backward()``: the hooks step only in here.
+    def arm(self, micro_batches: int) -> None:
+        """Before the session's ``loss.backward()``: the hooks step only between this and
+        :meth:`disarm` (called in a ``finally``: plain calls, not a context manager, because
+        this is a fixed cost of every backward of every session).
 
         Raises:
             RuntimeError: a second backward before ``mp.step`` (accumulation).
@@ -175,10 +175,10 @@ class InBackward:
                 "use step_in_backward=False to accumulate"
             )
         self._armed = self.enabled
-        try:
-            yield
-        finally:
-            self._armed = False
+
+    def disarm(self) -> None:
+        """After the session's ``loss.backward()``, also when it raised."""
+        self._armed = False
 
     @torch.no_grad()
     def step_one(self, param: torch.Tensor, name: str, optimizer: torch.optim.Optimizer) -> None:

@@ -341,8 +341,11 @@ class MixedPrecision:
         """
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"backward needs the loss tensor, got {type(loss).__name__} {loss!r}")
-        with self._in_backward.backward(self._micro_batches):  # steps there if step_in_backward
+        self._in_backward.arm(self._micro_batches)  # steps in there if step_in_backward
+        try:
             self.scaler.scale(loss).backward()
+        finally:
+            self._in_backward.disarm()
         value = loss.detach().float()  # stays a tensor: no device sync per micro-batch
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._micro_batches += 1
@@ -386,11 +389,7 @@ class MixedPrecision:
             norms = [self.scaler.clip_grad_norm_(opt, max_grad_norm) for opt in optimizers]
         # One decision for all, before any steps: an inf in one optimizer's gradients must not
         # leave the other optimizers' half of the model updated.
-        self.scaler.decide_together_(optimizers)
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        stepped = not self.scaler.step_skipped()
+        stepped = self.scaler.step_and_update(*optimizers)
         if self.fp8 is not None and self._model is not None:
             end_fp8_step(self._model, stepped)  # a skipped step keeps no FP8 amax either
         started = self._clock.started
