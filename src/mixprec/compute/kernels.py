@@ -195,7 +195,7 @@ def ensure_kernels(config: RegionConfig) -> None:
     done = _registered.setdefault(config.device_type, set())
     engine = _cpp_engine(config)
     # ops whose Python kernel an earlier region (native, or before the build) registered alone
-    to_install = set()
+    to_install: frozenset[str] = frozenset()
     if engine is not None:
         to_install = (needed & _CPP_KERNELS.keys()) - _installed.get(config.device_type, set())
     if needed <= done and not to_install:
