@@ -12,6 +12,7 @@ cnn and digits <= 1.3x.
 
     python benchmarks/bench_emulation.py [--threads 1] [--rounds 7] [--models transformer,cnn]
         [--clock cpu]   # the thread's CPU time: steadier where other processes share the cores
+        [--isa avx2]    # as on an AVX2-only CPU, on an AVX-512 one
     python benchmarks/bench_emulation.py --profile fp8-mixed   # where the time goes
 
 Where the time goes (torch.profiler, transformer, fp8-mixed, 1 thread, Xeon with AVX512-BF16 and
@@ -118,6 +119,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -135,6 +137,12 @@ from mixprec.policy import PRESETS
 VOCAB = 96
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 _clock = time.perf_counter
+_AVX2_ONLY = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MIXPREC_KERNEL_CFLAGS": "-mno-avx512f",
+}
 PRESET_NAMES = ("fp32", "bf16-mixed", "fp8-mixed", "nvfp4-mixed")
 
 
@@ -219,15 +227,29 @@ def main() -> None:
         default="wall",
         help="wall time, or this thread's CPU time (steadier on a loaded machine, 1 thread)",
     )
+    parser.add_argument(
+        "--isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: run as on an AVX2-only CPU (AVX-512 off in ATen, MKL, oneDNN and mixprec's "
+        "kernels, which get their own build)",
+    )
     parser.add_argument("--profile", metavar="PRESET", help="profile one preset instead")
     parser.add_argument("--rows", type=int, default=30, help="rows of the profile table")
     args = parser.parse_args()
+    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        # read when each library starts: set them for a fresh process running this command
+        os.environ.update(_AVX2_ONLY)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     global _clock
     _clock = _CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     flags = sorted(probe("cpu", measure=False).cpu_flags)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock")
     print(f"cpu flags: {', '.join(flags) or 'none'}")
+    print(f"ATen's vector code: {torch.backends.cpu.get_cpu_capability()}")
+    if args.isa == "avx2":
+        print("as on an AVX2-only CPU: " + ", ".join(f"{k}={v}" for k, v in _AVX2_ONLY.items()))
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.profile:
         for name in args.models.split(","):

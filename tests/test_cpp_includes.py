@@ -30,3 +30,12 @@ def test_the_header_is_part_of_the_name_and_a_missing_one_is_refused(tmp_path, m
     assert _cpp.extension_name("k", _cpp.expand_includes(source)) != before
     with pytest.raises(FileNotFoundError):
         _cpp.expand_includes('#include "_missing.h"\n')
+
+
+def test_flags_from_the_environment_come_last_and_name_their_own_build(monkeypatch):
+    monkeypatch.delenv(_cpp.EXTRA_FLAGS_VARIABLE, raising=False)
+    assert _cpp.build_flags() == _cpp.FLAGS
+    monkeypatch.setenv(_cpp.EXTRA_FLAGS_VARIABLE, " -mno-avx512f  -O2 ")
+    flags = _cpp.build_flags()
+    assert flags == (*_cpp.FLAGS, "-mno-avx512f", "-O2")  # last: they override -march=native
+    assert _cpp.extension_name("k", "int x;", flags) != _cpp.extension_name("k", "int x;")

@@ -14,6 +14,7 @@ torch-ops path. A leaf: every layer that has a kernel uses it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 import warnings
@@ -23,7 +24,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["FLAGS", "LazyBuild", "expand_includes", "extension_name", "library"]
+__all__ = [
+    "FLAGS",
+    "LazyBuild",
+    "build_flags",
+    "expand_includes",
+    "extension_name",
+    "library",
+]
 
 FLAGS = (
     "-O3",
@@ -95,13 +103,25 @@ def expand_includes(source: str) -> str:
 _HERE = Path(__file__).resolve().parent
 
 
+EXTRA_FLAGS_VARIABLE = "MIXPREC_KERNEL_CFLAGS"
+
+
+def build_flags() -> tuple[str, ...]:
+    """:data:`FLAGS`, then the flags in the environment variable ``MIXPREC_KERNEL_CFLAGS``
+    (split on spaces), which come last and so win: e.g. ``-mno-avx512f`` builds the kernels for
+    an AVX2 CPU on an AVX-512 one (``benchmarks/bench_emulation.py --isa avx2``)."""
+    return (*FLAGS, *os.environ.get(EXTRA_FLAGS_VARIABLE, "").split())
+
+
 def load(prefix: str, source: str) -> None:
-    """Compile (or load from torch's cache) ``source`` as the library ``prefix`` registers."""
+    """Compile (or load from torch's cache) ``source`` as the library ``prefix`` registers, with
+    :func:`build_flags`."""
     from torch.utils.cpp_extension import load_inline
 
     source = expand_includes(source)
-    name = extension_name(prefix, source)
-    load_inline(name, cpp_sources=[source], extra_cflags=list(FLAGS), is_python_module=False)
+    flags = build_flags()
+    name = extension_name(prefix, source, flags)
+    load_inline(name, cpp_sources=[source], extra_cflags=list(flags), is_python_module=False)
 
 
 def library(namespace: str, sources: Sequence[Path], marker: str) -> Any:
