@@ -13,6 +13,7 @@ cnn and digits <= 1.3x.
     python benchmarks/bench_emulation.py [--threads 1] [--rounds 7] [--models transformer,cnn]
         [--clock cpu]   # the thread's CPU time: steadier where other processes share the cores
         [--isa avx2]    # as on an AVX2-only CPU, on an AVX-512 one
+    python benchmarks/bench_emulation.py --breakdown --models digits,cnn --clock cpu --rounds 101
     python benchmarks/bench_emulation.py --profile fp8-mixed   # where the time goes
 
 Where the time goes (torch.profiler, transformer, fp8-mixed, 1 thread, Xeon with AVX512-BF16 and
@@ -112,6 +113,39 @@ bf16-mixed 1.42, 1.41 -> 1.41, 1.41; fp16-mixed 1.49, 1.48 -> 1.46, 1.44; digits
 1.51, 1.64 -> 1.48, 1.55; fp16-mixed 1.63, 1.67 -> 1.55, 1.58 (fp8 and nvfp4 unchanged within
 noise). Left: the unscale-and-decide bookkeeping (~60 us in the loop) kept for torch's
 ``_per_optimizer_states`` layout, multi-optimizer decisions and the process-group agreement.
+
+Small models, the next round (same Xeon, another job on the second core, load average 0.7-2.7;
+thread CPU time, 1 thread; per step, ratios to fp32, medians). Where the time went, digits
+bf16-mixed: its ops as plain torch ops (widen, GEMM node, round; "the floor") 1.26x, the model
+in an emulated ``mixprec.autocast`` region 1.39x, the session 1.60x. In the region each linear
+layer's autocast kernel ran in Python (the dispatcher's boxed call, the plan, the shortcut's
+checks, the GEMM op's call back into C++): ~22 us a call, forward only; inside the emulated GEMMs
+each widening and rounding was four dispatcher ops (``to``, ``_to_copy``, ``empty_strided``,
+``copy_``). ``mp.step`` added ~0.12 over ``optimizer.step()``, the forward hooks ~0.06.
+
+* ``linear`` and ``conv1d/2d/3d`` have their autocast kernel in C++ (``_emulate_autocast.cpp``):
+  in an emulated region, on plain eager tensors, it casts the operands (torch's own cast where
+  autograd records it) and calls the GEMM's C++ autograd node; anything else goes on to the
+  Python kernel. A ``linear`` call in a region: 122 -> 96 us (64x256 by 256x256, forward).
+* inside the emulated GEMMs, widening and rounding are one loop each (bf16 to nearest even as
+  torch rounds; fp16 with F16C/AVX-512's conversion, as torch's).
+* ``mp.step`` ends its iteration in one scaler call (``GradScaler.step_and_update``), the
+  forward hooks find their region by identity, ``mp.backward`` arms its hooks with plain calls.
+* tried and dropped: a C++ autograd node for autocast's casts (no faster than torch's cast, and
+  tools take torch's ``ToCopyBackward0`` for a weight copy); folding the weight's cast into the
+  GEMM's node, which would save two of the four passes over each weight per step but make a
+  double backward sum a weight's second-order contributions in fp32 where autocast sums them in
+  16 bits.
+* step / fp32, before -> after (``--breakdown``: floor, region, session): digits 1.26, 1.39, 1.60
+  -> 1.25, 1.29, 1.46; cnn (no floor) region 1.20 -> 1.11, session 1.41 -> 1.29.
+  This command (21 rounds): cnn bf16 1.41 -> 1.31, fp16 1.44 -> 1.36, fp8 1.50 -> 1.44; digits
+  bf16 1.52 -> 1.39, fp16 1.55 -> 1.45, fp8 1.81 -> 1.78.
+* what is left on digits: ~0.25 are the passes autocast's graph itself makes (each 256x256
+  weight is rounded, widened for the GEMM, widened again for the input gradient, its gradient
+  rounded and widened: 6-10 us a pass, where fp32 has none; fp32's whole step is 1.2 ms, 0.5 of
+  it AdamW's small ops), ~0.10 ``mp.step`` (the one-kernel non-finite check, the report, the
+  ownership check: Python in a cache the backward left cold), ~0.04 the hooks (torch's module
+  call takes its slow path, ~2.4 us, for every hooked module).
 """
 
 from __future__ import annotations
@@ -127,6 +161,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import mixprec
 from mixprec import MixedPrecision
 from mixprec.app.tasks.cnn import CNNTask
 from mixprec.app.tasks.digits import DigitsTask
@@ -205,6 +240,55 @@ def make_step(model_name: str, preset: str) -> Callable[[], float]:
     return session_step
 
 
+def make_breakdown(model_name: str, variant: str) -> Callable[[], float]:
+    """One timed bf16 step of ``model_name`` in one of the layers of :data:`BREAKDOWN`."""
+    if variant in ("fp32", "session"):
+        return make_step(model_name, "fp32" if variant == "fp32" else "bf16-mixed")
+    build, (x, y, loss_fn) = MODELS[model_name]()
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if variant == "floor":
+        from mixprec.compute.emulated_cpp import engine
+
+        gemm, low = engine("cpu").gemm16_autograd, torch.bfloat16
+
+        def forward(h: torch.Tensor) -> torch.Tensor:
+            for layer in model:
+                if isinstance(layer, torch.nn.Linear):
+                    w, b = layer.weight.to(low).t(), layer.bias.to(low)
+                    h = gemm(b, h.to(low), w, 1.0, 1.0)
+                else:
+                    h = layer(h)
+            return h.float()
+
+    else:  # region
+        region = mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated")
+
+        def forward(h: torch.Tensor) -> torch.Tensor:
+            with region:
+                return model(h).float()
+
+    def step() -> float:
+        start = _clock()
+        loss = loss_fn(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return _clock() - start
+
+    return step
+
+
+BREAKDOWN = {
+    "fp32": "the fp32 step",
+    "floor": "the model's linear layers as torch's casts around the emulated GEMM's C++ node "
+    "(an MLP only: digits)",
+    "region": "the model in an emulated mixprec.autocast region, a plain optimizer step",
+    "session": "bf16-mixed through the session (prepare, mp.backward, mp.step)",
+}
+"""``--breakdown``: what a small model's bf16 step costs, layer by layer of mixprec."""
+
+
 def profile(model_name: str, preset: str, steps: int, rows: int) -> None:
     """torch.profiler table of ``steps`` steps (after two warm-up steps), by self CPU time."""
     step = make_step(model_name, preset)
@@ -235,6 +319,12 @@ def main() -> None:
         "kernels, which get their own build)",
     )
     parser.add_argument("--profile", metavar="PRESET", help="profile one preset instead")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="time a bf16 step layer by layer instead: "
+        + "; ".join(f"{k}: {v}" for k, v in BREAKDOWN.items()),
+    )
     parser.add_argument("--rows", type=int, default=30, help="rows of the profile table")
     args = parser.parse_args()
     if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
@@ -260,12 +350,16 @@ def main() -> None:
     if skipped:
         print(f"presets not in this version (skipped): {', '.join(skipped)}")
     for name in args.models.split(","):
-        steps = {p: make_step(name, p) for p in presets}
+        if args.breakdown:
+            variants = [v for v in BREAKDOWN if v != "floor" or name == "digits"]
+            steps = {v: make_breakdown(name, v) for v in variants}
+        else:
+            steps = {p: make_step(name, p) for p in presets}
         for s in steps.values():  # warm-up (kernel builds, first-call caches)
             s(), s()
         rounds = [{p: s() for p, s in steps.items()} for _ in range(args.rounds)]
         print(f"\n{name}: median step, median ratio to fp32 over {args.rounds} rounds")
-        for p in presets:
+        for p in steps:
             ms = statistics.median(r[p] for r in rounds) * 1e3
             ratio = statistics.median(r[p] / r["fp32"] for r in rounds)
             print(f"  {p:12s} {ms:9.2f} ms   {ratio:5.2f}x")

@@ -21,3 +21,5 @@ def test_a_small_model_steps_under_each_preset(monkeypatch: pytest.MonkeyPatch) 
     spec.loader.exec_module(module)
     for preset in ("fp32", "bf16-mixed", "fp8-mixed"):
         assert module.make_step("digits", preset)() > 0
+    for variant in module.BREAKDOWN:  # --breakdown's layers, each one step
+        assert module.make_breakdown("digits", variant)() > 0
