@@ -214,16 +214,7 @@ def make_step(model_name: str, preset: str) -> Callable[[], float]:
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if preset == "fp32":
-
-        def step() -> float:
-            start = _clock()
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return _clock() - start
-
-        return step
+        return _plain_step(model, optimizer, (x, y, loss_fn))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mp = MixedPrecision(preset, device="cpu", backend="emulated")
@@ -267,6 +258,15 @@ def make_breakdown(model_name: str, variant: str) -> Callable[[], float]:
         def forward(h: torch.Tensor) -> torch.Tensor:
             with region:
                 return model(h).float()
+
+    return _plain_step(forward, optimizer, (x, y, loss_fn))
+
+
+def _plain_step(
+    forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer, data: tuple
+) -> Callable[[], float]:
+    """A timed step of ``forward`` with a plain ``backward`` and optimizer step (no session)."""
+    x, y, loss_fn = data
 
     def step() -> float:
         start = _clock()
