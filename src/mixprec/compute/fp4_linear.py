@@ -55,7 +55,7 @@ from mixprec.compute.fp4_native import (
     prepare_weight,
     run_gemm,
 )
-from mixprec.compute.fp8_linear import BACKENDS, Fp8Backend, Fp8Linear, _check_floating
+from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating, check_backend_name
 from mixprec.fp4_recipes import Fp4Recipe, rht
 from mixprec.hardware import choose_fp4_backend
 
@@ -260,10 +260,7 @@ def fp4_backend(backend: Fp8Backend, device: torch.device | str) -> tuple[str, s
         >>> fp4_backend("auto", "cpu")[0]
         'emulated'
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown fp4 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
-        )
+    check_backend_name(backend, "fp4")
     return choose_fp4_backend(backend, device)
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "BACKENDS",
     "Fp8Backend",
     "Fp8Linear",
+    "check_backend_name",
     "fp8_backend",
     "fp8_linear",
 ]
@@ -325,6 +326,18 @@ def fp8_linear(
 # -- which backend ------------------------------------------------------------------------------
 
 
+def check_backend_name(backend: object, kind: str) -> None:
+    """Refuse a GEMM backend name that is not one of :data:`BACKENDS` (``kind``: "fp8"/"fp4").
+
+    Raises:
+        ValueError: naming the bad value and the valid ones.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown {kind} backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
+        )
+
+
 def fp8_backend(
     backend: Fp8Backend, device: torch.device | str, recipe: Fp8Recipe | str = "tensorwise"
 ) -> tuple[str, str]:
@@ -341,10 +354,7 @@ def fp8_backend(
         >>> fp8_backend("auto", "cpu")[0]
         'emulated'
     """
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"unknown fp8 backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
-        )
+    check_backend_name(backend, "fp8")
     return choose_fp8_backend(backend, device, Fp8Recipe.parse(recipe).granularity)
 
 
