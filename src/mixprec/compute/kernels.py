@@ -98,9 +98,9 @@ _ensured: dict[str, RegionConfig] = {}  # per device type: the last configuratio
 _libraries: list[torch.library.Library] = []
 _lock = threading.Lock()
 # The ops with a C++ autocast kernel on the CPU (_emulate_autocast.cpp: linear_autocast,
-# conv_autocast), and their bits in its mask; per device type, those installed in this process.
+# conv_autocast), their bits in its mask, and those installed in this process.
 _CPP_KERNELS = {"linear": 1, "conv1d": 2, "conv2d": 4, "conv3d": 8}
-_installed: dict[str, set[str]] = {}
+_installed: set[str] = set()
 _installed_engine: list[Any] = []
 _masks: dict[int, tuple[RegionConfig, int]] = {}
 
@@ -120,8 +120,8 @@ def _fast_ops(config: RegionConfig) -> int:
         return found[1]
     mask = 0
     if config.backend == "emulated":
-        for name in _installed.get(config.device_type, ()):
-            if _plan(name, config, False, True) == "lower":
+        for name in _installed:
+            if _plan(name, config) == "lower":
                 mask |= _CPP_KERNELS[name]
     if len(_masks) > 64:
         _masks.clear()
@@ -197,7 +197,7 @@ def ensure_kernels(config: RegionConfig) -> None:
     # ops whose Python kernel an earlier region (native, or before the build) registered alone
     to_install: frozenset[str] = frozenset()
     if engine is not None:
-        to_install = (needed & _CPP_KERNELS.keys()) - _installed.get(config.device_type, set())
+        to_install = (needed & _CPP_KERNELS.keys()) - _installed
     if needed <= done and not to_install:
         _ensured[config.device_type] = config
         return
@@ -245,7 +245,7 @@ def _install_cpp_kernel(engine: Any, name: str, kernel: Callable[..., Any]) -> N
     library.impl(f"autocast_{name}", kernel, "AutocastCPU", with_keyset=True)
     _libraries.append(library)
     engine.install_autocast(name)
-    _installed.setdefault("cpu", set()).add(name)
+    _installed.add(name)
 
 
 def _eligible(t: torch.Tensor, device_type: str) -> bool:
@@ -320,7 +320,7 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
         found = plans.get(id(config))
         if found is not None and found[0] is config:
             return found[1]
-        plan = _plan(name, config, emulated is not None, composite)
+        plan = _plan(name, config)
         if len(plans) > 64:  # configurations come and go (a region per call): keep a few
             plans.clear()
         plans[id(config)] = (config, plan)
@@ -384,7 +384,7 @@ def _make_kernel(name: str, device_type: str, key: str) -> Callable[..., Any]:
     return kernel
 
 
-def _plan(name: str, config: RegionConfig, has_emulated: bool, composite: bool) -> str:
+def _plan(name: str, config: RegionConfig) -> str:
     """What ``config`` makes op ``name`` do outside an emulated composite GEMM: ``"torch"``
     (torch's own kernel), ``"banned"`` (refused), or its category in the region's table."""
     if name in BANNED_CUDA and config.target == "cuda":
