@@ -327,11 +327,7 @@ def fp8_linear(
 
 
 def check_backend_name(backend: object, kind: str) -> None:
-    """Refuse a GEMM backend name that is not one of :data:`BACKENDS` (``kind``: "fp8"/"fp4").
-
-    Raises:
-        ValueError: naming the bad value and the valid ones.
-    """
+    """Raise ValueError, naming the valid ones, for a backend not in :data:`BACKENDS`."""
     if backend not in BACKENDS:
         raise ValueError(
             f"unknown {kind} backend {backend!r}; valid backends: {', '.join(map(repr, BACKENDS))}"
