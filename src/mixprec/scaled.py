@@ -192,6 +192,25 @@ def reduce_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(both[1] > 0, torch.full_like(amax, float("nan")), both[0])
 
 
+def empty_operand(
+    x: torch.Tensor, recipe: Fp8Recipe, role: Role, contraction_dim: int
+) -> torch.Tensor:
+    """An operand without rows (an empty batch, an MoE expert without tokens) as an FP8 GEMM
+    takes it: ``x`` itself, nothing to scale, after its part in the amax all-reduce.
+
+    The ranks that have rows reduce their amaxes with every rank's (``amax_reduce``): this one
+    must take part, or they wait for it forever. It gives zeros, the identity of MAX, shaped as
+    their block amaxes (one block along the batch, the same blocks along the columns).
+    """
+    if x.numel() or x.dim() != 2 or not reduces_over_batch(recipe, role, contraction_dim):
+        return x
+    cols = x.shape[1]
+    _, bc = block_shape(recipe, role, (1, cols), contraction_dim, "output")
+    bc = min(bc, cols) or 1
+    reduce_amax(torch.zeros(1, 1, -(-cols // bc), 1, device=x.device))
+    return x
+
+
 def reduces_over_batch(recipe: Fp8Recipe, role: Role, contraction_dim: int) -> bool:
     """Whether an operand's block amaxes are taken over the whole batch dimension (dim 0), so
     that ``amax_reduce`` must reduce them over the ranks: activations and gradients (never

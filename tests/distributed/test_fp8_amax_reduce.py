@@ -7,7 +7,9 @@ the ranks and steps. The parent compares with one process on the whole batch:
 * with the option the first forward's outputs and input gradients are bit for bit those rows of
   one process (the fp8 operands are the same; only the fp32 sums of the weight gradient run in
   another order), and every step's loss agrees to fp32 rounding;
-* without it the tensorwise recipes' outputs differ (so the test can fail).
+* without it the tensorwise recipes' outputs differ (so the test can fail);
+* a rank whose batch is empty still takes part in every reduction: the other rank, holding the
+  whole batch, gets one process's results instead of waiting forever for its partner.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ def _worker(rank: int, path: str) -> None:
         for reduce in (True, False):
             recipe = f"{name}:amax_reduce={str(reduce).lower()}"
             seen[recipe] = _train(recipe, half, distributed=True)
+    whole = _data() if rank == 0 else _data()[:0]  # rank 1 has nothing this time
+    for name in RECIPES:
+        seen[f"{name}:empty"] = _train(f"{name}:amax_reduce=true", whole, distributed=True)
     # NaN on one rank is NaN on both (a step one rank skips, every rank skips)
     amax = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([float("nan"), 3.0])
     seen["nan"] = reduce_amax(amax)
@@ -128,3 +133,15 @@ def test_without_amax_reduce_each_rank_scales_its_own_half(
 def test_a_nan_amax_on_one_rank_is_nan_on_every_rank(runs: list[dict[str, Any]]) -> None:
     for seen in runs:
         assert torch.isnan(seen["nan"][0]) and seen["nan"][1] == 3.0
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_a_rank_with_an_empty_batch_still_reduces(runs: list[dict[str, Any]], name: str) -> None:
+    one = _train(f"{name}:amax_reduce=true", _data(), distributed=False)
+    full, empty = runs[0][f"{name}:empty"], runs[1][f"{name}:empty"]
+    assert torch.equal(full["out"], one["out"]) and torch.equal(full["grad_x"], one["grad_x"])
+    assert empty["out"].shape == (0, 32)
+    for seen in (full, empty):
+        torch.testing.assert_close(
+            torch.stack(seen["loss"]), torch.stack(one["loss"]), rtol=1e-5, atol=0
+        )

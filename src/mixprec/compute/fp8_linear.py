@@ -38,6 +38,7 @@ from mixprec.recipes import Fp8Recipe, block_shape, delayed_scale, dynamic_scale
 from mixprec.scaled import (
     Scaled,
     dequantize,
+    empty_operand,
     fp8_fake_quantize,
     fp8_quantize,
     reduce_amax,
@@ -66,7 +67,7 @@ def _operand(
     """The operand as the GEMM takes it: a :class:`Scaled` fp8 tensor for ``torch._scaled_mm``,
     else its dequantized fp32 values in one pass (the same values; no fp8 tensor in between)."""
     if t.numel() == 0:  # an empty batch (an MoE expert without tokens): nothing to scale
-        return t
+        return t if scale is not None else empty_operand(t, r, role, dim)
     if native:
         return fp8_quantize(t, r, role, dim, gemm, scale)
     if scale is None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
@@ -195,9 +196,9 @@ def _grad_scale(grad: torch.Tensor, r: Fp8Recipe, scales: torch.Tensor | None) -
     would turn an overflowed gradient into a finite one and the loss scaler would take a step it
     must skip. NaN makes the gradient GEMMs non-finite, as a dynamic scale does.
     """
-    if scales is None or grad.numel() == 0:
+    if scales is None or (grad.numel() == 0 and not r.amax_reduce):
         return None
-    amax = grad.abs().max().float()
+    amax = _amax(grad)  # 0 for an empty gradient, whose rank still takes part in the reduction
     if r.amax_reduce:
         amax = reduce_amax(amax)
     scale = torch.where(scales[2] > 0, scales[2], dynamic_scale(amax, r.grad_format))
@@ -489,14 +490,14 @@ class Fp8Linear(nn.Linear):
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
-        if self.training and flat.numel():  # an empty batch observes nothing
+        if self.training and (flat.numel() or r.amax_reduce):  # empty: the ranks' amax_x
             self._record(0, amax_x)
             self._record(1, amax_w)
         return scales
 
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
-        if grad.numel():
+        if grad.numel() or self.recipe.amax_reduce:  # a rank without rows takes part too
             amax = _amax(grad)
             self._record(2, reduce_amax(amax) if self.recipe.amax_reduce else amax)
 
