@@ -22,6 +22,13 @@ option (nvfp4 default)        what it does
                               of both gradient GEMMs), round to nearest everywhere else
 ============================  ================================================================
 
+``amax_reduce=true`` (off by default) is for data-parallel training: NVFP4's tensor scale of an
+activation or a gradient comes from its amax over all ranks (an ``all_reduce(MAX)`` over the
+default process group, as the FP8 recipes' option), so 2 ranks quantize as one process on the
+whole batch does, as long as each rank's tokens are whole blocks and ``sr_grad`` is off (the
+random draws differ). Weights are the same on every rank; MX formats have no tensor scale, so
+for ``mxfp4`` it changes nothing (its blocks along the batch are fixed-length, as mxfp8's).
+
 ``mxfp4`` (OCP MX: 32-element blocks, E8M0 scales, torchao's floor rule, no tensor scale) takes the
 same options with defaults ``rht=false, sr_grad=false, weight_blocks=1x32`` — plain MXFP4 as
 torchao's prototype runs it; ``mxfp4(rht=true,sr_grad=true,weight_blocks=32x32)`` adds the
@@ -69,10 +76,11 @@ RHT_SIZE = 16
 _RHT_SEED = 0x5EED  # one fixed sign pattern, as TE uses one: the transform is a constant
 _WEIGHT_BLOCKS = {"nvfp4": ("16x16", "1x16"), "mxfp4": ("1x32", "32x32")}
 _DEFAULTS = {
-    "nvfp4": {"rht": True, "sr_grad": True, "weight_blocks": "16x16"},
-    "mxfp4": {"rht": False, "sr_grad": False, "weight_blocks": "1x32"},
+    "nvfp4": {"rht": True, "sr_grad": True, "weight_blocks": "16x16", "amax_reduce": False},
+    "mxfp4": {"rht": False, "sr_grad": False, "weight_blocks": "1x32", "amax_reduce": False},
 }
-_OPTIONS = ("rht", "sr_grad", "weight_blocks")
+_OPTIONS = ("rht", "sr_grad", "weight_blocks", "amax_reduce")
+_FLAGS = ("rht", "sr_grad", "amax_reduce")
 
 
 @dataclass(frozen=True)
@@ -86,14 +94,16 @@ class Fp4Recipe:
         sr_grad: stochastic rounding of the output gradient; None: the recipe's default.
         weight_blocks: ``"16x16"``/``"1x16"`` (nvfp4), ``"1x32"``/``"32x32"`` (mxfp4); None:
             the recipe's default.
+        amax_reduce: NVFP4's tensor scales of activations and gradients from their amax over
+            all data-parallel ranks (see the module); None: off.
 
     Raises:
         ValueError: an unknown name or weight block shape, with the valid ones.
-        TypeError: ``rht`` or ``sr_grad`` is not a bool.
+        TypeError: ``rht``, ``sr_grad`` or ``amax_reduce`` is not a bool.
 
     Example:
         >>> Fp4Recipe.parse("nvfp4:rht=false")
-        Fp4Recipe(name='nvfp4', rht=False, sr_grad=True, weight_blocks='16x16')
+        Fp4Recipe(name='nvfp4', rht=False, sr_grad=True, weight_blocks='16x16', amax_reduce=False)
         >>> str(Fp4Recipe("mxfp4", sr_grad=True))
         'mxfp4:sr_grad=true'
     """
@@ -102,6 +112,7 @@ class Fp4Recipe:
     rht: bool | None = None
     sr_grad: bool | None = None
     weight_blocks: str | None = None
+    amax_reduce: bool | None = None
 
     scaling: ClassVar[str] = "dynamic"  # read by code that handles every recipe: no history
     high_precision: ClassVar[frozenset[str]] = frozenset()
@@ -115,7 +126,7 @@ class Fp4Recipe:
         for key, default in _DEFAULTS[self.name].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, default)
-        for key in ("rht", "sr_grad"):
+        for key in _FLAGS:
             if not isinstance(getattr(self, key), bool):
                 raise TypeError(f"Fp4Recipe.{key} must be a bool, got {getattr(self, key)!r}")
         valid = _WEIGHT_BLOCKS[self.name]
@@ -157,7 +168,8 @@ class Fp4Recipe:
 
     @classmethod
     def parse(cls, spec: str | Fp4Recipe) -> Fp4Recipe:
-        """A recipe from ``name[:key=value,...]`` (keys ``rht``, ``sr_grad``, ``weight_blocks``).
+        """A recipe from ``name[:key=value,...]`` (keys ``rht``, ``sr_grad``, ``weight_blocks``,
+        ``amax_reduce``).
 
         Raises:
             ValueError: an unknown recipe, option or value, naming the valid ones.
@@ -201,7 +213,7 @@ def _parse(spec: str) -> Fp4Recipe:
             raise ValueError(
                 f"unknown 4-bit recipe option {item!r} in {spec!r}; valid options of {name!r}: "
                 f"rht=true|false, sr_grad=true|false, weight_blocks="
-                f"{'|'.join(_WEIGHT_BLOCKS[name])}"
+                f"{'|'.join(_WEIGHT_BLOCKS[name])}, amax_reduce=true|false"
             )
         if key in values:
             raise ValueError(f"4-bit recipe option {key!r} is given twice in {spec!r}")

@@ -1,4 +1,4 @@
-"""FP8 with ``amax_reduce=true`` on two gloo ranks equals one process on the whole batch.
+"""FP8 and NVFP4 with ``amax_reduce=true`` on two gloo ranks equal one process on the whole batch.
 
 One spawn runs every recipe with and without the option; each rank trains on its half of the
 batch (halves of very different magnitude, so per-rank scales differ), sums the gradients over
@@ -23,14 +23,23 @@ import torch.distributed as dist
 from dist_spawn import WORLD, spawn
 from torch import nn
 
+from mixprec.compute.fp4_linear import Fp4Linear
 from mixprec.compute.fp8_linear import Fp8Linear
+from mixprec.fp4_recipes import Fp4Recipe, parse_recipe
 from mixprec.recipes import Fp8Recipe
 from mixprec.scaled import reduce_amax
 
 STEPS, ROWS, LR = 3, 64, 1e-3
 # rowwise reduces the weight-gradient GEMM's column amaxes; mxfp8 needs no reduction (its
-# 32-row blocks are the same on a 32-row rank), so the option must leave it exact too.
-RECIPES = ("tensorwise", "tensorwise_delayed", "rowwise", "mxfp8")
+# 32-row blocks are the same on a 32-row rank), so the option must leave it exact too. nvfp4
+# reduces its tensor scales (stochastic rounding off: its random draws differ between ranks);
+# mxfp4 has none, like mxfp8.
+RECIPES = ("tensorwise", "tensorwise_delayed", "rowwise", "mxfp8", "nvfp4:sr_grad=false", "mxfp4")
+
+
+def _with(name: str, reduce: bool) -> str:
+    """``name`` with the option ``amax_reduce`` set to ``reduce``."""
+    return f"{name}{',' if ':' in name else ':'}amax_reduce={str(reduce).lower()}"
 
 
 def _data() -> torch.Tensor:
@@ -45,10 +54,11 @@ def _model(recipe: str) -> nn.Module:
     with torch.no_grad():
         for p in (*first.parameters(), *second.parameters()):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    layer = Fp4Linear if isinstance(parse_recipe(recipe), Fp4Recipe) else Fp8Linear
     return nn.Sequential(
-        Fp8Linear.from_linear(first, recipe, "emulated"),
+        layer.from_linear(first, recipe, "emulated"),
         nn.ReLU(),
-        Fp8Linear.from_linear(second, recipe, "emulated"),
+        layer.from_linear(second, recipe, "emulated"),
     )
 
 
@@ -81,11 +91,11 @@ def _worker(rank: int, path: str) -> None:
     seen: dict[str, Any] = {}
     for name in RECIPES:
         for reduce in (True, False):
-            recipe = f"{name}:amax_reduce={str(reduce).lower()}"
+            recipe = _with(name, reduce)
             seen[recipe] = _train(recipe, half, distributed=True)
     whole = _data() if rank == 0 else _data()[:0]  # rank 1 has nothing this time
     for name in RECIPES:
-        seen[f"{name}:empty"] = _train(f"{name}:amax_reduce=true", whole, distributed=True)
+        seen[f"{name} empty"] = _train(_with(name, True), whole, distributed=True)
     # NaN on one rank is NaN on both (a step one rank skips, every rank skips)
     amax = torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([float("nan"), 3.0])
     seen["nan"] = reduce_amax(amax)
@@ -104,11 +114,18 @@ def test_the_option_parses_and_prints() -> None:
     assert recipe.amax_reduce and str(recipe) == "tensorwise:amax_reduce=true"
     with pytest.raises(ValueError, match="amax_reduce='yes'"):
         Fp8Recipe.parse("rowwise:amax_reduce=yes")
+    fp4 = Fp4Recipe.parse("nvfp4:amax_reduce=true")
+    assert fp4.amax_reduce and str(fp4) == "nvfp4:amax_reduce=true"
+    assert not Fp4Recipe("mxfp4").amax_reduce
+    with pytest.raises(ValueError, match="amax_reduce='yes'"):
+        Fp4Recipe.parse("nvfp4:amax_reduce=yes")
+    with pytest.raises(TypeError, match="amax_reduce must be a bool"):
+        Fp4Recipe("nvfp4", amax_reduce=1)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_two_ranks_with_amax_reduce_equal_one_process(runs: list[dict[str, Any]], name: str):
-    recipe = f"{name}:amax_reduce=true"
+    recipe = _with(name, True)
     one = _train(recipe, _data(), distributed=False)
     rows = [rows for rows in one["out"].chunk(WORLD)]
     grads = [g for g in one["grad_x"].chunk(WORLD)]
@@ -121,12 +138,12 @@ def test_two_ranks_with_amax_reduce_equal_one_process(runs: list[dict[str, Any]]
         )
 
 
-@pytest.mark.parametrize("name", ["tensorwise", "tensorwise_delayed"])
+@pytest.mark.parametrize("name", ["tensorwise", "tensorwise_delayed", "nvfp4:sr_grad=false"])
 def test_without_amax_reduce_each_rank_scales_its_own_half(
     runs: list[dict[str, Any]], name: str
 ) -> None:
     one = _train(name, _data(), distributed=False)
-    local = runs[0][f"{name}:amax_reduce=false"]["out"]
+    local = runs[0][_with(name, False)]["out"]
     assert not torch.equal(local, one["out"].chunk(WORLD)[0])
 
 
@@ -137,8 +154,8 @@ def test_a_nan_amax_on_one_rank_is_nan_on_every_rank(runs: list[dict[str, Any]])
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_a_rank_with_an_empty_batch_still_reduces(runs: list[dict[str, Any]], name: str) -> None:
-    one = _train(f"{name}:amax_reduce=true", _data(), distributed=False)
-    full, empty = runs[0][f"{name}:empty"], runs[1][f"{name}:empty"]
+    one = _train(_with(name, True), _data(), distributed=False)
+    full, empty = runs[0][f"{name} empty"], runs[1][f"{name} empty"]
     assert torch.equal(full["out"], one["out"]) and torch.equal(full["grad_x"], one["grad_x"])
     assert empty["out"].shape == (0, 32)
     for seen in (full, empty):

@@ -24,6 +24,7 @@ RECIPES = [
     "nvfp4:rht=false,sr_grad=false,weight_blocks=1x16",
     "mxfp4",
     "mxfp4:rht=true,sr_grad=true,weight_blocks=32x32",
+    "nvfp4:amax_reduce=true",  # no process group: the tensor scale of the amax it has
 ]
 
 

@@ -178,7 +178,7 @@ def test_padding_the_contraction_adds_zero_blocks_that_change_nothing():
     torch.testing.assert_close(emulate_gemm(gemm_args(a, b)), reference, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("spec", RECIPES)
+@pytest.mark.parametrize("spec", [*RECIPES, "nvfp4:amax_reduce=true"])
 def test_native_op_on_its_cpu_model_matches_the_emulated_op(spec):
     """The whole native path (operands of the three GEMMs, token padding, RHT, SR draws),
     run with the GEMM's CPU model, against the emulated op: the forward bit for bit, the

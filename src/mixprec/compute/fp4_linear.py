@@ -17,6 +17,9 @@ before that rounding). What the recipe's options change (:mod:`mixprec.fp4_recip
   through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized.
 * ``sr_grad``: the output gradient's elements round stochastically (torch's global generator,
   drawn first for the input-gradient GEMM, then for the weight-gradient GEMM).
+* ``amax_reduce``: NVFP4's tensor scale of each activation and gradient operand comes from its
+  amax over all ranks (:func:`mixprec.scaled.reduce_amax`); a rank without tokens takes part
+  with a zero amax, so the others never wait for it.
 
 The token count of the weight-gradient GEMM is padded with zero rows to whole blocks.
 
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixprec.blockscaled import fake_quantize, fake_quantize_tiles
+from mixprec.blockscaled import Rounding, fake_quantize, fake_quantize_tiles, nvfp4_tensor_scale
 from mixprec.compute.emulated import no_autocast
 from mixprec.compute.fp4_native import (
     native_misfit,
@@ -58,6 +61,7 @@ from mixprec.compute.fp4_native import (
 from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating, check_backend_name
 from mixprec.fp4_recipes import Fp4Recipe, rht
 from mixprec.hardware import choose_fp4_backend
+from mixprec.scaled import reduce_amax
 
 __all__ = [
     "Fp4Linear",
@@ -65,19 +69,43 @@ __all__ = [
     "fp4_linear",
     "quantize_fp4_operand",
     "quantize_fp4_weight",
+    "reduced_tensor_scale",
 ]
 
 
 # -- operands (pure functions) ------------------------------------------------------------------
 
 
-def quantize_fp4_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False) -> Any:
-    """``t`` (2-D) quantized in the recipe's blocks along its last dimension and back, in fp32."""
+def quantize_fp4_operand(
+    t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False, batch: bool = False
+) -> Any:
+    """``t`` (2-D) quantized in the recipe's blocks along its last dimension and back, in fp32.
+
+    ``batch``: an activation or gradient, whose NVFP4 tensor scale ``amax_reduce`` takes over
+    the ranks (:func:`reduced_tensor_scale`); a weight is the same on every rank.
+    """
+    scale = reduced_tensor_scale(t, recipe) if batch else None  # also when empty: see there
     if t.numel() == 0:
         return t.float()
     if t.dtype not in (torch.bfloat16, torch.float16):  # 16-bit ones widen exactly, in the kernel
         t = t.float()
-    return fake_quantize(t, recipe.format, "stochastic" if stochastic else "nearest")
+    rounding: Rounding = "stochastic" if stochastic else "nearest"
+    return fake_quantize(t, recipe.format, rounding, per_tensor_scale=scale)
+
+
+def reduced_tensor_scale(t: torch.Tensor, recipe: Fp4Recipe) -> torch.Tensor | None:
+    """NVFP4's tensor scale of ``t`` from its amax over all ranks under ``amax_reduce``; None
+    (the scale of ``t``'s own amax) without the option, for MX formats, and where the amax over
+    the ranks is inf or NaN (the step is skipped; each rank's own amax poisons its operand).
+
+    Every rank calls it for the same operands, one without rows too (with a zero amax, the
+    identity of MAX): the reduction is a collective that the others would wait on forever.
+    """
+    if not recipe.amax_reduce or recipe.format.tensor_scale is None:
+        return None
+    amax = t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+    amax = reduce_amax(amax)
+    return nvfp4_tensor_scale(amax) if bool(torch.isfinite(amax)) else None
 
 
 def quantize_fp4_weight(weight: torch.Tensor, recipe: Fp4Recipe, gemm: str) -> torch.Tensor:
@@ -120,9 +148,10 @@ def _fp4_linear(
     r = Fp4Recipe.parse(recipe)
     with no_autocast():
         if _on_tensor_cores(native, x, weight):
-            out = run_gemm(prepare_operand(x, r), prepare_weight(weight, r, "output"))
+            x_op = prepare_operand(x, r, tensor_scale=reduced_tensor_scale(x, r))
+            out = run_gemm(x_op, prepare_weight(weight, r, "output"))
         else:
-            a = quantize_fp4_operand(x, r)
+            a = quantize_fp4_operand(x, r, batch=True)
             b = quantize_fp4_weight(weight, r, "output")
             out = torch.mm(a, b.t())
         if bias is not None:
@@ -144,9 +173,9 @@ def _fp4_grad_input(
     sr = bool(r.sr_grad)
     with no_autocast():
         if _on_tensor_cores(native, grad, weight):
-            a_op = prepare_operand(grad, r, stochastic=sr)
+            a_op = prepare_operand(grad, r, sr, reduced_tensor_scale(grad, r))
             return run_gemm(a_op, prepare_weight(weight, r, "grad_input")).to(out_dtype)
-        a = quantize_fp4_operand(grad, r, stochastic=sr)
+        a = quantize_fp4_operand(grad, r, stochastic=sr, batch=True)
         b = quantize_fp4_weight(weight, r, "grad_input")
         return torch.mm(a, b).to(out_dtype)
 
@@ -168,10 +197,11 @@ def _fp4_grad_weight(
         if r.rht:
             g, xs = rht(g), rht(xs)
         if _on_tensor_cores(native, g, xs):  # the tokens are padded to 32 on the packed operands
-            a_op = prepare_operand(g.t(), r, stochastic=sr)
-            return run_gemm(a_op, prepare_operand(xs.t(), r)).to(out_dtype)
-        a = quantize_fp4_operand(g.t(), r, stochastic=sr)
-        b = quantize_fp4_operand(xs.t(), r)
+            a_op = prepare_operand(g.t(), r, sr, reduced_tensor_scale(g, r))
+            b_op = prepare_operand(xs.t(), r, tensor_scale=reduced_tensor_scale(xs, r))
+            return run_gemm(a_op, b_op).to(out_dtype)
+        a = quantize_fp4_operand(g.t(), r, stochastic=sr, batch=True)
+        b = quantize_fp4_operand(xs.t(), r, batch=True)
         return torch.mm(a, b.t()).to(out_dtype)
 
 

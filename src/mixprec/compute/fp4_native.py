@@ -221,12 +221,18 @@ def _operand(q: BlockQuantized, rows: int, block: int, e8m0: bool) -> Fp4Operand
     return Fp4Operand(data, scales, q.tensor_scale, block)
 
 
-def prepare_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False) -> Fp4Operand:
+def prepare_operand(
+    t: torch.Tensor,
+    recipe: Fp4Recipe,
+    stochastic: bool = False,
+    tensor_scale: torch.Tensor | None = None,
+) -> Fp4Operand:
     """A 2-D ``t`` quantized along its last dimension as the emulation quantizes it, packed.
 
     The elements and scales are :func:`mixprec.blockscaled.quantize_nvfp4`'s or
-    :func:`~mixprec.blockscaled.quantize_mx`'s for ``t.float()`` (the tensor scale from ``t``'s
-    amax), with the same random draws for stochastic rounding.
+    :func:`~mixprec.blockscaled.quantize_mx`'s for ``t.float()`` (NVFP4's tensor scale
+    ``tensor_scale``, by default from ``t``'s amax), with the same random draws for stochastic
+    rounding.
 
     Example:
         >>> op = prepare_operand(torch.ones(2, 16), Fp4Recipe("nvfp4"))
@@ -239,7 +245,7 @@ def prepare_operand(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False
     if fmt.scale == "e8m0":
         q = quantize_mx(x, fmt, rounding)
     else:
-        q = quantize_nvfp4(x, None, rounding)
+        q = quantize_nvfp4(x, tensor_scale, rounding)
     return _operand(q, x.shape[0], recipe.block, fmt.scale == "e8m0")
 
 
