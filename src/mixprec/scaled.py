@@ -184,12 +184,25 @@ def reduce_amax(amax: torch.Tensor) -> torch.Tensor:
         >>> reduce_amax(torch.tensor([1.0, float("nan")])).tolist()  # no process group
         [1.0, nan]
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if amax_ranks() == 1:
         return amax
     nan = torch.isnan(amax)
     both = torch.stack([torch.where(nan, torch.zeros_like(amax), amax), nan.to(amax.dtype)])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     return torch.where(both[1] > 0, torch.full_like(amax, float("nan")), both[0])
+
+
+def amax_ranks() -> int:
+    """How many ranks :func:`reduce_amax` takes the maximum over: the default process group's
+    size, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def records_amax(t: torch.Tensor, recipe: Fp8Recipe) -> bool:
+    """Whether a delayed-scaling layer records ``t``'s amax in its history: when ``t`` has
+    elements, or when ``amax_reduce`` over several ranks gave a rank without rows the others'
+    amax (so every rank keeps the same history). An empty batch alone observes nothing."""
+    return bool(t.numel()) or (recipe.amax_reduce and amax_ranks() > 1)
 
 
 def empty_operand(

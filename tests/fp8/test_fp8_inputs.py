@@ -118,6 +118,20 @@ def test_empty_batch_runs_like_nn_linear(recipe):
         plain.zero_grad()
 
 
+@pytest.mark.parametrize("recipe", ["tensorwise_delayed", "tensorwise_delayed:amax_reduce=true"])
+def test_an_empty_batch_records_no_amax(recipe):
+    """Alone, an empty batch observes nothing, with amax_reduce too (there is no other rank's
+    amax to record): the delayed history stays as one non-empty step left it."""
+    torch.manual_seed(0)
+    layer = Fp8Linear.from_linear(nn.Linear(32, 32), recipe)
+    layer(torch.randn(4, 32, requires_grad=True)).sum().backward()
+    layer.end_step(True)
+    before = layer.fp8_amax_history.clone()
+    layer(torch.zeros(0, 32, requires_grad=True)).sum().backward()
+    layer.end_step(True)
+    assert torch.equal(layer.fp8_amax_history, before)
+
+
 def test_functional_empty_batch():
     from mixprec.compute.fp8_linear import fp8_linear
 

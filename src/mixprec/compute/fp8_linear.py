@@ -41,6 +41,7 @@ from mixprec.scaled import (
     empty_operand,
     fp8_fake_quantize,
     fp8_quantize,
+    records_amax,
     reduce_amax,
     reduces_over_batch,
 )
@@ -490,14 +491,14 @@ class Fp8Linear(nn.Linear):
                 torch.where(hist[2].max() > 0, s_go, torch.zeros_like(s_go)),
             ]
         )
-        if self.training and (flat.numel() or r.amax_reduce):  # empty: the ranks' amax_x
+        if self.training and records_amax(flat, r):
             self._record(0, amax_x)
             self._record(1, amax_w)
         return scales
 
     @torch.no_grad()
     def _record_grad_amax(self, grad: torch.Tensor) -> None:
-        if grad.numel() or self.recipe.amax_reduce:  # a rank without rows takes part too
+        if records_amax(grad, self.recipe):
             amax = _amax(grad)
             self._record(2, reduce_amax(amax) if self.recipe.amax_reduce else amax)
 
