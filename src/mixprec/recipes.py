@@ -114,7 +114,9 @@ class Fp8Recipe:
             the scales of 2 ranks are those of one process on the whole batch. Only amaxes of
             blocks that span the batch dimension are reduced (tensorwise ones, and the
             weight-gradient GEMM's blocks along the batch); weights are the same on every rank.
-            Without a process group it changes nothing. Option string ``amax_reduce=true``.
+            Without a process group it changes nothing. Every rank must run the same layers
+            (one without rows calls them with its empty batch). Option string
+            ``amax_reduce=true``.
 
     Raises:
         ValueError: a name not in :data:`RECIPE_NAMES` (customize a named recipe with
