@@ -29,7 +29,7 @@ import torch
 from mixprec import _cpp
 from mixprec.formats import FP4_E2M1, FP8_E4M3, BlockFormat
 
-__all__ = ["blockscaled_engine", "fake_quantize_blocks"]
+__all__ = ["blockscaled_engine", "fake_quantize_blocks", "hadamard_rows"]
 
 _SOURCE = Path(__file__).with_name("_blockscaled.cpp")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel widens 16-bit exactly
@@ -103,3 +103,37 @@ def fake_quantize_blocks(
     else:
         out = ops.nvfp4(x, tensor_scale, block[0], block[1], stochastic, generator, transposed)
     return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]
+
+
+def hadamard_rows(x: torch.Tensor, r: torch.Tensor, rows_out: int) -> torch.Tensor | None:
+    """``rht`` of ``x`` widened to fp32 and padded with zero rows to ``rows_out``, in one pass
+    (:func:`mixprec.fp4_recipes.rht_padded`); None where the kernel does not apply.
+
+    The kernel sums each output's 16 products in the order torch's CPU matmul (MKL) sums them,
+    which is the bits of the torch composition only where every product is exact: a 16-bit
+    ``x`` times ``r``'s entries of +-1/4. So it takes a CPU bf16 or fp16 ``x`` whose column
+    count is a multiple of 16 (a 4-bit layer's features are; on a ragged count MKL's tail
+    kernel may sum in another order) and that needs no gradient; anything else returns None.
+
+    Args:
+        x: ``(rows, cols)``, the rows in groups of 16 (the last group completed by zeros).
+        r: the 16x16 fp32 transform (:func:`mixprec.fp4_recipes.random_hadamard`).
+        rows_out: ``rows`` rounded up to a multiple of 16 or more.
+
+    Returns:
+        A new fp32 ``(rows_out, cols)`` tensor, or None.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.bfloat16, torch.float16)
+        or x.dim() != 2
+        or x.shape[1] % 16
+        or rows_out % 16
+        or rows_out < x.shape[0]
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    ops = blockscaled_engine()
+    if ops is None:
+        return None
+    return ops.rht(x.contiguous(), r.float().contiguous(), rows_out)  # type: ignore[no-any-return]

@@ -56,7 +56,7 @@ from mixprec.compute.fp4_native import (
     run_gemm,
 )
 from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating, check_backend_name
-from mixprec.fp4_recipes import Fp4Recipe, rht
+from mixprec.fp4_recipes import Fp4Recipe, rht_padded
 from mixprec.hardware import choose_fp4_backend
 
 __all__ = [
@@ -164,9 +164,10 @@ def _fp4_grad_weight(
     r = Fp4Recipe.parse(recipe)
     sr = bool(r.sr_grad)
     with no_autocast():
-        g, xs = _pad_tokens(grad.float(), r.block), _pad_tokens(x.float(), r.block)
-        if r.rht:
-            g, xs = rht(g), rht(xs)
+        # fp32 where the RHT needs it (one pass from 16 bits, rht_padded); else the 16-bit
+        # operands as they are: quantizing widens them exactly on reading
+        pad = rht_padded if r.rht else _pad_tokens
+        g, xs = pad(grad, r.block), pad(x, r.block)
         if _on_tensor_cores(native, g, xs):  # the tokens are padded to 32 on the packed operands
             a_op = prepare_operand(g.t(), r, stochastic=sr)
             return run_gemm(a_op, prepare_operand(xs.t(), r)).to(out_dtype)
