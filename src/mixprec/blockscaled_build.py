@@ -31,7 +31,7 @@ from mixprec.formats import FP4_E2M1, FP8_E4M3, BlockFormat
 
 __all__ = ["blockscaled_engine", "fake_quantize_blocks", "hadamard_rows"]
 
-_SOURCE = Path(__file__).with_name("_blockscaled.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("_blockscaled.cpp", "_hadamard.cpp")]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel widens 16-bit exactly
 
 
@@ -41,7 +41,7 @@ def blockscaled_engine() -> Any | None:
 
 
 _BUILD = _cpp.LazyBuild(
-    functools.partial(_cpp.library, "mixprec_blockscaled", [_SOURCE], "nvfp4"),
+    functools.partial(_cpp.library, "mixprec_blockscaled", _SOURCES, "rht"),
     "mixprec: the block-scaled fake-quantize kernel",
     "block-scaled formats take the torch-ops path (same results, slower). Install a C++ "
     "compiler and ninja to get it",

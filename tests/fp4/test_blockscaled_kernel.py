@@ -319,3 +319,25 @@ def test_threads_do_not_change_the_values():
         torch.set_num_threads(before)
     for one, two in zip(*results, strict=True):
         _assert_same_bits(two, one)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stochastic_operands_drawn_in_many_pieces_equal_torch_path(fmt, dtype, threads):
+    # the kernel draws and rounds a long operand piece by piece (2**17 draws each): rows of
+    # blocks, and a transposed operand (the weight gradient's grad.t()) in strips of columns
+    x = _specimen(8, (2080, 160), fmt.block_size).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (x, x.t()):
+            torch.manual_seed(3)
+            got = fake_quantize(t, fmt, "stochastic")
+            after_kernel = torch.rand(2)
+            torch.manual_seed(3)
+            want = _torch_path(fake_quantize, t.float(), fmt, "stochastic")
+            assert torch.equal(torch.rand(2), after_kernel)  # the generator left alike
+            _assert_same_bits(got, want)
+    finally:
+        torch.set_num_threads(before)
