@@ -340,7 +340,7 @@ class Drawer {
   at::mt19937_data_pod d_;
 };
 
-at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
+void check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "blockscaled: a contiguous 2-D tensor");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -349,7 +349,16 @@ at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_trans
               "blockscaled: blocks must tile the tensor");
   TORCH_CHECK(!uniform_transposed || bc == 1 || br == 1,
               "blockscaled: transposed draws need 1-D blocks");
+}
+
+at::Tensor new_out(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().dtype(at::kFloat));
+}
+
+// The in-place ops write over an fp32 x: each element is read before it is written, and only
+// there (a NVFP4 tensor scale reads all of x first).
+void check_in_place(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "blockscaled: in place needs an fp32 tensor");
 }
 
 Blocks blocks_of(const at::Tensor& x, at::Tensor& out, int64_t br, int64_t bc, bool transposed) {
@@ -443,9 +452,8 @@ void run_stochastic(const at::ScalarType dtype, const Blocks& b, float tensor_sc
   }
 }
 
-at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
-              std::optional<at::Generator> generator, bool transposed) {
-  at::Tensor out = check(x, br, bc, transposed && stochastic);
+void mx_into(const at::Tensor& x, at::Tensor& out, int64_t br, int64_t bc, bool fp4,
+             bool stochastic, const std::optional<at::Generator>& generator, bool transposed) {
   const Blocks b = blocks_of(x, out, br, bc, transposed && stochastic);
   const auto dtype = x.scalar_type();
   if (fp4) {
@@ -455,13 +463,26 @@ at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stocha
     stochastic ? run_stochastic<false, false>(dtype, b, 1.0f, false, generator)
                : run_typed<false, false, false>(dtype, b, 1.0f);
   }
+}
+
+at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
+              std::optional<at::Generator> generator, bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  at::Tensor out = new_out(x);
+  mx_into(x, out, br, bc, fp4, stochastic, generator, transposed);
   return out;
 }
 
-at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
-                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
-                 bool transposed) {
-  at::Tensor out = check(x, br, bc, transposed && stochastic);
+void mx_(at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
+         std::optional<at::Generator> generator, bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  check_in_place(x);
+  mx_into(x, x, br, bc, fp4, stochastic, generator, transposed);
+}
+
+void nvfp4_into(const at::Tensor& x, at::Tensor& out, const std::optional<at::Tensor>& tensor_scale,
+                int64_t br, int64_t bc, bool stochastic,
+                const std::optional<at::Generator>& generator, bool transposed) {
   float scale = 1.0f;
   if (tensor_scale.has_value()) {
     TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
@@ -472,7 +493,22 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
   const Blocks b = blocks_of(x, out, br, bc, transposed && stochastic);
   stochastic ? run_stochastic<true, true>(x.scalar_type(), b, scale, by_default, generator)
              : run_typed<true, true, false>(x.scalar_type(), b, scale, by_default);
+}
+
+at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
+                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
+                 bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  at::Tensor out = new_out(x);
+  nvfp4_into(x, out, tensor_scale, br, bc, stochastic, generator, transposed);
   return out;
+}
+
+void nvfp4_(at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br, int64_t bc,
+            bool stochastic, std::optional<at::Generator> generator, bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  check_in_place(x);
+  nvfp4_into(x, x, tensor_scale, br, bc, stochastic, generator, transposed);
 }
 
 at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool, bool,
@@ -494,11 +530,20 @@ TORCH_LIBRARY(mixprec_blockscaled, m) {
   m.def(
       "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
       "Generator? generator, bool transposed) -> Tensor");
+  // the same, written over an fp32 x
+  m.def(
+      "mx_(Tensor(a!) x, int br, int bc, bool fp4, bool stochastic, Generator? generator, "
+      "bool transposed) -> ()");
+  m.def(
+      "nvfp4_(Tensor(a!) x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
+      "Generator? generator, bool transposed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, CPU, m) {
   m.impl("mx", &mx);
   m.impl("nvfp4", &nvfp4);
+  m.impl("mx_", &mx_);
+  m.impl("nvfp4_", &nvfp4_);
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, Meta, m) {

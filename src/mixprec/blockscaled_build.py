@@ -55,6 +55,7 @@ def fake_quantize_blocks(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     tensor_scale: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor | None:
     """``x`` (2-D, validated by the caller) quantized in ``block`` blocks and back, in one pass;
     None where the kernel does not apply.
@@ -68,6 +69,9 @@ def fake_quantize_blocks(
             ``x``'s shape from ``generator``, as the torch path draws them).
         generator: random source for stochastic rounding.
         tensor_scale: NVFP4's checked fp32 tensor scale (0-d); None for the default from amax.
+        in_place: write the result over an fp32 ``x`` (a tensor the caller owns, such as an
+            intermediate of its own) instead of allocating it; None (``x`` untouched) for any
+            other dtype.
 
     Returns:
         A new fp32 tensor of ``x``'s shape (transposed in memory where ``x`` is, as ``w.t()``:
@@ -83,6 +87,7 @@ def fake_quantize_blocks(
         or fmt.element not in (FP4_E2M1, FP8_E4M3)
         or (x.requires_grad and torch.is_grad_enabled())
         or (generator is not None and generator.device.type != "cpu")
+        or (in_place and x.dtype != torch.float32)
     ):
         return None
     ops = blockscaled_engine()
@@ -90,18 +95,25 @@ def fake_quantize_blocks(
         return None
     stochastic = rounding == "stochastic"
     shape = x.shape
+    given = x
     transposed = not x.is_contiguous() and x.t().is_contiguous()
     if transposed:  # e.g. w.t(): the kernel walks blocks down the columns of the contiguous x.t()
         x, block = x.t(), (block[1], block[0])
+    elif in_place and not x.is_contiguous():
+        return None
     else:
         x = x.contiguous()
         if block[0] == 1:  # blocks along rows: one long row, cut into chunks of blocks
             x = x.view(1, -1)
+    args = (block[0], block[1])
     if fmt.scale == "e8m0":
         fp4 = fmt.element == FP4_E2M1
-        out = ops.mx(x, block[0], block[1], fp4, stochastic, generator, transposed)
+        op, args = (ops.mx_ if in_place else ops.mx), (*args, fp4)
     else:
-        out = ops.nvfp4(x, tensor_scale, block[0], block[1], stochastic, generator, transposed)
+        op, args = (ops.nvfp4_ if in_place else ops.nvfp4), (tensor_scale, *args)
+    out = op(x, *args, stochastic, generator, transposed)
+    if in_place:
+        return given
     return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]
 
 

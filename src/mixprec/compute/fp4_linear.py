@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.blockscaled import fake_quantize, fake_quantize_tiles
+from mixprec.blockscaled_build import fake_quantize_blocks
 from mixprec.compute.emulated import no_autocast
 from mixprec.compute.fp4_native import (
     native_misfit,
@@ -94,6 +95,19 @@ def quantize_fp4_weight(weight: torch.Tensor, recipe: Fp4Recipe, gemm: str) -> t
     return quantize_fp4_operand(w.t(), recipe).t()
 
 
+def _quantize_own(t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False) -> torch.Tensor:
+    """:func:`quantize_fp4_operand` of an fp32 ``t`` this module made (the RHT's output), written
+    over ``t`` where the kernel can: no second operand-sized tensor to allocate and fault in."""
+    rounding = "stochastic" if stochastic else "nearest"
+    if (
+        t.numel()
+        and fake_quantize_blocks(t, recipe.format, (1, recipe.block), rounding, in_place=True)
+        is not None
+    ):
+        return t
+    return quantize_fp4_operand(t, recipe, stochastic)
+
+
 def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """``t`` with zero rows appended up to a multiple of ``multiple`` rows."""
     extra = -t.shape[0] % multiple
@@ -126,7 +140,7 @@ def _fp4_linear(
             b = quantize_fp4_weight(weight, r, "output")
             out = torch.mm(a, b.t())
         if bias is not None:
-            out = out + bias.float()
+            out.add_(bias.float())  # in place: the GEMM's fresh output, no second fp32 tensor
         return out.to(out_dtype)
 
 
@@ -171,8 +185,9 @@ def _fp4_grad_weight(
         if _on_tensor_cores(native, g, xs):  # the tokens are padded to 32 on the packed operands
             a_op = prepare_operand(g.t(), r, stochastic=sr)
             return run_gemm(a_op, prepare_operand(xs.t(), r)).to(out_dtype)
-        a = quantize_fp4_operand(g.t(), r, stochastic=sr)
-        b = quantize_fp4_operand(xs.t(), r)
+        quantize = _quantize_own if r.rht else quantize_fp4_operand
+        a = quantize(g.t(), r, stochastic=sr)
+        b = quantize(xs.t(), r)
         return torch.mm(a, b.t()).to(out_dtype)
 
 
