@@ -11,8 +11,14 @@ generator=...)`` returns (torch's global generator by default), one per element 
 logical order, leaving the generator in the same state, so a seed gives the values it gave
 before. The kernel draws them itself, running ``at::mt19937``'s own steps on the generator's
 state: ``torch.rand`` calls the engine once per number and cost more than the rest of the
-quantization. A transposed operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is
-read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel
+quantization. It draws and rounds an operand piece by piece (2**17 draws, which stay in
+cache, then that piece's blocks) rather than drawing all of it into memory first. A transposed
+operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is read as it lies, its blocks
+running down the columns of the contiguous ``x.t()``; its draws, in the order of ``x.t()``, are
+made a strip of columns at a time and transposed in cache. The in-place ops (``mx_``,
+``nvfp4_``) write the result over an fp32 operand the caller owns (the weight-gradient GEMM's
+RHT outputs). :func:`hadamard_rows` (``_hadamard.cpp``, the same library) is the random
+Hadamard transform of a 16-bit operand in one pass. The kernel
 is built on first use by the same mechanism and flags as the other kernels (:mod:`mixprec._cpp`)
 and loaded as ``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a
 CPU fp32 tensor, the functions here return None and the caller takes the torch path (same values).

@@ -14,7 +14,9 @@ before that rounding). What the recipe's options change (:mod:`mixprec.fp4_recip
   tensor serves the forward and the input-gradient GEMM; ``1x16`` (``1x32``) quantizes it along
   ``in_features`` for the forward and along ``out_features`` for the input gradient.
 * ``rht``: the weight-gradient GEMM's operands (output gradient and input, tokens x features) go
-  through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized.
+  through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized: widened,
+  padded and transformed in one pass (:func:`~mixprec.fp4_recipes.rht_padded`, the bits of that
+  composition), then quantized in place, where no one else holds them.
 * ``sr_grad``: the output gradient's elements round stochastically (torch's global generator,
   drawn first for the input-gradient GEMM, then for the weight-gradient GEMM).
 
