@@ -146,6 +146,25 @@ each widening and rounding was four dispatcher ops (``to``, ``_to_copy``, ``empt
   it AdamW's small ops), ~0.10 ``mp.step`` (the one-kernel non-finite check, the report, the
   ownership check: Python in a cache the backward left cold), ~0.04 the hooks (torch's module
   call takes its slow path, ~2.4 us, for every hooked module).
+
+NVFP4, the weight-gradient GEMM and stochastic rounding (2026-12-07; same Xeon, cpu flags
+amx_bf16, amx_tile, avx2, avx512_bf16, avx512_fp16, avx512f; another job on the second core,
+load 1.6-2.2; ``--models transformer --presets fp32,nvfp4-mixed --clock cpu --threads 1 --rounds
+7``, the old and the new tree alternated). ``--profile nvfp4-mixed`` (thread CPU time, 3 steps),
+before: ``mm`` 36%, the kernel 23%, ``copy_`` 8.6% (with the widened gradient and input of the
+weight-gradient GEMM), ``bmm`` 6.1% (its RHT), ``add`` 2.9%; the weight-gradient op 850 of 2322
+ms. After: ``mm`` 42%, the kernel 18% (10% functional, 8% in place), the one-pass RHT 7.6%,
+``copy_`` 6.3%, no ``bmm``; the weight-gradient op 611 of 1962 ms.
+
+* the RHT of a 16-bit operand in one C++ pass (widen, pad, transform; ``_hadamard.cpp``, summing
+  in the order of torch's matmul, the same bits), its output quantized in place (``nvfp4_``,
+  ``mx_``); the forward's bias added in place.
+* stochastic rounding draws and rounds an operand in pieces of 2**17 draws that stay in cache (a
+  transposed operand's in strips of columns, transposed in cache) instead of drawing an
+  operand-sized buffer first; the Mersenne Twister's state update vectorized; the same numbers.
+* nvfp4-mixed / fp32, four pairs: 1.67, 1.62, 1.67, 1.69 -> 1.51, 1.51, 1.52, 1.57 (e.g. fp32
+  443.6 ms, nvfp4-mixed 727.3 -> fp32 417.1, nvfp4-mixed 640.7); ``--isa avx2`` (5 rounds, one
+  pair, load 1.1-1.3): 1.62 -> 1.48.
 """
 
 from __future__ import annotations

@@ -137,18 +137,16 @@ MIXPREC_INLINE void block_scales(const uint32_t* amax, float* factor, float* dec
   }
 }
 
-// The row stride of a transposed x's draws: padded off a multiple of 4 KiB, where the rows of a
-// chunk's draws, read down a column, would all fall in the same cache sets.
-inline int64_t transposed_stride(int64_t rows) { return rows + 16; }
-
 struct Blocks {
   const void* x;  // float, c10::BFloat16 or c10::Half: widened exactly on reading
   float* out;
-  const float* uniform;  // null for nearest rounding
+  const float* uniform;  // null for nearest rounding; the draw for x[r, c] at uniform[r * uld + c]
   int64_t rows, cols, br, bc;
-  // Where x is read as it lies under a .t() view, the draws are in the order of x.t(), a row of
-  // it (a column of x) every transposed_stride(rows) floats.
-  bool uniform_transposed;
+  int64_t ld, uld;  // the row strides of x and out (cols, or more for a strip of columns), and of
+                    // the draws
+  // Where x is read as it lies under a .t() view, the draws are in the order of x.t(): down x's
+  // columns (run_stochastic lays them out as above).
+  bool draws_transposed;
 };
 
 constexpr int64_t kChunk = 256;  // blocks whose scales are computed together
@@ -161,6 +159,7 @@ struct Items {
   explicit Items(const Blocks& b)
       : bc(BC ? BC : b.bc),
         cols(b.cols),
+        ld(b.ld),
         br(b.br),
         per_band(cols / bc),
         chunks((per_band + kChunk - 1) / kChunk),
@@ -168,7 +167,7 @@ struct Items {
         grain(std::max<int64_t>(1, (1 << 15) / (br * std::min(per_band, kChunk) * bc))) {}
   int64_t k0(int64_t item) const { return (item % chunks) * kChunk; }
   int64_t n(int64_t item) const { return std::min(kChunk, per_band - k0(item)); }
-  int64_t base(int64_t item) const { return (item / chunks) * br * cols + k0(item) * bc; }
+  int64_t base(int64_t item) const { return (item / chunks) * br * ld + k0(item) * bc; }
 
   // The amax bits of the item's blocks.
   template <typename T>
@@ -176,7 +175,7 @@ struct Items {
     const int64_t n_ = n(item), base_ = base(item);
     std::fill_n(out, n_, 0u);
     for (int64_t r = 0; r < br; ++r) {
-      const T* in = static_cast<const T*>(b.x) + base_ + r * cols;
+      const T* in = static_cast<const T*>(b.x) + base_ + r * ld;
       if constexpr (BC == 1) {
         for (int64_t k = 0; k < n_; ++k) out[k] = std::max(out[k], abs_bits(widen(in[k])));
       } else {
@@ -189,7 +188,7 @@ struct Items {
     }
   }
 
-  const int64_t bc, cols, br, per_band, chunks, count, grain;
+  const int64_t bc, cols, ld, br, per_band, chunks, count, grain;
 };
 
 // NVFP4's default tensor scale, nvfp4_tensor_scale(x.abs().amax()): amax / 2688 floored at
@@ -211,15 +210,13 @@ float tensor_scale_of(const Blocks& b, const Items<BC>& items, std::vector<uint3
 template <typename T, bool NV, bool FP4, bool STOCH, int BC>
 void run(const Blocks& b, float tensor_scale, bool default_scale) {
   const Items<BC> items(b);
-  const int64_t bc = items.bc, br = b.br, cols = b.cols;
+  const int64_t bc = items.bc, br = b.br, ld = b.ld;
   std::vector<uint32_t> kept;
   if (NV && default_scale) tensor_scale = tensor_scale_of<T>(b, items, kept);
   const float inv_tensor_scale = 1.0f / tensor_scale;
   at::parallel_for(0, items.count, items.grain, [&](int64_t i0, int64_t i1) {
     uint32_t own[kChunk];
     float factor[kChunk], decode[kChunk];
-    // Draws of a transposed x, gathered per chunk: each block's br draws are consecutive there.
-    std::vector<float> draws(STOCH && b.uniform_transposed ? br * kChunk : 0);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t k0 = items.k0(item), n = items.n(item), base = items.base(item);
       const uint32_t* amax = own;
@@ -229,20 +226,12 @@ void run(const Blocks& b, float tensor_scale, bool default_scale) {
         amax = kept.data() + item * kChunk;
       }
       block_scales<NV, FP4>(amax, factor, decode, n, tensor_scale, inv_tensor_scale);
-      if (STOCH && b.uniform_transposed) {
-        const int64_t r0 = (item / items.chunks) * br;
-        for (int64_t k = 0; k < n * bc; ++k) {
-          const float* src = b.uniform + (k0 * bc + k) * transposed_stride(b.rows) + r0;
-          for (int64_t r = 0; r < br; ++r) draws[r * kChunk * bc + k] = src[r];
-        }
-      }
       for (int64_t r = 0; r < br; ++r) {
-        const int64_t row = base + r * cols;
+        const int64_t row = base + r * ld;
         const T* in = static_cast<const T*>(b.x) + row;
         float* o = b.out + row;
-        const float* u = !STOCH ? nullptr
-                         : b.uniform_transposed ? draws.data() + r * kChunk * bc
-                                                : b.uniform + row;
+        const float* u =
+            STOCH ? b.uniform + ((item / items.chunks) * br + r) * b.uld + k0 * bc : nullptr;
         if constexpr (BC == 1) {
           for (int64_t k = 0; k < n; ++k)
             o[k] = element<FP4, STOCH>(widen(in[k]), factor[k], decode[k], STOCH ? u[k] : 0.0f);
@@ -302,40 +291,60 @@ void next_state(at::mt19937_data_pod& d) {  // at::mt19937::next_state
   uint32_t* p = d.state_.data();
   d.left_ = N;
   d.next_ = 0;
-  for (int j = N - M + 1; --j; p++) *p = p[M] ^ twist(p[0], p[1]);
-  for (int j = M; --j; p++) *p = p[M - N] ^ twist(p[0], p[1]);
-  *p = p[M - N] ^ twist(p[0], d.state_[0]);
+  // The same steps by index, vectorized: word i reads words i + 1 and i + M before they change
+  // (the first loop) or i + M - N, changed at least N - M words before (the second loop).
+#pragma GCC ivdep
+  for (int i = 0; i < N - M; ++i) p[i] = p[i + M] ^ twist(p[i], p[i + 1]);
+#pragma GCC ivdep
+  for (int i = N - M; i < N - 1; ++i) p[i] = p[i + M - N] ^ twist(p[i], p[i + 1]);
+  p[N - 1] = p[M - 1] ^ twist(p[N - 1], p[0]);
 }
 
-// `rows` runs of `len` draws, run i at out + i * stride.
-void draw_uniform(const std::optional<at::Generator>& generator, float* out, int64_t rows,
-                  int64_t len, int64_t stride) {
-  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
-      generator, at::detail::getDefaultCPUGenerator());
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  at::mt19937 engine = gen->engine();
-  at::mt19937_data_pod d = engine.data();
-  for (int64_t row = 0; row < rows; ++row, out += stride) {
+// The generator's engine, held (and the generator locked) while a kernel draws from it; the
+// engine's state goes back to the generator at the end.
+class Drawer {
+ public:
+  explicit Drawer(const std::optional<at::Generator>& generator)
+      : gen_(at::get_generator_or_default<at::CPUGeneratorImpl>(
+            generator, at::detail::getDefaultCPUGenerator())),
+        lock_(gen_->mutex_),
+        engine_(gen_->engine()),
+        d_(engine_.data()) {}
+  ~Drawer() {
+    engine_.set_data(d_);
+    gen_->set_engine(engine_);
+  }
+  Drawer(const Drawer&) = delete;
+  Drawer& operator=(const Drawer&) = delete;
+
+  // The next `len` numbers of torch.rand into out[0], out[stride], ...
+  template <int STRIDE = 1>
+  void take(float* out, int64_t len, int64_t stride = STRIDE) {
+    if (STRIDE) stride = STRIDE;
     int64_t i = 0;
     while (i < len) {
       // each draw first decrements left_; the one that reaches 0 regenerates the state
-      const int64_t take = std::min<int64_t>(d.left_ - 1, len - i);
-      const uint32_t* state = d.state_.data() + d.next_;
-      for (int64_t k = 0; k < take; ++k) out[i + k] = draw_of(state[k]);
-      d.next_ += uint32_t(take);
-      d.left_ -= int(take);
-      i += take;
+      const int64_t run = std::min<int64_t>(d_.left_ - 1, len - i);
+      const uint32_t* state = d_.state_.data() + d_.next_;
+      for (int64_t k = 0; k < run; ++k) out[(i + k) * stride] = draw_of(state[k]);
+      d_.next_ += uint32_t(run);
+      d_.left_ -= int(run);
+      i += run;
       if (i < len) {
-        next_state(d);
-        out[i++] = draw_of(d.state_[d.next_++]);
+        next_state(d_);
+        out[(i++) * stride] = draw_of(d_.state_[d_.next_++]);
       }
     }
   }
-  engine.set_data(d);
-  gen->set_engine(engine);
-}
 
-at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
+ private:
+  at::CPUGeneratorImpl* gen_;
+  std::lock_guard<std::mutex> lock_;
+  at::mt19937 engine_;
+  at::mt19937_data_pod d_;
+};
+
+void check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_transposed) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "blockscaled: a contiguous 2-D tensor");
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
@@ -344,51 +353,140 @@ at::Tensor check(const at::Tensor& x, int64_t br, int64_t bc, bool uniform_trans
               "blockscaled: blocks must tile the tensor");
   TORCH_CHECK(!uniform_transposed || bc == 1 || br == 1,
               "blockscaled: transposed draws need 1-D blocks");
+}
+
+at::Tensor new_out(const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().dtype(at::kFloat));
 }
 
-// The draws of stochastic rounding (empty for nearest), in the logical order of x, or of x.t()
-// where `transposed`.
-at::Tensor draws(const at::Tensor& x, bool stochastic, const std::optional<at::Generator>& gen,
-                 bool transposed) {
-  if (!stochastic) return at::Tensor();
-  if (!transposed) {
-    at::Tensor u = at::empty({x.numel()}, x.options().dtype(at::kFloat));
-    draw_uniform(gen, u.data_ptr<float>(), 1, x.numel(), 0);
-    return u;
-  }
-  const int64_t rows = x.size(0), cols = x.size(1), stride = transposed_stride(rows);
-  at::Tensor u = at::empty({cols * stride}, x.options().dtype(at::kFloat));
-  draw_uniform(gen, u.data_ptr<float>(), cols, rows, stride);
-  return u;
+// The in-place ops write over an fp32 x: each element is read before it is written, and only
+// there (a NVFP4 tensor scale reads all of x first).
+void check_in_place(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "blockscaled: in place needs an fp32 tensor");
 }
 
-Blocks blocks_of(const at::Tensor& x, at::Tensor& out, const at::Tensor& uniform, int64_t br,
-                 int64_t bc, bool uniform_transposed) {
-  return Blocks{x.data_ptr(), out.data_ptr<float>(),
-                uniform.defined() ? uniform.data_ptr<float>() : nullptr,
-                x.size(0), x.size(1), br, bc, uniform_transposed};
+Blocks blocks_of(const at::Tensor& x, at::Tensor& out, int64_t br, int64_t bc, bool transposed) {
+  return Blocks{x.data_ptr(), out.data_ptr<float>(), nullptr,   x.size(0), x.size(1),
+                br,           bc,                    x.size(1), x.size(1), transposed};
+}
+
+// out (cols x rows) = in (rows x cols), in tiles that stay in cache.
+void transpose(const float* in, float* out, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * rows + r] = in[r * cols + c];
+    }
+  }
+}
+
+// The draws of one piece of an operand, held in cache: about 512 KiB.
+constexpr int64_t kPieceDraws = 1 << 17;
+
+// NVFP4's default tensor scale of the whole of `b` (tensor_scale_of).
+template <typename T>
+float default_tensor_scale_of(const Blocks& b) {
+  std::vector<uint32_t> amaxes;
+  switch (b.bc) {
+    case 1: return tensor_scale_of<T>(b, Items<1>(b), amaxes);
+    case 16: return tensor_scale_of<T>(b, Items<16>(b), amaxes);
+    case 32: return tensor_scale_of<T>(b, Items<32>(b), amaxes);
+    default: return tensor_scale_of<T>(b, Items<0>(b), amaxes);
+  }
+}
+
+float default_tensor_scale(const at::ScalarType dtype, const Blocks& b) {
+  switch (dtype) {
+    case at::kBFloat16: return default_tensor_scale_of<c10::BFloat16>(b);
+    case at::kHalf: return default_tensor_scale_of<c10::Half>(b);
+    default: return default_tensor_scale_of<float>(b);
+  }
+}
+
+// Every block of `b` (stochastic rounding), in pieces along the order of the draws: each piece's
+// numbers are drawn into a buffer that stays in cache, then the piece is quantized (its items
+// in parallel), instead of drawing the whole operand's numbers into memory first. The same
+// numbers reach the same elements. The pieces: runs of whole rows of blocks (x's draws run along
+// its rows), or, where the draws are those of x.t() (blocks down x's columns), strips of columns.
+template <bool NV, bool FP4>
+void run_stochastic(const at::ScalarType dtype, const Blocks& b, float tensor_scale,
+                    bool default_scale, const std::optional<at::Generator>& generator) {
+  if (NV && default_scale) tensor_scale = default_tensor_scale(dtype, b);  // before any piece
+  const int64_t esize = dtype == at::kFloat ? 4 : 2;
+  const char* x = static_cast<const char*>(b.x);
+  Drawer drawer(generator);
+  if (b.draws_transposed) {  // strips of columns; a column's draws laid down the strip's column
+    int64_t width = std::max<int64_t>(1, kPieceDraws / std::max<int64_t>(b.rows, 1));
+    const int64_t unit = width >= 16 * b.bc ? 16 * b.bc : b.bc;  // whole blocks (and lines)
+    width = std::max(unit, width / unit * unit);
+    std::vector<float> drawn(std::min(width, b.cols) * b.rows), u(drawn.size());
+    for (int64_t c0 = 0; c0 < b.cols; c0 += width) {
+      const int64_t w = std::min(width, b.cols - c0);
+      for (int64_t c = 0; c < w; ++c) drawer.take(drawn.data() + c * b.rows, b.rows);
+      transpose(drawn.data(), u.data(), w, b.rows);
+      run_typed<NV, FP4, true>(dtype, Blocks{x + c0 * esize, b.out + c0, u.data(), b.rows, w,
+                                             b.br, b.bc, b.ld, w, false},
+                               tensor_scale);
+    }
+    return;
+  }
+  if (b.br == 1) {  // the draws in x's memory order: segments of whole blocks
+    const int64_t n = b.rows * b.cols, len = std::max(b.bc, kPieceDraws / b.bc * b.bc);
+    std::vector<float> u(std::min(len, n));
+    for (int64_t e0 = 0; e0 < n; e0 += len) {
+      const int64_t l = std::min(len, n - e0);
+      drawer.take(u.data(), l);
+      run_typed<NV, FP4, true>(dtype, Blocks{x + e0 * esize, b.out + e0, u.data(), 1, l, 1, b.bc,
+                                             l, l, false},
+                               tensor_scale);
+    }
+    return;
+  }
+  const int64_t band = b.br * b.cols;  // the draws of a row of blocks (square tiles)
+  const int64_t bands = std::max<int64_t>(1, kPieceDraws / band);
+  std::vector<float> u(std::min(bands, b.rows / b.br) * band);
+  for (int64_t r0 = 0; r0 < b.rows; r0 += bands * b.br) {
+    const int64_t h = std::min(bands * b.br, b.rows - r0);
+    drawer.take(u.data(), h * b.cols);
+    run_typed<NV, FP4, true>(dtype, Blocks{x + r0 * b.ld * esize, b.out + r0 * b.ld, u.data(), h,
+                                           b.cols, b.br, b.bc, b.ld, b.cols, false},
+                             tensor_scale);
+  }
+}
+
+void mx_into(const at::Tensor& x, at::Tensor& out, int64_t br, int64_t bc, bool fp4,
+             bool stochastic, const std::optional<at::Generator>& generator, bool transposed) {
+  const Blocks b = blocks_of(x, out, br, bc, transposed && stochastic);
+  const auto dtype = x.scalar_type();
+  if (fp4) {
+    stochastic ? run_stochastic<false, true>(dtype, b, 1.0f, false, generator)
+               : run_typed<false, true, false>(dtype, b, 1.0f);
+  } else {
+    stochastic ? run_stochastic<false, false>(dtype, b, 1.0f, false, generator)
+               : run_typed<false, false, false>(dtype, b, 1.0f);
+  }
 }
 
 at::Tensor mx(const at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
               std::optional<at::Generator> generator, bool transposed) {
-  at::Tensor out = check(x, br, bc, transposed && stochastic);
-  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
-  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
-  if (fp4) {
-    stochastic ? run_typed<false, true, true>(x.scalar_type(), b, 1.0f)
-               : run_typed<false, true, false>(x.scalar_type(), b, 1.0f);
-  } else {
-    stochastic ? run_typed<false, false, true>(x.scalar_type(), b, 1.0f)
-               : run_typed<false, false, false>(x.scalar_type(), b, 1.0f);
-  }
+  check(x, br, bc, transposed && stochastic);
+  at::Tensor out = new_out(x);
+  mx_into(x, out, br, bc, fp4, stochastic, generator, transposed);
   return out;
 }
 
-at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
-                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
-                 bool transposed) {
-  at::Tensor out = check(x, br, bc, transposed && stochastic);
+void mx_(at::Tensor& x, int64_t br, int64_t bc, bool fp4, bool stochastic,
+         std::optional<at::Generator> generator, bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  check_in_place(x);
+  mx_into(x, x, br, bc, fp4, stochastic, generator, transposed);
+}
+
+void nvfp4_into(const at::Tensor& x, at::Tensor& out, const std::optional<at::Tensor>& tensor_scale,
+                int64_t br, int64_t bc, bool stochastic,
+                const std::optional<at::Generator>& generator, bool transposed) {
   float scale = 1.0f;
   if (tensor_scale.has_value()) {
     TORCH_CHECK(tensor_scale->numel() == 1 && tensor_scale->scalar_type() == at::kFloat,
@@ -396,11 +494,25 @@ at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_sc
     scale = tensor_scale->item<float>();
   }
   const bool by_default = !tensor_scale.has_value() && x.numel() > 0;
-  const at::Tensor uniform = draws(x, stochastic, generator, transposed);
-  const Blocks b = blocks_of(x, out, uniform, br, bc, transposed);
-  stochastic ? run_typed<true, true, true>(x.scalar_type(), b, scale, by_default)
+  const Blocks b = blocks_of(x, out, br, bc, transposed && stochastic);
+  stochastic ? run_stochastic<true, true>(x.scalar_type(), b, scale, by_default, generator)
              : run_typed<true, true, false>(x.scalar_type(), b, scale, by_default);
+}
+
+at::Tensor nvfp4(const at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br,
+                 int64_t bc, bool stochastic, std::optional<at::Generator> generator,
+                 bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  at::Tensor out = new_out(x);
+  nvfp4_into(x, out, tensor_scale, br, bc, stochastic, generator, transposed);
   return out;
+}
+
+void nvfp4_(at::Tensor& x, const std::optional<at::Tensor>& tensor_scale, int64_t br, int64_t bc,
+            bool stochastic, std::optional<at::Generator> generator, bool transposed) {
+  check(x, br, bc, transposed && stochastic);
+  check_in_place(x);
+  nvfp4_into(x, x, tensor_scale, br, bc, stochastic, generator, transposed);
 }
 
 at::Tensor mx_meta(const at::Tensor& x, int64_t, int64_t, bool, bool,
@@ -422,11 +534,20 @@ TORCH_LIBRARY(mixprec_blockscaled, m) {
   m.def(
       "nvfp4(Tensor x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
       "Generator? generator, bool transposed) -> Tensor");
+  // the same, written over an fp32 x
+  m.def(
+      "mx_(Tensor(a!) x, int br, int bc, bool fp4, bool stochastic, Generator? generator, "
+      "bool transposed) -> ()");
+  m.def(
+      "nvfp4_(Tensor(a!) x, Tensor? tensor_scale, int br, int bc, bool stochastic, "
+      "Generator? generator, bool transposed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, CPU, m) {
   m.impl("mx", &mx);
   m.impl("nvfp4", &nvfp4);
+  m.impl("mx_", &mx_);
+  m.impl("nvfp4_", &nvfp4_);
 }
 
 TORCH_LIBRARY_IMPL(mixprec_blockscaled, Meta, m) {

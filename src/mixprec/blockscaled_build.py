@@ -11,8 +11,14 @@ generator=...)`` returns (torch's global generator by default), one per element 
 logical order, leaving the generator in the same state, so a seed gives the values it gave
 before. The kernel draws them itself, running ``at::mt19937``'s own steps on the generator's
 state: ``torch.rand`` calls the engine once per number and cost more than the rest of the
-quantization. A transposed operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is
-read as it lies, its blocks running down the columns of the contiguous ``x.t()``. The kernel
+quantization. It draws and rounds an operand piece by piece (2**17 draws, which stay in
+cache, then that piece's blocks) rather than drawing all of it into memory first. A transposed
+operand (``w.t()``, ``grad.t()`` in the weight-gradient GEMM) is read as it lies, its blocks
+running down the columns of the contiguous ``x.t()``; its draws, in the order of ``x.t()``, are
+made a strip of columns at a time and transposed in cache. The in-place ops (``mx_``,
+``nvfp4_``) write the result over an fp32 operand the caller owns (the weight-gradient GEMM's
+RHT outputs). :func:`hadamard_rows` (``_hadamard.cpp``, the same library) is the random
+Hadamard transform of a 16-bit operand in one pass. The kernel
 is built on first use by the same mechanism and flags as the other kernels (:mod:`mixprec._cpp`)
 and loaded as ``torch.ops.mixprec_blockscaled``; where it cannot be built, or the input is not a
 CPU fp32 tensor, the functions here return None and the caller takes the torch path (same values).
@@ -29,9 +35,9 @@ import torch
 from mixprec import _cpp
 from mixprec.formats import FP4_E2M1, FP8_E4M3, BlockFormat
 
-__all__ = ["blockscaled_engine", "fake_quantize_blocks"]
+__all__ = ["blockscaled_engine", "fake_quantize_blocks", "hadamard_rows"]
 
-_SOURCE = Path(__file__).with_name("_blockscaled.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("_blockscaled.cpp", "_hadamard.cpp")]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel widens 16-bit exactly
 
 
@@ -41,7 +47,7 @@ def blockscaled_engine() -> Any | None:
 
 
 _BUILD = _cpp.LazyBuild(
-    functools.partial(_cpp.library, "mixprec_blockscaled", [_SOURCE], "nvfp4"),
+    functools.partial(_cpp.library, "mixprec_blockscaled", _SOURCES, "rht"),
     "mixprec: the block-scaled fake-quantize kernel",
     "block-scaled formats take the torch-ops path (same results, slower). Install a C++ "
     "compiler and ninja to get it",
@@ -55,6 +61,7 @@ def fake_quantize_blocks(
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
     tensor_scale: torch.Tensor | None = None,
+    in_place: bool = False,
 ) -> torch.Tensor | None:
     """``x`` (2-D, validated by the caller) quantized in ``block`` blocks and back, in one pass;
     None where the kernel does not apply.
@@ -68,6 +75,9 @@ def fake_quantize_blocks(
             ``x``'s shape from ``generator``, as the torch path draws them).
         generator: random source for stochastic rounding.
         tensor_scale: NVFP4's checked fp32 tensor scale (0-d); None for the default from amax.
+        in_place: write the result over an fp32 ``x`` (a tensor the caller owns, such as an
+            intermediate of its own) instead of allocating it; None (``x`` untouched) for any
+            other dtype.
 
     Returns:
         A new fp32 tensor of ``x``'s shape (transposed in memory where ``x`` is, as ``w.t()``:
@@ -83,6 +93,7 @@ def fake_quantize_blocks(
         or fmt.element not in (FP4_E2M1, FP8_E4M3)
         or (x.requires_grad and torch.is_grad_enabled())
         or (generator is not None and generator.device.type != "cpu")
+        or (in_place and x.dtype != torch.float32)
     ):
         return None
     ops = blockscaled_engine()
@@ -90,16 +101,57 @@ def fake_quantize_blocks(
         return None
     stochastic = rounding == "stochastic"
     shape = x.shape
+    given = x
     transposed = not x.is_contiguous() and x.t().is_contiguous()
     if transposed:  # e.g. w.t(): the kernel walks blocks down the columns of the contiguous x.t()
         x, block = x.t(), (block[1], block[0])
+    elif in_place and not x.is_contiguous():
+        return None
     else:
         x = x.contiguous()
         if block[0] == 1:  # blocks along rows: one long row, cut into chunks of blocks
             x = x.view(1, -1)
+    args: tuple[Any, ...] = (block[0], block[1])
     if fmt.scale == "e8m0":
         fp4 = fmt.element == FP4_E2M1
-        out = ops.mx(x, block[0], block[1], fp4, stochastic, generator, transposed)
+        op, args = (ops.mx_ if in_place else ops.mx), (*args, fp4)
     else:
-        out = ops.nvfp4(x, tensor_scale, block[0], block[1], stochastic, generator, transposed)
+        op, args = (ops.nvfp4_ if in_place else ops.nvfp4), (tensor_scale, *args)
+    out = op(x, *args, stochastic, generator, transposed)
+    if in_place:
+        return given
     return out.t() if transposed else out.view(shape)  # type: ignore[no-any-return]
+
+
+def hadamard_rows(x: torch.Tensor, r: torch.Tensor, rows_out: int) -> torch.Tensor | None:
+    """``rht`` of ``x`` widened to fp32 and padded with zero rows to ``rows_out``, in one pass
+    (:func:`mixprec.fp4_recipes.rht_padded`); None where the kernel does not apply.
+
+    The kernel sums each output's 16 products in the order torch's CPU matmul (MKL) sums them,
+    which is the bits of the torch composition only where every product is exact: a 16-bit
+    ``x`` times ``r``'s entries of +-1/4. So it takes a CPU bf16 or fp16 ``x`` whose column
+    count is a multiple of 16 (a 4-bit layer's features are; on a ragged count MKL's tail
+    kernel may sum in another order) and that needs no gradient; anything else returns None.
+
+    Args:
+        x: ``(rows, cols)``, the rows in groups of 16 (the last group completed by zeros).
+        r: the 16x16 fp32 transform (:func:`mixprec.fp4_recipes.random_hadamard`).
+        rows_out: ``rows`` rounded up to a multiple of 16 or more.
+
+    Returns:
+        A new fp32 ``(rows_out, cols)`` tensor, or None.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.bfloat16, torch.float16)
+        or x.dim() != 2
+        or x.shape[1] % 16
+        or rows_out % 16
+        or rows_out < x.shape[0]
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
+        return None
+    ops = blockscaled_engine()
+    if ops is None:
+        return None
+    return ops.rht(x.contiguous(), r.float().contiguous(), rows_out)  # type: ignore[no-any-return]

@@ -50,7 +50,9 @@ from types import MappingProxyType
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
+from mixprec.blockscaled_build import hadamard_rows
 from mixprec.formats import MXFP4, NVFP4, BlockFormat
 from mixprec.recipes import RECIPE_NAMES, Fp8Recipe
 
@@ -64,6 +66,7 @@ __all__ = [
     "parse_recipe",
     "random_hadamard",
     "rht",
+    "rht_padded",
 ]
 
 FP4_RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "mxfp4")
@@ -305,3 +308,34 @@ def rht(t: torch.Tensor) -> torch.Tensor:
     r = random_hadamard(RHT_SIZE, t.device)
     groups = t.reshape(rows // RHT_SIZE, RHT_SIZE, cols)
     return torch.matmul(r.t(), groups).reshape(rows, cols)
+
+
+def rht_padded(t: torch.Tensor, multiple: int = RHT_SIZE) -> torch.Tensor:
+    """``rht`` of ``t`` (2-D) widened to fp32 with zero rows appended up to a multiple of
+    ``multiple`` (itself a multiple of :data:`RHT_SIZE`): the weight-gradient GEMM's operand.
+
+    The same bits as ``rht(F.pad(t.float(), (0, 0, 0, extra)))``; on a CPU bf16 or fp16 ``t``
+    whose column count is a multiple of 16, one pass of a C++ kernel
+    (:func:`mixprec.blockscaled_build.hadamard_rows`) instead of a widened copy, a padded copy
+    and the batched matmul.
+
+    Raises:
+        ValueError: ``multiple`` is not a positive multiple of :data:`RHT_SIZE`.
+
+    Example:
+        >>> t = torch.randn(20, 16, dtype=torch.bfloat16)
+        >>> torch.equal(rht_padded(t), rht(torch.cat([t.float(), torch.zeros(12, 16)])))
+        True
+    """
+    if multiple < 1 or multiple % RHT_SIZE:
+        raise ValueError(
+            f"rht_padded pads to whole groups of {RHT_SIZE} rows, got multiple={multiple!r}; "
+            f"use a multiple of {RHT_SIZE}"
+        )
+    rows = t.shape[0]
+    rows_out = rows + -rows % multiple
+    fused = hadamard_rows(t, random_hadamard(RHT_SIZE, t.device), rows_out)
+    if fused is not None:
+        return fused
+    wide = t.float()
+    return rht(F.pad(wide, (0, 0, 0, rows_out - rows)) if rows_out > rows else wide)

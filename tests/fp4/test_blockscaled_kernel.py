@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from mixprec import blockscaled
 from mixprec.blockscaled import MIN_TENSOR_SCALE, fake_quantize, fake_quantize_tiles
-from mixprec.blockscaled_build import blockscaled_engine
+from mixprec.blockscaled_build import blockscaled_engine, fake_quantize_blocks
 from mixprec.formats import MXFP4, MXFP8, NVFP4
 
 pytestmark = pytest.mark.skipif(
@@ -319,3 +319,46 @@ def test_threads_do_not_change_the_values():
         torch.set_num_threads(before)
     for one, two in zip(*results, strict=True):
         _assert_same_bits(two, one)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stochastic_operands_drawn_in_many_pieces_equal_torch_path(fmt, dtype, threads):
+    # the kernel draws and rounds a long operand piece by piece (2**17 draws each): rows of
+    # blocks, and a transposed operand (the weight gradient's grad.t()) in strips of columns
+    x = _specimen(8, (2080, 160), fmt.block_size).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (x, x.t()):
+            torch.manual_seed(3)
+            got = fake_quantize(t, fmt, "stochastic")
+            after_kernel = torch.rand(2)
+            torch.manual_seed(3)
+            want = _torch_path(fake_quantize, t.float(), fmt, "stochastic")
+            assert torch.equal(torch.rand(2), after_kernel)  # the generator left alike
+            _assert_same_bits(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_in_place_kernel_writes_what_the_functional_one_returns(fmt, rounding):
+    x = _specimen(9, (2080, 64), fmt.block_size)
+    for view in (lambda t: t, lambda t: t.t()):  # an operand, and grad.t() of the weight gradient
+        torch.manual_seed(4)
+        want = fake_quantize_blocks(view(x), fmt, (1, fmt.block_size), rounding)
+        own = x.clone()
+        torch.manual_seed(4)
+        got = fake_quantize_blocks(view(own), fmt, (1, fmt.block_size), rounding, in_place=True)
+        assert got is not None and got.data_ptr() == own.data_ptr()
+        _assert_same_bits(got, want)
+
+
+def test_in_place_kernel_refuses_a_16_bit_tensor_and_leaves_it():
+    x = torch.randn(4, 32).bfloat16()
+    before = x.clone()
+    assert fake_quantize_blocks(x, NVFP4, (1, 16), in_place=True) is None
+    assert torch.equal(x, before)

@@ -14,7 +14,9 @@ before that rounding). What the recipe's options change (:mod:`mixprec.fp4_recip
   tensor serves the forward and the input-gradient GEMM; ``1x16`` (``1x32``) quantizes it along
   ``in_features`` for the forward and along ``out_features`` for the input gradient.
 * ``rht``: the weight-gradient GEMM's operands (output gradient and input, tokens x features) go
-  through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized.
+  through :func:`mixprec.fp4_recipes.rht` along the tokens before they are quantized: widened,
+  padded and transformed in one pass (:func:`~mixprec.fp4_recipes.rht_padded`, the bits of that
+  composition), then quantized in place, where no one else holds them.
 * ``sr_grad``: the output gradient's elements round stochastically (torch's global generator,
   drawn first for the input-gradient GEMM, then for the weight-gradient GEMM).
 * ``amax_reduce``: NVFP4's tensor scale of each activation and gradient operand comes from its
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixprec.blockscaled import Rounding, fake_quantize, fake_quantize_tiles, nvfp4_tensor_scale
+from mixprec.blockscaled_build import fake_quantize_blocks
 from mixprec.compute.emulated import no_autocast
 from mixprec.compute.fp4_native import (
     native_misfit,
@@ -59,7 +62,7 @@ from mixprec.compute.fp4_native import (
     run_gemm,
 )
 from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating, check_backend_name
-from mixprec.fp4_recipes import Fp4Recipe, rht
+from mixprec.fp4_recipes import Fp4Recipe, rht_padded
 from mixprec.hardware import choose_fp4_backend
 from mixprec.scaled import reduce_amax
 
@@ -85,6 +88,13 @@ def quantize_fp4_operand(
     the ranks (:func:`reduced_tensor_scale`); a weight is the same on every rank.
     """
     scale = reduced_tensor_scale(t, recipe) if batch else None  # also when empty: see there
+    return _quantized(t, recipe, stochastic, scale)
+
+
+def _quantized(
+    t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`quantize_fp4_operand` under NVFP4's tensor scale ``scale`` (None: ``t``'s own)."""
     if t.numel() == 0:
         return t.float()
     if t.dtype not in (torch.bfloat16, torch.float16):  # 16-bit ones widen exactly, in the kernel
@@ -122,6 +132,22 @@ def quantize_fp4_weight(weight: torch.Tensor, recipe: Fp4Recipe, gemm: str) -> t
     return quantize_fp4_operand(w.t(), recipe).t()
 
 
+def _quantize_own(
+    t: torch.Tensor, recipe: Fp4Recipe, stochastic: bool = False, batch: bool = False
+) -> torch.Tensor:
+    """:func:`quantize_fp4_operand` of an fp32 ``t`` this module made (the RHT's output), written
+    over ``t`` where the kernel can: no second operand-sized tensor to allocate and fault in."""
+    scale = reduced_tensor_scale(t, recipe) if batch else None  # once: a collective
+    rounding = "stochastic" if stochastic else "nearest"
+    block = (1, recipe.block)
+    if t.numel() and (
+        fake_quantize_blocks(t, recipe.format, block, rounding, None, scale, in_place=True)
+        is not None
+    ):
+        return t
+    return _quantized(t, recipe, stochastic, scale)
+
+
 def _pad_tokens(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """``t`` with zero rows appended up to a multiple of ``multiple`` rows."""
     extra = -t.shape[0] % multiple
@@ -155,7 +181,7 @@ def _fp4_linear(
             b = quantize_fp4_weight(weight, r, "output")
             out = torch.mm(a, b.t())
         if bias is not None:
-            out = out + bias.float()
+            out.add_(bias.float())  # in place: the GEMM's fresh output, no second fp32 tensor
         return out.to(out_dtype)
 
 
@@ -193,15 +219,17 @@ def _fp4_grad_weight(
     r = Fp4Recipe.parse(recipe)
     sr = bool(r.sr_grad)
     with no_autocast():
-        g, xs = _pad_tokens(grad.float(), r.block), _pad_tokens(x.float(), r.block)
-        if r.rht:
-            g, xs = rht(g), rht(xs)
+        # fp32 where the RHT needs it (one pass from 16 bits, rht_padded); else the 16-bit
+        # operands as they are: quantizing widens them exactly on reading
+        pad = rht_padded if r.rht else _pad_tokens
+        g, xs = pad(grad, r.block), pad(x, r.block)
         if _on_tensor_cores(native, g, xs):  # the tokens are padded to 32 on the packed operands
             a_op = prepare_operand(g.t(), r, sr, reduced_tensor_scale(g, r))
             b_op = prepare_operand(xs.t(), r, tensor_scale=reduced_tensor_scale(xs, r))
             return run_gemm(a_op, b_op).to(out_dtype)
-        a = quantize_fp4_operand(g.t(), r, stochastic=sr, batch=True)
-        b = quantize_fp4_operand(xs.t(), r, batch=True)
+        quantize = _quantize_own if r.rht else quantize_fp4_operand
+        a = quantize(g.t(), r, stochastic=sr, batch=True)
+        b = quantize(xs.t(), r, batch=True)
         return torch.mm(a, b.t()).to(out_dtype)
 
 
