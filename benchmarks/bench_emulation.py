@@ -170,8 +170,8 @@ Small models once more (2026-12-07, same Xeon, load 0.6-1.9; thread CPU time, 1 
 earlier note's "~0.25 are autocast's passes over each weight" does not hold: a C++ prototype
 that folds the weight's and bias's casts into the GEMM node (the weight rounded once into fp32
 storage, its gradient rounded in place; the same parameters bit for bit after a step) ran the
-digits step 1.229x fp32 against 1.234x for the floor, interleaved, and 1.23x against 1.21x each
-alone. The floor's 0.22 is the GEMMs' own widening and rounding: a digits step in fp32 keeps its
+digits step 1.229x fp32 against 1.234x for the floor, interleaved, and 1.18-1.28x against
+1.20-1.23x in runs of its own. The floor's 0.22 is the GEMMs' own widening and rounding: a digits step in fp32 keeps its
 weights, gradients and AdamW states (1.3 MB) in the core's cache, and every 16-bit copy and
 widened operand pushes some of them out, which also slows what runs after (an emulated layer
 costs 41 us more than fp32 in a warm loop, 100+ in the step). Per-phase medians, interleaved
