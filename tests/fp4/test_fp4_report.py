@@ -32,6 +32,12 @@ def test_ablation_rows_show_the_loss_each_switched_off_stabiliser_costs():
     assert "mxfp4" not in text  # no mxfp4 variant was run: no mxfp4 ablation
 
 
+def test_every_changed_option_is_named():
+    lines = ablation_section([run("nvfp4-mixed", 2.0), run("nvfp4-mixed(amax_reduce=true)", 2.0)])
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines if line.startswith("| ")}
+    assert rows["nvfp4-mixed(amax_reduce=true)"][1] == "amax_reduce=True"
+
+
 def test_no_ablation_without_a_4bit_variant():
     assert ablation_section([run("bf16-mixed", 2.0), run("nvfp4-mixed", 2.1)]) == []
 

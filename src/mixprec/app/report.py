@@ -241,7 +241,7 @@ def ablation_section(results: Sequence[RunResult]) -> list[str]:
                     f"no {key}"
                     if getattr(default, key) is True and not getattr(rec, key)
                     else f"{key}={getattr(rec, key)}"
-                    for key in ("rht", "sr_grad", "weight_blocks")
+                    for key in default.options()
                     if getattr(rec, key) != getattr(default, key)
                 )
                 or "(defaults)"
