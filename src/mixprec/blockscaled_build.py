@@ -127,11 +127,11 @@ def hadamard_rows(x: torch.Tensor, r: torch.Tensor, rows_out: int) -> torch.Tens
     """``rht`` of ``x`` widened to fp32 and padded with zero rows to ``rows_out``, in one pass
     (:func:`mixprec.fp4_recipes.rht_padded`); None where the kernel does not apply.
 
-    The kernel sums each output's 16 products in the order torch's CPU matmul (MKL) sums them,
-    which is the bits of the torch composition only where every product is exact: a 16-bit
-    ``x`` times ``r``'s entries of +-1/4. So it takes a CPU bf16 or fp16 ``x`` whose column
-    count is a multiple of 16 (a 4-bit layer's features are; on a ragged count MKL's tail
-    kernel may sum in another order) and that needs no gradient; anything else returns None.
+    The kernel sums each output's 16 products in the order ``rht`` defines, with fused
+    multiply-adds, which is ``rht``'s bits only where every product is exact: a 16-bit ``x``
+    times ``r``'s entries of +-1/4. So it takes a CPU bf16 or fp16 ``x`` whose column count is a
+    multiple of 16 (its vector width; a 4-bit layer's features are) and that needs no gradient;
+    anything else returns None.
 
     Args:
         x: ``(rows, cols)``, the rows in groups of 16 (the last group completed by zeros).

@@ -291,6 +291,11 @@ def rht(t: torch.Tensor) -> torch.Tensor:
     For two operands ``g`` (tokens x N) and ``x`` (tokens x K) of a GEMM that sums over the tokens,
     ``rht(g).T @ rht(x) == g.T @ x`` up to fp32 rounding, as ``R`` is orthogonal.
 
+    Its bits do not depend on a BLAS: output row ``16g + i`` is the sum over ``k = 0..15``, in
+    that order and starting from 0, of ``R[k, i] * t[16g + k]``, each addition rounded to fp32
+    (the order in which MKL's matmul sums it too). ``R``'s entries are ``±1/4``, so the products
+    of 16-bit values are exact; :func:`rht_padded`'s one-pass kernel gives the same bits.
+
     Raises:
         ValueError: the row count is not a multiple of :data:`RHT_SIZE` (pad with zero rows).
 
@@ -305,9 +310,12 @@ def rht(t: torch.Tensor) -> torch.Tensor:
             f"the random Hadamard transform works on groups of {RHT_SIZE} rows, got {rows}; "
             f"pad with zero rows"
         )
-    r = random_hadamard(RHT_SIZE, t.device)
-    groups = t.reshape(rows // RHT_SIZE, RHT_SIZE, cols)
-    return torch.matmul(r.t(), groups).reshape(rows, cols)
+    r = random_hadamard(RHT_SIZE, t.device).to(t.dtype).reshape(RHT_SIZE, RHT_SIZE, 1)
+    groups = t.reshape(rows // RHT_SIZE, RHT_SIZE, 1, cols)  # [group, k, 1, column]
+    out = torch.zeros(rows // RHT_SIZE, RHT_SIZE, cols, dtype=t.dtype, device=t.device)
+    for k in range(RHT_SIZE):  # the product, then the addition: two roundings, as documented
+        out.add_(groups[:, k] * r[k])
+    return out.reshape(rows, cols)
 
 
 def rht_padded(t: torch.Tensor, multiple: int = RHT_SIZE) -> torch.Tensor:
@@ -317,7 +325,7 @@ def rht_padded(t: torch.Tensor, multiple: int = RHT_SIZE) -> torch.Tensor:
     The same bits as ``rht(F.pad(t.float(), (0, 0, 0, extra)))``; on a CPU bf16 or fp16 ``t``
     whose column count is a multiple of 16, one pass of a C++ kernel
     (:func:`mixprec.blockscaled_build.hadamard_rows`) instead of a widened copy, a padded copy
-    and the batched matmul.
+    and the transform's 16 passes.
 
     Raises:
         ValueError: ``multiple`` is not a positive multiple of :data:`RHT_SIZE`.

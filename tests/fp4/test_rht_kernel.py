@@ -1,5 +1,5 @@
 """The weight-gradient GEMM's one-pass random Hadamard transform against the composition it
-replaces (widen to fp32, pad with zero rows, ``rht`` by ``torch.matmul``, quantize), bit for bit.
+replaces (widen to fp32, pad with zero rows, ``rht``, quantize), bit for bit.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_one_pass_rht_is_the_composition_bit_for_bit(dtype, shape, multiple):
     _assert_same_bits(rht_padded(x, multiple), _composition(x, multiple))
 
 
-def test_all_negative_zero_products_sum_to_positive_zero_as_matmul_does():
+def test_all_negative_zero_products_sum_to_positive_zero():
     r = random_hadamard(16)
     x = torch.where(r[:, 3:4] > 0, -0.0, 0.0).expand(16, 32).contiguous().bfloat16()
     _assert_same_bits(rht_padded(x), _composition(x, 16))
@@ -73,8 +73,8 @@ def test_all_negative_zero_products_sum_to_positive_zero_as_matmul_does():
 @pytest.mark.parametrize(
     "x",
     [
-        torch.randn(20, 32),  # fp32: inexact products near underflow, matmul's own order
-        torch.randn(20, 24).bfloat16(),  # ragged columns: MKL's tail kernel may sum otherwise
+        torch.randn(20, 32),  # fp32: inexact products near underflow, no fused multiply-add
+        torch.randn(20, 24).bfloat16(),  # ragged columns: not the kernel's vector width
         torch.randn(20, 32).bfloat16().requires_grad_(),
     ],
     ids=["fp32", "ragged-columns", "requires-grad"],
