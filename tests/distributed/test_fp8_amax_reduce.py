@@ -4,10 +4,11 @@ One spawn runs every recipe with and without the option; each rank trains on its
 batch (halves of very different magnitude, so per-rank scales differ), sums the gradients over
 the ranks and steps. The parent compares with one process on the whole batch:
 
-* with the option the first forward's outputs and input gradients are bit for bit those rows of
-  one process (the fp8 operands are the same; only the fp32 sums of the weight gradient run in
-  another order), and every step's loss agrees to fp32 rounding;
-* without it the tensorwise recipes' outputs differ (so the test can fail);
+* with the option the first forward's outputs and input gradients are those rows of one process
+  to fp32 rounding (the fp8 operands are the same; a BLAS may sum a 32-row GEMM in another order
+  than a 64-row one, as MKL's AVX2 kernels do), and so is every step's loss;
+* without it the tensor-scaled recipes' outputs are not within that tolerance (so the test can
+  fail);
 * a rank whose batch is empty still takes part in every reduction: the other rank, holding the
   whole batch, gets one process's results instead of waiting forever for its partner.
 """
@@ -35,6 +36,12 @@ STEPS, ROWS, LR = 3, 64, 1e-3
 # reduces its tensor scales (stochastic rounding off: its random draws differ between ranks);
 # mxfp4 has none, like mxfp8.
 RECIPES = ("tensorwise", "tensorwise_delayed", "rowwise", "mxfp8", "nvfp4:sr_grad=false", "mxfp4")
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal to fp32 rounding (a GEMM's order of summation), far inside what different fp8 or
+    fp4 scales change (a few percent)."""
+    return torch.allclose(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
 def _with(name: str, reduce: bool) -> str:
@@ -131,8 +138,7 @@ def test_two_ranks_with_amax_reduce_equal_one_process(runs: list[dict[str, Any]]
     grads = [g for g in one["grad_x"].chunk(WORLD)]
     for rank, seen in enumerate(runs):
         got = seen[recipe]
-        assert torch.equal(got["out"], rows[rank])
-        assert torch.equal(got["grad_x"], grads[rank])
+        assert _close(got["out"], rows[rank]) and _close(got["grad_x"], grads[rank])
         torch.testing.assert_close(
             torch.stack(got["loss"]), torch.stack(one["loss"]), rtol=1e-5, atol=0
         )
@@ -144,7 +150,7 @@ def test_without_amax_reduce_each_rank_scales_its_own_half(
 ) -> None:
     one = _train(name, _data(), distributed=False)
     local = runs[0][_with(name, False)]["out"]
-    assert not torch.equal(local, one["out"].chunk(WORLD)[0])
+    assert not _close(local, one["out"].chunk(WORLD)[0])
 
 
 def test_a_nan_amax_on_one_rank_is_nan_on_every_rank(runs: list[dict[str, Any]]) -> None:
@@ -156,7 +162,7 @@ def test_a_nan_amax_on_one_rank_is_nan_on_every_rank(runs: list[dict[str, Any]])
 def test_a_rank_with_an_empty_batch_still_reduces(runs: list[dict[str, Any]], name: str) -> None:
     one = _train(_with(name, True), _data(), distributed=False)
     full, empty = runs[0][f"{name} empty"], runs[1][f"{name} empty"]
-    assert torch.equal(full["out"], one["out"]) and torch.equal(full["grad_x"], one["grad_x"])
+    assert _close(full["out"], one["out"]) and _close(full["grad_x"], one["grad_x"])
     assert empty["out"].shape == (0, 32)
     for seen in (full, empty):
         torch.testing.assert_close(
