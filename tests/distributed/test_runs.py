@@ -246,8 +246,12 @@ def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(t
     model = task.build_model()
     sharded_checkpoint.load(cli / "checkpoint.pt", model)
     reference = load_checkpoint(tmp_path / "one" / "checkpoint.pt")["model"]
+    # To fp32 rounding: a BLAS may sum a 4-row GEMM in another order than an 8-row one (MKL's
+    # AVX2 kernels do), and Adam, dividing by a gradient's running size, magnifies that where a
+    # gradient is near zero (1.2e-6 measured). 1e-5 is 1% of one step of lr 1e-3: a missed or
+    # doubled gradient moves weights by whole steps.
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5)
 
     # compare on two ranks: the report states the world and the bytes each reduce format moved.
     report = (tmp_path / "compare" / "report.md").read_text()
@@ -275,7 +279,7 @@ def test_two_rank_runs_match_one_process_resume_bit_identically_and_write_once(t
     model = task.build_model()
     sharded_checkpoint.load(fsdp_cli / "checkpoint.pt", model)
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(value, reference[name], rtol=1e-5, atol=1e-5)  # as above
     fsdp_report = (tmp_path / "compare_fsdp" / "report.md").read_text()
     assert "World size: 2 (fsdp2" in fsdp_report and "reduce-scattered" in fsdp_report
 
