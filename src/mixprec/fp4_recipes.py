@@ -310,12 +310,12 @@ def rht(t: torch.Tensor) -> torch.Tensor:
             f"the random Hadamard transform works on groups of {RHT_SIZE} rows, got {rows}; "
             f"pad with zero rows"
         )
-    r = random_hadamard(RHT_SIZE, t.device).to(t.dtype).reshape(RHT_SIZE, RHT_SIZE, 1)
-    groups = t.reshape(rows // RHT_SIZE, RHT_SIZE, 1, cols)  # [group, k, 1, column]
-    out = torch.zeros(rows // RHT_SIZE, RHT_SIZE, cols, dtype=t.dtype, device=t.device)
+    r = random_hadamard(RHT_SIZE, t.device).reshape(RHT_SIZE, RHT_SIZE, 1)
+    groups = t.float().reshape(rows // RHT_SIZE, RHT_SIZE, 1, cols)  # [group, k, 1, column]
+    out = torch.zeros(rows // RHT_SIZE, RHT_SIZE, cols, device=t.device)
     for k in range(RHT_SIZE):  # the product, then the addition: two roundings, as documented
         out.add_(groups[:, k] * r[k])
-    return out.reshape(rows, cols)
+    return out.reshape(rows, cols).to(t.dtype)  # summed in fp32 (a 16-bit t: rounded once)
 
 
 def rht_padded(t: torch.Tensor, multiple: int = RHT_SIZE) -> torch.Tensor:
