@@ -317,22 +317,20 @@ class Drawer {
   Drawer(const Drawer&) = delete;
   Drawer& operator=(const Drawer&) = delete;
 
-  // The next `len` numbers of torch.rand into out[0], out[stride], ...
-  template <int STRIDE = 1>
-  void take(float* out, int64_t len, int64_t stride = STRIDE) {
-    if (STRIDE) stride = STRIDE;
+  // The next `len` numbers of torch.rand into out[0..len).
+  void take(float* out, int64_t len) {
     int64_t i = 0;
     while (i < len) {
       // each draw first decrements left_; the one that reaches 0 regenerates the state
       const int64_t run = std::min<int64_t>(d_.left_ - 1, len - i);
       const uint32_t* state = d_.state_.data() + d_.next_;
-      for (int64_t k = 0; k < run; ++k) out[(i + k) * stride] = draw_of(state[k]);
+      for (int64_t k = 0; k < run; ++k) out[i + k] = draw_of(state[k]);
       d_.next_ += uint32_t(run);
       d_.left_ -= int(run);
       i += run;
       if (i < len) {
         next_state(d_);
-        out[(i++) * stride] = draw_of(d_.state_[d_.next_++]);
+        out[i++] = draw_of(d_.state_[d_.next_++]);
       }
     }
   }

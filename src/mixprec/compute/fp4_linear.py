@@ -61,7 +61,13 @@ from mixprec.compute.fp4_native import (
     prepare_weight,
     run_gemm,
 )
-from mixprec.compute.fp8_linear import Fp8Backend, Fp8Linear, _check_floating, check_backend_name
+from mixprec.compute.fp8_linear import (
+    Fp8Backend,
+    Fp8Linear,
+    _amax,
+    _check_floating,
+    check_backend_name,
+)
 from mixprec.fp4_recipes import Fp4Recipe, rht_padded
 from mixprec.hardware import choose_fp4_backend
 from mixprec.scaled import reduce_amax
@@ -113,8 +119,7 @@ def reduced_tensor_scale(t: torch.Tensor, recipe: Fp4Recipe) -> torch.Tensor | N
     """
     if not recipe.amax_reduce or recipe.format.tensor_scale is None:
         return None
-    amax = t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
-    amax = reduce_amax(amax)
+    amax = reduce_amax(_amax(t))  # an empty t: 0
     return nvfp4_tensor_scale(amax) if bool(torch.isfinite(amax)) else None
 
 
