@@ -183,11 +183,7 @@ MIXPREC_INLINE void convert(const c10::BFloat16* s, float* d, int64_t n) {
 
 MIXPREC_INLINE void convert(const float* s, c10::BFloat16* d, int64_t n) {
   auto* out = reinterpret_cast<uint16_t*>(d);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u = bits_of(s[i]);
-    uint32_t even = (u + UINT32_C(0x7FFF) + ((u >> 16) & 1)) >> 16;
-    out[i] = s[i] != s[i] ? UINT16_C(0x7FC0) : static_cast<uint16_t>(even);
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_nearest(s[i]);
 }
 
 MIXPREC_INLINE void convert(const c10::Half* s, float* d, int64_t n) {

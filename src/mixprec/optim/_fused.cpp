@@ -28,12 +28,7 @@ constexpr uint32_t kMul2 = 0x846CA68Bu;
 enum Mode : int64_t { kMaster = 0, kStochastic = 1, kKahan = 2 };
 
 
-// Branch-free choices (bit masks), so that loops over them vectorize.
-MIXPREC_INLINE uint32_t pick(bool condition, uint32_t a, uint32_t b) {
-  uint32_t mask = 0u - static_cast<uint32_t>(condition);
-  return (a & mask) | (b & ~mask);
-}
-
+// Branch-free choices (bit masks, _bits.h's pick), so that loops over them vectorize.
 MIXPREC_INLINE float pickf(bool condition, float a, float b) {
   return float_of(pick(condition, bits_of(a), bits_of(b)));
 }
@@ -64,12 +59,7 @@ struct Stream {
 
 struct BF16 {
   static MIXPREC_INLINE float widen(uint16_t v) { return float_of(static_cast<uint32_t>(v) << 16); }
-  // Round to nearest even, NaN to a quiet NaN (as c10::BFloat16 does).
-  static MIXPREC_INLINE uint16_t nearest(float x) {
-    uint32_t u = bits_of(x);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return static_cast<uint16_t>(pick(x != x, 0x7FC0u, rounded));
-  }
+  static MIXPREC_INLINE uint16_t nearest(float x) { return bf16_nearest(x); }
   // mixprec.stochastic (bf16): element e takes half e & 1 of word e >> 1,
   // shifted to [0, 2**16), added to the fp32 pattern; the low half is then cut.
   static MIXPREC_INLINE uint16_t stochastic(float x, Stream at, uint32_t i, uint32_t k1,
