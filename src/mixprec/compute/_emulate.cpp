@@ -318,7 +318,7 @@ at::Tensor conv16(const at::Tensor& x, const at::Tensor& weight, const std::opti
   if (bias.has_value()) wide_bias = wide(*bias);
   at::Tensor out = at::convolution(wide(x), wide(weight), wide_bias, stride,
                                    padding, dilation, transposed, output_padding, groups);
-  return out.to(x.scalar_type());
+  return round_to(out, x.scalar_type());
 }
 
 // The wanted gradients (input, weight, bias by `mask`), in that order, each rounded to its
