@@ -143,10 +143,11 @@ def test_output_rounds_once_to_the_compute_dtype_under_autocast():
     assert bits_equal(out, fp4_linear(x.bfloat16(), w, b, "nvfp4"))
 
 
-def test_compiled_equals_eager():
+@pytest.mark.parametrize("spec", ["nvfp4", "nvfp4:amax_reduce=true"])
+def test_compiled_equals_eager(spec):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32))
-    convert_to_fp8(model, "nvfp4")
+    convert_to_fp8(model, spec)
     twin = copy.deepcopy(model)
     x = torch.randn(24, 64)
     torch.manual_seed(1)
