@@ -171,10 +171,10 @@ earlier note's "~0.25 are autocast's passes over each weight" does not hold: a C
 that folds the weight's and bias's casts into the GEMM node (the weight rounded once into fp32
 storage, its gradient rounded in place; the same parameters bit for bit after a step) ran the
 digits step 1.229x fp32 against 1.234x for the floor, interleaved, and 1.18-1.28x against
-1.20-1.23x in runs of its own. The floor's 0.22 is the GEMMs' own widening and rounding: a digits step in fp32 keeps its
-weights, gradients and AdamW states (1.3 MB) in the core's cache, and every 16-bit copy and
-widened operand pushes some of them out, which also slows what runs after (an emulated layer
-costs 41 us more than fp32 in a warm loop, 100+ in the step). Per-phase medians, interleaved
+1.20-1.23x in runs of its own. The floor's 0.22 is the GEMMs' own widening and rounding: a
+digits step in fp32 keeps its weights, gradients and AdamW states (1.3 MB) in the core's cache,
+and every 16-bit copy and widened operand pushes some of them out, which also slows what runs
+after (an emulated layer costs 41 us more than fp32 in a warm loop, 100+ in the step). Per-phase medians, interleaved
 (us): fp32 forward 445, backward 465, AdamW 910; the region 723, 657, 908; the session 820, 672,
 1113. The session's extra 0.16 is many small Python costs, each run in a cache the backward left
 cold (3-5x its warm time): in ``mp.step`` the ownership check 18, the found-inf check 83 (its
