@@ -174,9 +174,9 @@ digits step 1.229x fp32 against 1.234x for the floor, interleaved, and 1.18-1.28
 1.20-1.23x in runs of its own. The floor's 0.22 is the GEMMs' own widening and rounding: a
 digits step in fp32 keeps its weights, gradients and AdamW states (1.3 MB) in the core's cache,
 and every 16-bit copy and widened operand pushes some of them out, which also slows what runs
-after (an emulated layer costs 41 us more than fp32 in a warm loop, 100+ in the step). Per-phase medians, interleaved
-(us): fp32 forward 445, backward 465, AdamW 910; the region 723, 657, 908; the session 820, 672,
-1113. The session's extra 0.16 is many small Python costs, each run in a cache the backward left
+after (an emulated layer costs 41 us more than fp32 in a warm loop, 100+ in the step).
+Per-phase medians, interleaved (us): fp32 forward 445, backward 465, AdamW 910; the region 723,
+657, 908; the session 820, 672, 1113. The session's extra 0.16 is many small Python costs, each run in a cache the backward left
 cold (3-5x its warm time): in ``mp.step`` the ownership check 18, the found-inf check 83 (its
 kernel 22, a fresh flag 16, the inverse scale 14, gathering the gradients 12, the record 10),
 the scale rule 8, closing the iteration 8, the report ~25; in the forward the hooks of the
