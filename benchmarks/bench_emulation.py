@@ -166,23 +166,23 @@ ms. After: ``mm`` 42%, the kernel 18% (10% functional, 8% in place), the one-pas
   443.6 ms, nvfp4-mixed 727.3 -> fp32 417.1, nvfp4-mixed 640.7); ``--isa avx2`` (5 rounds, one
   pair, load 1.1-1.3): 1.62 -> 1.48.
 
-Small models once more (2026-12-07, same Xeon, load 0.6-1.9; thread CPU time, 1 thread). The
-earlier note's "~0.25 are autocast's passes over each weight" does not hold: a C++ prototype
-that folds the weight's and bias's casts into the GEMM node (the weight rounded once into fp32
-storage, its gradient rounded in place; the same parameters bit for bit after a step) ran the
-digits step 1.229x fp32 against 1.234x for the floor, interleaved, and 1.18-1.28x against
-1.20-1.23x in runs of its own. The floor's 0.22 is the GEMMs' own widening and rounding: a
-digits step in fp32 keeps its weights, gradients and AdamW states (1.3 MB) in the core's cache,
-and every 16-bit copy and widened operand pushes some of them out, which also slows what runs
-after (an emulated layer costs 41 us more than fp32 in a warm loop, 100+ in the step).
-Per-phase medians, interleaved (us): fp32 forward 445, backward 465, AdamW 910; the region 723,
-657, 908; the session 820, 672, 1113. The session's extra 0.16 is many small Python costs, each run in a cache the backward left
-cold (3-5x its warm time): in ``mp.step`` the ownership check 18, the found-inf check 83 (its
-kernel 22, a fresh flag 16, the inverse scale 14, gathering the gradients 12, the record 10),
-the scale rule 8, closing the iteration 8, the report ~25; in the forward the hooks of the
-model's children (2.6 us each warm) and the region's entry and exit (11 us warm, 40-60 cold).
-Trying the two cheapest (a constant inverse without loss scaling, a cheaper flag) saved 14 us of
-2270: no single change is worth its risk; a C++ step for the no-scaling case would be the next.
+Small models once more (2026-12-07, same Xeon, load 0.6-1.9; thread CPU time, 1 thread). The earlier
+note's "~0.25 are autocast's passes over each weight" does not hold: a C++ prototype that folds the
+weight's and bias's casts into the GEMM node (the weight rounded once into fp32 storage, its
+gradient rounded in place; the same parameters bit for bit after a step) ran the digits step 1.229x
+fp32 against 1.234x for the floor, interleaved, and 1.18-1.28x against 1.20-1.23x in runs of its
+own. The floor's 0.22 is the GEMMs' own widening and rounding: a digits step in fp32 keeps its
+weights, gradients and AdamW states (1.3 MB) in the core's cache, and every 16-bit copy and widened
+operand pushes some of them out, which also slows what runs after (an emulated layer costs 41 us
+more than fp32 in a warm loop, 100+ in the step). Per-phase medians, interleaved (us): fp32 forward
+445, backward 465, AdamW 910; the region 723, 657, 908; the session 820, 672, 1113. The session's
+extra 0.16 is many small Python costs, each run in a cache the backward left cold (3-5x its warm
+time): in ``mp.step`` the ownership check 18, the found-inf check 83 (its kernel 22, a fresh flag
+16, the inverse scale 14, gathering the gradients 12, the record 10), the scale rule 8, closing the
+iteration 8, the report ~25; in the forward the hooks of the model's children (2.6 us each warm) and
+the region's entry and exit (11 us warm, 40-60 cold). Trying the two cheapest (a constant inverse
+without loss scaling, a cheaper flag) saved 14 us of 2270: no single change is worth its risk; a C++
+step for the no-scaling case would be the next.
 """
 
 from __future__ import annotations
