@@ -39,3 +39,31 @@ def test_flags_from_the_environment_come_last_and_name_their_own_build(monkeypat
     flags = _cpp.build_flags()
     assert flags == (*_cpp.FLAGS, "-mno-avx512f", "-O2")  # last: they override -march=native
     assert _cpp.extension_name("k", "int x;", flags) != _cpp.extension_name("k", "int x;")
+
+
+def test_a_built_kernel_loads_from_its_cache_without_the_build_tool(monkeypatch):
+    """A kernel already built (its name a digest of all it depends on) is loaded as it lies: a
+    ninja other than the one that built it (another PATH) would rebuild it otherwise, 30 s."""
+    from mixprec.optim import fused_build
+
+    assert fused_build.engine() is not None  # built (or loaded) once, the usual way
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("load_inline was called for a kernel already built")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_build)
+    _cpp.load("mixprec_fused", "\n".join(p.read_text() for p in fused_build._SOURCES))
+
+
+def test_a_kernel_not_built_yet_is_built_in_its_folder(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(
+        "torch.utils.cpp_extension.load_inline", lambda *a, **k: calls.append((a, k))
+    )
+    _cpp.load("k", "int x;")
+    ((args, kwargs),) = calls
+    name = args[0]
+    assert name == _cpp.extension_name("k", "int x;", _cpp.build_flags())
+    assert kwargs["build_directory"] == str(tmp_path / name)
+    assert (tmp_path / name).is_dir()

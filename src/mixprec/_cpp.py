@@ -6,7 +6,8 @@ as ``torch.ops`` libraries; torch caches a build under ``~/.cache/torch_extensio
 extension's name. The name is therefore a digest of everything the binary depends on
 (:func:`extension_name`): the source, the compiler flags, the CPU (``-march=native``) and the
 torch installation it links against (its version and install path: an extension built against
-one torch does not load, or misbehaves, in another). :class:`LazyBuild` builds once per process,
+one torch does not load, or misbehaves, in another). A cached build is therefore current, and is
+loaded without running the build tool (:func:`load`). :class:`LazyBuild` builds once per process,
 under a lock, and where a build fails remembers why and warns once, so callers take their
 torch-ops path. A leaf: every layer that has a kernel uses it.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -27,6 +29,7 @@ import torch
 __all__ = [
     "FLAGS",
     "LazyBuild",
+    "build_directory",
     "build_flags",
     "expand_includes",
     "extension_name",
@@ -113,15 +116,48 @@ def build_flags() -> tuple[str, ...]:
     return (*FLAGS, *os.environ.get(EXTRA_FLAGS_VARIABLE, "").split())
 
 
+def build_directory(name: str) -> Path:
+    """Where the extension ``name`` is built and cached: torch's folder for it
+    (``$TORCH_EXTENSIONS_DIR/<name>``, or ``~/.cache/torch_extensions/py311_cpu/<name>``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = str(Path(get_default_build_root()) / f"{python}_cpu")
+    return Path(root) / name
+
+
 def load(prefix: str, source: str) -> None:
-    """Compile (or load from torch's cache) ``source`` as the library ``prefix`` registers, with
-    :func:`build_flags`."""
+    """Load ``source``'s library (which registers ``prefix``), built with :func:`build_flags`:
+    from its cache where it was built before, else compiled now.
+
+    A cached build is loaded as it lies, without running the build tool: its name is a digest
+    of everything it depends on, so it is current, and a ninja other than the one that built it
+    (another ``PATH``: the system's, a virtual environment's) may compile it again: ninja 1.11
+    and 1.13 record a command under different hashes, so each takes the other's build as stale.
+    """
     from torch.utils.cpp_extension import load_inline
 
     source = expand_includes(source)
     flags = build_flags()
     name = extension_name(prefix, source, flags)
-    load_inline(name, cpp_sources=[source], extra_cflags=list(flags), is_python_module=False)
+    directory = build_directory(name)
+    built = directory / f"{name}.so"
+    if built.is_file():
+        try:
+            torch.ops.load_library(str(built))
+            return
+        except OSError:
+            pass  # being written by another process's build: wait for it below, under its lock
+    directory.mkdir(parents=True, exist_ok=True)
+    load_inline(
+        name,
+        cpp_sources=[source],
+        extra_cflags=list(flags),
+        is_python_module=False,
+        build_directory=str(directory),
+    )
 
 
 def library(namespace: str, sources: Sequence[Path], marker: str) -> Any:
