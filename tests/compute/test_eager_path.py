@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
-from mixprec.compute import kernels
+from mixprec.compute import emulate_build, kernels
 from mixprec.compute.fp8_linear import _operand, fp8_linear
 from mixprec.recipes import RECIPES
 from mixprec.scaled import fp8_fake_quantize
@@ -95,19 +95,55 @@ def test_fast_path_equals_the_custom_ops(case, dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_fp8_linear_fast_path_equals_the_custom_op(recipe):
-    torch.manual_seed(0)
-    inputs = [torch.randn(16, 32) * 3, torch.randn(8, 32), torch.randn(8)]
+FP8_CASES = [
+    *(f"{name}/bf16" for name in sorted(RECIPES)),
+    "tensorwise/fp32",
+    "rowwise/fp32",
+    "mxfp8/fp16",
+    "rowwise/bf16/no bias",
+    "tensorwise:amax_reduce=true/bf16",  # reduces over ranks: the Python path
+    "tensorwise:scaling=delayed/bf16",  # delayed scales: the Python path
+]
 
-    def fn(x, w, b):
-        return fp8_linear(x, w, b, recipe=recipe, out_dtype=torch.bfloat16)
+
+@pytest.mark.parametrize("case", FP8_CASES)
+def test_fp8_linear_fast_path_equals_the_custom_op(case):
+    """The eager fast path (a dynamically scaled emulated layer: one C++ autograd node) equals
+    the custom ops: output and every gradient, bit for bit."""
+    recipe, dtype_name, *rest = case.split("/")
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype_name])
+    torch.manual_seed(0)
+    inputs = [(torch.randn(48, 64) * 3).to(dtype), torch.randn(40, 64)]
+    if not rest:
+        inputs.append(torch.randn(40))
+    scales = torch.tensor([0.5, 2.0, 0.0]) if "delayed" in recipe else None
+
+    def fn(x, w, b=None):
+        return fp8_linear(x, w, b, recipe=recipe, out_dtype=dtype, scales=scales)
 
     fast, fast_grads = _run(fn, inputs, observed=False)
     ref, ref_grads = _run(fn, inputs, observed=True)
+    assert fast.dtype == ref.dtype == dtype
     assert torch.equal(fast, ref)
     for got, want in zip(fast_grads, ref_grads, strict=True):
-        assert torch.equal(got, want)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_dynamic_fp8_layer_is_one_cpp_node_and_others_keep_the_python_function():
+    if emulate_build.emulate_engine() is None:
+        pytest.skip("the C++ kernels did not build here")
+    x = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(8, 32, requires_grad=True)
+
+    def node(**kwargs) -> str:
+        view = fp8_linear(x, w, out_dtype=torch.bfloat16, **kwargs).grad_fn  # the reshape
+        return view.next_functions[0][0].name()
+
+    assert "Fp8Linear" in node(recipe="rowwise") and "Python" not in node(recipe="rowwise")
+    assert node(recipe="rowwise", scales=torch.ones(3)).startswith("EagerBackwardFor")
+    assert node(recipe="tensorwise:hp=grad_weight").startswith("EagerBackwardFor")
+    with torch.no_grad():  # no autograd: the op's function
+        assert fp8_linear(x, w, recipe="rowwise").grad_fn is None
 
 
 def test_no_grad_fast_path_equals_the_custom_op():

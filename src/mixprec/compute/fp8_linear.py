@@ -280,10 +280,65 @@ def _gemm_t(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool) ->
     return torch.mm(wide_a.t(), wide_b)
 
 
+def _linear_node(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    recipe: str,
+    out_dtype: torch.dtype,
+    scales: torch.Tensor | None,
+    native: bool,
+) -> torch.Tensor | None:
+    """:func:`_fp8_linear` with its backward as one C++ autograd node (``_emulate.cpp``'s
+    ``fp8_linear_autograd``: the same ATen ops and kernel calls, so the same bits), for an
+    emulated, dynamically scaled layer on the CPU whose six operands each take the one-call
+    kernel; None elsewhere (the op's Python function runs)."""
+    if native or scales is not None or x.numel() == 0 or not (x.is_cpu and weight.is_cpu):
+        return None
+    if not (x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES):
+        return None
+    if out_dtype not in _KERNEL_DTYPES:  # the output gradient's dtype
+        return None
+    key = (recipe, x.shape, weight.shape)
+    plans = _NODE_PLANS.get(key, _UNPLANNED)
+    if plans is _UNPLANNED:
+        if len(_NODE_PLANS) > 1024:  # shapes that vary from call to call: keep a bounded few
+            _NODE_PLANS.clear()
+        plans = _NODE_PLANS[key] = _node_plans(Fp8Recipe.parse(recipe), x.shape, weight.shape)
+    ops = None if plans is None else emulate_build.emulate_engine()
+    if ops is None or not hasattr(ops, "fp8_linear_autograd"):
+        return None
+    return ops.fp8_linear_autograd(x, weight, bias, plans, out_dtype)  # type: ignore[no-any-return]
+
+
+_UNPLANNED: Any = object()
+_NODE_PLANS: dict[tuple[str, torch.Size, torch.Size], list[float] | None] = {}
+
+
+def _node_plans(r: Fp8Recipe, x: torch.Size, weight: torch.Size) -> list[float] | None:
+    """The six operands' kernel plans, in the order ``fp8_linear_autograd`` takes them, or None
+    where a GEMM runs in high precision or an operand takes another path."""
+    if r.high_precision & {"output", "grad_input", "grad_weight"}:
+        return None
+    grad = (x[0], weight[0])
+    operands = (
+        ("input", 1, "output", x),
+        ("weight", 1, "output", weight),
+        ("grad_output", 1, "grad_input", grad),
+        ("weight", 0, "grad_input", weight),
+        ("grad_output", 0, "grad_weight", grad),
+        ("input", 0, "grad_weight", x),
+    )
+    plans = [_dynamic_plan(r, role, dim, gemm, tuple(shape)) for role, dim, gemm, shape in operands]
+    if any(plan is None for plan in plans):
+        return None
+    return [float(v) for plan in plans for v in plan]  # type: ignore[union-attr]
+
+
 _fp8_linear.register_fake(_fake)
 _fp8_linear.register_autograd(_backward, setup_context=_setup)
 # Eager calls on plain tensors skip torch.library's per-call machinery (mixprec.compute._eager)
-_eager_linear = EagerOp(_fp8_linear, _setup, _backward)
+_eager_linear = EagerOp(_fp8_linear, _setup, _backward, autograd_impl=_linear_node)
 _eager_grad_input = EagerOp(_fp8_grad_input)
 _eager_grad_weight = EagerOp(_fp8_grad_weight)
 
