@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
 from mixprec.compute import emulate_build, kernels
+from mixprec.compute.fp4_linear import fp4_linear
 from mixprec.compute.fp8_linear import _operand, fp8_linear
 from mixprec.recipes import RECIPES
 from mixprec.scaled import fp8_fake_quantize
@@ -127,6 +128,28 @@ def test_fp8_linear_fast_path_equals_the_custom_op(case):
     assert torch.equal(fast, ref)
     for got, want in zip(fast_grads, ref_grads, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "recipe", ["nvfp4", "nvfp4:rht=false", "nvfp4:sr_grad=false,weight_blocks=1x16", "mxfp4"]
+)
+def test_fp4_linear_fast_path_equals_the_custom_op(recipe):
+    """The 4-bit layer's eager fast path (a plain autograd.Function around the ops' own
+    functions) equals its custom ops, stochastic rounding's draws included."""
+    torch.manual_seed(0)
+    inputs = [(torch.randn(48, 64) * 3).to(torch.bfloat16), torch.randn(32, 64), torch.randn(32)]
+
+    def fn(x, w, b):
+        torch.manual_seed(1)  # the same draws on both paths
+        return fp4_linear(x, w, b, recipe=recipe, out_dtype=torch.bfloat16)
+
+    fast, fast_grads = _run(fn, inputs, observed=False)
+    ref, ref_grads = _run(fn, inputs, observed=True)
+    assert torch.equal(fast, ref)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    x, w = (t.detach().requires_grad_() for t in inputs[:2])
+    assert fp4_linear(x, w).grad_fn.next_functions[0][0].name().startswith("EagerBackwardFor")
 
 
 def test_a_dynamic_fp8_layer_is_one_cpp_node_and_others_keep_the_python_function():

@@ -54,6 +54,7 @@ from torch import nn
 
 from mixprec.blockscaled import Rounding, fake_quantize, fake_quantize_tiles, nvfp4_tensor_scale
 from mixprec.blockscaled_build import fake_quantize_blocks
+from mixprec.compute._eager import EagerOp
 from mixprec.compute.emulated import no_autocast
 from mixprec.compute.fp4_native import (
     native_misfit,
@@ -66,6 +67,7 @@ from mixprec.compute.fp8_linear import (
     Fp8Linear,
     _amax,
     _check_floating,
+    _spec,
     check_backend_name,
 )
 from mixprec.fp4_recipes import Fp4Recipe, rht_padded
@@ -256,15 +258,19 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     gi = gw = gb = None
     args = (ctx.recipe, ctx.out_dtype, ctx.native)
     if want[0]:
-        gi = _fp4_grad_input(grad, weight, *args).to(x.dtype)
+        gi = _eager_grad_input(grad, weight, *args).to(x.dtype)
     if want[1]:
-        gw = _fp4_grad_weight(grad, x, *args).to(weight.dtype)
+        gw = _eager_grad_weight(grad, x, *args).to(weight.dtype)
     if ctx.bias_dtype is not None and want[2]:
         gb = grad.sum_to_size(grad.shape[1:]).to(ctx.bias_dtype)
     return gi, gw, gb, None, None, None
 
 
 _fp4_linear.register_autograd(_backward, setup_context=_setup)
+# Eager calls on plain tensors skip torch.library's per-call machinery (mixprec.compute._eager)
+_eager_linear = EagerOp(_fp4_linear, _setup, _backward)
+_eager_grad_input = EagerOp(_fp4_grad_input)
+_eager_grad_weight = EagerOp(_fp4_grad_weight)
 
 
 def fp4_linear(
@@ -301,7 +307,7 @@ def fp4_linear(
     _check_fits(weight, r)
     native = _resolve(backend, weight, "fp4_linear")
     flat = x.reshape(-1, x.shape[-1])
-    out = _fp4_linear(flat, weight, bias, str(r), out_dtype or x.dtype, native)
+    out = _eager_linear(flat, weight, bias, _spec(r), out_dtype or x.dtype, native)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -427,5 +433,6 @@ class Fp4Linear(Fp8Linear):
         x, out_dtype = self._autocast_input(x)
         native = self._native()
         flat = x.reshape(-1, x.shape[-1])
-        out = _fp4_linear(flat, self.weight, self.bias, str(self.recipe), out_dtype, native)
+        spec = _spec(self.recipe)
+        out = _eager_linear(flat, self.weight, self.bias, spec, out_dtype, native)
         return out.reshape(*x.shape[:-1], self.out_features)

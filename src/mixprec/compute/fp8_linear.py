@@ -607,16 +607,17 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={str(self.recipe)!r}, backend={self.backend!r}"
 
 
-def _spec(recipe: Fp8Recipe) -> str:
-    """The recipe's string form, which the custom op is told: formatted once per recipe in
-    eager code (torch.compile formats it while tracing; it does not trace a cache)."""
+def _spec(recipe: object) -> str:
+    """The recipe's (an FP8 or a 4-bit one) string form, which the custom op is told: formatted
+    once per recipe in eager code (torch.compile formats it while tracing; it does not trace a
+    cache)."""
     if torch.compiler.is_compiling():
         return str(recipe)
     return _cached_spec(recipe)
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_spec(recipe: Fp8Recipe) -> str:
+def _cached_spec(recipe: object) -> str:
     return str(recipe)
 
 
