@@ -122,8 +122,14 @@ class ScalerState:
         last value is reused while the value is the same: three small ops fewer per unscale,
         the same bits. Elsewhere reading the scale would sync, so it is computed every time.
         (``unscale_`` uses it, whose step reads its found-inf flag anyway; the fused path and
-        the clip read nothing back.)
+        the clip read nothing back.) Without loss scaling (strategy ``"none"``) the gradients
+        were never multiplied, so the factor is 1, whatever the scale tensor holds.
         """
+        if not self.scales:  # the gradients were never multiplied: the factor is 1, kept
+            memo = self._inverse
+            if memo is None or memo[0] != 1.0 or memo[1].device != scale.device:
+                memo = self._inverse = (1.0, torch.ones((), device=scale.device))
+            return memo[1]
         if scale.device.type != "cpu" or scale.dim() or scale.dtype != torch.float32:
             return scale.double().reciprocal().float()
         value = scale.item()
