@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import mixprec
 from mixprec import MixedPrecision
 
 
@@ -146,6 +147,25 @@ def test_t5_generate_runs_the_encoder_under_the_policy(policy):
     assert not torch.is_autocast_enabled("cpu")
     encoded = model.get_encoder()(input_ids=ids).last_hidden_state  # called on its own
     assert encoded.dtype == MixedPrecision(policy, "cpu").policy.output.dtype
+
+
+def test_each_part_that_holds_state_runs_under_the_policy_when_called_on_its_own():
+    """A part with parameters or buffers called directly (as ``generate`` calls an encoder) runs
+    under the policy; a stateless part (an activation) is not hooked: nobody calls it on its own,
+    and a hooked module takes torch's slow call path on every forward."""
+    model = MixedPrecision("bf16-mixed", "cpu", backend="emulated").prepare(make_mlp())
+    first, act, norm, last = model
+    assert not act._forward_pre_hooks and not act._forward_hooks
+    x = torch.randn(2, 8)
+    assert first(x).dtype == torch.float32  # the policy's output format
+    twin = nn.Linear(8, 16)
+    twin.load_state_dict(first.state_dict())
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
+        expected = twin(x).float()
+    assert not torch.equal(twin(x), expected)  # bf16 compute differs from fp32 here
+    assert torch.equal(first(x), expected)
+    assert norm(torch.randn(2, 16)).dtype == torch.float32
+    assert act(x).dtype == torch.float32
 
 
 # -- item 33: casting a prepared model ------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The forward hooks that make every call of a prepared model run under the session's policy.
 
 Design note: ``prepare`` hooks the model's own forward and the forward of each of its direct
-children, because a model's own code calls its parts directly: Hugging Face ``generate`` runs
-``model.get_encoder()(...)`` on an encoder-decoder, bypassing the top-level forward. A pre-hook
+children that holds parameters or buffers, because a model's own code calls its parts directly:
+Hugging Face ``generate`` runs ``model.get_encoder()(...)`` on an encoder-decoder, bypassing the
+top-level forward. A stateless child (an activation, a pooling, a reshape) is not such a part,
+and a hooked module takes torch's slow call path on every forward, so it is left alone. A pre-hook
 enters the session's autocast region unless one with the same settings is already open (the
 top-level call, or the user's ``with mp.autocast():``), and a forward hook registered with
 ``always_call=True`` leaves it again — also when ``forward`` raises — and casts the floating
@@ -219,14 +221,19 @@ def check_unprepared(model: nn.Module) -> None:
         )
 
 
+def _holds_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
 def hook_forward(model: nn.Module, hooks: PolicyForward) -> list[RemovableHandle]:
-    """Hook ``model`` and each of its direct children with ``hooks`` (see the module note).
+    """Hook ``model`` and each of its direct children that holds parameters or buffers with
+    ``hooks`` (see the module note).
 
     The pre-hook is prepended so the region is open before any other hook runs (the FP32
     islands' hooks read its state).
     """
     handles = []
-    for module in (model, *model.children()):
+    for module in (model, *filter(_holds_state, model.children())):
         post_hook = hooks.post_hook_top if module is model else hooks.post_hook
         handles.append(module.register_forward_pre_hook(hooks.pre_hook, prepend=True))
         handles.append(module.register_forward_hook(post_hook, always_call=True))
