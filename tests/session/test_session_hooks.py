@@ -154,7 +154,7 @@ def test_each_part_that_holds_state_runs_under_the_policy_when_called_on_its_own
     under the policy; a stateless part (an activation) is not hooked: nobody calls it on its own,
     and a hooked module takes torch's slow call path on every forward."""
     model = MixedPrecision("bf16-mixed", "cpu", backend="emulated").prepare(make_mlp())
-    first, act, norm, last = model
+    first, act, norm, _ = model
     assert not act._forward_pre_hooks and not act._forward_hooks
     x = torch.randn(2, 8)
     assert first(x).dtype == torch.float32  # the policy's output format
