@@ -183,6 +183,28 @@ iteration 8, the report ~25; in the forward the hooks of the model's children (2
 the region's entry and exit (11 us warm, 40-60 cold). Trying the two cheapest (a constant inverse
 without loss scaling, a cheaper flag) saved 14 us of 2270: no single change is worth its risk; a C++
 step for the no-scaling case would be the next.
+
+Small models, the FP8 and 4-bit layers (2026-12-07, same Xeon, load 0.5-1.1; thread CPU time,
+1 thread). ``--profile fp8-mixed`` on digits: the FP8 layer's Python ``autograd.Function`` had
+116 us of self time per forward and 124 per backward (three layers: ~0.7 of a 3.2 ms step), its
+fake-quantize kernel 15 us a call. nvfp4-mixed went through torch.library's generated autograd
+(~300 us per layer call, forward and backward).
+
+* a dynamically scaled emulated FP8 layer on the CPU is one C++ autograd node
+  (``fp8_linear_autograd``: the six operands' kernel plans worked out once per recipe and shape
+  in Python, then the same kernel calls and ATen ops as the op's Python function, the same bits);
+  delayed scales, ``amax_reduce``, high-precision GEMMs and empty batches keep the Python path.
+* the 4-bit layer's eager calls go through ``mixprec.compute._eager`` as FP8's do.
+* a prepared model's stateless children (activations, pooling) get no forward hooks.
+* step / fp32, ``--rounds 101``: cnn fp8 1.49 -> 1.30; digits fp8 1.84 -> 1.60, nvfp4 2.23 ->
+  1.98, bf16 1.42 -> 1.41 (``--isa avx2``: digits fp8 1.70 -> 1.61, nvfp4 2.33 -> 2.00).
+* what is left, digits bf16 (interleaved, us, the session's step against ``optimizer.step()``):
+  ~135 in all; taking parts out of a copy of ``mp.step`` one at a time saved: the loss scaler's
+  found-inf check and records against a bare foreach check ~50, the report ~18, the ownership
+  and has-work checks ~2 each; no single part is worth a second code path. cnn's session adds
+  ~0.1 over its region for the policy's fp32 BatchNorm islands (their fp32 outputs make the ReLU
+  and pooling after them fp32: ``native_batch_norm`` 104 us vs 44, ``clamp_min`` 33 vs 15 per
+  forward), numerics the policy chose rather than overhead.
 """
 
 from __future__ import annotations
