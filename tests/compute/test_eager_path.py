@@ -152,6 +152,19 @@ def test_fp4_linear_fast_path_equals_the_custom_op(recipe):
     assert fp4_linear(x, w).grad_fn.next_functions[0][0].name().startswith("EagerBackwardFor")
 
 
+@pytest.mark.parametrize("scales", [None, torch.tensor([0.5, 2.0, 0.0])], ids=["node", "python"])
+def test_a_double_backward_through_an_fp8_layer_warns_on_either_path(scales):
+    """The gradient GEMMs have no autograd: a gradient penalty gets no second-order term through
+    an FP8 layer, and says so (the C++ node as the op's Python function does)."""
+    x = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(8, 32, requires_grad=True)
+    recipe = "tensorwise" if scales is None else "tensorwise:scaling=delayed"
+    out = torch.tanh(fp8_linear(x, w, recipe=recipe, scales=scales).float())
+    with pytest.warns(UserWarning, match="autograd"):
+        (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        (g.square().sum() + 0 * x.sum()).backward()  # a penalty also through other terms
+
+
 def test_a_dynamic_fp8_layer_is_one_cpp_node_and_others_keep_the_python_function():
     if emulate_build.emulate_engine() is None:
         pytest.skip("the C++ kernels did not build here")

@@ -30,7 +30,10 @@ from mixprec.formats import Format
 
 __all__ = ["SCALE_RULES", "emulate_engine", "fake_quantize", "fake_quantize_dynamic"]
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("_emulate.cpp", "_emulate_autocast.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("_emulate.cpp", "_emulate_autocast.cpp", "_emulate_fp8.cpp")
+]
 
 
 def emulate_engine() -> Any | None:

@@ -33,8 +33,9 @@ from torch import nn
 from mixprec.compute import emulate_build  # (also hands mixprec.scaled its kernels)
 from mixprec.compute._eager import EagerOp
 from mixprec.compute.emulated import no_autocast
+from mixprec.compute.fp8_plans import KERNEL_DTYPES, linear_node, plan_for
 from mixprec.hardware import choose_fp8_backend
-from mixprec.recipes import Fp8Recipe, block_shape, delayed_scale, dynamic_scale
+from mixprec.recipes import Fp8Recipe, delayed_scale, dynamic_scale
 from mixprec.scaled import (
     Scaled,
     dequantize,
@@ -43,7 +44,6 @@ from mixprec.scaled import (
     fp8_quantize,
     records_amax,
     reduce_amax,
-    reduces_over_batch,
 )
 
 __all__ = [
@@ -71,52 +71,12 @@ def _operand(
         return t if scale is not None else empty_operand(t, r, role, dim)
     if native:
         return fp8_quantize(t, r, role, dim, gemm, scale)
-    if scale is None and t.is_cpu and t.dtype in _KERNEL_DTYPES:
-        plan = _plan_for(r, role, dim, gemm, tuple(t.shape))
+    if scale is None and t.is_cpu and t.dtype in KERNEL_DTYPES:
+        plan = plan_for(r, role, dim, gemm, tuple(t.shape))
         ops = None if plan is None else emulate_build.emulate_engine()
         if ops is not None:
             return ops.fake_quantize_dynamic(t.contiguous(), *plan)
     return fp8_fake_quantize(t, r, role, dim, gemm, scale)
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_PLANS: dict[int, tuple[Fp8Recipe, dict[tuple[Any, ...], Any]]] = {}
-
-
-def _plan_for(r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]) -> Any:
-    """:func:`_dynamic_plan`, looked up by the recipe's identity (a layer keeps its recipe):
-    hashing the recipe dataclass on every call costs more than the look-up."""
-    entry = _PLANS.get(id(r))
-    if entry is None or entry[0] is not r:
-        if len(_PLANS) > 64:
-            _PLANS.clear()
-        entry = _PLANS[id(r)] = (r, {})
-    key = (role, dim, gemm, shape)
-    plans = entry[1]
-    if key not in plans:
-        if len(plans) > 1024:  # shapes that vary from call to call: keep a bounded few
-            plans.clear()
-        plans[key] = _dynamic_plan(r, role, dim, gemm, shape)
-    return plans[key]
-
-
-def _dynamic_plan(
-    r: Fp8Recipe, role: Any, dim: int, gemm: Any, shape: tuple[int, ...]
-) -> tuple[Any, ...] | None:
-    """The arguments :func:`~mixprec.scaled.fp8_fake_quantize` hands the one-call C++ kernel for a
-    dynamically scaled operand (block, format, scale rule), worked out once per recipe, role and
-    shape: on a small model that Python costs more than the kernel. None where it takes another
-    path (an amax all-reduced over ranks, a format wider than 8 bits)."""
-    fmt = r.format_of(role)
-    if reduces_over_batch(r, role, dim) or fmt.bits > 8 or len(shape) != 2:
-        return None
-    block = block_shape(r, role, shape, dim, gemm)  # type: ignore[arg-type]
-    br, bc = min(block[0], shape[0]) or 1, min(block[1], shape[1]) or 1  # as fake_quantize_blocks
-    rule = "e8m0" if r.granularity == "mxfp8" else "pow2" if r.power_of_two else "dynamic"
-    return (
-        br, bc, fmt.max, fmt.mantissa_bits, fmt.min_exponent,
-        emulate_build.SCALE_RULES[rule], fmt.max_exponent,
-    )  # fmt: skip
 
 
 def _gemm(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool, b_t: bool) -> Any:
@@ -280,65 +240,10 @@ def _gemm_t(a: Scaled | torch.Tensor, b: Scaled | torch.Tensor, native: bool) ->
     return torch.mm(wide_a.t(), wide_b)
 
 
-def _linear_node(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    recipe: str,
-    out_dtype: torch.dtype,
-    scales: torch.Tensor | None,
-    native: bool,
-) -> torch.Tensor | None:
-    """:func:`_fp8_linear` with its backward as one C++ autograd node (``_emulate.cpp``'s
-    ``fp8_linear_autograd``: the same ATen ops and kernel calls, so the same bits), for an
-    emulated, dynamically scaled layer on the CPU whose six operands each take the one-call
-    kernel; None elsewhere (the op's Python function runs)."""
-    if native or scales is not None or x.numel() == 0 or not (x.is_cpu and weight.is_cpu):
-        return None
-    if not (x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES):
-        return None
-    if out_dtype not in _KERNEL_DTYPES:  # the output gradient's dtype
-        return None
-    key = (recipe, x.shape, weight.shape)
-    plans = _NODE_PLANS.get(key, _UNPLANNED)
-    if plans is _UNPLANNED:
-        if len(_NODE_PLANS) > 1024:  # shapes that vary from call to call: keep a bounded few
-            _NODE_PLANS.clear()
-        plans = _NODE_PLANS[key] = _node_plans(Fp8Recipe.parse(recipe), x.shape, weight.shape)
-    ops = None if plans is None else emulate_build.emulate_engine()
-    if ops is None or not hasattr(ops, "fp8_linear_autograd"):
-        return None
-    return ops.fp8_linear_autograd(x, weight, bias, plans, out_dtype)  # type: ignore[no-any-return]
-
-
-_UNPLANNED: Any = object()
-_NODE_PLANS: dict[tuple[str, torch.Size, torch.Size], list[float] | None] = {}
-
-
-def _node_plans(r: Fp8Recipe, x: torch.Size, weight: torch.Size) -> list[float] | None:
-    """The six operands' kernel plans, in the order ``fp8_linear_autograd`` takes them, or None
-    where a GEMM runs in high precision or an operand takes another path."""
-    if r.high_precision & {"output", "grad_input", "grad_weight"}:
-        return None
-    grad = (x[0], weight[0])
-    operands = (
-        ("input", 1, "output", x),
-        ("weight", 1, "output", weight),
-        ("grad_output", 1, "grad_input", grad),
-        ("weight", 0, "grad_input", weight),
-        ("grad_output", 0, "grad_weight", grad),
-        ("input", 0, "grad_weight", x),
-    )
-    plans = [_dynamic_plan(r, role, dim, gemm, tuple(shape)) for role, dim, gemm, shape in operands]
-    if any(plan is None for plan in plans):
-        return None
-    return [float(v) for plan in plans for v in plan]  # type: ignore[union-attr]
-
-
 _fp8_linear.register_fake(_fake)
 _fp8_linear.register_autograd(_backward, setup_context=_setup)
 # Eager calls on plain tensors skip torch.library's per-call machinery (mixprec.compute._eager)
-_eager_linear = EagerOp(_fp8_linear, _setup, _backward, autograd_impl=_linear_node)
+_eager_linear = EagerOp(_fp8_linear, _setup, _backward, autograd_impl=linear_node)
 _eager_grad_input = EagerOp(_fp8_grad_input)
 _eager_grad_weight = EagerOp(_fp8_grad_weight)
 
