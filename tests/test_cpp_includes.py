@@ -67,3 +67,19 @@ def test_a_kernel_not_built_yet_is_built_in_its_folder(monkeypatch, tmp_path):
     assert name == _cpp.extension_name("k", "int x;", _cpp.build_flags())
     assert kwargs["build_directory"] == str(tmp_path / name)
     assert (tmp_path / name).is_dir()
+
+
+def test_a_kernel_whose_build_holds_its_lock_is_waited_for(monkeypatch, tmp_path):
+    """Another process's build holds the folder's lock until its link is done: the library may be
+    half written, so the load goes through torch's build, which waits for the lock."""
+    calls = []
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", lambda *a, **k: calls.append(a[0]))
+    name = _cpp.extension_name("k", "int x;", _cpp.build_flags())
+    (tmp_path / name).mkdir()
+    (tmp_path / name / f"{name}.so").write_bytes(b"half a library")
+    (tmp_path / name / "lock").touch()
+    opened = []
+    monkeypatch.setattr("torch.ops.load_library", opened.append)
+    _cpp.load("k", "int x;")
+    assert calls == [name] and opened == []  # not opened half written

@@ -144,12 +144,14 @@ def load(prefix: str, source: str) -> None:
     name = extension_name(prefix, source, flags)
     directory = build_directory(name)
     built = directory / f"{name}.so"
-    if built.is_file():
+    # torch's build holds the folder's "lock" file from before the compile until after the link:
+    # while it is there the library may be half written, so wait for the build (load_inline)
+    if built.is_file() and not (directory / "lock").exists():
         try:
             torch.ops.load_library(str(built))
             return
         except OSError:
-            pass  # being written by another process's build: wait for it below, under its lock
+            pass  # unreadable: load_inline builds it again or says why
     directory.mkdir(parents=True, exist_ok=True)
     load_inline(
         name,
