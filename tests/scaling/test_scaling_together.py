@@ -156,6 +156,45 @@ def test_several_optimizers_take_the_general_sequence() -> None:
         assert [s_a.step_skipped(o) for o in o_a] == [s_b.step_skipped(o) for o in o_b]
 
 
+@pytest.mark.parametrize("grads", ["sparse", "two dtypes"])
+@pytest.mark.parametrize("setting", ["dynamic", "none"])
+def test_gradients_that_need_unscale_s_handling_equal_the_general_sequence(grads, setting):
+    """Sparse gradients, or gradients of two dtypes, go through unscale_'s grouping: still the
+    general sequence's numbers, records and answers."""
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        embed = torch.nn.Embedding(10, 4, sparse=grads == "sparse")
+        head = torch.nn.Linear(4, 3)
+        if grads == "two dtypes":
+            head.double()
+        model = torch.nn.ModuleList([embed, head])
+        runs.append(
+            (
+                model,
+                torch.optim.SGD(model.parameters(), lr=0.1),
+                GradScaler("cpu", **SETTINGS[setting]),
+            )
+        )
+    ids = torch.tensor([1, 2, 2, 7])
+    for it in range(6):
+        answers = []
+        for model, opt, scaler in runs:
+            opt.zero_grad()
+            loss = model[1](model[0](ids).to(model[1].weight.dtype)).pow(2).mean()
+            scaler.scale(loss).backward()
+            if BAD.get(it) is not None:
+                model[1].bias.grad[0] = BAD[it]
+        (m_a, o_a, s_a), (m_b, o_b, s_b) = runs
+        answers = [s_a.step_and_update(o_a), general(s_b, o_b)]
+        assert answers[0] == answers[1] == (BAD.get(it) is None)
+        for p, q in zip(m_a.parameters(), m_b.parameters(), strict=True):
+            assert torch.equal(p, q)
+        assert s_a.state_dict() == s_b.state_dict()
+        assert s_a.step_skipped(o_a) == s_b.step_skipped(o_b)
+        assert dict(s_a._per_optimizer_states) == {} == dict(s_b._per_optimizer_states)
+
+
 @pytest.mark.parametrize("by_hand", ["unscale_", "clip_grad_norm_"])
 def test_after_unscale_or_clip_by_hand(by_hand: str) -> None:
     """An optimizer already unscaled (or clipped) in this iteration is not unscaled twice."""

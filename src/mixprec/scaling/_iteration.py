@@ -109,6 +109,14 @@ class Iteration:
         self.records = new_records()
         self.folded_scales = {}
 
+    def close_stepped(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+        """:meth:`close` after ``optimizer`` alone was checked (``found_inf``) and stepped, its
+        record never written: what the two leave."""
+        self._closed_found_inf = found_inf
+        self._closed_steps = {id(optimizer): found_inf}
+        self.records = new_records()
+        self.folded_scales = {}
+
     def step_skipped(self, optimizer: torch.optim.Optimizer | None) -> bool:
         """See :meth:`mixprec.scaling.GradScaler.step_skipped`."""
         stepped = self._stepped()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.amp.grad_scaler import OptState
 
+from mixprec._dist import initialized
 from mixprec.scaling._grads import group_grads, unscale_and_check_
 from mixprec.scaling._iteration import Iteration, Record, found_inf_of, one_flag_on, set_found_inf
 from mixprec.scaling._state import ScalerState
@@ -35,6 +36,7 @@ class Together:
     _state: ScalerState
     _iteration: Iteration
     _enabled: bool
+    _process_group: Any
 
     if TYPE_CHECKING:  # GradScaler's methods, used here
 
@@ -119,6 +121,9 @@ class Together:
         if self._unscales_in_step(optimizer):
             return self._step_and_update_each(optimizers)
         scale = self._started("step()")
+        grads = self._plain_grads(optimizer, scale.device)
+        if grads is not None:
+            return self._step_and_update_plain(optimizer, grads, scale)
         record = self._iteration.record(optimizer)  # READY: nothing was open
         # the check decide_together_ runs (unscale_'s), read once for all that follows
         found_inf = self._unscale(optimizer, record, scale)
@@ -130,6 +135,58 @@ class Together:
             self._state.apply_rule(found_inf, skipped)
         finally:
             self._iteration.close(found_inf)
+        return not skipped
+
+    def _plain_grads(
+        self, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> list[torch.Tensor] | None:
+        """The optimizer's gradients as one list where they need none of ``unscale_``'s
+        handling: dense, real, of one dtype, on the scale's device, not fp16 under loss scaling
+        (which ``unscale_`` refuses), and no ranks to agree with; None otherwise."""
+        if self._process_group is not None and initialized():
+            return None
+        scaling = self._state.scales
+        grads: list[torch.Tensor] = []
+        dtype = None
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                grad = param.grad
+                if grad is None:
+                    continue
+                if dtype is None:
+                    dtype = grad.dtype
+                    if scaling and dtype == torch.float16:
+                        return None
+                if grad.dtype != dtype or grad.device != device or grad.is_sparse:
+                    return None
+                if grad.is_complex():
+                    return None
+                grads.append(grad)
+        return grads
+
+    def _step_and_update_plain(
+        self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: torch.Tensor
+    ) -> bool:
+        """:meth:`step_and_update`'s common case on :meth:`_plain_grads`: ``unscale_``'s one
+        check and the records ``step`` and ``update`` leave, written once at the end (or, where
+        the optimizer raises, as ``step`` leaves them: unscaled and flagged)."""
+        found_inf = self._new_flag(scale)
+        if grads:
+            inverse = self._state.inverse(scale)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
+        skipped = bool(found_inf.item())
+        if not skipped:
+            try:
+                optimizer.step()
+            except BaseException:
+                record = self._iteration.record(optimizer)
+                set_found_inf(record, found_inf)
+                record["stage"] = OptState.UNSCALED
+                raise
+        try:  # update(): the open iteration's one flag is this one
+            self._state.apply_rule(found_inf, skipped)
+        finally:
+            self._iteration.close_stepped(optimizer, found_inf)
         return not skipped
 
     def _step_and_update_each(self, optimizers: tuple[torch.optim.Optimizer, ...]) -> bool:
