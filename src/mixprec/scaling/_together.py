@@ -11,7 +11,10 @@ there ``decide_together_`` and ``step`` run the same one found-inf check, and ``
 ``step_skipped`` read back the same one flag, so the shortcut checks once, reads the flag once on
 the host and writes the records ``step`` and ``update`` would write. The state afterwards is the
 same, bit for bit (``tests/scaling/test_scaling_together.py`` runs both ways side by side); what
-it saves is Python calls and small tensor ops, the fixed cost of a small model's step.
+it saves is Python calls and small tensor ops, the fixed cost of a small model's step. Where the
+gradients need none of ``unscale_``'s grouping (dense, real, one dtype and device, no ranks to
+agree with: ``Together._plain_grads``), no record is written until the end, where the closed
+iteration is what the records would have left.
 """
 
 from __future__ import annotations
