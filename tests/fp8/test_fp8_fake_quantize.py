@@ -57,3 +57,28 @@ def test_without_the_kernel_the_torch_ops_path_runs(monkeypatch: pytest.MonkeyPa
     with_kernel = fake_quantize_blocks(x, (1, 32), "e4m3", "e8m0")
     monkeypatch.setattr(emulate_build._BUILD, "ops", None)  # as if the build had failed
     assert _same(fake_quantize_blocks(x, (1, 32), "e4m3", "e8m0"), with_kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_long_rows_over_the_whole_range_equal_the_torch_ops_path(dtype, fmt) -> None:
+    """Rows long enough for the kernel's vector loops, each row at its own magnitude from 1e-40
+    to 1e38, with computed and with given scales from 1e-45 to 3e38: results that are
+    subnormal, tiny, huge or NaN included."""
+    assert emulate_build.emulate_engine() is not None, "the kernel must build on this machine"
+    gen = torch.Generator().manual_seed(7)
+    rows = 64
+    magnitude = torch.logspace(-40, 38, rows).unsqueeze(1)
+    x = (torch.randn(rows, 200, generator=gen) * magnitude).to(dtype)
+    x[5, 3], x[9, 100], x[11, 17] = float("nan"), 0.0, -0.0
+    x[13, 64] = float("inf")
+    for block in [(1, 200), (rows, 200), (8, 200)]:
+        for rule in ("dynamic", "pow2", "e8m0"):
+            got = fake_quantize_blocks(x, block, fmt, rule)
+            assert _same(got, dequantize(quantize_blocks(x, block, fmt, rule))), (block, rule)
+    scales = torch.logspace(-38, 38, 17).tolist() + [2.0**-130, 1e-45, 3.0e38]
+    for scale in scales:
+        s = torch.tensor(scale)
+        got = fake_quantize_blocks(x, (rows, 200), fmt, scale=s)
+        want = dequantize(quantize_blocks(x, (rows, 200), fmt, scale=s))
+        assert _same(got, want), scale
