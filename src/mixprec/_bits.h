@@ -16,7 +16,6 @@ MIXPREC_INLINE float float_of(uint32_t u) {
   return x;
 }
 
-// A 16-bit or fp32 value as the fp32 number it is exactly.
 // A branch-free choice (bit masks), so that loops over it vectorize.
 MIXPREC_INLINE uint32_t pick(bool condition, uint32_t a, uint32_t b) {
   uint32_t mask = 0u - static_cast<uint32_t>(condition);
@@ -31,6 +30,7 @@ MIXPREC_INLINE uint16_t bf16_nearest(float x) {
   return static_cast<uint16_t>(pick(x != x, 0x7FC0u, rounded));
 }
 
+// A 16-bit or fp32 value as the fp32 number it is exactly.
 MIXPREC_INLINE float widen(float x) { return x; }
 MIXPREC_INLINE float widen(c10::BFloat16 x) { return float_of(uint32_t(x.x) << 16); }
 MIXPREC_INLINE float widen(c10::Half x) { return static_cast<float>(x); }

@@ -9,10 +9,11 @@ namespace {
 // The random Hadamard transform of mixprec.fp4_recipes.rht on a 16-bit x (rows x cols, cols a
 // multiple of 16), zero rows appended up to `rows_out`, in one pass: out[16g + i, c] is the sum
 // over k = 0..15, in that order and starting from 0, of r[k, i] * x[16g + k, c], each addition
-// rounded to fp32: the order mixprec.fp4_recipes.rht defines (MKL's sgemm sums these products so too), so
-// the result is the bits rht(pad(x.float())) gives (the tests hold the two to torch.equal of the
-// bit patterns). r's entries are +-1/4 and a 16-bit value's lowest bit is 2**-133 or above, so
-// every product is exact in fp32: a fused multiply-add rounds as adding the product does.
+// rounded to fp32: the order mixprec.fp4_recipes.rht defines (MKL's sgemm sums these products so
+// too), so the result is the bits rht(pad(x.float())) gives (the tests hold the two to
+// torch.equal of the bit patterns). r's entries are +-1/4 and a 16-bit value's lowest bit is
+// 2**-133 or above, so every product is exact in fp32: a fused multiply-add rounds as adding the
+// product does.
 // Eight outputs of a column strip are summed at once, in registers, for eight independent chains.
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
