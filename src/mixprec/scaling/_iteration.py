@@ -110,8 +110,8 @@ class Iteration:
         self.folded_scales = {}
 
     def close_stepped(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-        """:meth:`close` after ``optimizer`` alone was checked (``found_inf``) and stepped, its
-        record never written: what the two leave."""
+        """What :meth:`close` leaves after ``optimizer`` alone was checked (``found_inf``) and
+        stepped, its record written or not."""
         self._closed_found_inf = found_inf
         self._closed_steps = {id(optimizer): found_inf}
         self.records = new_records()

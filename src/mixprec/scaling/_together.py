@@ -124,20 +124,30 @@ class Together:
         if self._unscales_in_step(optimizer):
             return self._step_and_update_each(optimizers)
         scale = self._started("step()")
-        grads = self._plain_grads(optimizer, scale.device)
-        if grads is not None:
-            return self._step_and_update_plain(optimizer, grads, scale)
-        record = self._iteration.record(optimizer)  # READY: nothing was open
         # the check decide_together_ runs (unscale_'s), read once for all that follows
-        found_inf = self._unscale(optimizer, record, scale)
+        grads = self._plain_grads(optimizer, scale.device)
+        if grads is None:  # unscale_'s grouping, its record written as it goes
+            record = self._iteration.record(optimizer)  # READY: nothing was open
+            found_inf = self._unscale(optimizer, record, scale)
+        else:  # the same check on one list; no record until the iteration closes
+            found_inf = self._new_flag(scale)
+            if grads:
+                inverse = self._state.inverse(scale)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
         skipped = bool(found_inf.item())
         if not skipped:
-            optimizer.step()
-        record["stage"] = OptState.STEPPED
+            try:
+                optimizer.step()
+            except BaseException:
+                if grads is not None:  # the record as step() leaves it: unscaled and flagged
+                    record = self._iteration.record(optimizer)
+                    set_found_inf(record, found_inf)
+                    record["stage"] = OptState.UNSCALED
+                raise
         try:  # update(): the open iteration's one flag is this one
             self._state.apply_rule(found_inf, skipped)
         finally:
-            self._iteration.close(found_inf)
+            self._iteration.close_stepped(optimizer, found_inf)
         return not skipped
 
     def _plain_grads(
@@ -160,37 +170,12 @@ class Together:
                     dtype = grad.dtype
                     if scaling and dtype == torch.float16:
                         return None
-                if grad.dtype != dtype or grad.device != device or grad.is_sparse:
+                if grad.dtype != dtype or grad.device != device:
                     return None
-                if grad.is_complex():
+                if grad.is_sparse or grad.is_complex():
                     return None
                 grads.append(grad)
         return grads
-
-    def _step_and_update_plain(
-        self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor], scale: torch.Tensor
-    ) -> bool:
-        """:meth:`step_and_update`'s common case on :meth:`_plain_grads`: ``unscale_``'s one
-        check and the records ``step`` and ``update`` leave, written once at the end (or, where
-        the optimizer raises, as ``step`` leaves them: unscaled and flagged)."""
-        found_inf = self._new_flag(scale)
-        if grads:
-            inverse = self._state.inverse(scale)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inverse)
-        skipped = bool(found_inf.item())
-        if not skipped:
-            try:
-                optimizer.step()
-            except BaseException:
-                record = self._iteration.record(optimizer)
-                set_found_inf(record, found_inf)
-                record["stage"] = OptState.UNSCALED
-                raise
-        try:  # update(): the open iteration's one flag is this one
-            self._state.apply_rule(found_inf, skipped)
-        finally:
-            self._iteration.close_stepped(optimizer, found_inf)
-        return not skipped
 
     def _step_and_update_each(self, optimizers: tuple[torch.optim.Optimizer, ...]) -> bool:
         self.decide_together_(optimizers)
