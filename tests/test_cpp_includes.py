@@ -83,3 +83,13 @@ def test_a_kernel_whose_build_holds_its_lock_is_waited_for(monkeypatch, tmp_path
     monkeypatch.setattr("torch.ops.load_library", opened.append)
     _cpp.load("k", "int x;")
     assert calls == [name] and opened == []  # not opened half written
+
+
+def test_the_build_folder_is_torchs(monkeypatch, tmp_path):
+    """A kernel is looked for where torch's load_inline builds it, so the cache of a build made
+    before (by torch's own choice of folder) is found."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    assert _cpp.build_directory("k") == Path(cpp_extension._get_build_directory("k", False))

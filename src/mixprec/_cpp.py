@@ -117,14 +117,21 @@ def build_flags() -> tuple[str, ...]:
 
 
 def build_directory(name: str) -> Path:
-    """Where the extension ``name`` is built and cached: torch's folder for it
-    (``$TORCH_EXTENSIONS_DIR/<name>``, or ``~/.cache/torch_extensions/py311_cpu/<name>``)."""
+    """Where the extension ``name`` is built and cached: the folder torch's ``load_inline``
+    picks for it (``$TORCH_EXTENSIONS_DIR/<name>``, or
+    ``~/.cache/torch_extensions/py311_cpu/<name>``, ``..._cu128/`` for a CUDA build of torch)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None:
+        if torch.version.hip is not None:
+            accelerator = f"rocm{torch.version.hip.replace('.', '')}"
+        elif torch.version.cuda is not None:
+            accelerator = f"cu{torch.version.cuda.replace('.', '')}"
+        else:
+            accelerator = "cpu"
         python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-        root = str(Path(get_default_build_root()) / f"{python}_cpu")
+        root = str(Path(get_default_build_root()) / f"{python}_{accelerator}")
     return Path(root) / name
 
 
