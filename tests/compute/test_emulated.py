@@ -95,12 +95,12 @@ def _ops(dtype):
 def _fp32_reference(name, op, dtype):
     """The fp32 op whose result, rounded to ``dtype``, is the emulated one (and whose gradient is
     the emulated backward's). torch has no derivative for ``_addmm_activation``: its reference is
-    the unfused pair as torch's CPU kernel computes it, the GEMM rounded to 16 bits before GELU
-    (rounding's gradient is the identity)."""
+    the unfused pair as torch's CPU kernel computes it, the GEMM rounded to 16 bits, then torch's
+    16-bit GELU and its 16-bit backward (rounding's gradient is the identity)."""
     if name == "addmm_activation":
         return lambda b, m1, m2, use_gelu, alpha: F.gelu(
-            torch.addmm(b, m1, m2, alpha=alpha).to(dtype).float()
-        )
+            torch.addmm(b, m1, m2, alpha=alpha).to(dtype)
+        ).float()
     return op
 
 
