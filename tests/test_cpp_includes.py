@@ -3,6 +3,7 @@ source is hashed into the extension's name, so a change to the header rebuilds e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,21 @@ def test_a_kernel_not_built_yet_is_built_in_its_folder(monkeypatch, tmp_path):
     assert kwargs["sources"] == [str(tmp_path / name / "main.cpp")]
     assert (tmp_path / name / "main.cpp").read_text() == expanded
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["main.cpp"]  # no leftovers
+
+
+def test_the_source_of_a_build_is_written_once(monkeypatch, tmp_path):
+    """A second process that finds the build under way leaves its source as it is: a newer
+    main.cpp would make torch's build compile and link again, over a library already loaded."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: None)
+    _cpp.load("k", "int x;")
+    main = tmp_path / _cpp.extension_name("k", "int x;", _cpp.build_flags()) / "main.cpp"
+    os.utime(main, ns=(1, 1))
+    _cpp.load("k", "int x;")
+    assert main.stat().st_mtime_ns == 1
+    main.write_text("int y;")  # another text (a build killed half way): written again
+    _cpp.load("k", "int x;")
+    assert main.read_text() == "int x;"
 
 
 def test_a_kernel_whose_build_holds_its_lock_is_waited_for(monkeypatch, tmp_path):

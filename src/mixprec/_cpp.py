@@ -163,11 +163,13 @@ def load(prefix: str, source: str) -> None:
     main = directory / "main.cpp"
     # The source as it is, not through load_inline, which puts <torch/extension.h> (all of
     # torch's C++ API and pybind11) in front: each kernel includes the headers it uses, and
-    # compiles in ~24 s instead of ~35. Written whole, then renamed: another process building the
-    # same kernel reads one text or the other, both the same.
-    partial = directory / f"main.cpp.{os.getpid()}.{threading.get_ident()}"
-    partial.write_text(source)
-    os.replace(partial, main)
+    # compiles in ~24 s instead of ~35. Written only where it is not there yet, as torch does: a
+    # newer main.cpp would make a second process's build compile and link again, over the library
+    # a first one may have loaded. Written whole, then renamed: a concurrent build reads all of it.
+    if not main.is_file() or main.read_text() != source:
+        partial = directory / f"main.cpp.{os.getpid()}.{threading.get_ident()}"
+        partial.write_text(source)
+        os.replace(partial, main)
     build_and_load(
         name,
         sources=[str(main)],
