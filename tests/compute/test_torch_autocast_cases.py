@@ -1,11 +1,11 @@
 """PyTorch's own CPU autocast tests, run on ``torch.autocast`` and on ``mixprec.autocast``.
 
 Ported from ``test/test_autocast.py`` (``TestAutocastCPU``, the CPU-applicable cases of
-``TestAutocastDeviceType``, ``TestTorchAutocast``), the ``custom_fwd``/``custom_bwd`` cases of
-``test/test_cuda.py``, and state a drop-in must share with ``torch.autocast`` (nesting,
-decorators, unsupported dtypes), by substitution: every case runs under ``torch.autocast`` (the
-reference: a case that fails there is skipped with the reason) and under ``mixprec.autocast``
-with the native and the emulated backend, for bf16 and fp16.
+``TestAutocastDeviceType``, ``TestTorchAutocast``; the ``custom_fwd``/``custom_bwd`` cases of
+``test/test_cuda.py`` and the state a drop-in must share with ``torch.autocast`` are in
+``test_torch_autocast_state_cases.py``), by substitution: every case runs under
+``torch.autocast`` (the reference: a case that fails there is skipped with the reason) and under
+``mixprec.autocast`` with the native and the emulated backend, for bf16 and fp16.
 
 What is asserted is what torch's test asserts — the output dtype, the autocast state, and the value
 equal to the op run with autocast disabled on inputs cast as torch's autocast casts them. On the
@@ -25,7 +25,6 @@ import copy
 import importlib.util
 import pathlib
 import warnings
-from typing import Any
 
 import pytest
 import torch
@@ -38,6 +37,7 @@ from torch_cases import (
     cast,
     cpu_op_cases,
     emulated_control,
+    reference_or_skip,
     region,
     run_case,
     same,
@@ -49,29 +49,6 @@ import mixprec
 
 DTYPES = [torch.bfloat16, torch.float16]
 MIXPREC_KINDS = [k for k in AUTOCAST_KINDS if k != "torch"]
-
-
-_REFERENCE: dict[tuple[str, str], tuple[bool, Any]] = {}  # torch's outcomes, run once
-
-
-def _key(arg: object) -> str:
-    return arg.id if isinstance(arg, OpCase) else str(arg)
-
-
-def _reference_or_skip(kind: str, check, *args):
-    """``check("torch", *args)``: the reference run, under ``torch.autocast`` (once per test
-    session). Skips the test if torch fails it: for mixprec's kinds there is nothing to match."""
-    key = (check.__name__, ",".join(map(_key, args)))
-    if key not in _REFERENCE:
-        try:
-            _REFERENCE[key] = (True, check("torch", *args))
-        except (AssertionError, RuntimeError, ValueError, TypeError) as error:
-            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            _REFERENCE[key] = (False, first_line)
-    passed, outcome = _REFERENCE[key]
-    if not passed:
-        pytest.skip(f"fails on torch.autocast itself ({kind} not compared): {outcome}")
-    return outcome
 
 
 # -- TestAutocastCPU: torch's op lists --------------------------------------------------------
@@ -137,7 +114,7 @@ def _op_case(kind: str, case: OpCase):
 def test_autocast_op_lists(kind, case):
     """test_autocast_{torch,methods}_expect_builtin_promote, _torch_16, _nn_16, _torch_fp32,
     _nn_fp32 and _torch_need_autocast_promote: one parameter per op, list and dtype."""
-    _reference_or_skip(kind, _op_case, case)
+    reference_or_skip(kind, _op_case, case)
     if kind != "torch":
         _op_case(kind, case)
 
@@ -187,7 +164,7 @@ def test_generic_autocast(kind, dtype):
     for case in cpu_op_cases([dtype]):
         if case.source != "torch_16":
             continue
-        want = _reference_or_skip(kind, _generic_twice, case)
+        want = reference_or_skip(kind, _generic_twice, case)
         got = _generic_twice(kind, case)
         assert [t.dtype for t in tensors(got)] == [t.dtype for t in tensors(want)], case.op
 
@@ -221,7 +198,7 @@ def _lstm(kind: str, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_autocast_rnn(kind, dtype):
     """A 16-bit LSTM refuses fp32 input outside autocast and runs on it inside."""
-    want = _reference_or_skip(kind, _lstm, dtype)
+    want = reference_or_skip(kind, _lstm, dtype)
     got = _lstm(kind, dtype)
     if kind == "native":
         assert all(map(torch.equal, got, want))  # torch's kernels: torch's values
@@ -404,7 +381,7 @@ def _casts_of_a_cached_tensor(kind: str) -> int:
 def test_cache_disabled(kind):
     """A tensor marked as cached is never served from autocast's cache: the forward and the
     backward (an autocast region of its own) each cast it."""
-    want = _reference_or_skip(kind, _casts_of_a_cached_tensor)
+    want = reference_or_skip(kind, _casts_of_a_cached_tensor)
     assert want == 2
     assert _casts_of_a_cached_tensor(kind) == want
 
@@ -455,295 +432,3 @@ def test_autocast_called_with_non_callable(kind):
     x = torch.randn(2, 3)
     with pytest.raises(TypeError, match=r"requires a callable, but got Tensor"):
         _make(kind, "cpu")(x)
-
-
-# -- autocast state: unsupported dtypes, decorators, nesting ----------------------------------
-
-
-@pytest.mark.parametrize("kind", AUTOCAST_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int8], ids=str)
-def test_unsupported_dtype_warns_and_disables(kind, dtype):
-    if kind != "torch" and dtype != torch.float32:
-        # mixprec refuses what torch would run in fp32 under a warning (issue 19, item 25),
-        # with torch's words at the start of its message.
-        with pytest.raises(ValueError, match=r"not supported"):
-            region(kind, dtype)
-        return
-    with pytest.warns(UserWarning, match=r"not supported. Disabling autocast") as caught:
-        made = region(kind, dtype)
-    assert len(caught) == 1
-    with made:
-        assert not torch.is_autocast_enabled("cpu")
-        assert torch.mm(torch.randn(2, 3), torch.randn(3, 2)).dtype == torch.float32
-
-
-_WARNING_TEXT = (
-    "mixprec's warning for an unsupported dtype is not torch's text ('In cpu autocast, but the "
-    "target dtype torch.float32 ...' against torch's 'In CPU autocast, but the target dtype is "
-    "not supported. ...'), so a warnings filter written for torch's message misses it"
-)
-
-
-@pytest.mark.parametrize(
-    "kind",
-    [k for k in AUTOCAST_KINDS],
-)
-def test_a_filter_for_torchs_unsupported_dtype_warning_silences_it(kind):
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        torch.autocast("cpu", dtype=torch.float32)
-    torch_text = str(seen[0].message)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", message=torch_text.splitlines()[0])
-        region(kind, torch.float32)
-
-
-@pytest.mark.parametrize("kind", AUTOCAST_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_autocast_as_a_decorator(kind, dtype):
-    torch.manual_seed(0)
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-
-    def forward(x, y):
-        assert torch.is_autocast_enabled("cpu")
-        assert torch.get_autocast_dtype("cpu") == dtype
-        return torch.mm(x, y)
-
-    want = torch.autocast("cpu", dtype=dtype)(forward)(a, b)
-    decorated = region(kind, dtype)(forward)
-    assert decorated.__name__ == "forward"
-    got = decorated(a, b)
-    assert got.dtype == want.dtype == dtype
-    if kind == "emulated":  # mm: the fp32 GEMM on the 16-bit inputs, rounded once
-        want = (a.to(dtype).float() @ b.to(dtype).float()).to(dtype)
-    assert torch.equal(got, want)
-    assert not torch.is_autocast_enabled("cpu")
-
-    def boom():
-        assert torch.is_autocast_enabled("cpu")
-        raise ZeroDivisionError
-
-    with pytest.raises(ZeroDivisionError):  # an exception inside restores the state
-        region(kind, dtype)(boom)()
-    assert not torch.is_autocast_enabled("cpu")
-
-
-def _nested_trace(outer_kind: str, inner_kind: str) -> list[tuple[bool, torch.dtype, torch.dtype]]:
-    """(enabled, autocast dtype, mm dtype) at each level of a bf16 / fp16 / disabled nesting."""
-    a, b = torch.randn(3, 3), torch.randn(3, 3)
-
-    def state():
-        enabled = torch.is_autocast_enabled("cpu")
-        return enabled, torch.get_autocast_dtype("cpu"), torch.mm(a, b).dtype
-
-    trace = [state()]
-    with region(outer_kind, torch.bfloat16):
-        trace.append(state())
-        with region(inner_kind, torch.float16):
-            trace.append(state())
-            with region(inner_kind, torch.bfloat16, enabled=False):
-                trace.append(state())
-                with region(outer_kind, torch.bfloat16):
-                    trace.append(state())
-                trace.append(state())
-            trace.append(state())
-        trace.append(state())
-    trace.append(state())
-    return trace
-
-
-@pytest.mark.parametrize("inner", AUTOCAST_KINDS)
-@pytest.mark.parametrize("outer", AUTOCAST_KINDS)
-def test_nested_autocast_with_different_dtypes(outer, inner):
-    """Any nesting of torch's and mixprec's regions has torch's state and dtypes at every level."""
-    want = _nested_trace("torch", "torch")
-    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
-    assert [t[2] for t in want] == [f32, bf16, f16, f32, bf16, f32, f16, bf16, f32]
-    assert _nested_trace(outer, inner) == want
-
-
-# -- custom_fwd / custom_bwd (test_cuda.py's test_autocast_custom_*, on the CPU) --------------
-
-
-_SEEN: list[tuple[str, bool, torch.dtype]] = []  # (pass, autocast enabled, dtype) in _MyMM
-
-
-class _MyMM(torch.autograd.Function):
-    """custom_fwd without cast_inputs: forward and backward run under the forward's autocast."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, a, b):
-        _SEEN.append(("forward", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-        ctx.save_for_backward(a, b)
-        return a.mm(b)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad):
-        _SEEN.append(
-            ("backward", torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
-        )
-        a, b = ctx.saved_tensors
-        return grad.mm(b.t()), a.t().mm(grad)
-
-
-def _custom_enabled(kind: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    x = torch.randn(8, 8, requires_grad=True)
-    y = torch.randn(8, 8, requires_grad=True)
-    _SEEN.clear()
-    with region(kind, dtype):
-        output = _MyMM.apply(x, y)
-        assert output.dtype == dtype
-        loss = output.float().sum()
-    loss.backward()
-    assert _SEEN == [("forward", True, dtype), ("backward", True, dtype)]
-    assert x.grad.dtype == y.grad.dtype == torch.float32  # autograd casts back to the leaves'
-    return output, x.grad, y.grad
-
-
-@pytest.mark.parametrize("kind", AUTOCAST_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_autocast_custom_enabled(kind, dtype):
-    want = _reference_or_skip(kind, _custom_enabled, dtype)
-    got = _custom_enabled(kind, dtype)
-    if kind == "emulated":
-        # each GEMM, forward and backward, is the fp32 GEMM on 16-bit values rounded once
-        torch.manual_seed(0)
-        x, y = (torch.randn(8, 8).to(dtype).float() for _ in range(2))
-        grad = torch.ones(8, 8)  # the gradient of .float().sum(), in 16 bits exactly
-        want = (
-            (x @ y).to(dtype),
-            (grad @ y.t()).to(dtype).float(),
-            (x.t() @ grad).to(dtype).float(),
-        )
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)
-
-
-class _MyMMFP32(torch.autograd.Function):
-    """custom_fwd(cast_inputs=torch.float32): forward and backward run in fp32, autocast off."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    def forward(ctx, a, container, expect_type):
-        b = container[1][0]
-        assert a.dtype is expect_type and b.dtype is expect_type
-        assert not torch.is_autocast_enabled("cpu")
-        ctx.save_for_backward(a, b)
-        return a.mm(b)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    def backward(ctx, grad):
-        assert not torch.is_autocast_enabled("cpu")
-        _, b = ctx.saved_tensors
-        return grad.mm(b.t()), None, None
-
-
-def _custom_cast_inputs(kind: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    x = torch.randn(8, 8).to(dtype).requires_grad_()
-    # one input inside a nested container: cast too, but it gets no gradient (autograd does not
-    # see tensors inside containers)
-    y = (0, {0: torch.randn(8, 8).to(dtype).requires_grad_()})
-    with region(kind, dtype):
-        output = _MyMMFP32.apply(x, y, torch.float32)
-        assert output.dtype is torch.float32
-        loss = output.sum()
-    loss.backward()
-    assert x.grad.dtype == dtype  # cast back to the input's dtype by autograd
-    assert y[1][0].grad is None
-    # outside any region, cast_inputs does nothing
-    assert _MyMMFP32.apply(x, y, dtype).dtype == dtype
-    return output, x.grad
-
-
-@pytest.mark.parametrize("kind", AUTOCAST_KINDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_autocast_custom_cast_inputs(kind, dtype):
-    want = _reference_or_skip(kind, _custom_cast_inputs, dtype)
-    got = _custom_cast_inputs(kind, dtype)
-    for g, w in zip(got, want, strict=True):
-        assert torch.equal(g, w)  # fp32 throughout: the same kernels for every kind
-
-
-class _GemmOps(TorchDispatchMode):
-    """Records the GEMM ops that reach the dispatcher below autocast (aten's or mixprec's)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "bmm"):
-            self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "custom_bwd re-enters torch.autocast with torch's cache default (on), which mixprec's "
-        "kernels take for a plain torch region: the backward of a custom_fwd function in an "
-        "emulated region runs torch's native 16-bit GEMMs, not the emulated ones"
-    ),
-)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_custom_bwd_runs_the_emulated_gemms_of_its_region(dtype):
-    torch.manual_seed(0)
-    x = torch.randn(8, 8, requires_grad=True)
-    y = torch.randn(8, 8, requires_grad=True)
-    with region("emulated", dtype):
-        with _GemmOps() as forward:
-            out = _MyMM.apply(x, y)
-    assert forward.ops == ["mixprec.mm.default"]  # the forward is emulated
-    with _GemmOps() as backward:
-        out.float().sum().backward()
-    assert backward.ops == ["mixprec.mm.default"] * 2
-
-
-@pytest.mark.parametrize("backend", ["native", "emulated"])
-@pytest.mark.parametrize("dev", ["not a real device", "gpu", torch.device("cpu"), 1])
-def test_mixprecs_device_error_contains_torchs_text(backend, dev):
-    """Code that matches torch's error text (torch's own tests do) keeps working on mixprec."""
-    with pytest.raises((RuntimeError, ValueError)) as torchs:
-        torch.autocast(device_type=dev)
-    with pytest.raises(type(torchs.value)) as ours:
-        mixprec.autocast(dev, backend=backend)
-    assert str(torchs.value) in str(ours.value)
-    assert "valid device types" in str(ours.value) or "must be a string" in str(ours.value)
-
-
-class _MyMMEmulatedBackward(torch.autograd.Function):
-    """The README's way around custom_bwd: the backward enters mixprec.autocast itself."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        ctx.dtype = torch.get_autocast_dtype("cpu")
-        return a.mm(b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        with mixprec.autocast("cpu", dtype=ctx.dtype, backend="emulated"):
-            return grad.mm(b.t()), a.t().mm(grad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_a_backward_that_enters_mixprec_autocast_runs_the_emulated_gemms(dtype):
-    torch.manual_seed(0)
-    x = torch.randn(8, 8, requires_grad=True)
-    y = torch.randn(8, 8, requires_grad=True)
-    with region("emulated", dtype):
-        out = _MyMMEmulatedBackward.apply(x, y)
-    with _GemmOps() as backward:
-        out.float().sum().backward()
-    assert backward.ops == ["mixprec.mm.default"] * 2
-    xr, yr = (t.detach().to(dtype).float() for t in (x, y))
-    assert torch.equal(x.grad, (torch.ones(8, 8) @ yr.t()).to(dtype).float())
-    assert torch.equal(y.grad, (xr.t() @ torch.ones(8, 8)).to(dtype).float())
