@@ -15,6 +15,7 @@ cnn and digits <= 1.3x.
         [--isa avx2]    # as on an AVX2-only CPU, on an AVX-512 one
     python benchmarks/bench_emulation.py --breakdown --models digits,cnn --clock cpu --rounds 101
     python benchmarks/bench_emulation.py --profile fp8-mixed   # where the time goes
+    python benchmarks/bench_emulation.py --models digits --clock cpu --rounds 301 --phases
 
 Where the time goes (torch.profiler, transformer, fp8-mixed, 1 thread, Xeon with AVX512-BF16 and
 AMX, shared machine at load 5-15; share of self CPU time):
@@ -307,25 +308,35 @@ MODELS = {
 
 def make_step(model_name: str, preset: str) -> Callable[[], float]:
     """One timed training step of ``model_name`` under ``preset`` (a session, emulated)."""
+    phased = make_phased_step(model_name, preset)
+    return lambda: sum(phased())
+
+
+def make_phased_step(model_name: str, preset: str) -> Callable[[], tuple[float, float, float]]:
+    """:func:`make_step`, timed by phase: forward and loss, backward, optimizer step."""
     build, (x, y, loss_fn) = MODELS[model_name]()
     model = build()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if preset == "fp32":
-        return _plain_step(model, optimizer, (x, y, loss_fn))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mp = MixedPrecision(preset, device="cpu", backend="emulated")
-        model, optimizer = mp.prepare(model, optimizer)
+        backward, step = (lambda loss: loss.backward()), optimizer.step
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mp = MixedPrecision(preset, device="cpu", backend="emulated")
+            model, optimizer = mp.prepare(model, optimizer)
+        backward, step = mp.backward, (lambda: mp.step(optimizer))
 
-    def session_step() -> float:
+    def phased_step() -> tuple[float, float, float]:
         start = _clock()
         loss = loss_fn(model(x), y)
+        forward_done = _clock()
         optimizer.zero_grad(set_to_none=True)
-        mp.backward(loss)
-        mp.step(optimizer)
-        return _clock() - start
+        backward(loss)
+        backward_done = _clock()
+        step()
+        return forward_done - start, backward_done - forward_done, _clock() - backward_done
 
-    return session_step
+    return phased_step
 
 
 def make_breakdown(model_name: str, variant: str) -> Callable[[], float]:
@@ -386,6 +397,21 @@ BREAKDOWN = {
 """``--breakdown``: what a small model's bf16 step costs, layer by layer of mixprec."""
 
 
+def _print_phases(
+    name: str, phased: dict[str, Callable[[], tuple[float, float, float]]], rounds: int
+) -> None:
+    """Each preset's median forward, backward and optimizer-step time, the presets in rotation."""
+    timed = [{p: s() for p, s in phased.items()} for _ in range(rounds)]
+    print(f"\n{name}: median time per phase over {rounds} rounds (us)")
+    print(f"  {'':12s} {'forward':>9s} {'backward':>9s} {'step':>9s} {'total / fp32':>13s}")
+    for p in phased:
+        forward, backward, step = (
+            statistics.median(r[p][i] for r in timed) * 1e6 for i in (0, 1, 2)
+        )
+        ratio = statistics.median(sum(r[p]) / sum(r["fp32"]) for r in timed)
+        print(f"  {p:12s} {forward:9.0f} {backward:9.0f} {step:9.0f} {ratio:12.2f}x")
+
+
 def profile(model_name: str, preset: str, steps: int, rows: int) -> None:
     """torch.profiler table of ``steps`` steps (after two warm-up steps), by self CPU time."""
     step = make_step(model_name, preset)
@@ -423,6 +449,11 @@ def main() -> None:
         + "; ".join(f"{k}: {v}" for k, v in BREAKDOWN.items()),
     )
     parser.add_argument("--rows", type=int, default=30, help="rows of the profile table")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print each preset's median forward, backward and optimizer-step time",
+    )
     args = parser.parse_args()
     if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         # read when each library starts: set them for a fresh process running this command
@@ -451,9 +482,13 @@ def main() -> None:
             variants = [v for v in BREAKDOWN if v != "floor" or name == "digits"]
             steps = {v: make_breakdown(name, v) for v in variants}
         else:
-            steps = {p: make_step(name, p) for p in presets}
+            phased = {p: make_phased_step(name, p) for p in presets}
+            steps = {p: (lambda s=s: sum(s())) for p, s in phased.items()}
         for s in steps.values():  # warm-up (kernel builds, first-call caches)
             s(), s()
+        if args.phases and not args.breakdown:
+            _print_phases(name, phased, args.rounds)
+            continue
         rounds = [{p: s() for p, s in steps.items()} for _ in range(args.rounds)]
         print(f"\n{name}: median step, median ratio to fp32 over {args.rounds} rounds")
         for p in steps:
