@@ -11,9 +11,11 @@ step than a Python ``autograd.Function``); in a double backward that node's back
 ATen ops like any other, while :func:`gemm_backward` and :func:`conv_backward` (the Python
 ``Function``'s) step aside for the differentiable Python backward.
 
-(Measured and dropped: folding autocast's casts of the weight and bias into the same autograd
-node saved no measurable time on digits, and a double backward would then add the weight's two
-second-order contributions in fp32 where autocast adds them in 16 bits.)
+(Not done: folding autocast's casts of the weight and bias into the same autograd node. It saved
+no measurable time on digits on an Intel Xeon, but 0.07-0.09 of the fp32 step on an AMD EPYC
+(bench notes); it would drop the ``ToCopyBackward0`` weight copy that tools read, change what
+activation checkpointing's recomputation must save, and make a double backward add the weight's
+two second-order contributions in fp32 where autocast adds them in 16 bits.)
 
 Only :mod:`mixprec.compute.emulated` calls these, on plain eager tensors
 (``_eager.plain_eager``); each returns None where it does not apply (no C++ compiler, another
