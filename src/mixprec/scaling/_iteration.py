@@ -102,20 +102,21 @@ class Iteration:
             if r["stage"] is OptState.STEPPED and (flag := found_inf_of(r)) is not None
         }
 
-    def close(self, found_inf: torch.Tensor | None) -> None:
+    def close(
+        self, found_inf: torch.Tensor | None, stepped: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """End the iteration with its combined flag; ``stepped``: the stepped optimizers' flags
+        by ``id`` (default: those the records say stepped)."""
         if found_inf is not None:
             self._closed_found_inf = found_inf
-            self._closed_steps = self._stepped()
+            self._closed_steps = self._stepped() if stepped is None else stepped
         self.records = new_records()
         self.folded_scales = {}
 
     def close_stepped(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
         """What :meth:`close` leaves after ``optimizer`` alone was checked (``found_inf``) and
         stepped, its record written or not."""
-        self._closed_found_inf = found_inf
-        self._closed_steps = {id(optimizer): found_inf}
-        self.records = new_records()
-        self.folded_scales = {}
+        self.close(found_inf, {id(optimizer): found_inf})
 
     def step_skipped(self, optimizer: torch.optim.Optimizer | None) -> bool:
         """See :meth:`mixprec.scaling.GradScaler.step_skipped`."""
