@@ -183,3 +183,23 @@ def test_addmm_activation_matches_torchs_cpu_kernel(dtype, use_gelu, beta, alpha
         got = torch._addmm_activation(bias, a, b, beta=beta, alpha=alpha, use_gelu=use_gelu)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_addmm_activation_compiled_matches_torchs_cpu_kernel(dtype):
+    """Compiled (the custom op's fake kernel in the graph, its eager body at run time), the same
+    bits as torch's own 16-bit kernel: the GEMM rounded, then torch's 16-bit GELU."""
+    g = torch.Generator().manual_seed(1)
+    bias, a, b = (torch.randn(24, 24, generator=g) * 3 for _ in range(3))
+    with torch.autocast("cpu", enabled=False):
+        want = torch._addmm_activation(bias.to(dtype), a.to(dtype), b.to(dtype), use_gelu=True)
+
+    def fused(bias, a, b):
+        return torch._addmm_activation(bias, a, b, use_gelu=True)
+
+    torch._dynamo.reset()
+    with autocast("cpu", dtype=dtype, backend="emulated"):  # entered eagerly, as in training
+        got = torch.compile(fused, backend="aot_eager", fullgraph=True)(bias, a, b)
+    torch._dynamo.reset()
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
