@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+from unittest.mock import ANY
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mixprec
+from mixprec.app.probes import activation_bytes
 from mixprec.compute import emulate_build, kernels
 from mixprec.compute.fp4_linear import fp4_linear
 from mixprec.compute.fp8_linear import _operand, fp8_linear
@@ -63,6 +65,7 @@ def _emulated(dtype, fn):
 CASES = {
     "linear+bias": (lambda x, w, b: F.linear(x, w, b), [(16, 24), (8, 24), (8,)]),
     "linear": (lambda x, w: F.linear(x, w), [(16, 24), (8, 24)]),
+    "linear x transposed": (lambda x, w, b: F.linear(x.t(), w, b), [(24, 16), (8, 24), (8,)]),
     "linear 3-d": (lambda x, w, b: F.linear(x, w, b), [(2, 5, 24), (8, 24), (8,)]),
     "matmul": (lambda a, b: a @ b, [(3, 16, 24), (24, 8)]),
     "bmm": (lambda a, b: torch.bmm(a, b), [(3, 16, 24), (3, 24, 8)]),
@@ -74,6 +77,15 @@ CASES = {
     "conv2d strided": (
         lambda x, w: F.conv2d(x, w, None, (2, 1), 1, 2, 2),
         [(2, 4, 7, 7), (6, 2, 3, 3)],
+    ),
+    "conv2d channels-last": (
+        lambda x, w, b: F.conv2d(
+            x.contiguous(memory_format=torch.channels_last),
+            w.contiguous(memory_format=torch.channels_last),
+            b,
+            padding=1,
+        ),
+        [(2, 3, 6, 6), (4, 3, 3, 3), (4,)],
     ),
     "conv2d unbatched": (lambda x, w, b: F.conv2d(x, w, b), [(3, 6, 6), (4, 3, 3, 3), (4,)]),
     "conv1d": (lambda x, w, b: F.conv1d(x, w, b, 2), [(2, 3, 9), (4, 3, 3), (4,)]),
@@ -94,6 +106,7 @@ def test_fast_path_equals_the_custom_ops(case, dtype):
     for got, want in zip(fast_grads, ref_grads, strict=True):
         assert got is not None and want is not None
         assert got.dtype == want.dtype and torch.equal(got, want)
+        assert got.stride() == want.stride()
 
 
 FP8_CASES = [
@@ -214,8 +227,18 @@ def test_double_backward_equals_the_custom_ops(layer):
             g.square().sum().backward()
         return [inp.grad, *(p.grad for p in net.parameters())]
 
-    for got, want in zip(penalty(False), penalty(True), strict=True):
-        assert want is not None and torch.equal(got, want)
+    got, want = penalty(False), penalty(True)
+    if emulate_build.emulate_engine() is not None:
+        # The layer's node casts the fp32 weight itself, so the weight's two second-order
+        # contributions (through the forward's GEMM and the backward's) meet in fp32 at
+        # the weight, where under autocast they meet at its 16-bit copy and are added there:
+        # rounded to bf16, the fp32 sum is autocast's 16-bit sum.
+        weight = 1
+        assert torch.equal(got[weight].bfloat16().float(), want[weight])
+        assert not torch.equal(got[weight], want[weight])  # the sum was taken in fp32
+        got, want = got[:weight] + got[weight + 1 :], want[:weight] + want[weight + 1 :]
+    for g, w in zip(got, want, strict=True):
+        assert w is not None and torch.equal(g, w)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -284,22 +307,119 @@ def test_linear_and_conv_layers_run_no_python_in_an_emulated_region(dtype):
         assert "kernel" in _mixprec_python_calls(lambda: model(x))
 
 
-def test_the_c_plus_plus_kernels_cast_parameters_as_torch_autocast_does():
-    """The weight and bias casts are torch's own (``ToCopyBackward0`` in the graph, what
-    torch.autocast records and what tools take for a weight copy), not a node of mixprec's."""
+def _graph_nodes(out: torch.Tensor) -> list[str]:
+    names, todo = [], [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.append(fn.name())
+            todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _saved(model: torch.nn.Module, x: torch.Tensor, region) -> list[tuple[torch.dtype, int]]:
+    saved: list[tuple[torch.dtype, int]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, t.untyped_storage().data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), region:
+        model(x)
+    return saved
+
+
+LAYERS = {
+    "linear": (lambda: torch.nn.Linear(8, 4), (3, 8), "Linear16Function"),
+    "conv2d": (lambda: torch.nn.Conv2d(2, 3, 3), (1, 2, 5, 5), "Convolution16Function"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_a_layer_casts_its_fp32_parameters_inside_its_node(layer, dtype):
+    """The C++ linear (on a 2-D input) and convolution nodes take the fp32 weight and bias and
+    cast them themselves, where torch.autocast records two ``ToCopyBackward0`` and saves a
+    16-bit weight copy: they save the 16-bit input and the weight itself, so the activations
+    the probes count are torch.autocast's, and the values are the custom ops' (bit for bit:
+    ``test_fast_path_equals_the_custom_ops``)."""
+    if emulate_build.emulate_engine() is None:
+        pytest.skip("the C++ kernels did not build here")
+    make, shape, node = LAYERS[layer]
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(shape, requires_grad=True) * 1.0  # not a leaf: its cast is no weight copy
+    emulated = mixprec.autocast("cpu", dtype=dtype, backend="emulated")
+    native = torch.autocast("cpu", dtype=dtype)
+    with emulated:
+        nodes = _graph_nodes(module(x))
+    with native:
+        native_nodes = _graph_nodes(module(x))
+    assert node in nodes[0] and nodes.count("ToCopyBackward0") == 1  # the input's cast
+    assert native_nodes.count("ToCopyBackward0") == 3
+
+    weight = module.weight.untyped_storage().data_ptr()
+    saved = _saved(module, x, emulated)
+    assert len(saved) == 2 and (torch.float32, weight) in saved and (dtype, ANY) in saved
+    forward = lambda: module(x)  # noqa: E731
+    with native:
+        want = activation_bytes(module, forward)
+    with emulated:
+        assert activation_bytes(module, forward) == want == x.numel() * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_layer_nodes_round_the_parameters_as_torchs_cast_at_the_edges(dtype):
+    """Values that overflow, fall below the 16-bit normals or are NaN: the parameters and their
+    gradients, rounded inside the node, equal torch's casts around the GEMM node (inf where the
+    16-bit format overflows, in the forward and in the weight's gradient)."""
+    ops = emulate_build.emulate_engine()
+    if ops is None:
+        pytest.skip("the C++ kernels did not build here")
+    torch.manual_seed(0)
+    big = torch.finfo(dtype).max
+    weight = torch.randn(8, 24)
+    weight[0, :4] = torch.tensor([big * 1.01, -big * 4, 1e-6, float("nan")])
+    weight[1, :3] = torch.tensor([3e-8, -1e-30, -0.0])
+    bias = torch.randn(8) * big / 4
+    x = (torch.randn(16, 24) * 64).to(dtype)
+    x[0, 0] = big / 2  # the weight gradient's first column overflows
+    grad = torch.randn(16, 8).to(dtype)
+    grad[0] = 4.0
+
+    def run(fold: bool) -> list[torch.Tensor]:
+        w, b, a = (t.clone().requires_grad_() for t in (weight, bias, x))
+        if fold:
+            out = ops.linear16_autograd(a, w, b)
+        else:
+            out = ops.gemm16_autograd(b.to(dtype), a, w.to(dtype).t(), 1.0, 1.0)
+        return [out, *torch.autograd.grad(out, (a, w, b), grad)]
+
+    got, want = run(True), run(False)
+    assert torch.isinf(got[2]).any() and torch.isnan(got[0]).any()  # the edges were reached
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_a_parameter_changed_between_forward_and_backward_is_refused_as_in_fp32(input_grad):
+    """The linear node saves the fp32 weight itself where torch's fp32 linear saves it (for the
+    input's gradient), so autograd's check of saved tensors holds an emulated region to fp32's
+    rule: an in-place change of the weight before backward is refused where fp32 refuses it."""
+    if emulate_build.emulate_engine() is None:
+        pytest.skip("the C++ kernels did not build here")
     layer = torch.nn.Linear(8, 4)
-
-    def cast_nodes(region) -> list[str]:
+    outcomes = []
+    for region in (contextlib.nullcontext(), mixprec.autocast("cpu", backend="emulated")):
+        x = torch.randn(3, 8, requires_grad=input_grad)
         with region:
-            out = layer(torch.randn(3, 8))
-        names, todo = [], [out.grad_fn]
-        while todo:
-            fn = todo.pop()
-            if fn is not None:
-                names.append(type(fn).__name__)
-                todo.extend(f for f, _ in fn.next_functions)
-        return sorted(n for n in names if "ToCopy" in n)
-
-    emulated = mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated")
-    native = torch.autocast("cpu", dtype=torch.bfloat16)
-    assert cast_nodes(emulated) == cast_nodes(native) == ["ToCopyBackward0"] * 2
+            out = layer(x)
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        try:
+            out.float().sum().backward()
+            outcomes.append("ran")
+        except RuntimeError as error:
+            assert "modified by an inplace operation" in str(error)
+            outcomes.append("refused")
+    assert outcomes == ["refused" if input_grad else "ran"] * 2

@@ -152,19 +152,25 @@ def test_fp16_gradient_overflow_in_backward():
     assert torch.isfinite(w.grad).all()
 
 
-def test_activations_are_saved_in_16_bits():
+@pytest.mark.parametrize("shape", [(4, 8), (2, 4, 8)], ids=["2-d", "3-d"])
+def test_activations_are_saved_in_16_bits(shape):
+    """What the GEMM saves is 16-bit, but for the fp32 weight itself where the linear node casts
+    it (a 2-D input): a parameter, no activation, and no copy of it."""
     saved = []
 
     def pack(t):
-        saved.append(t.dtype)
+        saved.append(t)
         return t
 
-    x = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(shape, requires_grad=True)
     w = torch.randn(8, 8, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
             F.linear(x, w).sum()
-    assert saved and all(d == torch.bfloat16 for d in saved)
+    weights = [t for t in saved if t.untyped_storage().data_ptr() == w.data_ptr()]
+    activations = [t for t in saved if t.untyped_storage().data_ptr() != w.data_ptr()]
+    assert activations and all(t.dtype == torch.bfloat16 for t in activations)
+    assert all(t.dtype == torch.float32 for t in weights)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -33,8 +33,9 @@ bool fast_region(FastOp op) {
   return !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
-// kernels.py's _lowered: a plain strided CPU fp32/bf16/fp16 tensor, then cast by round_to (torch's
-// own cast where autograd records it: its ToCopyBackward0 is what tools recognize as a weight copy).
+// kernels.py's _lowered: a plain strided CPU fp32/bf16/fp16 tensor. The input is cast by round_to
+// (torch's own cast where autograd records it); fp32 parameters are cast inside the layer's node
+// (_emulate_fold.cpp), others by round_to.
 bool lowerable(const at::Tensor& t) {
   if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu()) return false;
   if (t.key_set().has_any(not_plain_keys())) return false;
@@ -60,6 +61,10 @@ at::Tensor linear_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at
   if (dtype != c10::ScalarType::Undefined && fast_region(kLinear) && lowerable(x) &&
       lowerable(weight) && x.dim() == 2 && weight.dim() == 2 && (!has_bias || lowerable(*bias))) {
     at::Tensor a = round_to(x, dtype);
+    if (linear_foldable(a, weight, bias)) {  // fp32 parameters: cast inside the GEMM's node
+      if (records_grad(a, weight, bias)) return linear16_autograd(a, weight, bias);
+      return linear16(a, weight, bias);
+    }
     at::Tensor w = round_to(weight, dtype).t();
     std::optional<at::Tensor> b;
     if (has_bias) b = round_to(*bias, dtype);
@@ -93,14 +98,18 @@ at::Tensor conv_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at::
       (!has_bias || lowerable(*bias)) && concrete(stride) && concrete(padding) &&
       concrete(dilation) && !groups.is_symbolic()) {
     at::Tensor a = round_to(x, dtype);
-    at::Tensor w = round_to(weight, dtype);
-    std::optional<at::Tensor> b;
-    if (has_bias) b = round_to(*bias, dtype);
     auto s = C10_AS_INTARRAYREF_SLOW(stride);
     auto p = C10_AS_INTARRAYREF_SLOW(padding);
     auto d = C10_AS_INTARRAYREF_SLOW(dilation);
-    std::vector<int64_t> no_output_padding(Spatial, 0);
     int64_t g = groups.expect_int();
+    if (fp32_params(weight, bias, false)) {  // cast inside the convolution's node
+      if (records_grad(a, weight, bias)) return convolution16_autograd(a, weight, bias, s, p, d, g);
+      return convolution16(a, weight, bias, s, p, d, g);
+    }
+    at::Tensor w = round_to(weight, dtype);
+    std::optional<at::Tensor> b;
+    if (has_bias) b = round_to(*bias, dtype);
+    std::vector<int64_t> no_output_padding(Spatial, 0);
     if (records_grad(a, w, b)) {
       return conv16_autograd(a, w, b, s, p, d, false, no_output_padding, g);
     }

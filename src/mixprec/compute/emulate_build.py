@@ -32,7 +32,7 @@ __all__ = ["SCALE_RULES", "emulate_engine", "fake_quantize", "fake_quantize_dyna
 
 _SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("_emulate.cpp", "_emulate_autocast.cpp", "_emulate_fp8.cpp")
+    for name in ("_emulate.cpp", "_emulate_fold.cpp", "_emulate_autocast.cpp", "_emulate_fp8.cpp")
 ]
 
 

@@ -14,7 +14,9 @@ neither drop nor move the rounding) and a registered backward. Composite ops (``
 primitives in the dispatcher, as they do on a GPU. The ops save their *16-bit* inputs, so
 activation memory is that of real 16-bit training, and each gradient is one fp32 GEMM on widened
 16-bit values rounded once to the input's dtype: fp16 overflow to inf and underflow to zero happen
-in that rounding, exactly where hardware produces them.
+in that rounding, exactly where hardware produces them. (The eager C++ nodes of
+:mod:`mixprec.compute.emulated_cpp` that cast fp32 parameters themselves save the parameter in
+place of its 16-bit copy: the same activations, the same values.)
 
 ``_addmm_activation`` (a GEMM with a GELU or ReLU after it) follows torch's own CPU kernel, the
 reference torch's autocast tests compare with: the GEMM rounded to 16 bits, then the activation of

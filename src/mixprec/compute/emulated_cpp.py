@@ -11,11 +11,26 @@ step than a Python ``autograd.Function``); in a double backward that node's back
 ATen ops like any other, while :func:`gemm_backward` and :func:`conv_backward` (the Python
 ``Function``'s) step aside for the differentiable Python backward.
 
-(Not done: folding autocast's casts of the weight and bias into the same autograd node. It saved
-no measurable time on digits on an Intel Xeon, but 0.07-0.09 of the fp32 step on an AMD EPYC
-(bench notes); it would drop the ``ToCopyBackward0`` weight copy that tools read, change what
-activation checkpointing's recomputation must save, and make a double backward add the weight's
-two second-order contributions in fp32 where autocast adds them in 16 bits.)
+Autocast's casts of fp32 parameters are folded into the layer's node where the C++ autocast
+kernels (and :mod:`mixprec.compute.kernels`' Python shortcuts, so that a checkpoint's
+recomputation saves what the forward saved) take a ``linear`` on a 2-D input or a ``conv1d/2d/3d``
+(:func:`linear`, :func:`convolution`, ``_emulate_fold.cpp``). On a small model each cast costs
+more than its arithmetic: torch.autocast's graph rounds each weight and bias to 16 bits with its
+own node forward and widens their gradients with another backward, and the GEMM node saves the
+16-bit weight copy. The folded node rounds the parameters into fp32 storage inside, saves the fp32
+weight itself (no copy: activation memory as under torch.autocast, less memory in all) and rounds
+its gradients in place: the same values, bit for bit, 0.07-0.09 of an fp32 step less on the
+digits MLP (bench notes). What it changes, on purpose:
+
+- the graph holds no ``ToCopyBackward0`` for the parameters (tools that look for autocast's
+  weight copies find the parameter itself saved, which they leave out already);
+- an in-place change of a weight between forward and backward is refused where fp32 training
+  refuses it (autograd checks the saved parameter), where torch.autocast's saved copy hides it;
+- a double backward (``create_graph=True``) adds a weight's two second-order contributions in
+  fp32 at the weight, where torch.autocast adds them in 16 bits at its copy: rounded to 16 bits,
+  the sum is autocast's.
+
+Inputs of other shapes (a transformer's 3-D activations) take torch's casts and :func:`gemm_node`.
 
 Only :mod:`mixprec.compute.emulated` calls these, on plain eager tensors
 (``_eager.plain_eager``); each returns None where it does not apply (no C++ compiler, another
@@ -33,10 +48,12 @@ __all__ = [
     "conv",
     "conv_backward",
     "conv_node",
+    "convolution",
     "engine",
     "gemm",
     "gemm_backward",
     "gemm_node",
+    "linear",
 ]
 
 _ENGINE: list[Any] = []  # the built ops, once built (emulate_build imports scaled: imported late)
@@ -99,6 +116,62 @@ def gemm_backward(
     want_bias = bias is not None and want[0]
     found = iter(ops.gemm16_backward(grad, bias, a, b, beta, alpha, want_bias, want[1], want[2]))
     return tuple(next(found) if w else None for w in (want_bias, want[1], want[2]))  # type: ignore[return-value]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``linear`` of a 2-D 16-bit ``x`` with an fp32 ``weight`` (and ``bias``) that autocast
+    would cast to ``x.dtype``, the casts inside the GEMM (one autograd node where autograd
+    records, saving ``x`` and the fp32 weight itself); None where it does not apply (another
+    layout or dtype, no kernel): the caller casts the parameters and takes :func:`gemm_node`."""
+    if x.dim() != 2 or weight.dim() != 2 or not _fp32_params(weight, bias, contiguous=True):
+        return None
+    ops = engine(x.device.type)
+    if ops is None:
+        return None
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
+        return ops.linear16_autograd(x, weight, bias)  # type: ignore[no-any-return]
+    return ops.linear16(x, weight, bias)  # type: ignore[no-any-return]
+
+
+def convolution(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor | None:
+    """``conv1d``/``conv2d``/``conv3d`` of a batched 16-bit ``x`` with an fp32 ``weight`` (and
+    ``bias``, contiguous or channels-last) cast inside the node, as :func:`linear`; None where
+    it does not apply."""
+    if not _fp32_params(weight, bias, contiguous=False):
+        return None
+    ops = engine(x.device.type)
+    if ops is None:
+        return None
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
+        return ops.convolution16_autograd(  # type: ignore[no-any-return]
+            x, weight, bias, stride, padding, dilation, groups
+        )
+    return ops.convolution16(x, weight, bias, stride, padding, dilation, groups)  # type: ignore[no-any-return]
+
+
+def _fp32_params(weight: torch.Tensor, bias: torch.Tensor | None, contiguous: bool) -> bool:
+    """``_emulate_fold.cpp``'s ``fp32_params``: fp32 CPU parameters, contiguous (or, where
+    ``contiguous`` is False, channels-last)."""
+    for t in (weight,) if bias is None else (weight, bias):
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided:
+            return False
+        if not t.is_contiguous() and (
+            contiguous
+            or not (
+                t.is_contiguous(memory_format=torch.channels_last)
+                or t.is_contiguous(memory_format=torch.channels_last_3d)
+            )
+        ):
+            return False
+    return True
 
 
 def conv(

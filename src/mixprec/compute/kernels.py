@@ -40,6 +40,7 @@ import torch
 from torch._C import DispatchKey, DispatchKeySet
 from torch.utils._pytree import tree_leaves, tree_map_only
 
+from mixprec.compute import emulated_cpp
 from mixprec.compute._eager import plain_eager
 from mixprec.compute.emulated import EAGER_GEMMS, EMULATED_OPS
 from mixprec.compute.ops import (
@@ -407,13 +408,19 @@ def _lowered(t: Any, dtype: torch.dtype, device_type: str) -> torch.Tensor | Non
 def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
     """``linear`` on a 2-D input, decomposed as torch's own kernel decomposes it (``addmm`` with a
     bias, else ``mm``, on ``weight.t()``) straight onto the emulated GEMMs: the same ops on the
-    same values, without the redispatch through the dispatcher and a second kernel call. Only
-    where nobody can observe the decomposition (:func:`plain_eager`); NotImplemented elsewhere."""
+    same values, without the redispatch through the dispatcher and a second kernel call; fp32
+    parameters are cast inside the GEMM's node, as the C++ kernel casts them
+    (:func:`~mixprec.compute.emulated_cpp.linear`). Only where nobody can observe the
+    decomposition (:func:`plain_eager`); NotImplemented elsewhere."""
     if len(args) not in (2, 3) or not plain_eager(args):
         return NotImplemented
     x = _lowered(args[0], dtype, device_type)
-    weight = _lowered(args[1], dtype, device_type)
     bias = args[2] if len(args) == 3 else None
+    if x is not None and type(args[1]) in _PLAIN and type(bias) in (*_PLAIN, type(None)):
+        out = emulated_cpp.linear(x, args[1], bias)
+        if out is not None:  # the C++ kernel's node, as it takes fp32 parameters
+            return out
+    weight = _lowered(args[1], dtype, device_type)
     if x is None or weight is None or x.dim() != 2 or weight.dim() != 2:
         return NotImplemented
     if bias is None:
@@ -426,25 +433,32 @@ def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str
 
 def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
     """``conv1d``/``conv2d``/``conv3d`` on a batched input, as torch's kernel decomposes it (one
-    ``convolution``, not transposed, no output padding) straight onto the emulated convolution;
+    ``convolution``, not transposed, no output padding) straight onto the emulated convolution
+    (fp32 parameters cast inside its node: :func:`~mixprec.compute.emulated_cpp.convolution`);
     NotImplemented where :func:`_linear_shortcut` would give up, or on an unbatched input."""
     if not 2 <= len(args) <= 7 or not plain_eager(args):
         return NotImplemented
-    x = _lowered(args[0], dtype, device_type)
-    weight = _lowered(args[1], dtype, device_type)
-    if x is None or weight is None or x.dim() != weight.dim() or x.dim() < 3:
+    x, weight = _lowered(args[0], dtype, device_type), args[1]
+    if x is None or not isinstance(weight, torch.Tensor) or x.dim() != weight.dim() or x.dim() < 3:
         return NotImplemented
     spatial = x.dim() - 2
     # the dispatcher leaves out trailing arguments equal to the schema's defaults
     defaults: tuple[Any, ...] = (None, [1] * spatial, [0] * spatial, [1] * spatial, 1)
     given: tuple[Any, ...] = tuple(args[2:])
     bias, stride, padding, dilation, groups = (*given, *defaults[len(args) - 2 :])
+    if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
+        return NotImplemented
+    if type(weight) in _PLAIN and type(bias) in (*_PLAIN, type(None)):
+        out = emulated_cpp.convolution(x, weight, bias, stride, padding, dilation, groups)
+        if out is not None:  # the C++ kernel's node, as it takes fp32 parameters
+            return out
+    weight = _lowered(weight, dtype, device_type)
+    if weight is None:
+        return NotImplemented
     if bias is not None:
         bias = _lowered(bias, dtype, device_type)
         if bias is None:
             return NotImplemented
-    if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
-        return NotImplemented
     convolution = EAGER_GEMMS["convolution"].call_plain
     return convolution(x, weight, bias, stride, padding, dilation, False, [0] * spatial, groups)
 
