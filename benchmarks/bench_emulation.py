@@ -136,7 +136,7 @@ each widening and rounding was four dispatcher ops (``to``, ``_to_copy``, ``empt
   tools take torch's ``ToCopyBackward0`` for a weight copy); folding the weight's cast into the
   GEMM's node, which would save two of the four passes over each weight per step but make a
   double backward sum a weight's second-order contributions in fp32 where autocast sums them in
-  16 bits.
+  16 bits (taken two rounds later, with those terms: the last paragraph).
 * step / fp32, before -> after (``--breakdown``: floor, region, session): digits 1.26, 1.39, 1.60
   -> 1.25, 1.29, 1.46; cnn (no floor) region 1.20 -> 1.11, session 1.41 -> 1.29.
   This command (21 rounds): cnn bf16 1.41 -> 1.31, fp16 1.44 -> 1.36, fp8 1.50 -> 1.44; digits
@@ -233,9 +233,7 @@ digits 1.27 / 1.32 / 1.46 / 1.87 (bf16 / fp16 / fp8 / nvfp4); ``--isa avx2`` cnn
   a region (its entry and exit ~35 us here, after a backward; 11.7 us warm, torch.autocast's 2.0).
   A prototype that folds the fp32 weight's and bias's casts into the linear node (the same
   bits) ran digits bf16-mixed 1.33 -> 1.24x and fp16-mixed 1.32 -> 1.26x, interleaved against
-  this path (forward -37 us, backward -53 us a step), but drops the ``ToCopyBackward0`` that
-  torch.autocast records and tools read as a weight copy (``test_the_c_plus_plus_kernels_cast_
-  parameters_as_torch_autocast_does``, ``is_weight_copy``): a design decision, not taken here.
+  this path (forward -37 us, backward -53 us a step); the next round took it (below).
 * ``mp.step`` against ``optimizer.step()``: 77-114 us. A bare found-inf check (``zeros``, the
   foreach check-and-unscale, ``item``) before the step costs 34-43 of it: the check writes every
   gradient (times 1 without loss scaling), and torch has no read-only fused check on the CPU
@@ -244,6 +242,25 @@ digits 1.27 / 1.32 / 1.46 / 1.87 (bf16 / fp16 / fp8 / nvfp4); ``--isa avx2`` cnn
   and 3-5x that after a backward; no single part is worth a second code path.
 * fp16 vs bf16 on digits: within 0.02-0.06 of each other run to run (the scale update and the
   unscale, ~20 us); casting to fp16 is faster than to bf16 here (w.to 5.9 vs 9.0 us, 256x256).
+
+The parameters' casts folded into the layer's node (``_emulate_fold.cpp``; same AMD EPYC, the
+next round, load 0.7-1.1, thread CPU time, 1 thread). The C++ ``linear`` (2-D input) and
+``conv1d/2d/3d`` nodes take fp32 weights and biases, round them into fp32 storage inside, save the
+weight itself and round its gradient in place: per layer and step, two cast nodes and two passes
+over the weight fewer, and no 16-bit weight copy kept. The same bits forward and backward
+(``tests/compute/test_eager_path.py``); what else it changes is in ``emulated_cpp``'s note. This
+command (``--models cnn,digits --rounds 101``), the tree before and after alternated, three runs
+each: cnn bf16 / fp16 1.24-1.25 / 1.28 -> 1.21-1.23 / 1.25, digits 1.24-1.26 / 1.31-1.32 ->
+1.19-1.23 / 1.25-1.26 (fp8 and nvfp4, whose layers are their own nodes, within noise: cnn fp8
+1.31 -> 1.27-1.30). ``--isa avx2``, two runs each: cnn 1.24-1.27 / 1.27-1.29 -> 1.22 /
+1.25-1.27, digits 1.27-1.32 / 1.30-1.35 -> 1.20-1.22 / 1.26-1.28. Earlier, with a neighbour
+taking cache (load 1.1), digits 1.29-1.36 / 1.31-1.38 -> 1.24-1.27 / 1.26-1.29 and cnn
+1.28-1.32 / 1.29-1.34 -> 1.25-1.26 / 1.26-1.28. ``--breakdown`` after: digits floor 1.16x (the
+plain ops with torch's casts, now slower than the region), region 1.09x (was 1.17), session
+1.23x (1.32); cnn region 1.06x (1.09), session 1.25x (1.27). ``--phases``, digits (us, fp32 ->
+bf16 / fp16): forward 257 -> 401 / 427, backward 435 -> 461 / 469, step 424 -> 518 / 528: the
+session's step (found-inf check, scaler) is now the largest part of what is left. The
+transformer (3-D inputs: torch's casts, unchanged) 1.04 / 1.05 / 1.06 / 1.29.
 """
 
 from __future__ import annotations
