@@ -66,7 +66,7 @@ at::Tensor rounded_grad(at::Tensor g, c10::ScalarType dtype) {
 }
 
 // A parameter these nodes cast themselves: a plain fp32 CPU tensor, contiguous (or, for a
-// convolution, channels-last). emulated_cpp.py's _fp32_param is the same test.
+// convolution, channels-last). emulated_cpp.py's _fp32_params is the same test.
 bool fp32_param(const at::Tensor& t, bool contiguous) {
   if (t.scalar_type() != at::kFloat || !t.device().is_cpu() || t.layout() != at::kStrided ||
       t.key_set().has_any(not_plain_keys())) {
@@ -164,7 +164,8 @@ at::Tensor linear16_autograd(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor convolution16(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(fp32_params(weight, bias, false), "convolution16: a dense fp32 weight and bias");
+  TORCH_CHECK(fp32_params(weight, bias, false),
+              "convolution16: a contiguous or channels-last fp32 weight and bias");
   c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
   auto dtype = x.scalar_type();
   std::optional<at::Tensor> b;
