@@ -368,6 +368,22 @@ def test_a_layer_casts_its_fp32_parameters_inside_its_node(layer, dtype):
         assert activation_bytes(module, forward) == want == x.numel() * 2
 
 
+def test_a_weight_computed_in_the_forward_keeps_torchs_cast():
+    """A weight that is no leaf (a parametrization: weight normalization here) is cast by torch,
+    whose node saves its 16-bit copy: the node taking it in fp32 would keep the fp32 tensor
+    alive, twice the activation memory torch.autocast keeps for it."""
+    if emulate_build.emulate_engine() is None:
+        pytest.skip("the C++ kernels did not build here")
+    layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8, requires_grad=True) * 1.0
+    forward = lambda: layer(x)  # noqa: E731
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
+        assert _graph_nodes(layer(x)).count("ToCopyBackward0") == 3  # input, weight, bias
+        got = activation_bytes(layer, forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert got == activation_bytes(layer, forward)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_layer_nodes_round_the_parameters_as_torchs_cast_at_the_edges(dtype):
     """Values that overflow, fall below the 16-bit normals or are NaN: the parameters and their

@@ -77,9 +77,13 @@ bool fp32_param(const at::Tensor& t, bool contiguous) {
                           t.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
 }
 
+// The weight also a leaf (a parameter or a constant): a weight computed in the forward (a
+// parametrization, a merged adapter) would be kept alive in fp32 where autocast keeps a 16-bit
+// copy of it.
 bool fp32_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool contiguous) {
   bool no_bias = !bias.has_value() || !bias->defined();
-  return fp32_param(weight, contiguous) && (no_bias || fp32_param(*bias, contiguous));
+  return weight.is_leaf() && fp32_param(weight, contiguous) &&
+         (no_bias || fp32_param(*bias, contiguous));
 }
 
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

@@ -159,7 +159,10 @@ def convolution(
 
 def _fp32_params(weight: torch.Tensor, bias: torch.Tensor | None, contiguous: bool) -> bool:
     """``_emulate_fold.cpp``'s ``fp32_params``: fp32 CPU parameters, contiguous (or, where
-    ``contiguous`` is False, channels-last)."""
+    ``contiguous`` is False, channels-last), the weight a leaf (not computed in the forward,
+    whose fp32 value the node would keep alive where autocast keeps a 16-bit copy)."""
+    if not weight.is_leaf:
+        return False
     for t in (weight,) if bias is None else (weight, bias):
         if t.dtype != torch.float32 or t.device.type != "cpu" or t.layout != torch.strided:
             return False
