@@ -439,3 +439,53 @@ def test_a_parameter_changed_between_forward_and_backward_is_refused_as_in_fp32(
             assert "modified by an inplace operation" in str(error)
             outcomes.append("refused")
     assert outcomes == ["refused" if input_grad else "ran"] * 2
+
+
+WEIGHTS = ("fp32", "bf16", "computed", "strided", "frozen")
+
+
+def _weight(kind: str, layer: str) -> torch.Tensor:
+    shape = (4, 8) if layer == "linear" else (4, 2, 2, 2)
+    w = torch.randn(shape)
+    if kind == "bf16":
+        return w.bfloat16().requires_grad_()
+    if kind == "computed":
+        return w.requires_grad_() * 2.0
+    if kind == "strided":  # a leaf that is not contiguous: transposed, or channels-last
+        if layer == "linear":
+            return torch.randn(8, 4).t().requires_grad_()
+        return w.contiguous(memory_format=torch.channels_last).requires_grad_()
+    return w if kind == "frozen" else w.requires_grad_()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_the_python_shortcuts_build_the_c_plus_plus_kernels_graph(layer, weight, bias):
+    """Where an emulated region's C++ autocast kernel steps aside (a checkpoint's recomputation
+    inside backward), mixprec's Python kernel takes the call: its shortcut must build the same
+    node on the same saved tensors, or non-reentrant checkpointing refuses the recomputation."""
+    if emulate_build.emulate_engine() is None:
+        pytest.skip("the C++ kernels did not build here")
+    torch.manual_seed(0)
+    w = _weight(weight, layer)
+    x = torch.randn((3, 8) if layer == "linear" else (1, 2, 5, 5), requires_grad=True) * 1.0
+    args = (x, w, torch.randn(4, requires_grad=True)) if bias else (x, w)
+
+    def graph(run) -> tuple[str, list[tuple[torch.dtype, tuple[int, ...]]]]:
+        saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append((t.dtype, tuple(t.shape)))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run()
+        return out.grad_fn.name(), saved
+
+    with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
+        fast = graph(lambda: getattr(F, layer)(*args))
+    python = graph(lambda: kernels._SHORTCUTS[layer](args, torch.bfloat16, "cpu"))
+    assert fast == python
+    folded = weight in ("fp32", "frozen") or (weight == "strided" and layer == "conv2d")
+    assert any(node in fast[0] for node in ("Linear16Function", "Convolution16Function")) == folded
