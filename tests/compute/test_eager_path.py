@@ -67,6 +67,9 @@ CASES = {
     "linear": (lambda x, w: F.linear(x, w), [(16, 24), (8, 24)]),
     "linear x transposed": (lambda x, w, b: F.linear(x.t(), w, b), [(24, 16), (8, 24), (8,)]),
     "linear 3-d": (lambda x, w, b: F.linear(x, w, b), [(2, 5, 24), (8, 24), (8,)]),
+    "linear 3-d, no bias": (lambda x, w: F.linear(x, w), [(2, 5, 24), (8, 24)]),
+    "linear 3-d, strided": (lambda x, w, b: F.linear(x.mT, w, b), [(2, 24, 5), (8, 24), (8,)]),
+    "linear 4-d": (lambda x, w, b: F.linear(x, w, b), [(2, 3, 5, 24), (8, 24), (8,)]),
     "matmul": (lambda a, b: a @ b, [(3, 16, 24), (24, 8)]),
     "bmm": (lambda a, b: torch.bmm(a, b), [(3, 16, 24), (3, 24, 8)]),
     "addmm scaled": (
@@ -331,6 +334,7 @@ def _saved(model: torch.nn.Module, x: torch.Tensor, region) -> list[tuple[torch.
 
 LAYERS = {
     "linear": (lambda: torch.nn.Linear(8, 4), (3, 8), "Linear16Function"),
+    "linear 3-d": (lambda: torch.nn.Linear(8, 4), (2, 3, 8), "Linear16Function"),
     "conv2d": (lambda: torch.nn.Conv2d(2, 3, 3), (1, 2, 5, 5), "Convolution16Function"),
 }
 
@@ -338,11 +342,11 @@ LAYERS = {
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_a_layer_casts_its_fp32_parameters_inside_its_node(layer, dtype):
-    """The C++ linear (on a 2-D input) and convolution nodes take the fp32 weight and bias and
-    cast them themselves, where torch.autocast records two ``ToCopyBackward0`` and saves a
-    16-bit weight copy: they save the 16-bit input and the weight itself, so the activations
-    the probes count are torch.autocast's, and the values are the custom ops' (bit for bit:
-    ``test_fast_path_equals_the_custom_ops``)."""
+    """The C++ linear (on a 2-D or contiguous 3-D input) and convolution nodes take the fp32
+    weight and bias and cast them themselves, where torch.autocast records two
+    ``ToCopyBackward0`` and saves a 16-bit weight copy: they save the 16-bit input and the weight
+    itself, so the activations the probes count are torch.autocast's, and the values are the
+    custom ops' (bit for bit: ``test_fast_path_equals_the_custom_ops``)."""
     if emulate_build.emulate_engine() is None:
         pytest.skip("the C++ kernels did not build here")
     make, shape, node = LAYERS[layer]
@@ -355,7 +359,7 @@ def test_a_layer_casts_its_fp32_parameters_inside_its_node(layer, dtype):
         nodes = _graph_nodes(module(x))
     with native:
         native_nodes = _graph_nodes(module(x))
-    assert node in nodes[0] and nodes.count("ToCopyBackward0") == 1  # the input's cast
+    assert any(node in name for name in nodes) and nodes.count("ToCopyBackward0") == 1  # input
     assert native_nodes.count("ToCopyBackward0") == 3
 
     weight = module.weight.untyped_storage().data_ptr()
@@ -460,7 +464,7 @@ def _weight(kind: str, layer: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("weight", WEIGHTS)
-@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+@pytest.mark.parametrize("layer", ["linear", "linear 3-d", "conv2d"])
 def test_the_python_shortcuts_build_the_c_plus_plus_kernels_graph(layer, weight, bias):
     """Where an emulated region's C++ autocast kernel steps aside (a checkpoint's recomputation
     inside backward), mixprec's Python kernel takes the call: its shortcut must build the same
@@ -468,11 +472,13 @@ def test_the_python_shortcuts_build_the_c_plus_plus_kernels_graph(layer, weight,
     if emulate_build.emulate_engine() is None:
         pytest.skip("the C++ kernels did not build here")
     torch.manual_seed(0)
-    w = _weight(weight, layer)
-    x = torch.randn((3, 8) if layer == "linear" else (1, 2, 5, 5), requires_grad=True) * 1.0
+    op = layer.split()[0]
+    w = _weight(weight, op)
+    shape = {"linear": (3, 8), "linear 3-d": (2, 3, 8), "conv2d": (1, 2, 5, 5)}[layer]
+    x = torch.randn(shape, requires_grad=True) * 1.0
     args = (x, w, torch.randn(4, requires_grad=True)) if bias else (x, w)
 
-    def graph(run) -> tuple[str, list[tuple[torch.dtype, tuple[int, ...]]]]:
+    def graph(run) -> tuple[list[str], list[tuple[torch.dtype, tuple[int, ...]]]] | None:
         saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -481,11 +487,16 @@ def test_the_python_shortcuts_build_the_c_plus_plus_kernels_graph(layer, weight,
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = run()
-        return out.grad_fn.name(), saved
+        return None if out is NotImplemented else (_graph_nodes(out), saved)
 
     with mixprec.autocast("cpu", dtype=torch.bfloat16, backend="emulated"):
-        fast = graph(lambda: getattr(F, layer)(*args))
-    python = graph(lambda: kernels._SHORTCUTS[layer](args, torch.bfloat16, "cpu"))
-    assert fast == python
-    folded = weight in ("fp32", "frozen") or (weight == "strided" and layer == "conv2d")
-    assert any(node in fast[0] for node in ("Linear16Function", "Convolution16Function")) == folded
+        fast = graph(lambda: getattr(F, op)(*args))
+    python = graph(lambda: kernels._SHORTCUTS[op](args, torch.bfloat16, "cpu"))
+    assert fast is not None
+    folded = weight in ("fp32", "frozen") or (weight == "strided" and op == "conv2d")
+    nodes = ("Linear16Function", "Convolution16Function")
+    assert any(node in name for node in nodes for name in fast[0]) == folded
+    if python is None:  # the Python kernel's general path, where the C++ kernel sends it too
+        assert layer == "linear 3-d" and not folded
+    else:
+        assert fast == python

@@ -58,12 +58,19 @@ at::Tensor linear_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at
                            const std::optional<at::Tensor>& bias) {
   auto dtype = region_dtype();
   bool has_bias = bias.has_value() && bias->defined();
+  // A contiguous 3-D input as torch's linear takes it (_flatten_nd_linear; matmul's folding
+  // without a bias): one GEMM on its 2-D view, the output viewed back; here only with the
+  // parameters cast inside the node, else the Python kernel.
+  bool flat = x.dim() == 3 && x.is_contiguous() && fp32_params(weight, bias, true);
   if (dtype != c10::ScalarType::Undefined && fast_region(kLinear) && lowerable(x) &&
-      lowerable(weight) && x.dim() == 2 && weight.dim() == 2 && (!has_bias || lowerable(*bias))) {
+      lowerable(weight) && (x.dim() == 2 || flat) && weight.dim() == 2 &&
+      (!has_bias || lowerable(*bias))) {
     at::Tensor a = round_to(x, dtype);
+    if (flat) a = a.view({-1, a.size(2)});
     if (linear_foldable(a, weight, bias)) {  // fp32 parameters: cast inside the GEMM's node
-      if (records_grad(a, weight, bias)) return linear16_autograd(a, weight, bias);
-      return linear16(a, weight, bias);
+      at::Tensor out = records_grad(a, weight, bias) ? linear16_autograd(a, weight, bias)
+                                                     : linear16(a, weight, bias);
+      return flat ? out.view({x.size(0), x.size(1), out.size(1)}) : out;
     }
     at::Tensor w = round_to(weight, dtype).t();
     std::optional<at::Tensor> b;

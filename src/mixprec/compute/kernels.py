@@ -406,8 +406,9 @@ def _lowered(t: Any, dtype: torch.dtype, device_type: str) -> torch.Tensor | Non
 
 
 def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) -> Any:
-    """``linear`` on a 2-D input, decomposed as torch's own kernel decomposes it (``addmm`` with a
-    bias, else ``mm``, on ``weight.t()``) straight onto the emulated GEMMs: the same ops on the
+    """``linear`` on a 2-D input (or a contiguous 3-D one, with fp32 parameters), decomposed as
+    torch's own kernel decomposes it (``addmm`` with a bias, else ``mm``, on ``weight.t()``, on the
+    input's 2-D view) straight onto the emulated GEMMs: the same ops on the
     same values, without the redispatch through the dispatcher and a second kernel call; fp32
     parameters are cast inside the GEMM's node, as the C++ kernel casts them
     (:func:`~mixprec.compute.emulated_cpp.linear`). Only where nobody can observe the
@@ -417,9 +418,12 @@ def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str
     x = _lowered(args[0], dtype, device_type)
     bias = args[2] if len(args) == 3 else None
     if x is not None and type(args[1]) in _PLAIN and type(bias) in (*_PLAIN, type(None)):
-        out = emulated_cpp.linear(x, args[1], bias)
-        if out is not None:  # the C++ kernel's node, as it takes fp32 parameters
-            return out
+        # the C++ kernel's node, as it takes fp32 parameters (a contiguous 3-D input flattened,
+        # as torch's linear flattens it)
+        flat = x.view(-1, x.shape[-1]) if x.dim() == 3 and x.is_contiguous() else x
+        out = emulated_cpp.linear(flat, args[1], bias)
+        if out is not None:
+            return out.view(*x.shape[:-1], out.shape[-1]) if flat is not x else out
     weight = _lowered(args[1], dtype, device_type)
     if x is None or weight is None or x.dim() != 2 or weight.dim() != 2:
         return NotImplemented
