@@ -13,14 +13,16 @@ ATen ops like any other, while :func:`gemm_backward` and :func:`conv_backward` (
 
 Autocast's casts of fp32 parameters are folded into the layer's node where the C++ autocast
 kernels (and :mod:`mixprec.compute.kernels`' Python shortcuts, so that a checkpoint's
-recomputation saves what the forward saved) take a ``linear`` on a 2-D input or a ``conv1d/2d/3d``
+recomputation saves what the forward saved) take a ``linear`` on a 2-D input (or a contiguous 3-D
+one, flattened as torch's linear flattens it) or a ``conv1d/2d/3d`` with a leaf fp32 weight
 (:func:`linear`, :func:`convolution`, ``_emulate_fold.cpp``). On a small model each cast costs
 more than its arithmetic: torch.autocast's graph rounds each weight and bias to 16 bits with its
 own node forward and widens their gradients with another backward, and the GEMM node saves the
 16-bit weight copy. The folded node rounds the parameters into fp32 storage inside, saves the fp32
 weight itself (no copy: activation memory as under torch.autocast, less memory in all) and rounds
-its gradients in place: the same values, bit for bit, 0.07-0.09 of an fp32 step less on the
-digits MLP (bench notes). What it changes, on purpose:
+its gradients in place: the same values, bit for bit, 0.05-0.09 of an fp32 step less on the
+digits MLP and 2 bytes per weight less kept for backward (bench notes). What it changes, on
+purpose:
 
 - the graph holds no ``ToCopyBackward0`` for the parameters (tools that look for autocast's
   weight copies find the parameter itself saved, which they leave out already);
@@ -30,7 +32,8 @@ digits MLP (bench notes). What it changes, on purpose:
   fp32 at the weight, where torch.autocast adds them in 16 bits at its copy: rounded to 16 bits,
   the sum is autocast's.
 
-Inputs of other shapes (a transformer's 3-D activations) take torch's casts and :func:`gemm_node`.
+Other inputs (4-D, or 3-D and not contiguous), 16-bit parameters and weights computed in the
+forward (whose fp32 value the node would keep alive) take torch's casts and :func:`gemm_node`.
 
 Only :mod:`mixprec.compute.emulated` calls these, on plain eager tensors
 (``_eager.plain_eager``); each returns None where it does not apply (no C++ compiler, another
