@@ -48,7 +48,7 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params and not is_weight_copy(t):
+        if storage.data_ptr() not in params and not is_weight_copy(t, params):
             seen[storage.data_ptr()] = storage.nbytes()
         # Detached: a saved output that held itself (tensor -> grad_fn -> saved tensor) would be
         # a reference cycle through C++ that outlives the probe, activations and all.

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,14 +233,23 @@ def _narrow(policy: Policy) -> bool:
     )
 
 
-def is_weight_copy(t: torch.Tensor) -> bool:
-    """Autocast's dtype cast of a parameter (or a view of one): a weight copy, no activation."""
+def is_weight_copy(t: torch.Tensor, params: Container[int]) -> bool:
+    """Autocast's dtype cast of a parameter (or a view of one): a weight copy, no activation.
+
+    ``params``: the data pointers of the parameters' storages. A cast of another leaf (a model
+    input that needs a gradient) is an activation.
+    """
     fn = t.grad_fn
     while fn is not None and type(fn).__name__ in _VIEW_NODES:
         fn = fn.next_functions[0][0] if fn.next_functions else None
     if fn is None or type(fn).__name__ != "ToCopyBackward0":
         return False
-    return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
+    leaves = (
+        getattr(f, "variable", None)  # AccumulateGrad's parameter
+        for f, _ in fn.next_functions
+        if f is not None and type(f).__name__ == "AccumulateGrad"
+    )
+    return any(v is not None and v.untyped_storage().data_ptr() in params for v in leaves)
 
 
 def _saved_per_module(
@@ -279,7 +288,7 @@ def _saved_per_module(
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in params and ptr not in seen and not is_weight_copy(t):
+        if ptr not in params and ptr not in seen and not is_weight_copy(t, params):
             seen.add(ptr)
             saved.setdefault(stack[-1], {})[ptr] = (storage.nbytes(), t.dtype)
         return t.detach()  # not t: a saved output would hold itself in a cycle through C++
