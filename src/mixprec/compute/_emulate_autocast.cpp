@@ -58,16 +58,17 @@ at::Tensor linear_autocast(c10::DispatchKeySet ks, const at::Tensor& x, const at
                            const std::optional<at::Tensor>& bias) {
   auto dtype = region_dtype();
   bool has_bias = bias.has_value() && bias->defined();
-  // A contiguous 3-D input as torch's linear takes it (_flatten_nd_linear; matmul's folding
-  // without a bias): one GEMM on its 2-D view, the output viewed back; here only with the
-  // parameters cast inside the node, else the Python kernel.
-  bool flat = x.dim() == 3 && x.is_contiguous() && fp32_params(weight, bias, true);
+  // fp32 parameters are cast inside the GEMM's node (linear16). A contiguous 3-D input is taken
+  // only then, as torch's linear takes it (_flatten_nd_linear; matmul's folding without a
+  // bias): one GEMM on its 2-D view, the output viewed back; else the Python kernel.
+  bool fold = weight.dim() == 2 && fp32_params(weight, bias, true);
+  bool flat = fold && x.dim() == 3 && x.is_contiguous();
   if (dtype != c10::ScalarType::Undefined && fast_region(kLinear) && lowerable(x) &&
       lowerable(weight) && (x.dim() == 2 || flat) && weight.dim() == 2 &&
       (!has_bias || lowerable(*bias))) {
     at::Tensor a = round_to(x, dtype);
     if (flat) a = a.view({-1, a.size(2)});
-    if (linear_foldable(a, weight, bias)) {  // fp32 parameters: cast inside the GEMM's node
+    if (fold) {
       at::Tensor out = records_grad(a, weight, bias) ? linear16_autograd(a, weight, bias)
                                                      : linear16(a, weight, bias);
       return flat ? out.view({x.size(0), x.size(1), out.size(1)}) : out;

@@ -80,13 +80,12 @@ bool fp32_param(const at::Tensor& t, bool contiguous) {
 // The weight also a leaf (a parameter or a constant): a weight computed in the forward (a
 // parametrization, a merged adapter) would be kept alive in fp32 where autocast keeps a 16-bit
 // copy of it.
-bool fp32_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool contiguous) {
-  bool no_bias = !bias.has_value() || !bias->defined();
-  return weight.is_leaf() && fp32_param(weight, contiguous) &&
-         (no_bias || fp32_param(*bias, contiguous));
-}
-
 bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+bool fp32_params(const at::Tensor& weight, const std::optional<at::Tensor>& bias, bool contiguous) {
+  return weight.is_leaf() && fp32_param(weight, contiguous) &&
+         (!has(bias) || fp32_param(*bias, contiguous));
+}
 
 // Whether linear16 takes (x, weight, bias): a 2-D input, a contiguous fp32 2-D weight, a
 // contiguous fp32 bias or none.

@@ -128,12 +128,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     layout or dtype, no kernel): the caller casts the parameters and takes :func:`gemm_node`."""
     if x.dim() != 2 or weight.dim() != 2 or not _fp32_params(weight, bias, contiguous=True):
         return None
-    ops = engine(x.device.type)
-    if ops is None:
-        return None
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
-        return ops.linear16_autograd(x, weight, bias)  # type: ignore[no-any-return]
-    return ops.linear16(x, weight, bias)  # type: ignore[no-any-return]
+    return _folded("linear16", x, weight, bias)
 
 
 def convolution(
@@ -150,14 +145,20 @@ def convolution(
     it does not apply."""
     if not _fp32_params(weight, bias, contiguous=False):
         return None
+    return _folded("convolution16", x, weight, bias, stride, padding, dilation, groups)
+
+
+def _folded(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *geometry: Any
+) -> torch.Tensor | None:
+    """The engine's ``op`` on the layer's operands, as its autograd node (``<op>_autograd``)
+    where autograd records the call; None without the engine."""
     ops = engine(x.device.type)
     if ops is None:
         return None
     if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias):
-        return ops.convolution16_autograd(  # type: ignore[no-any-return]
-            x, weight, bias, stride, padding, dilation, groups
-        )
-    return ops.convolution16(x, weight, bias, stride, padding, dilation, groups)  # type: ignore[no-any-return]
+        op += "_autograd"
+    return getattr(ops, op)(x, weight, bias, *geometry)  # type: ignore[no-any-return]
 
 
 def _fp32_params(weight: torch.Tensor, bias: torch.Tensor | None, contiguous: bool) -> bool:

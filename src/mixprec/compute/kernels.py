@@ -416,16 +416,17 @@ def _linear_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str
     if len(args) not in (2, 3) or not plain_eager(args):
         return NotImplemented
     x = _lowered(args[0], dtype, device_type)
+    if x is None:
+        return NotImplemented
     bias = args[2] if len(args) == 3 else None
-    if x is not None and type(args[1]) in _PLAIN and type(bias) in (*_PLAIN, type(None)):
-        # the C++ kernel's node, as it takes fp32 parameters (a contiguous 3-D input flattened,
-        # as torch's linear flattens it)
-        flat = x.view(-1, x.shape[-1]) if x.dim() == 3 and x.is_contiguous() else x
-        out = emulated_cpp.linear(flat, args[1], bias)
-        if out is not None:
-            return out.view(*x.shape[:-1], out.shape[-1]) if flat is not x else out
+    # the C++ kernel's node, as it takes fp32 parameters (a contiguous 3-D input flattened, as
+    # torch's linear flattens it); plain_eager has checked that the tensors are plain
+    flat = x.view(-1, x.shape[-1]) if x.dim() == 3 and x.is_contiguous() else x
+    out = emulated_cpp.linear(flat, args[1], bias)
+    if out is not None:
+        return out.view(*x.shape[:-1], out.shape[-1]) if flat is not x else out
     weight = _lowered(args[1], dtype, device_type)
-    if x is None or weight is None or x.dim() != 2 or weight.dim() != 2:
+    if weight is None or x.dim() != 2 or weight.dim() != 2:
         return NotImplemented
     if bias is None:
         return EAGER_GEMMS["mm"].call_plain(x, weight.t())
@@ -443,7 +444,7 @@ def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) 
     if not 2 <= len(args) <= 7 or not plain_eager(args):
         return NotImplemented
     x, weight = _lowered(args[0], dtype, device_type), args[1]
-    if x is None or not isinstance(weight, torch.Tensor) or x.dim() != weight.dim() or x.dim() < 3:
+    if x is None or x.dim() != weight.dim() or x.dim() < 3:
         return NotImplemented
     spatial = x.dim() - 2
     # the dispatcher leaves out trailing arguments equal to the schema's defaults
@@ -452,10 +453,9 @@ def _conv_shortcut(args: tuple[Any, ...], dtype: torch.dtype, device_type: str) 
     bias, stride, padding, dilation, groups = (*given, *defaults[len(args) - 2 :])
     if not all(isinstance(v, list) and len(v) == spatial for v in (stride, padding, dilation)):
         return NotImplemented
-    if type(weight) in _PLAIN and type(bias) in (*_PLAIN, type(None)):
-        out = emulated_cpp.convolution(x, weight, bias, stride, padding, dilation, groups)
-        if out is not None:  # the C++ kernel's node, as it takes fp32 parameters
-            return out
+    out = emulated_cpp.convolution(x, weight, bias, stride, padding, dilation, groups)
+    if out is not None:  # the C++ kernel's node, as it takes fp32 parameters
+        return out
     weight = _lowered(weight, dtype, device_type)
     if weight is None:
         return NotImplemented
